@@ -1,0 +1,5 @@
+import sys
+
+from meddiff.cli import main
+
+sys.exit(main())

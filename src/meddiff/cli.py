@@ -1,0 +1,194 @@
+"""The `meddiff` command line. Every user-facing problem ends as one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from meddiff.errors import MeddiffError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meddiff", description="Medical image synthesis with diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make or inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    ph = data_sub.add_parser("phantom", help="write chest radiograph phantoms (synthetic test data, not medical data)")
+    ph.add_argument("--out", required=True)
+    ph.add_argument("--n", type=_positive_int, default=2000)
+    ph.add_argument("--size", type=int, default=64, help="pixels, 32-256")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--valid-fraction", type=float, default=0.2)
+    ph.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
+    info = data_sub.add_parser("info", help="load a dataset spec and print what it holds")
+    info.add_argument("spec")
+    info.add_argument("--resolution", type=_positive_int, default=32)
+
+    tr = sub.add_parser("train", help="train a diffusion model")
+    tr.add_argument("--data", help="dataset spec, e.g. phantom:DIR or medmnist:FILE.npz")
+    tr.add_argument("--out", help="run directory")
+    tr.add_argument("--config", help="YAML config (flags override it)")
+    tr.add_argument("--resolution", type=_positive_int)
+    tr.add_argument("--max-steps", type=_positive_int)
+    tr.add_argument("--max-minutes", type=_positive_float)
+    tr.add_argument("--batch-size", type=_positive_int)
+    tr.add_argument("--learning-rate", type=_positive_float)
+    tr.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    tr.add_argument("--prediction", choices=("epsilon", "v_prediction"))
+    tr.add_argument("--checkpoint-every", type=int)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--resume", help="'latest' or a checkpoint folder")
+    tr.add_argument("--no-eval", action="store_true", help="skip the label-fidelity evaluation")
+
+    ge = sub.add_parser("generate", help="generate images with a trained model")
+    ge.add_argument("--model", required=True, help="run directory (or its pipeline/ folder)")
+    which = ge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--labels", help='comma-separated label names, e.g. "Cardiomegaly,Pleural Effusion"')
+    which.add_argument("--unconditional", action="store_true")
+    ge.add_argument("--n", type=_positive_int, default=16)
+    ge.add_argument("--out", required=True)
+    ge.add_argument("--steps", type=_positive_int, default=20)
+    ge.add_argument("--guidance", type=float, default=2.0)
+    ge.add_argument("--scheduler", default="dpm++", choices=("dpm++", "ddim", "pndm", "ddpm"))
+    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--batch-size", type=_positive_int, default=64)
+    ge.add_argument("--unspecified", choices=("absent", "unknown"), default="absent",
+                    help="labels not named in --labels: known absent (default) or left unspecified")
+    ge.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+
+    fi = sub.add_parser("fidelity", help="label fidelity of a trained model against real data")
+    fi.add_argument("--model", required=True)
+    fi.add_argument("--data", required=True, help="real training data spec (the held-out split is used too)")
+    fi.add_argument("--out", required=True)
+    fi.add_argument("--n", type=_positive_int, default=512)
+    fi.add_argument("--steps", type=_positive_int, default=20)
+    fi.add_argument("--guidance", type=float, default=2.0)
+    fi.add_argument("--scheduler", default="dpm++", choices=("dpm++", "ddim", "pndm", "ddpm"))
+    fi.add_argument("--seed", type=int, default=0)
+
+    de = sub.add_parser("demo", help="phantoms -> train -> generate -> label fidelity -> report.html")
+    de.add_argument("--out", required=True)
+    de.add_argument("--minutes", type=_positive_float, default=None, help="training budget (default 8)")
+    de.add_argument("--n", type=_positive_int, default=3000, help="number of phantoms")
+    de.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def cmd_data(args) -> None:
+    if args.data_command == "phantom":
+        from meddiff.data.phantom_dataset import write_phantom_folder
+
+        counts = write_phantom_folder(Path(args.out), args.n, args.size, args.seed, args.valid_fraction, args.bit_depth)
+        print(f"wrote {counts['train']} training and {counts['valid']} validation phantoms to {args.out} "
+              "(synthetic test data, not medical data)")
+    else:
+        from meddiff.data.spec import load_dataset
+
+        print(load_dataset(args.spec, args.resolution).summary())
+
+
+def cmd_train(args) -> None:
+    from meddiff.training.config import load_config
+    from meddiff.workflow import train_and_report
+
+    overrides = {"data": args.data, "out": args.out, "resolution": args.resolution, "max_steps": args.max_steps,
+                 "max_minutes": args.max_minutes, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                 "precision": args.precision, "model.prediction_type": args.prediction,
+                 "checkpoint_every": args.checkpoint_every, "seed": args.seed, "resume": args.resume,
+                 "eval.fidelity": False if args.no_eval else None}
+    config = load_config(args.config, overrides)
+    if not config.data:
+        raise MeddiffError("no training data: pass --data SPEC (e.g. phantom:DIR) or set data: in --config")
+    if not config.out:
+        raise MeddiffError("no run directory: pass --out RUN_DIR")
+    summary = train_and_report(config)
+    print(f"done: {summary['steps']} steps; model in {Path(config.out) / 'pipeline'}; card {Path(config.out) / 'README.md'}")
+
+
+def cmd_generate(args) -> None:
+    from meddiff.conditioning.labels import LabelCodec
+    from meddiff.models.storage import load_pipeline
+    from meddiff.sampling.generate import SamplingSettings, conditions_for, sample, write_images
+
+    pipe = load_pipeline(args.model)
+    codec = LabelCodec(pipe.label_names)
+    if args.labels is not None and not codec.label_names:
+        raise MeddiffError("this model is unconditional; use --unconditional")
+    cond, labels, known = conditions_for(codec, args.labels, args.unconditional, args.n, args.unspecified)
+    settings = SamplingSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
+                                batch_size=args.batch_size, precision=args.precision)
+    images = sample(pipe, cond, settings)
+    manifest = write_images(Path(args.out), images, codec.label_names, labels, known, settings, str(args.model))
+    print(f"wrote {len(images)} images and {manifest}")
+
+
+def cmd_fidelity(args) -> None:
+    import json
+
+    from meddiff.data.spec import load_dataset, parse_spec
+    from meddiff.evaluation.fidelity import label_fidelity
+    from meddiff.models.storage import load_pipeline
+    from meddiff.sampling.generate import SamplingSettings
+
+    pipe = load_pipeline(args.model)
+    resolution = pipe.unet.config.sample_size
+    spec = parse_spec(args.data)
+    train, heldout = load_dataset(spec, resolution), load_dataset(spec.heldout(), resolution)
+    if train.label_names != pipe.label_names:
+        raise MeddiffError(f"the model's labels {pipe.label_names} differ from the data's {train.label_names}")
+    settings = SamplingSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed)
+    result = label_fidelity(pipe, train, heldout, args.n, settings, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(result.to_dict(), indent=2))
+    print(result.table())
+
+
+def cmd_demo(args) -> None:
+    from meddiff.demo import DEMO_MINUTES, run_demo
+
+    run_demo(Path(args.out), minutes=args.minutes or DEMO_MINUTES, n=args.n, seed=args.seed)
+
+
+COMMANDS = {"data": cmd_data, "train": cmd_train, "generate": cmd_generate, "fidelity": cmd_fidelity, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.environ.get("MEDDIFF_OFFLINE") else None
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except MeddiffError as exc:
+        print(f"meddiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meddiff: interrupted; continue a training run with --resume latest", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The one dataset shape every loader returns: 1-channel images in [-1, 1], named multi-hot labels with a
+mask of which labels are known, and a prompt per image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from meddiff.data.prompts import prompt_from_labels
+
+
+@dataclass
+class ImageLabelDataset(torch.utils.data.Dataset):
+    images: torch.Tensor  # float32 (N, 1, R, R) in [-1, 1]
+    labels: torch.Tensor  # float32 (N, K): 1 present, 0 absent (value irrelevant where not known)
+    known: torch.Tensor  # bool (N, K): False where the label is blank/uncertain-ignored
+    label_names: list[str]
+    prompts: list[str] = field(default_factory=list)
+    source: str = ""  # the spec it came from
+    skipped: int = 0  # files that could not be read (reported, never silent)
+    multiclass: bool = False  # exactly one label per image (e.g. normal vs pneumonia)
+
+    def __post_init__(self) -> None:
+        n = self.images.shape[0]
+        if self.images.ndim != 4 or self.images.shape[1] != 1:
+            raise ValueError(f"images must be (N, 1, R, R), got {tuple(self.images.shape)}")
+        if self.labels.shape != (n, len(self.label_names)) or self.known.shape != self.labels.shape:
+            raise ValueError("labels/known must be (N, K) with K = len(label_names)")
+        if not self.prompts:
+            self.prompts = [self.prompt_for(i) for i in range(n)]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return {"image": self.images[index], "labels": self.labels[index], "known": self.known[index],
+                "prompt": self.prompts[index]}
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[-1])
+
+    def prompt_for(self, index: int) -> str:
+        present = [name for k, name in enumerate(self.label_names)
+                   if self.known[index, k] and self.labels[index, k] > 0.5]
+        return prompt_from_labels(present)
+
+    def label_counts(self) -> dict[str, int]:
+        positive = ((self.labels > 0.5) & self.known).sum(0)
+        return {name: int(c) for name, c in zip(self.label_names, positive)}
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in self.label_counts().items())
+        skip = f", {self.skipped} unreadable files skipped" if self.skipped else ""
+        return f"{len(self)} images at {self.resolution} px from {self.source} ({counts}{skip})"
+
+
+def to_model_range(images01: np.ndarray) -> torch.Tensor:
+    """(N, H, W) floats in [0, 1] -> (N, 1, H, W) float32 tensor in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images01, dtype=np.float32)).unsqueeze(1) * 2 - 1

@@ -1,0 +1,131 @@
+"""`phantom:` datasets: phantom folders written by `meddiff data phantom`, or phantoms rendered in memory.
+
+A phantom folder mirrors CheXpert's layout: `train.csv` and `valid.csv` in CheXpert column format, with
+`Path` relative to the folder (`train/phantom_00000.png`). It is synthetic test data, not medical data.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from meddiff.data.chexpert_format import CHEXPERT_COLUMNS, parse_value, write_label_table
+from meddiff.data.dataset import ImageLabelDataset, to_model_range
+from meddiff.data.io import UnreadableImage, read_image, resize, write_png
+from meddiff.data.phantom import FINDINGS, MAX_SIZE, MIN_SIZE, NO_FINDING, render_phantom
+from meddiff.data.spec import DatasetSpec, register
+from meddiff.errors import MeddiffError
+
+PHANTOM_LABELS = (NO_FINDING,) + FINDINGS
+SPLIT_FILES = {"train": "train.csv", "valid": "valid.csv"}
+
+
+def write_phantom_folder(out: Path, n: int, size: int, seed: int, valid_fraction: float = 0.2,
+                         bit_depth: int = 8, progress: bool = True) -> dict[str, int]:
+    """Render n phantoms into `out` (PNG + CheXpert-format CSVs). Returns image counts per split."""
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise MeddiffError(f"--size must be between {MIN_SIZE} and {MAX_SIZE}, got {size}")
+    if n < 2:
+        raise MeddiffError("--n must be at least 2 (one training and one validation image)")
+    out = Path(out)
+    n_valid = max(1, int(round(n * valid_fraction)))
+    rows: dict[str, list[dict[str, object]]] = {"train": [], "valid": []}
+    for split in rows:
+        (out / split).mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(n), desc="phantoms", unit="img", disable=not progress):
+        split = "valid" if i >= n - n_valid else "train"
+        ph = render_phantom(seed * 1_000_003 + i, size)
+        rel = f"{split}/phantom_{i:06d}.png"
+        write_png(out / rel, ph.image, bit_depth=bit_depth,
+                  text={"meddiff": "synthetic phantom, not medical data", "seed": str(seed * 1_000_003 + i)})
+        row: dict[str, object] = {"Path": rel, "Sex": ph.meta["sex"], "Age": ph.meta["age"],
+                                  "Frontal/Lateral": "Frontal", "AP/PA": ph.meta["view"]}
+        row.update({name: float(ph.findings[name]) for name in PHANTOM_LABELS})
+        rows[split].append(row)
+    for split, file in SPLIT_FILES.items():
+        write_label_table(out / file, rows[split])
+    (out / "README.txt").write_text(
+        "meddiff chest radiograph PHANTOMS: procedurally drawn synthetic test data, NOT medical data.\n"
+        f"n={n} size={size} seed={seed}; labels in CheXpert column format (train.csv, valid.csv).\n")
+    return {split: len(r) for split, r in rows.items()}
+
+
+def _read_table(csv_path: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Paths, label names (observation columns that hold any value), labels, known mask."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("Path",) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise MeddiffError(f"{csv_path} lacks column(s) {missing}; expected CheXpert columns {list(CHEXPERT_COLUMNS)}")
+        rows = list(reader)
+    names = [c for c in PHANTOM_LABELS if c in (rows[0] if rows else {})]
+    labels = np.zeros((len(rows), len(names)), np.float32)
+    known = np.zeros_like(labels, dtype=bool)
+    for i, row in enumerate(rows):
+        for k, name in enumerate(names):
+            try:
+                value = parse_value(row[name] or "")
+            except ValueError as exc:
+                raise MeddiffError(f"{csv_path} row {i + 2}, column {name!r}: {exc}") from None
+            if value is not None and value >= 0:
+                labels[i, k], known[i, k] = value, True
+    return [r["Path"] for r in rows], names, labels, known
+
+
+def _load_folder(root: Path, split: str, resolution: int) -> ImageLabelDataset:
+    if split not in SPLIT_FILES:
+        raise MeddiffError(f"phantom split must be one of {list(SPLIT_FILES)}, got {split!r}")
+    csv_path = root / SPLIT_FILES[split]
+    if not csv_path.is_file():
+        raise MeddiffError(f"{root} has no {SPLIT_FILES[split]}; create phantoms with "
+                           f"`meddiff data phantom --out {root}`")
+    paths, names, labels, known = _read_table(csv_path)
+    images, keep, skipped = [], [], 0
+    for i, rel in enumerate(paths):
+        try:
+            images.append(resize(read_image(root / rel), resolution))
+            keep.append(i)
+        except (UnreadableImage, FileNotFoundError):
+            skipped += 1
+    if skipped:
+        print(f"warning: {skipped} of {len(paths)} images in {csv_path} could not be read and were skipped")
+    if not images:
+        return ImageLabelDataset(torch.zeros(0, 1, resolution, resolution), torch.zeros(0, len(names)),
+                                 torch.zeros(0, len(names), dtype=torch.bool), names, skipped=skipped)
+    return ImageLabelDataset(to_model_range(np.stack(images)), torch.from_numpy(labels[keep]),
+                             torch.from_numpy(known[keep]), names, skipped=skipped)
+
+
+def render_phantom_dataset(n: int, resolution: int, seed: int, progress: bool = False) -> ImageLabelDataset:
+    """Phantoms rendered straight into memory (no files)."""
+    size = min(max(resolution, MIN_SIZE), MAX_SIZE)
+    images, labels = [], []
+    for i in tqdm(range(n), desc="phantoms", unit="img", disable=not progress):
+        ph = render_phantom(seed * 1_000_003 + i, size)
+        images.append(resize(ph.image, resolution))
+        labels.append([ph.findings[name] for name in PHANTOM_LABELS])
+    lab = torch.tensor(labels, dtype=torch.float32)
+    return ImageLabelDataset(to_model_range(np.stack(images)), lab, torch.ones_like(lab, dtype=torch.bool),
+                             list(PHANTOM_LABELS))
+
+
+@register("phantom", heldout_split="valid", options=("split", "n", "seed"))
+def load_phantom(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
+    split = spec.options.get("split", "train")
+    if spec.path == "":  # in memory: phantom:?n=2000&seed=0 ; the held-out split uses another seed
+        try:
+            n, seed = int(spec.options.get("n", "2000")), int(spec.options.get("seed", "0"))
+        except ValueError:
+            raise MeddiffError(f"{spec}: n and seed must be integers") from None
+        return render_phantom_dataset(n if split == "train" else max(n // 4, 1), resolution,
+                                      seed if split == "train" else seed + 7919)
+    root = Path(spec.path).expanduser()
+    if not root.exists():
+        raise MeddiffError(f"phantom folder {root} does not exist; create it with `meddiff data phantom --out {root}`")
+    if not root.is_dir():
+        raise MeddiffError(f"phantom path {root} is not a folder")
+    return _load_folder(root, split, resolution)

@@ -1,0 +1,67 @@
+"""Building the diffusers U-Net and the noise schedulers from typed configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
+                       UNet2DConditionModel)
+
+from meddiff.errors import MeddiffError
+
+
+@dataclass
+class ModelConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    layers_per_block: int = 2
+    # self-attention only where the feature map is at most this many pixels wide (CPU: keep <= 16)
+    attention_max_resolution: int = 8
+    attention_head_dim: int = 32
+    norm_num_groups: int = 8
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+
+
+def build_unet(cfg: ModelConfig, resolution: int, num_labels: int, in_channels: int = 1) -> UNet2DConditionModel:
+    """A diffusers UNet2DConditionModel whose label conditioning is its own `projection` class embedding
+    (an MLP from the 2K-dim condition vector added to the timestep embedding); no cross-attention."""
+    down, up = [], []
+    for level in range(len(cfg.block_out_channels)):
+        attn = resolution // (2 ** level) <= cfg.attention_max_resolution
+        down.append("AttnDownBlock2D" if attn else "DownBlock2D")
+    up = [name.replace("Down", "Up") for name in reversed(down)]
+    conditional = num_labels > 0
+    return UNet2DConditionModel(
+        sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
+        down_block_types=tuple(down), up_block_types=tuple(up), mid_block_type="UNetMidBlock2D",
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups, attention_head_dim=cfg.attention_head_dim,
+        class_embed_type="projection" if conditional else None,
+        projection_class_embeddings_input_dim=2 * num_labels if conditional else None,
+    )
+
+
+def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        raise MeddiffError(f"prediction_type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False)
+
+
+SAMPLERS = ("dpm++", "ddim", "pndm", "ddpm")
+
+
+def make_sampler(name: str, train_config):
+    """A sampling scheduler built from the training scheduler's config."""
+    name = name.lower()
+    if name in ("dpm++", "dpmsolver++", "dpm"):
+        return DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       final_sigmas_type="zero")
+    if name == "ddim":
+        return DDIMScheduler.from_config(train_config, clip_sample=False, set_alpha_to_one=True)
+    if name == "pndm":
+        return PNDMScheduler.from_config(train_config, skip_prk_steps=True)
+    if name == "ddpm":
+        return DDPMScheduler.from_config(train_config)
+    raise MeddiffError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}")

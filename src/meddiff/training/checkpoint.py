@@ -1,0 +1,66 @@
+"""Checkpoints: accelerate state (model, optimizer, LR schedule, RNG) + EMA weights (safetensors) + loop
+state (step, elapsed time, loss history) in RUN/checkpoints/step-NNNNNNN, written atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+from meddiff.errors import MeddiffError
+
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    if which == "latest":
+        found = checkpoint_dirs(run_dir)
+        if not found:
+            raise MeddiffError(f"--resume latest: no checkpoint in {Path(run_dir) / CHECKPOINTS}; "
+                               "start without --resume, or point --out at the run to continue")
+        return found[-1]
+    path = Path(which)
+    if not (path / "state.json").is_file():
+        raise MeddiffError(f"--resume {which}: not a meddiff checkpoint folder (no state.json); use --resume latest")
+    return path
+
+
+def save_checkpoint(accelerator, ema: EMAModel, state: dict, run_dir: Path, keep: int) -> Path:
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step-{state['step']:07d}"
+    tmp = root / f".tmp-step-{state['step']:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    save_file({f"shadow.{i:04d}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
+              str(tmp / "ema.safetensors"))
+    ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    (tmp / "ema.json").write_text(json.dumps(ema_meta))
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(accelerator, ema: EMAModel, path: Path) -> dict:
+    accelerator.load_state(str(path))
+    tensors = load_file(str(path / "ema.safetensors"))
+    shadow = [tensors[k] for k in sorted(tensors)]
+    if len(shadow) != len(ema.shadow_params):
+        raise MeddiffError(f"checkpoint {path} does not match this model (EMA holds {len(shadow)} tensors, "
+                           f"model {len(ema.shadow_params)}); was the config changed?")
+    meta = json.loads((path / "ema.json").read_text())
+    ema.load_state_dict({**meta, "shadow_params": shadow})
+    return json.loads((path / "state.json").read_text())

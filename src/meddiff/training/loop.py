@@ -1,0 +1,135 @@
+"""The one training loop: accelerate for device and mixed precision, EMA, checkpoints with exact resume,
+tensorboard scalars, a progress bar with loss and ETA, a step limit and a time budget.
+
+What is trained, and how the loss is computed, is the business of a TrainingMethod."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from meddiff.data.dataset import ImageLabelDataset
+from meddiff.errors import MeddiffError
+from meddiff.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from meddiff.training.config import TrainConfig
+from meddiff.training.methods import METHODS, TrainingMethod
+from meddiff.training.precision import resolve_precision
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    pipeline_dir: Path
+    steps: int
+    train_seconds: float
+    images_per_second: float
+    loss_history: list[list[float]]  # [step, loss, elapsed seconds]
+    precision: str
+    parameters: int
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the batch at `step`: a fresh permutation per epoch, fixed by (seed, epoch), so a resumed
+    run sees exactly the batches an uninterrupted one would."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, within = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    if n < batch_size:
+        perm = np.resize(perm, batch_size)
+    return perm[within * batch_size:(within + 1) * batch_size]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+
+
+def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True) -> TrainResult:
+    run_dir = Path(config.out)
+    if config.method not in METHODS:
+        raise MeddiffError(f"unknown training method {config.method!r}; known: {', '.join(METHODS)}")
+    resume_from = find_checkpoint(run_dir, config.resume) if config.resume else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(config.precision)
+    accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=str(run_dir / "logs"))
+    torch.manual_seed(config.seed)  # model initialisation
+    method: TrainingMethod = METHODS[config.method](config, dataset)
+    model = method.model
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.adam_weight_decay)
+    lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.max_steps)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=config.ema_decay,
+                   use_ema_warmup=True, inv_gamma=1.0, power=config.ema_power)
+    state = {"step": 0, "elapsed": 0.0, "loss_history": []}
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, ema, resume_from)
+        print(f"resumed from {resume_from} at step {state['step']}")
+    config.save(run_dir / "config.yaml")
+    accelerator.init_trackers("meddiff")
+
+    budget = config.max_minutes * 60 if config.max_minutes else math.inf
+    start_step, start_elapsed = state["step"], state["elapsed"]
+    t0 = time.perf_counter()
+    bar = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    running = None
+    model.train()
+    while state["step"] < config.max_steps and state["elapsed"] < budget:
+        step = state["step"]
+        idx = torch.from_numpy(batch_indices(len(dataset), config.batch_size, config.seed, step))
+        batch = {"image": dataset.images[idx].to(accelerator.device), "labels": dataset.labels[idx],
+                 "known": dataset.known[idx]}
+        loss = method.loss(model, batch, step_generator(config.seed, step))
+        if not torch.isfinite(loss):
+            raise MeddiffError(f"loss became {loss.item()} at step {step}; lower --learning-rate or use fp32")
+        accelerator.backward(loss)
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step([p for p in model.parameters() if p.requires_grad])
+        state["step"] = step + 1
+        state["elapsed"] = start_elapsed + time.perf_counter() - t0
+        value = float(loss.detach())
+        running = value if running is None else 0.95 * running + 0.05 * value
+        if state["step"] % config.log_every == 0 or state["step"] == 1:
+            state["loss_history"].append([state["step"], value, round(state["elapsed"], 2)])
+            accelerator.log({"loss": value, "lr": lr_scheduler.get_last_lr()[0]}, step=state["step"])
+        left = budget - state["elapsed"]
+        bar.set_postfix(loss=f"{running:.4f}", budget_left=f"{left / 60:.1f}m" if math.isfinite(left) else "-",
+                        refresh=False)
+        bar.update(1)
+        if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+            save_checkpoint(accelerator, ema, state, run_dir, config.checkpoints_keep)
+    bar.close()
+    train_seconds = state["elapsed"] - start_elapsed
+    steps_done = state["step"] - start_step
+    if steps_done and not (config.checkpoint_every and state["step"] % config.checkpoint_every == 0):
+        save_checkpoint(accelerator, ema, state, run_dir, config.checkpoints_keep)
+    accelerator.end_training()
+
+    unwrapped = accelerator.unwrap_model(model)
+    ema.store(unwrapped.parameters())
+    ema.copy_to(unwrapped.parameters())
+    pipeline_dir = method.export(unwrapped, run_dir)
+    ema.restore(unwrapped.parameters())
+    rate = steps_done * config.batch_size / train_seconds if train_seconds > 0 else 0.0
+    summary = {"steps": state["step"], "train_seconds_total": round(state["elapsed"], 1),
+               "images_per_second": round(rate, 2), "precision": precision, "parameters": n_params,
+               "dataset": dataset.summary()}
+    (run_dir / "training.json").write_text(json.dumps({**summary, "loss_history": state["loss_history"]}))
+    return TrainResult(run_dir, pipeline_dir, state["step"], state["elapsed"], rate, state["loss_history"],
+                       precision, n_params)

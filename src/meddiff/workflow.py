@@ -1,0 +1,77 @@
+"""End-to-end workflows used by the CLI: train -> export -> sample grids -> label fidelity -> model card."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from meddiff.conditioning.labels import LabelCodec
+from meddiff.data.spec import DatasetSpec, load_dataset, parse_spec
+from meddiff.evaluation.fidelity import label_fidelity
+from meddiff.evaluation.report import write_model_card
+from meddiff.models.storage import load_pipeline
+from meddiff.sampling.generate import SamplingSettings, conditions_for, sample
+from meddiff.sampling.grid import save_grid, upscale_for
+from meddiff.training.config import TrainConfig
+from meddiff.training.loop import train
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def label_grids(pipe, settings: SamplingSettings, n: int, out_dir: Path, progress: bool = False) -> dict[str, Path]:
+    """One grid per label (that label present, the others absent) and one unconditional grid."""
+    codec = LabelCodec(pipe.label_names)
+    paths = {}
+    for name in [*codec.label_names, None]:
+        cond, _, _ = conditions_for(codec, name, name is None, n)
+        images = sample(pipe, cond, settings, progress=progress)
+        key = name or "unconditional"
+        paths[key] = save_grid(out_dir / f"grid_{slug(key)}.png", images, columns=min(n, 8),
+                               upscale=upscale_for(images.shape[-1]))
+    return paths
+
+
+def train_and_report(config: TrainConfig, progress: bool = True) -> dict:
+    """`meddiff train`: everything a run directory should hold when it is done."""
+    timings = {}
+    t = time.perf_counter()
+    spec: DatasetSpec = parse_spec(config.data)
+    dataset = load_dataset(spec, config.resolution)
+    print(f"data: {dataset.summary()}")
+    timings["load_data_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = train(config, dataset, progress=progress)
+    timings["train_s"] = time.perf_counter() - t
+    run_dir = Path(config.out)
+    pipe = load_pipeline(result.pipeline_dir)
+    settings = SamplingSettings(steps=config.sample_steps, guidance=config.guidance, seed=config.seed,
+                                precision=config.precision)
+    t = time.perf_counter()
+    grids = label_grids(pipe, settings, config.eval.grid_per_label, run_dir / "samples")
+    timings["grids_s"] = time.perf_counter() - t
+    fidelity = None
+    if config.eval.fidelity and dataset.label_names:
+        t = time.perf_counter()
+        heldout = load_dataset(spec.heldout(), config.resolution)
+        fid = label_fidelity(pipe, dataset, heldout, config.eval.fidelity_samples, settings,
+                             classifier_epochs=config.eval.classifier_epochs, seed=config.seed, progress=progress)
+        fidelity = fid.to_dict()
+        print(fid.table())
+        timings["fidelity_s"] = time.perf_counter() - t
+    summary = {
+        "data": config.data, "dataset": dataset.summary(), "label_names": dataset.label_names,
+        "method": config.method, "resolution": config.resolution, "parameters": result.parameters,
+        "steps": result.steps, "batch_size": config.batch_size, "train_minutes": result.train_seconds / 60,
+        "images_per_second": result.images_per_second, "precision": result.precision,
+        "prediction_type": config.model.prediction_type, "cond_dropout": config.cond_dropout,
+        "fidelity": fidelity, "timings": {k: round(v, 1) for k, v in timings.items()},
+        "grids": {k: str(v) for k, v in grids.items()},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_model_card(run_dir, summary)
+    summary["loss_history"] = result.loss_history
+    return summary

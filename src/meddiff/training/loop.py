@@ -109,8 +109,10 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
             state["loss_history"].append([state["step"], value, round(state["elapsed"], 2)])
             accelerator.log({"loss": value, "lr": lr_scheduler.get_last_lr()[0]}, step=state["step"])
         left = budget - state["elapsed"]
-        bar.set_postfix(loss=f"{running:.4f}", budget_left=f"{left / 60:.1f}m" if math.isfinite(left) else "-",
-                        refresh=False)
+        if math.isfinite(left):  # with a time budget, the bar's total (and so its ETA) is what fits in it
+            per_step = (time.perf_counter() - t0) / (state["step"] - start_step)
+            bar.total = min(config.max_steps, state["step"] + max(int(left / per_step), 0))
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}", refresh=False)
         bar.update(1)
         if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
             save_checkpoint(accelerator, ema, state, run_dir, config.checkpoints_keep)

@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+SHARED_NPZ = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "pneumoniamnist.npz"
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory):
+    from meddiff.data.phantom_dataset import write_phantom_folder
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_folder(out, n=60, size=32, seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny trained run directory (a few steps; for plumbing tests, not quality)."""
+    from meddiff.data.spec import load_dataset
+    from meddiff.models.factory import ModelConfig
+    from meddiff.training.config import TrainConfig
+    from meddiff.training.loop import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(data="phantom:?n=64&seed=3", out=str(out), max_steps=4, batch_size=8, checkpoint_every=0,
+                      lr_warmup_steps=1, model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1))
+    train(cfg, load_dataset(cfg.data, 32), progress=False)
+    return out

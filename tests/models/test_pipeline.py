@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+from meddiff.errors import MeddiffError
+from meddiff.models.factory import ModelConfig, build_unet, make_sampler
+from meddiff.models.storage import load_pipeline, resolve_model_dir
+from meddiff.sampling.generate import SamplingSettings, sample
+
+
+def test_unet_is_grayscale_and_attention_only_at_low_resolution():
+    unet = build_unet(ModelConfig(), 32, 6)
+    assert unet.config.in_channels == 1 and unet.config.out_channels == 1
+    assert unet.config.down_block_types == ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
+    assert unet.config.projection_class_embeddings_input_dim == 12
+    assert build_unet(ModelConfig(), 32, 0).config.class_embed_type is None
+    # 28 px works although it does not halve evenly three times
+    out = build_unet(ModelConfig(block_out_channels=[16, 32, 32]), 28, 2)(
+        torch.randn(2, 1, 28, 28), torch.tensor([1, 500]), encoder_hidden_states=None,
+        class_labels=torch.zeros(2, 4)).sample
+    assert out.shape == (2, 1, 28, 28)
+
+
+def test_saved_pipeline_loads_with_plain_diffusers(tiny_run):
+    folder = tiny_run / "pipeline"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "MedDiffusionPipeline" and index["label_names"][1] == "Cardiomegaly"
+    assert list((folder / "unet").glob("*.safetensors"))
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    assert unet.config.sample_size == 32
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
+    images = pipe(conditions=pipe.encode_labels([["Cardiomegaly"], []]), num_inference_steps=2).images
+    assert images.shape == (2, 32, 32, 1) and np.isfinite(images).all()
+
+
+def test_per_image_seeds_do_not_depend_on_batch_size(tiny_run):
+    pipe = load_pipeline(tiny_run)
+    cond = pipe.encode_labels([["Cardiomegaly"], ["Edema"], [], ["Pneumothorax"]])
+    a = sample(pipe, cond, SamplingSettings(steps=3, batch_size=4, precision="fp32"), progress=False)
+    b = sample(pipe, cond, SamplingSettings(steps=3, batch_size=1, precision="fp32"), progress=False)
+    assert np.allclose(a, b, atol=1e-5)
+    c = sample(pipe, cond, SamplingSettings(steps=3, batch_size=4, seed=1, precision="fp32"), progress=False)
+    assert not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("name", ["dpm++", "ddim", "pndm", "ddpm"])
+def test_every_scheduler_samples(tiny_run, name):
+    pipe = load_pipeline(tiny_run)
+    images = sample(pipe, pipe.encode_labels([["Edema"]]), SamplingSettings(steps=4, scheduler=name), progress=False)
+    assert images.shape == (1, 32, 32) and np.isfinite(images).all()
+
+
+def test_unknown_scheduler_and_missing_model(tmp_path, tiny_run):
+    with pytest.raises(MeddiffError, match="unknown scheduler"):
+        make_sampler("euler-magic", load_pipeline(tiny_run).scheduler.config)
+    with pytest.raises(MeddiffError, match="does not exist"):
+        resolve_model_dir(tmp_path / "nothing")
+    (tmp_path / "partial" / "pipeline" / "unet").mkdir(parents=True)
+    (tmp_path / "partial" / "pipeline" / "model_index.json").write_text("{}")
+    with pytest.raises(MeddiffError, match="incomplete: unet/config.json is missing"):
+        resolve_model_dir(tmp_path / "partial")

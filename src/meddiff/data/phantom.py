@@ -224,7 +224,7 @@ def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = 
         masks["Pneumothorax"] = ptx
         lucency = np.maximum(lucency, ptx)
         marking_weight *= 1 - ptx
-        meta["pleural_line"] = pleural_line
+        masks["pleural line"] = pleural_line
         lung_air[s] = np.maximum(lung_air[s], ptx)
 
     if findings["Consolidation"]:
@@ -275,8 +275,8 @@ def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = 
     img = img + 0.10 * bones * body + 0.12 * spine * (1 - 0.5 * lung_all)
     img = img + 0.34 * opacity * (1 - 0.6 * heart)
     img = img - 0.10 * lucency
-    if "pleural_line" in meta:
-        img = img + 0.30 * meta.pop("pleural_line")
+    if "pleural line" in masks:
+        img = img + 0.30 * masks["pleural line"]
     # gastric bubble under the left hemidiaphragm
     img = img - 0.12 * _soft(np.hypot((x - 0.35) / 1.4, y - a.dome_left - 0.12) - 0.07, edge * 2) * body
 
@@ -291,7 +291,7 @@ def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = 
     img = np.clip(img, 0, 1).astype(np.float32)
 
     thorax = np.maximum(_lung_mask(x, y, a, -1, edge), _lung_mask(x, y, a, 1, edge))
-    masks.update({"heart": heart.astype(np.float32), "lungs": thorax.astype(np.float32)})
+    masks.update({"heart": heart, "lungs": thorax, "lung markings": markings * marking_weight * lung_all})
     masks = {k: v.astype(np.float32) for k, v in masks.items()}
     meta.update({
         "sex": ("Male", "Female")[int(acq_rng.integers(0, 2))],

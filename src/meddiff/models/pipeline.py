@@ -14,6 +14,7 @@ is "no condition" and is what classifier-free guidance contrasts against.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Union
 
 import numpy as np
@@ -86,6 +87,8 @@ class MedDiffusionPipeline(DiffusionPipeline):
             class_labels = torch.cat([torch.zeros_like(conditions), conditions])
         else:
             class_labels = conditions if conditional else None
+        # stochastic schedulers (DDPM, DDIM with eta) take the per-image generators; PNDM takes none
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([sample, sample]) if guided else sample
             model_in = self.scheduler.scale_model_input(model_in, t)
@@ -93,7 +96,7 @@ class MedDiffusionPipeline(DiffusionPipeline):
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
-            sample = self.scheduler.step(out, t, sample, generator=generator).prev_sample.to(dtype)
+            sample = self.scheduler.step(out, t, sample, **step_kwargs).prev_sample.to(dtype)
         images = (sample.float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             result = images

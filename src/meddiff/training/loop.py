@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -60,6 +61,9 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     resume_from = find_checkpoint(run_dir, config.resume) if config.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(config.precision)
+    # accelerate keeps one process-wide state; a second run in the same process (tests, notebooks, benchmarks)
+    # may ask for another precision
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=str(run_dir / "logs"))
     torch.manual_seed(config.seed)  # model initialisation
     method: TrainingMethod = METHODS[config.method](config, dataset)

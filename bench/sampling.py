@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="images per setting (DDPM-1000 uses n/4, at least 4)")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="a few steps per setting (smoke test of the command)")
     args = ap.parse_args()
 
     import torch
@@ -59,6 +60,7 @@ def main() -> None:
     codec = LabelCodec(pipe.label_names)
     rows = []
     for name, steps in SETTINGS:
+        steps = min(steps, 3) if args.quick else steps
         n = max(4, args.n // 4) if steps >= 500 else args.n
         if fidelity:
             heldout = fidelity[1]

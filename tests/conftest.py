@@ -31,3 +31,10 @@ def tiny_run(tmp_path_factory):
                       lr_warmup_steps=1, model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1))
     train(cfg, load_dataset(cfg.data, 32), progress=False)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Preprocessed-array cache in a temporary folder, never the user's ~/.cache."""
+    os.environ["MEDDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield

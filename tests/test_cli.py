@@ -23,10 +23,10 @@ def one_line_error(capsys, argv, pattern):
 
 
 def test_data_errors(capsys, tmp_path):
-    one_line_error(capsys, ["data", "info", "nope:x"], "unknown dataset kind 'nope'")
-    one_line_error(capsys, ["data", "info", f"phantom:{tmp_path / 'missing'}"], "does not exist")
+    one_line_error(capsys, ["data", "inspect", "nope:x"], "unknown dataset kind 'nope'")
+    one_line_error(capsys, ["data", "inspect", f"phantom:{tmp_path / 'missing'}"], "does not exist")
     (tmp_path / "empty").mkdir()
-    one_line_error(capsys, ["data", "info", f"phantom:{tmp_path / 'empty'}"], "no train.csv")
+    one_line_error(capsys, ["data", "inspect", f"phantom:{tmp_path / 'empty'}"], "no train.csv")
     one_line_error(capsys, ["data", "phantom", "--out", str(tmp_path / "p"), "--size", "8"], "between 32 and 256")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -43,9 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--valid-fraction", type=float, default=0.2)
     ph.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
-    info = data_sub.add_parser("info", help="load a dataset spec and print what it holds")
+    info = data_sub.add_parser("inspect", help="counts per label/value, view, sex, age, sizes, and every problem")
     info.add_argument("spec")
-    info.add_argument("--resolution", type=_positive_int, default=32)
+    info.add_argument("--json", help="also write the full report (every problem listed) as JSON")
+    prep = data_sub.add_parser("prepare", help="read and preprocess a dataset into the cache, write a manifest")
+    prep.add_argument("spec")
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--resolution", type=_positive_int, default=32)
+    dl = data_sub.add_parser("download", help="fetch public data where the network allows")
+    dl.add_argument("source", choices=("medmnist",))
+    dl.add_argument("name", help="e.g. pneumoniamnist, chestmnist")
+    dl.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224))
+    dl.add_argument("--out", required=True)
 
     tr = sub.add_parser("train", help="train a diffusion model")
     tr.add_argument("--data", help="dataset spec, e.g. phantom:DIR or medmnist:FILE.npz")
@@ -104,10 +112,24 @@ def cmd_data(args) -> None:
         counts = write_phantom_folder(Path(args.out), args.n, args.size, args.seed, args.valid_fraction, args.bit_depth)
         print(f"wrote {counts['train']} training and {counts['valid']} validation phantoms to {args.out} "
               "(synthetic test data, not medical data)")
-    else:
-        from meddiff.data.spec import load_dataset
+    elif args.data_command == "inspect":
+        import json
 
-        print(load_dataset(args.spec, args.resolution).summary())
+        from meddiff.data.inspect import format_report, inspect_spec
+
+        report = inspect_spec(args.spec)
+        print(format_report(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+    elif args.data_command == "prepare":
+        from meddiff.data.prepare import prepare
+
+        manifest = prepare(args.spec, Path(args.out), args.resolution)
+        print(f"prepared; manifest {manifest}")
+    else:
+        from meddiff.data.download import download_medmnist
+
+        print(f"saved {download_medmnist(args.name, args.size, Path(args.out))}")
 
 
 def cmd_train(args) -> None:
@@ -119,7 +141,10 @@ def cmd_train(args) -> None:
                  "precision": args.precision, "model.prediction_type": args.prediction,
                  "checkpoint_every": args.checkpoint_every, "seed": args.seed, "resume": args.resume,
                  "eval.fidelity": False if args.no_eval else None}
-    config = load_config(args.config, overrides)
+    base = args.config
+    if args.resume and not base and args.out and (Path(args.out) / "config.yaml").is_file():
+        base = Path(args.out) / "config.yaml"  # continue with the run's own config; flags still override
+    config = load_config(base, overrides)
     if not config.data:
         raise MeddiffError("no training data: pass --data SPEC (e.g. phantom:DIR) or set data: in --config")
     if not config.out:
@@ -177,7 +202,6 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "generate": cmd_generate, "fid
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.environ.get("MEDDIFF_OFFLINE") else None
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 from meddiff.data.phantom_dataset import write_phantom_folder
+from meddiff.data.spec import load_dataset
+from meddiff.sampling.grid import grid_png_bytes, upscale_for
 from meddiff.evaluation.report import figure, html_page, html_table, loss_curve_png
 from meddiff.training.config import EvalConfig, TrainConfig
 from meddiff.workflow import train_and_report
@@ -36,7 +38,8 @@ def run_demo(out: Path, minutes: float = DEMO_MINUTES, n: int = 3000, seed: int 
     total_s = time.perf_counter() - t_all
     timings = {"phantom data": phantom_s, **{k.removesuffix("_s").replace("_", " "): v
                                              for k, v in summary["timings"].items()}, "total": total_s}
-    report = write_demo_report(out / "report.html", summary, timings)
+    real = load_dataset(config.data, config.resolution)
+    report = write_demo_report(out / "report.html", summary, timings, real_examples(real, 8))
     (out / "demo.json").write_text(json.dumps({"timings_s": {k: round(v, 1) for k, v in timings.items()},
                                                "fidelity": summary["fidelity"], "steps": summary["steps"],
                                                "images_per_second": summary["images_per_second"]}, indent=2))
@@ -44,8 +47,27 @@ def run_demo(out: Path, minutes: float = DEMO_MINUTES, n: int = 3000, seed: int 
     return report
 
 
-def write_demo_report(path: Path, summary: dict, timings: dict[str, float]) -> Path:
-    grids = "".join(figure(name, Path(p).read_bytes()) for name, p in summary["grids"].items())
+def real_examples(dataset, n: int) -> dict[str, bytes]:
+    """A grid of real training images per label, for side-by-side comparison with the generated grid."""
+    out = {}
+    images = (dataset.images[:, 0].numpy() + 1) / 2
+    for k, name in enumerate(dataset.label_names):
+        has = (dataset.labels[:, k] > 0.5) & dataset.known[:, k]
+        only = has & ((dataset.labels > 0.5).sum(1) == 1)  # prefer images with this finding alone
+        idx = (only.nonzero().flatten().tolist() + has.nonzero().flatten().tolist())[:n]
+        if idx:
+            out[name] = grid_png_bytes(images[idx], columns=min(n, 8), upscale=upscale_for(dataset.resolution))
+    return out
+
+
+def write_demo_report(path: Path, summary: dict, timings: dict[str, float], real: dict[str, bytes]) -> Path:
+    rows = []
+    for name, p in summary["grids"].items():
+        cells = figure(f"{name}: generated", Path(p).read_bytes())
+        if name in real:
+            cells += figure(f"{name}: real phantoms (training data)", real[name])
+        rows.append(f"<div class='grids'>{cells}</div>")
+    grids = "".join(rows)
     fid = summary.get("fidelity")
     fid_html = "<p>not measured</p>"
     if fid:
@@ -61,7 +83,7 @@ def write_demo_report(path: Path, summary: dict, timings: dict[str, float]) -> P
                   + figure("loss", loss_curve_png(summary["loss_history"])))
     timing_html = html_table(["stage", "seconds"], [[k, round(v, 1)] for k, v in timings.items()])
     page = html_page("meddiff demo: chest phantom synthesis", [
-        ("Samples per finding (that finding present, the others absent) and unconditional", f"<div class='grids'>{grids}</div>"),
+        ("Samples per finding (that finding present, the others absent) and unconditional", grids),
         ("Label fidelity", fid_html), ("Training", train_html), ("Timings", timing_html),
         ("About the data", "<p>The training data are procedurally drawn chest radiograph phantoms: synthetic test "
                            "data with exactly known findings, not medical data.</p>"),

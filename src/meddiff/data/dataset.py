@@ -20,6 +20,7 @@ class ImageLabelDataset(torch.utils.data.Dataset):
     prompts: list[str] = field(default_factory=list)
     source: str = ""  # the spec it came from
     skipped: int = 0  # files that could not be read (reported, never silent)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) for every skipped file
     multiclass: bool = False  # exactly one label per image (e.g. normal vs pneumonia)
 
     def __post_init__(self) -> None:

@@ -6,16 +6,18 @@ A phantom folder mirrors CheXpert's layout: `train.csv` and `valid.csv` in CheXp
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meddiff.data.chexpert_format import CHEXPERT_COLUMNS, parse_value, write_label_table
+from meddiff.data.chexpert import read_label_csv
+from meddiff.data.chexpert_format import write_label_table
 from meddiff.data.dataset import ImageLabelDataset, to_model_range
-from meddiff.data.io import UnreadableImage, read_image, resize, write_png
+from meddiff.data.io import resize, write_png
+from meddiff.data.materialize import COMMON_OPTIONS, Preprocess, materialize
+from meddiff.data.records import LabelPolicy, RecordTable
 from meddiff.data.phantom import FINDINGS, MAX_SIZE, MIN_SIZE, NO_FINDING, render_phantom
 from meddiff.data.spec import DatasetSpec, register
 from meddiff.errors import MeddiffError
@@ -54,50 +56,15 @@ def write_phantom_folder(out: Path, n: int, size: int, seed: int, valid_fraction
     return {split: len(r) for split, r in rows.items()}
 
 
-def _read_table(csv_path: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """Paths, label names (observation columns that hold any value), labels, known mask."""
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("Path",) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise MeddiffError(f"{csv_path} lacks column(s) {missing}; expected CheXpert columns {list(CHEXPERT_COLUMNS)}")
-        rows = list(reader)
-    names = [c for c in PHANTOM_LABELS if c in (rows[0] if rows else {})]
-    labels = np.zeros((len(rows), len(names)), np.float32)
-    known = np.zeros_like(labels, dtype=bool)
-    for i, row in enumerate(rows):
-        for k, name in enumerate(names):
-            try:
-                value = parse_value(row[name] or "")
-            except ValueError as exc:
-                raise MeddiffError(f"{csv_path} row {i + 2}, column {name!r}: {exc}") from None
-            if value is not None and value >= 0:
-                labels[i, k], known[i, k] = value, True
-    return [r["Path"] for r in rows], names, labels, known
-
-
-def _load_folder(root: Path, split: str, resolution: int) -> ImageLabelDataset:
+def _load_folder(spec: DatasetSpec, root: Path, split: str, resolution: int) -> ImageLabelDataset:
     if split not in SPLIT_FILES:
         raise MeddiffError(f"phantom split must be one of {list(SPLIT_FILES)}, got {split!r}")
     csv_path = root / SPLIT_FILES[split]
     if not csv_path.is_file():
         raise MeddiffError(f"{root} has no {SPLIT_FILES[split]}; create phantoms with "
                            f"`meddiff data phantom --out {root}`")
-    paths, names, labels, known = _read_table(csv_path)
-    images, keep, skipped = [], [], 0
-    for i, rel in enumerate(paths):
-        try:
-            images.append(resize(read_image(root / rel), resolution))
-            keep.append(i)
-        except (UnreadableImage, FileNotFoundError):
-            skipped += 1
-    if skipped:
-        print(f"warning: {skipped} of {len(paths)} images in {csv_path} could not be read and were skipped")
-    if not images:
-        return ImageLabelDataset(torch.zeros(0, 1, resolution, resolution), torch.zeros(0, len(names)),
-                                 torch.zeros(0, len(names), dtype=torch.bool), names, skipped=skipped)
-    return ImageLabelDataset(to_model_range(np.stack(images)), torch.from_numpy(labels[keep]),
-                             torch.from_numpy(known[keep]), names, skipped=skipped)
+    table = read_label_csv(csv_path, PHANTOM_LABELS, str(spec))
+    return materialize(table, LabelPolicy(), Preprocess.from_options(spec.options, resolution), str(spec))
 
 
 def render_phantom_dataset(n: int, resolution: int, seed: int, progress: bool = False) -> ImageLabelDataset:
@@ -113,7 +80,15 @@ def render_phantom_dataset(n: int, resolution: int, seed: int, progress: bool = 
                              list(PHANTOM_LABELS))
 
 
-@register("phantom", heldout_split="valid", options=("split", "n", "seed"))
+def index_phantom(spec: DatasetSpec) -> RecordTable:
+    root = Path(spec.path).expanduser()
+    split = spec.options.get("split", "train")
+    if spec.path == "" or split not in SPLIT_FILES or not (root / SPLIT_FILES[split]).is_file():
+        raise MeddiffError(f"{spec}: only phantom folders written by `meddiff data phantom` can be inspected")
+    return read_label_csv(root / SPLIT_FILES[split], PHANTOM_LABELS, str(spec))
+
+
+@register("phantom", heldout_split="valid", options=("split", "n", "seed") + COMMON_OPTIONS, index=index_phantom)
 def load_phantom(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
     split = spec.options.get("split", "train")
     if spec.path == "":  # in memory: phantom:?n=2000&seed=0 ; the held-out split uses another seed
@@ -128,4 +103,4 @@ def load_phantom(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
         raise MeddiffError(f"phantom folder {root} does not exist; create it with `meddiff data phantom --out {root}`")
     if not root.is_dir():
         raise MeddiffError(f"phantom path {root} is not a folder")
-    return _load_folder(root, split, resolution)
+    return _load_folder(spec, root, split, resolution)

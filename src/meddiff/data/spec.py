@@ -49,16 +49,24 @@ class Loader:
     load: Callable[[DatasetSpec, int], ImageLabelDataset]
     heldout_split: str
     options: tuple[str, ...]
+    index: Callable[[DatasetSpec], object] | None = None  # spec -> RecordTable, for file-based kinds
 
 
 LOADERS: dict[str, Loader] = {}
 
 
-def register(kind: str, heldout_split: str, options: tuple[str, ...]):
+def register(kind: str, heldout_split: str, options: tuple[str, ...], index=None):
     def wrap(fn: Callable[[DatasetSpec, int], ImageLabelDataset]):
-        LOADERS[kind] = Loader(fn, heldout_split, options)
+        LOADERS[kind] = Loader(fn, heldout_split, options, index)
         return fn
     return wrap
+
+
+def check_options(spec: DatasetSpec) -> None:
+    unknown = set(spec.options) - set(LOADERS[spec.kind].options)
+    if unknown:
+        raise MeddiffError(f"unknown option(s) {', '.join(sorted(unknown))} for {spec.kind}: datasets; "
+                           f"known: {', '.join(LOADERS[spec.kind].options)}")
 
 
 def load_dataset(spec: str | DatasetSpec, resolution: int) -> ImageLabelDataset:
@@ -66,10 +74,7 @@ def load_dataset(spec: str | DatasetSpec, resolution: int) -> ImageLabelDataset:
 
     if isinstance(spec, str):
         spec = DatasetSpec.parse(spec)
-    unknown = set(spec.options) - set(LOADERS[spec.kind].options)
-    if unknown:
-        raise MeddiffError(f"unknown option(s) {', '.join(sorted(unknown))} for {spec.kind}: datasets; "
-                           f"known: {', '.join(LOADERS[spec.kind].options)}")
+    check_options(spec)
     dataset = LOADERS[spec.kind].load(spec, resolution)
     if len(dataset) == 0:
         raise MeddiffError(f"{spec} holds no readable images; check the path and split")

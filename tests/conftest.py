@@ -38,3 +38,18 @@ def _isolated_cache(tmp_path_factory):
     """Preprocessed-array cache in a temporary folder, never the user's ~/.cache."""
     os.environ["MEDDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_run_b(tmp_path_factory):
+    """A second tiny model (other seed): different weights."""
+    from meddiff.data.spec import load_dataset
+    from meddiff.models.factory import ModelConfig
+    from meddiff.training.config import TrainConfig
+    from meddiff.training.loop import train
+
+    out = tmp_path_factory.mktemp("run_b")
+    cfg = TrainConfig(data="phantom:?n=64&seed=3", out=str(out), max_steps=2, batch_size=8, checkpoint_every=0,
+                      seed=1, lr_warmup_steps=1, model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1))
+    train(cfg, load_dataset(cfg.data, 32), progress=False)
+    return out

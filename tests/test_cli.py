@@ -55,13 +55,13 @@ def test_generate_writes_images_and_manifest(tmp_path, tiny_run):
                  "--out", str(out), "--steps", "3", "--seed", "7", "--scheduler", "ddim"]) == 0
     with open(out / "manifest.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and all((out / r["file"]).is_file() for r in rows)
-    assert rows[0]["Cardiomegaly"] == "1" and rows[0]["Pleural Effusion"] == "1" and rows[0]["Edema"] == "0"
-    assert [r["seed"] for r in rows] == ["7", "8", "9"]
+    assert len(rows) == 3 and all((out / r["Path"]).is_file() for r in rows)
+    assert rows[0]["Cardiomegaly"] == "1.0" and rows[0]["Pleural Effusion"] == "1.0" and rows[0]["Edema"] == "0.0"
+    assert len({r["seed"] for r in rows}) == 3
     assert rows[0]["steps"] == "3" and rows[0]["guidance"] == "2.0" and rows[0]["scheduler"] == "ddim"
     from PIL import Image
 
-    im = Image.open(out / rows[0]["file"])
+    im = Image.open(out / rows[0]["Path"])
     assert im.mode == "L" and im.size == (32, 32) and "SYNTHETIC" in im.text["meddiff"]
     assert main(["generate", "--model", str(tiny_run), "--unconditional", "--n", "2", "--out",
                  str(tmp_path / "u"), "--steps", "2"]) == 0

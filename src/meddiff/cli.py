@@ -71,20 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
     tr.add_argument("--no-eval", action="store_true", help="skip the label-fidelity evaluation")
 
-    ge = sub.add_parser("generate", help="generate images with a trained model")
+    ge = sub.add_parser("generate", help="generate a labelled synthetic dataset with a trained model")
     ge.add_argument("--model", required=True, help="run directory (or its pipeline/ folder)")
     which = ge.add_mutually_exclusive_group(required=True)
     which.add_argument("--labels", help='comma-separated label names, e.g. "Cardiomegaly,Pleural Effusion"')
     which.add_argument("--unconditional", action="store_true")
-    ge.add_argument("--n", type=_positive_int, default=16)
+    which.add_argument("--conditions", help="CSV whose label columns (or prompt column) give one condition per row")
+    which.add_argument("--prompt", help="free-text prompt (text-conditioned models)")
+    ge.add_argument("--n", type=_positive_int, default=None, help="number of images (default 16; with --conditions: "
+                    "one per row, cycling the rows when larger)")
+    ge.add_argument("--per-condition", type=_positive_int, default=None, help="images per condition / CSV row")
     ge.add_argument("--out", required=True)
+    ge.add_argument("--format", default="png", choices=("png", "png16", "dicom"))
     ge.add_argument("--steps", type=_positive_int, default=20)
     ge.add_argument("--guidance", type=float, default=2.0)
     ge.add_argument("--scheduler", default="dpm++", choices=("dpm++", "ddim", "pndm", "ddpm"))
+    ge.add_argument("--negative-prompt", default=None, help="text models only")
     ge.add_argument("--seed", type=int, default=0)
     ge.add_argument("--batch-size", type=_positive_int, default=64)
     ge.add_argument("--unspecified", choices=("absent", "unknown"), default="absent",
                     help="labels not named in --labels: known absent (default) or left unspecified")
+    ge.add_argument("--uncertain", choices=("ignore", "ones", "zeros"), default="ignore",
+                    help="-1 values in --conditions: unspecified (default), present or absent")
+    ge.add_argument("--shard", default=None, help="K/N: this process makes every N-th image starting at K")
     ge.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
 
     fi = sub.add_parser("fidelity", help="label fidelity of a trained model against real data")
@@ -156,18 +165,40 @@ def cmd_train(args) -> None:
 def cmd_generate(args) -> None:
     from meddiff.conditioning.labels import LabelCodec
     from meddiff.models.storage import load_pipeline
-    from meddiff.sampling.generate import SamplingSettings, conditions_for, sample, write_images
+    from meddiff.sampling.generate import SamplingSettings
+    from meddiff.sampling.plan import make_plan
+    from meddiff.sampling.synthesize import generate_dataset, parse_shard
 
-    pipe = load_pipeline(args.model)
+    shard, barrier, device = parse_shard(args.shard), None, "cpu"
+    try:
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.num_processes > 1:  # accelerate launch -m meddiff generate ...
+            if args.shard:
+                raise MeddiffError("use either --shard or accelerate launch, not both")
+            shard, barrier, device = (state.process_index, state.num_processes), state.wait_for_everyone, state.device
+        elif state.device.type == "cuda":
+            device = state.device
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        pass
+    pipe = load_pipeline(args.model, device=str(device))
     codec = LabelCodec(pipe.label_names)
     if args.labels is not None and not codec.label_names:
         raise MeddiffError("this model is unconditional; use --unconditional")
-    cond, labels, known = conditions_for(codec, args.labels, args.unconditional, args.n, args.unspecified)
+    if args.negative_prompt and not getattr(pipe, "supports_prompts", False):
+        raise MeddiffError("--negative-prompt needs a text-conditioned model")
+    plan = make_plan(codec, labels_text=args.labels, unconditional=args.unconditional, conditions=args.conditions,
+                     n=args.n, per_condition=args.per_condition, unspecified=args.unspecified,
+                     uncertain=args.uncertain, prompt=args.prompt)
     settings = SamplingSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                                 batch_size=args.batch_size, precision=args.precision)
-    images = sample(pipe, cond, settings)
-    manifest = write_images(Path(args.out), images, codec.label_names, labels, known, settings, str(args.model))
-    print(f"wrote {len(images)} images and {manifest}")
+    result = generate_dataset(pipe, args.model, plan, settings, Path(args.out), args.format, shard, barrier=barrier)
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(result.per_condition.items(), key=lambda kv: -kv[1])[:12])
+    print(f"generated {result.written} images ({result.skipped} already present) in {result.seconds:.1f} s, "
+          f"{result.images_per_second:.1f} img/s; per condition: {counts}")
+    print(f"manifest: {result.manifest}" if result.manifest else
+          f"shard {shard[0]}/{shard[1]} done; the manifest is written when every shard has finished")
 
 
 def cmd_fidelity(args) -> None:

@@ -1,6 +1,7 @@
 """`chexpert:ROOT` — CheXpert-v1.0 and CheXpert-v1.0-small exactly as released.
 
-ROOT may be the release folder (holding train.csv / valid.csv) or its parent; `Path` values start with the
+ROOT may be the release folder (holding train.csv / valid.csv), its parent, or one CheXpert-format CSV file
+(such as the manifest of `meddiff generate`); `Path` values start with the
 release folder name and resolve either way. Options:
   split=train|val|valid   train.csv minus a patient-level validation fraction | that fraction | official valid.csv
   u=ones|zeros|ignore     uncertain (-1) labels; ignore = masked out of conditioning (not treated as 0)
@@ -95,6 +96,9 @@ def index_chexpert(spec: DatasetSpec) -> RecordTable:
     root = Path(spec.path).expanduser()
     if not root.exists():
         raise MeddiffError(f"CheXpert folder {root} does not exist; point chexpert: at CheXpert-v1.0-small/ or its parent")
+    labels = parse_label_subset(spec.options.get("labels"), list(CHEXPERT_OBSERVATIONS))
+    if root.is_file():  # a single CheXpert-format table, e.g. a manifest written by `meddiff generate`
+        return filter_view(read_label_csv(root, labels, str(spec)), spec.options.get("view", "all"))
     split = spec.options.get("split", "train")
     if split not in ("train", "val", "valid", "test"):
         raise MeddiffError(f"split= must be train, val or valid, got {split!r}")
@@ -102,7 +106,6 @@ def index_chexpert(spec: DatasetSpec) -> RecordTable:
     csv_path = find_csv(root, name)
     if csv_path is None:
         raise MeddiffError(f"no {name} in {root} or its subfolders; is this a CheXpert-v1.0(-small) folder?")
-    labels = parse_label_subset(spec.options.get("labels"), list(CHEXPERT_OBSERVATIONS))
     table = read_label_csv(csv_path, labels, str(spec))
     table = filter_view(table, spec.options.get("view", "frontal"))
     if split in ("train", "val"):

@@ -56,15 +56,21 @@ def write_phantom_folder(out: Path, n: int, size: int, seed: int, valid_fraction
     return {split: len(r) for split, r in rows.items()}
 
 
-def _load_folder(spec: DatasetSpec, root: Path, split: str, resolution: int) -> ImageLabelDataset:
+def _phantom_csv(spec: DatasetSpec) -> Path:
+    """The split's label table of a phantom folder, with one-line errors for everything that can be wrong."""
+    root = Path(spec.path).expanduser()
+    split = spec.options.get("split", "train")
+    if not root.exists():
+        raise MeddiffError(f"phantom folder {root} does not exist; create it with `meddiff data phantom --out {root}`")
+    if not root.is_dir():
+        raise MeddiffError(f"phantom path {root} is not a folder")
     if split not in SPLIT_FILES:
         raise MeddiffError(f"phantom split must be one of {list(SPLIT_FILES)}, got {split!r}")
     csv_path = root / SPLIT_FILES[split]
     if not csv_path.is_file():
         raise MeddiffError(f"{root} has no {SPLIT_FILES[split]}; create phantoms with "
                            f"`meddiff data phantom --out {root}`")
-    table = read_label_csv(csv_path, PHANTOM_LABELS, str(spec))
-    return materialize(table, LabelPolicy(), Preprocess.from_options(spec.options, resolution), str(spec))
+    return csv_path
 
 
 def render_phantom_dataset(n: int, resolution: int, seed: int, progress: bool = False) -> ImageLabelDataset:
@@ -81,11 +87,7 @@ def render_phantom_dataset(n: int, resolution: int, seed: int, progress: bool = 
 
 
 def index_phantom(spec: DatasetSpec) -> RecordTable:
-    root = Path(spec.path).expanduser()
-    split = spec.options.get("split", "train")
-    if spec.path == "" or split not in SPLIT_FILES or not (root / SPLIT_FILES[split]).is_file():
-        raise MeddiffError(f"{spec}: only phantom folders written by `meddiff data phantom` can be inspected")
-    return read_label_csv(root / SPLIT_FILES[split], PHANTOM_LABELS, str(spec))
+    return read_label_csv(_phantom_csv(spec), PHANTOM_LABELS, str(spec))
 
 
 @register("phantom", heldout_split="valid", options=("split", "n", "seed") + COMMON_OPTIONS, index=index_phantom)
@@ -98,9 +100,5 @@ def load_phantom(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
             raise MeddiffError(f"{spec}: n and seed must be integers") from None
         return render_phantom_dataset(n if split == "train" else max(n // 4, 1), resolution,
                                       seed if split == "train" else seed + 7919)
-    root = Path(spec.path).expanduser()
-    if not root.exists():
-        raise MeddiffError(f"phantom folder {root} does not exist; create it with `meddiff data phantom --out {root}`")
-    if not root.is_dir():
-        raise MeddiffError(f"phantom path {root} is not a folder")
-    return _load_folder(spec, root, split, resolution)
+    table = index_phantom(spec)
+    return materialize(table, LabelPolicy(), Preprocess.from_options(spec.options, resolution), str(spec))

@@ -31,6 +31,7 @@ def encode_condition(labels: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
 
 class MedDiffusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
+    supports_prompts = False  # label-conditioned; text-conditioned pipelines take prompts
 
     def __init__(self, unet: UNet2DConditionModel, scheduler, label_names: Optional[list] = None):
         super().__init__()

@@ -106,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--scheduler", default="dpm++", choices=("dpm++", "ddim", "pndm", "ddpm"))
     fi.add_argument("--seed", type=int, default=0)
 
+    ev = sub.add_parser("evaluate", help="FID/KID, precision/recall, fidelity, diversity, downstream AUC, "
+                        "memorization, UMAP -> metrics.json + report.html")
+    ev.add_argument("--real", required=True, help="real data spec (its train split; the held-out split is the test)")
+    ev.add_argument("--synthetic", required=True, help="a folder from `meddiff generate`, or a dataset spec")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--features", default="domain", choices=("domain", "inception", "xrv"))
+    ev.add_argument("--resolution", type=_positive_int, default=None, help="default: the synthetic images' size")
+    ev.add_argument("--seeds", type=_positive_int, default=3, help="downstream classifier seeds")
+    ev.add_argument("--classifier-epochs", type=_positive_int, default=10)
+    ev.add_argument("--max-images", type=_positive_int, default=None)
+
     de = sub.add_parser("demo", help="phantoms -> train -> generate -> label fidelity -> report.html")
     de.add_argument("--out", required=True)
     de.add_argument("--minutes", type=_positive_float, default=None, help="training budget (default 8)")
@@ -223,13 +234,23 @@ def cmd_fidelity(args) -> None:
     print(result.table())
 
 
+def cmd_evaluate(args) -> None:
+    from meddiff.evaluation.suite import run_evaluation
+
+    report = run_evaluation(args.real, args.synthetic, Path(args.out), resolution=args.resolution,
+                            features=args.features, seeds=args.seeds, classifier_epochs=args.classifier_epochs,
+                            max_images=args.max_images)
+    print(f"report: {report}; metrics: {Path(args.out) / 'metrics.json'}")
+
+
 def cmd_demo(args) -> None:
     from meddiff.demo import DEMO_MINUTES, run_demo
 
     run_demo(Path(args.out), minutes=args.minutes or DEMO_MINUTES, n=args.n, seed=args.seed)
 
 
-COMMANDS = {"data": cmd_data, "train": cmd_train, "generate": cmd_generate, "fidelity": cmd_fidelity, "demo": cmd_demo}
+COMMANDS = {"data": cmd_data, "train": cmd_train, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,71 @@
+"""The metrics behave: they separate what should be separated and flag what should be flagged."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from meddiff.data.dataset import ImageLabelDataset
+from meddiff.data.spec import load_dataset
+from meddiff.evaluation.classifier import per_label_auc, predict
+from meddiff.evaluation.distribution import fid, kid, prdc
+from meddiff.evaluation.diversity import mean_pairwise_similarity
+from meddiff.evaluation.features import domain_classifier, embed
+from meddiff.evaluation.memorization import audit
+
+
+@pytest.fixture(scope="module")
+def setup():
+    train = load_dataset("phantom:?n=500&seed=31", 32)
+    test = load_dataset("phantom:?n=1200&seed=31&split=valid", 32)  # 300 held-out
+    fresh = load_dataset("phantom:?n=300&seed=77", 32)
+    clf = domain_classifier(train, "phantom:?n=500&seed=31", epochs=5, progress=False)
+    return train, test, fresh, clf
+
+
+def feats(clf, images):
+    return embed(clf, images)
+
+
+def test_fid_and_kid_order(setup):
+    train, test, _, clf = setup
+    f_test, f_train = feats(clf, test.images), feats(clf, train.images[:300])
+    noise = torch.rand_like(test.images) * 2 - 1
+    blurred = torch.from_numpy(ndimage.gaussian_filter(test.images.numpy(), sigma=(0, 0, 1.5, 1.5))).float()
+    f_noise, f_blur = feats(clf, noise), feats(clf, blurred)
+    real = fid(f_test, f_train)
+    assert real < fid(f_test, f_noise) / 10 and real < fid(f_test, f_blur) / 3
+    k_real, k_blur, k_noise = kid(f_test, f_train)[0], kid(f_test, f_blur)[0], kid(f_test, f_noise)[0]
+    assert k_real < k_blur < k_noise
+    assert fid(f_test, f_blur) < fid(f_test, f_noise)
+    p = prdc(f_test, f_train)
+    assert p["precision"] > 0.5 and p["recall"] > 0.5 and p["coverage"] > 0.5
+    assert prdc(f_test, f_noise)["precision"] < 0.1
+
+
+def test_memorization_flags_copies_not_fresh_images(setup):
+    train, test, fresh, clf = setup
+    to01 = lambda t: (t[:, 0].numpy() + 1) / 2  # noqa: E731
+    f_train, f_test = feats(clf, train.images), feats(clf, test.images)
+    copies = audit(to01(train.images[:100]), to01(train.images), f_train[:100], f_train, to01(test.images), f_test)
+    assert copies.flagged.mean() == 1.0 and (copies.pixel_match == np.arange(100)).all()
+    new = audit(to01(fresh.images), to01(train.images), feats(clf, fresh.images), f_train, to01(test.images), f_test)
+    assert new.flagged.mean() < 0.1
+
+
+def test_shuffled_labels_give_chance_fidelity(setup):
+    train, test, _, clf = setup
+    probs = predict(clf, test.images)
+    honest = per_label_auc(probs, test.labels.numpy(), test.known.numpy(), test.label_names)
+    shuffled = test.labels.numpy()[np.random.default_rng(0).permutation(len(test))]
+    cheat = per_label_auc(probs, shuffled, test.known.numpy(), test.label_names)
+    assert honest["Cardiomegaly"] > 0.9
+    assert all(abs(v - 0.5) < 0.12 for v in cheat.values() if v is not None), cheat
+
+
+def test_diversity_detects_collapse(setup):
+    train, *_ = setup
+    imgs = (train.images[:40, 0].numpy() + 1) / 2
+    varied, metric = mean_pairwise_similarity(imgs)
+    collapsed, _ = mean_pairwise_similarity(np.repeat(imgs[:1], 40, 0))
+    assert metric == "SSIM" and collapsed > 0.99 and varied < collapsed - 0.1

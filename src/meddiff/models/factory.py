@@ -59,9 +59,9 @@ def make_sampler(name: str, train_config):
         return DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++", solver_order=2,
                                                        final_sigmas_type="zero")
     if name == "ddim":
-        return DDIMScheduler.from_config(train_config, clip_sample=False, set_alpha_to_one=True)
+        return DDIMScheduler.from_config(train_config, clip_sample=True, set_alpha_to_one=True)
     if name == "pndm":
         return PNDMScheduler.from_config(train_config, skip_prk_steps=True)
     if name == "ddpm":
-        return DDPMScheduler.from_config(train_config)
+        return DDPMScheduler.from_config(train_config, clip_sample=True)  # x0 clipped to the data range
     raise MeddiffError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
 
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.evaluation.classifier import predict, train_classifier
@@ -40,13 +41,18 @@ def downstream(real_train: ImageLabelDataset, synthetic: ImageLabelDataset, test
                seeds: int = 3, epochs: int = 10, progress: bool = False) -> dict:
     sets = {"real": real_train, "synthetic": synthetic, "real+synthetic": combine(real_train, synthetic)}
     out: dict[str, dict] = {}
+    bar = tqdm(total=len(sets) * seeds, desc="downstream classifiers", unit="model", disable=not progress)
     for name, data in sets.items():
-        probs = [predict(train_classifier(data, epochs=epochs, seed=s, progress=progress), test.images)
-                 for s in range(seeds)]
+        probs = []
+        for s in range(seeds):
+            bar.set_postfix(train_set=name, seed=s)
+            probs.append(predict(train_classifier(data, epochs=epochs, seed=s), test.images))
+            bar.update(1)
         per_label = {}
         for k, label in enumerate(test.label_names):
             mask = test.known[:, k].numpy()
             result = bootstrap_auc([p[mask, k] for p in probs], test.labels[mask, k].numpy() > 0.5)
             per_label[label] = None if result is None else {"auc": result[0], "ci95": [result[1], result[2]]}
         out[name] = {"n_train": len(data), "seeds": seeds, "auc": per_label}
+    bar.close()
     return out

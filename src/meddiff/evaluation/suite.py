@@ -88,7 +88,7 @@ def evaluate(real: str, synthetic: str, resolution: int | None = None, features:
     diversity = {"real_test": diversity_by_condition(to01(test.images), condition_keys(test)),
                  "synthetic": diversity_by_condition(to01(syn.images), condition_keys(syn))}
     mem = audit(to01(syn.images), to01(train.images), f_syn, f_train, to01(test.images), f_test)
-    utility = downstream(train, syn, test, seeds=seeds, epochs=classifier_epochs, progress=False)
+    utility = downstream(train, syn, test, seeds=seeds, epochs=classifier_epochs, progress=progress)
     metrics = {"real": str(spec), "synthetic": syn_spec, "resolution": resolution, "distribution": dist,
                "label_fidelity": fidelity, "diversity": diversity, "memorization": mem.to_dict(),
                "downstream": utility, "seconds": round(time.perf_counter() - t0, 1)}

@@ -180,19 +180,18 @@ def cmd_generate(args) -> None:
     from meddiff.sampling.plan import make_plan
     from meddiff.sampling.synthesize import generate_dataset, parse_shard
 
-    shard, barrier, device = parse_shard(args.shard), None, "cpu"
-    try:
-        from accelerate import PartialState
+    import os
 
-        state = PartialState()
-        if state.num_processes > 1:  # accelerate launch -m meddiff generate ...
-            if args.shard:
-                raise MeddiffError("use either --shard or accelerate launch, not both")
-            shard, barrier, device = (state.process_index, state.num_processes), state.wait_for_everyone, state.device
-        elif state.device.type == "cuda":
-            device = state.device
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        pass
+    import torch
+
+    shard, device = parse_shard(args.shard), "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # launched by accelerate launch / torchrun: one shard per process, no collectives needed
+        if args.shard:
+            raise MeddiffError("use either --shard or a multi-process launcher, not both")
+        shard = (int(os.environ.get("RANK", "0")), world)
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     pipe = load_pipeline(args.model, device=str(device))
     codec = LabelCodec(pipe.label_names)
     if args.labels is not None and not codec.label_names:
@@ -204,7 +203,7 @@ def cmd_generate(args) -> None:
                      uncertain=args.uncertain, prompt=args.prompt)
     settings = SamplingSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                                 batch_size=args.batch_size, precision=args.precision)
-    result = generate_dataset(pipe, args.model, plan, settings, Path(args.out), args.format, shard, barrier=barrier)
+    result = generate_dataset(pipe, args.model, plan, settings, Path(args.out), args.format, shard)
     counts = ", ".join(f"{k}={v}" for k, v in sorted(result.per_condition.items(), key=lambda kv: -kv[1])[:12])
     print(f"generated {result.written} images ({result.skipped} already present) in {result.seconds:.1f} s, "
           f"{result.images_per_second:.1f} img/s; per condition: {counts}")

@@ -167,3 +167,18 @@ def test_cli_generate_conditions_and_summary(tiny_run, conditions_csv, tmp_path,
     assert "generated 0 images (5 already present)" in capsys.readouterr().out
     assert main(["generate", "--model", str(tiny_run), "--prompt", "chest x-ray", "--out", str(tmp_path / "p")]) == 2
     assert "takes no text prompts" in capsys.readouterr().err
+
+
+def test_multi_process_launch_shards_by_rank(tiny_run, tmp_path):
+    """torchrun / accelerate launch set WORLD_SIZE and RANK: each process takes its shard, one manifest results."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "meddiff", "generate",
+           "--model", str(tiny_run), "--labels", "Edema", "--out", str(tmp_path / "mp"), "--steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("generated 8 images") == 2
+    main(["generate", "--model", str(tiny_run), "--labels", "Edema", "--out", str(tmp_path / "single"), "--steps", "2"])
+    assert hashes(tmp_path / "mp") == hashes(tmp_path / "single")
+    assert (tmp_path / "mp" / "manifest.csv").read_text() == (tmp_path / "single" / "manifest.csv").read_text()

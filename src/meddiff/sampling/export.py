@@ -7,6 +7,7 @@ copied from anywhere), so a resumed or sharded run produces byte-identical files
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def manifest_columns(label_names: list[str]) -> list[str]:
 def write_manifest(path: Path, rows: list[dict[str, object]], label_names: list[str]) -> Path:
     """Atomic write; columns: CheXpert's (Path, Sex, Age, Frontal/Lateral, AP/PA, the 14 observations), the model's
     other label names, then prompt, seed, guidance, steps, scheduler, model."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # shards may finish together
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=manifest_columns(label_names), extrasaction="ignore")
         writer.writeheader()

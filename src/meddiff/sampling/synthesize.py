@@ -4,7 +4,7 @@
 - Files are written atomically; a rerun after a kill skips finished images and ends with exactly the set an
   uninterrupted run would have written. `generation.json` pins model, settings and plan: an output folder from
   another model or other settings is refused instead of being mixed.
-- Shards (`--shard K/N`, or `accelerate launch -m meddiff generate ...`) each take every N-th image and write
+- Shards (`--shard K/N`, or one per process under `accelerate launch` / `torchrun`) each take every N-th image and write
   their own manifest part; whoever sees all images present writes the merged manifest.csv.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -100,8 +101,7 @@ def manifest_row(plan: GenerationPlan, i: int, names: list[str], fmt: str, setti
 
 
 def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings: SamplingSettings, out_dir: Path,
-                     fmt: str = "png", shard: tuple[int, int] = (0, 1), progress: bool = True,
-                     barrier=None) -> GenerationResult:
+                     fmt: str = "png", shard: tuple[int, int] = (0, 1), progress: bool = True) -> GenerationResult:
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}")
     if any(plan.prompts) and not getattr(pipe, "supports_prompts", False):
@@ -118,7 +118,7 @@ def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings
     _check_state(out_dir, state)  # every shard checks; the state is written before any image
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / STATE_FILE).is_file():
-        tmp = out_dir / f"{STATE_FILE}.{k}.tmp"
+        tmp = out_dir / f"{STATE_FILE}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(out_dir / STATE_FILE)
     mine = [i for i in range(len(plan)) if i % n_shards == k]
@@ -143,8 +143,6 @@ def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings
     rows = [manifest_row(plan, i, names, fmt, settings, model_id) for i in mine]
     if n_shards > 1:
         write_manifest(out_dir / f"manifest.part-{k}-of-{n_shards}.csv", rows, names)
-    if barrier:
-        barrier()
     manifest = None
     if all((out_dir / image_name(i, fmt)).is_file() for i in range(len(plan))):
         all_rows = rows if n_shards == 1 else [manifest_row(plan, i, names, fmt, settings, model_id)

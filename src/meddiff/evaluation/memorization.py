@@ -1,5 +1,5 @@
 """Memorization audit: for every synthetic image, its nearest training image by pixel-space normalised
-correlation and by domain-feature cosine similarity. A synthetic image is flagged when it is closer to a
+correlation and by domain-feature cosine similarity (features centred on the training mean). A synthetic image is flagged when it is closer to a
 training image than `quantile` of genuinely new real (held-out) images are, or above the fixed thresholds."""
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ def audit(synthetic: np.ndarray, train: np.ndarray, synthetic_features: np.ndarr
           quantile: float = 0.99) -> MemorizationAudit:
     """Images as (N, H, W) arrays; thresholds from held-out real images when given (else 0.95 / 0.99)."""
     ps, pm = nearest(synthetic, train, center=True)
+    # features are centred on the training mean first: raw penultimate features share a large common component
+    # (cosine ~1 for everything), the centred ones measure how specific a match is
+    mean = train_features.mean(0, keepdims=True)
+    train_features, synthetic_features = train_features - mean, synthetic_features - mean
+    if heldout_features is not None:
+        heldout_features = heldout_features - mean
     fs, fm = nearest(synthetic_features, train_features, center=False)
     pt, ft = 0.95, 0.99
     if heldout is not None and heldout_features is not None and len(heldout):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from meddiff.errors import MeddiffError
+from meddiff.models.pipeline import encode_condition
 
 
 class LabelCodec:
@@ -26,8 +27,7 @@ class LabelCodec:
         """(B, K) labels (+ (B, K) known mask) -> (B, 2K) condition vectors."""
         if known is None:
             known = torch.ones_like(labels, dtype=torch.bool)
-        k = known.to(labels.dtype)
-        return torch.cat([(labels > 0.5).to(labels.dtype) * k, k], dim=1)
+        return encode_condition(labels, known)  # the one definition, shared with the saved pipeline
 
     def null(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, self.dim)

@@ -5,7 +5,6 @@ comes out whatever the batch size or however the work is split across processes.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,9 +71,3 @@ def conditions_for(codec: LabelCodec, labels_text: str | None, unconditional: bo
         one, one_known = codec.parse(labels_text, unspecified)
         labels, known = one.expand(n, k).clone(), one_known.expand(n, k).clone()
     return codec.encode(labels, known), labels, known
-
-
-def timed_sample(pipe, conditions, settings, progress=False) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    images = sample(pipe, conditions, settings, progress=progress)
-    return images, time.perf_counter() - t0

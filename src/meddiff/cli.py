@@ -70,6 +70,33 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int)
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
     tr.add_argument("--no-eval", action="store_true", help="skip the label-fidelity evaluation")
+    tr.add_argument("--method", choices=("pixel", "latent"), help="pixel (default) or latent diffusion")
+    tr.add_argument("--autoencoder", help="latent: run directory of `meddiff train-autoencoder`")
+    tr.add_argument("--conditioning", choices=("labels", "text", "both", "none"),
+                    help="labels (default), text prompts, both, or none (unconditional)")
+    tr.add_argument("--text-encoder", help="'minilm' (packaged, offline; default), a Hugging Face id or a local folder")
+    tr.add_argument("--train-text-encoder", action="store_true", default=None, help="fine-tune the text encoder too")
+
+    ae = sub.add_parser("train-autoencoder", help="train a VQ-VAE or KL autoencoder for latent diffusion")
+    ae.add_argument("--data", help="dataset spec")
+    ae.add_argument("--out", help="run directory")
+    ae.add_argument("--config", help="YAML config (flags override it)")
+    ae.add_argument("--kind", choices=("vq", "kl"))
+    ae.add_argument("--resolution", type=_positive_int)
+    ae.add_argument("--downsample", type=int, choices=(4, 8))
+    ae.add_argument("--latent-channels", type=_positive_int)
+    ae.add_argument("--codebook-size", type=_positive_int)
+    ae.add_argument("--adversarial-weight", type=float, help="> 0 adds a patch-discriminator loss")
+    ae.add_argument("--adversarial-start", type=int, help="step from which the adversarial loss counts")
+    ae.add_argument("--perceptual-weight", type=float, help="> 0 adds LPIPS (optional lpips package)")
+    ae.add_argument("--max-steps", type=_positive_int)
+    ae.add_argument("--max-minutes", type=_positive_float)
+    ae.add_argument("--batch-size", type=_positive_int)
+    ae.add_argument("--learning-rate", type=_positive_float)
+    ae.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    ae.add_argument("--checkpoint-every", type=int)
+    ae.add_argument("--seed", type=int)
+    ae.add_argument("--resume", help="'latest' or a checkpoint folder")
 
     ge = sub.add_parser("generate", help="generate a labelled synthetic dataset with a trained model")
     ge.add_argument("--model", required=True, help="run directory (or its pipeline/ folder)")
@@ -95,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="-1 values in --conditions: unspecified (default), present or absent")
     ge.add_argument("--shard", default=None, help="K/N: this process makes every N-th image starting at K")
     ge.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    ge.add_argument("--animate", action="store_true", help="also write a denoising GIF per image (animations/)")
 
     fi = sub.add_parser("fidelity", help="label fidelity of a trained model against real data")
     fi.add_argument("--model", required=True)
@@ -152,23 +180,53 @@ def cmd_data(args) -> None:
         print(f"saved {download_medmnist(args.name, args.size, Path(args.out))}")
 
 
-def cmd_train(args) -> None:
+def _run_config(args, overrides: dict):
     from meddiff.training.config import load_config
-    from meddiff.workflow import train_and_report
 
-    overrides = {"data": args.data, "out": args.out, "resolution": args.resolution, "max_steps": args.max_steps,
-                 "max_minutes": args.max_minutes, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                 "precision": args.precision, "model.prediction_type": args.prediction,
-                 "checkpoint_every": args.checkpoint_every, "seed": args.seed, "resume": args.resume,
-                 "eval.fidelity": False if args.no_eval else None}
+    common = {"data": args.data, "out": args.out, "resolution": args.resolution, "max_steps": args.max_steps,
+              "max_minutes": args.max_minutes, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+              "precision": args.precision, "checkpoint_every": args.checkpoint_every, "seed": args.seed,
+              "resume": args.resume}
     base = args.config
     if args.resume and not base and args.out and (Path(args.out) / "config.yaml").is_file():
         base = Path(args.out) / "config.yaml"  # continue with the run's own config; flags still override
-    config = load_config(base, overrides)
+    config = load_config(base, {**common, **overrides})
     if not config.data:
         raise MeddiffError("no training data: pass --data SPEC (e.g. phantom:DIR) or set data: in --config")
     if not config.out:
         raise MeddiffError("no run directory: pass --out RUN_DIR")
+    return config
+
+
+def cmd_train_autoencoder(args) -> None:
+    from meddiff.workflow import train_autoencoder_and_report
+
+    config = _run_config(args, {
+        "method": "autoencoder", "autoencoder.kind": args.kind, "autoencoder.downsample": args.downsample,
+        "autoencoder.latent_channels": args.latent_channels, "autoencoder.codebook_size": args.codebook_size,
+        "autoencoder.adversarial_weight": args.adversarial_weight,
+        "autoencoder.adversarial_start": args.adversarial_start,
+        "autoencoder.perceptual_weight": args.perceptual_weight})
+    if config.method != "autoencoder":
+        raise MeddiffError(f"the config says method {config.method}; train-autoencoder trains autoencoders")
+    if args.learning_rate is None and not args.config and not args.resume:
+        config.learning_rate = 2e-4  # autoencoders want a smaller step than the diffusion default
+    report = train_autoencoder_and_report(config)
+    ms = f", MS-SSIM {report['ms_ssim']:.4f}" if report.get("ms_ssim") is not None else ""
+    print(f"done: held-out PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}{ms}; scaling factor "
+          f"{report['scaling_factor']:.4f}; model in {Path(config.out) / 'autoencoder'}; report "
+          f"{Path(config.out) / 'report.html'}")
+
+
+def cmd_train(args) -> None:
+    from meddiff.workflow import train_and_report
+
+    config = _run_config(args, {
+        "model.prediction_type": args.prediction, "eval.fidelity": False if args.no_eval else None,
+        "method": args.method, "latent.autoencoder": args.autoencoder, "conditioning": args.conditioning,
+        "text.encoder": args.text_encoder, "text.train_encoder": args.train_text_encoder})
+    if config.method == "autoencoder":
+        raise MeddiffError("this config trains an autoencoder; use `meddiff train-autoencoder`")
     summary = train_and_report(config)
     print(f"done: {summary['steps']} steps; model in {Path(config.out) / 'pipeline'}; card {Path(config.out) / 'README.md'}")
 
@@ -196,14 +254,18 @@ def cmd_generate(args) -> None:
     codec = LabelCodec(pipe.label_names)
     if args.labels is not None and not codec.label_names:
         raise MeddiffError("this model is unconditional; use --unconditional")
+    if args.prompt is not None and not pipe.supports_prompts:
+        raise MeddiffError("this model is not text-conditioned; use --labels (or --unconditional)")
     if args.negative_prompt and not getattr(pipe, "supports_prompts", False):
         raise MeddiffError("--negative-prompt needs a text-conditioned model")
     plan = make_plan(codec, labels_text=args.labels, unconditional=args.unconditional, conditions=args.conditions,
                      n=args.n, per_condition=args.per_condition, unspecified=args.unspecified,
                      uncertain=args.uncertain, prompt=args.prompt)
     settings = SamplingSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                                batch_size=args.batch_size, precision=args.precision)
-    result = generate_dataset(pipe, args.model, plan, settings, Path(args.out), args.format, shard)
+                                batch_size=args.batch_size, precision=args.precision,
+                                negative_prompt=args.negative_prompt)
+    result = generate_dataset(pipe, args.model, plan, settings, Path(args.out), args.format, shard,
+                              animate=args.animate)
     counts = ", ".join(f"{k}={v}" for k, v in sorted(result.per_condition.items(), key=lambda kv: -kv[1])[:12])
     print(f"generated {result.written} images ({result.skipped} already present) in {result.seconds:.1f} s, "
           f"{result.images_per_second:.1f} img/s; per condition: {counts}")
@@ -220,7 +282,7 @@ def cmd_fidelity(args) -> None:
     from meddiff.sampling.generate import SamplingSettings
 
     pipe = load_pipeline(args.model)
-    resolution = pipe.unet.config.sample_size
+    resolution = pipe.image_size
     spec = parse_spec(args.data)
     train, heldout = load_dataset(spec, resolution), load_dataset(spec.heldout(), resolution)
     if train.label_names != pipe.label_names:
@@ -248,7 +310,7 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), minutes=args.minutes or DEMO_MINUTES, n=args.n, seed=args.seed)
 
 
-COMMANDS = {"data": cmd_data, "train": cmd_train, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
+COMMANDS = {"data": cmd_data, "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
             "demo": cmd_demo}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.spec import DatasetSpec, load_dataset, parse_spec
-from meddiff.evaluation.fidelity import label_fidelity
+from meddiff.evaluation.fidelity import default_prompts, label_fidelity, prompt_response
 from meddiff.evaluation.report import write_model_card
 from meddiff.models.storage import load_pipeline
 from meddiff.sampling.generate import SamplingSettings, conditions_for, sample
@@ -54,17 +54,23 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> dict:
     grids = label_grids(pipe, settings, config.eval.grid_per_label, run_dir / "samples")
     timings["grids_s"] = time.perf_counter() - t
     fidelity = None
-    if config.eval.fidelity and dataset.label_names:
+    if config.eval.fidelity and dataset.label_names and (pipe.supports_labels or pipe.supports_prompts):
         t = time.perf_counter()
         heldout = load_dataset(spec.heldout(), config.resolution)
         fid = label_fidelity(pipe, dataset, heldout, config.eval.fidelity_samples, settings,
                              classifier_epochs=config.eval.classifier_epochs, seed=config.seed, progress=progress)
         fidelity = fid.to_dict()
         print(fid.table())
+        if pipe.supports_prompts:  # do prompts naming two findings give both, and one finding only that one?
+            response = prompt_response(pipe, fid.classifier, default_prompts(dataset.label_names),
+                                       dataset.label_names, config.eval.prompt_samples, settings, progress=progress)
+            fidelity["prompt_response"] = response.to_dict()
+            print(response.table())
         timings["fidelity_s"] = time.perf_counter() - t
     summary = {
         "data": config.data, "dataset": dataset.summary(), "label_names": dataset.label_names,
-        "method": config.method, "resolution": config.resolution, "parameters": result.parameters,
+        "method": config.method, "conditioning": config.conditioning, "resolution": config.resolution,
+        "latent": _latent_summary(pipe), "parameters": result.parameters,
         "steps": result.steps, "batch_size": config.batch_size, "train_minutes": result.train_seconds / 60,
         "images_per_second": result.images_per_second, "precision": result.precision,
         "prediction_type": config.model.prediction_type, "cond_dropout": config.cond_dropout,
@@ -75,3 +81,50 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> dict:
     write_model_card(run_dir, summary)
     summary["loss_history"] = result.loss_history
     return summary
+
+
+def _latent_summary(pipe) -> dict | None:
+    if not pipe.is_latent:
+        return None
+    vae = pipe.vae
+    return {"autoencoder": type(vae).__name__, "latent_channels": vae.config.latent_channels,
+            "latent_size": pipe.unet.config.sample_size, "scaling_factor": vae.config.scaling_factor}
+
+
+def train_autoencoder_and_report(config: TrainConfig, progress: bool = True) -> dict:
+    """`meddiff train-autoencoder`: train, measure the latent scaling factor, report held-out reconstructions."""
+    from meddiff.evaluation.autoencoder_report import autoencoder_report
+    from meddiff.models.autoencoder import load_autoencoder
+
+    spec = parse_spec(config.data)
+    dataset = load_dataset(spec, config.resolution)
+    print(f"data: {dataset.summary()}")
+    result = train(config, dataset, progress=progress)
+    vae = load_autoencoder(result.pipeline_dir)
+    heldout = load_dataset(spec.heldout(), config.resolution)
+    training = {"dataset": dataset.summary(), "steps": result.steps, "train_minutes": result.train_seconds / 60,
+                "images_per_second": result.images_per_second, "precision": result.precision,
+                "parameters": result.parameters, "config": config.to_dict()["autoencoder"],
+                "loss_history": result.loss_history}
+    report = autoencoder_report(vae, heldout, Path(config.out), training)
+    write_autoencoder_card(Path(config.out), config, report, training)
+    return report
+
+
+def write_autoencoder_card(run_dir: Path, config: TrainConfig, report: dict, training: dict) -> Path:
+    kind = "VQ-VAE (diffusers VQModel)" if report["kind"] == "vq" else "KL autoencoder (diffusers AutoencoderKL)"
+    lines = ["---", "library_name: diffusers", "tags: [meddiff, medical-imaging, autoencoder]", "---", "",
+             f"# meddiff autoencoder: {config.data}", "", f"- {kind}, 1 channel, {config.resolution} px -> latent "
+             f"{'x'.join(map(str, report['latent_shape']))} (downsample {report['downsample']})",
+             f"- latent scaling factor {report['scaling_factor']:.4f}, measured on the training images (in config.json)",
+             f"- {training['dataset']}", f"- {training['steps']} steps, {training['train_minutes']:.1f} min", "",
+             f"Held-out reconstruction ({report['heldout_images']} images): MSE {report['mse']:.5f}, "
+             f"PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}"
+             + (f", MS-SSIM {report['ms_ssim']:.4f}" if report.get("ms_ssim") is not None else ""), "",
+             "Use it for a latent diffusion model:", "```bash",
+             f"meddiff train --method latent --autoencoder {run_dir} --data {config.data} --resolution "
+             f"{config.resolution} --out RUN", "```", "With plain diffusers: "
+             f"`{'VQModel' if report['kind'] == 'vq' else 'AutoencoderKL'}.from_pretrained('{run_dir}/autoencoder')`."]
+    path = run_dir / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

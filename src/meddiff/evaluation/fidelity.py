@@ -27,6 +27,7 @@ class FidelityResult:
     seconds: float
     images: np.ndarray  # the generated images (N, H, W) in [0, 1]
     labels: np.ndarray
+    classifier: object = None  # the real-trained classifier (for further checks such as prompt_response)
 
     def to_dict(self) -> dict:
         def mean(d):
@@ -62,4 +63,52 @@ def label_fidelity(pipe: MedDiffusionPipeline, train: ImageLabelDataset, heldout
     synthetic_auc = per_label_auc(probs, labels.numpy(), known.numpy(), names)
     return FidelityResult(real_auc, synthetic_auc, len(heldout), n_samples,
                           {"steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler},
-                          time.perf_counter() - t0, images, labels.numpy())
+                          time.perf_counter() - t0, images, labels.numpy(), classifier)
+
+
+@dataclass
+class PromptResponse:
+    """For each prompt, the fraction of its generated images the real-trained classifier calls positive per label."""
+    prompts: list[str]
+    label_names: list[str]
+    positive_rate: np.ndarray  # (P, K)
+    mean_probability: np.ndarray  # (P, K)
+    n_per_prompt: int
+
+    def to_dict(self) -> dict:
+        return {"n_per_prompt": self.n_per_prompt, "label_names": self.label_names,
+                "positive_rate": {p: dict(zip(self.label_names, map(float, r)))
+                                  for p, r in zip(self.prompts, self.positive_rate)},
+                "mean_probability": {p: dict(zip(self.label_names, map(float, r)))
+                                     for p, r in zip(self.prompts, self.mean_probability)}}
+
+    def table(self) -> str:
+        short = [n[:10] for n in self.label_names]
+        lines = [f"{'prompt':<58}" + "".join(f"{s:>11}" for s in short)]
+        for p, row in zip(self.prompts, self.positive_rate):
+            lines.append(f"{p[:57]:<58}" + "".join(f"{v:>11.2f}" for v in row))
+        return "\n".join(lines)
+
+
+def default_prompts(names: list[str], pairs: int = 3) -> list[str]:
+    """One prompt per finding, a few two-finding prompts, and the normal prompt."""
+    from meddiff.data.prompts import NORMAL_NAMES, prompt_from_labels
+
+    findings = [n for n in names if n.lower() not in NORMAL_NAMES]
+    prompts = [prompt_from_labels([n]) for n in findings]
+    combos = [(findings[i], findings[j]) for i in range(len(findings)) for j in range(i + 1, len(findings))]
+    prompts += [prompt_from_labels(list(c)) for c in combos[:pairs]]
+    normal = [n for n in names if n.lower() in NORMAL_NAMES]
+    if normal:
+        prompts.append(prompt_from_labels(normal))
+    return prompts
+
+
+def prompt_response(pipe, classifier, prompts: list[str], names: list[str], n_per_prompt: int,
+                    settings: SamplingSettings, threshold: float = 0.5, progress: bool = True) -> PromptResponse:
+    """Does "cardiomegaly and pleural effusion" give both findings, and "cardiomegaly" only the one?"""
+    all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
+    conditions = torch.zeros(len(all_prompts), 2 * len(pipe.label_names))
+    images = sample(pipe, conditions, settings, prompts=all_prompts, progress=progress)
+    probs = predict(classifier, torch.from_numpy(images).unsqueeze(1) * 2 - 1).reshape(len(prompts), n_per_prompt, -1)
+    return PromptResponse(list(prompts), list(names), (probs > threshold).mean(1), probs.mean(1), n_per_prompt)

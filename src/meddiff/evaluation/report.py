@@ -87,7 +87,11 @@ def write_model_card(run_dir: Path, summary: dict) -> Path:
         f"- method: {summary['method']}, resolution {summary['resolution']} px, {summary['parameters'] / 1e6:.2f} M parameters",
         f"- steps: {summary['steps']}, batch {summary['batch_size']}, {summary['train_minutes']:.1f} min, "
         f"{summary['images_per_second']:.1f} img/s, precision {summary['precision']}",
-        f"- prediction: {summary['prediction_type']}; classifier-free guidance dropout {summary['cond_dropout']}", "",
+        f"- prediction: {summary['prediction_type']}; classifier-free guidance dropout {summary['cond_dropout']}",
+        f"- conditioning: {summary.get('conditioning', 'labels')}"
+        + (f"; latent space of a {summary['latent']['autoencoder']} ({summary['latent']['latent_channels']}x"
+           f"{summary['latent']['latent_size']}x{summary['latent']['latent_size']}, scaling factor "
+           f"{summary['latent']['scaling_factor']:.4f})" if summary.get("latent") else "; pixel space"), "",
         "## Metrics",
     ]
     if fidelity:
@@ -99,6 +103,26 @@ def write_model_card(run_dir: Path, summary: dict) -> Path:
             lines.append(f"| {name} | {fmt(value)} | {fmt(fidelity['synthetic_auc'][name])} |")
     else:
         lines.append("(not measured)")
+    response = fidelity.get("prompt_response")
+    if response:
+        names = response["label_names"]
+        lines += ["", f"Prompt response: share of {response['n_per_prompt']} images per prompt that the real-trained "
+                  "classifier calls positive for each label.", "",
+                  "| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for prompt, rates in response["positive_rate"].items():
+            lines.append(f"| {prompt} | " + " | ".join(f"{rates[n]:.2f}" for n in names) + " |")
+    if summary.get("conditioning") in ("text", "both"):
+        lines += ["", "## Use", "```bash",
+                  f"meddiff generate --model {run_dir} --prompt \"chest x-ray with cardiomegaly\" --n 16 --out samples/",
+                  "```", "With plain diffusers:", "```python", "from diffusers import DiffusionPipeline",
+                  "pipe = DiffusionPipeline.from_pretrained('pipeline', custom_pipeline='pipeline', trust_remote_code=True)",
+                  "images = pipe(prompt=['chest x-ray with cardiomegaly'], guidance_scale=3.0).images", "```"]
+        if summary.get("conditioning") == "text" and (summary.get("latent") or {}).get("autoencoder") == "AutoencoderKL":
+            lines += ["This model also loads with diffusers' standard `StableDiffusionPipeline.from_pretrained('pipeline', "
+                      "safety_checker=None, feature_extractor=None, requires_safety_checker=False)`."]
+        path = Path(run_dir) / "README.md"
+        path.write_text("\n".join(lines) + "\n")
+        return path
     lines += ["", "## Use", "```bash",
               f"meddiff generate --model {run_dir} --labels \"{(summary['label_names'] or ['...'])[-1]}\" --n 16 --out samples/",
               "```", "With plain diffusers:", "```python", "from diffusers import DiffusionPipeline",

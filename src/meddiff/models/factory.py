@@ -23,22 +23,29 @@ class ModelConfig:
     num_train_timesteps: int = 1000
 
 
-def build_unet(cfg: ModelConfig, resolution: int, num_labels: int, in_channels: int = 1) -> UNet2DConditionModel:
-    """A diffusers UNet2DConditionModel whose label conditioning is its own `projection` class embedding
-    (an MLP from the 2K-dim condition vector added to the timestep embedding); no cross-attention."""
-    down, up = [], []
+def build_unet(cfg: ModelConfig, resolution: int, num_labels: int, in_channels: int = 1,
+               cross_attention_dim: int | None = None) -> UNet2DConditionModel:
+    """A diffusers UNet2DConditionModel. Labels condition it through its own `projection` class embedding (an MLP
+    from the 2K-dim condition vector added to the timestep embedding); text through cross-attention to token
+    features of width `cross_attention_dim` in the low-resolution blocks (the Stable Diffusion layout). Without
+    text, those blocks use self-attention only."""
+    text = cross_attention_dim is not None
+    attn_block = "CrossAttnDownBlock2D" if text else "AttnDownBlock2D"
+    down = []
     for level in range(len(cfg.block_out_channels)):
         attn = resolution // (2 ** level) <= cfg.attention_max_resolution
-        down.append("AttnDownBlock2D" if attn else "DownBlock2D")
+        down.append(attn_block if attn else "DownBlock2D")
     up = [name.replace("Down", "Up") for name in reversed(down)]
     conditional = num_labels > 0
+    extra = {"cross_attention_dim": cross_attention_dim} if text else {}
     return UNet2DConditionModel(
         sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
-        down_block_types=tuple(down), up_block_types=tuple(up), mid_block_type="UNetMidBlock2D",
+        down_block_types=tuple(down), up_block_types=tuple(up),
+        mid_block_type="UNetMidBlock2DCrossAttn" if text else "UNetMidBlock2D",
         block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
         norm_num_groups=cfg.norm_num_groups, attention_head_dim=cfg.attention_head_dim,
         class_embed_type="projection" if conditional else None,
-        projection_class_embeddings_input_dim=2 * num_labels if conditional else None,
+        projection_class_embeddings_input_dim=2 * num_labels if conditional else None, **extra,
     )
 
 
@@ -52,16 +59,17 @@ def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 SAMPLERS = ("dpm++", "ddim", "pndm", "ddpm")
 
 
-def make_sampler(name: str, train_config):
-    """A sampling scheduler built from the training scheduler's config."""
+def make_sampler(name: str, train_config, clip: bool = True):
+    """A sampling scheduler built from the training scheduler's config. `clip` keeps DDIM/DDPM's x0 estimate in
+    the data range [-1, 1]: right for pixels, wrong for latents (pass False)."""
     name = name.lower()
     if name in ("dpm++", "dpmsolver++", "dpm"):
         return DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++", solver_order=2,
                                                        final_sigmas_type="zero")
     if name == "ddim":
-        return DDIMScheduler.from_config(train_config, clip_sample=True, set_alpha_to_one=True)
+        return DDIMScheduler.from_config(train_config, clip_sample=clip, set_alpha_to_one=True)
     if name == "pndm":
         return PNDMScheduler.from_config(train_config, skip_prk_steps=True)
     if name == "ddpm":
-        return DDPMScheduler.from_config(train_config, clip_sample=True)  # x0 clipped to the data range
+        return DDPMScheduler.from_config(train_config, clip_sample=clip)  # x0 clipped to the data range
     raise MeddiffError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}")

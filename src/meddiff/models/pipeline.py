@@ -1,21 +1,27 @@
-"""MedDiffusionPipeline: label-conditioned (or unconditional) pixel diffusion with classifier-free guidance.
+"""MedDiffusionPipeline: pixel or latent diffusion conditioned on labels, text prompts, both, or nothing,
+with classifier-free guidance.
 
 This file depends only on torch and diffusers and is copied next to every saved model as `pipeline.py`,
 so a model trained by meddiff loads with plain diffusers:
 
     from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(run_dir + "/pipeline", custom_pipeline=run_dir + "/pipeline",
-                                             trust_remote_code=True)
-    images = pipe(conditions=pipe.encode_labels([["Cardiomegaly"]]), guidance_scale=2.0).images
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)
+    images = pipe(conditions=pipe.encode_labels([["Cardiomegaly"]]), guidance_scale=2.0).images   # labels
+    images = pipe(prompt=["chest x-ray with cardiomegaly"], guidance_scale=3.0).images              # text
 
-Conditioning: a condition vector has two entries per label name, (present * known, known); the zero vector
-is "no condition" and is what classifier-free guidance contrasts against.
+Components: `unet` and `scheduler` always; `vae` (diffusers AutoencoderKL or VQModel) for latent models, whose
+`config.scaling_factor` was measured on the training data; `text_encoder` + `tokenizer` (any transformers
+encoder) for text-conditioned models. A text-conditioned model with a KL autoencoder and no label conditioning
+also loads with diffusers' StableDiffusionPipeline.
+
+Label conditioning: a condition vector has two entries per label name, (present * known, known); the zero
+vector is "no condition". Text conditioning: the null condition is the empty prompt (as in Stable Diffusion).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -29,18 +35,55 @@ def encode_condition(labels: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     return torch.cat([(labels > 0.5).to(torch.float32) * k, k], dim=1)
 
 
-class MedDiffusionPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "unet"
-    supports_prompts = False  # label-conditioned; text-conditioned pipelines take prompts
+def encode_prompt(tokenizer, text_encoder, prompts: list, device=None) -> torch.Tensor:
+    """Prompts -> (B, T, D) hidden states, exactly as Stable Diffusion does it (padded to the tokenizer's
+    model_max_length, truncated, last hidden state; the attention mask only where the encoder's config asks)."""
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    device = device if device is not None else text_encoder.device
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = tokens.attention_mask.to(device)
+    return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
 
-    def __init__(self, unet: UNet2DConditionModel, scheduler, label_names: Optional[list] = None):
+
+def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: scale 1 is the conditional prediction, 0 the unconditional one."""
+    return uncond + scale * (cond - uncond)
+
+
+class MedDiffusionPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler, vae=None, text_encoder=None, tokenizer=None,
+                 label_names: Optional[list] = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(label_names=list(label_names or []))
 
     @property
     def label_names(self) -> list:
         return list(self.config.label_names or [])
+
+    @property
+    def supports_labels(self) -> bool:
+        return self.unet.config.class_embed_type is not None
+
+    @property
+    def supports_prompts(self) -> bool:
+        return getattr(self, "text_encoder", None) is not None
+
+    @property
+    def is_latent(self) -> bool:
+        return getattr(self, "vae", None) is not None
+
+    @property
+    def image_size(self) -> int:
+        """Width of the generated images in pixels."""
+        if self.is_latent:
+            return int(self.vae.config.sample_size)
+        return int(self.unet.config.sample_size)
 
     def encode_labels(self, present: list, unspecified: str = "absent") -> torch.Tensor:
         """[["Cardiomegaly", "Pleural Effusion"], []] -> (B, 2K) conditions. Other labels are known-absent
@@ -55,24 +98,72 @@ class MedDiffusionPipeline(DiffusionPipeline):
         known = torch.ones_like(labels, dtype=torch.bool) if unspecified == "absent" else labels > 0
         return encode_condition(labels, known)
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space sample -> image in [-1, 1] (identity for pixel models)."""
+        if not self.is_latent:
+            return latents
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(z).sample
+
     @torch.no_grad()
     def __call__(
         self,
         conditions: Optional[torch.Tensor] = None,
+        prompt: Optional[Union[str, list]] = None,
+        negative_prompt: Optional[Union[str, list]] = None,
         num_images: Optional[int] = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 2.0,
         generator: Optional[Union[torch.Generator, list]] = None,
         output_type: str = "np",
         return_dict: bool = True,
+        callback_on_step: Optional[Callable] = None,
     ):
-        conditional = self.unet.config.class_embed_type is not None
-        if conditions is None:
-            if num_images is None:
+        """callback_on_step(index, timestep, sample) is called after every denoising step with the current
+        model-space sample (latents for latent models), e.g. to record a denoising animation."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if prompt is not None and not self.supports_prompts:
+            raise ValueError("this model is not text-conditioned; pass label conditions instead of a prompt")
+        if num_images is None:
+            if conditions is not None:
+                num_images = conditions.shape[0]
+            elif prompt is not None:
+                num_images = len(prompt)
+            else:
                 num_images = len(generator) if isinstance(generator, list) else 1
-            conditions = torch.zeros(num_images, 2 * len(self.label_names))
-        batch = conditions.shape[0]
+        batch = num_images
         device, dtype = self._execution_device, self.unet.dtype
+
+        # conditional inputs, and the null inputs guidance contrasts against
+        cond_kwargs: dict = {"encoder_hidden_states": None, "class_labels": None}
+        null_kwargs: dict = {"encoder_hidden_states": None, "class_labels": None}
+        active = False
+        if self.supports_labels:
+            if conditions is None:
+                conditions = torch.zeros(batch, 2 * len(self.label_names))
+            conditions = conditions.to(device=device, dtype=dtype)
+            cond_kwargs["class_labels"] = conditions
+            null_kwargs["class_labels"] = torch.zeros_like(conditions)
+            active = active or bool(conditions.abs().sum() > 0)
+        if self.supports_prompts:
+            prompt = list(prompt) if prompt is not None else [""] * batch
+            if len(prompt) != batch:
+                raise ValueError(f"{len(prompt)} prompts for {batch} images")
+            if negative_prompt is None:
+                negative_prompt = [""] * batch
+            elif isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * batch
+            cond_kwargs["encoder_hidden_states"] = encode_prompt(self.tokenizer, self.text_encoder, prompt, device).to(dtype)
+            null_kwargs["encoder_hidden_states"] = encode_prompt(self.tokenizer, self.text_encoder, negative_prompt,
+                                                                 device).to(dtype)
+            active = active or any(p for p in prompt) or any(p for p in negative_prompt)
+        guided = active and guidance_scale != 1.0
+        if guided:
+            model_kwargs = {k: (torch.cat([null_kwargs[k], v]) if v is not None else None) for k, v in cond_kwargs.items()}
+        else:
+            model_kwargs = cond_kwargs
+
         size = self.unet.config.sample_size
         shape = (batch, self.unet.config.in_channels, size, size)
         if isinstance(generator, list):  # one generator per image: results do not depend on batching
@@ -82,23 +173,19 @@ class MedDiffusionPipeline(DiffusionPipeline):
             sample = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         sample = sample * self.scheduler.init_noise_sigma
-        conditions = conditions.to(device=device, dtype=dtype)
-        guided = conditional and guidance_scale != 1.0 and bool(conditions.abs().sum() > 0)
-        if guided:
-            class_labels = torch.cat([torch.zeros_like(conditions), conditions])
-        else:
-            class_labels = conditions if conditional else None
         # stochastic schedulers (DDPM, DDIM with eta) take the per-image generators; PNDM takes none
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = torch.cat([sample, sample]) if guided else sample
             model_in = self.scheduler.scale_model_input(model_in, t)
-            out = self.unet(model_in, t, encoder_hidden_states=None, class_labels=class_labels).sample.float()
+            out = self.unet(model_in, t, **model_kwargs).sample.float()
             if guided:
                 uncond, cond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
+                out = guide(uncond, cond, guidance_scale)
             sample = self.scheduler.step(out, t, sample, **step_kwargs).prev_sample.to(dtype)
-        images = (sample.float() / 2 + 0.5).clamp(0, 1)
+            if callback_on_step is not None:
+                callback_on_step(i, t, sample)
+        images = (self.decode_latents(sample).float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             result = images
         else:

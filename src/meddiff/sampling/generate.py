@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from meddiff.conditioning.labels import LabelCodec
+from meddiff.data.prompts import prompt_from_labels
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import make_sampler
 from meddiff.models.pipeline import MedDiffusionPipeline
@@ -32,15 +33,37 @@ class SamplingSettings:
     seed: int = 0
     batch_size: int = 64
     precision: str = "auto"
+    negative_prompt: str | None = None  # text models: what guidance steers away from (default: the empty prompt)
+
+
+def prompts_from_conditions(conditions: torch.Tensor, names: list[str]) -> list[str]:
+    """Label condition vectors -> the prompts a text model was trained with ("chest x-ray with cardiomegaly");
+    a row with no known label is the empty (unconditional) prompt."""
+    k = len(names)
+    out = []
+    for row in conditions:
+        values, known = row[:k], row[k:] > 0.5
+        if not bool(known.any()):
+            out.append("")
+        else:
+            out.append(prompt_from_labels([n for j, n in enumerate(names) if known[j] and values[j] > 0.5]))
+    return out
 
 
 def sample(pipe: MedDiffusionPipeline, conditions: torch.Tensor, settings: SamplingSettings,
-           indices: list[int] | None = None, progress: bool = True) -> np.ndarray:
-    """conditions (N, 2K) -> images (N, H, W) in [0, 1]. Row i is image number indices[i] (default i) and uses
-    image_seed(settings.seed, indices[i])."""
+           indices: list[int] | None = None, progress: bool = True, prompts: list[str | None] | None = None,
+           callback=None) -> np.ndarray:
+    """conditions (N, 2K) and/or prompts (N) -> images (N, H, W) in [0, 1]. Row i is image number indices[i]
+    (default i) and uses image_seed(settings.seed, indices[i]). A text model given only label conditions gets the
+    prompts built from them. callback(row_offset, step, timestep, sample) sees every denoising step."""
     if settings.steps < 1:
         raise MeddiffError("--steps must be at least 1")
-    pipe.scheduler = make_sampler(settings.scheduler, pipe.scheduler.config)
+    if getattr(pipe, "supports_prompts", False):
+        derived = prompts_from_conditions(conditions, pipe.label_names) if pipe.label_names else [""] * len(conditions)
+        prompts = [p if p else d for p, d in zip(prompts or [None] * len(conditions), derived)]
+    elif prompts is not None and any(prompts):
+        raise MeddiffError("this model is not text-conditioned; it takes labels, not prompts")
+    pipe.scheduler = make_sampler(settings.scheduler, pipe.scheduler.config, clip=not getattr(pipe, "is_latent", False))
     precision = resolve_precision(settings.precision)
     device = pipe.device.type
     n = conditions.shape[0]
@@ -52,9 +75,14 @@ def sample(pipe: MedDiffusionPipeline, conditions: torch.Tensor, settings: Sampl
         cond = conditions[start:start + settings.batch_size]
         gens = [torch.Generator().manual_seed(image_seed(settings.seed, indices[start + i]))
                 for i in range(cond.shape[0])]
+        extra = {}
+        if getattr(pipe, "supports_prompts", False):
+            extra = {"prompt": prompts[start:start + settings.batch_size], "negative_prompt": settings.negative_prompt}
+        if callback is not None:
+            extra["callback_on_step"] = lambda i, t, x, _s=start: callback(_s, i, t, x)
         with autocast(precision, device):
             images = pipe(conditions=cond, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                          generator=gens, output_type="pt").images
+                          generator=gens, output_type="pt", **extra).images
         out.append(images[:, 0].float().cpu().numpy())
         bar.update(cond.shape[0])
     bar.close()

@@ -26,6 +26,7 @@ from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.chexpert_format import CHEXPERT_OBSERVATIONS
 from meddiff.errors import MeddiffError
 from meddiff.models.storage import resolve_model_dir
+from meddiff.sampling.animate import DenoisingRecorder
 from meddiff.sampling.export import FORMATS, image_name, write_image, write_manifest
 from meddiff.sampling.generate import SamplingSettings, image_seed, sample
 from meddiff.sampling.plan import GenerationPlan
@@ -37,7 +38,9 @@ def model_fingerprint(model_dir: str | Path) -> str:
     """Identifies the weights: U-Net config plus size and first/last MiB of every weight file."""
     folder = resolve_model_dir(model_dir)
     h = hashlib.sha1((folder / "unet" / "config.json").read_bytes())
-    for weights in sorted((folder / "unet").glob("*.safetensors")) + sorted((folder / "unet").glob("*.bin")):
+    parts = [folder / name for name in ("unet", "vae", "text_encoder") if (folder / name).is_dir()]
+    files = [f for part in parts for f in sorted(part.glob("*.safetensors")) + sorted(part.glob("*.bin"))]
+    for weights in files:
         size = weights.stat().st_size
         h.update(str(size).encode())
         with open(weights, "rb") as f:
@@ -101,12 +104,14 @@ def manifest_row(plan: GenerationPlan, i: int, names: list[str], fmt: str, setti
 
 
 def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings: SamplingSettings, out_dir: Path,
-                     fmt: str = "png", shard: tuple[int, int] = (0, 1), progress: bool = True) -> GenerationResult:
+                     fmt: str = "png", shard: tuple[int, int] = (0, 1), progress: bool = True,
+                     animate: bool = False) -> GenerationResult:
+    """animate: also write animations/NNNNNN.gif, the denoising of every image made in this run."""
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}")
     if any(plan.prompts) and not getattr(pipe, "supports_prompts", False):
-        raise MeddiffError("this model is label-conditioned and takes no text prompts; use --labels or --conditions "
-                           "with label columns")
+        raise MeddiffError("this model is not text-conditioned and takes no prompts; use --labels, --unconditional "
+                           "or --conditions with label columns")
     out_dir = Path(out_dir)
     names = list(pipe.label_names)
     fingerprint = model_fingerprint(model_dir)
@@ -132,7 +137,13 @@ def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings
         batch = todo[start:start + settings.batch_size]
         idx = torch.tensor(batch)
         cond = codec.encode(plan.labels[idx], plan.known[idx])
-        images = sample(pipe, cond, settings, indices=batch, progress=False)
+        prompts = [plan.prompts[i] for i in batch]
+        recorder = DenoisingRecorder(pipe) if animate else None
+        images = sample(pipe, cond, settings, indices=batch, progress=False,
+                        prompts=prompts if any(prompts) else None, callback=recorder)
+        if recorder is not None:
+            for j, i in enumerate(batch):
+                recorder.save(j, out_dir / "animations" / f"{i:07d}.gif")
         for i, image in zip(batch, images):
             text = {"seed": str(image_seed(settings.seed, i)), "model": str(model_dir), "condition": plan.key(i, names)}
             write_image(out_dir, i, image, fmt, uid_root, text)

@@ -36,16 +36,17 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
     return path
 
 
-def save_checkpoint(accelerator, ema: EMAModel, state: dict, run_dir: Path, keep: int) -> Path:
+def save_checkpoint(accelerator, ema: EMAModel | None, state: dict, run_dir: Path, keep: int) -> Path:
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{state['step']:07d}"
     tmp = root / f".tmp-step-{state['step']:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     accelerator.save_state(str(tmp), safe_serialization=True)
-    save_file({f"shadow.{i:04d}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
-              str(tmp / "ema.safetensors"))
-    ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    (tmp / "ema.json").write_text(json.dumps(ema_meta))
+    if ema is not None:
+        save_file({f"shadow.{i:04d}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
+                  str(tmp / "ema.safetensors"))
+        ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        (tmp / "ema.json").write_text(json.dumps(ema_meta))
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -54,8 +55,10 @@ def save_checkpoint(accelerator, ema: EMAModel, state: dict, run_dir: Path, keep
     return final
 
 
-def load_checkpoint(accelerator, ema: EMAModel, path: Path) -> dict:
+def load_checkpoint(accelerator, ema: EMAModel | None, path: Path) -> dict:
     accelerator.load_state(str(path))
+    if ema is None:
+        return json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "ema.safetensors"))
     shadow = [tensors[k] for k in sorted(tensors)]
     if len(shadow) != len(ema.shadow_params):

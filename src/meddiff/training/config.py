@@ -10,7 +10,14 @@ from typing import Any
 import yaml
 
 from meddiff.errors import MeddiffError
+from meddiff.conditioning.text import TextConfig
+from meddiff.models.autoencoder import AutoencoderConfig
 from meddiff.models.factory import ModelConfig
+
+
+@dataclass
+class LatentConfig:
+    autoencoder: str = ""  # run directory of `meddiff train-autoencoder` (or its autoencoder/ folder)
 
 
 @dataclass
@@ -19,13 +26,15 @@ class EvalConfig:
     fidelity_samples: int = 256
     classifier_epochs: int = 8
     grid_per_label: int = 16
+    prompt_samples: int = 48  # text models: images per prompt for the prompt-response table
 
 
 @dataclass
 class TrainConfig:
     data: str = ""
     out: str = ""
-    method: str = "pixel"  # the training method plugged into the loop (see meddiff.training.methods)
+    method: str = "pixel"  # pixel | latent | autoencoder (see meddiff.training.methods)
+    conditioning: str = "labels"  # labels | text | both | none (diffusion methods)
     resolution: int = 32
     batch_size: int = 32
     max_steps: int = 100_000
@@ -48,6 +57,9 @@ class TrainConfig:
     guidance: float = 2.0
     resume: str | None = None  # "latest" or a checkpoint folder
     model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,6 +73,10 @@ class TrainConfig:
         return _build(cls, data, "config")
 
 
+SECTIONS = {"model": ModelConfig, "text": TextConfig, "latent": LatentConfig, "autoencoder": AutoencoderConfig,
+            "eval": EvalConfig}
+
+
 def _build(cls, data: dict[str, Any], where: str):
     if not isinstance(data, dict):
         raise MeddiffError(f"{where} must be a mapping")
@@ -70,7 +86,7 @@ def _build(cls, data: dict[str, Any], where: str):
         raise MeddiffError(f"unknown {where} key(s): {', '.join(sorted(unknown))}; known: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
-        sub = {"model": ModelConfig, "eval": EvalConfig}.get(name) if cls is TrainConfig else None
+        sub = SECTIONS.get(name) if cls is TrainConfig else None
         kwargs[name] = _build(sub, value, f"{where}.{name}") if sub and isinstance(value, dict) else value
     return cls(**kwargs)
 

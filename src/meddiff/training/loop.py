@@ -74,11 +74,15 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=config.ema_decay,
-                   use_ema_warmup=True, inv_gamma=1.0, power=config.ema_power)
+    method.setup(accelerator)
+    ema = None
+    if method.uses_ema:
+        ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=config.ema_decay,
+                       use_ema_warmup=True, inv_gamma=1.0, power=config.ema_power)
     state = {"step": 0, "elapsed": 0.0, "loss_history": []}
     if resume_from is not None:
         state = load_checkpoint(accelerator, ema, resume_from)
+        method.load_extra_state(state.pop("method", {}))
         print(f"resumed from {resume_from} at step {state['step']}")
     config.save(run_dir / "config.yaml")
     accelerator.init_trackers("meddiff")
@@ -93,9 +97,11 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     while state["step"] < config.max_steps and state["elapsed"] < budget:
         step = state["step"]
         idx = torch.from_numpy(batch_indices(len(dataset), config.batch_size, config.seed, step))
-        batch = {"image": dataset.images[idx].to(accelerator.device), "labels": dataset.labels[idx],
-                 "known": dataset.known[idx]}
-        loss = method.loss(model, batch, step_generator(config.seed, step))
+        batch = method.batch(idx, accelerator.device)
+        batch["step"] = step
+        generator = step_generator(config.seed, step)
+        with accelerator.autocast():  # also covers methods that call submodules (encode/decode), not forward
+            loss = method.loss(model, batch, generator)
         if not torch.isfinite(loss):
             raise MeddiffError(f"loss became {loss.item()} at step {step}; lower --learning-rate or use fp32")
         accelerator.backward(loss)
@@ -104,14 +110,18 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.step([p for p in model.parameters() if p.requires_grad])
+        method.after_step(model, batch, generator, step)
+        if ema is not None:
+            ema.step([p for p in model.parameters() if p.requires_grad])
         state["step"] = step + 1
         state["elapsed"] = start_elapsed + time.perf_counter() - t0
         value = float(loss.detach())
         running = value if running is None else 0.95 * running + 0.05 * value
         if state["step"] % config.log_every == 0 or state["step"] == 1:
             state["loss_history"].append([state["step"], value, round(state["elapsed"], 2)])
-            accelerator.log({"loss": value, "lr": lr_scheduler.get_last_lr()[0]}, step=state["step"])
+            accelerator.log({"loss": value, "lr": lr_scheduler.get_last_lr()[0], **method.metrics}, step=state["step"])
+            if method.metrics:
+                state.setdefault("metrics_history", []).append([state["step"], dict(method.metrics)])
         left = budget - state["elapsed"]
         if math.isfinite(left):  # with a time budget, the bar's total (and so its ETA) is what fits in it
             per_step = (time.perf_counter() - t0) / (state["step"] - start_step)
@@ -119,19 +129,21 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}", refresh=False)
         bar.update(1)
         if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
-            save_checkpoint(accelerator, ema, state, run_dir, config.checkpoints_keep)
+            save_checkpoint(accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep)
     bar.close()
     train_seconds = state["elapsed"] - start_elapsed
     steps_done = state["step"] - start_step
     if steps_done and not (config.checkpoint_every and state["step"] % config.checkpoint_every == 0):
-        save_checkpoint(accelerator, ema, state, run_dir, config.checkpoints_keep)
+        save_checkpoint(accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep)
     accelerator.end_training()
 
     unwrapped = accelerator.unwrap_model(model)
-    ema.store(unwrapped.parameters())
-    ema.copy_to(unwrapped.parameters())
+    if ema is not None:
+        ema.store(unwrapped.parameters())
+        ema.copy_to(unwrapped.parameters())
     pipeline_dir = method.export(unwrapped, run_dir)
-    ema.restore(unwrapped.parameters())
+    if ema is not None:
+        ema.restore(unwrapped.parameters())
     rate = steps_done * config.batch_size / train_seconds if train_seconds > 0 else 0.0
     summary = {"steps": state["step"], "train_seconds_total": round(state["elapsed"], 1),
                "images_per_second": round(rate, 2), "precision": precision, "parameters": n_params,

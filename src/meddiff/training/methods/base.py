@@ -1,5 +1,9 @@
-"""The contract between the one training loop and a training method (from-scratch pixel diffusion now;
-latent, fine-tune, DreamBooth, LoRA, textual inversion plug in the same way)."""
+"""The contract between the one training loop and a training method (pixel diffusion, autoencoders, latent
+diffusion; fine-tuning, DreamBooth, LoRA and textual inversion plug in the same way).
+
+The loop owns the optimizer of `model`, mixed precision, EMA, checkpoints, logging and the time budget. A method
+says what trains, how one batch's loss is computed, and how the result is saved; optional hooks let it prepare
+auxiliary modules (a discriminator and its optimizer), update them after each step, and log its own numbers."""
 
 from __future__ import annotations
 
@@ -14,10 +18,12 @@ from meddiff.training.config import TrainConfig
 
 class TrainingMethod(ABC):
     name: str = ""
+    uses_ema: bool = True  # the loop keeps an EMA of the trainable parameters and exports it
 
     def __init__(self, config: TrainConfig, dataset: ImageLabelDataset):
         self.config = config
         self.dataset = dataset
+        self.metrics: dict[str, float] = {}  # numbers of the last step the loop logs besides the loss
 
     @property
     @abstractmethod
@@ -31,6 +37,24 @@ class TrainingMethod(ABC):
     @abstractmethod
     def export(self, model: torch.nn.Module, out_dir: Path) -> Path:
         """Write the trained model (already holding its EMA weights) in diffusers format; returns the folder."""
+
+    def setup(self, accelerator) -> None:
+        """Prepare auxiliary modules/optimizers with `accelerator` (they are then checkpointed with the run)."""
+
+    def batch(self, index: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        return {"index": index, "image": self.dataset.images[index].to(device), "labels": self.dataset.labels[index],
+                "known": self.dataset.known[index]}
+
+    def extra_state(self) -> dict:
+        """JSON-serialisable method state saved with each checkpoint (restored by load_extra_state)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def after_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
+                   step: int) -> None:
+        """Called after the optimizer step (auxiliary updates such as a discriminator or codebook maintenance)."""
 
 
 METHODS: dict[str, type[TrainingMethod]] = {}

@@ -1,0 +1,81 @@
+"""How well a trained autoencoder reconstructs held-out images: MSE, PSNR, SSIM (MS-SSIM where the size allows),
+a grid of originals above their reconstructions (chosen to show every finding), and for VQ models codebook use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meddiff.data.dataset import ImageLabelDataset
+from meddiff.evaluation.reconstruction import reconstruction_metrics
+from meddiff.evaluation.report import figure, fmt, html_page, html_table, loss_curve_png
+from meddiff.models.autoencoder import is_vq, latent_size
+from meddiff.sampling.grid import grid_png_bytes
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    """images (N, 1, R, R) in [-1, 1] -> reconstructions (N, R, R) in [0, 1] (KL: posterior mean; VQ: quantised),
+    and for VQ the code indices used."""
+    out, codes = [], []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(vae.device, vae.dtype)
+        if is_vq(vae):
+            h = vae.encode(x).latents
+            quant, _, (_, _, idx) = vae.quantize(h)
+            recon = vae.decode(quant, force_not_quantize=True).sample
+            codes.append(idx.flatten().cpu())
+        else:
+            recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((recon.float() + 1) / 2).clamp(0, 1)[:, 0].cpu().numpy())
+    return np.concatenate(out), (torch.cat(codes).numpy() if codes else None)
+
+
+def showcase_indices(data: ImageLabelDataset, per_label: int = 2, total: int = 12) -> list[int]:
+    """Images that together show every finding (and a normal one), for the reconstruction grid."""
+    chosen: list[int] = []
+    for k in range(len(data.label_names)):
+        has = ((data.labels[:, k] > 0.5) & data.known[:, k]).nonzero().flatten().tolist()
+        chosen += [i for i in has if i not in chosen][:per_label]
+    chosen += [i for i in range(len(data)) if i not in chosen]
+    return chosen[:total]
+
+
+def autoencoder_report(vae, heldout: ImageLabelDataset, out_dir: Path, training: dict, max_images: int = 512) -> dict:
+    out_dir = Path(out_dir)
+    n = min(max_images, len(heldout))
+    originals = (heldout.images[:n, 0].numpy() + 1) / 2
+    recon, codes = reconstruct(vae, heldout.images[:n])
+    metrics = reconstruction_metrics(originals, recon)
+    result = {"heldout_images": n, **metrics, "kind": "vq" if is_vq(vae) else "kl",
+              "downsample": vae.config.sample_size // latent_size(vae), "latent_shape":
+              [vae.config.latent_channels, latent_size(vae), latent_size(vae)],
+              "scaling_factor": vae.config.scaling_factor}
+    if codes is not None:
+        counts = np.bincount(codes, minlength=vae.config.num_vq_embeddings)
+        p = counts[counts > 0] / counts.sum()
+        result.update({"codebook_used": int((counts > 0).sum()), "codebook_size": int(counts.size),
+                       "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+    show = showcase_indices(heldout)
+    names = [", ".join(n for k, n in enumerate(heldout.label_names)
+                       if heldout.known[i, k] and heldout.labels[i, k] > 0.5) or "-" for i in show]
+    upscale = max(1, 96 // heldout.resolution)
+    pairs = np.concatenate([originals[show], recon[show], np.clip(np.abs(originals[show] - recon[show]) * 4, 0, 1)])
+    grid = grid_png_bytes(pairs, columns=len(show), upscale=upscale)
+    (out_dir / "reconstructions.png").write_bytes(grid)
+    (out_dir / "metrics.json").write_text(json.dumps({**result, "training": training}, indent=2))
+    rows = [[k, fmt(v, 4) if isinstance(v, float) else v] for k, v in result.items()]
+    page = html_page("meddiff autoencoder: reconstruction report", [
+        ("Held-out reconstructions", figure("top: originals; middle: reconstructions; bottom: |difference| x4. "
+                                            "Columns: " + " | ".join(names), grid)),
+        ("Metrics", html_table(["metric", "value"], rows)),
+        ("Training", f"<p>{training.get('dataset', '')}</p><p>{training.get('steps')} steps, "
+                     f"{fmt(training.get('train_minutes', 0), 1)} min, {fmt(training.get('images_per_second', 0), 1)} "
+                     "img/s</p>" + (figure("loss", loss_curve_png(training["loss_history"]))
+                                    if training.get("loss_history") else "")),
+    ])
+    (out_dir / "report.html").write_text(page)
+    return result

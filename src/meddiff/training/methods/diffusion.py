@@ -1,0 +1,111 @@
+"""From-scratch diffusion in pixel space ("pixel") and, by subclassing, in an autoencoder's latent space
+("latent"). Conditioning, selectable by `config.conditioning`: labels (the U-Net's projection class embedding),
+text (cross-attention to a text encoder's token features), both, or none (unconditional). Classifier-free
+guidance is learned by dropping the whole condition (labels and prompt together) with `config.cond_dropout`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+from meddiff.conditioning.labels import LabelCodec
+from meddiff.conditioning.text import PromptCache, load_text_encoder, text_width
+from meddiff.errors import MeddiffError
+from meddiff.models.factory import build_noise_scheduler, build_unet
+from meddiff.models.pipeline import encode_prompt
+from meddiff.models.storage import PIPELINE_DIR, save_pipeline
+from meddiff.training.methods.base import TrainingMethod, register_method
+
+CONDITIONINGS = ("labels", "text", "both", "none")
+
+
+@register_method
+class PixelDiffusion(TrainingMethod):
+    name = "pixel"
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        mode = config.conditioning
+        if mode not in CONDITIONINGS:
+            raise MeddiffError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {mode!r}")
+        self.use_labels = mode in ("labels", "both") and bool(dataset.label_names)
+        if mode in ("labels", "both") and not dataset.label_names:
+            raise MeddiffError(f"conditioning {mode!r} needs labelled data; {dataset.source} has no labels "
+                               "(use conditioning none or text)")
+        self.use_text = mode in ("text", "both")
+        self.codec = LabelCodec(dataset.label_names if self.use_labels else [])
+        self.tokenizer = self.text_encoder = self.prompt_cache = None
+        if self.use_text:
+            self.tokenizer, self.text_encoder = load_text_encoder(config.text)
+            if not config.text.train_encoder:
+                self.prompt_cache = PromptCache(self.tokenizer, self.text_encoder)
+        self.noise_scheduler = build_noise_scheduler(config.model)
+        channels, size = self.model_space()
+        self._unet = build_unet(config.model, size, len(self.codec.label_names), in_channels=channels,
+                                cross_attention_dim=text_width(self.text_encoder) if self.use_text else None)
+        if self.use_text and config.text.train_encoder:
+            self._model = torch.nn.ModuleDict({"unet": self._unet, "text_encoder": self.text_encoder})
+        else:
+            self._model = self._unet
+
+    def model_space(self) -> tuple[int, int]:
+        """(channels, size) of what the U-Net denoises."""
+        return 1, self.config.resolution
+
+    @property
+    def model(self):
+        return self._model
+
+    def clean_samples(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """x0 for this batch in model space."""
+        return batch["image"]
+
+    def condition_kwargs(self, model, batch: dict, generator: torch.Generator, device) -> dict:
+        b = batch["index"].shape[0]
+        keep = torch.rand(b, generator=generator) >= self.config.cond_dropout
+        kwargs: dict = {"encoder_hidden_states": None, "class_labels": None}
+        if self.use_labels:
+            cond = self.codec.encode(batch["labels"], batch["known"])
+            kwargs["class_labels"] = (cond * keep.unsqueeze(1).to(cond.dtype)).to(device)
+        if self.use_text:
+            prompts = [self.dataset.prompts[i] if k else "" for i, k in zip(batch["index"].tolist(), keep.tolist())]
+            if self.prompt_cache is not None:
+                kwargs["encoder_hidden_states"] = self.prompt_cache(prompts).to(device)
+            else:
+                kwargs["encoder_hidden_states"] = encode_prompt(self.tokenizer, model["text_encoder"], prompts, device)
+        return kwargs
+
+    def loss(self, model, batch, generator):
+        unet = model["unet"] if isinstance(model, torch.nn.ModuleDict) else model
+        device = next(unet.parameters()).device
+        x0 = self.clean_samples(batch, generator).to(device)
+        b = x0.shape[0]
+        kwargs = self.condition_kwargs(model, batch, generator, device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+        xt = self.noise_scheduler.add_noise(x0, noise, t)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
+        else:
+            target = noise
+        pred = unet(xt, t, **kwargs).sample.float()
+        per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.config.snr_gamma:
+            snr = compute_snr(self.noise_scheduler, t)
+            clipped = torch.clamp(snr, max=self.config.snr_gamma)
+            weight = clipped / (snr + 1) if self.noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
+            per_sample = per_sample * weight
+        return per_sample.mean()
+
+    def vae(self):
+        return None
+
+    def export(self, model, out_dir: Path) -> Path:
+        unet = model["unet"] if isinstance(model, torch.nn.ModuleDict) else model
+        encoder = model["text_encoder"] if isinstance(model, torch.nn.ModuleDict) else self.text_encoder
+        names = self.dataset.label_names if (self.use_labels or self.use_text) else []
+        return save_pipeline(Path(out_dir) / PIPELINE_DIR, unet, self.noise_scheduler, names, vae=self.vae(),
+                             text_encoder=encoder, tokenizer=self.tokenizer)

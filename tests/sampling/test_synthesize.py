@@ -166,7 +166,7 @@ def test_cli_generate_conditions_and_summary(tiny_run, conditions_csv, tmp_path,
                  str(tmp_path / "g"), "--steps", "2"]) == 0
     assert "generated 0 images (5 already present)" in capsys.readouterr().out
     assert main(["generate", "--model", str(tiny_run), "--prompt", "chest x-ray", "--out", str(tmp_path / "p")]) == 2
-    assert "takes no text prompts" in capsys.readouterr().err
+    assert "not text-conditioned" in capsys.readouterr().err
 
 
 def test_multi_process_launch_shards_by_rank(tiny_run, tmp_path):

@@ -39,12 +39,12 @@ def encoder_location(name: str) -> str:
 
 def load_text_encoder(cfg: TextConfig):
     """(tokenizer, text_encoder) with the tokenizer's length set to cfg.max_tokens."""
-    from transformers import AutoModel, AutoTokenizer, CLIPTextModel
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
     where = encoder_location(cfg.encoder)
+    config = load_pretrained(AutoConfig.from_pretrained, where, "text encoder config")
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, where, "tokenizer")
-    config_loader = load_pretrained(_config_loader(), where, "text encoder config")
-    if getattr(config_loader, "model_type", "") in ("clip", "clip_text_model"):
+    if getattr(config, "model_type", "") in ("clip", "clip_text_model"):  # the text half of a CLIP model
         encoder = load_pretrained(CLIPTextModel.from_pretrained, where, "text encoder")
     else:
         encoder = load_pretrained(AutoModel.from_pretrained, where, "text encoder")
@@ -55,12 +55,6 @@ def load_text_encoder(cfg: TextConfig):
     encoder.requires_grad_(cfg.train_encoder)
     encoder.train(cfg.train_encoder)
     return tokenizer, encoder
-
-
-def _config_loader():
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained
 
 
 def text_width(encoder) -> int:

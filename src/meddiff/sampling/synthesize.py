@@ -28,7 +28,7 @@ from meddiff.errors import MeddiffError
 from meddiff.models.storage import resolve_model_dir
 from meddiff.sampling.animate import DenoisingRecorder
 from meddiff.sampling.export import FORMATS, image_name, write_image, write_manifest
-from meddiff.sampling.generate import SamplingSettings, image_seed, sample
+from meddiff.sampling.generate import SamplingSettings, image_seed, prompts_from_conditions, sample
 from meddiff.sampling.plan import GenerationPlan
 
 STATE_FILE = "generation.json"
@@ -114,6 +114,10 @@ def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings
                            "or --conditions with label columns")
     out_dir = Path(out_dir)
     names = list(pipe.label_names)
+    if getattr(pipe, "supports_prompts", False):  # a text model given labels gets (and records) their prompts
+        derived = prompts_from_conditions(LabelCodec(names).encode(plan.labels, plan.known), names)
+        plan = GenerationPlan(plan.labels, plan.known, [p or d or None for p, d in zip(plan.prompts, derived)],
+                              plan.source)
     fingerprint = model_fingerprint(model_dir)
     state = {"meddiff": __version__, "model": str(model_dir), "model_fingerprint": fingerprint,
              "settings": {k: v for k, v in asdict(settings).items() if k != "batch_size"},

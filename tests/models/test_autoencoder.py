@@ -1,0 +1,110 @@
+"""Autoencoders for latent diffusion: 1-channel round trip, scaling factor, VQ codebook health, resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from meddiff.data.spec import load_dataset
+from meddiff.errors import MeddiffError
+from meddiff.models.autoencoder import (AutoencoderConfig, build_autoencoder, encode_moments, latent_size,
+                                        load_autoencoder, measure_scaling_factor)
+from meddiff.training.config import TrainConfig
+from meddiff.training.loop import train
+from meddiff.training.methods.autoencoder import CodebookUsage, reset_dead_codes
+
+TINY = dict(channels=[16, 32, 32, 32], norm_num_groups=8, codebook_size=32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("phantom:?n=32&seed=2", 32)
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+@pytest.mark.parametrize("downsample", [4, 8])
+def test_round_trip_shapes_and_dtypes_for_one_channel(kind, downsample):
+    vae = build_autoencoder(AutoencoderConfig(kind=kind, downsample=downsample, latent_channels=3, **TINY), 32)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    mean, std = encode_moments(vae, x)
+    assert mean.shape == (2, 3, 32 // downsample, 32 // downsample) == std.shape
+    assert mean.dtype == torch.float32 and latent_size(vae) == 32 // downsample
+    assert (std == 0).all() if kind == "vq" else (std > 0).all()
+    out = vae.decode(mean).sample
+    assert out.shape == (2, 1, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_bad_autoencoder_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(MeddiffError, match="not divisible"):
+        build_autoencoder(AutoencoderConfig(downsample=8, **TINY), 36)
+    with pytest.raises(MeddiffError, match="vq or kl"):
+        build_autoencoder(AutoencoderConfig(kind="gan", **TINY), 32)
+    with pytest.raises(MeddiffError, match="no autoencoder"):
+        load_autoencoder(tmp_path)
+
+
+def test_scaling_factor_makes_latents_unit_variance():
+    torch.manual_seed(0)
+    images = torch.rand(16, 1, 32, 32) * 2 - 1
+    vae = build_autoencoder(AutoencoderConfig(kind="kl", **TINY), 32)
+    factor = measure_scaling_factor(vae, images, torch.Generator().manual_seed(0))
+    mean, std = encode_moments(vae, images)
+    z = (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))) * factor
+    assert abs(float(z.std()) - 1.0) < 1e-3
+    # VQ latents are the pre-quantisation encoder outputs: scale them by 5 and the factor follows
+    vq = build_autoencoder(AutoencoderConfig(kind="vq", **TINY), 32)
+    before = measure_scaling_factor(vq, images)
+    with torch.no_grad():
+        vq.quant_conv.weight *= 5
+        vq.quant_conv.bias *= 5
+    assert measure_scaling_factor(vq, images) == pytest.approx(before / 5, rel=1e-4)
+
+
+def test_dead_codes_are_reset_from_encoder_outputs():
+    emb = torch.nn.Embedding(4, 2)
+    emb.weight.data = torch.tensor([[0.0, 0.0], [0.1, 0.0], [100.0, 100.0], [-100.0, 50.0]])
+    usage = CodebookUsage(4)
+    vectors = torch.randn(64, 2) * 0.1
+    for _ in range(3):
+        indices = torch.argmin(torch.cdist(vectors, emb.weight), dim=1)
+        share, perplexity = usage.update(indices)
+    assert share == 0.5 and 1.0 <= perplexity <= 2.0  # codes 2 and 3 are far away and never chosen
+    assert usage.dead(3).tolist() == [2, 3]
+    n = reset_dead_codes(emb, usage, vectors, 3, torch.Generator().manual_seed(0))
+    assert n == 2 and usage.resets == 2 and usage.dead(1).numel() == 0
+    assert all(any(torch.equal(emb.weight[k], v) for v in vectors) for k in (2, 3))  # now real encoder outputs
+    assert torch.equal(emb.weight[0], torch.tensor([0.0, 0.0]))  # live codes untouched
+
+
+def _ae_config(out, **kw):
+    base = dict(data="x", out=str(out), method="autoencoder", batch_size=8, checkpoint_every=0, lr_warmup_steps=1,
+                learning_rate=5e-4, autoencoder=AutoencoderConfig(kind="vq", downsample=4, dead_code_steps=2,
+                                                                  adversarial_weight=0.1, adversarial_start=2, **TINY))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_vq_training_logs_codebook_health_and_resumes_exactly(tmp_path, data):
+    straight = train(_ae_config(tmp_path / "a", max_steps=6, log_every=1), data, progress=False)
+    train(_ae_config(tmp_path / "b", max_steps=3, log_every=1), data, progress=False)
+    train(_ae_config(tmp_path / "b", max_steps=6, log_every=1, resume="latest"), data, progress=False)
+    for name in ("checkpoints/step-0000006/model.safetensors", "checkpoints/step-0000006/model_1.safetensors",
+                 "autoencoder/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name  # autoencoder and discriminator
+    state = json.loads((tmp_path / "a" / "checkpoints/step-0000006/state.json").read_text())
+    metrics = dict(state["metrics_history"])[6]
+    assert {"codebook_usage", "perplexity", "dead_codes_reset", "adversarial", "discriminator"} <= set(metrics)
+    assert state["method"]["codebook"]["resets"] > 0  # a 32-code book on 32 images has dead codes to reset
+    assert straight.steps == 6
+    vae = load_autoencoder(tmp_path / "a")
+    assert vae.config.scaling_factor != 1.0 and vae.config.in_channels == 1
+
+
+def test_kl_autoencoder_learns_to_reconstruct(tmp_path, data):
+    cfg = _ae_config(tmp_path, max_steps=40, learning_rate=2e-3,
+                     autoencoder=AutoencoderConfig(kind="kl", downsample=4, **TINY))
+    result = train(cfg, data, progress=False)
+    first, last = result.loss_history[0][1], result.loss_history[-1][1]
+    assert last < 0.6 * first

@@ -39,9 +39,9 @@ def autoencoders(tmp_path_factory, data):
 
 
 def _latent(out, autoencoder, conditioning, **kw):
-    return TrainConfig(data=DATA, out=str(out), method="latent", conditioning=conditioning, batch_size=8, max_steps=2,
-                       checkpoint_every=0, lr_warmup_steps=1, latent=LatentConfig(autoencoder=str(autoencoder)),
-                       model=UNET, **kw)
+    base = dict(data=DATA, out=str(out), method="latent", conditioning=conditioning, batch_size=8, max_steps=2,
+                checkpoint_every=0, lr_warmup_steps=1, latent=LatentConfig(autoencoder=str(autoencoder)), model=UNET)
+    return TrainConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,14 @@ def test_latent_errors_are_one_line(tmp_path, autoencoders, data):
         LatentDiffusion(_latent(tmp_path, autoencoders["kl"], "labels"), load_dataset(DATA, 64))
     with pytest.raises(MeddiffError, match="conditioning must be"):
         LatentDiffusion(_latent(tmp_path, autoencoders["kl"], "captions"), data)
+
+
+def test_latent_text_training_resumes_exactly(tmp_path, autoencoders, data):
+    from safetensors.torch import load_file
+
+    train(_latent(tmp_path / "a", autoencoders["kl"], "both", max_steps=4), data, progress=False)
+    train(_latent(tmp_path / "b", autoencoders["kl"], "both", max_steps=2), data, progress=False)
+    train(_latent(tmp_path / "b", autoencoders["kl"], "both", max_steps=4, resume="latest"), data, progress=False)
+    for name in ("checkpoints/step-0000004/model.safetensors", "checkpoints/step-0000004/ema.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--real", required=True, help="real data spec (its train split; the held-out split is the test)")
     ev.add_argument("--synthetic", required=True, help="a folder from `meddiff generate`, or a dataset spec")
     ev.add_argument("--out", required=True)
-    ev.add_argument("--features", default="domain", choices=("domain", "inception", "xrv"))
+    ev.add_argument("--features", default="domain", choices=("domain", "inception", "xrv"),
+                    help="network behind FID/KID/PRDC: domain (trained here), inception (TorchScript file), xrv")
+    ev.add_argument("--feature-weights", default=None, help="inception: path of the TorchScript Inception-v3 "
+                    "(inception-2015-12-05.pt); xrv: torchxrayvision weights name or path")
     ev.add_argument("--resolution", type=_positive_int, default=None, help="default: the synthetic images' size")
     ev.add_argument("--seeds", type=_positive_int, default=3, help="downstream classifier seeds")
     ev.add_argument("--classifier-epochs", type=_positive_int, default=10)
@@ -299,7 +302,7 @@ def cmd_evaluate(args) -> None:
     from meddiff.evaluation.suite import run_evaluation
 
     report = run_evaluation(args.real, args.synthetic, Path(args.out), resolution=args.resolution,
-                            features=args.features, seeds=args.seeds, classifier_epochs=args.classifier_epochs,
+                            features=args.features, feature_weights=args.feature_weights, seeds=args.seeds, classifier_epochs=args.classifier_epochs,
                             max_images=args.max_images)
     print(f"report: {report}; metrics: {Path(args.out) / 'metrics.json'}")
 

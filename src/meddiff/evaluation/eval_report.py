@@ -11,7 +11,8 @@ from meddiff.evaluation.report import figure, fmt, html_page, html_table
 from meddiff.sampling.grid import grid_png_bytes, upscale_for
 
 
-def umap_png(real: np.ndarray, synthetic: np.ndarray, real_class: list[str], syn_class: list[str]) -> bytes:
+def umap_png(real: np.ndarray, synthetic: np.ndarray, real_class: list[str], syn_class: list[str],
+             name: str = "domain") -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +29,7 @@ def umap_png(real: np.ndarray, synthetic: np.ndarray, real_class: list[str], syn
         s = [n + i for i, k in enumerate(syn_class) if k == c]
         ax.scatter(emb[r, 0], emb[r, 1], s=8, marker="o", color=colours[c], alpha=0.6, label=f"real: {c}")
         ax.scatter(emb[s, 0], emb[s, 1], s=14, marker="x", color=colours[c], alpha=0.8, label=f"synthetic: {c}")
-    ax.set_title("UMAP of domain features (o real, x synthetic)")
+    ax.set_title(f"UMAP of {name} features (o real, x synthetic)")
     ax.legend(fontsize=7, markerscale=1.5, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -53,7 +54,7 @@ def write_eval_report(out: Path, m: dict, art: dict) -> Path:
     d = m["distribution"]
     summary = html_table(["metric", "value"], [
         ["real test / real train / synthetic images", f"{d['n_real_test']} / {d['n_real_train']} / {d['n_synthetic']}"],
-        ["FID synthetic vs real test (domain features)", d["fid_synthetic_vs_real_test"]],
+        [f"FID synthetic vs real test ({d['features']} features)", d["fid_synthetic_vs_real_test"]],
         ["FID real train vs real test (reference)", d["fid_real_train_vs_real_test"]],
         ["KID synthetic vs real test", f"{d['kid_synthetic_vs_real_test']['mean']:.4f} ± {d['kid_synthetic_vs_real_test']['std']:.4f}"],
         ["KID real train vs real test", f"{d['kid_real_train_vs_real_test']['mean']:.4f} ± {d['kid_real_train_vs_real_test']['std']:.4f}"],
@@ -94,12 +95,12 @@ def write_eval_report(out: Path, m: dict, art: dict) -> Path:
             f"feature {fmt(mem['rate_feature'])}); pixel correlation above 0.95: {fmt(mem['rate_pixel_above_0.95'])}.</p>"
             + figure("closest pairs: synthetic (left) | nearest training image (right); correlations "
                      + ", ".join(f"{audit.pixel_similarity[i]:.3f}" for i in top), grid_png_bytes(pairs, 4, up)))
-    umap_bytes = umap_png(f_test, f_syn, _first_class(test), _first_class(syn))
+    umap_bytes = umap_png(f_test, f_syn, _first_class(test), _first_class(syn), metrics['distribution']['features'])
     (out / "umap.png").write_bytes(umap_bytes)
     page = html_page("meddiff evaluation", [
         ("Summary", f"<p>real: {m['real']}<br>synthetic: {m['synthetic']}</p>" + summary),
         ("Samples", samples), ("Label fidelity", fidelity), ("Downstream utility", downstream),
-        ("Diversity", diversity), ("Memorization audit", memo), ("UMAP", figure("domain features", umap_bytes)),
+        ("Diversity", diversity), ("Memorization audit", memo), ("UMAP", figure(f"{metrics['distribution']['features']} features", umap_bytes)),
     ])
     path = out / "report.html"
     path.write_text(page)

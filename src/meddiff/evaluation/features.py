@@ -2,13 +2,17 @@
 
 `domain` (always available, offline): the label classifier trained on the real training split, cached by data
 spec; its penultimate features give a domain-specific FID, the way torchxrayvision features give FID_XRV.
-`inception` and `xrv` need torchvision-based packages and their weights; meddiff never depends on them and says
-so in one line when they are missing."""
+`inception`: the TorchScript Inception-v3 of StyleGAN2-ADA / clean-fid from a local file (no torchvision needed).
+`xrv` needs torchxrayvision (torchvision-based) and its weights; meddiff never depends on it and says so in one line
+when it is missing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from meddiff.data import cache
@@ -42,12 +46,60 @@ def embed(model: LabelClassifier, images: torch.Tensor, batch_size: int = 256) -
     return np.concatenate([model.embed(images[i:i + batch_size]).numpy() for i in range(0, len(images), batch_size)])
 
 
-def require_optional(name: str) -> None:
+def require_optional(name: str, weights: str | None = None) -> None:
     """inception / xrv features: a one-line, actionable message where their packages or weights are missing."""
     if name == "domain":
         return
     if name not in FEATURES:
         raise MeddiffError(f"unknown feature extractor {name!r}; choose from {', '.join(FEATURES)}")
-    package = {"inception": "torch-fidelity", "xrv": "torchxrayvision"}[name]
-    raise MeddiffError(f"--features {name} needs {package} (which needs torchvision) and its weights; they are not "
-                       "installed here. Use --features domain, or install them on a machine with torchvision")
+    if name == "inception":
+        if not weights:
+            raise MeddiffError("--features inception needs the TorchScript Inception-v3 used by StyleGAN2-ADA and "
+                               "clean-fid (inception-2015-12-05.pt) on disk: pass --feature-weights PATH")
+        if not Path(weights).is_file():
+            raise MeddiffError(f"--feature-weights {weights}: no such file")
+        return
+    try:
+        import torchxrayvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        raise MeddiffError("--features xrv needs torchxrayvision (which needs torchvision) and its weights; they are "
+                           "not installed here. Use --features domain or inception, or install it on a machine with "
+                           "torchvision") from None
+
+
+class InceptionFeatures:
+    """2048-d pool features of the TorchScript Inception-v3 (the FID reference network) loaded from a local file;
+    no torchvision needed. Grayscale images are repeated to 3 channels and resized to 299 px, in the 0-255 range
+    the network expects."""
+
+    def __init__(self, path: str | Path):
+        try:
+            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as exc:
+            raise MeddiffError(f"{path} is not a TorchScript model: {str(exc).splitlines()[0]}") from None
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = (images[i:i + batch_size].float() + 1) * 127.5
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+            out.append(self.net(x, return_features=True).float().reshape(x.shape[0], -1).numpy())
+        return np.concatenate(out)
+
+
+def xrv_features(weights: str | None):
+    """torchxrayvision DenseNet features (where the package and weights are installed)."""
+    import torchxrayvision as xrv
+
+    model = xrv.models.DenseNet(weights=weights or "densenet121-res224-all").eval()
+
+    @torch.no_grad()
+    def extract(images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = F.interpolate(images[i:i + batch_size].float(), size=(224, 224), mode="bilinear") * 1024
+            out.append(model.features2(x).numpy())
+        return np.concatenate(out)
+
+    return extract

@@ -16,7 +16,7 @@ from meddiff.evaluation.classifier import per_label_auc, predict
 from meddiff.evaluation.distribution import fid, kid, prdc
 from meddiff.evaluation.diversity import diversity_by_condition
 from meddiff.evaluation.downstream import downstream
-from meddiff.evaluation.features import domain_classifier, embed, require_optional
+from meddiff.evaluation.features import InceptionFeatures, domain_classifier, embed, require_optional, xrv_features
 from meddiff.evaluation.memorization import audit
 
 
@@ -58,8 +58,11 @@ def to01(images: torch.Tensor) -> np.ndarray:
 
 
 def evaluate(real: str, synthetic: str, resolution: int | None = None, features: str = "domain", seeds: int = 3,
-             classifier_epochs: int = 10, max_images: int | None = None, progress: bool = True) -> dict:
-    require_optional(features)
+             classifier_epochs: int = 10, max_images: int | None = None, progress: bool = True,
+             feature_weights: str | None = None) -> dict:
+    """features picks the network behind FID/KID/precision-recall and the UMAP; label fidelity, the memorization
+    audit and downstream utility always use the domain classifier."""
+    require_optional(features, feature_weights)
     t0 = time.perf_counter()
     spec = parse_spec(real)
     syn_spec = synthetic_spec(synthetic)
@@ -75,12 +78,16 @@ def evaluate(real: str, synthetic: str, resolution: int | None = None, features:
                                 syn.label_names, prompts=syn.prompts[:max_images])
     clf = domain_classifier(train, str(spec), epochs=classifier_epochs, progress=progress)
     f_train, f_test, f_syn = embed(clf, train.images), embed(clf, test.images), embed(clf, syn.images)
-    kid_syn, kid_ref = kid(f_test, f_syn), kid(f_test, f_train)
+    d_train, d_test, d_syn = f_train, f_test, f_syn  # the distribution features
+    if features != "domain":
+        extract = InceptionFeatures(feature_weights) if features == "inception" else xrv_features(feature_weights)
+        d_train, d_test, d_syn = extract(train.images), extract(test.images), extract(syn.images)
+    kid_syn, kid_ref = kid(d_test, d_syn), kid(d_test, d_train)
     dist = {"features": features, "n_real_test": len(test), "n_real_train": len(train), "n_synthetic": len(syn),
-            "fid_synthetic_vs_real_test": fid(f_test, f_syn), "fid_real_train_vs_real_test": fid(f_test, f_train),
+            "fid_synthetic_vs_real_test": fid(d_test, d_syn), "fid_real_train_vs_real_test": fid(d_test, d_train),
             "kid_synthetic_vs_real_test": {"mean": kid_syn[0], "std": kid_syn[1]},
             "kid_real_train_vs_real_test": {"mean": kid_ref[0], "std": kid_ref[1]},
-            **{k: v for k, v in prdc(f_test, f_syn).items()}}
+            **{k: v for k, v in prdc(d_test, d_syn).items()}}
     fidelity = {"real_test_auc": per_label_auc(predict(clf, test.images), test.labels.numpy(), test.known.numpy(),
                                                train.label_names),
                 "synthetic_auc": per_label_auc(predict(clf, syn.images), syn.labels.numpy(), syn.known.numpy(),
@@ -92,7 +99,7 @@ def evaluate(real: str, synthetic: str, resolution: int | None = None, features:
     metrics = {"real": str(spec), "synthetic": syn_spec, "resolution": resolution, "distribution": dist,
                "label_fidelity": fidelity, "diversity": diversity, "memorization": mem.to_dict(),
                "downstream": utility, "seconds": round(time.perf_counter() - t0, 1)}
-    artefacts = {"train": train, "test": test, "synthetic": syn, "features": (f_train, f_test, f_syn), "audit": mem}
+    artefacts = {"train": train, "test": test, "synthetic": syn, "features": (d_train, d_test, d_syn), "audit": mem}
     return {"metrics": metrics, "artefacts": artefacts}
 
 

@@ -26,8 +26,11 @@ FEATURES = ("domain", "inception", "xrv")
 def domain_classifier(train: ImageLabelDataset, spec_key: str, epochs: int = 10, seed: int = 0,
                       progress: bool = True) -> LabelClassifier:
     """The real-trained classifier, from the cache when this spec, resolution, recipe and seed were seen before."""
+    import hashlib
+
+    sample = train.images[::max(1, len(train) // 64)].numpy().tobytes() + train.labels.numpy().tobytes()
     key = cache.cache_key({"classifier": spec_key, "resolution": train.resolution, "epochs": epochs, "seed": seed,
-                           "labels": train.label_names, "n": len(train)}, [])
+                           "labels": train.label_names, "n": len(train), "data": hashlib.sha1(sample).hexdigest()}, [])
     path = cache.cache_root() / "classifiers" / f"{key}.safetensors"
     model = LabelClassifier(len(train.label_names))
     if path.is_file():

@@ -12,7 +12,7 @@ import torch
 
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.dataset import ImageLabelDataset
-from meddiff.evaluation.classifier import per_label_auc, predict, train_classifier
+from meddiff.evaluation.classifier import per_label_auc, predict
 from meddiff.models.pipeline import MedDiffusionPipeline
 from meddiff.sampling.generate import SamplingSettings, sample
 
@@ -51,7 +51,12 @@ def label_fidelity(pipe: MedDiffusionPipeline, train: ImageLabelDataset, heldout
                    n_samples: int, settings: SamplingSettings, classifier_epochs: int = 8, seed: int = 0,
                    progress: bool = True) -> FidelityResult:
     t0 = time.perf_counter()
-    classifier = train_classifier(train, epochs=classifier_epochs, seed=seed, progress=progress)
+    # the same real-trained classifier as `meddiff evaluate`, cached by data spec: reruns and other models on the
+    # same data do not train it again
+    from meddiff.evaluation.features import domain_classifier
+
+    classifier = domain_classifier(train, train.source or "unnamed", epochs=classifier_epochs, seed=seed,
+                                   progress=progress)
     names = train.label_names
     real_auc = per_label_auc(predict(classifier, heldout.images), heldout.labels.numpy(), heldout.known.numpy(), names)
     # condition rows mirror the held-out label distribution (co-occurrences included)

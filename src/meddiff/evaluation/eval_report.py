@@ -95,12 +95,12 @@ def write_eval_report(out: Path, m: dict, art: dict) -> Path:
             f"feature {fmt(mem['rate_feature'])}); pixel correlation above 0.95: {fmt(mem['rate_pixel_above_0.95'])}.</p>"
             + figure("closest pairs: synthetic (left) | nearest training image (right); correlations "
                      + ", ".join(f"{audit.pixel_similarity[i]:.3f}" for i in top), grid_png_bytes(pairs, 4, up)))
-    umap_bytes = umap_png(f_test, f_syn, _first_class(test), _first_class(syn), metrics['distribution']['features'])
+    umap_bytes = umap_png(f_test, f_syn, _first_class(test), _first_class(syn), m['distribution']['features'])
     (out / "umap.png").write_bytes(umap_bytes)
     page = html_page("meddiff evaluation", [
         ("Summary", f"<p>real: {m['real']}<br>synthetic: {m['synthetic']}</p>" + summary),
         ("Samples", samples), ("Label fidelity", fidelity), ("Downstream utility", downstream),
-        ("Diversity", diversity), ("Memorization audit", memo), ("UMAP", figure(f"{metrics['distribution']['features']} features", umap_bytes)),
+        ("Diversity", diversity), ("Memorization audit", memo), ("UMAP", figure(f"{m['distribution']['features']} features", umap_bytes)),
     ])
     path = out / "report.html"
     path.write_text(page)

@@ -86,7 +86,7 @@ class InceptionFeatures:
         out = []
         for i in range(0, len(images), batch_size):
             x = (images[i:i + batch_size].float() + 1) * 127.5
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False).clamp(0, 255).repeat(1, 3, 1, 1)
             out.append(self.net(x, return_features=True).float().reshape(x.shape[0], -1).numpy())
         return np.concatenate(out)
 

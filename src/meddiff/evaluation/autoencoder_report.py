@@ -12,26 +12,24 @@ import torch
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.evaluation.reconstruction import reconstruction_metrics
 from meddiff.evaluation.report import figure, fmt, html_page, html_table, loss_curve_png
-from meddiff.models.autoencoder import is_vq, latent_size
+from meddiff.models.autoencoder import codebook_perplexity, is_vq, latent_size, vq_round_trip
 from meddiff.sampling.grid import grid_png_bytes
 
 
 @torch.no_grad()
-def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, torch.Tensor | None]:
     """images (N, 1, R, R) in [-1, 1] -> reconstructions (N, R, R) in [0, 1] (KL: posterior mean; VQ: quantised),
     and for VQ the code indices used."""
     out, codes = [], []
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(vae.device, vae.dtype)
         if is_vq(vae):
-            h = vae.encode(x).latents
-            quant, _, (_, _, idx) = vae.quantize(h)
-            recon = vae.decode(quant, force_not_quantize=True).sample
+            recon, _, idx, _ = vq_round_trip(vae, x)
             codes.append(idx.flatten().cpu())
         else:
             recon = vae.decode(vae.encode(x).latent_dist.mean).sample
         out.append(((recon.float() + 1) / 2).clamp(0, 1)[:, 0].cpu().numpy())
-    return np.concatenate(out), (torch.cat(codes).numpy() if codes else None)
+    return np.concatenate(out), (torch.cat(codes) if codes else None)
 
 
 def showcase_indices(data: ImageLabelDataset, per_label: int = 2, total: int = 12) -> list[int]:
@@ -55,10 +53,9 @@ def autoencoder_report(vae, heldout: ImageLabelDataset, out_dir: Path, training:
               [vae.config.latent_channels, latent_size(vae), latent_size(vae)],
               "scaling_factor": vae.config.scaling_factor}
     if codes is not None:
-        counts = np.bincount(codes, minlength=vae.config.num_vq_embeddings)
-        p = counts[counts > 0] / counts.sum()
-        result.update({"codebook_used": int((counts > 0).sum()), "codebook_size": int(counts.size),
-                       "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+        counts = torch.bincount(codes, minlength=vae.config.num_vq_embeddings)
+        result.update({"codebook_used": int((counts > 0).sum()), "codebook_size": int(counts.numel()),
+                       "perplexity": codebook_perplexity(counts)})
     show = showcase_indices(heldout)
     names = [", ".join(n for k, n in enumerate(heldout.label_names)
                        if heldout.known[i, k] and heldout.labels[i, k] > 0.5) or "-" for i in show]

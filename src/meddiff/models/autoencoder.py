@@ -70,6 +70,19 @@ def is_vq(vae) -> bool:
     return isinstance(vae, VQModel)
 
 
+def vq_round_trip(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VQ model: (reconstruction, codebook + commitment loss, chosen code indices, pre-quantisation latents)."""
+    h = vae.encode(x).latents
+    quant, codebook_loss, (_, _, indices) = vae.quantize(h)
+    return vae.decode(quant, force_not_quantize=True).sample, codebook_loss, indices, h
+
+
+def codebook_perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of code usage counts: the effective number of codes in use."""
+    p = counts[counts > 0].double() / counts.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def latent_size(vae) -> int:
     return vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
 

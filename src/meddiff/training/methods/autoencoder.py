@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from meddiff.errors import MeddiffError
-from meddiff.models.autoencoder import AUTOENCODER_DIR, build_autoencoder, is_vq, measure_scaling_factor
+from meddiff.models.autoencoder import (AUTOENCODER_DIR, build_autoencoder, codebook_perplexity, is_vq,
+                                        measure_scaling_factor, vq_round_trip)
 from meddiff.models.discriminator import PatchDiscriminator, discriminator_hinge_loss, generator_adversarial_loss
 from meddiff.training.methods.base import TrainingMethod, register_method
 
@@ -27,13 +28,11 @@ class CodebookUsage:
         self.resets = 0
 
     def update(self, indices: torch.Tensor) -> tuple[float, float]:
-        counts = torch.bincount(indices.flatten().cpu(), minlength=self.idle.numel()).float()
+        counts = torch.bincount(indices.flatten().cpu(), minlength=self.idle.numel())
         used = counts > 0
         self.idle[used] = 0
         self.idle[~used] += 1
-        p = counts / counts.sum()
-        perplexity = float(torch.exp(-(p[used] * p[used].log()).sum()))
-        return float(used.float().mean()), perplexity
+        return float(used.float().mean()), codebook_perplexity(counts)
 
     def dead(self, patience: int) -> torch.Tensor:
         return (self.idle >= patience).nonzero().flatten()
@@ -97,9 +96,7 @@ class AutoencoderTraining(TrainingMethod):
     def forward(self, model, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, regulariser loss); stashes what the after-step hooks need."""
         if self.vq:
-            h = model.encode(x).latents
-            quant, codebook_loss, (_, _, indices) = model.quantize(h)
-            recon = model.decode(quant, force_not_quantize=True).sample
+            recon, codebook_loss, indices, h = vq_round_trip(model, x)
             self._last = {"vectors": h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1]).float(),
                           "indices": indices.detach()}
             return recon, self.cfg.commitment_weight * codebook_loss

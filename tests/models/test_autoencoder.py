@@ -108,3 +108,13 @@ def test_kl_autoencoder_learns_to_reconstruct(tmp_path, data):
     result = train(cfg, data, progress=False)
     first, last = result.loss_history[0][1], result.loss_history[-1][1]
     assert last < 0.6 * first
+
+
+def test_vq_reconstruction_report_counts_codes(tmp_path, data):
+    from meddiff.evaluation.autoencoder_report import autoencoder_report
+
+    vae = build_autoencoder(AutoencoderConfig(kind="vq", downsample=4, **TINY), 32)
+    report = autoencoder_report(vae, data, tmp_path, {"steps": 0})
+    assert report["kind"] == "vq" and report["codebook_size"] == 32
+    assert 1 <= report["codebook_used"] <= 32 and 1.0 <= report["perplexity"] <= report["codebook_used"] + 1e-6
+    assert (tmp_path / "reconstructions.png").is_file() and "codebook_used" in (tmp_path / "metrics.json").read_text()

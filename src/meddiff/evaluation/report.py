@@ -111,24 +111,22 @@ def write_model_card(run_dir: Path, summary: dict) -> Path:
                   "| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for prompt, rates in response["positive_rate"].items():
             lines.append(f"| {prompt} | " + " | ".join(f"{rates[n]:.2f}" for n in names) + " |")
-    if summary.get("conditioning") in ("text", "both"):
-        lines += ["", "## Use", "```bash",
-                  f"meddiff generate --model {run_dir} --prompt \"chest x-ray with cardiomegaly\" --n 16 --out samples/",
-                  "```", "With plain diffusers:", "```python", "from diffusers import DiffusionPipeline",
-                  "pipe = DiffusionPipeline.from_pretrained('pipeline', custom_pipeline='pipeline', trust_remote_code=True)",
-                  "images = pipe(prompt=['chest x-ray with cardiomegaly'], guidance_scale=3.0).images", "```"]
-        if summary.get("conditioning") == "text" and (summary.get("latent") or {}).get("autoencoder") == "AutoencoderKL":
-            lines += ["This model also loads with diffusers' standard `StableDiffusionPipeline.from_pretrained('pipeline', "
-                      "safety_checker=None, feature_extractor=None, requires_safety_checker=False)`."]
-        path = Path(run_dir) / "README.md"
-        path.write_text("\n".join(lines) + "\n")
-        return path
-    lines += ["", "## Use", "```bash",
-              f"meddiff generate --model {run_dir} --labels \"{(summary['label_names'] or ['...'])[-1]}\" --n 16 --out samples/",
+    text = summary.get("conditioning") in ("text", "both")
+    if text:
+        ask = '--prompt "chest x-ray with cardiomegaly"'
+        call = "images = pipe(prompt=['chest x-ray with cardiomegaly'], guidance_scale=3.0).images"
+    else:
+        ask = f"--labels \"{(summary['label_names'] or ['...'])[-1]}\""
+        call = "images = pipe(conditions=pipe.encode_labels([[...label names...]]), guidance_scale=2.0).images"
+    lines += ["", "## Use", "```bash", f"meddiff generate --model {run_dir} {ask} --n 16 --out samples/",
               "```", "With plain diffusers:", "```python", "from diffusers import DiffusionPipeline",
               "pipe = DiffusionPipeline.from_pretrained('pipeline', custom_pipeline='pipeline', trust_remote_code=True)",
-              "images = pipe(conditions=pipe.encode_labels([[...label names...]]), guidance_scale=2.0).images",
-              "```", "", "Sample grids per label: `samples/`."]
+              call, "```"]
+    if summary.get("conditioning") == "text" and (summary.get("latent") or {}).get("autoencoder") == "AutoencoderKL":
+        lines += ["This model also loads with diffusers' standard `StableDiffusionPipeline.from_pretrained('pipeline', "
+                  "safety_checker=None, feature_extractor=None, requires_safety_checker=False)`."]
+    if not text:
+        lines += ["", "Sample grids per label: `samples/`."]
     path = Path(run_dir) / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path

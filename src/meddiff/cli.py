@@ -259,7 +259,7 @@ def cmd_generate(args) -> None:
         raise MeddiffError("this model is unconditional; use --unconditional")
     if args.prompt is not None and not pipe.supports_prompts:
         raise MeddiffError("this model is not text-conditioned; use --labels (or --unconditional)")
-    if args.negative_prompt and not getattr(pipe, "supports_prompts", False):
+    if args.negative_prompt and not pipe.supports_prompts:
         raise MeddiffError("--negative-prompt needs a text-conditioned model")
     plan = make_plan(codec, labels_text=args.labels, unconditional=args.unconditional, conditions=args.conditions,
                      n=args.n, per_condition=args.per_condition, unspecified=args.unspecified,

@@ -50,9 +50,6 @@ class DenoisingRecorder:
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
         return path
 
-    def clear(self) -> None:
-        self.frames.clear()
-
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[0] == size:

@@ -36,18 +36,18 @@ class SamplingSettings:
     negative_prompt: str | None = None  # text models: what guidance steers away from (default: the empty prompt)
 
 
+def prompts_for_labels(labels: torch.Tensor, known: torch.Tensor, names: list[str]) -> list[str]:
+    """(N, K) labels and known mask -> the prompts a text model was trained with ("chest x-ray with
+    cardiomegaly"); a row with no known label is the empty (unconditional) prompt."""
+    return ["" if not bool(known_row.any()) else
+            prompt_from_labels([n for j, n in enumerate(names) if known_row[j] and row[j] > 0.5])
+            for row, known_row in zip(labels, known.bool())]
+
+
 def prompts_from_conditions(conditions: torch.Tensor, names: list[str]) -> list[str]:
-    """Label condition vectors -> the prompts a text model was trained with ("chest x-ray with cardiomegaly");
-    a row with no known label is the empty (unconditional) prompt."""
+    """The same from (N, 2K) condition vectors (value * known, known)."""
     k = len(names)
-    out = []
-    for row in conditions:
-        values, known = row[:k], row[k:] > 0.5
-        if not bool(known.any()):
-            out.append("")
-        else:
-            out.append(prompt_from_labels([n for j, n in enumerate(names) if known[j] and values[j] > 0.5]))
-    return out
+    return prompts_for_labels(conditions[:, :k], conditions[:, k:] > 0.5, names)
 
 
 def sample(pipe: MedDiffusionPipeline, conditions: torch.Tensor, settings: SamplingSettings,
@@ -58,12 +58,12 @@ def sample(pipe: MedDiffusionPipeline, conditions: torch.Tensor, settings: Sampl
     prompts built from them. callback(row_offset, step, timestep, sample) sees every denoising step."""
     if settings.steps < 1:
         raise MeddiffError("--steps must be at least 1")
-    if getattr(pipe, "supports_prompts", False):
+    if pipe.supports_prompts:
         derived = prompts_from_conditions(conditions, pipe.label_names) if pipe.label_names else [""] * len(conditions)
         prompts = [p if p else d for p, d in zip(prompts or [None] * len(conditions), derived)]
     elif prompts is not None and any(prompts):
         raise MeddiffError("this model is not text-conditioned; it takes labels, not prompts")
-    pipe.scheduler = make_sampler(settings.scheduler, pipe.scheduler.config, clip=not getattr(pipe, "is_latent", False))
+    pipe.scheduler = make_sampler(settings.scheduler, pipe.scheduler.config, clip=not pipe.is_latent)
     precision = resolve_precision(settings.precision)
     device = pipe.device.type
     n = conditions.shape[0]
@@ -76,7 +76,7 @@ def sample(pipe: MedDiffusionPipeline, conditions: torch.Tensor, settings: Sampl
         gens = [torch.Generator().manual_seed(image_seed(settings.seed, indices[start + i]))
                 for i in range(cond.shape[0])]
         extra = {}
-        if getattr(pipe, "supports_prompts", False):
+        if pipe.supports_prompts:
             extra = {"prompt": prompts[start:start + settings.batch_size], "negative_prompt": settings.negative_prompt}
         if callback is not None:
             extra["callback_on_step"] = lambda i, t, x, _s=start: callback(_s, i, t, x)

@@ -28,7 +28,7 @@ from meddiff.errors import MeddiffError
 from meddiff.models.storage import resolve_model_dir
 from meddiff.sampling.animate import DenoisingRecorder
 from meddiff.sampling.export import FORMATS, image_name, write_image, write_manifest
-from meddiff.sampling.generate import SamplingSettings, image_seed, prompts_from_conditions, sample
+from meddiff.sampling.generate import SamplingSettings, image_seed, prompts_for_labels, sample
 from meddiff.sampling.plan import GenerationPlan
 
 STATE_FILE = "generation.json"
@@ -109,13 +109,13 @@ def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings
     """animate: also write animations/NNNNNN.gif, the denoising of every image made in this run."""
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}")
-    if any(plan.prompts) and not getattr(pipe, "supports_prompts", False):
+    if any(plan.prompts) and not pipe.supports_prompts:
         raise MeddiffError("this model is not text-conditioned and takes no prompts; use --labels, --unconditional "
                            "or --conditions with label columns")
     out_dir = Path(out_dir)
     names = list(pipe.label_names)
-    if getattr(pipe, "supports_prompts", False):  # a text model given labels gets (and records) their prompts
-        derived = prompts_from_conditions(LabelCodec(names).encode(plan.labels, plan.known), names)
+    if pipe.supports_prompts:  # a text model given labels gets (and records) their prompts
+        derived = prompts_for_labels(plan.labels, plan.known, names)
         plan = GenerationPlan(plan.labels, plan.known, [p or d or None for p, d in zip(plan.prompts, derived)],
                               plan.source)
     fingerprint = model_fingerprint(model_dir)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install meddiff (CPU torch pinned by constraints.txt; torchvision never installed).
-#   bash scripts/install.sh         # the package
-#   bash scripts/install.sh test    # the package and the test tools
+#   bash scripts/install.sh         # the package (with the web page, `meddiff serve`)
+#   bash scripts/install.sh test    # the package and the test tools (pytest, playwright + Debian's chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,9 +9,17 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: an unpinned resolver would pull a CUDA build and gigabytes of nvidia packages
 .venv/bin/python -m pip install -q -c constraints.txt torch
-extra=""
-[ "${1:-}" = "test" ] && extra="[test]"
+extra="[serve]"
+[ "${1:-}" = "test" ] && extra="[serve,test]"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".${extra}"
+if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null; then
+  # the browser tests drive Debian's Chromium with Playwright (no browser download of Playwright's own)
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: chromium is not installed and this user cannot apt-get it; the browser tests will be skipped" >&2
+  fi
+fi
 if .venv/bin/python -m pip list 2>/dev/null | grep -i -E "^(torchvision|nvidia-)" ; then
   echo "error: torchvision or CUDA packages were installed; they break transformers/peft on this CPU" >&2
   exit 1

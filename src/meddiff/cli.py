@@ -153,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--minutes", type=_positive_float, default=None, help="training budget (default 8)")
     de.add_argument("--n", type=_positive_int, default=3000, help="number of phantoms")
     de.add_argument("--seed", type=int, default=0)
+
+    se = sub.add_parser("serve", help="web page: type a prompt or pick findings, get images + manifest as a ZIP")
+    se.add_argument("--model", required=True, help="run directory (or its pipeline/ folder)")
+    se.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    se.add_argument("--port", type=_positive_int, default=None, help="port (default: 7860 or the next free one)")
+    se.add_argument("--max-images", type=_positive_int, default=8, help="images per request (default 8)")
+    se.add_argument("--max-steps", type=_positive_int, default=50, help="denoising steps per request (default 50)")
+    se.add_argument("--max-prompt-chars", type=_positive_int, default=300, help="prompt length (default 300)")
+    se.add_argument("--max-guidance", type=_positive_float, default=20.0, help="guidance scale bound (default 20)")
+    se.add_argument("--queue-size", type=_positive_int, default=16, help="requests that may wait (default 16)")
+    se.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return p
 
 
@@ -313,7 +324,17 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), minutes=args.minutes or DEMO_MINUTES, n=args.n, seed=args.seed)
 
 
-COMMANDS = {"data": cmd_data, "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
+def cmd_serve(args) -> None:
+    from meddiff.serve.app import require_gradio, serve
+    from meddiff.serve.service import ServeLimits
+
+    require_gradio()  # before loading the model: a missing extra fails in a second
+    limits = ServeLimits(max_images=args.max_images, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
+                         max_guidance=args.max_guidance, queue_size=args.queue_size)
+    serve(args.model, args.host, args.port, limits, args.device)
+
+
+COMMANDS = {"serve": cmd_serve, "data": cmd_data, "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
             "demo": cmd_demo}
 
 

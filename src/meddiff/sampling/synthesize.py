@@ -103,10 +103,23 @@ def manifest_row(plan: GenerationPlan, i: int, names: list[str], fmt: str, setti
     return row
 
 
+def _step_callback(recorder, on_step, done_before: int, total: int):
+    """One sample() callback that feeds the animation recorder and/or reports step progress."""
+    if on_step is None:
+        return recorder
+
+    def callback(offset, step, timestep, latents):
+        if recorder is not None:
+            recorder(offset, step, timestep, latents)
+        on_step(min(done_before + step + 1, total), total)  # PNDM may take one extra step
+    return callback
+
+
 def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings: SamplingSettings, out_dir: Path,
                      fmt: str = "png", shard: tuple[int, int] = (0, 1), progress: bool = True,
-                     animate: bool = False) -> GenerationResult:
-    """animate: also write animations/NNNNNN.gif, the denoising of every image made in this run."""
+                     animate: bool = False, on_step=None) -> GenerationResult:
+    """animate: also write animations/NNNNNN.gif, the denoising of every image made in this run.
+    on_step(done, total): called after every denoising step of this run (a progress bar of steps, e.g. a web page's)."""
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}")
     if any(plan.prompts) and not pipe.supports_prompts:
@@ -137,14 +150,16 @@ def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings
     t0 = time.perf_counter()
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="generate", unit="img", disable=not progress,
                dynamic_ncols=True)
-    for start in range(0, len(todo), settings.batch_size):
+    batches = range(0, len(todo), settings.batch_size)
+    for b, start in enumerate(batches):
         batch = todo[start:start + settings.batch_size]
         idx = torch.tensor(batch)
         cond = codec.encode(plan.labels[idx], plan.known[idx])
         prompts = [plan.prompts[i] for i in batch]
         recorder = DenoisingRecorder(pipe) if animate else None
+        callback = _step_callback(recorder, on_step, b * settings.steps, len(batches) * settings.steps)
         images = sample(pipe, cond, settings, indices=batch, progress=False,
-                        prompts=prompts if any(prompts) else None, callback=recorder)
+                        prompts=prompts if any(prompts) else None, callback=callback)
         if recorder is not None:
             for j, i in enumerate(batch):
                 recorder.save(j, out_dir / "animations" / f"{i:07d}.gif")

@@ -1,0 +1,238 @@
+"""What the web page does, without the web page: check a request against the model and the limits set at launch,
+generate with the same code as `meddiff generate`, and pack the images with their manifest into a ZIP.
+
+Nothing a visitor types becomes a file path: every folder and ZIP name is made here (a counter and a random token),
+and prompts only ever reach the text encoder."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from meddiff.conditioning.labels import LabelCodec
+from meddiff.errors import MeddiffError
+from meddiff.models.factory import SAMPLERS
+from meddiff.models.storage import load_pipeline, resolve_model_dir
+from meddiff.sampling.export import SYNTHETIC_NOTE
+from meddiff.sampling.generate import SamplingSettings
+from meddiff.sampling.plan import GenerationPlan
+from meddiff.sampling.synthesize import generate_dataset
+
+MAX_SEED = 2**32 - 1
+OTHERS = {"absent": "absent", "unspecified": "unknown"}  # what unchecked findings mean -> LabelCodec.parse's term
+NOTICE = ("Synthetic images made by a generative model: not real patients, not for diagnosis or any clinical "
+          "decision.")
+
+
+class RequestError(MeddiffError):
+    """A request the page refuses; the message is shown to the visitor."""
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Bounds on one request, set when the server starts (`meddiff serve --max-images ...`)."""
+
+    max_images: int = 8
+    max_steps: int = 50
+    max_prompt_chars: int = 300
+    max_guidance: float = 20.0
+    queue_size: int = 16  # requests that may wait behind the running one; more are turned away with a message
+    keep_results: int = 32  # finished requests kept on disk for download; older ones are deleted
+
+    def __post_init__(self):
+        for name in ("max_images", "max_steps", "max_prompt_chars", "queue_size", "keep_results"):
+            if int(getattr(self, name)) < 1:
+                raise MeddiffError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.max_guidance > 0:
+            raise MeddiffError("--max-guidance must be positive")
+
+
+@dataclass
+class Request:
+    """One click of Generate, as the page sends it (values may be None or out of range: they are checked)."""
+
+    prompt: str | None = ""
+    findings: list[str] = field(default_factory=list)
+    others: str = "absent"  # unchecked findings: "absent" (an image with exactly these) or "unspecified"
+    n: float | None = 4
+    steps: float | None = 20
+    guidance: float | None = 2.0
+    scheduler: str | None = "dpm++"
+    seed: float | None = 0
+    negative_prompt: str | None = ""
+
+
+@dataclass
+class Result:
+    images: np.ndarray  # (N, H, W) in [0, 1]
+    captions: list[str]
+    zip_path: Path
+    seconds: float
+
+
+def _whole(value, name: str, low: int, high: int) -> int:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        raise RequestError(f"{name} is missing; give a whole number from {low} to {high}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{name} must be a whole number from {low} to {high}") from None
+    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
+        raise RequestError(f"{name} must be a whole number from {low} to {high}, got {value}")
+    return int(number)
+
+
+class ModelService:
+    """A loaded model plus the rules of the page. One generation runs at a time (the page queues the rest)."""
+
+    def __init__(self, model_dir: str | Path, limits: ServeLimits | None = None, device: str = "cpu",
+                 work_dir: str | Path | None = None):
+        self.model_dir = resolve_model_dir(model_dir)
+        self.limits = limits or ServeLimits()
+        self.pipe = load_pipeline(model_dir, device=device)
+        self.codec = LabelCodec(list(self.pipe.label_names))
+        self.work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="meddiff-serve-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._count = 0
+
+    # what the page shows --------------------------------------------------------------------------------------
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.pipe.label_names)
+
+    @property
+    def takes_prompts(self) -> bool:
+        return bool(self.pipe.supports_prompts)
+
+    @property
+    def takes_labels(self) -> bool:
+        """Findings can be picked: label models take them, text models with label names turn them into prompts."""
+        return bool(self.label_names)
+
+    @property
+    def needs_prompt(self) -> bool:
+        """A text-only model: it needs a prompt, or findings to write one from."""
+        return self.takes_prompts and not self.pipe.supports_labels
+
+    def summary(self) -> str:
+        """A few lines of markdown about the model: what it takes, its size, where it came from."""
+        pipe = self.pipe
+        findings = f"findings ({', '.join(self.label_names)})"
+        if self.needs_prompt and self.takes_labels:
+            findings += ", written into a prompt"
+        takes = [t for t, ok in (("free-text prompts", self.takes_prompts), (findings, self.takes_labels)) if ok]
+        kind = "latent diffusion (autoencoder + U-Net)" if pipe.is_latent else "pixel diffusion"
+        lines = [f"**Model** `{self.model_dir.parent.name if self.model_dir.name == 'pipeline' else self.model_dir.name}`"
+                 f" — {kind}, {pipe.image_size} × {pipe.image_size} px, 1 channel.",
+                 f"**Conditioning:** {' and '.join(takes) if takes else 'none (unconditional)'}."]
+        return "\n\n".join(lines)
+
+    def model_card(self) -> str | None:
+        """The run's README.md (the model card written by `meddiff train`), if there is one."""
+        for folder in (self.model_dir.parent, self.model_dir):
+            card = folder / "README.md"
+            if card.is_file():
+                return card.read_text(errors="replace")
+        return None
+
+    # checking a request ----------------------------------------------------------------------------------------
+    def check(self, request: Request) -> tuple[GenerationPlan, SamplingSettings]:
+        """The plan and settings for a valid request; RequestError with a message for the visitor otherwise."""
+        lim = self.limits
+        n = _whole(request.n, "Number of images", 1, lim.max_images)
+        steps = _whole(request.steps, "Steps", 1, lim.max_steps)
+        seed = _whole(request.seed, "Seed", 0, MAX_SEED)
+        try:
+            guidance = float(request.guidance) if request.guidance is not None else float("nan")
+        except (TypeError, ValueError):
+            guidance = float("nan")
+        if not (math.isfinite(guidance) and 0 <= guidance <= lim.max_guidance):
+            raise RequestError(f"Guidance scale must be from 0 to {lim.max_guidance:g}, got {request.guidance}")
+        scheduler = (request.scheduler or "").lower()
+        if scheduler not in SAMPLERS:
+            raise RequestError(f"unknown scheduler {request.scheduler!r}; choose one of {', '.join(SAMPLERS)}")
+        prompt = (request.prompt or "").strip()
+        negative = (request.negative_prompt or "").strip()
+        for text, name in ((prompt, "Prompt"), (negative, "Negative prompt")):
+            if len(text) > lim.max_prompt_chars:
+                raise RequestError(f"{name} is {len(text)} characters long; the limit is {lim.max_prompt_chars}")
+        findings = [str(f).strip() for f in (request.findings or []) if str(f).strip()]
+        if (prompt or negative) and not self.takes_prompts:
+            raise RequestError("this model is not text-conditioned: pick findings instead of typing a prompt")
+        if findings and not self.takes_labels:
+            raise RequestError("this model takes no findings" + (": type a prompt" if self.takes_prompts else ""))
+        known_names = {name.lower() for name in self.label_names}
+        unknown = [f for f in findings if f.lower() not in known_names]
+        if unknown:
+            raise RequestError(f"unknown finding {unknown[0]!r}; this model knows: {', '.join(self.label_names)}")
+        if request.others not in OTHERS:
+            raise RequestError(f"unchecked findings must be {' or '.join(OTHERS)}, got {request.others!r}")
+        if self.needs_prompt and not prompt and not findings:
+            raise RequestError("type a prompt, e.g. \"chest x-ray with cardiomegaly\""
+                               + (", or pick findings" if self.takes_labels else ""))
+        if self.needs_prompt and prompt and findings:
+            raise RequestError("type a prompt or pick findings, not both (this model reads prompts only)")
+        k = len(self.label_names)
+        import torch
+
+        labels, known = torch.zeros(k), torch.zeros(k, dtype=torch.bool)
+        if findings:
+            labels, known = self.codec.parse(",".join(findings), OTHERS[request.others])
+        elif self.takes_labels and request.others == "absent" and not prompt:
+            known[:] = True  # nothing checked, others absent: an image with none of the findings
+        plan = GenerationPlan(labels.expand(n, k).clone(), known.expand(n, k).clone(), [prompt or None] * n,
+                              "web page")
+        settings = SamplingSettings(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+                                    batch_size=lim.max_images, negative_prompt=negative or None)
+        return plan, settings
+
+    # generating ------------------------------------------------------------------------------------------------
+    def generate(self, request: Request, on_step=None) -> Result:
+        """Check, generate and pack one request. on_step(done, total) reports denoising progress."""
+        plan, settings = self.check(request)
+        with self._lock:
+            self._count += 1
+            folder = self.work / f"{self._count:06d}-{secrets.token_hex(4)}"
+            t0 = time.perf_counter()
+            generate_dataset(self.pipe, self.model_dir, plan, settings, folder, "png", progress=False,
+                             on_step=on_step)
+            seconds = time.perf_counter() - t0
+        images = np.stack([_read_png(folder / "images" / f"{i:07d}.png") for i in range(len(plan))])
+        (folder / "README.txt").write_text(
+            f"{SYNTHETIC_NOTE}.\n{NOTICE}\nmanifest.csv lists every image with its findings or prompt, seed and "
+            "settings (CheXpert columns). generation.json records the model and settings.\n")
+        zip_path = folder.with_name(f"meddiff-synthetic-{folder.name}.zip")
+        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    zf.write(path, path.relative_to(folder).as_posix())
+        names = self.label_names
+        captions = [f"#{i} · {plan.key(i, names)}" for i in range(len(plan))]
+        self._prune()
+        return Result(images, captions, zip_path, seconds)
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_results` requests on disk."""
+        zips = sorted(self.work.glob("meddiff-synthetic-*.zip"))
+        for old in zips[:-self.limits.keep_results]:
+            shutil.rmtree(self.work / old.stem.removeprefix("meddiff-synthetic-"), ignore_errors=True)
+            old.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from meddiff.data.io import read_image
+
+    return read_image(path)

@@ -170,8 +170,24 @@ def test_several_browsers_at_once_are_queued(labels_server, browser):
     for page in pages:  # click all before waiting: the server queues them
         page.get_by_role("button", name="Generate").click()
     for k, page in enumerate(pages):
-        assert f"{1 + k} synthetic images" in _wait_status(page, "synthetic images")
+        assert f"{1 + k} synthetic image" in _wait_status(page, "synthetic image")
         assert len(_gallery_images(page, 1 + k)) == 1 + k
     for page in pages:
         page.close()
     assert threading.active_count() < 200  # no thread leak from the queue
+
+
+def test_requests_the_page_cannot_make_are_refused_by_the_server(labels_server):
+    """A script posting to the page's API (not the page itself) with an unknown finding or out-of-range steps gets an
+    error message, and the server goes on serving."""
+    from gradio_client import Client
+
+    service, url = labels_server
+    client = Client(url, verbose=False)
+    base = ["", "", ["Cardiomegaly"], "absent", 1, 2, 2.0, "dpm++", 0]
+    for bad in ({2: ["Dragon scales"]}, {5: 500}, {7: "../../etc/passwd"}):
+        args = [bad.get(i, v) for i, v in enumerate(base)]
+        with pytest.raises(Exception, match="not in the list of choices|greater than maximum|scheduler"):
+            client.predict(*args, api_name="/generate")
+    gallery, download, status = client.predict(*base, api_name="/generate")
+    assert "1 synthetic image in" in status and len(gallery) == 1

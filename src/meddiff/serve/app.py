@@ -92,7 +92,7 @@ def build_app(service: ModelService):
                 return [], gr.DownloadButton(visible=False), f"**Not generated:** {exc}"
             images = [(np.round(np.clip(im, 0, 1) * 255).astype(np.uint8), cap)
                       for im, cap in zip(result.images, result.captions)]
-            message = (f"{len(images)} synthetic images in {result.seconds:.1f} s. "
+            message = (f"{len(images)} synthetic image{'' if len(images) == 1 else 's'} in {result.seconds:.1f} s. "
                        "Download the ZIP for the PNG files with their manifest.csv.")
             return images, gr.DownloadButton(value=str(result.zip_path), visible=True), message
 

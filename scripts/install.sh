@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv and install meddiff (CPU torch pinned by constraints.txt; torchvision never installed).
 #   bash scripts/install.sh         # the package (with the web page, `meddiff serve`)
-#   bash scripts/install.sh test    # the package and the test tools (pytest, playwright + Debian's chromium)
+#   bash scripts/install.sh test    # the package and the test tools (pytest, playwright + Debian's chromium),
+#                                   # and the survival extra
+#   bash scripts/install.sh survival  # the package and pyradiomics for `meddiff survival`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,6 +14,12 @@ PY=${PYTHON:-python3}
 extra="[serve]"
 [ "${1:-}" = "test" ] && extra="[serve,test]"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".${extra}"
+if [ "${1:-}" = "test" ] || [ "${1:-}" = "survival" ]; then
+  # pyradiomics (meddiff[survival]): its newest source release has broken metadata, so pip falls back to 3.0.1,
+  # which builds against the installed numpy only without build isolation and with versioneer present
+  .venv/bin/python -m pip install -q -c constraints.txt --upgrade setuptools wheel versioneer
+  .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation "pyradiomics>=3.0.1"
+fi
 if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null; then
   # the browser tests drive Debian's Chromium with Playwright (no browser download of Playwright's own)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

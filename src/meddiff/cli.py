@@ -154,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--n", type=_positive_int, default=3000, help="number of phantoms")
     de.add_argument("--seed", type=int, default=0)
 
+    sv = sub.add_parser("survival", help="overall survival from radiomic features (BraTS layout), Spearman filter")
+    sv.add_argument("--data", required=True, help="folder of BraTS case folders with survival_info.csv")
+    sv.add_argument("--out", required=True)
+    sv.add_argument("--modalities", default="t1,t1ce,t2,flair", help="comma-separated (default all four)")
+    sv.add_argument("--thresholds", default="none,|0.08|,|0.10|,|0.12|,<-0.01,<-0.05,<-0.10",
+                    help="filter rules: none, |t| (keep |rho| > t), <t (keep rho < t)")
+    sv.add_argument("--model", default="linear,forest", help="comma-separated: linear, ridge, forest, gbm")
+    sv.add_argument("--modality-threshold", default="|0.10|", help="filter for the per-modality table")
+    sv.add_argument("--feature-classes", default="firstorder,shape,glcm",
+                    help="pyradiomics classes: shape, firstorder, glcm, glrlm, glszm, gldm, ngtdm")
+    sv.add_argument("--folds", type=_positive_int, default=5)
+    sv.add_argument("--repeats", type=_positive_int, default=3)
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--workers", type=_positive_int, default=1, help="processes extracting features")
+    sv.add_argument("--resection", default="all", help="all, or GTR to keep gross-total resections only")
+
     se = sub.add_parser("serve", help="web page: type a prompt or pick findings, get images + manifest as a ZIP")
     se.add_argument("--model", required=True, help="run directory (or its pipeline/ folder)")
     se.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -324,6 +340,26 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), minutes=args.minutes or DEMO_MINUTES, n=args.n, seed=args.seed)
 
 
+def cmd_survival(args) -> None:
+    from meddiff.survival.features import require_pyradiomics
+    from meddiff.survival.run import SurvivalConfig, run_survival
+
+    require_pyradiomics()  # a missing extra fails before anything is read
+
+    def items(text: str) -> tuple[str, ...]:
+        return tuple(part.strip().lower() for part in text.split(",") if part.strip())
+
+    config = SurvivalConfig(data=args.data, out=args.out, modalities=items(args.modalities),
+                            rules=tuple(p.strip() for p in args.thresholds.split(",") if p.strip()),
+                            models=items(args.model), modality_rule=args.modality_threshold,
+                            feature_classes=items(args.feature_classes), folds=args.folds, repeats=args.repeats,
+                            seed=args.seed, workers=args.workers, resection=args.resection)
+    report = run_survival(config)
+    best = max(report["threshold_table"], key=lambda r: r["accuracy"])
+    print(f"best: filter {best['filter']}, {best['model']}: accuracy {best['accuracy']:.3f}, Spearman R "
+          f"{best['spearman_r']:.3f}; tables in {Path(args.out) / 'survival.md'} and survival.json")
+
+
 def cmd_serve(args) -> None:
     from meddiff.serve.app import require_gradio, serve
     from meddiff.serve.service import ServeLimits
@@ -334,7 +370,7 @@ def cmd_serve(args) -> None:
     serve(args.model, args.host, args.port, limits, args.device)
 
 
-COMMANDS = {"serve": cmd_serve, "data": cmd_data, "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
+COMMANDS = {"survival": cmd_survival, "serve": cmd_serve, "data": cmd_data, "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
             "demo": cmd_demo}
 
 

@@ -1,0 +1,93 @@
+"""`meddiff survival` end to end on synthetic BraTS-like cases whose survival depends on tumour size, position
+and age."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("radiomics", reason="needs the survival extra: bash scripts/install.sh survival")
+
+from meddiff.errors import MeddiffError  # noqa: E402
+from meddiff.survival.run import SurvivalConfig, modality_columns, run_survival  # noqa: E402
+from meddiff.survival.synthetic import write_synthetic_brats  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = write_synthetic_brats(tmp_path_factory.mktemp("brats"), n=40, size=20, seed=0)
+    lines = (root / "survival_info.csv").read_text().splitlines()
+    lines[1] = lines[1].rsplit(",", 2)[0] + ",ALIVE (361 days later),GTR"  # one censored case
+    (root / "survival_info.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path_factory.mktemp("survival_out")
+    config = SurvivalConfig(data=str(root), out=str(out), repeats=2)
+    return run_survival(config, progress=False), out, root
+
+
+def test_recovers_the_survival_signal(report):
+    result, out, _ = report
+    assert result["cases_used"] == 39 and "censored" in result["cases_skipped"]["BraTS20_Training_001"]
+    assert result["skip_summary"] == {"survival censored": 1}
+    chance = result["survival_classes"]["chance_accuracy"]
+    rows = {(r["filter"], r["model"]): r for r in result["threshold_table"]}
+    assert len(rows) == 14  # 7 thresholds x 2 models
+    best = max(r["accuracy"] for r in rows.values())
+    assert best > max(0.55, chance + 0.1)  # three classes: chance 1/3, majority class `chance`
+    assert max(r["spearman_r"] for r in rows.values()) > 0.6
+    # with far more features than cases, the filter helps the linear model (the study's point)
+    filtered = max(r["accuracy"] for (rule, model), r in rows.items() if model == "linear" and rule != "without")
+    assert filtered > rows[("without", "linear")]["accuracy"] + 0.1
+    assert {r["inputs"] for r in result["modality_table"]} == {"T1", "T1CE", "T2", "FLAIR", "all: T1, T1CE, T2, FLAIR"}
+
+
+def test_filter_keeps_the_informative_features(report):
+    result, _, _ = report
+    kept = {entry["rule"]: {f["name"]: f["rho"] for f in entry["features"]} for entry in result["kept_features"]}
+    strict = kept[">|0.12|"]
+    assert strict["wt_shape_VoxelVolume"] < -0.5  # bigger tumours, shorter survival
+    assert strict["age"] < -0.2
+    assert all(rho < -0.01 for rho in kept["<-0.01"].values())
+    assert "wt_shape_VoxelVolume" in kept["<-0.10"] and "wt_location_CentroidDistance" not in kept["<-0.10"]
+
+
+def test_outputs_are_written(report):
+    result, out, _ = report
+    assert json.loads((out / "survival.json").read_text())["cases_used"] == 39
+    md = (out / "survival.md").read_text()
+    assert "| >\\|0.10\\| | linear |" in md and "## By input modality" in md and "300 days" in md
+    header = (out / "features.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["case", "survival_days", "age"] and len(header) == result["features"]["count"] + 2
+    assert len(list((out / "features").glob("*.json"))) == 39  # per-case cache
+
+
+def test_modality_rows_use_their_own_intensity_features():
+    names = ["age", "wt_shape_VoxelVolume", "wt_t1_firstorder_Mean", "wt_t2_glcm_Contrast", "et_location_OffsetX"]
+    assert modality_columns(names, "t1").tolist() == [True, True, True, False, True]
+    assert modality_columns(names, None).all()
+
+
+def test_bad_options_are_one_line(report, tmp_path):
+    _, _, root = report
+    with pytest.raises(MeddiffError, match="unknown model"):
+        run_survival(SurvivalConfig(data=str(root), out=str(tmp_path), models=("deep",)), progress=False)
+    with pytest.raises(MeddiffError, match="cannot read filter threshold"):
+        run_survival(SurvivalConfig(data=str(root), out=str(tmp_path), rules=("big",)), progress=False)
+    with pytest.raises(MeddiffError, match="no usable case"):
+        run_survival(SurvivalConfig(data=str(root), out=str(tmp_path), resection="biopsy"), progress=False)
+
+
+def test_missing_extra_names_it(monkeypatch):
+    import builtins
+
+    from meddiff.survival import features
+
+    real_import = builtins.__import__
+
+    def no_radiomics(name, *args, **kwargs):
+        if name == "radiomics":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_radiomics)
+    with pytest.raises(MeddiffError, match=r"meddiff\[survival\]"):
+        features.require_pyradiomics()

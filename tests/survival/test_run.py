@@ -91,3 +91,30 @@ def test_missing_extra_names_it(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_radiomics)
     with pytest.raises(MeddiffError, match=r"meddiff\[survival\]"):
         features.require_pyradiomics()
+
+
+def test_broken_cases_are_counted_not_fatal(tmp_path, capsys):
+    import nibabel as nib
+
+    from meddiff.cli import main
+
+    root = write_synthetic_brats(tmp_path / "brats", n=14, size=16, seed=3)
+    seg = root / "BraTS20_Training_002" / "BraTS20_Training_002_seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.uint8), np.eye(4)), str(seg))
+    t2 = root / "BraTS20_Training_003" / "BraTS20_Training_003_t2.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 10), np.float32), np.eye(4)), str(t2))
+    (root / "BraTS20_Training_004" / "BraTS20_Training_004_t1ce.nii.gz").unlink()
+    out = tmp_path / "out"
+    code = main(["survival", "--data", str(root), "--out", str(out), "--thresholds", "none,|0.2|", "--model",
+                 "ridge", "--folds", "3", "--repeats", "1"])
+    assert code == 0
+    result = json.loads((out / "survival.json").read_text())
+    assert result["cases_used"] == 11
+    assert result["cases_skipped"] == {"BraTS20_Training_002": "empty segmentation",
+                                       "BraTS20_Training_003": "mismatched shapes: seg (16, 16, 16), t1 (16, 16, 16), "
+                                                               "t1ce (16, 16, 16), t2 (16, 16, 10), flair (16, 16, 16)",
+                                       "BraTS20_Training_004": "missing modality: t1ce"}
+    assert "best: filter" in capsys.readouterr().out
+    assert main(["survival", "--data", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("meddiff: error:") and len(err.splitlines()) == 1

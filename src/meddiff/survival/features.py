@@ -89,7 +89,10 @@ def _values(result: dict, prefix: str) -> dict[str, float]:
     for key, value in result.items():
         if key.startswith("original_"):
             _, cls, name = key.split("_", 2)
-            out[f"{prefix}_{cls}_{name}"] = float(value)
+            value = np.asarray(value)
+            # GLCM's Imc2 can come out complex (sqrt of a tiny negative): that is no value, not its real part
+            out[f"{prefix}_{cls}_{name}"] = float(value.real) if not np.iscomplexobj(value) or value.imag == 0 \
+                else float("nan")
     return out
 
 

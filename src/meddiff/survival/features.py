@@ -61,6 +61,7 @@ def require_pyradiomics():
 def _extractors(settings: FeatureSettings):
     from radiomics import featureextractor
 
+    logging.getLogger("radiomics").setLevel(logging.ERROR)  # also in worker processes
     common = {"binWidth": settings.bin_width, "label": 1, "additionalInfo": False, "minimumROIDimensions": 1,
               "minimumROISize": 1, "normalize": False}
     intensity = featureextractor.RadiomicsFeatureExtractor(**common)

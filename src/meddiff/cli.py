@@ -77,6 +77,43 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--text-encoder", help="'minilm' (packaged, offline; default), a Hugging Face id or a local folder")
     tr.add_argument("--train-text-encoder", action="store_true", default=None, help="fine-tune the text encoder too")
 
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained Stable Diffusion (unet, lora, dreambooth, ...)")
+    ft.add_argument("--pretrained", help="Stable Diffusion hub id or local diffusers folder")
+    ft.add_argument("--data", help="dataset spec; prompts come from its labels or report text")
+    ft.add_argument("--method", choices=("unet", "unet+text", "text", "dreambooth", "lora", "textual-inversion"))
+    ft.add_argument("--out", help="run directory")
+    ft.add_argument("--config", help="YAML recipe (flags override it), e.g. configs/finetune-lora.yaml")
+    ft.add_argument("--resolution", type=_positive_int, help="default 512")
+    ft.add_argument("--max-steps", type=_positive_int)
+    ft.add_argument("--max-minutes", type=_positive_float)
+    ft.add_argument("--batch-size", type=_positive_int, help="default 4")
+    ft.add_argument("--gradient-accumulation", type=_positive_int)
+    ft.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    ft.add_argument("--learning-rate", type=_positive_float, help="default by method (lora 1e-4, unet 1e-5, ...)")
+    ft.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    ft.add_argument("--use-8bit-adam", action="store_true", default=None, help="bitsandbytes AdamW8bit (CUDA)")
+    ft.add_argument("--no-ema", action="store_true", default=None)
+    ft.add_argument("--snr-gamma", type=float, help="Min-SNR weighting (default 5; 0 for plain MSE)")
+    ft.add_argument("--noise-offset", type=float)
+    ft.add_argument("--caption-dropout", type=float, help="probability of an empty prompt (guidance; default 0.1)")
+    ft.add_argument("--text-encoder", help="domain text encoder replacing CLIP (id or folder; 'minilm' packaged)")
+    ft.add_argument("--lora-rank", type=_positive_int)
+    ft.add_argument("--lora-alpha", type=_positive_float)
+    ft.add_argument("--lora-text-encoder", action="store_true", default=None)
+    ft.add_argument("--placeholder-token")
+    ft.add_argument("--initializer-token")
+    ft.add_argument("--num-vectors", type=_positive_int)
+    ft.add_argument("--instance-prompt")
+    ft.add_argument("--class-prompt")
+    ft.add_argument("--num-class-images", type=_positive_int)
+    ft.add_argument("--prior-loss-weight", type=float)
+    ft.add_argument("--train-text-encoder", action="store_true", default=None, help="dreambooth: train CLIP too")
+    ft.add_argument("--validation-prompt", action="append", help="repeatable; grids in RUN/validation/")
+    ft.add_argument("--validation-every", type=int)
+    ft.add_argument("--checkpoint-every", type=int)
+    ft.add_argument("--seed", type=int)
+    ft.add_argument("--resume", help="'latest' or a checkpoint folder")
+
     ae = sub.add_parser("train-autoencoder", help="train a VQ-VAE or KL autoencoder for latent diffusion")
     ae.add_argument("--data", help="dataset spec")
     ae.add_argument("--out", help="run directory")
@@ -228,6 +265,44 @@ def _run_config(args, overrides: dict):
     return config
 
 
+def cmd_finetune(args) -> None:
+    import yaml
+
+    from meddiff.workflow import FINETUNE_LEARNING_RATES, finetune_and_report
+
+    recipe = {}
+    if args.config and Path(args.config).is_file():
+        recipe = yaml.safe_load(Path(args.config).read_text()) or {}
+    method = args.method or (recipe.get("finetune") or {}).get("method") or "unet"
+    defaults = {"resolution": 512, "batch_size": 4, "learning_rate": FINETUNE_LEARNING_RATES.get(method, 1e-5),
+                "checkpoint_every": 500}
+    snr = None if args.snr_gamma is None else (args.snr_gamma or "off")
+    overrides = {"method": "finetune", "finetune.method": method, "finetune.pretrained": args.pretrained,
+                 "gradient_accumulation": args.gradient_accumulation, "noise_offset": args.noise_offset,
+                 "cond_dropout": args.caption_dropout, "optimizer": "adamw8bit" if args.use_8bit_adam else None,
+                 "ema": False if args.no_ema else None, "finetune.gradient_checkpointing": args.gradient_checkpointing,
+                 "finetune.text_encoder": args.text_encoder, "finetune.lora_rank": args.lora_rank,
+                 "finetune.lora_alpha": args.lora_alpha, "finetune.lora_text_encoder": args.lora_text_encoder,
+                 "finetune.placeholder_token": args.placeholder_token,
+                 "finetune.initializer_token": args.initializer_token, "finetune.num_vectors": args.num_vectors,
+                 "finetune.instance_prompt": args.instance_prompt, "finetune.class_prompt": args.class_prompt,
+                 "finetune.num_class_images": args.num_class_images,
+                 "finetune.prior_loss_weight": args.prior_loss_weight,
+                 "finetune.train_text_encoder": args.train_text_encoder,
+                 "finetune.validation_prompts": args.validation_prompt,
+                 "finetune.validation_every": args.validation_every}
+    for key, value in defaults.items():  # method defaults, below the recipe and the flags
+        if key not in recipe and getattr(args, key, None) is None:
+            overrides[key] = value
+    config = _run_config(args, overrides)
+    if snr == "off":
+        config.snr_gamma = None
+    if not config.finetune.pretrained:
+        raise MeddiffError("no pretrained model: pass --pretrained (a Stable Diffusion hub id or local folder)")
+    summary = finetune_and_report(config)
+    print(f"done: {summary['steps']} steps; export in {summary['export']}; card {Path(config.out) / 'README.md'}")
+
+
 def cmd_train_autoencoder(args) -> None:
     from meddiff.workflow import train_autoencoder_and_report
 
@@ -370,7 +445,7 @@ def cmd_serve(args) -> None:
     serve(args.model, args.host, args.port, limits, args.device)
 
 
-COMMANDS = {"survival": cmd_survival, "serve": cmd_serve, "data": cmd_data, "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
+COMMANDS = {"finetune": cmd_finetune, "survival": cmd_survival, "serve": cmd_serve, "data": cmd_data, "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
             "demo": cmd_demo}
 
 

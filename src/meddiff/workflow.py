@@ -128,3 +128,56 @@ def write_autoencoder_card(run_dir: Path, config: TrainConfig, report: dict, tra
     path = run_dir / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+FINETUNE_LEARNING_RATES = {"unet": 1e-5, "unet+text": 1e-5, "text": 1e-5, "dreambooth": 5e-6, "lora": 1e-4,
+                           "textual-inversion": 5e-4}
+
+
+def finetune_and_report(config: TrainConfig, progress: bool = True) -> dict:
+    """`meddiff finetune`: train with the chosen fine-tuning method, export, validation grid, model card."""
+    from meddiff.models.stable_diffusion import check_pretrained
+
+    check_pretrained(config.finetune.pretrained)  # an unreachable hub id fails before the data is read
+    spec = parse_spec(config.data)
+    dataset = load_dataset(spec, config.resolution)
+    print(f"data: {dataset.summary()}")
+    result = train(config, dataset, progress=progress)
+    summary = {"method": config.finetune.method, "pretrained": config.finetune.pretrained, "dataset": dataset.summary(),
+               "steps": result.steps, "train_minutes": round(result.train_seconds / 60, 2),
+               "images_per_second": round(result.images_per_second, 2), "precision": result.precision,
+               "trainable_parameters": result.parameters, "export": str(result.pipeline_dir)}
+    run_dir = Path(config.out)
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_finetune_card(run_dir, config, summary)
+    return summary
+
+
+def write_finetune_card(run_dir: Path, config: TrainConfig, summary: dict) -> Path:
+    ft = config.finetune
+    export = Path(summary["export"])
+    if ft.method == "lora":
+        use = ["pipe = StableDiffusionPipeline.from_pretrained(BASE)", f"pipe.load_lora_weights('{export}')"]
+    elif ft.method == "textual-inversion":
+        use = ["pipe = StableDiffusionPipeline.from_pretrained(BASE)",
+               f"pipe.load_textual_inversion('{export / 'learned_embeds.safetensors'}', token='{ft.placeholder_token}')"]
+    else:
+        use = [f"pipe = StableDiffusionPipeline.from_pretrained('{export}', safety_checker=None)"]
+    lines = ["---", "library_name: diffusers", "tags: [meddiff, medical-imaging, stable-diffusion, " + ft.method + "]",
+             f"base_model: {ft.pretrained}", "---", "", f"# meddiff fine-tune ({ft.method}) of {ft.pretrained}", "",
+             f"- data: {summary['dataset']}", f"- {summary['steps']} steps at {config.resolution} px, batch "
+             f"{config.batch_size} x {config.gradient_accumulation} accumulation, {summary['train_minutes']} min, "
+             f"{summary['images_per_second']} img/s, {summary['precision']}",
+             f"- text encoder: {ft.text_encoder or 'the pretrained CLIP'}"
+             + (f"; placeholder {ft.placeholder_token} ({ft.num_vectors} vectors)" if ft.method == "textual-inversion"
+                else "") + (f"; instance prompt '{ft.instance_prompt}', class prompt '{ft.class_prompt}'"
+                            if ft.method == "dreambooth" else ""),
+             "- grayscale: 1-channel images enter the RGB autoencoder as three equal channels; meddiff returns the "
+             "mean of the decoded channels", f"- validation grid: validation/final.png (rows: validation/final.txt)",
+             "", "Use it:", "```bash", f"meddiff generate --model {run_dir} --prompt \"chest x-ray with pleural "
+             "effusion\" --out DIR", f"meddiff serve --model {run_dir}", "```", "With plain diffusers (BASE = "
+             f"{ft.pretrained}):", "```python", "from diffusers import StableDiffusionPipeline", *use, "```", "",
+             "Synthetic images from this model are not real patients and are not for diagnosis."]
+    path = run_dir / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -28,6 +28,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def load_pretrained(loader, name_or_path: str, what: str, **kwargs):
     """loader(name_or_path, **kwargs) for a local folder; for a hub id: the local cache first, then the hub."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # huggingface_hub's own deprecation
     path = Path(name_or_path).expanduser()
     if path.exists():
         try:

@@ -99,11 +99,14 @@ class MedDiffusionPipeline(DiffusionPipeline):
         return encode_condition(labels, known)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model-space sample -> image in [-1, 1] (identity for pixel models)."""
+        """Model-space sample -> 1-channel image in [-1, 1] (identity for pixel models)."""
         if not self.is_latent:
             return latents
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(z).sample
+        images = self.vae.decode(z).sample
+        if images.shape[1] == 3:  # an RGB autoencoder (pretrained Stable Diffusion): back to 1-channel grayscale
+            images = images.mean(dim=1, keepdim=True)
+        return images
 
     @torch.no_grad()
     def __call__(

@@ -9,6 +9,8 @@ from meddiff.errors import MeddiffError
 from meddiff.models.pipeline import MedDiffusionPipeline
 
 PIPELINE_DIR = "pipeline"
+ADAPTER_FILE = "meddiff_adapter.json"  # LoRA / textual-inversion exports: which base model they apply to
+ADAPTER_DIRS = ("lora", "textual_inversion")
 
 
 def save_pipeline(out_dir: Path, unet, scheduler, label_names: list[str], vae=None, text_encoder=None,
@@ -23,11 +25,24 @@ def save_pipeline(out_dir: Path, unet, scheduler, label_names: list[str], vae=No
     return out_dir
 
 
+def find_adapter(path: str | Path) -> Path | None:
+    """The adapter folder (LoRA weights or textual-inversion embeddings) of a fine-tuning run, if it is one."""
+    path = Path(path).expanduser()
+    for candidate in (path, *(path / name for name in ADAPTER_DIRS)):
+        if (candidate / ADAPTER_FILE).is_file():
+            return candidate
+    return None
+
+
 def resolve_model_dir(path: str | Path) -> Path:
-    """Accept a run directory (holding pipeline/) or a pipeline folder; fail with one actionable line."""
+    """Accept a run directory (holding pipeline/, lora/ or textual_inversion/), a pipeline folder or an adapter
+    folder; fail with one actionable line."""
     path = Path(path).expanduser()
     if not path.exists():
         raise MeddiffError(f"model directory {path} does not exist; pass a run directory written by `meddiff train`")
+    adapter = find_adapter(path)
+    if adapter is not None and not (path / PIPELINE_DIR).is_dir():
+        return adapter
     candidate = path / PIPELINE_DIR if (path / PIPELINE_DIR).is_dir() else path
     for required in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
         if not (candidate / required).is_file():
@@ -42,6 +57,8 @@ def resolve_model_dir(path: str | Path) -> Path:
 def load_pipeline(path: str | Path, device: str = "cpu") -> MedDiffusionPipeline:
     folder = resolve_model_dir(path)
     quiet_loading()
+    if (folder / ADAPTER_FILE).is_file():
+        return load_adapter_pipeline(folder).to(device)
     try:
         pipe = MedDiffusionPipeline.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
@@ -59,3 +76,39 @@ def quiet_loading() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+
+
+def load_adapter_pipeline(folder: Path) -> MedDiffusionPipeline:
+    """Base Stable Diffusion + LoRA weights or textual-inversion embeddings, applied with diffusers' own loaders
+    (load_lora_weights / load_textual_inversion), as a MedDiffusionPipeline."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from meddiff.models.stable_diffusion import load_stable_diffusion
+
+    note = json.loads((folder / ADAPTER_FILE).read_text())
+    weights = folder / note["weights"]
+    if not weights.is_file():
+        raise MeddiffError(f"{folder} is incomplete: {note['weights']} is missing")
+    parts = load_stable_diffusion(note["base"])
+    sd = StableDiffusionPipeline(unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
+                                 tokenizer=parts.tokenizer, scheduler=parts.scheduler, safety_checker=None,
+                                 feature_extractor=None, requires_safety_checker=False)
+    try:
+        if note["kind"] == "lora":
+            sd.load_lora_weights(str(folder), weight_name=note["weights"])
+        elif note["kind"] == "textual-inversion":
+            sd.load_textual_inversion(str(weights), token=note["token"])
+        else:
+            raise MeddiffError(f"{folder}: unknown adapter kind {note['kind']!r}")
+    except (OSError, ValueError, KeyError) as exc:
+        raise MeddiffError(f"could not apply {weights} to {note['base']}: {str(exc).splitlines()[0]}") from None
+    factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    sd.unet.register_to_config(sample_size=int(note["resolution"]) // factor)
+    sd.vae.register_to_config(sample_size=int(note["resolution"]))
+    pipe = MedDiffusionPipeline(unet=sd.unet, scheduler=sd.scheduler, vae=sd.vae, text_encoder=sd.text_encoder,
+                                tokenizer=sd.tokenizer, label_names=note.get("label_names") or [])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.text_encoder.requires_grad_(False).eval()
+    return pipe

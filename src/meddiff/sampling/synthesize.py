@@ -25,7 +25,7 @@ from meddiff import __version__
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.chexpert_format import CHEXPERT_OBSERVATIONS
 from meddiff.errors import MeddiffError
-from meddiff.models.storage import resolve_model_dir
+from meddiff.models.storage import ADAPTER_FILE, resolve_model_dir
 from meddiff.sampling.animate import DenoisingRecorder
 from meddiff.sampling.export import FORMATS, image_name, write_image, write_manifest
 from meddiff.sampling.generate import SamplingSettings, image_seed, prompts_for_labels, sample
@@ -37,8 +37,12 @@ STATE_FILE = "generation.json"
 def model_fingerprint(model_dir: str | Path) -> str:
     """Identifies the weights: U-Net config plus size and first/last MiB of every weight file."""
     folder = resolve_model_dir(model_dir)
-    h = hashlib.sha1((folder / "unet" / "config.json").read_bytes())
-    parts = [folder / name for name in ("unet", "vae", "text_encoder") if (folder / name).is_dir()]
+    if (folder / ADAPTER_FILE).is_file():  # LoRA / textual inversion: the note (naming the base) and the weights
+        h = hashlib.sha1((folder / ADAPTER_FILE).read_bytes())
+        parts = [folder]
+    else:
+        h = hashlib.sha1((folder / "unet" / "config.json").read_bytes())
+        parts = [folder / name for name in ("unet", "vae", "text_encoder") if (folder / name).is_dir()]
     files = [f for part in parts for f in sorted(part.glob("*.safetensors")) + sorted(part.glob("*.bin"))]
     for weights in files:
         size = weights.stat().st_size

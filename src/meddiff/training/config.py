@@ -21,6 +21,33 @@ class LatentConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained Stable Diffusion (method "finetune"); see meddiff.training.methods.finetune."""
+
+    pretrained: str = ""  # hub id or local diffusers folder
+    method: str = "unet"  # unet | unet+text | text | dreambooth | lora | textual-inversion
+    text_encoder: str = ""  # a domain text encoder (id or path) replacing CLIP; projected to the U-Net's width
+    gradient_checkpointing: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_text_encoder: bool = False
+    placeholder_token: str = "<lung-xray>"
+    initializer_token: str = "chest"
+    num_vectors: int = 1
+    template: str = "{token} {prompt}"  # textual inversion: the training prompt around the new token(s)
+    instance_prompt: str = ""  # dreambooth: e.g. "chest x-ray with sks pleural effusion"
+    class_prompt: str = ""  # dreambooth prior preservation, e.g. "chest x-ray"
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False  # dreambooth: train the text encoder too
+    validation_prompts: list[str] = field(default_factory=lambda: ["chest x-ray with cardiomegaly",
+                                                                   "chest x-ray with pleural effusion",
+                                                                   "normal chest x-ray"])
+    validation_every: int = 0  # steps between validation grids (0: only after training)
+    validation_images: int = 4  # per prompt
+
+
+@dataclass
 class EvalConfig:
     fidelity: bool = True  # train a real-image classifier and measure label fidelity of samples
     fidelity_samples: int = 256
@@ -46,6 +73,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     cond_dropout: float = 0.1  # classifier-free guidance: probability of training without the condition
     snr_gamma: float | None = 5.0  # Min-SNR loss weighting; None for plain MSE
+    noise_offset: float = 0.0  # per-channel constant added to the noise (0.05-0.1 helps very dark/bright images)
+    gradient_accumulation: int = 1  # micro-batches of batch_size per optimizer step
+    optimizer: str = "adamw"  # adamw | adamw8bit (needs bitsandbytes)
+    ema: bool = True  # keep and export an EMA of the trained weights (where the method uses one)
     ema_decay: float = 0.9995
     ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power until ema_decay
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -61,6 +92,7 @@ class TrainConfig:
     latent: LatentConfig = field(default_factory=LatentConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,7 +106,7 @@ class TrainConfig:
 
 
 SECTIONS = {"model": ModelConfig, "text": TextConfig, "latent": LatentConfig, "autoencoder": AutoencoderConfig,
-            "eval": EvalConfig}
+            "eval": EvalConfig, "finetune": FinetuneConfig}
 
 
 def _build(cls, data: dict[str, Any], where: str):

@@ -54,6 +54,18 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
 
 
+def make_optimizer(config: TrainConfig, params: list):
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise MeddiffError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA only)") from None
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    raise MeddiffError(f"unknown optimizer {config.optimizer!r}; choose adamw or adamw8bit")
+
+
 def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True) -> TrainResult:
     run_dir = Path(config.out)
     if config.method not in METHODS:
@@ -69,14 +81,13 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     method: TrainingMethod = METHODS[config.method](config, dataset)
     model = method.model
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  weight_decay=config.adam_weight_decay)
+    optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     method.setup(accelerator)
     ema = None
-    if method.uses_ema:
+    if method.uses_ema and config.ema:
         ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=config.ema_decay,
                        use_ema_warmup=True, inv_gamma=1.0, power=config.ema_power)
     state = {"step": 0, "elapsed": 0.0, "loss_history": []}
@@ -96,15 +107,20 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     model.train()
     while state["step"] < config.max_steps and state["elapsed"] < budget:
         step = state["step"]
-        idx = torch.from_numpy(batch_indices(len(dataset), config.batch_size, config.seed, step))
-        batch = method.batch(idx, accelerator.device)
-        batch["step"] = step
-        generator = step_generator(config.seed, step)
-        with accelerator.autocast():  # also covers methods that call submodules (encode/decode), not forward
-            loss = method.loss(model, batch, generator)
-        if not torch.isfinite(loss):
-            raise MeddiffError(f"loss became {loss.item()} at step {step}; lower --learning-rate or use fp32")
-        accelerator.backward(loss)
+        accumulate = max(int(config.gradient_accumulation), 1)
+        loss = torch.zeros(())
+        for micro in range(accumulate):  # micro-batch k of step s is batch s*A+k: resumable, batch-size exact
+            seq = step * accumulate + micro
+            idx = torch.from_numpy(batch_indices(len(dataset), config.batch_size, config.seed, seq))
+            batch = method.batch(idx, accelerator.device)
+            batch["step"] = step
+            generator = step_generator(config.seed, seq)
+            with accelerator.autocast():  # also covers methods that call submodules (encode/decode), not forward
+                micro_loss = method.loss(model, batch, generator) / accumulate
+            if not torch.isfinite(micro_loss):
+                raise MeddiffError(f"loss became {micro_loss.item()} at step {step}; lower --learning-rate or use fp32")
+            accelerator.backward(micro_loss)
+            loss = loss + micro_loss.detach().float().cpu()
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
@@ -138,13 +154,14 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     accelerator.end_training()
 
     unwrapped = accelerator.unwrap_model(model)
+    trainable = [p for p in unwrapped.parameters() if p.requires_grad]  # what the EMA tracks, in its order
     if ema is not None:
-        ema.store(unwrapped.parameters())
-        ema.copy_to(unwrapped.parameters())
+        ema.store(trainable)
+        ema.copy_to(trainable)
     pipeline_dir = method.export(unwrapped, run_dir)
     if ema is not None:
-        ema.restore(unwrapped.parameters())
-    rate = steps_done * config.batch_size / train_seconds if train_seconds > 0 else 0.0
+        ema.restore(trainable)
+    rate = steps_done * config.batch_size * max(int(config.gradient_accumulation), 1) / train_seconds if train_seconds > 0 else 0.0
     summary = {"steps": state["step"], "train_seconds_total": round(state["elapsed"], 1),
                "images_per_second": round(rate, 2), "precision": precision, "parameters": n_params,
                "dataset": dataset.summary()}

@@ -82,9 +82,17 @@ class PixelDiffusion(TrainingMethod):
         unet = model["unet"] if isinstance(model, torch.nn.ModuleDict) else model
         device = next(unet.parameters()).device
         x0 = self.clean_samples(batch, generator).to(device)
-        b = x0.shape[0]
         kwargs = self.condition_kwargs(model, batch, generator, device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        return self.denoising_loss(unet, x0, kwargs, generator).mean()
+
+    def denoising_loss(self, unet, x0: torch.Tensor, kwargs: dict, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample loss of predicting the noise (or v) of x0 at a random timestep, Min-SNR weighted when
+        configured; `noise_offset` adds a per-channel constant to the noise (brighter/darker images learnable)."""
+        device, b = x0.device, x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator)
+        if self.config.noise_offset:
+            noise = noise + self.config.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=generator)
+        noise = noise.to(device)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
@@ -98,7 +106,7 @@ class PixelDiffusion(TrainingMethod):
             clipped = torch.clamp(snr, max=self.config.snr_gamma)
             weight = clipped / (snr + 1) if self.noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
             per_sample = per_sample * weight
-        return per_sample.mean()
+        return per_sample
 
     def vae(self):
         return None

@@ -207,4 +207,24 @@ def test_bad_fine_tune_requests_are_one_line(tmp_path, base, data):
         train(_config(base, tmp_path / "c", "textual-inversion", steps=1, initializer_token="pleural effusion"), data,
               progress=False)
     with pytest.raises(MeddiffError, match="unknown fine-tuning method"):
-        train(_config(base, tmp_path / "d", "unet", steps=1, method="everything"), data, progress=False)
+        config = _config(base, tmp_path / "d", "unet", steps=1)
+        config.finetune.method = "everything"
+        train(config, data, progress=False)
+
+
+def test_finetune_cli_then_generate_from_the_adapter(tmp_path, base, capsys):
+    import csv
+
+    from meddiff.cli import main
+
+    run = tmp_path / "lora_run"
+    assert main(["finetune", "--pretrained", str(base), "--data", DATA, "--method", "lora", "--resolution", "32",
+                 "--max-steps", "2", "--batch-size", "4", "--out", str(run)]) == 0
+    card = (run / "README.md").read_text()
+    assert "load_lora_weights" in card and "not for diagnosis" in card
+    assert main(["generate", "--model", str(run), "--prompt", "chest x-ray with edema", "--n", "2", "--steps", "2",
+                 "--out", str(tmp_path / "gen")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "gen" / "manifest.csv")))
+    assert [r["prompt"] for r in rows] == ["chest x-ray with edema"] * 2
+    assert main(["finetune", "--pretrained", str(tmp_path / "missing"), "--data", DATA, "--out", str(run)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -228,3 +228,24 @@ def test_finetune_cli_then_generate_from_the_adapter(tmp_path, base, capsys):
     assert [r["prompt"] for r in rows] == ["chest x-ray with edema"] * 2
     assert main(["finetune", "--pretrained", str(tmp_path / "missing"), "--data", DATA, "--out", str(run)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_accumulation_checkpointing_noise_offset_and_validation_grids(tmp_path, base, data):
+    config = _config(base, tmp_path / "opts", "unet", steps=2, gradient_checkpointing=True, validation_every=1)
+    config.gradient_accumulation, config.noise_offset, config.batch_size = 2, 0.05, 4
+    result = train(config, data, progress=False)
+    assert result.steps == 2 and all(np.isfinite(loss) for _, loss, _ in result.loss_history)
+    assert sorted(p.name for p in (tmp_path / "opts" / "validation").glob("*.png")) == [
+        "final.png", "step-0000001.png", "step-0000002.png"]
+    from meddiff.training.methods.finetune import StableDiffusionFinetune
+
+    assert StableDiffusionFinetune(config, data).model.is_gradient_checkpointing
+    tuned = load_pipeline(tmp_path / "opts")
+    assert tuned(prompt=["chest x-ray"], num_inference_steps=2, output_type="pt").images.shape == (1, 1, 32, 32)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        config = _config(base, tmp_path / "adam8", "unet", steps=1)
+        config.optimizer = "adamw8bit"
+        with pytest.raises(MeddiffError, match="needs bitsandbytes"):
+            train(config, data, progress=False)

@@ -15,10 +15,10 @@ extra="[serve]"
 [ "${1:-}" = "test" ] && extra="[serve,test]"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".${extra}"
 if [ "${1:-}" = "test" ] || [ "${1:-}" = "survival" ]; then
-  # pyradiomics (meddiff[survival]): its newest source release has broken metadata, so pip falls back to 3.0.1,
-  # which builds against the installed numpy only without build isolation and with versioneer present
+  # pyradiomics (meddiff[survival]): its newest source release (3.1.0) has broken metadata (it says 3.0.1a1), so
+  # 3.0.1 is pinned; it builds against the installed numpy only without build isolation, with versioneer present
   .venv/bin/python -m pip install -q -c constraints.txt --upgrade setuptools wheel versioneer
-  .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation "pyradiomics>=3.0.1"
+  .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation "pyradiomics==3.0.1"
 fi
 if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null; then
   # the browser tests drive Debian's Chromium with Playwright (no browser download of Playwright's own)

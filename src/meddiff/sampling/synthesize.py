@@ -90,7 +90,8 @@ def _check_state(out_dir: Path, state: dict) -> None:
         if changed:
             raise MeddiffError(f"{out_dir} holds a generation with other {', '.join(changed)}; "
                                "rerun with the same options to resume, or use a new --out")
-    elif out_dir.is_dir() and any(out_dir.iterdir()):
+    elif out_dir.is_dir() and any(not p.name.startswith(f"{STATE_FILE}.") for p in out_dir.iterdir()):
+        # (another shard's half-written generation.json.<pid>.tmp is not foreign content: shards start together)
         raise MeddiffError(f"{out_dir} is not empty and holds no meddiff generation; choose an empty --out")
 
 

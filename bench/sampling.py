@@ -2,8 +2,11 @@
 
     python bench/sampling.py [--model RUN_DIR] [--data SPEC] [--n 16]
 
-Without --model an untrained default-config model is timed (speed only). With --model and --data, the label
-fidelity AUC of each sampler setting is measured as well (same classifier, same condition rows)."""
+Without --model an untrained default-config model is timed (speed only). With --model and --data, each sampler
+setting is also scored with the same real-trained (domain) classifier as `meddiff evaluate` on the same condition
+rows (drawn from the real held-out labels): label-fidelity AUC, and domain FID and KID against the real held-out
+split. FID is biased by sample count, so every setting uses the same count (`--ddpm-n` defaults to `--n` when
+scoring) and the FID of that many real training images is given as the floor."""
 
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--data", default=None, help="real data spec for label fidelity (needs --model)")
-    ap.add_argument("--n", type=int, default=16, help="images per setting (DDPM-1000 uses n/4, at least 4)")
+    ap.add_argument("--n", type=int, default=16, help="images per setting")
+    ap.add_argument("--ddpm-n", type=int, default=None,
+                    help="images for DDPM-1000 (default: n when scoring, else n/4, at least 4)")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="a few steps per setting (smoke test of the command)")
@@ -50,21 +55,30 @@ def main() -> None:
     fidelity = None
     if args.model and args.data:
         from meddiff.data.spec import load_dataset, parse_spec
-        from meddiff.evaluation.classifier import per_label_auc, predict, train_classifier
+        from meddiff.evaluation.classifier import per_label_auc, predict
+        from meddiff.evaluation.distribution import fid, kid
+        from meddiff.evaluation.features import domain_classifier, embed
 
         spec = parse_spec(args.data)
         res = pipe.unet.config.sample_size
         train, heldout = load_dataset(spec, res), load_dataset(spec.heldout(), res)
-        clf = train_classifier(train, epochs=8)
+        clf = domain_classifier(train, str(spec), epochs=10, progress=False)
+        f_test = embed(clf, heldout.images)
+        floor_rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.n]
+        floor = fid(f_test, embed(clf, train.images[floor_rows]))
+        print(f"FID of {len(floor_rows)} real training images vs held-out (the floor at this count): {floor:.3f}")
         fidelity = (clf, heldout)
     codec = LabelCodec(pipe.label_names)
     rows = []
     for name, steps in SETTINGS:
         steps = min(steps, 3) if args.quick else steps
-        n = max(4, args.n // 4) if steps >= 500 else args.n
+        n = args.n
+        if steps >= 500:
+            n = args.ddpm_n or (args.n if fidelity else max(4, args.n // 4))
         if fidelity:
             heldout = fidelity[1]
-            idx = torch.arange(n) % len(heldout)
+            idx = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[:n] if n <= len(heldout) \
+                else torch.arange(n) % len(heldout)
             labels, known = heldout.labels[idx], heldout.known[idx]
         else:
             labels = torch.zeros(n, len(codec.label_names))
@@ -77,13 +91,19 @@ def main() -> None:
         dt = time.perf_counter() - t0
         row = {"scheduler": name, "steps": steps, "n": n, "s_per_image": round(dt / n, 4)}
         if fidelity:
-            probs = predict(fidelity[0], torch.from_numpy(images).unsqueeze(1) * 2 - 1)
+            scaled = torch.from_numpy(images).unsqueeze(1) * 2 - 1
+            probs = predict(fidelity[0], scaled)
+            f_syn = embed(fidelity[0], scaled)
+            row["domain_fid"] = round(fid(f_test, f_syn), 3)
+            row["fid_floor_same_n"] = round(floor, 3) if n == args.n else None
+            row["kid"] = round(kid(f_test, f_syn, subset_size=min(n, len(f_test), 500))[0], 5)
             aucs = per_label_auc(probs, labels.numpy(), known.numpy(), codec.label_names)
             vals = [v for v in aucs.values() if v is not None]
             row["mean_fidelity_auc"] = round(sum(vals) / len(vals), 3) if vals else None
         rows.append(row)
         print(row, flush=True)
-    cols = ["scheduler", "steps", "n", "s_per_image"] + (["mean_fidelity_auc"] if fidelity else [])
+    cols = ["scheduler", "steps", "n", "s_per_image"] + (["mean_fidelity_auc", "domain_fid", "fid_floor_same_n", "kid"]
+                                                         if fidelity else [])
     write_results("sampling", rows, cols, args.out)
 
 

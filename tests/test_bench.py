@@ -39,3 +39,40 @@ def test_peer_bench_sizes_peers_to_meddiff_and_writes_json(tmp_path):
     assert set(rows) == {"meddiff", "diffusers-example"}
     assert abs(rows["diffusers-example"]["params_vs_meddiff"] - 1) <= 0.10  # equal size within 10 %
     assert rows["meddiff"]["meddiff_speedup"] == 1.0 and rows["diffusers-example"]["img_per_s"] > 0
+
+
+def test_speedups_bench_counts_flops_and_profiles(tmp_path):
+    out = tmp_path / "e.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "speedups.py"), "--variants", "fp32", "bf16 classic attention",
+                           "bf16 attention <=16 px", "--steps", "2", "--warmup", "1", "--batch-size", "4",
+                           "--profile-steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"fp32", "bf16 classic attention", "bf16 attention <=16 px"}
+    # the default 28 px U-Net costs a few hundred MFLOP per training image; attention at 14 px adds to it
+    assert 0.05 < data["gflops_per_training_image"] < 5
+    assert rows["bf16 attention <=16 px"]["gflops_per_image"] > rows["fp32"]["gflops_per_image"]
+    assert all(0 < r["of_matmul_peak"] < 1.5 and r["img_per_s"] > 0 for r in rows.values())
+    limits = data["cpu_limits"]
+    assert limits["matmul_fp32_gflops"] > 0 and limits["matmul_bf16_gflops"] > 0
+    shares = data["profile"]["share"]
+    assert abs(sum(shares.values()) - 1) < 0.01 and shares.get("convolution", 0) > 0
+    assert (out.parent / "speedups-profile.txt").read_text().strip()
+
+
+def test_time_to_quality_bench_resumes_between_marks(tmp_path):
+    out = tmp_path / "q.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "time_to_quality.py"), "--data", "phantom:?n=96&seed=0",
+                           "--minutes", "0.03", "0.06", "--n", "16", "--epochs", "1", "--workdir", str(tmp_path / "w"),
+                           "--set", "model.block_out_channels=[16,32]", "--set", "batch_size=8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    first, second = data["rows"]
+    assert 0 < first["steps"] < second["steps"] and second["train_minutes"] >= 0.06
+    assert "resumed from" in proc.stdout  # the second mark continued the first mark's run
+    for row in data["rows"]:
+        assert 0 <= row["fidelity_auc"] <= 1 and 0 <= row["synthetic_only_auc"] <= 1 and row["domain_fid"] > 0
+    assert data["overrides"]["batch_size"] == 8 and out.with_suffix(".png").stat().st_size > 1000
+    assert (tmp_path / "w" / "default" / "snapshots" / "0.06min" / "pipeline").is_dir()

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="labels (default), text prompts, both, or none (unconditional)")
     tr.add_argument("--text-encoder", help="'minilm' (packaged, offline; default), a Hugging Face id or a local folder")
     tr.add_argument("--train-text-encoder", action="store_true", default=None, help="fine-tune the text encoder too")
+    tr.add_argument("--channels-last", action="store_true", default=None, help="NHWC convolutions (speed option)")
+    tr.add_argument("--compile", action="store_true", default=None,
+                    help="torch.compile the U-Net (minutes of compile time first; measure with bench/speedups.py)")
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained Stable Diffusion (unet, lora, dreambooth, ...)")
     ft.add_argument("--pretrained", help="Stable Diffusion hub id or local diffusers folder")
@@ -329,7 +332,8 @@ def cmd_train(args) -> None:
     config = _run_config(args, {
         "model.prediction_type": args.prediction, "eval.fidelity": False if args.no_eval else None,
         "method": args.method, "latent.autoencoder": args.autoencoder, "conditioning": args.conditioning,
-        "text.encoder": args.text_encoder, "text.train_encoder": args.train_text_encoder})
+        "text.encoder": args.text_encoder, "text.train_encoder": args.train_text_encoder,
+        "channels_last": args.channels_last, "compile": args.compile})
     if config.method == "autoencoder":
         raise MeddiffError("this config trains an autoencoder; use `meddiff train-autoencoder`")
     summary = train_and_report(config)

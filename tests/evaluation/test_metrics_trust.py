@@ -51,6 +51,25 @@ def test_memorization_flags_copies_not_fresh_images(setup):
     assert copies.flagged.mean() == 1.0 and (copies.pixel_match == np.arange(100)).all()
     new = audit(to01(fresh.images), to01(train.images), feats(clf, fresh.images), f_train, to01(test.images), f_test)
     assert new.flagged.mean() < 0.1
+    # the kNN distance ratio: copies score 0 and are all flagged by it alone; new images sit near 1, rarely flagged
+    assert copies.flagged_knn.all() and copies.knn_ratio.max() < 1e-6
+    assert new.flagged_knn.mean() < 0.1 and 0.5 < float(np.median(new.knn_ratio)) < 3
+    # lightly perturbed training images (a "near copy") score far below new images
+    noisy = (train.images[:50] + 0.02 * torch.randn_like(train.images[:50])).clamp(-1, 1)
+    near = audit(to01(noisy), to01(train.images), feats(clf, noisy), f_train, to01(test.images), f_test)
+    assert float(np.median(near.knn_ratio)) < 0.5 * float(np.median(new.knn_ratio))
+    d = new.to_dict()
+    assert d["rate_knn_ratio"] == float(new.flagged_knn.mean()) and d["knn_ratio_threshold"] > 0
+
+
+def test_knn_ratio_on_a_known_layout():
+    from meddiff.evaluation.memorization import knn_ratio
+
+    refs = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [12.0, 0.0]])
+    ratio, match = knn_ratio(np.array([[0.1, 0.0], [11.0, 0.0], [0.0, 0.0]]), refs)
+    assert match.tolist() == [0, 2, 0]
+    # 0.1 from refs[0], whose own nearest neighbour is 1 away; 1 from refs[2] (neighbour 2 away); an exact copy
+    assert np.allclose(ratio, [0.1, 0.5, 0.0])
 
 
 def test_shuffled_labels_give_chance_fidelity(setup):

@@ -74,3 +74,39 @@ def test_v_prediction_trains(tmp_path, data):
     result = train(cfg(tmp_path, max_steps=3, model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1,
                                                                   prediction_type="v_prediction")), data, progress=False)
     assert result.steps == 3
+
+
+def test_channels_last_trains_the_same_model_and_exports_plain_weights(tmp_path, data):
+    """A speed option must not change what is learned: NHWC convolutions give the same weights up to float
+    rounding, and the export loads as an ordinary (contiguous) diffusers U-Net."""
+    from diffusers import UNet2DConditionModel
+
+    train(cfg(tmp_path / "nchw", max_steps=3, precision="fp32"), data, progress=False)
+    train(cfg(tmp_path / "nhwc", max_steps=3, precision="fp32", channels_last=True), data, progress=False)
+    name = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "nchw" / name), load_file(tmp_path / "nhwc" / name)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "nhwc" / "pipeline" / "unet")
+    assert unet.conv_in.weight.is_contiguous()
+
+
+@pytest.mark.slow
+def test_compile_option_trains_and_exports_uncompiled_weights(tmp_path, data):
+    tiny = ModelConfig(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, attention_head_dim=8)
+    result = train(cfg(tmp_path, max_steps=2, precision="fp32", compile=True, model=tiny), data, progress=False)
+    weights = load_file(tmp_path / "pipeline/unet/diffusion_pytorch_model.safetensors")
+    assert result.steps == 2 and not any(k.startswith("_orig_mod") for k in weights)
+    assert "conv_in.weight" in weights
+
+
+def test_speed_options_in_cli_reach_the_config(tmp_path):
+    from meddiff.cli import _run_config, build_parser
+
+    args = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", str(tmp_path), "--channels-last",
+                                      "--compile"])
+    config = _run_config(args, {"channels_last": args.channels_last, "compile": args.compile})
+    assert config.channels_last and config.compile
+    plain = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", str(tmp_path)])
+    config = _run_config(plain, {"channels_last": plain.channels_last, "compile": plain.compile})
+    assert not config.channels_last and not config.compile

@@ -92,7 +92,9 @@ def write_eval_report(out: Path, m: dict, art: dict) -> Path:
     memo = (f"<p>Nearest training image of every synthetic image. Thresholds are the 99th percentile of the same "
             f"similarities for real held-out images: pixel correlation {mem['pixel_threshold']:.4f}, feature cosine "
             f"{mem['feature_threshold']:.4f}. Flagged: {fmt(mem['rate_flagged'])} (pixel {fmt(mem['rate_pixel'])}, "
-            f"feature {fmt(mem['rate_feature'])}); pixel correlation above 0.95: {fmt(mem['rate_pixel_above_0.95'])}.</p>"
+            f"feature {fmt(mem['rate_feature'])}, kNN distance ratio below {mem['knn_ratio_threshold']:.3f} (the 1st "
+            f"percentile of held-out real images): {fmt(mem['rate_knn_ratio'])}, median ratio "
+            f"{fmt(mem['median_knn_ratio'])}); pixel correlation above 0.95: {fmt(mem['rate_pixel_above_0.95'])}.</p>"
             + figure("closest pairs: synthetic (left) | nearest training image (right); correlations "
                      + ", ".join(f"{audit.pixel_similarity[i]:.3f}" for i in top), grid_png_bytes(pairs, 4, up)))
     umap_bytes = umap_png(f_test, f_syn, _first_class(test), _first_class(syn), m['distribution']['features'])

@@ -92,17 +92,43 @@ class InceptionFeatures:
 
 
 def xrv_features(weights: str | None):
-    """torchxrayvision DenseNet features (where the package and weights are installed)."""
+    """torchxrayvision DenseNet features (where the package is installed). `weights` is an xrv weights name
+    (default densenet121-res224-all, downloaded by xrv where the network allows) or a local file: a state dict in
+    safetensors, or xrv's own .pt file (a pickled model, loaded only because the user named it)."""
     import torchxrayvision as xrv
 
-    model = xrv.models.DenseNet(weights=weights or "densenet121-res224-all").eval()
+    if weights and Path(weights).is_file():
+        model = xrv.models.DenseNet(weights=None)
+        if str(weights).endswith(".safetensors"):
+            state = load_file(str(weights))
+        else:
+            loaded = torch.load(str(weights), map_location="cpu", weights_only=False)
+            state = loaded.state_dict() if hasattr(loaded, "state_dict") else loaded
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise MeddiffError(f"--feature-weights {weights} does not fit xrv's DenseNet: "
+                               f"{str(exc).splitlines()[0]}") from None
+    else:
+        try:
+            model = xrv.models.DenseNet(weights=weights or "densenet121-res224-all")
+        except Exception as exc:  # noqa: BLE001 - unknown name, offline download: one line
+            raise MeddiffError(f"torchxrayvision could not load weights {weights or 'densenet121-res224-all'!r} "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); put the "
+                               f"file on disk and pass --feature-weights PATH") from None
+    model = model.eval()
 
     @torch.no_grad()
     def extract(images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """images (N, 1, R, R) in [-1, 1] -> xrv's pooled DenseNet features; xrv wants 224 px in [-1024, 1024]."""
         out = []
         for i in range(0, len(images), batch_size):
             x = F.interpolate(images[i:i + batch_size].float(), size=(224, 224), mode="bilinear") * 1024
-            out.append(model.features2(x).numpy())
+            if hasattr(model, "features2"):
+                f = model.features2(x)
+            else:  # older xrv: pool the last feature map as its classifier does
+                f = F.adaptive_avg_pool2d(F.relu(model.features(x)), 1).flatten(1)
+            out.append(f.float().reshape(len(x), -1).numpy())
         return np.concatenate(out)
 
     return extract

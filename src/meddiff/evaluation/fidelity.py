@@ -28,6 +28,7 @@ class FidelityResult:
     images: np.ndarray  # the generated images (N, H, W) in [0, 1]
     labels: np.ndarray
     classifier: object = None  # the real-trained classifier (for further checks such as prompt_response)
+    known: np.ndarray | None = None  # (N, K) which generation labels were specified
 
     def to_dict(self) -> dict:
         def mean(d):
@@ -68,7 +69,7 @@ def label_fidelity(pipe: MedDiffusionPipeline, train: ImageLabelDataset, heldout
     synthetic_auc = per_label_auc(probs, labels.numpy(), known.numpy(), names)
     return FidelityResult(real_auc, synthetic_auc, len(heldout), n_samples,
                           {"steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler},
-                          time.perf_counter() - t0, images, labels.numpy(), classifier)
+                          time.perf_counter() - t0, images, labels.numpy(), classifier, known.numpy())
 
 
 @dataclass

@@ -80,6 +80,9 @@ class TrainConfig:
     ema_decay: float = 0.9995
     ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power until ema_decay
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    # CPU/GPU speed options, off by default because on the 2-core CPU they gave nothing (bench/speedups.py):
+    channels_last: bool = False  # NHWC memory format for the trained model's convolutions
+    compile: bool = False  # torch.compile the trained model (inductor); minutes of compile time before step 1
     seed: int = 0
     checkpoint_every: int = 500
     checkpoints_keep: int = 2

@@ -76,10 +76,13 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     # accelerate keeps one process-wide state; a second run in the same process (tests, notebooks, benchmarks)
     # may ask for another precision
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=str(run_dir / "logs"))
+    accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=str(run_dir / "logs"),
+                              dynamo_backend="inductor" if config.compile else "no")
     torch.manual_seed(config.seed)  # model initialisation
     method: TrainingMethod = METHODS[config.method](config, dataset)
     model = method.model
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -153,7 +156,7 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         save_checkpoint(accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep)
     accelerator.end_training()
 
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     trainable = [p for p in unwrapped.parameters() if p.requires_grad]  # what the EMA tracks, in its order
     if ema is not None:
         ema.store(trainable)

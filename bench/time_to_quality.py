@@ -1,0 +1,184 @@
+"""Time to quality: label fidelity, domain FID and a classifier trained only on generated images, against
+training minutes (benchmark 3 of the performance issue).
+
+    python bench/time_to_quality.py [--data medmnist:../shared/data/pneumoniamnist.npz]
+        [--config configs/pneumoniamnist.yaml] [--minutes 3 6 9 12 15 20 25 30] [--n 1000]
+        [--variant NAME [--set key=value ...]] [--workdir runs/ttq]
+
+The model trains with meddiff's own loop, stopping at each mark (training minutes: time spent in training steps,
+without start-up, export or evaluation) and resuming from its checkpoint, which continues the same run exactly
+(batches and noise are functions of the step). At each mark the EMA pipeline is evaluated with the same
+real-trained classifier (`meddiff evaluate`'s domain classifier, cached):
+- label-fidelity AUC of `--n` images generated with DPM-Solver++ 20 steps, conditions drawn from the real test
+  labels, next to the classifier's AUC on the real test split (the ceiling);
+- domain FID of those images against the real test split (penultimate classifier features), next to FID(real
+  train, real test) (the floor);
+- downstream: the classifier recipe trained only on those generated images, tested on the real test split.
+
+`--set` overrides config keys for ablations (e.g. `--variant vpred --set model.prediction_type=v_prediction`,
+`--variant no-min-snr --set snr_gamma=null`). Results: bench/results/time_to_quality[-VARIANT].json, a table and a
+PNG of the curves."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = f"medmnist:{ROOT.parent / 'shared' / 'data' / 'pneumoniamnist.npz'}"
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants key=value, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
+def evaluate_snapshot(pipe, train, test, classifier, n: int, guidance: float, epochs: int) -> dict:
+    import torch
+
+    from meddiff.data.dataset import ImageLabelDataset
+    from meddiff.evaluation.classifier import per_label_auc, predict, train_classifier
+    from meddiff.evaluation.distribution import fid
+    from meddiff.evaluation.features import embed
+    from meddiff.evaluation.fidelity import label_fidelity
+    from meddiff.sampling.generate import SamplingSettings
+
+    t0 = time.perf_counter()
+    settings = SamplingSettings(steps=20, scheduler="dpm++", guidance=guidance, seed=0, batch_size=128)
+    result = label_fidelity(pipe, train, test, n, settings, classifier_epochs=epochs, progress=False)
+    sample_seconds = time.perf_counter() - t0
+    images = torch.from_numpy(result.images).unsqueeze(1) * 2 - 1
+    fid_syn = fid(embed(classifier, test.images), embed(classifier, images))
+    synthetic = ImageLabelDataset(images, torch.from_numpy(result.labels).float(), torch.from_numpy(result.known),
+                                  list(train.label_names),
+                                  multiclass=train.multiclass)
+    model = train_classifier(synthetic, epochs=epochs, seed=0, progress=False)
+    downstream = per_label_auc(predict(model, test.images), test.labels.numpy(), test.known.numpy(),
+                               train.label_names)
+    return {"fidelity_auc": mean(result.synthetic_auc.values()), "real_test_auc": mean(result.real_auc.values()),
+            "domain_fid": round(fid_syn, 3), "synthetic_only_auc": mean(downstream.values()),
+            "sample_seconds": round(sample_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def plot(rows: list[dict], path: Path, targets: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == variant]
+        x = [r["train_minutes"] for r in rs]
+        a.plot(x, [r["fidelity_auc"] for r in rs], "o-", label=f"{variant}: label fidelity")
+        a.plot(x, [r["synthetic_only_auc"] for r in rs], "s--", label=f"{variant}: trained on synthetic only")
+        b.plot(x, [r["domain_fid"] for r in rs], "o-", label=variant)
+    a.axhline(targets["fidelity_auc"], color="grey", lw=0.8, ls=":")
+    a.axhline(targets["synthetic_only_auc"], color="grey", lw=0.8, ls=":")
+    a.set(xlabel="training minutes (2-core CPU)", ylabel="AUC on real test labels", ylim=(0.5, 1.0))
+    b.axhline(rows[0]["fid_real_train_vs_test"], color="grey", lw=0.8, ls=":", label="real train vs test")
+    b.set(xlabel="training minutes (2-core CPU)", ylabel="domain FID vs real test (lower is better)", yscale="log")
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "pneumoniamnist.yaml"))
+    ap.add_argument("--minutes", type=float, nargs="+", default=[3, 6, 9, 12, 15, 20, 25, 30])
+    ap.add_argument("--n", type=int, default=1000, help="generated images per mark")
+    ap.add_argument("--epochs", type=int, default=10, help="classifier epochs (real-trained and synthetic-trained)")
+    ap.add_argument("--variant", default="default")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--workdir", default=str(ROOT / "runs" / "ttq"))
+    ap.add_argument("--fresh", action="store_true", help="delete the variant's earlier run first")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from common import write_results
+
+    from meddiff.data.spec import load_dataset, parse_spec
+    from meddiff.evaluation.distribution import fid
+    from meddiff.evaluation.features import domain_classifier, embed
+    from meddiff.models.storage import load_pipeline
+    from meddiff.training.config import load_config
+    from meddiff.training.loop import train as train_loop
+
+    spec = parse_spec(args.data)
+    overrides = {"data": args.data, **parse_sets(args.set)}
+    config = load_config(args.config, overrides)
+    run_dir = Path(args.workdir) / args.variant
+    if args.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    config.out = str(run_dir)
+    config.checkpoint_every = 0  # a checkpoint at every mark (end of each segment) is enough
+    train = load_dataset(spec, config.resolution)
+    test = load_dataset(spec.heldout(), config.resolution)
+    classifier = domain_classifier(train, str(spec), epochs=args.epochs, progress=False)
+    fid_floor = round(fid(embed(classifier, test.images), embed(classifier, train.images)), 3)
+    print(f"{len(train)} train / {len(test)} test images; FID(real train, real test) = {fid_floor}", flush=True)
+
+    rows = []
+    for mark in sorted(args.minutes):
+        snapshot = run_dir / "snapshots" / f"{mark:g}min"
+        if not snapshot.is_dir():
+            config.max_minutes = mark
+            config.resume = "latest" if (run_dir / "checkpoints").is_dir() else None
+            result = train_loop(config, train, progress=True)
+            shutil.copytree(result.pipeline_dir, snapshot / "pipeline")
+            (snapshot / "training.json").write_text((run_dir / "training.json").read_text())
+        import json
+
+        info = json.loads((snapshot / "training.json").read_text())
+        pipe = load_pipeline(snapshot)
+        torch.manual_seed(0)
+        row = {"variant": args.variant, "train_minutes": round(info["train_seconds_total"] / 60, 2),
+               "steps": info["steps"], "images_seen": info["steps"] * config.batch_size,
+               **evaluate_snapshot(pipe, train, test, classifier, args.n, config.guidance, args.epochs),
+               "fid_real_train_vs_test": fid_floor}
+        rows.append(row)
+        print(row, flush=True)
+
+    targets = {"fidelity_auc": 0.95, "synthetic_only_auc": 0.90}
+    first = {key: next((r["train_minutes"] for r in rows if (r[key] or 0) >= t), None) for key, t in targets.items()}
+    print(f"first mark reaching fidelity AUC >= 0.95: {first['fidelity_auc']} min; synthetic-only classifier AUC "
+          f">= 0.90: {first['synthetic_only_auc']} min", flush=True)
+    name = "time_to_quality" + ("" if args.variant == "default" else f"-{args.variant}")
+    cols = ["variant", "train_minutes", "steps", "fidelity_auc", "real_test_auc", "domain_fid",
+            "fid_real_train_vs_test", "synthetic_only_auc", "eval_seconds"]
+    path = write_results(name, rows, cols, args.out)
+    import json
+
+    data = json.loads(path.read_text())
+    data.update({"config": config.to_dict(), "overrides": overrides, "n_generated": args.n,
+                 "sampler": "dpm++ 20 steps", "first_minutes_reaching": first, "targets": targets})
+    path.write_text(json.dumps(data, indent=2))
+    plot(rows, path.with_suffix(".png"), targets)
+    print(f"curves: {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

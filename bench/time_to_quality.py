@@ -16,8 +16,9 @@ real-trained classifier (`meddiff evaluate`'s domain classifier, cached):
 - downstream: the classifier recipe trained only on those generated images, tested on the real test split.
 
 `--set` overrides config keys for ablations (e.g. `--variant vpred --set model.prediction_type=v_prediction`,
-`--variant no-min-snr --set snr_gamma=null`). Results: bench/results/time_to_quality[-VARIANT].json, a table and a
-PNG of the curves."""
+`--variant no-min-snr --set snr_gamma=null`). Marks already trained are only evaluated again, so `--guidance 1`
+re-scores a finished run's snapshots at another guidance scale. Results:
+bench/results/time_to_quality[-VARIANT][-gGUIDANCE].json, a table and a PNG of the curves."""
 
 from __future__ import annotations
 
@@ -109,6 +110,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, nargs="+", default=[3, 6, 9, 12, 15, 20, 25, 30])
     ap.add_argument("--n", type=int, default=1000, help="generated images per mark")
     ap.add_argument("--epochs", type=int, default=10, help="classifier epochs (real-trained and synthetic-trained)")
+    ap.add_argument("--guidance", type=float, default=None, help="sampling guidance (default: the config's)")
     ap.add_argument("--variant", default="default")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "ttq"))
@@ -134,6 +136,7 @@ def main() -> None:
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     config.out = str(run_dir)
+    guidance = config.guidance if args.guidance is None else args.guidance
     config.checkpoint_every = 0  # a checkpoint at every mark (end of each segment) is enough
     train = load_dataset(spec, config.resolution)
     test = load_dataset(spec.heldout(), config.resolution)
@@ -157,7 +160,7 @@ def main() -> None:
         torch.manual_seed(0)
         row = {"variant": args.variant, "train_minutes": round(info["train_seconds_total"] / 60, 2),
                "steps": info["steps"], "images_seen": info["steps"] * config.batch_size,
-               **evaluate_snapshot(pipe, train, test, classifier, args.n, config.guidance, args.epochs),
+               "guidance": guidance, **evaluate_snapshot(pipe, train, test, classifier, args.n, guidance, args.epochs),
                "fid_real_train_vs_test": fid_floor}
         rows.append(row)
         print(row, flush=True)
@@ -167,7 +170,8 @@ def main() -> None:
     print(f"first mark reaching fidelity AUC >= 0.95: {first['fidelity_auc']} min; synthetic-only classifier AUC "
           f">= 0.90: {first['synthetic_only_auc']} min", flush=True)
     name = "time_to_quality" + ("" if args.variant == "default" else f"-{args.variant}")
-    cols = ["variant", "train_minutes", "steps", "fidelity_auc", "real_test_auc", "domain_fid",
+    name += "" if args.guidance is None else f"-g{args.guidance:g}"
+    cols = ["variant", "train_minutes", "steps", "guidance", "fidelity_auc", "real_test_auc", "domain_fid",
             "fid_real_train_vs_test", "synthetic_only_auc", "eval_seconds"]
     path = write_results(name, rows, cols, args.out)
     import json

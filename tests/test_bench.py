@@ -76,3 +76,16 @@ def test_time_to_quality_bench_resumes_between_marks(tmp_path):
         assert 0 <= row["fidelity_auc"] <= 1 and 0 <= row["synthetic_only_auc"] <= 1 and row["domain_fid"] > 0
     assert data["overrides"]["batch_size"] == 8 and out.with_suffix(".png").stat().st_size > 1000
     assert (tmp_path / "w" / "default" / "snapshots" / "0.06min" / "pipeline").is_dir()
+
+
+def test_latent_throughput_bench_writes_json(tmp_path):
+    out = tmp_path / "l.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "latent_throughput.py"), "--resolutions", "32", "--factors", "4",
+                           "--kinds", "vq", "--conditioning", "labels", "text", "--steps", "1", "--warmup", "1",
+                           "--precision", "fp32", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    stages = [(r["stage"], r["kind"], r["conditioning"]) for r in rows]
+    assert stages == [("autoencoder", "vq", ""), ("latent", "kl", "labels"), ("latent", "kl", "text")]
+    assert all(r["img_per_s"] > 0 for r in rows)
+    assert rows[1]["latent"] == "4x8x8" and rows[1]["sample_img_per_s"] > 0 and rows[2]["sample_img_per_s"] > 0

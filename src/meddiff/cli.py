@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--guidance", type=float, default=2.0)
     fi.add_argument("--scheduler", default="dpm++", choices=("dpm++", "ddim", "pndm", "ddpm"))
     fi.add_argument("--seed", type=int, default=0)
+    fi.add_argument("--prompt", action="append", default=None,
+                    help="text models: a prompt for the prompt-response table (repeatable; default: each finding, "
+                         "three two-finding prompts and the normal prompt)")
+    fi.add_argument("--prompt-samples", type=_positive_int, default=48, help="text models: images per prompt")
 
     ev = sub.add_parser("evaluate", help="FID/KID, precision/recall, fidelity, diversity, downstream AUC, "
                         "memorization, UMAP -> metrics.json + report.html")
@@ -391,6 +395,8 @@ def cmd_fidelity(args) -> None:
     from meddiff.sampling.generate import SamplingSettings
 
     pipe = load_pipeline(args.model)
+    if args.prompt and not pipe.supports_prompts:
+        raise MeddiffError("--prompt needs a text-conditioned model; this one takes labels")
     resolution = pipe.image_size
     spec = parse_spec(args.data)
     train, heldout = load_dataset(spec, resolution), load_dataset(spec.heldout(), resolution)
@@ -400,8 +406,16 @@ def cmd_fidelity(args) -> None:
     result = label_fidelity(pipe, train, heldout, args.n, settings, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(result.to_dict(), indent=2))
+    report = result.to_dict()
     print(result.table())
+    if pipe.supports_prompts:  # two findings named: both drawn? one named: only that one?
+        from meddiff.evaluation.fidelity import default_prompts, prompt_response
+
+        response = prompt_response(pipe, result.classifier, args.prompt or default_prompts(train.label_names),
+                                   train.label_names, args.prompt_samples, settings, heldout=heldout)
+        report["prompt_response"] = response.to_dict()
+        print(response.table())
+    (out / "fidelity.json").write_text(json.dumps(report, indent=2))
 
 
 def cmd_evaluate(args) -> None:

@@ -63,7 +63,8 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> dict:
         print(fid.table())
         if pipe.supports_prompts:  # do prompts naming two findings give both, and one finding only that one?
             response = prompt_response(pipe, fid.classifier, default_prompts(dataset.label_names),
-                                       dataset.label_names, config.eval.prompt_samples, settings, progress=progress)
+                                       dataset.label_names, config.eval.prompt_samples, settings, progress=progress,
+                                       heldout=heldout)
             fidelity["prompt_response"] = response.to_dict()
             print(response.table())
         timings["fidelity_s"] = time.perf_counter() - t

@@ -80,9 +80,18 @@ class PromptResponse:
     positive_rate: np.ndarray  # (P, K)
     mean_probability: np.ndarray  # (P, K)
     n_per_prompt: int
+    # the same classifier on held-out real images showing what the prompt names (the reachable rate; NaN where the
+    # held-out split has no such image), and how many there were
+    real_positive_rate: np.ndarray | None = None  # (P, K)
+    real_count: list[int] | None = None
 
     def to_dict(self) -> dict:
-        return {"n_per_prompt": self.n_per_prompt, "label_names": self.label_names,
+        real = {}
+        if self.real_positive_rate is not None:
+            real = {"real_positive_rate": {p: dict(zip(self.label_names, [None if np.isnan(v) else float(v) for v in r]))
+                                           for p, r in zip(self.prompts, self.real_positive_rate)},
+                    "real_count": dict(zip(self.prompts, self.real_count))}
+        return {"n_per_prompt": self.n_per_prompt, "label_names": self.label_names, **real,
                 "positive_rate": {p: dict(zip(self.label_names, map(float, r)))
                                   for p, r in zip(self.prompts, self.positive_rate)},
                 "mean_probability": {p: dict(zip(self.label_names, map(float, r)))
@@ -91,8 +100,11 @@ class PromptResponse:
     def table(self) -> str:
         short = [n[:10] for n in self.label_names]
         lines = [f"{'prompt':<58}" + "".join(f"{s:>11}" for s in short)]
-        for p, row in zip(self.prompts, self.positive_rate):
+        for i, (p, row) in enumerate(zip(self.prompts, self.positive_rate)):
             lines.append(f"{p[:57]:<58}" + "".join(f"{v:>11.2f}" for v in row))
+            if self.real_positive_rate is not None and self.real_count[i]:
+                lines.append(f"{'  real held-out images with these findings (n=' + str(self.real_count[i]) + ')':<58}"
+                             + "".join(f"{v:>11.2f}" for v in self.real_positive_rate[i]))
         return "\n".join(lines)
 
 
@@ -110,11 +122,47 @@ def default_prompts(names: list[str], pairs: int = 3) -> list[str]:
     return prompts
 
 
+def prompt_findings(prompt: str, names: list[str]) -> list[str]:
+    """The label names a prompt mentions (case-insensitive); [] for a normal / no-finding prompt."""
+    from meddiff.data.prompts import NORMAL_NAMES
+
+    text = prompt.lower()
+    return [n for n in names if n.lower() not in NORMAL_NAMES and n.lower() in text]
+
+
+def matching_rows(heldout: ImageLabelDataset, findings: list[str]) -> np.ndarray:
+    """Held-out rows showing exactly `findings` among the known findings (none of them for a normal prompt)."""
+    from meddiff.data.prompts import NORMAL_NAMES
+
+    labels, known = heldout.labels.numpy() > 0.5, heldout.known.numpy()
+    keep = np.ones(len(heldout), dtype=bool)
+    for k, name in enumerate(heldout.label_names):
+        if name.lower() in NORMAL_NAMES:
+            continue
+        want = name in findings
+        keep &= known[:, k] & (labels[:, k] == want) if want else ~(known[:, k] & labels[:, k])
+    return np.flatnonzero(keep)
+
+
 def prompt_response(pipe, classifier, prompts: list[str], names: list[str], n_per_prompt: int,
-                    settings: SamplingSettings, threshold: float = 0.5, progress: bool = True) -> PromptResponse:
-    """Does "cardiomegaly and pleural effusion" give both findings, and "cardiomegaly" only the one?"""
+                    settings: SamplingSettings, threshold: float = 0.5, progress: bool = True,
+                    heldout: ImageLabelDataset | None = None) -> PromptResponse:
+    """Does "cardiomegaly and pleural effusion" give both findings, and "cardiomegaly" only the one? With `heldout`,
+    each prompt is set beside real held-out images showing the same findings: a classifier that calls only 40 % of
+    real effusions positive cannot be expected to call 90 % of generated ones positive."""
     all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
     conditions = torch.zeros(len(all_prompts), 2 * len(pipe.label_names))
     images = sample(pipe, conditions, settings, prompts=all_prompts, progress=progress)
     probs = predict(classifier, torch.from_numpy(images).unsqueeze(1) * 2 - 1).reshape(len(prompts), n_per_prompt, -1)
-    return PromptResponse(list(prompts), list(names), (probs > threshold).mean(1), probs.mean(1), n_per_prompt)
+    real_rate, real_count = None, None
+    if heldout is not None:
+        real_probs = predict(classifier, heldout.images)
+        real_rate = np.full((len(prompts), len(names)), np.nan)
+        real_count = []
+        for i, prompt in enumerate(prompts):
+            rows = matching_rows(heldout, prompt_findings(prompt, names))
+            real_count.append(int(len(rows)))
+            if len(rows):
+                real_rate[i] = (real_probs[rows] > threshold).mean(0)
+    return PromptResponse(list(prompts), list(names), (probs > threshold).mean(1), probs.mean(1), n_per_prompt,
+                          real_rate, real_count)

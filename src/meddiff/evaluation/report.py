@@ -107,10 +107,15 @@ def write_model_card(run_dir: Path, summary: dict) -> Path:
     if response:
         names = response["label_names"]
         lines += ["", f"Prompt response: share of {response['n_per_prompt']} images per prompt that the real-trained "
-                  "classifier calls positive for each label.", "",
+                  "classifier calls positive for each label; in italics, the same classifier on real held-out images "
+                  "showing the prompt's findings (what a perfect generator would score).", "",
                   "| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        real = response.get("real_positive_rate") or {}
         for prompt, rates in response["positive_rate"].items():
             lines.append(f"| {prompt} | " + " | ".join(f"{rates[n]:.2f}" for n in names) + " |")
+            if real.get(prompt) and response["real_count"][prompt]:
+                lines.append(f"| *real held-out images with these findings (n={response['real_count'][prompt]})* | "
+                             + " | ".join(fmt(real[prompt][n]) for n in names) + " |")
     text = summary.get("conditioning") in ("text", "both")
     if text:
         ask = '--prompt "chest x-ray with cardiomegaly"'

@@ -8,9 +8,10 @@
    with AMX) and the measured peak of a large matmul in fp32 and bf16.
 3. Each speed option of the training loop, one process each (one training run of meddiff's own loop on in-memory
    phantoms; the rate excludes the first `--warmup` steps, whose time is reported as start-up cost, e.g. compile):
-   fp32, bf16 (AMX), channels-last, batch size, one thread, classic attention processor vs SDPA, attention at a
-   higher resolution, and torch.compile (with --compile; minutes of compile time). Achieved FLOP/s and the fraction
-   of the measured matmul peak are given for each.
+   fp32, bf16 (AMX), channels-last, batch size, one thread, the attention processor (the default "auto" picks
+   diffusers' classic one on CPU in bf16; SDPA for comparison), attention at a higher resolution, and
+   torch.compile (with --compile; minutes of compile time). Achieved FLOP/s and the fraction of the measured
+   matmul peak are given for each.
 4. Where time goes: torch.profiler over `--profile-steps` training steps of the default (bf16) run, grouped into
    convolution, matmul/attention, normalisation, element-wise, optimizer and other; top operators listed.
 Results: bench/results/speedups.json, a table, and bench/results/speedups-profile.txt."""
@@ -28,15 +29,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = {  # name: TrainConfig overrides (and bench-only switches: threads, attn)
+VARIANTS = {  # name: TrainConfig overrides
     "fp32": {"precision": "fp32"},
     "bf16 (default)": {"precision": "bf16"},
     "fp32 channels-last": {"precision": "fp32", "channels_last": True},
     "bf16 channels-last": {"precision": "bf16", "channels_last": True},
     "bf16 batch 64": {"precision": "bf16", "batch_size": 64},
     "bf16 batch 128": {"precision": "bf16", "batch_size": 128},
-    "bf16 1 thread": {"precision": "bf16", "threads": 1},
-    "bf16 classic attention": {"precision": "bf16", "attn": "classic"},
+    "bf16 1 thread": {"precision": "bf16", "threads": 1},  # the loop's `threads` option
+    "bf16 SDPA attention": {"precision": "bf16", "attention": "sdpa"},
+    "fp32 classic attention": {"precision": "fp32", "attention": "classic"},
     "bf16 attention <=16 px": {"precision": "bf16", "model.attention_max_resolution": 16},
     "bf16 compile": {"precision": "bf16", "compile": True},
 }
@@ -55,29 +57,11 @@ def make_config(tmp: str, resolution: int, batch: int, steps: int, overrides: di
     cfg = TrainConfig(out=f"{tmp}/run", resolution=resolution, batch_size=batch, max_steps=steps, checkpoint_every=0,
                       log_every=1, eval=EvalConfig(fidelity=False))
     for key, value in overrides.items():
-        if key in ("threads", "attn"):
-            continue
         obj, *path = [cfg, *key.split(".")]
         for part in path[:-1]:
             obj = getattr(obj, part)
         setattr(obj, path[-1], value)
     return cfg
-
-
-def patch_attention(kind: str) -> None:
-    """Bench-only: give every U-Net built from now on the classic (non-SDPA) attention processor."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    import meddiff.training.methods.diffusion as diffusion
-
-    build = diffusion.build_unet
-
-    def classic(*a, **k):
-        unet = build(*a, **k)
-        unet.set_attn_processor(AttnProcessor())
-        return unet
-
-    diffusion.build_unet = classic
 
 
 def run_variant(name: str, resolution: int, batch: int, steps: int, warmup: int) -> dict:
@@ -89,10 +73,6 @@ def run_variant(name: str, resolution: int, batch: int, steps: int, warmup: int)
     from meddiff.training.loop import train
 
     overrides = VARIANTS[name]
-    if overrides.get("threads"):
-        torch.set_num_threads(overrides["threads"])
-    if overrides.get("attn") == "classic":
-        patch_attention("classic")
     batch = overrides.get("batch_size", batch)
     data = load_dataset("phantom:?n=512&seed=0", resolution)
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +149,8 @@ def profile(resolution: int, batch: int, steps: int) -> dict:
     from meddiff.training.methods import METHODS
 
     data = load_dataset("phantom:?n=512&seed=0", resolution)
-    prof = torch_profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=3, active=steps))
+    prof = torch_profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=3, active=steps),
+                         acc_events=True)
     cls = METHODS["pixel"]
     original = cls.after_step
 
@@ -247,8 +228,9 @@ def main() -> None:
     data.update({"resolution": args.resolution, "cpu_limits": limits, "gflops_per_training_image": round(fpi / 1e9, 4),
                  "profile": {k: v for k, v in prof.items() if k != "table"}})
     out_path.write_text(json.dumps(data, indent=2))
-    (out_path.parent / "speedups-profile.txt").write_text(prof["table"])
-    print(f"profile table: {out_path.parent / 'speedups-profile.txt'}")
+    table = out_path.with_name(out_path.stem + "-profile.txt")
+    table.write_text(prof["table"])
+    print(f"profile table: {table}")
 
 
 if __name__ == "__main__":

@@ -43,13 +43,13 @@ def test_peer_bench_sizes_peers_to_meddiff_and_writes_json(tmp_path):
 
 def test_speedups_bench_counts_flops_and_profiles(tmp_path):
     out = tmp_path / "e.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "speedups.py"), "--variants", "fp32", "bf16 classic attention",
+    proc = subprocess.run([sys.executable, str(BENCH / "speedups.py"), "--variants", "fp32", "bf16 SDPA attention",
                            "bf16 attention <=16 px", "--steps", "2", "--warmup", "1", "--batch-size", "4",
                            "--profile-steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     rows = {r["variant"]: r for r in data["rows"]}
-    assert set(rows) == {"fp32", "bf16 classic attention", "bf16 attention <=16 px"}
+    assert set(rows) == {"fp32", "bf16 SDPA attention", "bf16 attention <=16 px"}
     # the default 28 px U-Net costs a few hundred MFLOP per training image; attention at 14 px adds to it
     assert 0.05 < data["gflops_per_training_image"] < 5
     assert rows["bf16 attention <=16 px"]["gflops_per_image"] > rows["fp32"]["gflops_per_image"]
@@ -58,7 +58,7 @@ def test_speedups_bench_counts_flops_and_profiles(tmp_path):
     assert limits["matmul_fp32_gflops"] > 0 and limits["matmul_bf16_gflops"] > 0
     shares = data["profile"]["share"]
     assert abs(sum(shares.values()) - 1) < 0.01 and shares.get("convolution", 0) > 0
-    assert (out.parent / "speedups-profile.txt").read_text().strip()
+    assert (out.parent / "e-profile.txt").read_text().strip()
 
 
 def test_time_to_quality_bench_resumes_between_marks(tmp_path):

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--channels-last", action="store_true", default=None, help="NHWC convolutions (speed option)")
     tr.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the U-Net (minutes of compile time first; measure with bench/speedups.py)")
+    tr.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: all cores)")
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained Stable Diffusion (unet, lora, dreambooth, ...)")
     ft.add_argument("--pretrained", help="Stable Diffusion hub id or local diffusers folder")
@@ -337,7 +338,7 @@ def cmd_train(args) -> None:
         "model.prediction_type": args.prediction, "eval.fidelity": False if args.no_eval else None,
         "method": args.method, "latent.autoencoder": args.autoencoder, "conditioning": args.conditioning,
         "text.encoder": args.text_encoder, "text.train_encoder": args.train_text_encoder,
-        "channels_last": args.channels_last, "compile": args.compile})
+        "channels_last": args.channels_last, "compile": args.compile, "threads": args.threads})
     if config.method == "autoencoder":
         raise MeddiffError("this config trains an autoencoder; use `meddiff train-autoencoder`")
     summary = train_and_report(config)

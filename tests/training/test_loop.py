@@ -104,9 +104,10 @@ def test_speed_options_in_cli_reach_the_config(tmp_path):
     from meddiff.cli import _run_config, build_parser
 
     args = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", str(tmp_path), "--channels-last",
-                                      "--compile"])
-    config = _run_config(args, {"channels_last": args.channels_last, "compile": args.compile})
-    assert config.channels_last and config.compile
+                                      "--compile", "--threads", "1"])
+    config = _run_config(args, {"channels_last": args.channels_last, "compile": args.compile, "threads": args.threads})
+    assert config.channels_last and config.compile and config.threads == 1
     plain = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", str(tmp_path)])
-    config = _run_config(plain, {"channels_last": plain.channels_last, "compile": plain.compile})
-    assert not config.channels_last and not config.compile
+    config = _run_config(plain, {"channels_last": plain.channels_last, "compile": plain.compile,
+                                 "threads": plain.threads})
+    assert not config.channels_last and not config.compile and config.threads is None

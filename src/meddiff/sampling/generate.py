@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.prompts import prompt_from_labels
 from meddiff.errors import MeddiffError
-from meddiff.models.factory import make_sampler
+from meddiff.models.factory import choose_attention, make_sampler, set_attention
 from meddiff.models.pipeline import MedDiffusionPipeline
 from meddiff.training.precision import autocast, resolve_precision
 
@@ -66,6 +66,8 @@ def sample(pipe: MedDiffusionPipeline, conditions: torch.Tensor, settings: Sampl
     pipe.scheduler = make_sampler(settings.scheduler, pipe.scheduler.config, clip=not pipe.is_latent)
     precision = resolve_precision(settings.precision)
     device = pipe.device.type
+    if choose_attention("auto", pipe.unet, device, precision) == "classic":  # faster on CPU in bf16 (measured)
+        set_attention(pipe.unet, "classic")
     n = conditions.shape[0]
     indices = list(range(n)) if indices is None else list(indices)
     out = []

@@ -82,7 +82,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     # CPU/GPU speed options, off by default because on the 2-core CPU they gave nothing (bench/speedups.py):
     channels_last: bool = False  # NHWC memory format for the trained model's convolutions
+    attention: str = "auto"  # auto | sdpa | classic: auto picks classic on CPU+bf16 with small maps (measured)
     compile: bool = False  # torch.compile the trained model (inductor); minutes of compile time before step 1
+    threads: int | None = None  # CPU threads for torch (None: PyTorch's default, all cores; 2 cores gave 1.5x of 1)
     seed: int = 0
     checkpoint_every: int = 500
     checkpoints_keep: int = 2

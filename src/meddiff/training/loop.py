@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.errors import MeddiffError
+from meddiff.models.factory import choose_attention, set_attention
 from meddiff.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from meddiff.training.config import TrainConfig
 from meddiff.training.methods import METHODS, TrainingMethod
@@ -73,6 +74,8 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     resume_from = find_checkpoint(run_dir, config.resume) if config.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(config.precision)
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
     # accelerate keeps one process-wide state; a second run in the same process (tests, notebooks, benchmarks)
     # may ask for another precision
     AcceleratorState._reset_state()
@@ -83,6 +86,10 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     model = method.model
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    if hasattr(model, "set_attn_processor"):  # diffusion U-Nets; their default processor is SDPA
+        kind = choose_attention(config.attention, model, accelerator.device.type, precision)
+        if kind == "classic" or config.attention == "sdpa":
+            set_attention(model, kind)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps,

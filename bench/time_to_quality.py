@@ -131,7 +131,7 @@ def main() -> None:
 
     spec = parse_spec(args.data)
     overrides = {"data": args.data, **parse_sets(args.set)}
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, {"data": args.data}, parse_sets(args.set))
     run_dir = Path(args.workdir) / args.variant
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)

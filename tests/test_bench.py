@@ -19,7 +19,7 @@ def test_train_throughput_bench_writes_json(tmp_path):
     assert "img_per_s" in proc.stdout
 
 
-def test_sampling_bench_writes_json(tmp_path, tiny_run):
+def test_sampling_bench_writes_json(tmp_path, tiny_run, phantom_dir):
     out = tmp_path / "s.json"
     proc = subprocess.run([sys.executable, str(BENCH / "sampling.py"), "--model", str(tiny_run), "--n", "4",
                            "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600)
@@ -27,6 +27,14 @@ def test_sampling_bench_writes_json(tmp_path, tiny_run):
     rows = json.loads(out.read_text())["rows"]
     assert {r["scheduler"] for r in rows} == {"ddpm", "ddim", "pndm", "dpm++"}
     assert all(r["s_per_image"] > 0 for r in rows)
+    # scored against real data: fidelity, domain FID and KID per setting, all at the same count
+    proc = subprocess.run([sys.executable, str(BENCH / "sampling.py"), "--model", str(tiny_run), "--data",
+                           f"phantom:{phantom_dir}", "--n", "12", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["n"] == 12 and r["domain_fid"] > 0 and r["fid_floor_same_n"] > 0 and "kid" in r for r in rows)
+    assert all(0 <= r["mean_fidelity_auc"] <= 1 for r in rows if r["mean_fidelity_auc"] is not None)
 
 
 def test_peer_bench_sizes_peers_to_meddiff_and_writes_json(tmp_path):

@@ -80,10 +80,14 @@ ATTENTION = ("auto", "sdpa", "classic")
 
 def largest_attention_tokens(unet) -> int:
     """Tokens (pixels) of the widest feature map a U-Net attends over; 0 without attention."""
-    size = unet.config.sample_size
+    config = getattr(unet, "config", None)
+    size = getattr(config, "sample_size", None)
     size = size[0] if isinstance(size, (list, tuple)) else size
+    blocks = getattr(config, "down_block_types", None)
+    if not isinstance(size, int) or not blocks:  # not a diffusers U-Net (a stand-in, a custom model)
+        return 0
     widest = 0
-    for level, name in enumerate(unet.config.down_block_types):
+    for level, name in enumerate(blocks):
         if "Attn" in name:
             widest = max(widest, (size // 2 ** level) ** 2)
     return widest

@@ -128,8 +128,10 @@ def _build(cls, data: dict[str, Any], where: str):
     return cls(**kwargs)
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the YAML file, then non-None overrides (dotted keys like 'model.prediction_type')."""
+def load_config(path: str | Path | None, overrides: dict[str, Any],
+                settings: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then non-None overrides (dotted keys like 'model.prediction_type'; None there
+    means "not given"), then `settings`, where None is a value (`snr_gamma: null` switches Min-SNR off)."""
     data: dict[str, Any] = {}
     if path:
         p = Path(path)
@@ -139,9 +141,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise MeddiffError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    for key, value in overrides.items():
-        if value is None:
-            continue
+    given = [(k, v) for k, v in overrides.items() if v is not None] + list((settings or {}).items())
+    for key, value in given:
         node = data
         *parents, leaf = key.split(".")
         for part in parents:

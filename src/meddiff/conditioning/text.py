@@ -24,6 +24,7 @@ class TextConfig:
     encoder: str = DEFAULT_TEXT_ENCODER  # "minilm" (packaged, offline), a Hugging Face id, or a local folder
     train_encoder: bool = False  # fine-tune the text encoder together with the U-Net
     max_tokens: int = 32  # prompts are padded/truncated to this many tokens (cross-attention cost)
+    shuffle_findings: bool = False  # label-built prompts name their findings in a fresh random order each step
 
 
 def encoder_location(name: str) -> str:

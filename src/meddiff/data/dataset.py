@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from meddiff.data.prompts import prompt_from_labels
+from meddiff.data.prompts import prompt_from_labels, shuffle_findings
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ImageLabelDataset(torch.utils.data.Dataset):
     skipped: int = 0  # files that could not be read (reported, never silent)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) for every skipped file
     multiclass: bool = False  # exactly one label per image (e.g. normal vs pneumonia)
+    prompts_from_labels: bool = False  # set when the prompts were built here from the labels (not free text)
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -31,6 +32,7 @@ class ImageLabelDataset(torch.utils.data.Dataset):
             raise ValueError("labels/known must be (N, K) with K = len(label_names)")
         if not self.prompts:
             self.prompts = [self.prompt_for(i) for i in range(n)]
+            self.prompts_from_labels = True
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -47,6 +49,14 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         present = [name for k, name in enumerate(self.label_names)
                    if self.known[index, k] and self.labels[index, k] > 0.5]
         return prompt_from_labels(present)
+
+    def shuffled_prompt(self, index: int, generator: torch.Generator) -> str:
+        """The prompt with its findings in a random order when it was built from labels (a caption augmentation
+        that teaches a text model that "effusion and cardiomegaly" means "cardiomegaly and effusion")."""
+        prompt = self.prompts[index]
+        if not self.prompts_from_labels:
+            return prompt
+        return shuffle_findings(prompt, self.label_names, torch.rand(len(self.label_names), generator=generator).tolist())
 
     def label_counts(self) -> dict[str, int]:
         positive = ((self.labels > 0.5) & self.known).sum(0)

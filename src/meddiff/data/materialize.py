@@ -101,4 +101,5 @@ def materialize(table: RecordTable, policy: LabelPolicy, prep: Preprocess, spec_
     labels, known = policy.apply(kept, names)
     prompts = [r.text if r.text else prompt_for(r.values, names, prep.prompt, r.view, r.sex, r.age) for r in kept]
     return ImageLabelDataset(to_model_range(images01), torch.from_numpy(labels), torch.from_numpy(known), list(names),
-                             prompts=prompts, skipped=len(problems), problems=problems, multiclass=multiclass)
+                             prompts=prompts, skipped=len(problems), problems=problems, multiclass=multiclass,
+                             prompts_from_labels=not any(r.text for r in kept))

@@ -91,4 +91,4 @@ def load_medmnist(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
     prompts = [prompt_from_labels([names[k] for k in np.nonzero(row > 0.5)[0]] or ["No Finding"], subject)
                for row in labels]
     return ImageLabelDataset(to_model_range(resized), lab, torch.ones_like(lab, dtype=torch.bool), list(names),
-                             prompts=prompts, multiclass=multiclass)
+                             prompts=prompts, multiclass=multiclass, prompts_from_labels=True)

@@ -55,3 +55,21 @@ def prompt_for(values: dict[str, float | None], names: list[str], options: Promp
     uncertain = [n for n in names if values.get(n) is not None and values[n] < 0] if options.uncertain == "possible" else []
     return prompt_from_labels(present, options.subject, uncertain, view if options.view else "",
                               sex if options.demographics else "", age if options.demographics else None)
+
+
+def shuffle_findings(prompt: str, names: list[str], order: list[float]) -> str:
+    """A label-built prompt with its present findings reordered by `order` (one random number per label name):
+    "chest x-ray with cardiomegaly and pleural effusion" may become "... with pleural effusion and cardiomegaly".
+    Caption augmentation for text models; a prompt that is not in prompt_from_labels' grammar comes back as is."""
+    for sep in (", with ", " with "):
+        head, found, tail = prompt.partition(sep)
+        if found:
+            break
+    else:
+        return prompt
+    definite, possible_sep, possible = tail.partition(", possible ")
+    rank = {name.lower(): order[k] for k, name in enumerate(names)}
+    present = [name for name in rank if name not in NORMAL_NAMES and name in definite]
+    if len(present) < 2 or _join(sorted(present, key=definite.index)) != definite:
+        return prompt
+    return head + sep + _join(sorted(present, key=rank.get)) + possible_sep + possible

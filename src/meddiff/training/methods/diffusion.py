@@ -71,7 +71,9 @@ class PixelDiffusion(TrainingMethod):
             cond = self.codec.encode(batch["labels"], batch["known"])
             kwargs["class_labels"] = (cond * keep.unsqueeze(1).to(cond.dtype)).to(device)
         if self.use_text:
-            prompts = [self.dataset.prompts[i] if k else "" for i, k in zip(batch["index"].tolist(), keep.tolist())]
+            shuffle = self.config.text.shuffle_findings
+            prompts = [(self.dataset.shuffled_prompt(i, generator) if shuffle else self.dataset.prompts[i]) if k else ""
+                       for i, k in zip(batch["index"].tolist(), keep.tolist())]
             if self.prompt_cache is not None:
                 kwargs["encoder_hidden_states"] = self.prompt_cache(prompts).to(device)
             else:

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="labels (default), text prompts, both, or none (unconditional)")
     tr.add_argument("--text-encoder", help="'minilm' (packaged, offline; default), a Hugging Face id or a local folder")
     tr.add_argument("--train-text-encoder", action="store_true", default=None, help="fine-tune the text encoder too")
+    tr.add_argument("--shuffle-findings", action="store_true", default=None,
+                    help="text: name the findings of label-built prompts in a random order each step")
     tr.add_argument("--channels-last", action="store_true", default=None, help="NHWC convolutions (speed option)")
     tr.add_argument("--compile", action="store_true", default=None,
                     help="torch.compile the U-Net (minutes of compile time first; measure with bench/speedups.py)")
@@ -338,7 +340,8 @@ def cmd_train(args) -> None:
         "model.prediction_type": args.prediction, "eval.fidelity": False if args.no_eval else None,
         "method": args.method, "latent.autoencoder": args.autoencoder, "conditioning": args.conditioning,
         "text.encoder": args.text_encoder, "text.train_encoder": args.train_text_encoder,
-        "channels_last": args.channels_last, "compile": args.compile, "threads": args.threads})
+        "text.shuffle_findings": args.shuffle_findings, "channels_last": args.channels_last, "compile": args.compile,
+        "threads": args.threads})
     if config.method == "autoencoder":
         raise MeddiffError("this config trains an autoencoder; use `meddiff train-autoencoder`")
     summary = train_and_report(config)

@@ -111,3 +111,32 @@ def test_speed_options_in_cli_reach_the_config(tmp_path):
     config = _run_config(plain, {"channels_last": plain.channels_last, "compile": plain.compile,
                                  "threads": plain.threads})
     assert not config.channels_last and not config.compile and config.threads is None
+
+
+def test_shuffled_findings_reach_the_text_encoder(data):
+    from meddiff.training.methods.diffusion import PixelDiffusion
+
+    config = cfg("unused", conditioning="text", cond_dropout=0.0, resolution=32)
+    config.text.shuffle_findings = True
+    method = PixelDiffusion(config, data)
+    seen = []
+
+    def record(prompts):
+        seen.append(list(prompts))
+        return torch.zeros(len(prompts), 4, 384)
+
+    method.prompt_cache = record
+    rows = [i for i, p in enumerate(data.prompts) if " and " in p][:4]
+    assert rows, "phantoms with two findings expected"
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        method.condition_kwargs(method.model, {"index": torch.tensor(rows)}, g, "cpu")
+    for j, row in enumerate(rows):
+        variants = {batch[j] for batch in seen}
+        assert len(variants) > 1 and data.prompts[row] in variants
+        findings = lambda text: sorted(text.split(" with ", 1)[1].replace(" and ", ", ").split(", "))  # noqa: E731
+        assert all(findings(v) == findings(data.prompts[row]) for v in variants)
+    from meddiff.cli import _run_config, build_parser
+
+    args = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", "x", "--shuffle-findings"])
+    assert _run_config(args, {"text.shuffle_findings": args.shuffle_findings}).text.shuffle_findings

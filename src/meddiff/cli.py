@@ -310,6 +310,8 @@ def cmd_finetune(args) -> None:
     if not config.finetune.pretrained:
         raise MeddiffError("no pretrained model: pass --pretrained (a Stable Diffusion hub id or local folder)")
     summary = finetune_and_report(config)
+    if summary is None:
+        return
     print(f"done: {summary['steps']} steps; export in {summary['export']}; card {Path(config.out) / 'README.md'}")
 
 
@@ -327,6 +329,8 @@ def cmd_train_autoencoder(args) -> None:
     if args.learning_rate is None and not args.config and not args.resume:
         config.learning_rate = 2e-4  # autoencoders want a smaller step than the diffusion default
     report = train_autoencoder_and_report(config)
+    if report is None:
+        return
     ms = f", MS-SSIM {report['ms_ssim']:.4f}" if report.get("ms_ssim") is not None else ""
     print(f"done: held-out PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}{ms}; scaling factor "
           f"{report['scaling_factor']:.4f}; model in {Path(config.out) / 'autoencoder'}; report "
@@ -345,6 +349,8 @@ def cmd_train(args) -> None:
     if config.method == "autoencoder":
         raise MeddiffError("this config trains an autoencoder; use `meddiff train-autoencoder`")
     summary = train_and_report(config)
+    if summary is None:
+        return
     print(f"done: {summary['steps']} steps; model in {Path(config.out) / 'pipeline'}; card {Path(config.out) / 'README.md'}")
 
 

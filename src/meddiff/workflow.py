@@ -35,8 +35,9 @@ def label_grids(pipe, settings: SamplingSettings, n: int, out_dir: Path, progres
     return paths
 
 
-def train_and_report(config: TrainConfig, progress: bool = True) -> dict:
-    """`meddiff train`: everything a run directory should hold when it is done."""
+def train_and_report(config: TrainConfig, progress: bool = True) -> dict | None:
+    """`meddiff train`: everything a run directory should hold when it is done (None on the non-main processes of a
+    multi-process run: only the main one samples, evaluates and reports)."""
     timings = {}
     t = time.perf_counter()
     spec: DatasetSpec = parse_spec(config.data)
@@ -45,6 +46,8 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> dict:
     timings["load_data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     result = train(config, dataset, progress=progress)
+    if not result.is_main_process:  # the other processes of a multi-process run stop here
+        return None
     timings["train_s"] = time.perf_counter() - t
     run_dir = Path(config.out)
     pipe = load_pipeline(result.pipeline_dir)
@@ -92,7 +95,7 @@ def _latent_summary(pipe) -> dict | None:
             "latent_size": pipe.unet.config.sample_size, "scaling_factor": vae.config.scaling_factor}
 
 
-def train_autoencoder_and_report(config: TrainConfig, progress: bool = True) -> dict:
+def train_autoencoder_and_report(config: TrainConfig, progress: bool = True) -> dict | None:
     """`meddiff train-autoencoder`: train, measure the latent scaling factor, report held-out reconstructions."""
     from meddiff.evaluation.autoencoder_report import autoencoder_report
     from meddiff.models.autoencoder import load_autoencoder
@@ -101,6 +104,8 @@ def train_autoencoder_and_report(config: TrainConfig, progress: bool = True) -> 
     dataset = load_dataset(spec, config.resolution)
     print(f"data: {dataset.summary()}")
     result = train(config, dataset, progress=progress)
+    if not result.is_main_process:  # the other processes of a multi-process run stop here
+        return None
     vae = load_autoencoder(result.pipeline_dir)
     heldout = load_dataset(spec.heldout(), config.resolution)
     training = {"dataset": dataset.summary(), "steps": result.steps, "train_minutes": result.train_seconds / 60,
@@ -135,7 +140,7 @@ FINETUNE_LEARNING_RATES = {"unet": 1e-5, "unet+text": 1e-5, "text": 1e-5, "dream
                            "textual-inversion": 5e-4}
 
 
-def finetune_and_report(config: TrainConfig, progress: bool = True) -> dict:
+def finetune_and_report(config: TrainConfig, progress: bool = True) -> dict | None:
     """`meddiff finetune`: train with the chosen fine-tuning method, export, validation grid, model card."""
     from meddiff.models.stable_diffusion import check_pretrained
 
@@ -144,6 +149,8 @@ def finetune_and_report(config: TrainConfig, progress: bool = True) -> dict:
     dataset = load_dataset(spec, config.resolution)
     print(f"data: {dataset.summary()}")
     result = train(config, dataset, progress=progress)
+    if not result.is_main_process:  # the other processes of a multi-process run stop here
+        return None
     summary = {"method": config.finetune.method, "pretrained": config.finetune.pretrained, "dataset": dataset.summary(),
                "steps": result.steps, "train_minutes": round(result.train_seconds / 60, 2),
                "images_per_second": round(result.images_per_second, 2), "precision": result.precision,

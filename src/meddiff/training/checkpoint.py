@@ -37,21 +37,29 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 
 
 def save_checkpoint(accelerator, ema: EMAModel | None, state: dict, run_dir: Path, keep: int) -> Path:
+    """Every process calls this (accelerate writes the weights once and each process's RNG state); the main
+    process writes the EMA and loop state and publishes the folder."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{state['step']:07d}"
     tmp = root / f".tmp-step-{state['step']:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
-    if ema is not None:
-        save_file({f"shadow.{i:04d}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
-                  str(tmp / "ema.safetensors"))
-        ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        (tmp / "ema.json").write_text(json.dumps(ema_meta))
-    (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if main:
+        if ema is not None:
+            save_file({f"shadow.{i:04d}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
+                      str(tmp / "ema.safetensors"))
+            ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            (tmp / "ema.json").write_text(json.dumps(ema_meta))
+        (tmp / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return final
 
 

@@ -1,13 +1,21 @@
 """The one training loop: accelerate for device and mixed precision, EMA, checkpoints with exact resume,
 tensorboard scalars, a progress bar with loss and ETA, a step limit and a time budget.
 
-What is trained, and how the loss is computed, is the business of a TrainingMethod."""
+What is trained, and how the loss is computed, is the business of a TrainingMethod.
+
+Several processes (`accelerate launch` / `torchrun`, one per GPU, or CPU processes with gloo): `batch_size` is
+per process; the global batch of step s is the one a single process with `batch_size x processes` would draw,
+split round robin, so a run sees the same data in the same order at any process count. DDP wraps the method's
+whole loss (every module it touches synchronises its gradients), the main process alone writes checkpoints
+metadata, exports and logs, and the time budget is decided on the slowest process's clock."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +23,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -38,6 +47,8 @@ class TrainResult:
     loss_history: list[list[float]]  # [step, loss, elapsed seconds]
     precision: str
     parameters: int
+    is_main_process: bool = True  # False on the other processes of a multi-process run (they export nothing)
+    processes: int = 1
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -51,8 +62,46 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return perm[within * batch_size:(within + 1) * batch_size]
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+def rank_batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """This process's share of global batch `step`: the batch of `batch_size * world` images a single process
+    would draw, dealt round robin (rank 0 of 1 gets exactly `batch_indices`)."""
+    return batch_indices(n, batch_size * world, seed, step)[rank::world]
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """All randomness of one (micro-)step of one process: noise, timesteps, dropout."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step) + int(rank) * 1_000_000_007_000)
+
+
+class LossModule(torch.nn.Module):
+    """What DDP wraps when several processes train: its forward is the method's loss, so gradient
+    synchronisation covers every module the loss touches (a U-Net and a text encoder; an autoencoder's encode
+    and decode), not only a forward() of the trained module."""
+
+    def __init__(self, method: TrainingMethod, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.method = method  # not a Module: not registered, not in the state dict
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        return self.method.loss(self.model, batch, generator)
+
+
+def _checkpoint_inner_model(accelerator: Accelerator, wrapper: LossModule) -> None:
+    """Checkpoints of multi-process runs hold the trained module's own state dict (no DDP/wrapper prefixes), so
+    they resume at any process count, single-process runs included."""
+    def save_hook(models, weights, output_dir):
+        for i, m in enumerate(models):
+            if accelerator.unwrap_model(m) is wrapper:
+                weights[i] = wrapper.model.state_dict()
+
+    def load_hook(models, input_dir):
+        for i, m in enumerate(models):
+            if accelerator.unwrap_model(m) is wrapper:
+                models[i] = wrapper.model
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def make_optimizer(config: TrainConfig, params: list):
@@ -79,10 +128,16 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     # accelerate keeps one process-wide state; a second run in the same process (tests, notebooks, benchmarks)
     # may ask for another precision
     AcceleratorState._reset_state()
+    # torchrun / accelerate launch on a machine without an accelerator: CPU processes talking over gloo
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
     accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=str(run_dir / "logs"),
-                              dynamo_backend="inductor" if config.compile else "no")
+                              cpu=cpu_processes,
+                              dynamo_backend="inductor" if config.compile else "no",
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     torch.manual_seed(config.seed)  # model initialisation
     method: TrainingMethod = METHODS[config.method](config, dataset)
+    method.is_main_process = main
     model = method.model
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -94,7 +149,19 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_steps)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if world > 1:
+        wrapper = LossModule(method, model)
+        _checkpoint_inner_model(accelerator, wrapper)
+        trainee, optimizer, lr_scheduler = accelerator.prepare(wrapper, optimizer, lr_scheduler)
+
+        def compute_loss(batch, generator):
+            return trainee(batch, generator)
+    else:  # one process: the module itself is prepared (mixed-precision forward, optional torch.compile)
+        model = trainee = accelerator.prepare_model(model)
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+
+        def compute_loss(batch, generator):
+            return method.loss(model, batch, generator)
     method.setup(accelerator)
     ema = None
     if method.uses_ema and config.ema:
@@ -105,34 +172,39 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         state = load_checkpoint(accelerator, ema, resume_from)
         method.load_extra_state(state.pop("method", {}))
         print(f"resumed from {resume_from} at step {state['step']}")
-    config.save(run_dir / "config.yaml")
+    if main:
+        config.save(run_dir / "config.yaml")
     accelerator.init_trackers("meddiff")
 
     budget = config.max_minutes * 60 if config.max_minutes else math.inf
     start_step, start_elapsed = state["step"], state["elapsed"]
     t0 = time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step", disable=not progress,
+    bar = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
     running = None
-    model.train()
+    trainee.train()
     while state["step"] < config.max_steps and state["elapsed"] < budget:
         step = state["step"]
         accumulate = max(int(config.gradient_accumulation), 1)
         loss = torch.zeros(())
         for micro in range(accumulate):  # micro-batch k of step s is batch s*A+k: resumable, batch-size exact
             seq = step * accumulate + micro
-            idx = torch.from_numpy(batch_indices(len(dataset), config.batch_size, config.seed, seq))
+            idx = torch.from_numpy(rank_batch_indices(len(dataset), config.batch_size, config.seed, seq, rank, world))
             batch = method.batch(idx, accelerator.device)
             batch["step"] = step
-            generator = step_generator(config.seed, seq)
-            with accelerator.autocast():  # also covers methods that call submodules (encode/decode), not forward
-                micro_loss = method.loss(model, batch, generator) / accumulate
-            if not torch.isfinite(micro_loss):
-                raise MeddiffError(f"loss became {micro_loss.item()} at step {step}; lower --learning-rate or use fp32")
-            accelerator.backward(micro_loss)
+            generator = step_generator(config.seed, seq, rank)
+            # gradients are synchronised once per step, on its last micro-batch
+            sync = accelerator.no_sync(trainee) if world > 1 and micro < accumulate - 1 else nullcontext()
+            with sync:
+                with accelerator.autocast():  # also covers methods that call submodules (encode/decode)
+                    micro_loss = compute_loss(batch, generator) / accumulate
+                if not torch.isfinite(micro_loss):
+                    raise MeddiffError(f"loss became {micro_loss.item()} at step {step} (process {rank}); "
+                                       "lower --learning-rate or use fp32")
+                accelerator.backward(micro_loss)
             loss = loss + micro_loss.detach().float().cpu()
         if config.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            accelerator.clip_grad_norm_(trainee.parameters(), config.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -142,6 +214,9 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         state["step"] = step + 1
         state["elapsed"] = start_elapsed + time.perf_counter() - t0
         value = float(loss.detach())
+        if world > 1:  # the logged loss is the global batch's; the budget runs on the slowest clock (all stop together)
+            both = accelerator.gather(torch.tensor([[value, state["elapsed"]]], device=accelerator.device)).cpu()
+            value, state["elapsed"] = float(both[:, 0].mean()), float(both[:, 1].max())
         running = value if running is None else 0.95 * running + 0.05 * value
         if state["step"] % config.log_every == 0 or state["step"] == 1:
             state["loss_history"].append([state["step"], value, round(state["elapsed"], 2)])
@@ -161,20 +236,27 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     steps_done = state["step"] - start_step
     if steps_done and not (config.checkpoint_every and state["step"] % config.checkpoint_every == 0):
         save_checkpoint(accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # end_training() minus destroying the process group: the caller's
+        tracker.finish()  # processes go on together (export barrier below, a next run in the same group)
 
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    trainable = [p for p in unwrapped.parameters() if p.requires_grad]  # what the EMA tracks, in its order
-    if ema is not None:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    pipeline_dir = method.export(unwrapped, run_dir)
-    if ema is not None:
-        ema.restore(trainable)
-    rate = steps_done * config.batch_size * max(int(config.gradient_accumulation), 1) / train_seconds if train_seconds > 0 else 0.0
-    summary = {"steps": state["step"], "train_seconds_total": round(state["elapsed"], 1),
-               "images_per_second": round(rate, 2), "precision": precision, "parameters": n_params,
-               "dataset": dataset.summary()}
-    (run_dir / "training.json").write_text(json.dumps({**summary, "loss_history": state["loss_history"]}))
+    unwrapped = accelerator.unwrap_model(trainee, keep_torch_compile=False)
+    if isinstance(unwrapped, LossModule):
+        unwrapped = unwrapped.model
+    rate = steps_done * config.batch_size * world * max(int(config.gradient_accumulation), 1) / train_seconds \
+        if train_seconds > 0 else 0.0
+    pipeline_dir = None
+    if main:
+        trainable = [p for p in unwrapped.parameters() if p.requires_grad]  # what the EMA tracks, in its order
+        if ema is not None:
+            ema.store(trainable)
+            ema.copy_to(trainable)
+        pipeline_dir = method.export(unwrapped, run_dir)
+        if ema is not None:
+            ema.restore(trainable)
+        summary = {"steps": state["step"], "train_seconds_total": round(state["elapsed"], 1),
+                   "images_per_second": round(rate, 2), "precision": precision, "parameters": n_params,
+                   "processes": world, "global_batch": config.batch_size * world, "dataset": dataset.summary()}
+        (run_dir / "training.json").write_text(json.dumps({**summary, "loss_history": state["loss_history"]}))
+    accelerator.wait_for_everyone()
     return TrainResult(run_dir, pipeline_dir, state["step"], state["elapsed"], rate, state["loss_history"],
-                       precision, n_params)
+                       precision, n_params, main, world)

@@ -89,9 +89,18 @@ class AutoencoderTraining(TrainingMethod):
             self.usage.load_state_dict(state["codebook"])
 
     def setup(self, accelerator) -> None:
+        self.accelerator = accelerator
         if self.discriminator is not None:
             optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.discriminator_lr, betas=(0.5, 0.9))
-            self.discriminator, self.disc_optimizer = accelerator.prepare(self.discriminator, optimizer)
+            # prepared (placed, checkpointed) but never DDP-wrapped: with several processes its gradients are
+            # averaged by hand in after_step, since it also runs inside the generator's loss
+            self.discriminator = accelerator.prepare_model(self.discriminator,
+                                                           evaluation_mode=accelerator.num_processes > 1)
+            self.disc_optimizer = accelerator.prepare_optimizer(optimizer)
+
+    def _processes(self) -> int:
+        accelerator = getattr(self, "accelerator", None)
+        return accelerator.num_processes if accelerator is not None else 1
 
     def forward(self, model, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, regulariser loss); stashes what the after-step hooks need."""
@@ -134,11 +143,20 @@ class AutoencoderTraining(TrainingMethod):
             n = reset_dead_codes(model.quantize.embedding, self.usage, self._last["vectors"], self.cfg.dead_code_steps,
                                  generator)
             self.metrics["dead_codes_reset"] = float(n)
+            if self._processes() > 1:  # every process keeps the main process's codebook
+                from accelerate.utils import broadcast
+
+                weight = model.quantize.embedding.weight
+                weight.data.copy_(broadcast(weight.data.clone(), from_process=0))
         if self.discriminator is not None and step >= self.cfg.adversarial_start:
             self.disc_optimizer.zero_grad(set_to_none=True)
             real, fake = batch["image"], self._last["recon"]
             d_loss = discriminator_hinge_loss(self.discriminator(real), self.discriminator(fake))
             d_loss.backward()
+            if self._processes() > 1:
+                for p in self.discriminator.parameters():
+                    if p.grad is not None:
+                        p.grad = self.accelerator.reduce(p.grad, "mean")
             self.disc_optimizer.step()
             self.disc_optimizer.zero_grad(set_to_none=True)
             self.metrics["discriminator"] = float(d_loss.detach())

@@ -19,6 +19,7 @@ from meddiff.training.config import TrainConfig
 class TrainingMethod(ABC):
     name: str = ""
     uses_ema: bool = True  # the loop keeps an EMA of the trainable parameters and exports it
+    is_main_process: bool = True  # set by the loop; only the main process writes files (validation grids...)
 
     def __init__(self, config: TrainConfig, dataset: ImageLabelDataset):
         self.config = config

@@ -154,8 +154,9 @@ class StableDiffusionFinetune(PixelDiffusion):
 
     def _prepare_class_images(self, unet) -> None:
         """Prior preservation: class images from the base model, generated once and cached under RUN/class_images."""
-        from meddiff.data.io import read_image, write_png
-        from meddiff.sampling.generate import SamplingSettings, sample
+        from accelerate import PartialState
+
+        from meddiff.data.io import read_image
 
         ft = self.config.finetune
         folder = Path(self.config.out) / "class_images"
@@ -164,6 +165,17 @@ class StableDiffusionFinetune(PixelDiffusion):
         n = ft.num_class_images
         if meta.is_file() and json.loads(meta.read_text()).get("key") != key:
             raise MeddiffError(f"{folder} holds class images of another model or prompt; use a new --out")
+        with PartialState().main_process_first():  # several processes: the main one generates, the others read
+            self._generate_class_images(unet, folder, meta, key, n)
+        files = sorted(folder.glob("*.png"))[:n]
+        stack = torch.from_numpy(np.stack([read_image(f) for f in files])).float()[:, None] * 2 - 1
+        self.class_mean, self.class_std = encode_moments(self._vae, to_rgb(stack))
+
+    def _generate_class_images(self, unet, folder: Path, meta: Path, key: dict, n: int) -> None:
+        from meddiff.data.io import write_png
+        from meddiff.sampling.generate import SamplingSettings, sample
+
+        ft = self.config.finetune
         have = sorted(folder.glob("*.png"))
         if len(have) < n:
             folder.mkdir(parents=True, exist_ok=True)
@@ -178,9 +190,6 @@ class StableDiffusionFinetune(PixelDiffusion):
                             progress=True)
             for i, image in zip(todo, images):
                 write_png(folder / f"{i:05d}.png", image)
-        files = sorted(folder.glob("*.png"))[:n]
-        stack = torch.from_numpy(np.stack([read_image(f) for f in files])).float()[:, None] * 2 - 1
-        self.class_mean, self.class_std = encode_moments(self._vae, to_rgb(stack))
 
     # the loss --------------------------------------------------------------------------------------------------
     def model_space(self):
@@ -230,7 +239,7 @@ class StableDiffusionFinetune(PixelDiffusion):
             with torch.no_grad():
                 weight[keep] = self.original_embeddings[keep].to(weight.device, weight.dtype)
         every = self.config.finetune.validation_every
-        if every and (step + 1) % every == 0:
+        if every and (step + 1) % every == 0 and self.is_main_process:
             self.validate(model, Path(self.config.out) / "validation" / f"step-{step + 1:07d}.png")
 
     # validation and export -------------------------------------------------------------------------------------

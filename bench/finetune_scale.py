@@ -32,10 +32,10 @@ CONFIGS = {"unet": ("unet", False), "unet+gc": ("unet", True), "lora": ("lora", 
 
 def build_sd15_architecture(out: Path) -> Path:
     """A Stable Diffusion v1.5-architecture pipeline with random weights, saved as a diffusers folder."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from meddiff.models.stable_diffusion import write_clip_tokenizer
+    from meddiff.models.stable_diffusion import save_stable_diffusion, write_clip_tokenizer
 
     if (out / "model_index.json").is_file():
         return out
@@ -54,12 +54,7 @@ def build_sd15_architecture(out: Path) -> Path:
                                 attention_head_dim=8,
                                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
+    save_stable_diffusion(out, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     shutil.rmtree(out / "_tokenizer", ignore_errors=True)
     return out
 

@@ -8,6 +8,7 @@ and manifests stay 1-channel."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,10 +98,24 @@ def _byte_symbols() -> list[str]:
     return [symbols[b] for b in range(256)]
 
 
+def save_stable_diffusion(out_dir: str | Path, *, unet, vae, text_encoder, tokenizer) -> Path:
+    """Assemble SD v1 parts with v1's training scheduler (scaled-linear betas, no safety checker) and save them as
+    a plain diffusers StableDiffusionPipeline folder."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(Path(out_dir), safe_serialization=True)
+    return Path(out_dir)
+
+
 def build_tiny_stable_diffusion(out_dir: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """A randomly initialised Stable-Diffusion-architecture pipeline (RGB VAE with f=4, CLIP text model, tiny
     U-Net), saved as a plain diffusers StableDiffusionPipeline folder: the offline stand-in for a hub model."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out_dir = Path(out_dir)
@@ -120,13 +135,6 @@ def build_tiny_stable_diffusion(out_dir: str | Path, image_size: int = 32, seed:
                                 block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=8, norm_num_groups=8)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    import shutil
-
+    save_stable_diffusion(out_dir, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     shutil.rmtree(out_dir / "_tokenizer_build", ignore_errors=True)
     return out_dir

@@ -22,6 +22,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def timed_seconds(loss_history: list, warmup: int, steps: int) -> float:
+    """Seconds the `steps` training steps after the first `warmup` took, from a TrainResult's loss history
+    ([step, loss, elapsed] rows; the run must log every step). Step 0 is the start: 0 s."""
+    elapsed = {0: 0.0, **{step: seconds for step, _, seconds in loss_history}}
+    return elapsed[warmup + steps] - elapsed[warmup]
+
+
 def write_results(name: str, rows: list[dict], columns: list[str], out: str | None = None) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

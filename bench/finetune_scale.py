@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, peak_rss_mb, write_results  # noqa: E402
+from common import RESULTS, peak_rss_mb, timed_seconds, write_results  # noqa: E402
 
 CONFIGS = {"unet": ("unet", False), "unet+gc": ("unet", True), "lora": ("lora", False), "lora+gc": ("lora", True),
            "unet+text": ("unet+text", False), "unet+text+gc": ("unet+text", True)}
@@ -59,6 +59,10 @@ def build_sd15_architecture(out: Path) -> Path:
     return out
 
 
+def run_dir(work: str | Path, name: str) -> Path:
+    return Path(work) / name.replace("+", "_")
+
+
 def run_one(name: str, base: str, resolution: int, batch: int, steps: int, out: Path) -> dict:
     from meddiff.data.spec import load_dataset
     from meddiff.training.config import FinetuneConfig, TrainConfig
@@ -66,7 +70,7 @@ def run_one(name: str, base: str, resolution: int, batch: int, steps: int, out: 
 
     method, checkpointing = CONFIGS[name]
     data = f"phantom:?n={max(batch * 2, 4)}&seed=3"
-    config = TrainConfig(data=data, out=str(out / name.replace("+", "_")), method="finetune", resolution=resolution,
+    config = TrainConfig(data=data, out=str(run_dir(out, name)), method="finetune", resolution=resolution,
                          batch_size=batch, max_steps=steps, checkpoint_every=0, lr_warmup_steps=0, log_every=1,
                          learning_rate=1e-5, ema=False, sample_steps=2, finetune=FinetuneConfig(
                              pretrained=base, method=method, gradient_checkpointing=checkpointing,
@@ -78,9 +82,7 @@ def run_one(name: str, base: str, resolution: int, batch: int, steps: int, out: 
     t = time.perf_counter()
     result = train(config, dataset, progress=True)
     wall = time.perf_counter() - t
-    history = result.loss_history  # [step, loss, elapsed]
-    timed = [h for h in history if h[0] >= 2]
-    per_step = (timed[-1][2] - history[0][2]) / (timed[-1][0] - 1) if timed else float("nan")
+    per_step = timed_seconds(result.loss_history, 1, steps - 1) / (steps - 1)  # step 1 (allocation) not timed
     row = {"config": name, "method": method, "gradient_checkpointing": checkpointing, "resolution": resolution,
            "batch": batch, "trainable_M": round(result.parameters / 1e6, 1), "precision": result.precision,
            "s_per_step": round(per_step, 3), "img_per_s": round(batch / per_step, 3),
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one config, print its JSON
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is not timed)")
     base = build_sd15_architecture(Path(args.base))
     if args.one:
         print("ROW " + json.dumps(run_one(args.one, str(base), args.resolution, args.batch_size, args.steps,
@@ -113,7 +117,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", name, "--resolution", str(args.resolution), "--batch-size",
                str(args.batch_size), "--steps", str(args.steps), "--base", str(base), "--work", args.work]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        shutil.rmtree(Path(args.work) / name.replace("+", "_"), ignore_errors=True)  # a full export is ~4 GB
+        shutil.rmtree(run_dir(args.work, name), ignore_errors=True)  # a full export is ~4 GB
         found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
         if proc.returncode or not found:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -27,8 +27,9 @@ LATENT_UNET = [64, 128, 256]
 
 
 def _rate(result, warmup: int, steps: int, batch: int) -> float:
-    elapsed = {s: e for s, _, e in result.loss_history}
-    return steps * batch / (elapsed[warmup + steps] - elapsed[warmup])
+    from common import timed_seconds
+
+    return steps * batch / timed_seconds(result.loss_history, warmup, steps)
 
 
 def run_one(job: dict) -> dict:

@@ -67,7 +67,7 @@ def make_config(tmp: str, resolution: int, batch: int, steps: int, overrides: di
 def run_variant(name: str, resolution: int, batch: int, steps: int, warmup: int) -> dict:
     import torch
 
-    from common import peak_rss_mb
+    from common import peak_rss_mb, timed_seconds
 
     from meddiff.data.spec import load_dataset
     from meddiff.training.loop import train
@@ -80,10 +80,10 @@ def run_variant(name: str, resolution: int, batch: int, steps: int, warmup: int)
         t0 = time.perf_counter()
         result = train(cfg, data, progress=False)
         wall = time.perf_counter() - t0
-    elapsed = {s: e for s, _, e in result.loss_history}
-    timed = elapsed[warmup + steps] - elapsed[warmup]
+    timed = timed_seconds(result.loss_history, warmup, steps)
+    first_steps = timed_seconds(result.loss_history, 0, warmup)
     return {"variant": name, "batch": batch, "threads": torch.get_num_threads(), "params_M": round(result.parameters / 1e6, 2),
-            "img_per_s": round(steps * batch / timed, 1), "first_steps_s": round(elapsed[warmup], 1),
+            "img_per_s": round(steps * batch / timed, 1), "first_steps_s": round(first_steps, 1),
             "wall_s": round(wall, 1), "peak_rss_MB": round(peak_rss_mb())}
 
 

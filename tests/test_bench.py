@@ -97,3 +97,32 @@ def test_latent_throughput_bench_writes_json(tmp_path):
     assert stages == [("autoencoder", "vq", ""), ("latent", "kl", "labels"), ("latent", "kl", "text")]
     assert all(r["img_per_s"] > 0 for r in rows)
     assert rows[1]["latent"] == "4x8x8" and rows[1]["sample_img_per_s"] > 0 and rows[2]["sample_img_per_s"] > 0
+
+
+def test_timed_seconds_excludes_warmup_steps():
+    sys.path.insert(0, str(BENCH))
+    from common import timed_seconds
+
+    history = [[1, 0.9, 5.0], [2, 0.8, 6.0], [3, 0.7, 7.5], [4, 0.6, 9.5]]
+    assert timed_seconds(history, 1, 3) == 4.5  # steps 2-4: 9.5 - 5.0
+    assert timed_seconds(history, 0, 1) == 5.0  # the first step, from the start
+
+
+def test_finetune_scale_bench_measures_each_method_and_cleans_up(tmp_path):
+    from meddiff.models.stable_diffusion import build_tiny_stable_diffusion
+
+    base = build_tiny_stable_diffusion(tmp_path / "base")  # an existing pipeline is used as it is
+    out, work = tmp_path / "f.json", tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(BENCH / "finetune_scale.py"), "--configs", "unet", "lora+gc",
+                           "--resolution", "32", "--steps", "2", "--base", str(base), "--work", str(work),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["config"], r["method"], r["gradient_checkpointing"]) for r in rows] == [
+        ("unet", "unet", False), ("lora+gc", "lora", True)]
+    assert all(r["s_per_step"] > 0 and r["peak_rss_GB"] > 0 for r in rows)
+    assert rows[1]["trainable_M"] < rows[0]["trainable_M"]
+    assert not work.exists() or not any(work.iterdir())  # each run folder is deleted once measured
+    one = subprocess.run([sys.executable, str(BENCH / "finetune_scale.py"), "--steps", "1", "--base", str(base)],
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 2 and "--steps must be at least 2" in one.stderr

@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = data_sub.add_parser("inspect", help="counts per label/value, view, sex, age, sizes, and every problem")
     info.add_argument("spec")
     info.add_argument("--json", help="also write the full report (every problem listed) as JSON")
-    prep = data_sub.add_parser("prepare", help="read and preprocess a dataset into the cache, write a manifest")
+    prep = data_sub.add_parser("prepare", help="decode a dataset once into a memory-mapped store (train from store:DIR)")
     prep.add_argument("spec")
-    prep.add_argument("--out", required=True)
+    prep.add_argument("--out", required=True, help="the store folder (written atomically; resumable when killed)")
     prep.add_argument("--resolution", type=_positive_int, default=32)
+    prep.add_argument("--workers", type=int, default=None,
+                      help="decoding processes (default: the CPU count for 500+ images, else 0 = this process)")
     dl = data_sub.add_parser("download", help="fetch public data where the network allows")
     dl.add_argument("source", choices=("medmnist",))
     dl.add_argument("name", help="e.g. pneumoniamnist, chestmnist")
@@ -249,8 +251,8 @@ def cmd_data(args) -> None:
     elif args.data_command == "prepare":
         from meddiff.data.prepare import prepare
 
-        manifest = prepare(args.spec, Path(args.out), args.resolution)
-        print(f"prepared; manifest {manifest}")
+        manifest = prepare(args.spec, Path(args.out), args.resolution, workers=args.workers)
+        print(f"manifest {manifest}")
     else:
         from meddiff.data.download import download_medmnist
 

@@ -4,9 +4,11 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from meddiff.cli import main
 from meddiff.data import materialize
+from meddiff.data import store as store_module
 from meddiff.data.download import download_medmnist
 from meddiff.data.inspect import format_report, inspect_spec
 from meddiff.data.spec import load_dataset
@@ -39,16 +41,23 @@ def test_prepare_writes_manifest_and_second_load_uses_cache(chexpert, tmp_path, 
         rows = list(csv.DictReader(f))
     with open(tmp_path / "p" / "skipped.csv") as f:
         skipped = list(csv.DictReader(f))
-    assert len(skipped) == 2 and rows and set(rows[0]) == {"index", "Cardiomegaly", "prompt"}
+    assert len(skipped) == 2 and rows and set(rows[0]) == {"index", "Cardiomegaly", "prompt", "patient", "source"}
+    assert all(r["patient"].startswith("patient") and r["source"].endswith(".jpg") for r in rows)
+    first = load_dataset(spec, 32)  # implicit preparation into the cache
 
     def no_reading(*a, **k):
-        raise AssertionError("images were read again instead of coming from the cache")
+        raise AssertionError("images were decoded again instead of coming from the store")
 
     monkeypatch.setattr(materialize, "_read_all", no_reading)
+    monkeypatch.setattr(store_module, "decode", no_reading)
     again = load_dataset(spec, 32)
     assert len(again) == len(rows) and again.skipped == 2
+    assert torch.equal(again.images[:], first.images[:])
+    prepared = load_dataset(f"store:{tmp_path / 'p'}", 32)  # the prepared folder, without the sources
+    assert torch.equal(prepared.images[:], first.images[:]) and torch.equal(prepared.labels, first.labels)
+    assert list(prepared.prompts) == list(first.prompts)
     monkeypatch.undo()
-    # a different resolution is a different cache entry
+    # a different resolution is a different store
     assert load_dataset(spec, 16).resolution == 16
 
 

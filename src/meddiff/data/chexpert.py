@@ -19,7 +19,7 @@ from pathlib import Path
 
 from meddiff.data.chexpert_format import CHEXPERT_OBSERVATIONS, parse_value
 from meddiff.data.dataset import ImageLabelDataset
-from meddiff.data.materialize import COMMON_OPTIONS, Preprocess, materialize
+from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import LabelPolicy, Record, RecordTable, parse_label_subset, split_by_patient
 from meddiff.data.spec import DatasetSpec, register
 from meddiff.errors import MeddiffError
@@ -122,7 +122,10 @@ def policy_from(spec: DatasetSpec, default_uncertain: str = "ones") -> LabelPoli
     return LabelPolicy(spec.options.get("u", default_uncertain), spec.options.get("blank", "zeros"))
 
 
-@register("chexpert", heldout_split="valid", options=OPTIONS, index=index_chexpert)
+def plan_chexpert(spec: DatasetSpec, resolution: int) -> MaterializePlan:
+    return MaterializePlan(index_chexpert(spec), policy_from(spec), Preprocess.from_options(spec.options, resolution))
+
+
+@register("chexpert", heldout_split="valid", options=OPTIONS, index=index_chexpert, plan=plan_chexpert)
 def load_chexpert(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
-    table = index_chexpert(spec)
-    return materialize(table, policy_from(spec), Preprocess.from_options(spec.options, resolution), str(spec))
+    return plan_chexpert(spec, resolution).materialize(str(spec))

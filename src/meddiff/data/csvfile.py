@@ -14,7 +14,7 @@ from pathlib import Path
 from meddiff.data.chexpert import policy_from
 from meddiff.data.chexpert_format import parse_value
 from meddiff.data.dataset import ImageLabelDataset
-from meddiff.data.materialize import COMMON_OPTIONS, Preprocess, materialize
+from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import Record, RecordTable, split_by_patient
 from meddiff.data.spec import DatasetSpec, register
 from meddiff.data.volumes import VOLUME_OPTIONS, expand_volumes
@@ -98,7 +98,11 @@ def index_csv(spec: DatasetSpec) -> RecordTable:
     return table
 
 
-@register("csv", heldout_split="test", options=OPTIONS, index=index_csv)
-def load_csv(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
+def plan_csv(spec: DatasetSpec, resolution: int) -> MaterializePlan:
     prep = Preprocess.from_options(spec.options, resolution, subject=spec.options.get("subject", "chest x-ray"))
-    return materialize(index_csv(spec), policy_from(spec), prep, str(spec))
+    return MaterializePlan(index_csv(spec), policy_from(spec), prep)
+
+
+@register("csv", heldout_split="test", options=OPTIONS, index=index_csv, plan=plan_csv)
+def load_csv(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
+    return plan_csv(spec, resolution).materialize(str(spec))

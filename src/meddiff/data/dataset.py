@@ -1,28 +1,37 @@
 """The one dataset shape every loader returns: 1-channel images in [-1, 1], named multi-hot labels with a
-mask of which labels are known, and a prompt per image."""
+mask of which labels are known, and a prompt per image.
+
+Images are either a float tensor (small in-memory sets: rendered phantoms) or MappedImages, read on demand from
+a prepared store's uint8/uint16 memory maps; both index the same way. The training loader fetches whole batches
+with `__getitems__`, which returns the stored integers (converted to floats on the accelerator)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import hashlib
+from typing import Sequence
+
 import numpy as np
 import torch
 
 from meddiff.data.prompts import prompt_from_labels, shuffle_findings
+from meddiff.data.store import MappedImages
 
 
 @dataclass
 class ImageLabelDataset(torch.utils.data.Dataset):
-    images: torch.Tensor  # float32 (N, 1, R, R) in [-1, 1]
+    images: torch.Tensor | MappedImages  # (N, 1, R, R) in [-1, 1] when indexed
     labels: torch.Tensor  # float32 (N, K): 1 present, 0 absent (value irrelevant where not known)
     known: torch.Tensor  # bool (N, K): False where the label is blank/uncertain-ignored
     label_names: list[str]
-    prompts: list[str] = field(default_factory=list)
+    prompts: Sequence[str] = field(default_factory=list)
     source: str = ""  # the spec it came from
     skipped: int = 0  # files that could not be read (reported, never silent)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) for every skipped file
     multiclass: bool = False  # exactly one label per image (e.g. normal vs pneumonia)
     prompts_from_labels: bool = False  # set when the prompts were built here from the labels (not free text)
+    store_key: str = ""  # the prepared store the images are mapped from ("" in memory)
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -40,6 +49,27 @@ class ImageLabelDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, object]:
         return {"image": self.images[index], "labels": self.labels[index], "known": self.known[index],
                 "prompt": self.prompts[index]}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """One batch for the training loader: stored integers (uint8; 16-bit data as int32) or floats in [-1, 1]
+        (in-memory sets), turned into model-range floats on the accelerator by `raw_to_model_range`."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if isinstance(self.images, MappedImages):
+            raw = self.images.raw(idx.numpy())
+            image = torch.from_numpy(raw if raw.dtype == np.uint8 else raw.astype(np.int32)).unsqueeze(1)
+        else:
+            image = self.images[idx]
+        return {"index": idx, "image": image, "labels": self.labels[idx], "known": self.known[idx]}
+
+    def fingerprint(self) -> str:
+        """What identifies these images (the store key, or a hash of in-memory pixels): keys derived caches."""
+        if self.store_key:
+            return self.store_key
+        h = hashlib.sha1()
+        images = self.images if isinstance(self.images, torch.Tensor) else torch.as_tensor(np.asarray(self.images))
+        h.update(str(tuple(images.shape)).encode())
+        h.update(images.contiguous().numpy().tobytes())
+        return h.hexdigest()[:20]
 
     @property
     def resolution(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meddiff.data.dataset import ImageLabelDataset
-from meddiff.data.materialize import COMMON_OPTIONS, Preprocess, materialize
+from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import LabelPolicy, Record, RecordTable, split_by_patient
 from meddiff.data.spec import DatasetSpec, register
 from meddiff.data.volumes import VOLUME_OPTIONS, expand_volumes
@@ -70,8 +70,11 @@ def index_folder(spec: DatasetSpec) -> RecordTable:
     return table
 
 
-@register("folder", heldout_split="test", options=OPTIONS, index=index_folder)
-def load_folder(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
-    table = index_folder(spec)
+def plan_folder(spec: DatasetSpec, resolution: int) -> MaterializePlan:
     prep = Preprocess.from_options(spec.options, resolution, subject=spec.options.get("subject", "image"))
-    return materialize(table, LabelPolicy(), prep, str(spec), multiclass=True)
+    return MaterializePlan(index_folder(spec), LabelPolicy(), prep, multiclass=True)
+
+
+@register("folder", heldout_split="test", options=OPTIONS, index=index_folder, plan=plan_folder)
+def load_folder(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
+    return plan_folder(spec, resolution).materialize(str(spec))

@@ -46,9 +46,13 @@ def _normalise(arr: np.ndarray) -> np.ndarray:
     return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32)
 
 
-def read_raster(path: Path) -> np.ndarray:
+def read_raster(path: Path, draft: int | None = None) -> np.ndarray:
+    """`draft`: the size the image will be resized to; JPEGs then decode at the smallest DCT scale that keeps both
+    sides at least that large (libjpeg's fast downscaling, several times faster for large radiographs)."""
     try:
         with Image.open(path) as im:
+            if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:
+                im.draft("L" if im.mode in ("L", "RGB", "YCbCr") else None, (draft, draft))
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)
@@ -119,14 +123,27 @@ def read_nifti_slices(path: Path, axis: int = 2, slices: tuple[int, int] | None 
     return [(i, np.ascontiguousarray(np.take(vol, i, axis=axis)).T[::-1].copy()) for i in range(lo, hi)]
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Grayscale float32 (H, W) in [0, 1] from a raster or DICOM file."""
+def read_image(path: Path, draft: int | None = None) -> np.ndarray:
+    """Grayscale float32 (H, W) in [0, 1] from a raster or DICOM file (`draft`: see read_raster)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(str(path))
     if is_dicom(path):
         return read_dicom(path)
-    return read_raster(path)
+    return read_raster(path, draft)
+
+
+def source_bit_depth(path: Path) -> int:
+    """8 for 8-bit rasters (JPEG, 8-bit PNG...), 16 for everything with more precision (16-bit PNG/TIFF, float
+    TIFF, DICOM, NIfTI): the depth a prepared store keeps for the image."""
+    path = Path(path)
+    if is_nifti(path) or is_dicom(path):
+        return 16
+    try:
+        with Image.open(path) as im:
+            return 16 if im.mode in ("I;16", "I;16B", "I;16L", "I", "F") else 8
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return 16
 
 
 def resize(image: np.ndarray, size: int, fit: str = "crop") -> np.ndarray:

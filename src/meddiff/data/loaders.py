@@ -1,3 +1,3 @@
 """Imports every loader module so that each registers its dataset kind."""
 
-from meddiff.data import chexpert, csvfile, folder, medmnist, mimic, phantom_dataset  # noqa: F401
+from meddiff.data import chexpert, csvfile, folder, medmnist, mimic, phantom_dataset, store_dataset  # noqa: F401

@@ -1,9 +1,12 @@
-"""RecordTable -> ImageLabelDataset: read every image (raster, DICOM or NIfTI slice), preprocess it
-deterministically (square crop or pad, resize in float precision), apply the label policy, build prompts, and
-cache the result. Missing and unreadable files are skipped, counted and listed, never dropped silently."""
+"""RecordTable -> ImageLabelDataset: every image (raster, DICOM or NIfTI slice) is decoded once, preprocessed
+deterministically (square crop or pad, resize in float precision) into a prepared, memory-mapped store
+(meddiff.data.store; in the cache, keyed by the sources, or in a folder of `meddiff data prepare`); the label
+policy and prompts come from the table. Missing and unreadable files are skipped, counted and listed, never
+dropped silently."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from meddiff.data import cache
-from meddiff.data.dataset import ImageLabelDataset, to_model_range
-from meddiff.data.io import UnreadableImage, is_nifti, read_image, read_nifti_slices, resize
+from meddiff.data.dataset import ImageLabelDataset
+from meddiff.data.decode import decode, tasks_for
+from meddiff.data.io import is_nifti
 from meddiff.data.prompts import PromptOptions, prompt_for
 from meddiff.data.records import LabelPolicy, RecordTable
+from meddiff.data.store import ImageStore, MappedImages, Prompts, StoreIndex, fingerprint, prepare_or_wait, write_store
 from meddiff.errors import MeddiffError
 
 COMMON_OPTIONS = ("fit", "cache", "prompt_view", "prompt_demographics", "uncertain")
@@ -48,25 +53,32 @@ class Preprocess:
                                  _flag(options.get("prompt_demographics")), uncertain))
 
 
-def _read_all(table: RecordTable, prep: Preprocess, progress: bool) -> tuple[list[int], list[np.ndarray], list]:
+def store_items(table: RecordTable) -> list[tuple[str, int | None, int]]:
+    """(path, NIfTI slice or None, axis) per record: what determines each stored image."""
+    return [(str(r.path), r.slice_index if r.slice_index is not None and is_nifti(r.path) else None, r.slice_axis)
+            for r in table.records]
+
+
+def default_workers(n: int) -> int:
+    """Decoding processes for n images: none for small sets (a pool costs a second to start), else the cores."""
+    env = os.environ.get("MEDDIFF_PREPARE_WORKERS")
+    if env:
+        return max(int(env), 0)
+    return 0 if n < 500 else min(os.cpu_count() or 1, 16)
+
+
+def _read_all(items, prep: Preprocess, progress: bool) -> tuple[list[int], list[np.ndarray], list]:
+    """Without a store (cache=0): decode in this process, keeping the stored integer precision."""
     keep, images, problems = [], [], []
-    volumes: dict[Path, dict[int, np.ndarray]] = {}  # slices of the volume being read
-    for i, rec in enumerate(tqdm(table.records, desc="read images", unit="img",
-                                 disable=not progress or len(table.records) < 500)):
-        try:
-            if rec.slice_index is not None and is_nifti(rec.path):
-                if rec.path not in volumes:
-                    volumes.clear()  # one volume in memory at a time (records of a volume are adjacent)
-                    volumes[rec.path] = dict(read_nifti_slices(rec.path, axis=rec.slice_axis))
-                image = volumes[rec.path][rec.slice_index]
+    tasks, members = tasks_for(items)
+    for task, task_members in zip(tqdm(tasks, desc="read images", unit="file",
+                                       disable=not progress or len(tasks) < 500), members):
+        for record, (arr, problem) in zip(task_members, decode((task, prep.resolution, prep.fit))):
+            if arr is None:
+                problems.append((items[record][0], problem))
             else:
-                image = read_image(rec.path)
-            images.append(resize(image, prep.resolution, prep.fit))
-            keep.append(i)
-        except FileNotFoundError:
-            problems.append((str(rec.path), "missing"))
-        except UnreadableImage as exc:
-            problems.append((str(rec.path), str(exc).split(": ", 1)[-1]))
+                keep.append(record)
+                images.append(arr)
     return keep, images, problems
 
 
@@ -79,27 +91,63 @@ def report_problems(problems: list[tuple[str, str]], total: int, source: str) ->
           f"{problems[0][0]} ({problems[0][1]}); `meddiff data inspect` lists them all")
 
 
+@dataclass(frozen=True)
+class MaterializePlan:
+    """How a file-based kind turns a spec into images: its record table, label policy and preprocessing."""
+
+    table: RecordTable
+    policy: LabelPolicy
+    prep: Preprocess
+    multiclass: bool = False
+
+    def materialize(self, spec_key: str, progress: bool = True) -> ImageLabelDataset:
+        return materialize(self.table, self.policy, self.prep, spec_key, self.multiclass, progress)
+
+
+def table_index(table: RecordTable, policy: LabelPolicy, prep: Preprocess, keep, multiclass: bool) -> StoreIndex:
+    """Labels, known-masks, prompts, patients and paths of the kept records (the index a store carries)."""
+    kept = [table.records[i] for i in np.asarray(keep, np.int64)]
+    labels, known = policy.apply(kept, table.label_names)
+    prompts = [r.text if r.text else prompt_for(r.values, table.label_names, prep.prompt, r.view, r.sex, r.age)
+               for r in kept]
+    return StoreIndex.build(table.label_names, labels, known, prompts, [r.patient for r in kept],
+                            [str(r.path) for r in kept], multiclass, not any(r.text for r in kept))
+
+
+def prepare_store(table: RecordTable, policy: LabelPolicy, prep: Preprocess, spec_key: str, folder: Path | None = None,
+                  multiclass: bool = False, workers: int | None = None, progress: bool = True) -> ImageStore:
+    """The prepared store of `table` at `prep.resolution`: in `folder`, or in the cache under its key."""
+    items = store_items(table)
+    key = fingerprint(items, {"resolution": prep.resolution, "fit": prep.fit})
+    folder = Path(folder) if folder is not None else cache.cache_root() / "stores" / key
+    workers = default_workers(len(items)) if workers is None else workers
+    meta = {"spec": spec_key, "source": table.source, "label_names": list(table.label_names)}
+
+    def write() -> ImageStore:
+        return write_store(folder, key, items, prep.resolution, prep.fit, meta,
+                           index_fn=lambda keep: table_index(table, policy, prep, keep, multiclass),
+                           workers=workers, progress=progress)
+
+    return prepare_or_wait(folder, key, write)
+
+
 def materialize(table: RecordTable, policy: LabelPolicy, prep: Preprocess, spec_key: str,
                 multiclass: bool = False, progress: bool = True) -> ImageLabelDataset:
-    names = table.label_names
-    records = table.records
-    key = cache.cache_key({"spec": spec_key, "resolution": prep.resolution, "fit": prep.fit},
-                          sorted({r.path for r in records}))
-    hit = cache.load(key) if prep.use_cache else None
-    if hit is not None:
-        keep = hit["keep"].tolist()
-        images01 = cache.images_from_uint16(hit["images"])
-        problems = [tuple(p) for p in hit["meta"]["problems"]]
+    """The dataset of `table`: images memory-mapped from its prepared store (written on first use), labels and
+    prompts from the table (label options and prompt options never need the pixels again)."""
+    if prep.use_cache:
+        store = prepare_store(table, policy, prep, spec_key, multiclass=multiclass, progress=progress)
+        keep, images, problems, key = np.asarray(store.keep), store.images, store.problems, store.key
     else:
-        keep, images, problems = _read_all(table, prep, progress)
-        images01 = np.stack(images) if images else np.zeros((0, prep.resolution, prep.resolution), np.float32)
-        if prep.use_cache and keep:
-            cache.store(key, {"images": cache.images_to_uint16(images01), "keep": np.asarray(keep, np.int64)},
-                        {"problems": problems, "source": table.source})
-    report_problems(problems, len(records), table.source)
-    kept = [records[i] for i in keep]
-    labels, known = policy.apply(kept, names)
-    prompts = [r.text if r.text else prompt_for(r.values, names, prep.prompt, r.view, r.sex, r.age) for r in kept]
-    return ImageLabelDataset(to_model_range(images01), torch.from_numpy(labels), torch.from_numpy(known), list(names),
-                             prompts=prompts, skipped=len(problems), problems=problems, multiclass=multiclass,
-                             prompts_from_labels=not any(r.text for r in kept))
+        items = store_items(table)
+        keep, arrays, problems = _read_all(items, prep, progress)
+        wide = any(a.dtype == np.uint16 for a in arrays)
+        stack = np.stack([a.astype(np.uint16) * 257 if wide and a.dtype == np.uint8 else a for a in arrays]) \
+            if arrays else np.zeros((0, prep.resolution, prep.resolution), np.uint8)
+        images, key = MappedImages([stack]), ""
+    report_problems(problems, len(table.records), table.source)
+    index = table_index(table, policy, prep, keep, multiclass)
+    return ImageLabelDataset(images, torch.from_numpy(index.labels), torch.from_numpy(index.known),
+                             list(table.label_names), prompts=Prompts(index.prompt_texts, index.prompt_ids),
+                             skipped=len(problems), problems=problems, multiclass=multiclass,
+                             prompts_from_labels=index.prompts_from_labels, store_key=key)

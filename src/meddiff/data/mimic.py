@@ -16,7 +16,7 @@ from pathlib import Path
 from meddiff.data.chexpert import policy_from
 from meddiff.data.chexpert_format import CHEXPERT_OBSERVATIONS, parse_value
 from meddiff.data.dataset import ImageLabelDataset
-from meddiff.data.materialize import COMMON_OPTIONS, Preprocess, materialize
+from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import Record, RecordTable, parse_label_subset
 from meddiff.data.spec import DatasetSpec, register
 from meddiff.errors import MeddiffError
@@ -108,6 +108,10 @@ def index_mimic(spec: DatasetSpec) -> RecordTable:
     return table
 
 
-@register("mimic", heldout_split="test", options=OPTIONS, index=index_mimic)
+def plan_mimic(spec: DatasetSpec, resolution: int) -> MaterializePlan:
+    return MaterializePlan(index_mimic(spec), policy_from(spec), Preprocess.from_options(spec.options, resolution))
+
+
+@register("mimic", heldout_split="test", options=OPTIONS, index=index_mimic, plan=plan_mimic)
 def load_mimic(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
-    return materialize(index_mimic(spec), policy_from(spec), Preprocess.from_options(spec.options, resolution), str(spec))
+    return plan_mimic(spec, resolution).materialize(str(spec))

@@ -16,7 +16,7 @@ from meddiff.data.chexpert import read_label_csv
 from meddiff.data.chexpert_format import write_label_table
 from meddiff.data.dataset import ImageLabelDataset, to_model_range
 from meddiff.data.io import resize, write_png
-from meddiff.data.materialize import COMMON_OPTIONS, Preprocess, materialize
+from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import LabelPolicy, RecordTable
 from meddiff.data.phantom import FINDINGS, MAX_SIZE, MIN_SIZE, NO_FINDING, render_phantom
 from meddiff.data.spec import DatasetSpec, register
@@ -90,7 +90,15 @@ def index_phantom(spec: DatasetSpec) -> RecordTable:
     return read_label_csv(_phantom_csv(spec), PHANTOM_LABELS, str(spec))
 
 
-@register("phantom", heldout_split="valid", options=("split", "n", "seed") + COMMON_OPTIONS, index=index_phantom)
+def plan_phantom(spec: DatasetSpec, resolution: int) -> MaterializePlan:
+    if spec.path == "":
+        raise MeddiffError(f"{spec} is rendered in memory; write phantom files with `meddiff data phantom --out DIR` "
+                           "to prepare them")
+    return MaterializePlan(index_phantom(spec), LabelPolicy(), Preprocess.from_options(spec.options, resolution))
+
+
+@register("phantom", heldout_split="valid", options=("split", "n", "seed") + COMMON_OPTIONS, index=index_phantom,
+          plan=plan_phantom)
 def load_phantom(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
     split = spec.options.get("split", "train")
     if spec.path == "":  # in memory: phantom:?n=2000&seed=0 ; the held-out split uses another seed
@@ -100,5 +108,4 @@ def load_phantom(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
             raise MeddiffError(f"{spec}: n and seed must be integers") from None
         return render_phantom_dataset(n if split == "train" else max(n // 4, 1), resolution,
                                       seed if split == "train" else seed + 7919)
-    table = index_phantom(spec)
-    return materialize(table, LabelPolicy(), Preprocess.from_options(spec.options, resolution), str(spec))
+    return plan_phantom(spec, resolution).materialize(str(spec))

@@ -1,4 +1,6 @@
-"""`meddiff data prepare SPEC --out DIR`: preprocess into the cache and write what was prepared."""
+"""`meddiff data prepare SPEC --out DIR --resolution R --workers W`: decode a dataset once into a prepared store
+in DIR (memory-mapped shards plus its index), then train from it with `--data store:DIR`. Also writes
+manifest.csv (one row per stored image: labels, prompt, patient, source), skipped.csv and summary.json."""
 
 from __future__ import annotations
 
@@ -6,24 +8,58 @@ import csv
 import json
 from pathlib import Path
 
-from meddiff.data.spec import load_dataset
+from meddiff.data.materialize import MaterializePlan, prepare_store, report_problems
+from meddiff.data.records import LabelPolicy
+from meddiff.data.spec import LOADERS, DatasetSpec, check_options, parse_spec
+from meddiff.data.store import describe_store
+from meddiff.errors import MeddiffError
 
 
-def prepare(spec: str, out: Path, resolution: int) -> Path:
-    ds = load_dataset(spec, resolution)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
+def _plan(spec: DatasetSpec, resolution: int) -> MaterializePlan:
+    loader = LOADERS[spec.kind]
+    if loader.plan is None:
+        raise MeddiffError(f"{spec.kind}: datasets are read into memory whole (no image files to prepare); train "
+                           "from the spec directly")
+    return loader.plan(spec, resolution)
+
+
+def prepare(spec_text: str, out: Path, resolution: int, workers: int | None = None, progress: bool = True) -> Path:
+    spec = parse_spec(spec_text)
+    check_options(spec)
+    out = Path(out)
+    plan = _plan(spec, resolution)
+    table = plan.table
+    existing = describe_store(out)
+    if existing is None and out.is_dir() and any(p.name not in ("manifest.csv", "skipped.csv", "summary.json")
+                                                 for p in out.iterdir()):
+        raise MeddiffError(f"{out} is a folder with other files, not a prepared store; choose a new or empty --out")
+    store = prepare_store(table, plan.policy, plan.prep, str(spec), folder=out, multiclass=plan.multiclass,
+                          workers=workers, progress=progress)
+    if existing is not None and existing.get("key") != store.key:
+        print(f"note: {out} held a store of other sources or another resolution ({existing.get('spec')} at "
+              f"{existing.get('resolution')} px); it was rebuilt")
+    report_problems(store.problems, len(table.records), table.source)
+    index = store.index()
+    with open(out / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["index", *ds.label_names, "prompt"])
-        for i in range(len(ds)):
-            cells = [("1" if ds.labels[i, k] > 0.5 else "0") if ds.known[i, k] else "" for k in range(len(ds.label_names))]
-            w.writerow([i, *cells, ds.prompts[i]])
+        w.writerow(["index", *index.label_names, "prompt", "patient", "source"])
+        for i in range(len(index.labels)):
+            cells = [("1" if index.labels[i, k] > 0.5 else "0") if index.known[i, k] else ""
+                     for k in range(len(index.label_names))]
+            w.writerow([i, *cells, index.prompt_texts[index.prompt_ids[i]], index.patients[i], index.paths[i]])
     with open(out / "skipped.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "reason"])
-        w.writerows(ds.problems)
-    (out / "summary.json").write_text(json.dumps({"spec": spec, "resolution": resolution, "images": len(ds),
-                                                  "skipped": ds.skipped, "label_counts": ds.label_counts()}, indent=2))
-    print(ds.summary())
-    return manifest
+        w.writerows(store.problems)
+    counts = {name: int(((index.labels[:, k] > 0.5) & index.known[:, k]).sum())
+              for k, name in enumerate(index.label_names)}
+    shards = store.meta["shards"]
+    nbytes = sum((out / s["file"]).stat().st_size for s in shards)
+    summary = {"spec": str(spec), "resolution": resolution, "images": len(store.images), "skipped": len(store.problems),
+               "label_counts": counts, "key": store.key, "shards": len(shards), "bytes": nbytes,
+               "dtypes": sorted({s["dtype"] for s in shards})}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"prepared {len(store.images)} images at {resolution} px in {out} ({len(shards)} shards, "
+          f"{nbytes / 1e6:.1f} MB, {'/'.join(summary['dtypes'])}); {len(store.problems)} skipped; "
+          f"train with --data store:{out}")
+    return out / "manifest.csv"

@@ -50,14 +50,15 @@ class Loader:
     heldout_split: str
     options: tuple[str, ...]
     index: Callable[[DatasetSpec], object] | None = None  # spec -> RecordTable, for file-based kinds
+    plan: Callable[[DatasetSpec, int], object] | None = None  # (spec, resolution) -> MaterializePlan (store-backed)
 
 
 LOADERS: dict[str, Loader] = {}
 
 
-def register(kind: str, heldout_split: str, options: tuple[str, ...], index=None):
+def register(kind: str, heldout_split: str, options: tuple[str, ...], index=None, plan=None):
     def wrap(fn: Callable[[DatasetSpec, int], ImageLabelDataset]):
-        LOADERS[kind] = Loader(fn, heldout_split, options, index)
+        LOADERS[kind] = Loader(fn, heldout_split, options, index, plan)
         return fn
     return wrap
 

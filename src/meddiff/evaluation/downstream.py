@@ -14,7 +14,7 @@ from meddiff.evaluation.classifier import predict, train_classifier
 
 
 def combine(a: ImageLabelDataset, b: ImageLabelDataset) -> ImageLabelDataset:
-    return ImageLabelDataset(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]),
+    return ImageLabelDataset(torch.cat([a.images[:], b.images[:]]), torch.cat([a.labels, b.labels]),
                              torch.cat([a.known, b.known]), list(a.label_names), prompts=a.prompts + b.prompts)
 
 

@@ -8,6 +8,7 @@ sampling agree; the null condition for classifier-free guidance is the empty pro
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -63,17 +64,38 @@ def text_width(encoder) -> int:
 
 
 class PromptCache:
-    """Features of a frozen encoder, computed once per distinct prompt (label-derived prompts repeat a lot)."""
+    """Features of a frozen encoder, computed once per distinct prompt and kept while they fit in `max_bytes`
+    (least recently used dropped first): label-derived prompts repeat a lot and stay cached; free-text report
+    prompts (nearly all unique) cannot grow memory without bound. Features stay on the encoder's device."""
 
-    def __init__(self, tokenizer, encoder):
+    def __init__(self, tokenizer, encoder, max_bytes: int = 256 * 2**20):
         self.tokenizer, self.encoder = tokenizer, encoder
-        self._cache: dict[str, torch.Tensor] = {}
+        self.max_bytes = max_bytes
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         missing = sorted({p for p in prompts if p not in self._cache})
+        self.misses += len(missing)
+        self.hits += len(prompts) - len(missing)
+        fresh: dict[str, torch.Tensor] = {}
         for start in range(0, len(missing), 64):
             chunk = missing[start:start + 64]
-            feats = encode_prompt(self.tokenizer, self.encoder, chunk).float().cpu()
-            self._cache.update(zip(chunk, feats))
-        return torch.stack([self._cache[p] for p in prompts])
+            device = next(self.encoder.parameters()).device
+            fresh.update(zip(chunk, encode_prompt(self.tokenizer, self.encoder, chunk, device).float()))
+        out = torch.stack([fresh[p] if p in fresh else self._cache[p] for p in prompts])
+        for p in dict.fromkeys(prompts):  # most recently used last
+            if p in self._cache:
+                self._cache.move_to_end(p)
+            else:
+                self._cache[p] = fresh[p]
+                self._bytes += fresh[p].numel() * fresh[p].element_size()
+        while self._bytes > self.max_bytes and len(self._cache) > 1:
+            _, dropped = self._cache.popitem(last=False)
+            self._bytes -= dropped.numel() * dropped.element_size()
+        return out

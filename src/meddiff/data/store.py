@@ -53,8 +53,9 @@ class MappedImages:
     float32 torch tensor, like indexing the float tensor it stands for; `raw(indices)` returns the stored integers
     (what the data loader ships to the accelerator, 4x smaller than floats)."""
 
-    def __init__(self, shards: Sequence[np.ndarray]):
+    def __init__(self, shards: Sequence[np.ndarray], files: Sequence[Path] | None = None):
         self.shards = list(shards)
+        self.files = list(files) if files is not None else None  # memory-mapped from these (pickled as paths)
         sizes = [len(s) for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         side = self.shards[0].shape[-1] if self.shards else 0
@@ -64,6 +65,18 @@ class MappedImages:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def __getstate__(self) -> dict:
+        """Loader workers started by spawn get the file names and map them again (never a copy of the pixels)."""
+        state = dict(self.__dict__)
+        if self.files is not None:
+            state["shards"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.shards is None:
+            self.shards = [np.load(f, mmap_mode="r") for f in self.files]
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
@@ -224,7 +237,7 @@ def open_store(folder: Path, key: str | None = None) -> ImageStore | None:
         return None
     if sum(len(s) for s in shards) != meta["count"]:
         return None
-    return ImageStore(folder, meta, MappedImages(shards))
+    return ImageStore(folder, meta, MappedImages(shards, [folder / e["file"] for e in meta["shards"]]))
 
 
 def describe_store(folder: Path) -> dict | None:

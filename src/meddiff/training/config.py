@@ -84,6 +84,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format for the trained model's convolutions
     attention: str = "auto"  # auto | sdpa | classic: auto picks classic on CPU+bf16 with small maps (measured)
     compile: bool = False  # torch.compile the trained model (inductor); minutes of compile time before step 1
+    loader_workers: int | None = None  # DataLoader processes (None: 0 for in-memory data, else by device and cores)
     threads: int | None = None  # CPU threads for torch (None: PyTorch's default, all cores; 2 cores gave 1.5x of 1)
     seed: int = 0
     checkpoint_every: int = 500

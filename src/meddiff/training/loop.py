@@ -3,11 +3,17 @@ tensorboard scalars, a progress bar with loss and ETA, a step limit and a time b
 
 What is trained, and how the loss is computed, is the business of a TrainingMethod.
 
+Data arrives through a torch DataLoader (worker processes read each batch from the memory-mapped store or latent
+cache; pinned memory and non-blocking copies on CUDA), in an order that is a function of (seed, samples
+consumed) only (meddiff.training.batches). The device is synchronised with the host only at logging steps (loss,
+metrics, NaN check, and with several processes the shared clock of the time budget).
+
 Several processes (`accelerate launch` / `torchrun`, one per GPU, or CPU processes with gloo): `batch_size` is
 per process; the global batch of step s is the one a single process with `batch_size x processes` would draw,
-split round robin, so a run sees the same data in the same order at any process count. DDP wraps the method's
-whole loss (every module it touches synchronises its gradients), the main process alone writes checkpoints
-metadata, exports and logs, and the time budget is decided on the slowest process's clock."""
+split round robin, so a run sees the same data in the same order at any process count, and a run resumed with
+another process count continues the same stream. DDP wraps the method's whole loss (every module it touches
+synchronises its gradients; `find_unused_parameters` only for methods that need it), the main process alone
+writes checkpoints metadata, exports and logs, and the time budget is decided on the slowest process's clock."""
 
 from __future__ import annotations
 
@@ -31,10 +37,11 @@ from tqdm.auto import tqdm
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import choose_attention, set_attention
+from meddiff.training.batches import StreamBatchSampler, batch_indices, make_loader, rank_batch_indices  # noqa: F401
 from meddiff.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from meddiff.training.config import TrainConfig
 from meddiff.training.methods import METHODS, TrainingMethod
-from meddiff.training.precision import resolve_precision
+from meddiff.training.precision import enable_tf32, resolve_precision
 
 
 @dataclass
@@ -49,23 +56,6 @@ class TrainResult:
     parameters: int
     is_main_process: bool = True  # False on the other processes of a multi-process run (they export nothing)
     processes: int = 1
-
-
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Indices of the batch at `step`: a fresh permutation per epoch, fixed by (seed, epoch), so a resumed
-    run sees exactly the batches an uninterrupted one would."""
-    per_epoch = max(n // batch_size, 1)
-    epoch, within = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    if n < batch_size:
-        perm = np.resize(perm, batch_size)
-    return perm[within * batch_size:(within + 1) * batch_size]
-
-
-def rank_batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
-    """This process's share of global batch `step`: the batch of `batch_size * world` images a single process
-    would draw, dealt round robin (rank 0 of 1 gets exactly `batch_indices`)."""
-    return batch_indices(n, batch_size * world, seed, step)[rank::world]
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -130,14 +120,18 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     AcceleratorState._reset_state()
     # torchrun / accelerate launch on a machine without an accelerator: CPU processes talking over gloo
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
     accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=str(run_dir / "logs"),
                               cpu=cpu_processes,
                               dynamo_backend="inductor" if config.compile else "no",
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                              kwargs_handlers=[ddp])
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if accelerator.device.type == "cuda":
+        enable_tf32()  # fp32 matmuls and convolutions (the parts autocast leaves in fp32) on tensor cores
     torch.manual_seed(config.seed)  # model initialisation
-    method: TrainingMethod = METHODS[config.method](config, dataset)
+    method: TrainingMethod = METHODS[config.method](config, dataset, accelerator)
     method.is_main_process = main
+    ddp.find_unused_parameters = bool(method.has_unused_parameters)  # read when the model is prepared below
     model = method.model
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -178,6 +172,14 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
 
     budget = config.max_minutes * 60 if config.max_minutes else math.inf
     start_step, start_elapsed = state["step"], state["elapsed"]
+    accumulate = max(int(config.gradient_accumulation), 1)
+    per_step = config.batch_size * world * accumulate  # images of one optimizer step, all processes together
+    # where the data stream stands: checkpoints record it, so another process count or batch size continues it
+    state.setdefault("samples", start_step * per_step)
+    source = method.batch_source()
+    sampler = StreamBatchSampler(len(source), config.batch_size, config.seed, state["samples"],
+                                 (config.max_steps - start_step) * accumulate, rank, world)
+    batches = iter(make_loader(source, sampler, accelerator.device, config.loader_workers))
     t0 = time.perf_counter()
     bar = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
@@ -185,12 +187,10 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     trainee.train()
     while state["step"] < config.max_steps and state["elapsed"] < budget:
         step = state["step"]
-        accumulate = max(int(config.gradient_accumulation), 1)
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=accelerator.device)
         for micro in range(accumulate):  # micro-batch k of step s is batch s*A+k: resumable, batch-size exact
             seq = step * accumulate + micro
-            idx = torch.from_numpy(rank_batch_indices(len(dataset), config.batch_size, config.seed, seq, rank, world))
-            batch = method.batch(idx, accelerator.device)
+            batch = method.to_device(next(batches), accelerator.device)
             batch["step"] = step
             generator = step_generator(config.seed, seq, rank)
             # gradients are synchronised once per step, on its last micro-batch
@@ -198,11 +198,8 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
             with sync:
                 with accelerator.autocast():  # also covers methods that call submodules (encode/decode)
                     micro_loss = compute_loss(batch, generator) / accumulate
-                if not torch.isfinite(micro_loss):
-                    raise MeddiffError(f"loss became {micro_loss.item()} at step {step} (process {rank}); "
-                                       "lower --learning-rate or use fp32")
                 accelerator.backward(micro_loss)
-            loss = loss + micro_loss.detach().float().cpu()
+            loss = loss + micro_loss.detach().float()
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(trainee.parameters(), config.max_grad_norm)
         optimizer.step()
@@ -212,25 +209,35 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         if ema is not None:
             ema.step([p for p in model.parameters() if p.requires_grad])
         state["step"] = step + 1
-        state["elapsed"] = start_elapsed + time.perf_counter() - t0
-        value = float(loss.detach())
-        if world > 1:  # the logged loss is the global batch's; the budget runs on the slowest clock (all stop together)
-            both = accelerator.gather(torch.tensor([[value, state["elapsed"]]], device=accelerator.device)).cpu()
-            value, state["elapsed"] = float(both[:, 0].mean()), float(both[:, 1].max())
-        running = value if running is None else 0.95 * running + 0.05 * value
-        if state["step"] % config.log_every == 0 or state["step"] == 1:
+        state["samples"] += per_step
+        local_elapsed = start_elapsed + time.perf_counter() - t0
+        logging_step = state["step"] % config.log_every == 0 or state["step"] == 1 or state["step"] == config.max_steps
+        if world == 1:
+            state["elapsed"] = local_elapsed
+        if logging_step:  # the only host-device synchronisation of a step
+            if world > 1:  # the logged loss is the global batch's; the budget runs on the slowest clock
+                both = accelerator.gather(torch.stack([loss, torch.tensor(local_elapsed, device=loss.device)])[None])
+                value, state["elapsed"] = float(both[:, 0].mean()), float(both[:, 1].max())
+            else:
+                value = float(loss)
+            if not math.isfinite(value):
+                raise MeddiffError(f"loss became {value} by step {state['step']}; lower --learning-rate or use fp32 "
+                                   "(resume from the last checkpoint)")
+            metrics = {k: float(v) for k, v in method.metrics.items()}
+            running = value if running is None else 0.8 * running + 0.2 * value
             state["loss_history"].append([state["step"], value, round(state["elapsed"], 2)])
-            accelerator.log({"loss": value, "lr": lr_scheduler.get_last_lr()[0], **method.metrics}, step=state["step"])
-            if method.metrics:
-                state.setdefault("metrics_history", []).append([state["step"], dict(method.metrics)])
+            accelerator.log({"loss": value, "lr": lr_scheduler.get_last_lr()[0], **metrics}, step=state["step"])
+            if metrics:
+                state.setdefault("metrics_history", []).append([state["step"], metrics])
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}", refresh=False)
         left = budget - state["elapsed"]
         if math.isfinite(left):  # with a time budget, the bar's total (and so its ETA) is what fits in it
-            per_step = (time.perf_counter() - t0) / (state["step"] - start_step)
-            bar.total = min(config.max_steps, state["step"] + max(int(left / per_step), 0))
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}", refresh=False)
+            per_step_s = (time.perf_counter() - t0) / (state["step"] - start_step)
+            bar.total = min(config.max_steps, state["step"] + max(int(left / per_step_s), 0))
         bar.update(1)
         if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
             save_checkpoint(accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep)
+    del batches  # stops the loader's workers
     bar.close()
     train_seconds = state["elapsed"] - start_elapsed
     steps_done = state["step"] - start_step

@@ -64,8 +64,8 @@ class AutoencoderTraining(TrainingMethod):
     name = "autoencoder"
     uses_ema = False
 
-    def __init__(self, config, dataset):
-        super().__init__(config, dataset)
+    def __init__(self, config, dataset, accelerator=None):
+        super().__init__(config, dataset, accelerator)
         self.cfg = config.autoencoder
         if self.cfg.reconstruction_loss not in ("l1", "mse"):
             raise MeddiffError("autoencoder.reconstruction_loss must be l1 or mse")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.data.store import raw_to_model_range
 from meddiff.training.config import TrainConfig
 
 
@@ -20,11 +21,23 @@ class TrainingMethod(ABC):
     name: str = ""
     uses_ema: bool = True  # the loop keeps an EMA of the trainable parameters and exports it
     is_main_process: bool = True  # set by the loop; only the main process writes files (validation grids...)
+    device_keys: tuple[str, ...] = ("image",)  # batch entries the loop copies to the accelerator
 
-    def __init__(self, config: TrainConfig, dataset: ImageLabelDataset):
+    def __init__(self, config: TrainConfig, dataset: ImageLabelDataset, accelerator=None):
         self.config = config
         self.dataset = dataset
+        self.accelerator = accelerator  # the run's (device, processes); None outside the loop (tests, tools)
         self.metrics: dict[str, float] = {}  # numbers of the last step the loop logs besides the loss
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """True where some trainable parameters get no gradient in a step (e.g. BERT's pooler when a text encoder
+        trains): DDP must then look for them (find_unused_parameters), which costs a graph walk every step."""
+        return False
 
     @property
     @abstractmethod
@@ -42,9 +55,25 @@ class TrainingMethod(ABC):
     def setup(self, accelerator) -> None:
         """Prepare auxiliary modules/optimizers with `accelerator` (they are then checkpointed with the run)."""
 
+    def batch_source(self):
+        """What the loader reads: a dataset whose __getitems__(indices) returns one batch as a dict of CPU tensors
+        (default: the images as stored, labels, known-masks and indices)."""
+        return self.dataset
+
+    def to_device(self, batch: dict, device) -> dict:
+        """A loader batch on the accelerator: `device_keys` are copied (non-blocking from pinned memory) and stored
+        images become floats in [-1, 1] there; labels and indices stay on the CPU."""
+        out = dict(batch)
+        for key in self.device_keys:
+            if key in out:
+                out[key] = out[key].to(device, non_blocking=True)
+        if "image" in out:
+            out["image"] = raw_to_model_range(out["image"])
+        return out
+
     def batch(self, index: torch.Tensor, device) -> dict[str, torch.Tensor]:
-        return {"index": index, "image": self.dataset.images[index].to(device), "labels": self.dataset.labels[index],
-                "known": self.dataset.known[index]}
+        """Batch `index` straight from the source, on `device` (tools and tests; the loop uses the loader)."""
+        return self.to_device(self.batch_source().__getitems__(index.tolist()), device)
 
     def extra_state(self) -> dict:
         """JSON-serialisable method state saved with each checkpoint (restored by load_extra_state)."""

@@ -26,8 +26,8 @@ CONDITIONINGS = ("labels", "text", "both", "none")
 class PixelDiffusion(TrainingMethod):
     name = "pixel"
 
-    def __init__(self, config, dataset):
-        super().__init__(config, dataset)
+    def __init__(self, config, dataset, accelerator=None):
+        super().__init__(config, dataset, accelerator)
         mode = config.conditioning
         if mode not in CONDITIONINGS:
             raise MeddiffError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {mode!r}")
@@ -50,6 +50,10 @@ class PixelDiffusion(TrainingMethod):
             self._model = torch.nn.ModuleDict({"unet": self._unet, "text_encoder": self.text_encoder})
         else:
             self._model = self._unet
+
+    @property
+    def has_unused_parameters(self) -> bool:  # a trained BERT-style encoder: its pooler gets no gradient
+        return self.use_text and self.config.text.train_encoder
 
     def model_space(self) -> tuple[int, int]:
         """(channels, size) of what the U-Net denoises."""

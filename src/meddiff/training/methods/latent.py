@@ -1,16 +1,17 @@
 """Latent diffusion from scratch: the same diffusion method, on the latents of a trained (frozen) autoencoder.
 
-The training images are encoded once (KL: posterior mean and std, sampled afresh every step; VQ: the
-pre-quantisation latents) and multiplied by the autoencoder's measured scaling factor."""
+The training images are encoded once, on the accelerator, into the latent cache (KL: posterior mean and std,
+sampled afresh every step; VQ: the pre-quantisation latents; meddiff.training.latent_cache) and multiplied by the
+autoencoder's measured scaling factor. The loader reads latents, never the images."""
 
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from meddiff.errors import MeddiffError
-from meddiff.models.autoencoder import encode_moments, latent_size, load_autoencoder
+from meddiff.models.autoencoder import latent_size, load_autoencoder
 from meddiff.training.methods.base import register_method
+from meddiff.training.latent_cache import encoded_latents
 from meddiff.training.methods.diffusion import PixelDiffusion
 
 
@@ -18,7 +19,7 @@ from meddiff.training.methods.diffusion import PixelDiffusion
 class LatentDiffusion(PixelDiffusion):
     name = "latent"
 
-    def __init__(self, config, dataset):
+    def __init__(self, config, dataset, accelerator=None):
         if not config.latent.autoencoder:
             raise MeddiffError("latent diffusion needs a trained autoencoder: pass --autoencoder RUN_DIR "
                                "(from `meddiff train-autoencoder`)")
@@ -28,23 +29,22 @@ class LatentDiffusion(PixelDiffusion):
                                f"loaded at {dataset.resolution} px; use --resolution {self._vae.config.sample_size}")
         if self._vae.config.scaling_factor == 1.0:
             print("warning: the autoencoder's scaling factor is 1.0 (not measured?); latents may be badly scaled")
-        super().__init__(config, dataset)
-        bar = tqdm(total=len(dataset), desc="encode latents", unit="img", dynamic_ncols=True, leave=False)
-        self.mean, self.std = encode_moments(self._vae, dataset.images, progress=bar.update)
-        bar.close()
+        super().__init__(config, dataset, accelerator)
+        self.latents = encoded_latents(self._vae, dataset, dataset.resolution, accelerator, tag="gray")
         self.scale = float(self._vae.config.scaling_factor)
 
     def model_space(self):
         return self._vae.config.latent_channels, latent_size(self._vae)
 
-    def clean_samples(self, batch, generator):
-        idx = batch["index"]
-        mean, std = self.mean[idx], self.std[idx]
-        return (mean + std * torch.randn(mean.shape, generator=generator)) * self.scale
+    device_keys = ("mean", "std")
 
-    def batch(self, index, device):
-        # the images themselves are not needed: their latents are in memory
-        return {"index": index, "labels": self.dataset.labels[index], "known": self.dataset.known[index]}
+    def batch_source(self):
+        return self.latents  # the images themselves are not read: their latents are stored
+
+    def clean_samples(self, batch, generator):
+        mean, std = batch["mean"].float(), batch["std"].float()
+        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return (mean + std * noise) * self.scale
 
     def vae(self):
         return self._vae

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     tr.add_argument("--prediction", choices=("epsilon", "v_prediction"))
     tr.add_argument("--checkpoint-every", type=int)
+    tr.add_argument("--loader-workers", type=int, default=None,
+                    help="data loader processes (default: 0 for in-memory data, else up to 8 on a GPU, 2 on a CPU)")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
     tr.add_argument("--no-eval", action="store_true", help="skip the label-fidelity evaluation")
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--validation-prompt", action="append", help="repeatable; grids in RUN/validation/")
     ft.add_argument("--validation-every", type=int)
     ft.add_argument("--checkpoint-every", type=int)
+    ft.add_argument("--loader-workers", type=int, default=None,
+                    help="data loader processes (default: 0 for in-memory data, else up to 8 on a GPU, 2 on a CPU)")
     ft.add_argument("--seed", type=int)
     ft.add_argument("--resume", help="'latest' or a checkpoint folder")
 
@@ -140,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("--learning-rate", type=_positive_float)
     ae.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     ae.add_argument("--checkpoint-every", type=int)
+    ae.add_argument("--loader-workers", type=int, default=None,
+                    help="data loader processes (default: 0 for in-memory data, else up to 8 on a GPU, 2 on a CPU)")
     ae.add_argument("--seed", type=int)
     ae.add_argument("--resume", help="'latest' or a checkpoint folder")
 
@@ -265,7 +271,7 @@ def _run_config(args, overrides: dict):
     common = {"data": args.data, "out": args.out, "resolution": args.resolution, "max_steps": args.max_steps,
               "max_minutes": args.max_minutes, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
               "precision": args.precision, "checkpoint_every": args.checkpoint_every, "seed": args.seed,
-              "resume": args.resume}
+              "resume": args.resume, "loader_workers": args.loader_workers}
     base = args.config
     if args.resume and not base and args.out and (Path(args.out) / "config.yaml").is_file():
         base = Path(args.out) / "config.yaml"  # continue with the run's own config; flags still override

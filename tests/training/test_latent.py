@@ -56,9 +56,32 @@ def latent_runs(tmp_path_factory, autoencoders, data):
 
 def test_latents_are_scaled_by_the_measured_factor(autoencoders, data):
     method = LatentDiffusion(_latent("unused", autoencoders["kl"], "none"), data)
-    z = method.clean_samples({"index": torch.arange(len(data))}, torch.Generator().manual_seed(0))
+    batch = method.batch(torch.arange(len(data)), "cpu")
+    assert "image" not in batch and batch["mean"].dtype == torch.float16  # latents only, stored in fp16
+    z = method.clean_samples(batch, torch.Generator().manual_seed(0))
     assert method.scale != 1.0 and z.shape == (len(data), 4, 8, 8)
     assert 0.7 < float(z.std()) < 1.3  # unit variance on the training data
+
+
+def test_latents_are_encoded_once_and_match_the_autoencoder(autoencoders, data, monkeypatch):
+    from meddiff.models.autoencoder import encode_moments, load_autoencoder
+    from meddiff.training import latent_cache
+
+    first = LatentDiffusion(_latent("unused", autoencoders["kl"], "none"), data)
+    mean, std = encode_moments(load_autoencoder(autoencoders["kl"]), data.images[:8])
+    stored = first.batch(torch.arange(8), "cpu")
+    assert torch.allclose(stored["mean"].float(), mean, atol=2e-3, rtol=2e-3)
+    assert torch.allclose(stored["std"].float(), std, atol=2e-3, rtol=2e-3)
+
+    def no_encoding(*a, **k):
+        raise AssertionError("encoded again instead of reading the latent cache")
+
+    monkeypatch.setattr(latent_cache, "encode_moments", no_encoding)
+    again = LatentDiffusion(_latent("unused", autoencoders["kl"], "none"), data)  # a second run, a resume
+    assert torch.equal(again.batch(torch.arange(8), "cpu")["mean"], stored["mean"])
+    vq = autoencoders["vq"]
+    with pytest.raises(AssertionError, match="encoded again"):  # another autoencoder is another key
+        LatentDiffusion(_latent("unused", vq, "none"), data)
 
 
 @pytest.mark.parametrize("key", [("kl", "labels"), ("kl", "text"), ("vq", "both"), ("vq", "none")])

@@ -120,18 +120,18 @@ class AutoencoderTraining(TrainingMethod):
         recon = recon.float()
         rec = F.l1_loss(recon, x) if self.cfg.reconstruction_loss == "l1" else F.mse_loss(recon, x)
         total = rec + reg
-        self.metrics = {"reconstruction": float(rec.detach()), "regulariser": float(reg.detach())}
+        self.metrics = {"reconstruction": rec.detach(), "regulariser": reg.detach()}  # floats at logging steps
         if self.perceptual is not None:
             p = self.perceptual(recon.repeat(1, 3, 1, 1), x.repeat(1, 3, 1, 1)).mean()
             total = total + self.cfg.perceptual_weight * p
-            self.metrics["perceptual"] = float(p.detach())
+            self.metrics["perceptual"] = p.detach()
         step = int(batch.get("step", 0))
         if self.discriminator is not None and step >= self.cfg.adversarial_start:
             self.discriminator.requires_grad_(False)
             adv = generator_adversarial_loss(self.discriminator(recon))
             self.discriminator.requires_grad_(True)
             total = total + self.cfg.adversarial_weight * adv
-            self.metrics["adversarial"] = float(adv.detach())
+            self.metrics["adversarial"] = adv.detach()
         self._last["recon"] = recon.detach()
         if self.usage is not None:
             usage, perplexity = self.usage.update(self._last["indices"])
@@ -159,7 +159,7 @@ class AutoencoderTraining(TrainingMethod):
                         p.grad = self.accelerator.reduce(p.grad, "mean")
             self.disc_optimizer.step()
             self.disc_optimizer.zero_grad(set_to_none=True)
-            self.metrics["discriminator"] = float(d_loss.detach())
+            self.metrics["discriminator"] = d_loss.detach()
 
     def export(self, model, out_dir: Path) -> Path:
         """Save in diffusers format with the scaling factor measured on (up to scale_samples) training images."""

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.conditioning.text import PromptCache, TextConfig, load_text_encoder, text_width
@@ -35,6 +34,7 @@ from meddiff.models.autoencoder import encode_moments
 from meddiff.models.pipeline import MedDiffusionPipeline, encode_prompt
 from meddiff.models.stable_diffusion import load_stable_diffusion, to_rgb
 from meddiff.models.storage import ADAPTER_FILE, PIPELINE_DIR, save_pipeline
+from meddiff.training.latent_cache import encoded_latents
 from meddiff.training.methods.base import TrainingMethod, register_method
 from meddiff.training.methods.diffusion import PixelDiffusion
 
@@ -47,8 +47,8 @@ TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 class StableDiffusionFinetune(PixelDiffusion):
     name = "finetune"
 
-    def __init__(self, config, dataset):
-        TrainingMethod.__init__(self, config, dataset)
+    def __init__(self, config, dataset, accelerator=None):
+        TrainingMethod.__init__(self, config, dataset, accelerator)
         ft = config.finetune
         if ft.method not in FINETUNE_METHODS:
             raise MeddiffError(f"unknown fine-tuning method {ft.method!r}; choose from {', '.join(FINETUNE_METHODS)}")
@@ -133,15 +133,25 @@ class StableDiffusionFinetune(PixelDiffusion):
         self.placeholder = " ".join(tokens)
 
     @property
+    def has_unused_parameters(self) -> bool:  # a trained text encoder has parameters the loss never reaches
+        return self._trains_text()
+
+    @property
     def uses_ema(self) -> bool:  # textual inversion restores most of its matrix every step: no EMA of it
         return self.mode != "textual-inversion"
 
     # data ------------------------------------------------------------------------------------------------------
     def _encode_training_images(self) -> None:
-        bar = tqdm(total=len(self.dataset), desc="encode latents", unit="img", dynamic_ncols=True, leave=False)
-        self.mean, self.std = encode_moments(self._vae, to_rgb(self.dataset.images), progress=bar.update)
-        bar.close()
+        """Encoded once on the accelerator into the latent cache (three equal channels into the RGB autoencoder);
+        later runs on the same images and autoencoder read the stored latents."""
+        self.latents = encoded_latents(self._vae, self.dataset, self.config.resolution, self.accelerator,
+                                       transform=to_rgb, tag="rgb3")
         self.scale = float(self._vae.config.scaling_factor)
+
+    device_keys = ("mean", "std")
+
+    def batch_source(self):
+        return self.latents
 
     def training_prompt(self, index: int) -> str:
         ft = self.config.finetune
@@ -195,11 +205,9 @@ class StableDiffusionFinetune(PixelDiffusion):
     def model_space(self):
         return self._vae.config.latent_channels, self.config.resolution // 2 ** (len(self._vae.config.block_out_channels) - 1)
 
-    def batch(self, index, device):
-        return {"index": index}
-
-    def _latents(self, mean, std, idx, generator):
-        return (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)) * self.scale
+    def _latents(self, mean, std, generator):
+        mean, std = mean.float(), std.float()
+        return (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * self.scale
 
     def _prompt_features(self, model, prompts: list[str], device) -> torch.Tensor:
         if self.prompt_cache is not None:
@@ -213,11 +221,12 @@ class StableDiffusionFinetune(PixelDiffusion):
         idx = batch["index"]
         keep = torch.rand(len(idx), generator=generator) >= self.config.cond_dropout
         prompts = [self.training_prompt(i) if k else "" for i, k in zip(idx.tolist(), keep.tolist())]
-        x0 = self._latents(self.mean, self.std, idx, generator)
+        x0 = self._latents(batch["mean"], batch["std"], generator)
         n_instance = len(prompts)
         if self.class_latents_ready:
             cidx = torch.randint(0, len(self.class_mean), (len(idx),), generator=generator)
-            x0 = torch.cat([x0, self._latents(self.class_mean, self.class_std, cidx, generator)])
+            x0 = torch.cat([x0, self._latents(self.class_mean[cidx].to(x0.device), self.class_std[cidx].to(x0.device),
+                                              generator)])
             prompts = prompts + [self.config.finetune.class_prompt] * len(cidx)
         states = self._prompt_features(model, prompts, device)
         per_sample = self.denoising_loss(unet, x0.to(device), {"encoder_hidden_states": states}, generator)

@@ -1,26 +1,65 @@
 #!/usr/bin/env bash
-# Create .venv and install meddiff (CPU torch pinned by constraints.txt; torchvision never installed).
-#   bash scripts/install.sh         # the package (with the web page, `meddiff serve`)
-#   bash scripts/install.sh test    # the package and the test tools (pytest, playwright + Debian's chromium),
-#                                   # and the survival extra
-#   bash scripts/install.sh survival  # the package and pyradiomics for `meddiff survival`
+# Create .venv and install meddiff with the torch build this machine needs (torchvision is never installed).
+#   bash scripts/install.sh            # the package (with the web page, `meddiff serve`)
+#   bash scripts/install.sh test       # the package, the test tools (pytest, playwright + Debian's chromium) and the
+#                                      # survival extra
+#   bash scripts/install.sh survival   # the package and pyradiomics for `meddiff survival`
+#   bash scripts/install.sh bench      # the package and the benchmark peers (MONAI)
+#   bash scripts/install.sh --dry-run  # print which torch would be installed and why; install nothing
+# Which torch (scripts/choose_torch.py decides; its docstring has the whole order):
+#   Linux with an NVIDIA GPU (nvidia-smi lists one) -> PyPI's torch, a CUDA build
+#   Linux without one -> a CPU wheel in pip's find-links or a configured CPU index, else PyPI's default build
+#   macOS on Apple silicon -> PyPI's torch (MPS); an installed torch >= 2.6 in .venv is kept
+#   MEDDIFF_TORCH=cpu|cu126|cu128|rocm6.3|default or MEDDIFF_TORCH_INDEX=URL choose explicitly.
+# Ends with a health check that imports torch, diffusers, transformers, peft and accelerate (one line if broken).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+dry=0
+extras=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) dry=1 ;;
+    test|survival|bench) extras+=("$arg") ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install: error: unknown argument '$arg' (use test, survival, bench or --dry-run)" >&2; exit 2 ;;
+  esac
+done
+has() { local x; for x in "${extras[@]+"${extras[@]}"}"; do [ "$x" = "$1" ] && return 0; done; return 1; }
+
+if [ "$dry" = 1 ]; then
+  installed=none
+  [ -x .venv/bin/python ] && installed=$(.venv/bin/python -c \
+    'from importlib import metadata as m
+try: print(m.version("torch"))
+except m.PackageNotFoundError: print("none")' 2>/dev/null || echo none)
+  exec "$PY" scripts/choose_torch.py --installed "$installed"
+fi
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-# torch first, pinned: an unpinned resolver would pull a CUDA build and gigabytes of nvidia packages
-.venv/bin/python -m pip install -q -c constraints.txt torch
-extra="[serve]"
-[ "${1:-}" = "test" ] && extra="[serve,test]"
-.venv/bin/python -m pip install -q -c constraints.txt -e ".${extra}"
-if [ "${1:-}" = "test" ] || [ "${1:-}" = "survival" ]; then
+VPY=.venv/bin/python
+$VPY -m pip install -q --upgrade pip
+plan=$($VPY scripts/choose_torch.py --installed auto --shell)  # exits 2 with one line when nothing fits
+eval "$plan"
+$VPY scripts/choose_torch.py --installed auto | sed 's/^/install: /'
+if [ "$TORCH_REPLACE" = 1 ]; then
+  $VPY -m pip uninstall -q -y torch
+fi
+if [ "$TORCH_ACTION" = install ]; then
+  $VPY -m pip install -q "${TORCH_PIP_ARGS[@]}"
+fi
+# meddiff itself; the installed torch satisfies its torch>=2.6, so pip leaves it alone
+extra="serve"
+has test && extra="$extra,test"
+has bench && extra="$extra,bench"
+$VPY -m pip install -q -e ".[${extra}]"
+if has test || has survival; then
   # pyradiomics (meddiff[survival]): its newest source release (3.1.0) has broken metadata (it says 3.0.1a1), so
   # 3.0.1 is pinned; it builds against the installed numpy only without build isolation, with versioneer present
-  .venv/bin/python -m pip install -q -c constraints.txt --upgrade setuptools wheel versioneer
-  .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation "pyradiomics==3.0.1"
+  $VPY -m pip install -q --upgrade setuptools wheel versioneer
+  $VPY -m pip install -q --no-build-isolation "pyradiomics==3.0.1"
 fi
-if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null; then
+if has test && ! command -v chromium >/dev/null; then
   # the browser tests drive Debian's Chromium with Playwright (no browser download of Playwright's own)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
@@ -28,7 +67,9 @@ if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null; then
     echo "warning: chromium is not installed and this user cannot apt-get it; the browser tests will be skipped" >&2
   fi
 fi
-if .venv/bin/python -m pip list 2>/dev/null | grep -i -E "^(torchvision|nvidia-)" ; then
-  echo "error: torchvision or CUDA packages were installed; they break transformers/peft on this CPU" >&2
-  exit 1
+if [ "$TORCH_CPU_ONLY" = 1 ] && $VPY -m pip list 2>/dev/null | grep -q -i -E "^nvidia-"; then
+  # a CPU build was chosen, yet a package pulled CUDA libraries (several GB): say so, it still works
+  echo "install: warning: CUDA (nvidia-*) packages were installed although the CPU build of torch was chosen" >&2
 fi
+# the health check: import what meddiff needs; one line and exit 1 if something is broken
+$VPY -m meddiff.environment --check

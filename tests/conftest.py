@@ -53,3 +53,15 @@ def tiny_run_b(tmp_path_factory):
                       seed=1, lr_warmup_steps=1, model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1))
     train(cfg, load_dataset(cfg.data, 32), progress=False)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped (with the reason shown) on machines without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs these on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--uncertain", choices=("ignore", "ones", "zeros"), default="ignore",
                     help="-1 values in --conditions: unspecified (default), present or absent")
     ge.add_argument("--shard", default=None, help="K/N: this process makes every N-th image starting at K")
+    ge.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)")
     ge.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     ge.add_argument("--animate", action="store_true", help="also write a denoising GIF per image (animations/)")
 
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--model", required=True)
     fi.add_argument("--data", required=True, help="real training data spec (the held-out split is used too)")
     fi.add_argument("--out", required=True)
+    fi.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)")
     fi.add_argument("--n", type=_positive_int, default=512)
     fi.add_argument("--steps", type=_positive_int, default=20)
     fi.add_argument("--guidance", type=float, default=2.0)
@@ -225,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=_positive_int, default=1, help="processes extracting features")
     sv.add_argument("--resection", default="all", help="all, or GTR to keep gross-total resections only")
 
+    en = sub.add_parser("env", help="versions, devices, precision, attention, distributed launch, extras, hub and "
+                                    "caches of this machine, with one line of advice per problem")
+    en_out = en.add_mutually_exclusive_group()
+    en_out.add_argument("--json", action="store_true", help="one JSON object")
+    en_out.add_argument("--check", action="store_true", help="only the import health check (what the install runs)")
     se = sub.add_parser("serve", help="web page: type a prompt or pick findings, get images + manifest as a ZIP")
     se.add_argument("--model", required=True, help="run directory (or its pipeline/ folder)")
     se.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -234,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-prompt-chars", type=_positive_int, default=300, help="prompt length (default 300)")
     se.add_argument("--max-guidance", type=_positive_float, default=20.0, help="guidance scale bound (default 20)")
     se.add_argument("--queue-size", type=_positive_int, default=16, help="requests that may wait (default 16)")
-    se.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    se.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)")
     return p
 
 
@@ -364,24 +371,19 @@ def cmd_train(args) -> None:
 
 def cmd_generate(args) -> None:
     from meddiff.conditioning.labels import LabelCodec
+    from meddiff.devices import launch_rank, run_device
     from meddiff.models.storage import load_pipeline
     from meddiff.sampling.generate import SamplingSettings
     from meddiff.sampling.plan import make_plan
     from meddiff.sampling.synthesize import generate_dataset, parse_shard
 
-    import os
-
-    import torch
-
-    shard, device = parse_shard(args.shard), "cpu"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    shard = parse_shard(args.shard)
+    rank, world = launch_rank()
     if world > 1:  # launched by accelerate launch / torchrun: one shard per process, no collectives needed
         if args.shard:
             raise MeddiffError("use either --shard or a multi-process launcher, not both")
-        shard = (int(os.environ.get("RANK", "0")), world)
-    if torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    pipe = load_pipeline(args.model, device=str(device))
+        shard = (rank, world)
+    pipe = load_pipeline(args.model, device=run_device(args.device))
     codec = LabelCodec(pipe.label_names)
     if args.labels is not None and not codec.label_names:
         raise MeddiffError("this model is unconditional; use --unconditional")
@@ -408,11 +410,12 @@ def cmd_fidelity(args) -> None:
     import json
 
     from meddiff.data.spec import load_dataset, parse_spec
+    from meddiff.devices import run_device
     from meddiff.evaluation.fidelity import label_fidelity
     from meddiff.models.storage import load_pipeline
     from meddiff.sampling.generate import SamplingSettings
 
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=run_device(args.device))
     if args.prompt and not pipe.supports_prompts:
         raise MeddiffError("--prompt needs a text-conditioned model; this one takes labels")
     resolution = pipe.image_size
@@ -471,6 +474,14 @@ def cmd_survival(args) -> None:
           f"{best['spearman_r']:.3f}; tables in {Path(args.out) / 'survival.md'} and survival.json")
 
 
+def cmd_env(args) -> None:
+    from meddiff.environment import main as env_main
+
+    code = env_main(["--json"] if args.json else ["--check"] if args.check else [])
+    if code:
+        raise SystemExit(code)
+
+
 def cmd_serve(args) -> None:
     from meddiff.serve.app import require_gradio, serve
     from meddiff.serve.service import ServeLimits
@@ -481,7 +492,7 @@ def cmd_serve(args) -> None:
     serve(args.model, args.host, args.port, limits, args.device)
 
 
-COMMANDS = {"finetune": cmd_finetune, "survival": cmd_survival, "serve": cmd_serve, "data": cmd_data, "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
+COMMANDS = {"env": cmd_env, "finetune": cmd_finetune, "survival": cmd_survival, "serve": cmd_serve, "data": cmd_data, "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
             "demo": cmd_demo}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.spec import DatasetSpec, load_dataset, parse_spec
+from meddiff.devices import run_device
 from meddiff.evaluation.fidelity import default_prompts, label_fidelity, prompt_response
 from meddiff.evaluation.report import write_model_card
 from meddiff.models.storage import load_pipeline
@@ -50,7 +51,7 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> dict | None:
         return None
     timings["train_s"] = time.perf_counter() - t
     run_dir = Path(config.out)
-    pipe = load_pipeline(result.pipeline_dir)
+    pipe = load_pipeline(result.pipeline_dir, device=run_device())  # grids and fidelity on the run's device
     settings = SamplingSettings(steps=config.sample_steps, guidance=config.guidance, seed=config.seed,
                                 precision=config.precision)
     t = time.perf_counter()

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.devices import run_device
 
 
 class LabelClassifier(nn.Module):
@@ -45,9 +46,12 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(dataset: ImageLabelDataset, epochs: int = 8, batch_size: int = 64, seed: int = 0,
-                     lr: float = 2e-3, progress: bool = False) -> LabelClassifier:
+                     lr: float = 2e-3, progress: bool = False, device=None) -> LabelClassifier:
+    """Trained on `device` (default: the run's device, a GPU where there is one); augmentation and batch order come
+    from a CPU generator, so the result does not depend on the device's random streams."""
     torch.manual_seed(seed)
-    model = LabelClassifier(len(dataset.label_names))
+    device = run_device(device)
+    model = LabelClassifier(len(dataset.label_names)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * max(1, len(dataset) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
@@ -58,10 +62,11 @@ def train_classifier(dataset: ImageLabelDataset, epochs: int = 8, batch_size: in
         perm = torch.randperm(len(dataset), generator=gen)
         for start in range(0, len(perm) - batch_size + 1 if len(perm) >= batch_size else 1, batch_size):
             idx = perm[start:start + batch_size]
-            x = _augment(dataset.images[idx], gen)
-            known = dataset.known[idx].float()
+            x = _augment(dataset.images[idx], gen).to(device, non_blocking=True)
+            known = dataset.known[idx].float().to(device)
             logits = model(x)
-            loss = (F.binary_cross_entropy_with_logits(logits, dataset.labels[idx], reduction="none") * known).sum()
+            target = dataset.labels[idx].to(device)
+            loss = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * known).sum()
             loss = loss / known.sum().clamp(min=1)
             opt.zero_grad()
             loss.backward()
@@ -75,9 +80,10 @@ def train_classifier(dataset: ImageLabelDataset, epochs: int = 8, batch_size: in
 
 @torch.no_grad()
 def predict(model: LabelClassifier, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """images (N, 1, R, R) in [-1, 1] -> probabilities (N, K)."""
+    """images (N, 1, R, R) in [-1, 1] -> probabilities (N, K), computed on the model's device."""
     model.eval()
-    return np.concatenate([torch.sigmoid(model(images[i:i + batch_size])).numpy()
+    device = next(model.parameters()).device
+    return np.concatenate([torch.sigmoid(model(images[i:i + batch_size].to(device))).float().cpu().numpy()
                            for i in range(0, len(images), batch_size)]) if len(images) else np.zeros((0, 0))
 
 

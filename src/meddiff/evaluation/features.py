@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from meddiff.data import cache
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.devices import run_device
 from meddiff.errors import MeddiffError
 from meddiff.evaluation.classifier import LabelClassifier, train_classifier
 
@@ -35,18 +36,20 @@ def domain_classifier(train: ImageLabelDataset, spec_key: str, epochs: int = 10,
     model = LabelClassifier(len(train.label_names))
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
-        return model.eval()
+        return model.to(run_device()).eval()
     model = train_classifier(train, epochs=epochs, seed=seed, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
     return model
 
 
 @torch.no_grad()
 def embed(model: LabelClassifier, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """images (N, 1, R, R) in [-1, 1] -> features (N, D)."""
+    """images (N, 1, R, R) in [-1, 1] -> features (N, D), computed on the model's device."""
     model.eval()
-    return np.concatenate([model.embed(images[i:i + batch_size]).numpy() for i in range(0, len(images), batch_size)])
+    device = next(model.parameters()).device
+    return np.concatenate([model.embed(images[i:i + batch_size].to(device)).float().cpu().numpy()
+                           for i in range(0, len(images), batch_size)])
 
 
 def require_optional(name: str, weights: str | None = None) -> None:
@@ -75,9 +78,10 @@ class InceptionFeatures:
     no torchvision needed. Grayscale images are repeated to 3 channels and resized to 299 px, in the 0-255 range
     the network expects."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, device=None):
+        self.device = run_device(device)
         try:
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            self.net = torch.jit.load(str(path), map_location=self.device).eval()
         except (RuntimeError, ValueError) as exc:
             raise MeddiffError(f"{path} is not a TorchScript model: {str(exc).splitlines()[0]}") from None
 
@@ -85,9 +89,9 @@ class InceptionFeatures:
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         out = []
         for i in range(0, len(images), batch_size):
-            x = (images[i:i + batch_size].float() + 1) * 127.5
+            x = (images[i:i + batch_size].to(self.device).float() + 1) * 127.5
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False).clamp(0, 255).repeat(1, 3, 1, 1)
-            out.append(self.net(x, return_features=True).float().reshape(x.shape[0], -1).numpy())
+            out.append(self.net(x, return_features=True).float().reshape(x.shape[0], -1).cpu().numpy())
         return np.concatenate(out)
 
 
@@ -116,19 +120,20 @@ def xrv_features(weights: str | None):
             raise MeddiffError(f"torchxrayvision could not load weights {weights or 'densenet121-res224-all'!r} "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); put the "
                                f"file on disk and pass --feature-weights PATH") from None
-    model = model.eval()
+    device = run_device()
+    model = model.to(device).eval()
 
     @torch.no_grad()
     def extract(images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         """images (N, 1, R, R) in [-1, 1] -> xrv's pooled DenseNet features; xrv wants 224 px in [-1024, 1024]."""
         out = []
         for i in range(0, len(images), batch_size):
-            x = F.interpolate(images[i:i + batch_size].float(), size=(224, 224), mode="bilinear") * 1024
+            x = F.interpolate(images[i:i + batch_size].to(device).float(), size=(224, 224), mode="bilinear") * 1024
             if hasattr(model, "features2"):
                 f = model.features2(x)
             else:  # older xrv: pool the last feature map as its classifier does
                 f = F.adaptive_avg_pool2d(F.relu(model.features(x)), 1).flatten(1)
-            out.append(f.float().reshape(len(x), -1).numpy())
+            out.append(f.float().reshape(len(x), -1).cpu().numpy())
         return np.concatenate(out)
 
     return extract

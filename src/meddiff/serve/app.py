@@ -121,9 +121,9 @@ def launch(service: ModelService, host: str = "127.0.0.1", port: int | None = No
 
 def serve(model: str, host: str = "127.0.0.1", port: int | None = None, limits: ServeLimits | None = None,
           device: str | None = None) -> None:
-    import torch
+    from meddiff.devices import run_device
 
-    service = ModelService(model, limits, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    service = ModelService(model, limits, device=run_device(device))
     try:
         launch(service, host, port, block=True)
     finally:

@@ -76,6 +76,8 @@ class StableDiffusionFinetune(PixelDiffusion):
         self.prompt_cache = None
         self.new_token_ids: list[int] = []
         self._setup_trainable(unet, ft)
+        if self.prompt_cache is not None:  # a frozen text encoder: prompts are encoded (and cached) on the device
+            self.text_encoder.to(self.device)
         if ft.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if self._trains_text():
@@ -193,6 +195,7 @@ class StableDiffusionFinetune(PixelDiffusion):
             pipe = MedDiffusionPipeline(unet=unet, scheduler=self.noise_scheduler, vae=self._vae,
                                         text_encoder=self.text_encoder, tokenizer=self.tokenizer)
             pipe.set_progress_bar_config(disable=True)
+            pipe.to(self.device)  # the base model samples on the run's device
             todo = list(range(len(have), n))
             settings = SamplingSettings(steps=25, guidance=self.config.guidance, seed=self.config.seed + 7919,
                                         batch_size=8)
@@ -259,7 +262,8 @@ class StableDiffusionFinetune(PixelDiffusion):
         pipe = MedDiffusionPipeline(unet=unet, scheduler=self.noise_scheduler, vae=self._vae, text_encoder=encoder,
                                     tokenizer=self.tokenizer, label_names=self.dataset.label_names)
         pipe.set_progress_bar_config(disable=True)
-        return pipe
+        # the frozen autoencoder and text encoder join the U-Net on the run's device (validation, export)
+        return pipe.to(next(unet.parameters()).device)
 
     def validation_prompts(self) -> list[str]:
         ft = self.config.finetune

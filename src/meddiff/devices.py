@@ -1,0 +1,78 @@
+"""Where a command runs: one rule for every command that loads a model (train reports, generate, fidelity,
+evaluate, serve), so that every model and pipeline of a run sits on the same device.
+
+- `run_device()`: cuda:LOCAL_RANK when CUDA is available (one GPU per process under `accelerate launch` /
+  `torchrun`), else Apple's mps, else the CPU; an explicit choice (`--device`) wins.
+- `launch_rank()`: (rank, world size) set by `accelerate launch` / `torchrun`; (0, 1) in a plain process.
+- `misplaced_components(pipe, device)`: the pipeline components (or a module's parameters and buffers) that are not
+  on `device`: what tests and debugging check."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from meddiff.errors import MeddiffError
+
+
+def launch_rank() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) of a process started by accelerate launch / torchrun; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0) if world > 1 else 0
+    return rank, max(world, 1)
+
+
+def is_main_launch_process() -> bool:
+    return launch_rank()[0] == 0
+
+
+def mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def run_device(prefer: str | torch.device | None = None) -> torch.device:
+    """The device this process works on. `prefer` ('cpu', 'cuda', 'cuda:1', 'mps') overrides the automatic choice;
+    a bare 'cuda' means this process's GPU (cuda:LOCAL_RANK)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if prefer is not None and str(prefer) != "auto":
+        device = torch.device(prefer) if not isinstance(prefer, torch.device) else prefer
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise MeddiffError(f"--device {prefer} asked for a CUDA GPU, but none is available here; use cpu")
+            if device.index is None:
+                device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        elif device.type == "mps" and not mps_available():
+            raise MeddiffError(f"--device {prefer} asked for Apple's mps, which is not available here; use cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    if mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """cuda and cuda:0 (the current GPU) count as the same device."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
+def misplaced_components(pipe_or_module, device: torch.device | str) -> list[str]:
+    """Names of the tensors (component.parameter) of a diffusers pipeline or a module that are not on `device`."""
+    if isinstance(pipe_or_module, torch.nn.Module):
+        modules = {"": pipe_or_module}
+    else:
+        modules = {name: value for name, value in pipe_or_module.components.items()
+                   if isinstance(value, torch.nn.Module)}
+    wrong = []
+    for name, module in modules.items():
+        tensors = list(module.named_parameters()) + list(module.named_buffers())
+        wrong += [f"{name}.{key}" if name else key for key, t in tensors if not same_device(t.device, device)]
+    return wrong

@@ -81,7 +81,7 @@ def test_time_to_quality_bench_resumes_between_marks(tmp_path):
     assert 0 < first["steps"] < second["steps"] and second["train_minutes"] >= 0.06
     assert "resumed from" in proc.stdout  # the second mark continued the first mark's run
     for row in data["rows"]:
-        assert 0 <= row["fidelity_auc"] <= 1 and 0 <= row["synthetic_only_auc"] <= 1 and row["domain_fid"] > 0
+        assert 0 <= row["fidelity_auc"] <= 1 and 0 <= row["synthetic_only_auc"] <= 1 and row["domain_fid"] >= 0
     assert data["overrides"]["batch_size"] == 8 and out.with_suffix(".png").stat().st_size > 1000
     assert (tmp_path / "w" / "default" / "snapshots" / "0.06min" / "pipeline").is_dir()
 
@@ -126,3 +126,68 @@ def test_finetune_scale_bench_measures_each_method_and_cleans_up(tmp_path):
     one = subprocess.run([sys.executable, str(BENCH / "finetune_scale.py"), "--steps", "1", "--base", str(base)],
                          capture_output=True, text=True, timeout=120)
     assert one.returncode == 2 and "--steps must be at least 2" in one.stderr
+
+
+def test_plain_diffusers_loop_trains_unet_and_lora_on_the_tiny_sd(tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from meddiff.models.stable_diffusion import build_tiny_stable_diffusion
+
+    base = build_tiny_stable_diffusion(tmp_path / "base")
+    out = tmp_path / "d.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "plain_diffusers_loop.py"), "--base", str(base), "--configs",
+                           "unet", "lora", "--resolution", "32", "--steps", "2", "--precision", "fp32", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "s_per_step" in proc.stdout  # the printed table
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"unet", "lora"} and not any("error" in r for r in rows.values())
+    for row in rows.values():
+        assert row["loop"] == "plain-diffusers" and row["loss_finite"] and row["loss"] > 0
+        assert row["s_per_step"] > 0 and row["img_per_s"] > 0 and row["peak_rss_GB"] > 0
+        assert row["precision"] == "no" and row["resolution"] == 32 and row["batch"] == 1
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    assert rows["unet"]["trainable_params"] == sum(p.numel() for p in unet.parameters())  # the whole U-Net
+    # LoRA rank 8 on every to_q/to_k/to_v/to_out.0 linear: r * (in + out) each, nothing else trains
+    targets = [m for name, m in unet.named_modules()
+               if name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")) and isinstance(m, torch.nn.Linear)]
+    lora = sum(8 * (m.in_features + m.out_features) for m in targets)
+    assert rows["lora"]["trainable_params"] == lora > 0
+
+
+def test_gpu_check_quick_mode_writes_every_stage_to_one_json(tmp_path):
+    out, work = tmp_path / "g.json", tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--quick", "--skip", "pytest_gpu", "--out",
+                           str(out), "--work", str(work)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "gpu_check" and data["quick"] and data["complete"]
+    stages = data["stages"]
+    assert set(stages) == {"pytest_gpu", "pixel", "latent", "sampling", "finetune"}
+    assert stages["pytest_gpu"]["status"] == "skipped"
+    assert all(stages[s]["status"] == "ok" for s in ("pixel", "latent", "sampling", "finetune")), stages
+    assert [(p["loop"], p["config"]) for p in stages["finetune"]["parts"]] == [
+        ("meddiff", "unet"), ("plain-diffusers", "unet"), ("meddiff", "lora"), ("plain-diffusers", "lora")]
+    rows = {(r["stage"], r.get("config")): r for r in data["rows"]}
+    assert rows[("pixel", "tiny model")]["img_per_s"] > 0 and rows[("latent", "KL f=4 latent 4x8x8")]["img_per_s"] > 0
+    sampling = [r for r in data["rows"] if r["stage"] == "sampling"]
+    assert len(sampling) == 2 and all(r["img_per_s"] > 0 for r in sampling)
+    finetune = [r for r in data["rows"] if r["stage"] == "finetune"]
+    assert all(r["s_per_step"] > 0 and r["peak_rss_GB"] > 0 for r in finetune)
+    assert {r["precision"] for r in finetune} == {finetune[0]["precision"]}  # both loops in the same precision
+    assert "img_per_s" in proc.stdout and "results:" in proc.stdout  # the printed table
+    # a budget too small for anything: every stage is skipped with a note, and the JSON still written
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--quick", "--budget-s", "1", "--out",
+                           str(out), "--work", str(work)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stages = json.loads(out.read_text())["stages"]
+    assert all(v["status"] == "skipped" and "budget" in v["note"] for k, v in stages.items() if k != "finetune")
+    assert all(p["status"] == "skipped" for p in stages["finetune"]["parts"])
+
+
+def test_gpu_check_and_multinode_scripts_parse():
+    root = BENCH.parent
+    for script in (BENCH / "gpu_check.sh", root / "scripts" / "slurm" / "train-multinode.sbatch"):
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"

@@ -88,3 +88,14 @@ def test_train_command_writes_a_complete_run(tmp_path, phantom_dir):
     code, out, err = run_cli("train", "--data", f"phantom:{phantom_dir}", "--out", str(run), "--max-steps", "8",
                              "--batch-size", "8", "--resume", "latest", "--no-eval")
     assert code == 0 and "resumed from" in out and "step 6" in out, err
+
+
+def test_report_commands_run_on_the_main_launch_process_only(tmp_path, monkeypatch, capsys, tiny_run):
+    """Under accelerate launch / torchrun, evaluate and fidelity write one report: the other processes stop."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["evaluate", "--real", "phantom:?n=8", "--synthetic", str(tmp_path), "--out", str(tmp_path / "ev")]) == 0
+    assert main(["fidelity", "--model", str(tiny_run), "--data", "phantom:?n=8", "--out", str(tmp_path / "fi")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("runs on the main process only") == 2 and "process 1 of 2" in out
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "fi").exists()

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     ft.add_argument("--use-8bit-adam", action="store_true", default=None, help="bitsandbytes AdamW8bit (CUDA)")
     ft.add_argument("--no-ema", action="store_true", default=None)
+    ft.add_argument("--compile", action="store_true", default=None,
+                    help="torch.compile the trained model (minutes of compile time first; CUDA mostly)")
     ft.add_argument("--snr-gamma", type=float, help="Min-SNR weighting (default 5; 0 for plain MSE)")
     ft.add_argument("--noise-offset", type=float)
     ft.add_argument("--caption-dropout", type=float, help="probability of an empty prompt (guidance; default 0.1)")
@@ -144,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("--learning-rate", type=_positive_float)
     ae.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     ae.add_argument("--checkpoint-every", type=int)
+    ae.add_argument("--compile", action="store_true", default=None,
+                    help="torch.compile the trained model (minutes of compile time first; CUDA mostly)")
     ae.add_argument("--loader-workers", type=int, default=None,
                     help="data loader processes (default: 0 for in-memory data, else up to 8 on a GPU, 2 on a CPU)")
     ae.add_argument("--seed", type=int)
@@ -278,7 +282,7 @@ def _run_config(args, overrides: dict):
     common = {"data": args.data, "out": args.out, "resolution": args.resolution, "max_steps": args.max_steps,
               "max_minutes": args.max_minutes, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
               "precision": args.precision, "checkpoint_every": args.checkpoint_every, "seed": args.seed,
-              "resume": args.resume, "loader_workers": args.loader_workers}
+              "resume": args.resume, "loader_workers": args.loader_workers, "compile": getattr(args, "compile", None)}
     base = args.config
     if args.resume and not base and args.out and (Path(args.out) / "config.yaml").is_file():
         base = Path(args.out) / "config.yaml"  # continue with the run's own config; flags still override
@@ -359,7 +363,7 @@ def cmd_train(args) -> None:
         "model.prediction_type": args.prediction, "eval.fidelity": False if args.no_eval else None,
         "method": args.method, "latent.autoencoder": args.autoencoder, "conditioning": args.conditioning,
         "text.encoder": args.text_encoder, "text.train_encoder": args.train_text_encoder,
-        "text.shuffle_findings": args.shuffle_findings, "channels_last": args.channels_last, "compile": args.compile,
+        "text.shuffle_findings": args.shuffle_findings, "channels_last": args.channels_last,
         "threads": args.threads})
     if config.method == "autoencoder":
         raise MeddiffError("this config trains an autoencoder; use `meddiff train-autoencoder`")
@@ -415,6 +419,8 @@ def cmd_fidelity(args) -> None:
     from meddiff.models.storage import load_pipeline
     from meddiff.sampling.generate import SamplingSettings
 
+    if _other_launch_process("fidelity"):
+        return
     pipe = load_pipeline(args.model, device=run_device(args.device))
     if args.prompt and not pipe.supports_prompts:
         raise MeddiffError("--prompt needs a text-conditioned model; this one takes labels")
@@ -439,8 +445,22 @@ def cmd_fidelity(args) -> None:
     (out / "fidelity.json").write_text(json.dumps(report, indent=2))
 
 
+def _other_launch_process(what: str) -> bool:
+    """Under accelerate launch / torchrun, commands that write one report run on the main process; the others say so
+    and stop (generate shards its images instead)."""
+    from meddiff.devices import launch_rank
+
+    rank, world = launch_rank()
+    if rank:
+        print(f"process {rank} of {world}: {what} runs on the main process only")
+    return rank != 0
+
+
 def cmd_evaluate(args) -> None:
     from meddiff.evaluation.suite import run_evaluation
+
+    if _other_launch_process("evaluate"):
+        return
 
     report = run_evaluation(args.real, args.synthetic, Path(args.out), resolution=args.resolution,
                             features=args.features, feature_weights=args.feature_weights, seeds=args.seeds, classifier_epochs=args.classifier_epochs,

@@ -190,6 +190,12 @@ class Prompts(Sequence[str]):
     def __eq__(self, other) -> bool:
         return list(self) == list(other)
 
+    def __add__(self, other) -> list[str]:  # concatenates like the list it stands for
+        return list(self) + list(other)
+
+    def __radd__(self, other) -> list[str]:
+        return list(other) + list(self)
+
 
 @dataclass
 class ImageStore:

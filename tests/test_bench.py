@@ -191,3 +191,29 @@ def test_gpu_check_and_multinode_scripts_parse():
     for script in (BENCH / "gpu_check.sh", root / "scripts" / "slurm" / "train-multinode.sbatch"):
         proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
+
+
+def test_latent_cache_bench_second_run_encodes_nothing(tmp_path):
+    out = tmp_path / "lc.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "latent_cache.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second, saved = json.loads(out.read_text())["rows"]
+    assert first["encoded"] == first["images"] == 64 and second["encoded"] == 0
+    assert first["setup_s"] > 0 and second["setup_s"] >= 0 and saved["setup_s"] == round(
+        first["setup_s"] - second["setup_s"], 2)
+    assert "saved" in proc.stdout and "results:" in proc.stdout
+
+
+def test_data_scale_bench_fits_memory_against_n_and_compares_workers(tmp_path):
+    out = tmp_path / "ds.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "data_scale.py"), "--quick", "--work", str(tmp_path / "w"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r["images"] for r in data["rows"]] == [60, 120]
+    assert all(r["peak_rss_mb"] > 50 and r["train_img_per_s"] > 0 and r["prepare_img_per_s"] > 0 for r in data["rows"])
+    s = data["summary"]
+    assert s["prepare_1_worker_img_per_s"] > 0 and s["prepare_2_workers_img_per_s"] > 0
+    assert s["loader_2_workers_img_per_s_64px"] > 0 and s["train_img_per_s_64px"] > 0
+    assert "fit_b_bytes_per_image" in s and "targets:" in proc.stdout

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -44,6 +45,20 @@ SHARD_BYTES = 256 * 2**20  # about 256 MB of pixels per shard
 
 # ----------------------------------------------------------------------------------------------------------------
 # reading
+
+
+def map_shard(path: Path) -> np.ndarray:
+    """A shard memory-mapped read-only for random access: training reads scattered images, so the kernel is told not
+    to read ahead around each one (readahead would pull neighbouring images into this process's mapped pages, and
+    its resident memory would then grow with the store's size instead of with the images actually read)."""
+    arr = np.load(path, mmap_mode="r")
+    handle = getattr(arr, "_mmap", None)
+    if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            handle.madvise(mmap.MADV_RANDOM)
+        except OSError:  # some filesystems refuse advice; reading still works
+            pass
+    return arr
 
 
 class MappedImages:
@@ -76,7 +91,7 @@ class MappedImages:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         if self.shards is None:
-            self.shards = [np.load(f, mmap_mode="r") for f in self.files]
+            self.shards = [map_shard(f) for f in self.files]
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
@@ -235,7 +250,7 @@ def open_store(folder: Path, key: str | None = None) -> ImageStore | None:
         side = int(meta["resolution"])
         shards = []
         for entry in meta["shards"]:
-            arr = np.load(folder / entry["file"], mmap_mode="r")
+            arr = map_shard(folder / entry["file"])
             if arr.shape != (entry["count"], side, side) or arr.dtype != np.dtype(entry["dtype"]):
                 return None
             shards.append(arr)
@@ -358,31 +373,47 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
         bounds.append((start, len(tasks)))
     bar = tqdm(total=len(items), desc=f"prepare {resolution} px", unit="img", dynamic_ncols=True,
                disable=not progress or len(items) < 200)
+    started = time.perf_counter()
     # spawned workers import only numpy, Pillow and meddiff.data.io (safe next to torch's threads, on any OS)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) \
         if workers and workers > 1 else None
-    shards = []
+    done: dict[int, dict] = {}
+    for s, (t0, t1) in enumerate(bounds):
+        record = partial / f"shard-{s:05d}.json"
+        if record.is_file():  # finished by an interrupted run with the same key
+            info = json.loads(record.read_text())
+            if (partial / info["file"]).is_file():
+                done[s] = info
+                bar.update(sum(len(members[t]) for t in range(t0, t1)))
+    todo = [s for s in range(len(bounds)) if s not in done]
+
+    def submit(s: int):
+        """Decoding of shard s, started now (in the pool: it runs while the previous shard is being written)."""
+        jobs = [(t, resolution, fit) for t in tasks[bounds[s][0]:bounds[s][1]]]
+        if pool is None:
+            return map(decode, jobs)
+        return pool.map(decode, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers))))
+
     try:
-        for s, (t0, t1) in enumerate(bounds):
-            name = f"shard-{s:05d}"
-            record = partial / f"{name}.json"
-            if record.is_file():  # finished by an interrupted run with the same key
-                info = json.loads(record.read_text())
-                if (partial / info["file"]).is_file():
-                    shards.append(info)
-                    bar.update(sum(len(members[t]) for t in range(t0, t1)))
-                    continue
-            shards.append(_write_shard(partial, name, tasks[t0:t1], members[t0:t1], resolution, fit, pool, items, bar))
+        upcoming = submit(todo[0]) if todo else None
+        for k, s in enumerate(todo):
+            results = upcoming
+            upcoming = submit(todo[k + 1]) if k + 1 < len(todo) else None  # serial: lazy, decoded when read
+            t0, t1 = bounds[s]
+            done[s] = _write_shard(partial, f"shard-{s:05d}", results, members[t0:t1], resolution, items, bar)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         bar.close()
-    return _finish(folder, partial, key, shards, resolution, fit, meta, index_fn, len(items))
+    shards = [done[s] for s in range(len(bounds))]
+    # what this run spent decoding and writing (start-up of the command excluded), with how many worker processes
+    timing = {"prepare_seconds": round(time.perf_counter() - started, 2), "prepare_workers": max(int(workers or 0), 1),
+              "prepared_now": int(sum(len(members[t]) for s in todo for t in range(*bounds[s])))}
+    return _finish(folder, partial, key, shards, resolution, fit, {**meta, **timing}, index_fn, len(items))
 
 
-def _write_shard(partial: Path, name: str, tasks, members, resolution, fit, pool, items, bar) -> dict:
-    jobs = [(t, resolution, fit) for t in tasks]
-    results = pool.map(decode, jobs, chunksize=4) if pool is not None else map(decode, jobs)
+def _write_shard(partial: Path, name: str, results, members, resolution, items, bar) -> dict:
+    """Collect one shard's decoded images (`results`, one list per task, in task order) and write it atomically."""
     arrays, keep, problems = [], [], []
     for task_members, outputs in zip(members, results):
         for record, (arr, problem) in zip(task_members, outputs):

@@ -176,3 +176,24 @@ def test_mapped_images_index_like_a_tensor_and_pickle_as_paths(tmp_path):
     batch = ds.__getitems__([0, 7, 3])
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 1, 16, 16)
     assert batch["index"].tolist() == [0, 7, 3]
+
+
+def test_workers_write_jpeg_shards_in_place_and_mixed_shards_are_copied(tmp_path):
+    """All-JPEG shards are written by the workers straight into the shard file (no pixels sent back); a shard that
+    also holds a 16-bit PNG goes the copying way; both equal what one process decodes."""
+    src = _class_folder(tmp_path / "src", n=16, corrupt=0)
+    out = tmp_path / "store"
+    assert main(["data", "prepare", f"folder:{src}?split=all", "--out", str(out), "--resolution", "32",
+                 "--workers", "2"]) == 0
+    assert not list(out.glob("*.direct")) and not list(out.glob("*.part"))
+    direct = load_dataset(f"folder:{src}?split=all&cache=0", 32)
+    assert torch.equal(load_dataset(f"store:{out}", 32).images[:], direct.images[:])
+    assert open_store(out).meta["prepare_workers"] == 2 and open_store(out).meta["prepare_seconds"] > 0
+    Image.fromarray((np.arange(48 * 40).reshape(40, 48) * 30).astype(np.uint16)).save(src / "NC" / "deep.png")
+    mixed = tmp_path / "mixed"
+    assert main(["data", "prepare", f"folder:{src}?split=all", "--out", str(mixed), "--resolution", "32",
+                 "--workers", "2"]) == 0
+    store = open_store(mixed)
+    assert store.meta["shards"][0]["dtype"] == "uint16" and len(store.images) == 17
+    assert torch.allclose(load_dataset(f"store:{mixed}", 32).images[:],
+                          load_dataset(f"folder:{src}?split=all&cache=0", 32).images[:], atol=1e-6)

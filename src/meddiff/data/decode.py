@@ -70,3 +70,36 @@ def tasks_for(items: Sequence[tuple[str, int | None, int]]) -> tuple[list[Decode
         members.append(list(range(i, j)))
         i = j
     return tasks, members
+
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+_open_targets: dict[str, np.ndarray] = {}  # this worker's open shard files (at most two shards are in flight)
+
+
+def always_8bit(task: DecodeTask) -> bool:
+    """Whether a task can only give 8-bit images (JPEG): its shard's type is then known before decoding."""
+    return not task.slices and task.path.lower().endswith(JPEG_SUFFIXES)
+
+
+def decode_into(job: tuple[DecodeTask, int, str, str, int]) -> list[tuple[np.ndarray | bool | None, str]]:
+    """Decode like `decode` and write each image straight into row `slot`, `slot + 1`, ... of the uint8 shard file
+    `target` (a memory map shared with the writer): only (True, "") or (None, problem) travel back, not the pixels.
+    An image that is not 8-bit after all comes back as its array (the writer then falls back)."""
+    task, resolution, fit, target, slot = job
+    results = decode((task, resolution, fit))
+    out = _open_targets.get(target)
+    if out is None:
+        if len(_open_targets) >= 2:
+            _open_targets.clear()
+        out = _open_targets[target] = np.load(target, mmap_mode="r+")
+    answers: list[tuple[np.ndarray | bool | None, str]] = []
+    for i, (arr, problem) in enumerate(results):
+        if arr is None:
+            answers.append((None, problem))
+        elif arr.dtype != out.dtype:
+            answers.append((arr, ""))
+        else:
+            out[slot + i] = arr
+            answers.append((True, ""))
+    return answers
+

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meddiff.data.decode import decode, tasks_for
+from meddiff.data.decode import always_8bit, decode, decode_into, tasks_for
 from meddiff.errors import MeddiffError
 
 STORE_VERSION = 2
@@ -388,11 +388,20 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
     todo = [s for s in range(len(bounds)) if s not in done]
 
     def submit(s: int):
-        """Decoding of shard s, started now (in the pool: it runs while the previous shard is being written)."""
-        jobs = [(t, resolution, fit) for t in tasks[bounds[s][0]:bounds[s][1]]]
+        """Decoding of shard s, started now (in the pool: it runs while the previous shard is being written). With
+        workers and only JPEGs (always 8-bit), the workers write the pixels straight into the shard file."""
+        chunk = tasks[bounds[s][0]:bounds[s][1]]
         if pool is None:
-            return map(decode, jobs)
-        return pool.map(decode, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers))))
+            return None, map(decode, [(t, resolution, fit) for t in chunk])
+        size = max(1, min(16, len(chunk) // (8 * workers)))
+        if all(always_8bit(t) for t in chunk):
+            rows = sum(len(members[t]) for t in range(*bounds[s]))
+            target = partial / f"shard-{s:05d}.npy.direct"
+            np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(rows, resolution, resolution))
+            slots = np.concatenate([[0], np.cumsum([len(members[t]) for t in range(*bounds[s])])])
+            jobs = [(t, resolution, fit, str(target), int(slot)) for t, slot in zip(chunk, slots)]
+            return target, pool.map(decode_into, jobs, chunksize=size)
+        return None, pool.map(decode, [(t, resolution, fit) for t in chunk], chunksize=size)
 
     try:
         upcoming = submit(todo[0]) if todo else None
@@ -401,6 +410,10 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
             upcoming = submit(todo[k + 1]) if k + 1 < len(todo) else None  # serial: lazy, decoded when read
             t0, t1 = bounds[s]
             done[s] = _write_shard(partial, f"shard-{s:05d}", results, members[t0:t1], resolution, items, bar)
+            upcoming_target = upcoming[0] if upcoming is not None else None
+            for leftover in partial.glob("*.npy.direct"):  # a finished shard's scratch file (kept: the next one's)
+                if leftover != upcoming_target:
+                    leftover.unlink(missing_ok=True)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -412,19 +425,30 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
     return _finish(folder, partial, key, shards, resolution, fit, {**meta, **timing}, index_fn, len(items))
 
 
-def _write_shard(partial: Path, name: str, results, members, resolution, items, bar) -> dict:
-    """Collect one shard's decoded images (`results`, one list per task, in task order) and write it atomically."""
-    arrays, keep, problems = [], [], []
+def _write_shard(partial: Path, name: str, submitted, members, resolution, items, bar) -> dict:
+    """Collect one shard's decoded images (one list per task, in task order) and write the shard atomically. Where
+    the workers wrote the pixels into a scratch file themselves (`submitted[0]`), that file becomes the shard when
+    every image decoded; otherwise (failures leave holes, or an image was not 8-bit) the rows are copied."""
+    direct, results = submitted
+    written = np.load(direct, mmap_mode="r") if direct is not None else None
+    arrays, keep, problems, row, fallback = [], [], [], 0, False
     for task_members, outputs in zip(members, results):
         for record, (arr, problem) in zip(task_members, outputs):
             if arr is None:
                 problems.append((items[record][0], problem))
             else:
-                arrays.append(arr)
+                fallback |= arr is not True
+                arrays.append(written[row] if arr is True else arr)
                 keep.append(record)
+            row += 1
         bar.update(len(task_members))
-    dtype = np.uint16 if any(a.dtype == np.uint16 for a in arrays) else np.uint8
     file = f"{name}.npy"
+    if direct is not None and not problems and not fallback:
+        os.replace(direct, partial / file)  # the workers' file is complete: no copy
+        info = {"file": file, "count": len(arrays), "dtype": "uint8", "keep": keep, "problems": problems}
+        _write_json(partial / f"{name}.json", info)
+        return info
+    dtype = np.uint16 if any(a.dtype == np.uint16 for a in arrays) else np.uint8
     tmp = partial / f"{name}.npy.part"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(arrays), resolution, resolution))
     for i, a in enumerate(arrays):

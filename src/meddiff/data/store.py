@@ -84,6 +84,7 @@ class MappedImages:
     def __getstate__(self) -> dict:
         """Loader workers started by spawn get the file names and map them again (never a copy of the pixels)."""
         state = dict(self.__dict__)
+        state.pop("_fds", None)  # descriptors are per process: reopened on first read
         if self.files is not None:
             state["shards"] = None
         return state
@@ -123,11 +124,47 @@ class MappedImages:
             sel = np.nonzero(shard_of == s)[0]
             local = pos[sel] - self.offsets[s]
             order = np.argsort(local, kind="stable")  # ascending reads: sequential on disk
-            block = self.shards[s][local[order]]
+            block = self._gather(int(s), local[order])
             if block.dtype == np.uint8 and out_dtype == np.uint16:
                 block = block.astype(np.uint16) * 257
             out[sel[order]] = block
         return out[0] if scalar else out
+
+    def _gather(self, s: int, rows: np.ndarray) -> np.ndarray:
+        """Rows (ascending) of shard s. From a shard file they are read with positioned reads (one per run of
+        consecutive rows) into a fresh array, not through the memory map: reading through the map would leave the
+        pages around each image mapped into this process (the kernel maps neighbouring cached pages on each fault),
+        so its resident memory would grow with the store instead of with the batch."""
+        shard = self.shards[s]
+        if self.files is None or not isinstance(shard, np.memmap) or not hasattr(os, "preadv"):
+            return shard[rows]
+        fd = self._fds.get(s) if hasattr(self, "_fds") else None
+        if fd is None:
+            self._fds = getattr(self, "_fds", {})
+            fd = self._fds[s] = os.open(self.files[s], os.O_RDONLY)
+        row_bytes = int(np.prod(shard.shape[1:], dtype=np.int64)) * shard.dtype.itemsize
+        out = np.empty((len(rows), *shard.shape[1:]), shard.dtype)
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            start, stop, offset = i * row_bytes, j * row_bytes, shard.offset + int(rows[i]) * row_bytes
+            while start < stop:  # short reads (very large runs) continue where they stopped
+                got = os.preadv(fd, [flat[start:stop]], offset)
+                if got <= 0:
+                    raise MeddiffError(f"{self.files[s]} ended early: the store is damaged; prepare it again")
+                start, offset = start + got, offset + got
+            i = j
+        return out
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __getitem__(self, index) -> torch.Tensor:
         rest: tuple = ()

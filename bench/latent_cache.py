@@ -3,7 +3,7 @@ sharing one MEDDIFF_CACHE. The first encodes every image once (on the run's devi
 start training without encoding anything. Reported per run: data loading, the method's set-up (encoding or cache
 read), the training steps, and the whole run; the saving is run 1's set-up minus run 2's.
 
-    python bench/latent_cache.py                      # 2000 phantoms at 128 px, KL f=4 autoencoder (random weights)
+    python bench/latent_cache.py                      # 2000 JPEGs at 128 px, KL f=4 autoencoder (random weights)
     python bench/latent_cache.py --data folder:DIR --resolution 256 --n 0
     python bench/latent_cache.py --quick              # a smoke test
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,7 @@ def child(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--data", default=None, help="dataset spec (default: phantom:?n=N&seed=0)")
+    p.add_argument("--data", default=None, help="dataset spec (default: a folder of N synthetic 640x512 JPEGs)")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--factor", type=int, default=4, choices=(4, 8))
@@ -79,13 +80,16 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.n, args.resolution, args.steps = 64, 32, 2
-    args.data = args.data or f"phantom:?n={args.n}&seed=0"
     if args.child:
         child(args)
         return
+    from data_scale import make_pool
     from gpu_check import build_random_autoencoder
 
     work = Path(tempfile.mkdtemp(prefix="meddiff-latent-cache-"))
+    if args.data is None:
+        make_pool(work / "images", args.n, size=(160, 128) if args.quick else (640, 512))
+        args.data = f"folder:{work / 'images'}?split=all"
     env = {**os.environ, "MEDDIFF_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     os.environ.update({"MEDDIFF_CACHE": env["MEDDIFF_CACHE"]})
     channels = [32, 64, 128] if args.factor == 4 else [32, 64, 128, 128]  # one level per factor of 2
@@ -113,6 +117,7 @@ def main() -> None:
     if rows[1]["encoded"] or rows[0]["encoded"] != rows[0]["images"]:
         raise SystemExit("the second run encoded again (or the first did not): the latent cache did not work")
     write_results("latent_cache", rows, COLUMNS, args.out)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,10 @@ def test_finetune_lora_and_unet_validate_and_export_on_the_gpu(tmp_path):
     from meddiff.training.loop import train
 
     base = build_tiny_stable_diffusion(tmp_path / "sd")
-    data = load_dataset("phantom:?n=8&seed=5", 32)
+    data = load_dataset("phantom:?n=40&seed=5", 32)  # more than one encoding batch (32)
     for mode in ("lora", "unet"):
         out = tmp_path / mode
-        config = TrainConfig(data="phantom:?n=8&seed=5", out=str(out), method="finetune", resolution=32, batch_size=4,
+        config = TrainConfig(data="phantom:?n=40&seed=5", out=str(out), method="finetune", resolution=32, batch_size=4,
                              max_steps=2, checkpoint_every=0, lr_warmup_steps=1,
                              finetune=FinetuneConfig(pretrained=str(base), method=mode, validation_every=1,
                                                      validation_images=1, validation_prompts=["chest x-ray"]))

@@ -197,3 +197,22 @@ def test_workers_write_jpeg_shards_in_place_and_mixed_shards_are_copied(tmp_path
     assert store.meta["shards"][0]["dtype"] == "uint16" and len(store.images) == 17
     assert torch.allclose(load_dataset(f"store:{mixed}", 32).images[:],
                           load_dataset(f"folder:{src}?split=all&cache=0", 32).images[:], atol=1e-6)
+
+
+def test_many_shards_keep_few_descriptors_and_read_the_same(tmp_path, monkeypatch):
+    """Shards are read with positioned reads, at most OPEN_SHARDS_MAX files open per process (a store of thousands
+    of shards must not run out of descriptors), and give what one process decodes."""
+    src = _class_folder(tmp_path / "src", n=24, corrupt=0)
+    monkeypatch.setattr(store_module, "_shard_size", lambda resolution: 4)
+    monkeypatch.setattr(store_module, "OPEN_SHARDS_MAX", 2)
+    out = tmp_path / "store"
+    assert main(["data", "prepare", f"folder:{src}?split=all", "--out", str(out), "--resolution", "16"]) == 0
+    store = open_store(out)
+    assert len(store.meta["shards"]) == 6
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = fds()
+    images = store.images[torch.randperm(24)]  # every shard, in random order
+    assert fds() - before <= 2
+    direct = load_dataset(f"folder:{src}?split=all&cache=0", 16).images[:]
+    assert torch.equal(store.images[:], direct)
+    assert images.shape == (24, 1, 16, 16) and pickle.loads(pickle.dumps(store.images)).shape == store.images.shape

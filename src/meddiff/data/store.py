@@ -20,11 +20,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import mmap
 import multiprocessing
 import os
 import shutil
 import time
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,18 +47,65 @@ SHARD_BYTES = 256 * 2**20  # about 256 MB of pixels per shard
 # reading
 
 
-def map_shard(path: Path) -> np.ndarray:
-    """A shard memory-mapped read-only for random access: training reads scattered images, so the kernel is told not
-    to read ahead around each one (readahead would pull neighbouring images into this process's mapped pages, and
-    its resident memory would then grow with the store's size instead of with the images actually read)."""
-    arr = np.load(path, mmap_mode="r")
-    handle = getattr(arr, "_mmap", None)
-    if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-        try:
-            handle.madvise(mmap.MADV_RANDOM)
-        except OSError:  # some filesystems refuse advice; reading still works
-            pass
-    return arr
+OPEN_SHARDS_MAX = 64  # file descriptors a process keeps open for shard reads (least recently used closed first)
+_open_shards: "OrderedDict[str, int]" = OrderedDict()
+
+
+def _shard_fd(path: str) -> int:
+    fd = _open_shards.pop(path, None)
+    if fd is None:
+        if len(_open_shards) >= OPEN_SHARDS_MAX:
+            os.close(_open_shards.popitem(last=False)[1])
+        fd = os.open(path, os.O_RDONLY)
+    _open_shards[path] = fd
+    return fd
+
+
+class ShardFile:
+    """One shard file (.npy of uint8/uint16 images), read by rows without holding a memory map or a descriptor:
+    rows are fetched with positioned reads (one per run of consecutive rows) into a fresh array. Reading through a
+    memory map instead would leave the pages around each image mapped into the process (the kernel maps
+    neighbouring cached pages on each fault), so resident memory would grow with the store, not with the batch; and
+    a map per shard holds a descriptor, which a store of thousands of shards would exhaust. A process keeps at most
+    OPEN_SHARDS_MAX shard files open. Pickles as its path and header (DataLoader workers)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        if fortran or len(shape) != 3:
+            raise ValueError(f"{path}: not a C-ordered (n, R, R) array")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(shape[1]) * int(shape[2]) * self.dtype.itemsize
+        if os.path.getsize(self.path) < self.offset + self.row_bytes * int(shape[0]):
+            raise ValueError(f"{path}: shorter than its header says")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.atleast_1d(np.asarray(rows, np.int64))
+        if not hasattr(os, "preadv"):  # no positioned reads on this platform: a read-only map
+            return np.load(self.path, mmap_mode="r")[rows]
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        fd = _shard_fd(self.path)
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            start, stop, offset = i * self.row_bytes, j * self.row_bytes, self.offset + int(rows[i]) * self.row_bytes
+            while start < stop:  # short reads (very large runs) continue where they stopped
+                got = os.preadv(fd, [flat[start:stop]], offset)
+                if got <= 0:
+                    raise MeddiffError(f"{self.path} ended early: the store is damaged; prepare it again")
+                start, offset = start + got, offset + got
+            i = j
+        return out
 
 
 class MappedImages:
@@ -68,9 +115,8 @@ class MappedImages:
     float32 torch tensor, like indexing the float tensor it stands for; `raw(indices)` returns the stored integers
     (what the data loader ships to the accelerator, 4x smaller than floats)."""
 
-    def __init__(self, shards: Sequence[np.ndarray], files: Sequence[Path] | None = None):
-        self.shards = list(shards)
-        self.files = list(files) if files is not None else None  # memory-mapped from these (pickled as paths)
+    def __init__(self, shards: Sequence[np.ndarray | ShardFile]):
+        self.shards = list(shards)  # in-memory arrays, or shard files (pickled as paths: workers read the files)
         sizes = [len(s) for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         side = self.shards[0].shape[-1] if self.shards else 0
@@ -80,19 +126,6 @@ class MappedImages:
 
     def __len__(self) -> int:
         return self.shape[0]
-
-    def __getstate__(self) -> dict:
-        """Loader workers started by spawn get the file names and map them again (never a copy of the pixels)."""
-        state = dict(self.__dict__)
-        state.pop("_fds", None)  # descriptors are per process: reopened on first read
-        if self.files is not None:
-            state["shards"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.shards is None:
-            self.shards = [map_shard(f) for f in self.files]
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
@@ -124,47 +157,11 @@ class MappedImages:
             sel = np.nonzero(shard_of == s)[0]
             local = pos[sel] - self.offsets[s]
             order = np.argsort(local, kind="stable")  # ascending reads: sequential on disk
-            block = self._gather(int(s), local[order])
+            block = self.shards[s][local[order]]
             if block.dtype == np.uint8 and out_dtype == np.uint16:
                 block = block.astype(np.uint16) * 257
             out[sel[order]] = block
         return out[0] if scalar else out
-
-    def _gather(self, s: int, rows: np.ndarray) -> np.ndarray:
-        """Rows (ascending) of shard s. From a shard file they are read with positioned reads (one per run of
-        consecutive rows) into a fresh array, not through the memory map: reading through the map would leave the
-        pages around each image mapped into this process (the kernel maps neighbouring cached pages on each fault),
-        so its resident memory would grow with the store instead of with the batch."""
-        shard = self.shards[s]
-        if self.files is None or not isinstance(shard, np.memmap) or not hasattr(os, "preadv"):
-            return shard[rows]
-        fd = self._fds.get(s) if hasattr(self, "_fds") else None
-        if fd is None:
-            self._fds = getattr(self, "_fds", {})
-            fd = self._fds[s] = os.open(self.files[s], os.O_RDONLY)
-        row_bytes = int(np.prod(shard.shape[1:], dtype=np.int64)) * shard.dtype.itemsize
-        out = np.empty((len(rows), *shard.shape[1:]), shard.dtype)
-        flat = memoryview(out.reshape(-1).view(np.uint8))
-        i = 0
-        while i < len(rows):
-            j = i + 1
-            while j < len(rows) and rows[j] == rows[j - 1] + 1:
-                j += 1
-            start, stop, offset = i * row_bytes, j * row_bytes, shard.offset + int(rows[i]) * row_bytes
-            while start < stop:  # short reads (very large runs) continue where they stopped
-                got = os.preadv(fd, [flat[start:stop]], offset)
-                if got <= 0:
-                    raise MeddiffError(f"{self.files[s]} ended early: the store is damaged; prepare it again")
-                start, offset = start + got, offset + got
-            i = j
-        return out
-
-    def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def __getitem__(self, index) -> torch.Tensor:
         rest: tuple = ()
@@ -287,15 +284,20 @@ def open_store(folder: Path, key: str | None = None) -> ImageStore | None:
         side = int(meta["resolution"])
         shards = []
         for entry in meta["shards"]:
-            arr = map_shard(folder / entry["file"])
-            if arr.shape != (entry["count"], side, side) or arr.dtype != np.dtype(entry["dtype"]):
+            shard = ShardFile(folder / entry["file"])
+            if shard.shape != (entry["count"], side, side) or shard.dtype != np.dtype(entry["dtype"]):
                 return None
-            shards.append(arr)
-    except (OSError, ValueError, KeyError, TypeError):
+            shards.append(shard)
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors is not a damaged store
+            raise MeddiffError(f"too many open files while opening the store in {folder}; raise the limit "
+                               "(ulimit -n)") from None
+        return None
+    except (ValueError, KeyError, TypeError):
         return None
     if sum(len(s) for s in shards) != meta["count"]:
         return None
-    return ImageStore(folder, meta, MappedImages(shards, [folder / e["file"] for e in meta["shards"]]))
+    return ImageStore(folder, meta, MappedImages(shards))
 
 
 def describe_store(folder: Path) -> dict | None:
@@ -327,7 +329,7 @@ def fingerprint(items: Sequence[tuple[str, int | None, int]], parts: dict) -> st
 
 
 @contextmanager
-def _lock(path: Path, what: str):
+def file_lock(path: Path, what: str):
     """An exclusive lock file (one writer per store; others wait, then find it written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
@@ -374,7 +376,7 @@ def write_store(folder: Path, key: str, items: Sequence[tuple[str, int | None, i
     """Decode `items` (path, slice, axis) into a store at `folder` (atomically, resumably). `index_fn(keep)` builds
     the StoreIndex of the kept records (positions into `items`); `meta` is stored as is (spec, source...)."""
     folder = Path(folder)
-    with _lock(folder.parent / f".{folder.name}.lock", str(folder)):
+    with file_lock(folder.parent / f".{folder.name}.lock", str(folder)):
         done = open_store(folder, key)
         if done is not None:  # another process finished it while we waited
             return done

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from meddiff.data import cache
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.data.store import file_lock
 from meddiff.errors import MeddiffError
 from meddiff.models.autoencoder import encode_moments
 
@@ -94,37 +96,50 @@ def encoded_latents(vae, dataset: ImageLabelDataset, resolution: int, accelerato
                                    "resolution": resolution, "transform": tag, "v": LATENT_VERSION},
                                   sort_keys=True).encode()).hexdigest()[:20]
     folder = cache.cache_root() / "latents" / key
+    main = accelerator is None or accelerator.is_main_process
     meta = _complete(folder, key)
+    encoded = False
     if meta is None:
-        partial = folder.parent / f"{key}.partial"
-        if accelerator is None or accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True, exist_ok=True)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
-        t0 = time.perf_counter()
-        shape = _encode_part(vae, dataset, partial, rank, world, device, transform, batch_size, accelerator, progress)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
-        if accelerator is None or accelerator.is_main_process:
-            meta = {"key": key, "count": len(dataset), "shape": list(shape), "world": world, "tag": tag,
-                    "encode_seconds": round(time.perf_counter() - t0, 2), "vae": type(vae).__name__,
-                    "data": dataset.source, "resolution": resolution}
-            (partial / "latents.json").write_text(json.dumps(meta))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(partial, folder)
+        with ExitStack() as held:
+            # one job encodes a key at a time (a sweep sharing MEDDIFF_CACHE): the main process holds a lock file
+            # from the check to the publication; the others learn the decision and the private folder from it
+            partial = None
+            if main:
+                held.enter_context(file_lock(folder.parent / f".{key}.lock", f"the latents {folder}"))
+                if _complete(folder, key) is None:
+                    partial = folder.parent / f"{key}.partial-{os.getpid()}-{time.time_ns()}"
+                    partial.mkdir(parents=True)
+            if accelerator is not None and world > 1:
+                from accelerate.utils import broadcast_object_list
+
+                partial = broadcast_object_list([partial])[0]
+            if partial is not None:
+                t0 = time.perf_counter()
+                shape = _encode_part(vae, dataset, partial, rank, world, device, transform, batch_size, accelerator,
+                                     progress)
+                if accelerator is not None:
+                    accelerator.wait_for_everyone()
+                if main:
+                    meta = {"key": key, "count": len(dataset), "shape": list(shape), "world": world, "tag": tag,
+                            "encode_seconds": round(time.perf_counter() - t0, 2), "vae": type(vae).__name__,
+                            "data": dataset.source, "resolution": resolution}
+                    (partial / "latents.json").write_text(json.dumps(meta))  # last: marks the folder complete
+                    stale = folder.parent / f".{key}.old-{os.getpid()}"
+                    if folder.exists():
+                        folder.rename(stale)
+                    os.replace(partial, folder)
+                    shutil.rmtree(stale, ignore_errors=True)
+                encoded = True
         if accelerator is not None:
             accelerator.wait_for_everyone()
         meta = _complete(folder, key)
         if meta is None:
             raise MeddiffError(f"the latents written to {folder} cannot be read back; is the cache on a filesystem "
                                "every process shares? (set MEDDIFF_CACHE)")
-        if progress and (accelerator is None or accelerator.is_main_process):
-            print(f"encoded {len(dataset)} images into latents {tuple(shape)} in {meta['encode_seconds']} s "
-                  f"({world} process{'es' if world > 1 else ''}); stored in {folder}")
-    elif progress and (accelerator is None or accelerator.is_main_process):
-        print(f"latents of {len(dataset)} images from the cache ({folder}); no encoding")
+    if progress and main:
+        print(f"encoded {len(dataset)} images into latents {tuple(meta['shape'])} in {meta['encode_seconds']} s "
+              f"({world} process{'es' if world > 1 else ''}); stored in {folder}" if encoded else
+              f"latents of {len(dataset)} images from the cache ({folder}); no encoding")
     return LatentSource(folder, meta, dataset.labels, dataset.known)
 
 
@@ -152,13 +167,13 @@ def _encode_part(vae, dataset, partial: Path, rank: int, world: int, device, tra
     mean_map = np.lib.format.open_memmap(partial / part_name("mean", rank, world), "w+", np.float16,
                                          (len(rows), *shape))
     std_map = np.lib.format.open_memmap(partial / part_name("std", rank, world), "w+", np.float16, (len(rows), *shape))
-    autocast = accelerator.autocast() if accelerator is not None and device.type != "cpu" else _null()
+    amp = accelerator is not None and device.type != "cpu"
     bar = tqdm(total=len(rows), desc="encode latents", unit="img", dynamic_ncols=True, leave=False,
                disable=not progress or rank != 0)
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            with autocast:
+            with accelerator.autocast() if amp else nullcontext():  # a fresh context each batch (single-use)
                 mean, std = _encode(vae, dataset.images[chunk], transform)
             mean_map[start:start + len(chunk)] = mean.float().cpu().numpy().astype(np.float16)
             std_map[start:start + len(chunk)] = std.float().cpu().numpy().astype(np.float16)
@@ -174,11 +189,3 @@ def _encode_part(vae, dataset, partial: Path, rank: int, world: int, device, tra
 
 def _encode(vae, images: torch.Tensor, transform) -> tuple[torch.Tensor, torch.Tensor]:
     return encode_moments(vae, transform(images) if transform is not None else images, batch_size=len(images))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlparse
 
 TORCH_MIN = "2.6"  # meddiff uses torch.accelerator (2.6+); keep pyproject.toml's torch line equal to this
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
+PYPI_INDEX = "https://pypi.org/simple"
 FLAVOR = re.compile(r"^(cpu|cu\d{3}|rocm\d+(\.\d+)*|xpu)$")
 AUTO_VALUES = ("", "auto")
 DEFAULT_VALUES = ("default", "pypi")
@@ -188,7 +189,9 @@ def _explicit(flavor: str, index: str, installed: str | None, base: dict) -> Pla
                           "xpu; or set MEDDIFF_TORCH_INDEX=URL for another index")
     plan = Plan("install", requirement, index or None, build, reason, cpu_only=build == "cpu", **base)
     if installed is not None and _at_least_min(installed):
-        same = _local_label(installed) == wanted or (not wanted and not index)
+        label = _local_label(installed)
+        # PyPI's build: anything but a CPU-only build of the installed torch is it (a +cpu one is replaced)
+        same = label != "cpu" if (not wanted and not index) else label == wanted
         if same or (index and not wanted):
             plan.action, plan.requirement = "keep", f"torch=={installed}"
             plan.reason += f"; torch {installed} is already installed"
@@ -229,7 +232,10 @@ def choose(installed_mode: str = "none", environ: dict[str, str] | None = None) 
         # exclude CPU wheels lying in find-links folders, so that the GPU is used
         for version, _ in local_cpu_wheels(config.get("find-links", []), machine):
             requirement += f",!={version}"
-        return Plan("install", requirement, None, "cuda", f"NVIDIA GPU found ({gpus[0]}): PyPI's torch, a CUDA build",
+        indexes = config.get("index-url", []) + config.get("extra-index-url", [])
+        # a configured CPU index would win (a +cpu local version sorts above the plain one): ask PyPI directly
+        index = PYPI_INDEX if any(url.rstrip("/").endswith("/whl/cpu") for url in indexes) else None
+        return Plan("install", requirement, index, "cuda", f"NVIDIA GPU found ({gpus[0]}): PyPI's torch, a CUDA build",
                     note="another CUDA version: MEDDIFF_TORCH=cu126 (or cu128, ...) bash scripts/install.sh", **base)
     local = local_cpu_wheels(config.get("find-links", []), machine)
     if local:
@@ -244,6 +250,16 @@ def choose(installed_mode: str = "none", environ: dict[str, str] | None = None) 
     return Plan("install", requirement, None, "default", "no NVIDIA GPU found: PyPI's torch (a CUDA build of "
                 "several GB; it also runs on the CPU)",
                 note="for the much smaller CPU build: MEDDIFF_TORCH=cpu bash scripts/install.sh", **base)
+
+
+CUDA_FLAVORS = ("cu118", "cu121", "cu124", "cu126", "cu128", "cu129", "cu130")  # PyTorch's CUDA indexes
+
+
+def cuda_flavor_for(driver: str) -> str | None:
+    """The newest PyTorch CUDA index a driver supporting CUDA `driver` ("12.4", from nvidia-smi) can run."""
+    want = _version_key(driver)[:2]
+    fits = [f for f in CUDA_FLAVORS if (int(f[2:-1]), int(f[-1])) <= want]
+    return fits[-1] if fits else None
 
 
 def describe(plan: Plan) -> str:
@@ -269,10 +285,16 @@ def shell(plan: Plan) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--installed", default="none", help="auto | none | a torch version (default none)")
+    parser.add_argument("--cuda-flavor-for", metavar="X.Y", help="print the PyTorch CUDA index (cuNNN) for a driver "
+                        "that supports CUDA X.Y, and exit")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
     out.add_argument("--shell", action="store_true")
     args = parser.parse_args(argv)
+    if args.cuda_flavor_for:
+        flavor = cuda_flavor_for(args.cuda_flavor_for)
+        print(flavor or "none")
+        return 0 if flavor else 2
     try:
         plan = choose(args.installed)
     except ChoiceError as exc:

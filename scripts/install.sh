@@ -33,7 +33,9 @@ if [ "$dry" = 1 ]; then
     'from importlib import metadata as m
 try: print(m.version("torch"))
 except m.PackageNotFoundError: print("none")' 2>/dev/null || echo none)
-  exec "$PY" scripts/choose_torch.py --installed "$installed"
+  dry_py=$PY
+  [ -x .venv/bin/python ] && dry_py=.venv/bin/python  # the interpreter (and pip settings) the install would use
+  exec "$dry_py" scripts/choose_torch.py --installed "$installed"
 fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -73,3 +75,13 @@ if [ "$TORCH_CPU_ONLY" = 1 ] && $VPY -m pip list 2>/dev/null | grep -q -i -E "^n
 fi
 # the health check: import what meddiff needs; one line and exit 1 if something is broken
 $VPY -m meddiff.environment --check
+# a CUDA build chosen for an NVIDIA GPU must be able to use it (an older driver cannot run a newer CUDA build)
+if [ "$TORCH_BUILD" = cuda ] && ! $VPY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  driver=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -n 1)
+  built=$($VPY -c 'import torch; print(torch.__version__, "built for CUDA", torch.version.cuda)')
+  flavor=$($VPY scripts/choose_torch.py --cuda-flavor-for "${driver:-0.0}" || true)
+  if [ "$flavor" = none ] || [ -z "$flavor" ]; then fix="update the NVIDIA driver (torch >= 2.6 needs CUDA 11.8 or newer)"
+  else fix="MEDDIFF_TORCH=$flavor bash scripts/install.sh installs a build for this driver"; fi
+  echo "install: error: torch $built cannot use the GPU (the driver supports CUDA ${driver:-unknown}): $fix" >&2
+  exit 1
+fi

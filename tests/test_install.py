@@ -167,3 +167,24 @@ def test_torchvision_stays_out_of_the_dependency_tree(name):
         metadata.version(name)
     requires = metadata.requires("meddiff") or []
     assert not [r for r in requires if r.startswith(name) and "extra ==" not in r]
+
+
+def test_default_replaces_an_installed_cpu_build_and_a_cpu_index_does_not_win_on_a_gpu(tmp_path):
+    p = plan(choose(tmp_path, gpu="NVIDIA A100", system="Linux", machine="x86_64", env={"MEDDIFF_TORCH": "default"},
+                    installed="2.13.0+cpu"))
+    assert p["action"] == "install" and p["replace"] and p["index_url"] is None
+    p = plan(choose(tmp_path, gpu="NVIDIA A100", system="Linux", machine="x86_64", env={"MEDDIFF_TORCH": "default"},
+                    installed="2.13.0+cu128"))
+    assert p["action"] == "keep"
+    p = plan(choose(tmp_path, gpu="NVIDIA A100", system="Linux", machine="x86_64", no_pip_config=True,
+                    env={"PIP_EXTRA_INDEX_URL": "https://download.pytorch.org/whl/cpu"}))
+    assert p["build"] == "cuda" and p["index_url"] == "https://pypi.org/simple"
+
+
+def test_cuda_index_for_a_driver():
+    def flavor(driver):
+        proc = subprocess.run([sys.executable, str(CHOOSE), "--cuda-flavor-for", driver], capture_output=True, text=True)
+        return proc.stdout.strip(), proc.returncode
+
+    assert flavor("12.4") == ("cu124", 0) and flavor("12.7") == ("cu126", 0) and flavor("13.2") == ("cu130", 0)
+    assert flavor("11.4") == ("none", 2)

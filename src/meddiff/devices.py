@@ -16,6 +16,13 @@ import torch
 from meddiff.errors import MeddiffError
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity: a SLURM or container CPU limit), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
 def launch_rank() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) of a process started by accelerate launch / torchrun; (0, 1) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)

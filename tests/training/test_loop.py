@@ -140,3 +140,22 @@ def test_shuffled_findings_reach_the_text_encoder(data):
 
     args = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", "x", "--shuffle-findings"])
     assert _run_config(args, {"text.shuffle_findings": args.shuffle_findings}).text.shuffle_findings
+
+
+def test_a_non_finite_loss_is_never_checkpointed(tmp_path, data, monkeypatch):
+    """Host syncs happen only at logging steps, but a checkpoint step is checked too: a loss that turned NaN
+    between two logging steps stops the run in one line before it is saved over the good checkpoints."""
+    from meddiff.training.methods.diffusion import PixelDiffusion
+
+    real = PixelDiffusion.loss
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch, generator):
+        calls["n"] += 1
+        value = real(self, model, batch, generator)
+        return value * float("nan") if calls["n"] >= 4 else value
+
+    monkeypatch.setattr(PixelDiffusion, "loss", poisoned)
+    with pytest.raises(MeddiffError, match="loss became nan by step 4"):
+        train(cfg(tmp_path, max_steps=8, checkpoint_every=2, log_every=100), data, progress=False)
+    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step-0000002"]

@@ -19,6 +19,7 @@ from meddiff.data import cache
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.decode import decode, tasks_for
 from meddiff.data.io import is_nifti
+from meddiff.devices import usable_cores
 from meddiff.data.prompts import PromptOptions, prompt_for
 from meddiff.data.records import LabelPolicy, RecordTable
 from meddiff.data.store import ImageStore, MappedImages, Prompts, StoreIndex, fingerprint, prepare_or_wait, write_store
@@ -64,7 +65,7 @@ def default_workers(n: int) -> int:
     env = os.environ.get("MEDDIFF_PREPARE_WORKERS")
     if env:
         return max(int(env), 0)
-    return 0 if n < 500 else min(os.cpu_count() or 1, 16)
+    return 0 if n < 500 else min(usable_cores(), 16)
 
 
 def _read_all(items, prep: Preprocess, progress: bool) -> tuple[list[int], list[np.ndarray], list]:

@@ -398,7 +398,6 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
         state = {"key": key}
     partial.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(state))
-    _check_free_space(partial, len(items), resolution)
     per_shard = _shard_size(resolution)
     tasks, members = tasks_for(items)
     # shards cut at task boundaries (a volume stays in one shard)
@@ -425,6 +424,10 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
                 done[s] = info
                 bar.update(sum(len(members[t]) for t in range(t0, t1)))
     todo = [s for s in range(len(bounds)) if s not in done]
+    for stray in partial.glob("*.npy.direct"):  # scratch files of an interrupted run
+        stray.unlink(missing_ok=True)
+    # room for what is left to write (a resumed preparation keeps its finished shards)
+    _check_free_space(partial, sum(len(members[t]) for s in todo for t in range(*bounds[s])), resolution)
 
     def submit(s: int):
         """Decoding of shard s, started now (in the pool: it runs while the previous shard is being written). With

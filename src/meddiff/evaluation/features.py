@@ -25,7 +25,7 @@ FEATURES = ("domain", "inception", "xrv")
 
 
 def domain_classifier(train: ImageLabelDataset, spec_key: str, epochs: int = 10, seed: int = 0,
-                      progress: bool = True) -> LabelClassifier:
+                      progress: bool = True, device=None) -> LabelClassifier:
     """The real-trained classifier, from the cache when this spec, resolution, recipe and seed were seen before."""
     import hashlib
 
@@ -36,8 +36,8 @@ def domain_classifier(train: ImageLabelDataset, spec_key: str, epochs: int = 10,
     model = LabelClassifier(len(train.label_names))
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
-        return model.to(run_device()).eval()
-    model = train_classifier(train, epochs=epochs, seed=seed, progress=progress)
+        return model.to(run_device(device)).eval()
+    model = train_classifier(train, epochs=epochs, seed=seed, progress=progress, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
     return model

@@ -57,7 +57,7 @@ def label_fidelity(pipe: MedDiffusionPipeline, train: ImageLabelDataset, heldout
     from meddiff.evaluation.features import domain_classifier
 
     classifier = domain_classifier(train, train.source or "unnamed", epochs=classifier_epochs, seed=seed,
-                                   progress=progress)
+                                   progress=progress, device=pipe.device)  # beside the model (--device)
     names = train.label_names
     real_auc = per_label_auc(predict(classifier, heldout.images), heldout.labels.numpy(), heldout.known.numpy(), names)
     # condition rows mirror the held-out label distribution (co-occurrences included)

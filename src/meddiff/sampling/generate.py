@@ -64,7 +64,7 @@ def sample(pipe: MedDiffusionPipeline, conditions: torch.Tensor, settings: Sampl
     elif prompts is not None and any(prompts):
         raise MeddiffError("this model is not text-conditioned; it takes labels, not prompts")
     pipe.scheduler = make_sampler(settings.scheduler, pipe.scheduler.config, clip=not pipe.is_latent)
-    precision = resolve_precision(settings.precision)
+    precision = resolve_precision(settings.precision, pipe.device)  # for the device the pipeline is on
     device = pipe.device.type
     if choose_attention("auto", pipe.unet, device, precision) == "classic":  # faster on CPU in bf16 (measured)
         set_attention(pipe.unet, "classic")

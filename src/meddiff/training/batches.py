@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from meddiff.devices import usable_cores
+
 
 @lru_cache(maxsize=4)
 def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -75,7 +77,7 @@ def auto_workers(source, device_type: str) -> int:
     if env:
         return max(int(env), 0)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cores = (os.cpu_count() or 1) // max(local, 1)
+    cores = usable_cores() // max(local, 1)
     return int(min(8 if device_type == "cuda" else 2, max(cores - 1, 1)))
 
 

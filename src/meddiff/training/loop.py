@@ -211,7 +211,11 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         state["step"] = step + 1
         state["samples"] += per_step
         local_elapsed = start_elapsed + time.perf_counter() - t0
-        logging_step = state["step"] % config.log_every == 0 or state["step"] == 1 or state["step"] == config.max_steps
+        saving = bool(config.checkpoint_every) and state["step"] % config.checkpoint_every == 0
+        # a checkpoint step is also checked: a non-finite loss must never be saved over good checkpoints
+        logging_step = (state["step"] % config.log_every == 0 or state["step"] == 1 or state["step"] == config.max_steps
+                        or saving)
+        checked = logging_step
         if world == 1:
             state["elapsed"] = local_elapsed
         if logging_step:  # the only host-device synchronisation of a step
@@ -235,12 +239,17 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
             per_step_s = (time.perf_counter() - t0) / (state["step"] - start_step)
             bar.total = min(config.max_steps, state["step"] + max(int(left / per_step_s), 0))
         bar.update(1)
-        if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+        if saving:
             save_checkpoint(accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep)
     del batches  # stops the loader's workers
     bar.close()
     train_seconds = state["elapsed"] - start_elapsed
     steps_done = state["step"] - start_step
+    if steps_done and not checked:  # stopped (time budget) after a step whose loss was not looked at
+        last = float(accelerator.gather(loss.detach()[None]).mean()) if world > 1 else float(loss)
+        if not math.isfinite(last):
+            raise MeddiffError(f"loss became {last} by step {state['step']}; lower --learning-rate or use fp32 "
+                               "(resume from the last checkpoint)")
     if steps_done and not (config.checkpoint_every and state["step"] % config.checkpoint_every == 0):
         save_checkpoint(accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep)
     for tracker in accelerator.trackers:  # end_training() minus destroying the process group: the caller's

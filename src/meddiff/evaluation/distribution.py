@@ -5,20 +5,35 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import linalg
 
 
 def fid(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets."""
+    """Fréchet distance between Gaussians fitted to two feature sets:
+    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    The last trace is computed as the sum of square roots of the eigenvalues of the symmetric S1^(1/2) S2 S1^(1/2)
+    (the same eigenvalues as S1 S2), so it is real by construction: the usual `scipy.linalg.sqrtm(S1 @ S2)` turns
+    complex when rounding makes an eigenvalue of a (near-)singular product slightly negative, and dropping the
+    imaginary part then silently changes the value. Eigenvalues at rounding level are set to zero."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2))
+
+
+def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """tr((S1 S2)^(1/2)) for symmetric positive semi-definite S1, S2, computed in real arithmetic."""
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(_floor(w))) @ v.T
+    middle = root1 @ s2 @ root1
+    return float(np.sqrt(_floor(np.linalg.eigvalsh((middle + middle.T) / 2))).sum())
+
+
+def _floor(eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with rounding noise removed: below 1e-10 of the largest they are zero (their square
+    roots would otherwise add up to visible error over many null directions)."""
+    top = float(eigenvalues.max()) if eigenvalues.size else 0.0
+    return np.where(eigenvalues > top * 1e-10, eigenvalues, 0.0)
 
 
 def kid(a: np.ndarray, b: np.ndarray, subsets: int = 50, subset_size: int = 500, seed: int = 0) -> tuple[float, float]:

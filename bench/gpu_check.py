@@ -103,8 +103,8 @@ def _memory(row: dict) -> dict:
 
     if torch.cuda.is_available():
         row["peak_gpu_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        try:  # whether fp32 matmuls/convolutions ran as TF32 (meddiff.training.precision decides)
-            from meddiff.training.precision import tf32_enabled
+        try:  # whether fp32 matmuls/convolutions ran as TF32 (meddiff.precision decides)
+            from meddiff.precision import tf32_enabled
 
             row["tf32"] = tf32_enabled()
         except ImportError:

@@ -64,7 +64,7 @@ def run_one(name: str, base: str, resolution: int, batch: int, steps: int, preci
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from meddiff.training.precision import resolve_precision
+    from meddiff.precision import resolve_precision
 
     method, checkpointing = CONFIGS[name]
     mixed = resolve_precision(precision)
@@ -75,7 +75,7 @@ def run_one(name: str, base: str, resolution: int, batch: int, steps: int, preci
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         if allow_tf32:
-            from meddiff.training.precision import enable_tf32
+            from meddiff.precision import enable_tf32
 
             enable_tf32()
     torch.manual_seed(seed)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from meddiff.devices import misplaced_components, run_device
-from meddiff.training.precision import tf32_enabled
+from meddiff.precision import tf32_enabled
 
 pytestmark = pytest.mark.gpu
 

@@ -203,7 +203,7 @@ def _devices(torch) -> Devices:
 
 
 def _precision(torch, devices: Devices) -> Precision:
-    from meddiff.training.precision import cpu_has_fast_bf16, resolve_precision, tf32_enabled
+    from meddiff.precision import cpu_has_fast_bf16, resolve_precision, tf32_enabled
 
     tf32 = any(float(g.capability) >= 8.0 for g in devices.gpus)
     if devices.cuda_available:

@@ -16,7 +16,7 @@ from meddiff.data.prompts import prompt_from_labels
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import choose_attention, make_sampler, set_attention
 from meddiff.models.pipeline import MedDiffusionPipeline
-from meddiff.training.precision import autocast, resolve_precision
+from meddiff.precision import autocast, resolve_precision
 
 
 def image_seed(base_seed: int, index: int) -> int:

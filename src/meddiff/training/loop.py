@@ -41,7 +41,7 @@ from meddiff.training.batches import StreamBatchSampler, batch_indices, make_loa
 from meddiff.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from meddiff.training.config import TrainConfig
 from meddiff.training.methods import METHODS, TrainingMethod
-from meddiff.training.precision import enable_tf32, resolve_precision
+from meddiff.precision import enable_tf32, resolve_precision
 
 
 @dataclass

@@ -21,7 +21,7 @@ from meddiff.data.chexpert_format import CHEXPERT_OBSERVATIONS, parse_value
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import LabelPolicy, Record, RecordTable, parse_label_subset, split_by_patient
-from meddiff.data.spec import DatasetSpec, register
+from meddiff.data.registry import DatasetSpec, register
 from meddiff.errors import MeddiffError
 
 OPTIONS = ("split", "u", "blank", "view", "labels", "val_fraction", "seed") + COMMON_OPTIONS

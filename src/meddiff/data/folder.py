@@ -12,7 +12,7 @@ from pathlib import Path
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import LabelPolicy, Record, RecordTable, split_by_patient
-from meddiff.data.spec import DatasetSpec, register
+from meddiff.data.registry import DatasetSpec, register
 from meddiff.data.volumes import VOLUME_OPTIONS, expand_volumes
 from meddiff.errors import MeddiffError
 

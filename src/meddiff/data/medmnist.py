@@ -12,7 +12,7 @@ import torch
 from meddiff.data.dataset import ImageLabelDataset, to_model_range
 from meddiff.data.io import resize
 from meddiff.data.prompts import prompt_from_labels
-from meddiff.data.spec import DatasetSpec, register
+from meddiff.data.registry import DatasetSpec, register
 from meddiff.errors import MeddiffError
 
 ORGANS = ["Bladder", "Femur Left", "Femur Right", "Heart", "Kidney Left", "Kidney Right", "Liver", "Lung Left",

@@ -18,7 +18,7 @@ from meddiff.data.chexpert_format import CHEXPERT_OBSERVATIONS, parse_value
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import Record, RecordTable, parse_label_subset
-from meddiff.data.spec import DatasetSpec, register
+from meddiff.data.registry import DatasetSpec, register
 from meddiff.errors import MeddiffError
 
 PREFIX = "mimic-cxr-2.0.0"

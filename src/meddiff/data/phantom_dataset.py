@@ -19,7 +19,7 @@ from meddiff.data.io import resize, write_png
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import LabelPolicy, RecordTable
 from meddiff.data.phantom import FINDINGS, MAX_SIZE, MIN_SIZE, NO_FINDING, render_phantom
-from meddiff.data.spec import DatasetSpec, register
+from meddiff.data.registry import DatasetSpec, register
 from meddiff.errors import MeddiffError
 
 PHANTOM_LABELS = (NO_FINDING,) + FINDINGS

@@ -10,7 +10,7 @@ import torch
 
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.materialize import report_problems
-from meddiff.data.spec import DatasetSpec, load_dataset, register
+from meddiff.data.registry import DatasetSpec, load, register
 from meddiff.data.store import Prompts, describe_store, open_store
 from meddiff.errors import MeddiffError
 
@@ -26,7 +26,7 @@ def load_store(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
         raise MeddiffError(f"{folder} is not a prepared store{hint}; create it with "
                            f"`meddiff data prepare SPEC --out {folder} --resolution R`")
     if spec.options.get("split", "train") == "heldout":
-        return load_dataset(DatasetSpec.parse(meta["spec"]).heldout(), resolution)
+        return load(DatasetSpec.parse(meta["spec"]).heldout(), resolution)
     if int(meta.get("resolution", 0)) != resolution:
         raise MeddiffError(f"{folder} was prepared at {meta.get('resolution')} px, not {resolution} px; use "
                            f"--resolution {meta.get('resolution')} or prepare it again at {resolution} px")

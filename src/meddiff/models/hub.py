@@ -50,3 +50,12 @@ def load_pretrained(loader, name_or_path: str, what: str, **kwargs):
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise MeddiffError(f"could not load the {what} {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def quiet_loading() -> None:
+    """No per-component progress bars when loading and saving (the CLI shows its own progress)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from meddiff.errors import MeddiffError
-from meddiff.models.hub import load_pretrained
+from meddiff.models.hub import load_pretrained, quiet_loading
 
 
 @dataclass
@@ -51,8 +51,6 @@ def load_stable_diffusion(name_or_path: str) -> StableDiffusionParts:
     """unet, vae, text encoder, tokenizer and the training noise scheduler of a diffusers Stable Diffusion."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
-
-    from meddiff.models.storage import quiet_loading
 
     quiet_loading()
     what = "pretrained Stable Diffusion"

@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
+from meddiff.models.hub import quiet_loading
 from meddiff.models.pipeline import MedDiffusionPipeline
+from meddiff.models.stable_diffusion import load_stable_diffusion
 
 PIPELINE_DIR = "pipeline"
 ADAPTER_FILE = "meddiff_adapter.json"  # LoRA / textual-inversion exports: which base model they apply to
@@ -69,23 +71,12 @@ def load_pipeline(path: str | Path, device: str = "cpu") -> MedDiffusionPipeline
     return pipe.to(device)
 
 
-def quiet_loading() -> None:
-    """No per-component progress bars when loading and saving (the CLI shows its own progress)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def load_adapter_pipeline(folder: Path) -> MedDiffusionPipeline:
     """Base Stable Diffusion + LoRA weights or textual-inversion embeddings, applied with diffusers' own loaders
     (load_lora_weights / load_textual_inversion), as a MedDiffusionPipeline."""
     import json
 
     from diffusers import StableDiffusionPipeline
-
-    from meddiff.models.stable_diffusion import load_stable_diffusion
 
     note = json.loads((folder / ADAPTER_FILE).read_text())
     weights = folder / note["weights"]

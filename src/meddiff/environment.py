@@ -185,6 +185,8 @@ def hf_cache_dir() -> Path:
 
 
 def _devices(torch) -> Devices:
+    from meddiff.devices import mps_available, usable_cores
+
     cuda = torch.cuda.is_available()
     gpus = []
     for i in range(torch.cuda.device_count() if cuda else 0):
@@ -195,9 +197,9 @@ def _devices(torch) -> Devices:
         except RuntimeError:
             free_total = (None, round(props.total_memory / 1e9, 1))
         gpus.append(Gpu(i, props.name, f"{props.major}.{props.minor}", free_total[1], free_total[0]))
-    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    mps = mps_available()
     current = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = usable_cores()
     return Devices(current.type if current is not None else "cpu", cuda, len(gpus), gpus, mps, os.cpu_count() or 1,
                    usable, torch.get_num_threads(), shutil.which("nvidia-smi") is not None)
 

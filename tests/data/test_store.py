@@ -40,6 +40,7 @@ def test_prepare_store_contents_and_store_kind(tmp_path):
                  "--workers", "2"]) == 0
     store = open_store(out)
     assert store is not None and len(store.images) == 24 and len(store.problems) == 1
+    assert not list(out.glob("*.direct"))  # the workers' scratch file went after the copy around the hole
     assert store.meta["shards"][0]["dtype"] == "uint8"  # 8-bit JPEGs stay 8-bit
     assert "broken 0.jpg" in store.problems[0][0]
     index = store.index()

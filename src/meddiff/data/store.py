@@ -415,19 +415,21 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
     # spawned workers import only numpy, Pillow and meddiff.data.io (safe next to torch's threads, on any OS)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) \
         if workers and workers > 1 else None
+    task_rows = [len(m) for m in members]
+    shard_rows = [sum(task_rows[t0:t1]) for t0, t1 in bounds]
     done: dict[int, dict] = {}
-    for s, (t0, t1) in enumerate(bounds):
+    for s in range(len(bounds)):
         record = partial / f"shard-{s:05d}.json"
         if record.is_file():  # finished by an interrupted run with the same key
             info = json.loads(record.read_text())
             if (partial / info["file"]).is_file():
                 done[s] = info
-                bar.update(sum(len(members[t]) for t in range(t0, t1)))
+                bar.update(shard_rows[s])
     todo = [s for s in range(len(bounds)) if s not in done]
     for stray in partial.glob("*.npy.direct"):  # scratch files of an interrupted run
         stray.unlink(missing_ok=True)
-    # room for what is left to write (a resumed preparation keeps its finished shards)
-    _check_free_space(partial, sum(len(members[t]) for s in todo for t in range(*bounds[s])), resolution)
+    rows_now = sum(shard_rows[s] for s in todo)
+    _check_free_space(partial, rows_now, resolution)  # room for what is left (finished shards are kept)
 
     def submit(s: int):
         """Decoding of shard s, started now (in the pool: it runs while the previous shard is being written). With
@@ -437,10 +439,9 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
             return None, map(decode, [(t, resolution, fit) for t in chunk])
         size = max(1, min(16, len(chunk) // (8 * workers)))
         if all(always_8bit(t) for t in chunk):
-            rows = sum(len(members[t]) for t in range(*bounds[s]))
             target = partial / f"shard-{s:05d}.npy.direct"
-            np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(rows, resolution, resolution))
-            slots = np.concatenate([[0], np.cumsum([len(members[t]) for t in range(*bounds[s])])])
+            np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(shard_rows[s], resolution, resolution))
+            slots = np.concatenate([[0], np.cumsum(task_rows[bounds[s][0]:bounds[s][1]])])
             jobs = [(t, resolution, fit, str(target), int(slot)) for t, slot in zip(chunk, slots)]
             return target, pool.map(decode_into, jobs, chunksize=size)
         return None, pool.map(decode, [(t, resolution, fit) for t in chunk], chunksize=size)
@@ -452,10 +453,6 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
             upcoming = submit(todo[k + 1]) if k + 1 < len(todo) else None  # serial: lazy, decoded when read
             t0, t1 = bounds[s]
             done[s] = _write_shard(partial, f"shard-{s:05d}", results, members[t0:t1], resolution, items, bar)
-            upcoming_target = upcoming[0] if upcoming is not None else None
-            for leftover in partial.glob("*.npy.direct"):  # a finished shard's scratch file (kept: the next one's)
-                if leftover != upcoming_target:
-                    leftover.unlink(missing_ok=True)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -463,7 +460,7 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
     shards = [done[s] for s in range(len(bounds))]
     # what this run spent decoding and writing (start-up of the command excluded), with how many worker processes
     timing = {"prepare_seconds": round(time.perf_counter() - started, 2), "prepare_workers": max(int(workers or 0), 1),
-              "prepared_now": int(sum(len(members[t]) for s in todo for t in range(*bounds[s])))}
+              "prepared_now": int(rows_now)}
     return _finish(folder, partial, key, shards, resolution, fit, {**meta, **timing}, index_fn, len(items))
 
 
@@ -496,9 +493,12 @@ def _write_shard(partial: Path, name: str, submitted, members, resolution, items
     for i, a in enumerate(arrays):
         out[i] = a.astype(np.uint16) * 257 if (dtype == np.uint16 and a.dtype == np.uint8) else a
     out.flush()
-    del out
+    count = len(arrays)
+    del out, arrays, written
     os.replace(tmp, partial / file)
-    info = {"file": file, "count": len(arrays), "dtype": np.dtype(dtype).name, "keep": keep, "problems": problems}
+    if direct is not None:
+        direct.unlink(missing_ok=True)  # the workers' scratch file, copied from
+    info = {"file": file, "count": count, "dtype": np.dtype(dtype).name, "keep": keep, "problems": problems}
     _write_json(partial / f"{name}.json", info)
     return info
 

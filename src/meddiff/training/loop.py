@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -35,13 +33,14 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.devices import launch_rank
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import choose_attention, set_attention
+from meddiff.precision import enable_tf32, resolve_precision
 from meddiff.training.batches import StreamBatchSampler, batch_indices, make_loader, rank_batch_indices  # noqa: F401
 from meddiff.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from meddiff.training.config import TrainConfig
 from meddiff.training.methods import METHODS, TrainingMethod
-from meddiff.precision import enable_tf32, resolve_precision
 
 
 @dataclass
@@ -119,7 +118,7 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     # may ask for another precision
     AcceleratorState._reset_state()
     # torchrun / accelerate launch on a machine without an accelerator: CPU processes talking over gloo
-    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    cpu_processes = launch_rank()[1] > 1 and not torch.accelerator.is_available()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
     accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=str(run_dir / "logs"),
                               cpu=cpu_processes,
@@ -250,7 +249,7 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         if not math.isfinite(last):
             raise MeddiffError(f"loss became {last} by step {state['step']}; lower --learning-rate or use fp32 "
                                "(resume from the last checkpoint)")
-    if steps_done and not (config.checkpoint_every and state["step"] % config.checkpoint_every == 0):
+    if steps_done and not saving:  # the last step's checkpoint, unless it was just written
         save_checkpoint(accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep)
     for tracker in accelerator.trackers:  # end_training() minus destroying the process group: the caller's
         tracker.finish()  # processes go on together (export barrier below, a next run in the same group)

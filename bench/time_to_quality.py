@@ -125,10 +125,12 @@ def main() -> None:
     from meddiff.data.spec import load_dataset, parse_spec
     from meddiff.evaluation.distribution import fid
     from meddiff.evaluation.features import domain_classifier, embed
+    from meddiff.logs import configure_logging
     from meddiff.models.storage import load_pipeline
     from meddiff.training.config import load_config
     from meddiff.training.loop import train as train_loop
 
+    configure_logging()  # meddiff's messages ("resumed from ...") on stderr
     spec = parse_spec(args.data)
     overrides = {"data": args.data, **parse_sets(args.set)}
     config = load_config(args.config, {"data": args.data}, parse_sets(args.set))

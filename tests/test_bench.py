@@ -79,7 +79,7 @@ def test_time_to_quality_bench_resumes_between_marks(tmp_path):
     data = json.loads(out.read_text())
     first, second = data["rows"]
     assert 0 < first["steps"] < second["steps"] and second["train_minutes"] >= 0.06
-    assert "resumed from" in proc.stdout  # the second mark continued the first mark's run
+    assert "resumed from" in proc.stderr  # the second mark continued the first mark's run (logged)
     for row in data["rows"]:
         assert 0 <= row["fidelity_auc"] <= 1 and 0 <= row["synthetic_only_auc"] <= 1 and row["domain_fid"] >= 0
     assert data["overrides"]["batch_size"] == 8 and out.with_suffix(".png").stat().st_size > 1000
@@ -109,7 +109,7 @@ def test_timed_seconds_excludes_warmup_steps():
 
 
 def test_finetune_scale_bench_measures_each_method_and_cleans_up(tmp_path):
-    from meddiff.models.stable_diffusion import build_tiny_stable_diffusion
+    from meddiff.testing import build_tiny_stable_diffusion
 
     base = build_tiny_stable_diffusion(tmp_path / "base")  # an existing pipeline is used as it is
     out, work = tmp_path / "f.json", tmp_path / "work"
@@ -132,7 +132,7 @@ def test_plain_diffusers_loop_trains_unet_and_lora_on_the_tiny_sd(tmp_path):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from meddiff.models.stable_diffusion import build_tiny_stable_diffusion
+    from meddiff.testing import build_tiny_stable_diffusion
 
     base = build_tiny_stable_diffusion(tmp_path / "base")
     out = tmp_path / "d.json"

@@ -87,7 +87,7 @@ def test_train_command_writes_a_complete_run(tmp_path, phantom_dir):
     assert "not for diagnosis" in card.lower() and "Cardiomegaly" in card and "synthetic AUC" in card
     code, out, err = run_cli("train", "--data", f"phantom:{phantom_dir}", "--out", str(run), "--max-steps", "8",
                              "--batch-size", "8", "--resume", "latest", "--no-eval")
-    assert code == 0 and "resumed from" in out and "step 6" in out, err
+    assert code == 0 and "resumed from" in err and "step 6" in err, err  # logged: stderr
 
 
 def test_report_commands_run_on_the_main_launch_process_only(tmp_path, monkeypatch, capsys, tiny_run):

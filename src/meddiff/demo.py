@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from meddiff.evaluation.report import figure, html_page, html_table, loss_curve_
 from meddiff.training.config import EvalConfig, TrainConfig
 from meddiff.workflow import train_and_report
 
+logger = logging.getLogger(__name__)
 DEMO_MINUTES = 8.0
 
 
@@ -30,7 +32,7 @@ def run_demo(out: Path, minutes: float = DEMO_MINUTES, n: int = 3000, seed: int 
     data_dir = out / "phantoms"
     if not (data_dir / "train.csv").is_file():
         counts = write_phantom_folder(data_dir, n=n, size=64, seed=seed, progress=progress)
-        print(f"phantoms: {counts} in {data_dir}")
+        logger.info("phantoms: %s in %s", counts, data_dir)
     phantom_s = time.perf_counter() - t
     config = demo_config(out, minutes, f"phantom:{data_dir}")
     config.seed = seed
@@ -43,7 +45,7 @@ def run_demo(out: Path, minutes: float = DEMO_MINUTES, n: int = 3000, seed: int 
     (out / "demo.json").write_text(json.dumps({"timings_s": {k: round(v, 1) for k, v in timings.items()},
                                                "fidelity": summary["fidelity"], "steps": summary["steps"],
                                                "images_per_second": summary["images_per_second"]}, indent=2))
-    print(f"report: {report}  (total {total_s / 60:.1f} min)")
+    logger.info("report: %s  (total %.1f min)", report, total_s / 60)
     return report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from meddiff.sampling.generate import SamplingSettings, conditions_for, sample
 from meddiff.sampling.grid import save_grid, upscale_for
 from meddiff.training.config import TrainConfig
 from meddiff.training.loop import train
+
+logger = logging.getLogger(__name__)
 
 
 def slug(name: str) -> str:
@@ -43,7 +46,7 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> dict | None:
     t = time.perf_counter()
     spec: DatasetSpec = parse_spec(config.data)
     dataset = load_dataset(spec, config.resolution)
-    print(f"data: {dataset.summary()}")
+    logger.info("data: %s", dataset.summary())
     timings["load_data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     result = train(config, dataset, progress=progress)
@@ -64,13 +67,13 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> dict | None:
         fid = label_fidelity(pipe, dataset, heldout, config.eval.fidelity_samples, settings,
                              classifier_epochs=config.eval.classifier_epochs, seed=config.seed, progress=progress)
         fidelity = fid.to_dict()
-        print(fid.table())
+        logger.info("%s", fid.table())
         if pipe.supports_prompts:  # do prompts naming two findings give both, and one finding only that one?
             response = prompt_response(pipe, fid.classifier, default_prompts(dataset.label_names),
                                        dataset.label_names, config.eval.prompt_samples, settings, progress=progress,
                                        heldout=heldout)
             fidelity["prompt_response"] = response.to_dict()
-            print(response.table())
+            logger.info("%s", response.table())
         timings["fidelity_s"] = time.perf_counter() - t
     summary = {
         "data": config.data, "dataset": dataset.summary(), "label_names": dataset.label_names,
@@ -103,7 +106,7 @@ def train_autoencoder_and_report(config: TrainConfig, progress: bool = True) -> 
 
     spec = parse_spec(config.data)
     dataset = load_dataset(spec, config.resolution)
-    print(f"data: {dataset.summary()}")
+    logger.info("data: %s", dataset.summary())
     result = train(config, dataset, progress=progress)
     if not result.is_main_process:  # the other processes of a multi-process run stop here
         return None
@@ -148,7 +151,7 @@ def finetune_and_report(config: TrainConfig, progress: bool = True) -> dict | No
     check_pretrained(config.finetune.pretrained)  # an unreachable hub id fails before the data is read
     spec = parse_spec(config.data)
     dataset = load_dataset(spec, config.resolution)
-    print(f"data: {dataset.summary()}")
+    logger.info("data: %s", dataset.summary())
     result = train(config, dataset, progress=progress)
     if not result.is_main_process:  # the other processes of a multi-process run stop here
         return None

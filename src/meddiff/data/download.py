@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import urllib.error
 import urllib.request
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 from meddiff.data.medmnist import KNOWN_LABELS
 from meddiff.errors import MeddiffError
 
+logger = logging.getLogger(__name__)
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{file}?download=1"
 SIZES = (28, 64, 128, 224)
 
@@ -32,7 +34,7 @@ def download_medmnist(name: str, size: int, out_dir: Path, url_template: str = M
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / file
     if target.is_file():
-        print(f"{target} already exists")
+        logger.info("%s already exists", target)
         return target
     url = url_template.format(file=file)
     part = target.with_name(target.name + ".part")

@@ -6,6 +6,7 @@ dropped silently."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from meddiff.data.records import LabelPolicy, RecordTable
 from meddiff.data.store import ImageStore, MappedImages, Prompts, StoreIndex, fingerprint, prepare_or_wait, write_store
 from meddiff.errors import MeddiffError
 
+logger = logging.getLogger(__name__)
 COMMON_OPTIONS = ("fit", "cache", "prompt_view", "prompt_demographics", "uncertain")
 
 
@@ -88,8 +90,8 @@ def report_problems(problems: list[tuple[str, str]], total: int, source: str) ->
         return
     kinds = Counter("missing" if reason == "missing" else "unreadable" for _, reason in problems)
     what = ", ".join(f"{n} {k}" for k, n in kinds.items())
-    print(f"warning: {source}: skipped {len(problems)} of {total} images ({what}); first: "
-          f"{problems[0][0]} ({problems[0][1]}); `meddiff data inspect` lists them all")
+    logger.warning("%s: skipped %d of %d images (%s); first: %s (%s); `meddiff data inspect` lists them all",
+                   source, len(problems), total, what, problems[0][0], problems[0][1])
 
 
 @dataclass(frozen=True)

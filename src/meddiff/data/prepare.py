@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 from meddiff.data.materialize import MaterializePlan, prepare_store, report_problems
@@ -13,6 +14,8 @@ from meddiff.data.records import LabelPolicy
 from meddiff.data.spec import LOADERS, DatasetSpec, check_options, parse_spec
 from meddiff.data.store import describe_store
 from meddiff.errors import MeddiffError
+
+logger = logging.getLogger(__name__)
 
 
 def _plan(spec: DatasetSpec, resolution: int) -> MaterializePlan:
@@ -36,8 +39,8 @@ def prepare(spec_text: str, out: Path, resolution: int, workers: int | None = No
     store = prepare_store(table, plan.policy, plan.prep, str(spec), folder=out, multiclass=plan.multiclass,
                           workers=workers, progress=progress)
     if existing is not None and existing.get("key") != store.key:
-        print(f"note: {out} held a store of other sources or another resolution ({existing.get('spec')} at "
-              f"{existing.get('resolution')} px); it was rebuilt")
+        logger.info("note: %s held a store of other sources or another resolution (%s at %s px); it was rebuilt",
+                    out, existing.get("spec"), existing.get("resolution"))
     report_problems(store.problems, len(table.records), table.source)
     index = store.index()
     with open(out / "manifest.csv", "w", newline="") as f:
@@ -59,7 +62,7 @@ def prepare(spec_text: str, out: Path, resolution: int, workers: int | None = No
                "label_counts": counts, "key": store.key, "shards": len(shards), "bytes": nbytes,
                "dtypes": sorted({s["dtype"] for s in shards})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"prepared {len(store.images)} images at {resolution} px in {out} ({len(shards)} shards, "
-          f"{nbytes / 1e6:.1f} MB, {'/'.join(summary['dtypes'])}); {len(store.problems)} skipped; "
-          f"train with --data store:{out}")
+    logger.info("prepared %d images at %s px in %s (%d shards, %.1f MB, %s); %d skipped; train with --data store:%s",
+                len(store.images), resolution, out, len(shards), nbytes / 1e6, "/".join(summary["dtypes"]),
+                len(store.problems), out)
     return out / "manifest.csv"

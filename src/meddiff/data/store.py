@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from meddiff.data.decode import always_8bit, decode, decode_into, tasks_for
 from meddiff.errors import MeddiffError
 
+logger = logging.getLogger(__name__)
 STORE_VERSION = 2
 STORE_FILE = "store.json"
 SHARD_BYTES = 256 * 2**20  # about 256 MB of pixels per shard
@@ -342,7 +344,7 @@ def file_lock(path: Path, what: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another process that is preparing {what}")
+            logger.info("waiting for another process that is preparing %s", what)
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
     finally:
@@ -565,7 +567,7 @@ def wait_for_store(folder: Path, key: str, timeout_s: float | None = None) -> Im
             raise MeddiffError(f"gave up waiting {timeout_s:.0f} s for {folder} to be prepared by local rank 0 "
                                "(set MEDDIFF_STORE_WAIT_S, or prepare it first with `meddiff data prepare`)")
         if not said:
-            print(f"waiting for local rank 0 to prepare {folder}")
+            logger.info("waiting for local rank 0 to prepare %s", folder)
             said = True
         time.sleep(1.0)
 

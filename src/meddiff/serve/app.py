@@ -5,6 +5,7 @@ queue (and see their place in it) up to `queue_size`, after which they are told 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from meddiff.errors import MeddiffError
 from meddiff.models.factory import SAMPLERS
 from meddiff.serve.service import NOTICE, OTHERS, ModelService, Request, ServeLimits
 
+logger = logging.getLogger(__name__)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 CSS = """
 #synthetic-notice {background: #fff4e5; border: 1px solid #f0a020; border-radius: 6px; padding: 8px 12px;
@@ -106,7 +108,7 @@ def launch(service: ModelService, host: str = "127.0.0.1", port: int | None = No
     """Start the page; with block=False return (demo, url) and leave it running in a thread (tests)."""
     gr = require_gradio()
     if host not in LOCAL_HOSTS:
-        print(f"meddiff serve: listening on {host}: anyone who can reach this machine can use the page")
+        logger.warning("meddiff serve: listening on %s: anyone who can reach this machine can use the page", host)
     demo = build_app(service)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts from outside

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from meddiff.survival.features import REGION_NAMES, REGIONS, FeatureSettings, ex
 from meddiff.survival.model import (DEFAULT_RULES, LONG_DAYS, MODELS, SHORT_DAYS, FilterRule, SpearmanFilter,
                                     cross_validate, parse_rule, survival_class)
 from meddiff.survival.report import write_markdown
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,8 +82,8 @@ def run_survival(config: SurvivalConfig, progress: bool = True) -> dict:
     by_id = {c.case_id: c for c in cases}
     y = np.array([by_id[i].survival_days for i in ids], dtype=np.float64)
     if progress:
-        print(f"{len(ids)} cases, {len(names)} features; {len(skipped)} cases left out "
-              f"({', '.join(f'{k}: {v}' for k, v in _summary(skipped).items())})")
+        logger.info("%d cases, %d features; %d cases left out (%s)", len(ids), len(names), len(skipped),
+                    ", ".join(f"{k}: {v}" for k, v in _summary(skipped).items()))
     _write_features(out / "features.csv", ids, y, names, X)
 
     threshold_rows = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +30,7 @@ from meddiff.data.store import file_lock
 from meddiff.errors import MeddiffError
 from meddiff.models.autoencoder import encode_moments
 
+logger = logging.getLogger(__name__)
 LATENT_VERSION = 1
 
 
@@ -137,9 +139,11 @@ def encoded_latents(vae, dataset: ImageLabelDataset, resolution: int, accelerato
             raise MeddiffError(f"the latents written to {folder} cannot be read back; is the cache on a filesystem "
                                "every process shares? (set MEDDIFF_CACHE)")
     if progress and main:
-        print(f"encoded {len(dataset)} images into latents {tuple(meta['shape'])} in {meta['encode_seconds']} s "
-              f"({world} process{'es' if world > 1 else ''}); stored in {folder}" if encoded else
-              f"latents of {len(dataset)} images from the cache ({folder}); no encoding")
+        if encoded:
+            logger.info("encoded %d images into latents %s in %s s (%d process%s); stored in %s", len(dataset),
+                        tuple(meta["shape"]), meta["encode_seconds"], world, "es" if world > 1 else "", folder)
+        else:
+            logger.info("latents of %d images from the cache (%s); no encoding", len(dataset), folder)
     return LatentSource(folder, meta, dataset.labels, dataset.known)
 
 

@@ -6,6 +6,7 @@ autoencoder's measured scaling factor. The loader reads latents, never the image
 
 from __future__ import annotations
 
+import logging
 import torch
 
 from meddiff.errors import MeddiffError
@@ -13,6 +14,8 @@ from meddiff.models.autoencoder import latent_size, load_autoencoder
 from meddiff.training.methods.base import register_method
 from meddiff.training.latent_cache import encoded_latents
 from meddiff.training.methods.diffusion import PixelDiffusion
+
+logger = logging.getLogger(__name__)
 
 
 @register_method
@@ -28,7 +31,7 @@ class LatentDiffusion(PixelDiffusion):
             raise MeddiffError(f"the autoencoder was trained at {self._vae.config.sample_size} px but the data is "
                                f"loaded at {dataset.resolution} px; use --resolution {self._vae.config.sample_size}")
         if self._vae.config.scaling_factor == 1.0:
-            print("warning: the autoencoder's scaling factor is 1.0 (not measured?); latents may be badly scaled")
+            logger.warning("the autoencoder's scaling factor is 1.0 (not measured?); latents may be badly scaled")
         super().__init__(config, dataset, accelerator)
         self.latents = encoded_latents(self._vae, dataset, dataset.resolution, accelerator, tag="gray")
         self.scale = float(self._vae.config.scaling_factor)

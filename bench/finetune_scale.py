@@ -35,7 +35,7 @@ def build_sd15_architecture(out: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from meddiff.models.stable_diffusion import save_stable_diffusion, write_clip_tokenizer
+    from meddiff.testing import save_stable_diffusion, write_clip_tokenizer
 
     if (out / "model_index.json").is_file():
         return out

@@ -245,7 +245,7 @@ def stage_sampling(s: Sizes, work: Path) -> dict:
 
 def build_sd(s: Sizes, base: Path) -> Path:
     if s.sd == "tiny":
-        from meddiff.models.stable_diffusion import build_tiny_stable_diffusion
+        from meddiff.testing import build_tiny_stable_diffusion
 
         if not (base / "model_index.json").is_file():
             build_tiny_stable_diffusion(base, image_size=s.ft_resolution)

@@ -30,7 +30,7 @@ def test_launch_rank_reads_the_launcher_variables(monkeypatch):
 
 
 def test_misplaced_components_finds_a_module_left_behind(tmp_path):
-    from meddiff.models.stable_diffusion import build_tiny_stable_diffusion
+    from meddiff.testing import build_tiny_stable_diffusion
 
     assert same_device("cpu", torch.device("cpu"))
     base = build_tiny_stable_diffusion(tmp_path / "sd")
@@ -47,7 +47,7 @@ def test_misplaced_components_finds_a_module_left_behind(tmp_path):
 def test_finetune_validation_pipeline_has_every_component_on_the_run_device(tmp_path):
     """The bug this guards: the U-Net on the GPU, the autoencoder and text encoder left on the CPU."""
     from meddiff.data.spec import load_dataset
-    from meddiff.models.stable_diffusion import build_tiny_stable_diffusion
+    from meddiff.testing import build_tiny_stable_diffusion
     from meddiff.training.config import FinetuneConfig, TrainConfig
     from meddiff.training.methods.finetune import StableDiffusionFinetune
 

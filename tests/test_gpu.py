@@ -46,7 +46,7 @@ def test_resume_on_the_gpu_continues_the_stream(tmp_path):
 
 def test_finetune_lora_and_unet_validate_and_export_on_the_gpu(tmp_path):
     from meddiff.data.spec import load_dataset
-    from meddiff.models.stable_diffusion import build_tiny_stable_diffusion
+    from meddiff.testing import build_tiny_stable_diffusion
     from meddiff.training.config import FinetuneConfig, TrainConfig
     from meddiff.training.loop import train
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from meddiff.data.spec import load_dataset
 from meddiff.errors import MeddiffError
 from meddiff.models.pipeline import encode_prompt
-from meddiff.models.stable_diffusion import build_tiny_stable_diffusion, load_stable_diffusion, to_rgb
+from meddiff.models.stable_diffusion import load_stable_diffusion, to_rgb
+from meddiff.testing import build_tiny_stable_diffusion
 from meddiff.models.storage import load_pipeline
 from meddiff.training.config import FinetuneConfig, TrainConfig
 from meddiff.training.loop import train

@@ -60,15 +60,14 @@ def run_one(name: str, base: str, resolution: int, batch: int, steps: int, preci
     allow_tf32: the example's --allow_tf32 (on by default here, as meddiff's loop does on CUDA; no effect on CPU)."""
     import torch.nn.functional as F
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from meddiff.precision import resolve_precision
+    from meddiff.precision import reset_accelerate_state, resolve_precision
 
     method, checkpointing = CONFIGS[name]
     mixed = resolve_precision(precision)
-    AcceleratorState._reset_state()
+    reset_accelerate_state()
     accelerator = Accelerator(mixed_precision=mixed)
     device = accelerator.device
     cuda = device.type == "cuda"

@@ -97,3 +97,16 @@ def tf32_enabled() -> bool:
     if hasattr(matmul, "fp32_precision"):
         return matmul.fp32_precision == "tf32"
     return bool(matmul.allow_tf32)
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so that the next `Accelerator` may use another mixed precision.
+
+    accelerate keeps one `AcceleratorState` per process and refuses a second `Accelerator` with another
+    `mixed_precision` ("AcceleratorState has already been initialized and cannot be changed"); a second run in one
+    process (tests, notebooks, benchmarks) may need one. accelerate has no public way to start over: its own test
+    base class (`accelerate.test_utils.AccelerateTestCase`) and transformers' `TrainingArguments` call the same
+    private method. This is meddiff's only use of it; tests/test_private_apis.py fails if accelerate drops it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()

@@ -518,6 +518,9 @@ COMMANDS = {"env": cmd_env, "finetune": cmd_finetune, "survival": cmd_survival, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from meddiff.logs import configure_logging
+
+    configure_logging(getattr(args, "verbosity", 0))  # library messages on stderr; a -v/-q flag may set verbosity
     try:
         COMMANDS[args.command](args)
     except MeddiffError as exc:

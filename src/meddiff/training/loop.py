@@ -18,6 +18,7 @@ writes checkpoints metadata, exports and logs, and the time budget is decided on
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -36,11 +36,13 @@ from meddiff.data.dataset import ImageLabelDataset
 from meddiff.devices import launch_rank
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import choose_attention, set_attention
-from meddiff.precision import enable_tf32, resolve_precision
+from meddiff.precision import enable_tf32, reset_accelerate_state, resolve_precision
 from meddiff.training.batches import StreamBatchSampler, batch_indices, make_loader, rank_batch_indices  # noqa: F401
 from meddiff.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from meddiff.training.config import TrainConfig
 from meddiff.training.methods import METHODS, TrainingMethod
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,9 +116,7 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     precision = resolve_precision(config.precision)
     if config.threads:
         torch.set_num_threads(int(config.threads))
-    # accelerate keeps one process-wide state; a second run in the same process (tests, notebooks, benchmarks)
-    # may ask for another precision
-    AcceleratorState._reset_state()
+    reset_accelerate_state()  # a second run in this process may ask for another precision
     # torchrun / accelerate launch on a machine without an accelerator: CPU processes talking over gloo
     cpu_processes = launch_rank()[1] > 1 and not torch.accelerator.is_available()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
@@ -164,7 +164,7 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     if resume_from is not None:
         state = load_checkpoint(accelerator, ema, resume_from)
         method.load_extra_state(state.pop("method", {}))
-        print(f"resumed from {resume_from} at step {state['step']}")
+        logger.info("resumed from %s at step %s", resume_from, state["step"])
     if main:
         config.save(run_dir / "config.yaml")
     accelerator.init_trackers("meddiff")

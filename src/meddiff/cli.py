@@ -29,7 +29,42 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+CONFIG_COMMANDS = ("train", "finetune", "train-autoencoder")
+CONFIG_HELP = {"description": "Options come from meddiff.training.config.TrainConfig: every recipe key is a flag "
+                              "(nested keys as --section.key). Defaults < --config YAML < flags."}
+# Spellings kept from earlier versions (users' scripts), beside the generated --section.key flags.
+ALIASES = {
+    "train": {"model.prediction_type": ["--prediction"], "latent.autoencoder": ["--autoencoder"],
+              "text.encoder": ["--text-encoder"], "text.train_encoder": ["--train-text-encoder"],
+              "text.shuffle_findings": ["--shuffle-findings"]},
+    "finetune": {"cond_dropout": ["--caption-dropout"], "finetune.validation_prompts": ["--validation-prompt"]},
+    "train-autoencoder": {},
+}
+SWITCHES = {
+    "train": {"--no-eval": ("eval.fidelity", False, "skip the label-fidelity evaluation")},
+    "finetune": {"--use-8bit-adam": ("optimizer", "adamw8bit", "bitsandbytes AdamW8bit (CUDA)")},
+    "train-autoencoder": {},
+}
+FINETUNE_DEFAULTS = {"resolution": 512, "batch_size": 4, "checkpoint_every": 500}  # learning rate: by method
+AUTOENCODER_LEARNING_RATE = 2e-4  # autoencoders want a smaller step than the diffusion default
+
+
+def _add_config_flags(command: str, parser: argparse.ArgumentParser) -> None:
+    """Every TrainConfig key as a flag (meddiff.options); the command's own section also without its prefix."""
+    from meddiff.options import add_arguments
+    from meddiff.training.config import TrainConfig
+
+    home = {"finetune": "finetune", "train-autoencoder": "autoencoder"}.get(command, "")
+    shown = {"finetune": {**{k: str(v) for k, v in FINETUNE_DEFAULTS.items()},
+                          "learning_rate": "by method (lora 1e-4, unet 1e-5, ...)"},
+             "train-autoencoder": {"learning_rate": str(AUTOENCODER_LEARNING_RATE)}}.get(command, {})
+    add_arguments(parser, TrainConfig, home=home, skip=("method",) if home else (), aliases=ALIASES[command],
+                  switches=SWITCHES[command], defaults=shown)
+
+
+def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.ArgumentParser:
+    """The whole command line. `config_flags`: the commands whose config flags are built (building them imports
+    torch; `main` builds only the one asked for, so `meddiff env --check` works with a broken torch)."""
     p = argparse.ArgumentParser(prog="meddiff", description="Medical image synthesis with diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -57,101 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224))
     dl.add_argument("--out", required=True)
 
-    tr = sub.add_parser("train", help="train a diffusion model")
-    tr.add_argument("--data", help="dataset spec, e.g. phantom:DIR or medmnist:FILE.npz")
-    tr.add_argument("--out", help="run directory")
-    tr.add_argument("--config", help="YAML config (flags override it)")
-    tr.add_argument("--resolution", type=_positive_int)
-    tr.add_argument("--max-steps", type=_positive_int)
-    tr.add_argument("--max-minutes", type=_positive_float)
-    tr.add_argument("--batch-size", type=_positive_int)
-    tr.add_argument("--learning-rate", type=_positive_float)
-    tr.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
-    tr.add_argument("--prediction", choices=("epsilon", "v_prediction"))
-    tr.add_argument("--checkpoint-every", type=int)
-    tr.add_argument("--loader-workers", type=int, default=None,
-                    help="data loader processes (default: 0 for in-memory data, else up to 8 on a GPU, 2 on a CPU)")
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--resume", help="'latest' or a checkpoint folder")
-    tr.add_argument("--no-eval", action="store_true", help="skip the label-fidelity evaluation")
-    tr.add_argument("--method", choices=("pixel", "latent"), help="pixel (default) or latent diffusion")
-    tr.add_argument("--autoencoder", help="latent: run directory of `meddiff train-autoencoder`")
-    tr.add_argument("--conditioning", choices=("labels", "text", "both", "none"),
-                    help="labels (default), text prompts, both, or none (unconditional)")
-    tr.add_argument("--text-encoder", help="'minilm' (packaged, offline; default), a Hugging Face id or a local folder")
-    tr.add_argument("--train-text-encoder", action="store_true", default=None, help="fine-tune the text encoder too")
-    tr.add_argument("--shuffle-findings", action="store_true", default=None,
-                    help="text: name the findings of label-built prompts in a random order each step")
-    tr.add_argument("--channels-last", action="store_true", default=None, help="NHWC convolutions (speed option)")
-    tr.add_argument("--compile", action="store_true", default=None,
-                    help="torch.compile the U-Net (minutes of compile time first; measure with bench/speedups.py)")
-    tr.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: all cores)")
-
-    ft = sub.add_parser("finetune", help="fine-tune a pretrained Stable Diffusion (unet, lora, dreambooth, ...)")
-    ft.add_argument("--pretrained", help="Stable Diffusion hub id or local diffusers folder")
-    ft.add_argument("--data", help="dataset spec; prompts come from its labels or report text")
-    ft.add_argument("--method", choices=("unet", "unet+text", "text", "dreambooth", "lora", "textual-inversion"))
-    ft.add_argument("--out", help="run directory")
-    ft.add_argument("--config", help="YAML recipe (flags override it), e.g. configs/finetune-lora.yaml")
-    ft.add_argument("--resolution", type=_positive_int, help="default 512")
-    ft.add_argument("--max-steps", type=_positive_int)
-    ft.add_argument("--max-minutes", type=_positive_float)
-    ft.add_argument("--batch-size", type=_positive_int, help="default 4")
-    ft.add_argument("--gradient-accumulation", type=_positive_int)
-    ft.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    ft.add_argument("--learning-rate", type=_positive_float, help="default by method (lora 1e-4, unet 1e-5, ...)")
-    ft.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
-    ft.add_argument("--use-8bit-adam", action="store_true", default=None, help="bitsandbytes AdamW8bit (CUDA)")
-    ft.add_argument("--no-ema", action="store_true", default=None)
-    ft.add_argument("--compile", action="store_true", default=None,
-                    help="torch.compile the trained model (minutes of compile time first; CUDA mostly)")
-    ft.add_argument("--snr-gamma", type=float, help="Min-SNR weighting (default 5; 0 for plain MSE)")
-    ft.add_argument("--noise-offset", type=float)
-    ft.add_argument("--caption-dropout", type=float, help="probability of an empty prompt (guidance; default 0.1)")
-    ft.add_argument("--text-encoder", help="domain text encoder replacing CLIP (id or folder; 'minilm' packaged)")
-    ft.add_argument("--lora-rank", type=_positive_int)
-    ft.add_argument("--lora-alpha", type=_positive_float)
-    ft.add_argument("--lora-text-encoder", action="store_true", default=None)
-    ft.add_argument("--placeholder-token")
-    ft.add_argument("--initializer-token")
-    ft.add_argument("--num-vectors", type=_positive_int)
-    ft.add_argument("--instance-prompt")
-    ft.add_argument("--class-prompt")
-    ft.add_argument("--num-class-images", type=_positive_int)
-    ft.add_argument("--prior-loss-weight", type=float)
-    ft.add_argument("--train-text-encoder", action="store_true", default=None, help="dreambooth: train CLIP too")
-    ft.add_argument("--validation-prompt", action="append", help="repeatable; grids in RUN/validation/")
-    ft.add_argument("--validation-every", type=int)
-    ft.add_argument("--checkpoint-every", type=int)
-    ft.add_argument("--loader-workers", type=int, default=None,
-                    help="data loader processes (default: 0 for in-memory data, else up to 8 on a GPU, 2 on a CPU)")
-    ft.add_argument("--seed", type=int)
-    ft.add_argument("--resume", help="'latest' or a checkpoint folder")
-
-    ae = sub.add_parser("train-autoencoder", help="train a VQ-VAE or KL autoencoder for latent diffusion")
-    ae.add_argument("--data", help="dataset spec")
-    ae.add_argument("--out", help="run directory")
-    ae.add_argument("--config", help="YAML config (flags override it)")
-    ae.add_argument("--kind", choices=("vq", "kl"))
-    ae.add_argument("--resolution", type=_positive_int)
-    ae.add_argument("--downsample", type=int, choices=(4, 8))
-    ae.add_argument("--latent-channels", type=_positive_int)
-    ae.add_argument("--codebook-size", type=_positive_int)
-    ae.add_argument("--adversarial-weight", type=float, help="> 0 adds a patch-discriminator loss")
-    ae.add_argument("--adversarial-start", type=int, help="step from which the adversarial loss counts")
-    ae.add_argument("--perceptual-weight", type=float, help="> 0 adds LPIPS (optional lpips package)")
-    ae.add_argument("--max-steps", type=_positive_int)
-    ae.add_argument("--max-minutes", type=_positive_float)
-    ae.add_argument("--batch-size", type=_positive_int)
-    ae.add_argument("--learning-rate", type=_positive_float)
-    ae.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
-    ae.add_argument("--checkpoint-every", type=int)
-    ae.add_argument("--compile", action="store_true", default=None,
-                    help="torch.compile the trained model (minutes of compile time first; CUDA mostly)")
-    ae.add_argument("--loader-workers", type=int, default=None,
-                    help="data loader processes (default: 0 for in-memory data, else up to 8 on a GPU, 2 on a CPU)")
-    ae.add_argument("--seed", type=int)
-    ae.add_argument("--resume", help="'latest' or a checkpoint folder")
+    tr = sub.add_parser("train", help="train a diffusion model", **CONFIG_HELP)
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained Stable Diffusion (unet, lora, dreambooth, ...)",
+                        **CONFIG_HELP)
+    ae = sub.add_parser("train-autoencoder", help="train a VQ-VAE or KL autoencoder for latent diffusion", **CONFIG_HELP)
+    for command, parser in (("train", tr), ("finetune", ft), ("train-autoencoder", ae)):
+        parser.add_argument("--config", help="YAML recipe, e.g. configs/pneumoniamnist.yaml (flags override it)")
+        if command in config_flags:
+            _add_config_flags(command, parser)
 
     ge = sub.add_parser("generate", help="generate a labelled synthetic dataset with a trained model")
     ge.add_argument("--model", required=True, help="run directory (or its pipeline/ folder)")
@@ -276,17 +224,21 @@ def cmd_data(args) -> None:
         print(f"saved {download_medmnist(args.name, args.size, Path(args.out))}")
 
 
-def _run_config(args, overrides: dict):
+def _base_config(args, settings: dict) -> Path | None:
+    """The YAML under the flags: --config, or on --resume without one the run's own config.yaml."""
+    if args.config:
+        return Path(args.config)
+    out = settings.get("out")
+    if settings.get("resume") and out and (Path(out) / "config.yaml").is_file():
+        return Path(out) / "config.yaml"  # continue with the run's own config; flags still override
+    return None
+
+
+def _run_config(args, settings: dict):
+    """TrainConfig from defaults < the base YAML < `settings` (the flags given and what the command fixes)."""
     from meddiff.training.config import load_config
 
-    common = {"data": args.data, "out": args.out, "resolution": args.resolution, "max_steps": args.max_steps,
-              "max_minutes": args.max_minutes, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-              "precision": args.precision, "checkpoint_every": args.checkpoint_every, "seed": args.seed,
-              "resume": args.resume, "loader_workers": args.loader_workers, "compile": getattr(args, "compile", None)}
-    base = args.config
-    if args.resume and not base and args.out and (Path(args.out) / "config.yaml").is_file():
-        base = Path(args.out) / "config.yaml"  # continue with the run's own config; flags still override
-    config = load_config(base, {**common, **overrides})
+    config = load_config(_base_config(args, settings), {}, settings)
     if not config.data:
         raise MeddiffError("no training data: pass --data SPEC (e.g. phantom:DIR) or set data: in --config")
     if not config.out:
@@ -294,83 +246,70 @@ def _run_config(args, overrides: dict):
     return config
 
 
-def cmd_finetune(args) -> None:
+def _recipe(path: Path | None) -> dict:
+    """The base YAML's mapping, for command defaults that sit below it ({} when absent or broken: load_config
+    reports a broken file in one line)."""
     import yaml
 
+    if path is None or not path.is_file():
+        return {}
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def cmd_finetune(args) -> None:
+    from meddiff.options import given
     from meddiff.workflow import FINETUNE_LEARNING_RATES, finetune_and_report
 
-    recipe = {}
-    if args.config and Path(args.config).is_file():
-        recipe = yaml.safe_load(Path(args.config).read_text()) or {}
-    method = args.method or (recipe.get("finetune") or {}).get("method") or "unet"
-    defaults = {"resolution": 512, "batch_size": 4, "learning_rate": FINETUNE_LEARNING_RATES.get(method, 1e-5),
-                "checkpoint_every": 500}
-    snr = None if args.snr_gamma is None else (args.snr_gamma or "off")
-    overrides = {"method": "finetune", "finetune.method": method, "finetune.pretrained": args.pretrained,
-                 "gradient_accumulation": args.gradient_accumulation, "noise_offset": args.noise_offset,
-                 "cond_dropout": args.caption_dropout, "optimizer": "adamw8bit" if args.use_8bit_adam else None,
-                 "ema": False if args.no_ema else None, "finetune.gradient_checkpointing": args.gradient_checkpointing,
-                 "finetune.text_encoder": args.text_encoder, "finetune.lora_rank": args.lora_rank,
-                 "finetune.lora_alpha": args.lora_alpha, "finetune.lora_text_encoder": args.lora_text_encoder,
-                 "finetune.placeholder_token": args.placeholder_token,
-                 "finetune.initializer_token": args.initializer_token, "finetune.num_vectors": args.num_vectors,
-                 "finetune.instance_prompt": args.instance_prompt, "finetune.class_prompt": args.class_prompt,
-                 "finetune.num_class_images": args.num_class_images,
-                 "finetune.prior_loss_weight": args.prior_loss_weight,
-                 "finetune.train_text_encoder": args.train_text_encoder,
-                 "finetune.validation_prompts": args.validation_prompt,
-                 "finetune.validation_every": args.validation_every}
+    settings = given(args)
+    recipe = _recipe(_base_config(args, settings))
+    method = settings.get("finetune.method") or (recipe.get("finetune") or {}).get("method") or "unet"
+    defaults = {**FINETUNE_DEFAULTS, "learning_rate": FINETUNE_LEARNING_RATES.get(method, 1e-5)}
     for key, value in defaults.items():  # method defaults, below the recipe and the flags
-        if key not in recipe and getattr(args, key, None) is None:
-            overrides[key] = value
-    config = _run_config(args, overrides)
-    if snr == "off":
-        config.snr_gamma = None
+        if key not in recipe and key not in settings:
+            settings[key] = value
+    config = _run_config(args, {**settings, "method": "finetune"})
     if not config.finetune.pretrained:
         raise MeddiffError("no pretrained model: pass --pretrained (a Stable Diffusion hub id or local folder)")
     summary = finetune_and_report(config)
     if summary is None:
         return
-    print(f"done: {summary['steps']} steps; export in {summary['export']}; card {Path(config.out) / 'README.md'}")
+    print(f"done: {summary.steps} steps; export in {summary.export}; card {Path(config.out) / 'README.md'}")
 
 
 def cmd_train_autoencoder(args) -> None:
+    from meddiff.options import given
     from meddiff.workflow import train_autoencoder_and_report
 
-    config = _run_config(args, {
-        "method": "autoencoder", "autoencoder.kind": args.kind, "autoencoder.downsample": args.downsample,
-        "autoencoder.latent_channels": args.latent_channels, "autoencoder.codebook_size": args.codebook_size,
-        "autoencoder.adversarial_weight": args.adversarial_weight,
-        "autoencoder.adversarial_start": args.adversarial_start,
-        "autoencoder.perceptual_weight": args.perceptual_weight})
-    if config.method != "autoencoder":
-        raise MeddiffError(f"the config says method {config.method}; train-autoencoder trains autoencoders")
-    if args.learning_rate is None and not args.config and not args.resume:
-        config.learning_rate = 2e-4  # autoencoders want a smaller step than the diffusion default
+    settings = given(args)
+    if "learning_rate" not in settings and _base_config(args, settings) is None:
+        settings["learning_rate"] = AUTOENCODER_LEARNING_RATE
+    config = _run_config(args, {**settings, "method": "autoencoder"})
     report = train_autoencoder_and_report(config)
     if report is None:
         return
-    ms = f", MS-SSIM {report['ms_ssim']:.4f}" if report.get("ms_ssim") is not None else ""
-    print(f"done: held-out PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}{ms}; scaling factor "
-          f"{report['scaling_factor']:.4f}; model in {Path(config.out) / 'autoencoder'}; report "
+    ms = f", MS-SSIM {report.ms_ssim:.4f}" if report.ms_ssim is not None else ""
+    print(f"done: held-out PSNR {report.psnr:.2f} dB, SSIM {report.ssim:.4f}{ms}; scaling factor "
+          f"{report.scaling_factor:.4f}; model in {Path(config.out) / 'autoencoder'}; report "
           f"{Path(config.out) / 'report.html'}")
 
 
 def cmd_train(args) -> None:
+    from meddiff.options import given
     from meddiff.workflow import train_and_report
 
-    config = _run_config(args, {
-        "model.prediction_type": args.prediction, "eval.fidelity": False if args.no_eval else None,
-        "method": args.method, "latent.autoencoder": args.autoencoder, "conditioning": args.conditioning,
-        "text.encoder": args.text_encoder, "text.train_encoder": args.train_text_encoder,
-        "text.shuffle_findings": args.shuffle_findings, "channels_last": args.channels_last,
-        "threads": args.threads})
+    config = _run_config(args, given(args))
     if config.method == "autoencoder":
         raise MeddiffError("this config trains an autoencoder; use `meddiff train-autoencoder`")
+    if config.method == "finetune":
+        raise MeddiffError("this config fine-tunes Stable Diffusion; use `meddiff finetune`")
     summary = train_and_report(config)
     if summary is None:
         return
-    print(f"done: {summary['steps']} steps; model in {Path(config.out) / 'pipeline'}; card {Path(config.out) / 'README.md'}")
+    print(f"done: {summary.steps} steps; model in {Path(config.out) / 'pipeline'}; card {Path(config.out) / 'README.md'}")
 
 
 def cmd_generate(args) -> None:
@@ -411,8 +350,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_fidelity(args) -> None:
-    import json
-
     from meddiff.data.spec import load_dataset, parse_spec
     from meddiff.devices import run_device
     from meddiff.evaluation.fidelity import label_fidelity
@@ -433,16 +370,15 @@ def cmd_fidelity(args) -> None:
     result = label_fidelity(pipe, train, heldout, args.n, settings, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = result.to_dict()
     print(result.table())
+    response = None
     if pipe.supports_prompts:  # two findings named: both drawn? one named: only that one?
         from meddiff.evaluation.fidelity import default_prompts, prompt_response
 
         response = prompt_response(pipe, result.classifier, args.prompt or default_prompts(train.label_names),
                                    train.label_names, args.prompt_samples, settings, heldout=heldout)
-        report["prompt_response"] = response.to_dict()
         print(response.table())
-    (out / "fidelity.json").write_text(json.dumps(report, indent=2))
+    result.report(response).write_json(out / "fidelity.json")
 
 
 def _other_launch_process(what: str) -> bool:
@@ -517,7 +453,9 @@ COMMANDS = {"env": cmd_env, "finetune": cmd_finetune, "survival": cmd_survival, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(config_flags=(command,) if command in CONFIG_COMMANDS else ()).parse_args(argv)
     from meddiff.logs import configure_logging
 
     configure_logging(getattr(args, "verbosity", 0))  # library messages on stderr; a -v/-q flag may set verbosity

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from meddiff.errors import MeddiffError
+from meddiff.options import Options, option
 from meddiff.models.hub import load_pretrained
 from meddiff.models.pipeline import encode_prompt
 
@@ -21,11 +22,12 @@ DEFAULT_TEXT_ENCODER = "minilm"
 
 
 @dataclass
-class TextConfig:
-    encoder: str = DEFAULT_TEXT_ENCODER  # "minilm" (packaged, offline), a Hugging Face id, or a local folder
-    train_encoder: bool = False  # fine-tune the text encoder together with the U-Net
-    max_tokens: int = 32  # prompts are padded/truncated to this many tokens (cross-attention cost)
-    shuffle_findings: bool = False  # label-built prompts name their findings in a fresh random order each step
+class TextConfig(Options):
+    encoder: str = option(DEFAULT_TEXT_ENCODER, "text encoder: 'minilm' (packaged, offline), a Hugging Face id or "
+                          "a local folder")
+    train_encoder: bool = option(False, "fine-tune the text encoder together with the U-Net")
+    max_tokens: int = option(32, "prompts are padded/truncated to this many tokens (cross-attention cost)", minimum=1)
+    shuffle_findings: bool = option(False, "label-built prompts name their findings in a fresh random order each step")
 
 
 def encoder_location(name: str) -> str:

@@ -7,37 +7,42 @@ noise: diffusers' default 0.18215 belongs to Stable Diffusion's VAE, not to ours
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, VQModel
 
 from meddiff.errors import MeddiffError
+from meddiff.options import Options, option
 
 KINDS = ("vq", "kl")
 AUTOENCODER_DIR = "autoencoder"
 
 
 @dataclass
-class AutoencoderConfig:
-    kind: str = "kl"  # vq | kl
-    downsample: int = 4  # 4 or 8: spatial factor between image and latent
-    latent_channels: int = 4
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])  # per level; first levels are used
-    layers_per_block: int = 1
-    norm_num_groups: int = 16
-    mid_attention: bool | None = None  # None: only when the latent is at most 16 px wide (CPU)
-    codebook_size: int = 512  # VQ
-    commitment_weight: float = 1.0  # scales diffusers' codebook + 0.25 * commitment term (VQ)
-    dead_code_steps: int = 100  # VQ: a code unused for this many steps is re-initialised from encoder outputs
-    kl_weight: float = 1e-6  # KL
-    reconstruction_loss: str = "l1"  # l1 | mse
-    adversarial_weight: float = 0.0  # > 0 enables the patch discriminator
-    adversarial_start: int = 2000  # step from which the adversarial loss counts (warm-up)
-    discriminator_lr: float = 2e-4
-    perceptual_weight: float = 0.0  # > 0 needs the optional lpips package and its weights on disk
-    scale_samples: int = 512  # training images used to measure the latent scaling factor
+class AutoencoderConfig(Options):
+    kind: Literal["vq", "kl"] = option("kl", "VQ-VAE (vq) or KL autoencoder (kl)")
+    downsample: Literal[2, 4, 8, 16] = option(4, "spatial factor between image and latent")
+    latent_channels: int = option(4, "latent channels", minimum=1)
+    channels: list[int] = option([32, 64, 128, 128], "channels per level (comma-separated); the first levels are used")
+    layers_per_block: int = option(1, "residual blocks per level", minimum=1)
+    norm_num_groups: int = option(16, "GroupNorm groups", minimum=1)
+    mid_attention: bool | None = option(None, "attention in the middle block; null: only when the latent is at most "
+                                        "16 px wide (CPU)")
+    codebook_size: int = option(512, "VQ: number of codebook entries", minimum=2)
+    commitment_weight: float = option(1.0, "VQ: scales diffusers' codebook + 0.25 * commitment term", minimum=0)
+    dead_code_steps: int = option(100, "VQ: a code unused for this many steps is re-initialised from encoder "
+                                  "outputs", minimum=0)
+    kl_weight: float = option(1e-6, "KL: weight of the KL term", minimum=0)
+    reconstruction_loss: Literal["l1", "mse"] = option("l1", "pixel reconstruction loss")
+    adversarial_weight: float = option(0.0, "> 0 adds a patch-discriminator loss", minimum=0)
+    adversarial_start: int = option(2000, "step from which the adversarial loss counts (warm-up)", minimum=0)
+    discriminator_lr: float = option(2e-4, "discriminator learning rate", above=0)
+    perceptual_weight: float = option(0.0, "> 0 adds LPIPS (needs the optional lpips package and its weights on "
+                                      "disk)", minimum=0)
+    scale_samples: int = option(512, "training images used to measure the latent scaling factor", minimum=1)
 
     def levels(self) -> int:
         if self.downsample not in (1, 2, 4, 8, 16):

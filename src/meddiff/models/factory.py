@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
                        UNet2DConditionModel)
 
 from meddiff.errors import MeddiffError
+from meddiff.options import Options, option
 
 
 @dataclass
-class ModelConfig:
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-    layers_per_block: int = 2
-    # self-attention only where the feature map is at most this many pixels wide (CPU: keep <= 16)
-    attention_max_resolution: int = 8
-    attention_head_dim: int = 32
-    norm_num_groups: int = 8
-    prediction_type: str = "epsilon"  # or "v_prediction"
-    beta_schedule: str = "squaredcos_cap_v2"
-    num_train_timesteps: int = 1000
+class ModelConfig(Options):
+    block_out_channels: list[int] = option([32, 64, 128], "U-Net channels per resolution level (comma-separated)")
+    layers_per_block: int = option(2, "residual blocks per level", minimum=1)
+    attention_max_resolution: int = option(8, "self-attention only where the feature map is at most this many "
+                                           "pixels wide (CPU: keep <= 16)", minimum=0)
+    attention_head_dim: int = option(32, "channels per attention head", minimum=1)
+    norm_num_groups: int = option(8, "GroupNorm groups (must divide every channel count)", minimum=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = option("epsilon", "what the U-Net predicts")
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = option(
+        "squaredcos_cap_v2", "noise schedule of the training scheduler")
+    num_train_timesteps: int = option(1000, "diffusion steps of the training schedule", minimum=2)
 
 
 def build_unet(cfg: ModelConfig, resolution: int, num_labels: int, in_channels: int = 1,

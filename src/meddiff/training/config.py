@@ -2,131 +2,124 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from meddiff.errors import MeddiffError
 from meddiff.conditioning.text import TextConfig
+from meddiff.errors import MeddiffError
 from meddiff.models.autoencoder import AutoencoderConfig
 from meddiff.models.factory import ModelConfig
+from meddiff.options import Options, build, option, section
+
+FinetuneMethod = Literal["unet", "unet+text", "text", "dreambooth", "lora", "textual-inversion"]
+LR_SCHEDULES = Literal["constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
 @dataclass
-class LatentConfig:
-    autoencoder: str = ""  # run directory of `meddiff train-autoencoder` (or its autoencoder/ folder)
+class LatentConfig(Options):
+    autoencoder: str = option("", "latent diffusion: run directory of `meddiff train-autoencoder` (or its "
+                              "autoencoder/ folder)")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Options):
     """Fine-tuning a pretrained Stable Diffusion (method "finetune"); see meddiff.training.methods.finetune."""
 
-    pretrained: str = ""  # hub id or local diffusers folder
-    method: str = "unet"  # unet | unet+text | text | dreambooth | lora | textual-inversion
-    text_encoder: str = ""  # a domain text encoder (id or path) replacing CLIP; projected to the U-Net's width
-    gradient_checkpointing: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    lora_text_encoder: bool = False
-    placeholder_token: str = "<lung-xray>"
-    initializer_token: str = "chest"
-    num_vectors: int = 1
-    template: str = "{token} {prompt}"  # textual inversion: the training prompt around the new token(s)
-    instance_prompt: str = ""  # dreambooth: e.g. "chest x-ray with sks pleural effusion"
-    class_prompt: str = ""  # dreambooth prior preservation, e.g. "chest x-ray"
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    train_text_encoder: bool = False  # dreambooth: train the text encoder too
-    validation_prompts: list[str] = field(default_factory=lambda: ["chest x-ray with cardiomegaly",
-                                                                   "chest x-ray with pleural effusion",
-                                                                   "normal chest x-ray"])
-    validation_every: int = 0  # steps between validation grids (0: only after training)
-    validation_images: int = 4  # per prompt
+    pretrained: str = option("", "Stable Diffusion hub id or local diffusers folder")
+    method: FinetuneMethod = option("unet", "fine-tuning strategy")
+    text_encoder: str = option("", "a domain text encoder (id or folder; 'minilm' packaged) replacing CLIP, "
+                               "projected to the U-Net's width")
+    gradient_checkpointing: bool = option(False, "trade compute for memory in the U-Net")
+    lora_rank: int = option(8, "LoRA rank", minimum=1)
+    lora_alpha: float = option(8.0, "LoRA alpha (scale = alpha / rank)", above=0)
+    lora_text_encoder: bool = option(False, "LoRA on the text encoder too")
+    placeholder_token: str = option("<lung-xray>", "textual inversion: the new token")
+    initializer_token: str = option("chest", "textual inversion: the word whose embedding starts the new token")
+    num_vectors: int = option(1, "textual inversion: embedding vectors behind the token", minimum=1)
+    template: str = option("{token} {prompt}", "textual inversion: the training prompt around the new token(s)")
+    instance_prompt: str = option("", "dreambooth: e.g. 'chest x-ray with sks pleural effusion'")
+    class_prompt: str = option("", "dreambooth prior preservation, e.g. 'chest x-ray'")
+    num_class_images: int = option(100, "dreambooth: class images generated for prior preservation", minimum=1)
+    prior_loss_weight: float = option(1.0, "dreambooth: weight of the prior-preservation loss", minimum=0)
+    train_text_encoder: bool = option(False, "dreambooth: train the text encoder (CLIP) too")
+    validation_prompts: list[str] = option(["chest x-ray with cardiomegaly", "chest x-ray with pleural effusion",
+                                            "normal chest x-ray"], "validation prompts (grids in RUN/validation/)")
+    validation_every: int = option(0, "steps between validation grids (0: only after training)", minimum=0)
+    validation_images: int = option(4, "validation images per prompt", minimum=1)
 
 
 @dataclass
-class EvalConfig:
-    fidelity: bool = True  # train a real-image classifier and measure label fidelity of samples
-    fidelity_samples: int = 256
-    classifier_epochs: int = 8
-    grid_per_label: int = 16
-    prompt_samples: int = 48  # text models: images per prompt for the prompt-response table
+class EvalConfig(Options):
+    fidelity: bool = option(True, "train a real-image classifier and measure label fidelity of samples")
+    fidelity_samples: int = option(256, "samples drawn for label fidelity", minimum=1)
+    classifier_epochs: int = option(8, "epochs of the fidelity classifier", minimum=1)
+    grid_per_label: int = option(16, "images per label in the sample grid", minimum=1)
+    prompt_samples: int = option(48, "text models: images per prompt for the prompt-response table", minimum=1)
 
 
 @dataclass
-class TrainConfig:
-    data: str = ""
-    out: str = ""
-    method: str = "pixel"  # pixel | latent | autoencoder (see meddiff.training.methods)
-    conditioning: str = "labels"  # labels | text | both | none (diffusion methods)
-    resolution: int = 32
-    batch_size: int = 32
-    max_steps: int = 100_000
-    max_minutes: float | None = None
-    learning_rate: float = 1e-3
-    lr_warmup_steps: int = 100
-    lr_schedule: str = "constant_with_warmup"
-    adam_weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    cond_dropout: float = 0.1  # classifier-free guidance: probability of training without the condition
-    snr_gamma: float | None = 5.0  # Min-SNR loss weighting; None for plain MSE
-    noise_offset: float = 0.0  # per-channel constant added to the noise (0.05-0.1 helps very dark/bright images)
-    gradient_accumulation: int = 1  # micro-batches of batch_size per optimizer step
-    optimizer: str = "adamw"  # adamw | adamw8bit (needs bitsandbytes)
-    ema: bool = True  # keep and export an EMA of the trained weights (where the method uses one)
-    ema_decay: float = 0.9995
-    ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power until ema_decay
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+class TrainConfig(Options):
+    """Everything a training run reads; saved as RUN/config.yaml. Defaults < YAML (--config) < flags."""
+
+    data: str = option("", "dataset spec, e.g. phantom:DIR, medmnist:FILE.npz, store:DIR")
+    out: str = option("", "run directory")
+    method: Literal["pixel", "latent", "autoencoder", "finetune"] = option(
+        "pixel", "what is trained (see meddiff.training.methods)")
+    conditioning: Literal["labels", "text", "both", "none"] = option(
+        "labels", "diffusion methods: condition on labels, prompts, both or nothing")
+    resolution: int = option(32, "image size in pixels (square)", minimum=8)
+    batch_size: int = option(32, "images per micro-batch (per process)", minimum=1)
+    max_steps: int = option(100_000, "optimizer steps", minimum=1)
+    max_minutes: float | None = option(None, "wall-clock training budget (null: none)", above=0)
+    learning_rate: float = option(1e-3, "peak learning rate", above=0)
+    lr_warmup_steps: int = option(100, "linear warm-up steps", minimum=0)
+    lr_schedule: LR_SCHEDULES = option("constant_with_warmup", "learning-rate schedule (diffusers' get_scheduler)")
+    adam_weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", above=0)
+    cond_dropout: float = option(0.1, "classifier-free guidance: probability of training without the condition "
+                                 "(fine-tuning: of an empty prompt)", minimum=0, maximum=1)
+    snr_gamma: float | None = option(5.0, "Min-SNR loss weighting gamma; null or 0 for plain MSE", above=0,
+                                     zero_is_none=True)
+    noise_offset: float = option(0.0, "per-channel constant added to the noise (0.05-0.1 helps very dark/bright "
+                                 "images)", minimum=0)
+    gradient_accumulation: int = option(1, "micro-batches of batch_size per optimizer step", minimum=1)
+    optimizer: Literal["adamw", "adamw8bit"] = option("adamw", "adamw8bit needs bitsandbytes (CUDA)")
+    ema: bool = option(True, "keep and export an EMA of the trained weights (where the method uses one)")
+    ema_decay: float = option(0.9995, "EMA decay", minimum=0, maximum=1)
+    ema_power: float = option(0.75, "EMA warm-up: decay = 1 - (1 + step) ** -power until ema_decay", above=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "auto: bf16 where supported, else fp16 on GPUs, else fp32")
     # CPU/GPU speed options, off by default because on the 2-core CPU they gave nothing (bench/speedups.py):
-    channels_last: bool = False  # NHWC memory format for the trained model's convolutions
-    attention: str = "auto"  # auto | sdpa | classic: auto picks classic on CPU+bf16 with small maps (measured)
-    compile: bool = False  # torch.compile the trained model (inductor); minutes of compile time before step 1
-    loader_workers: int | None = None  # DataLoader processes (None: 0 for in-memory data, else by device and cores)
-    threads: int | None = None  # CPU threads for torch (None: PyTorch's default, all cores; 2 cores gave 1.5x of 1)
-    seed: int = 0
-    checkpoint_every: int = 500
-    checkpoints_keep: int = 2
-    log_every: int = 10
-    sample_steps: int = 20
-    guidance: float = 2.0
-    resume: str | None = None  # "latest" or a checkpoint folder
-    model: ModelConfig = field(default_factory=ModelConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    latent: LatentConfig = field(default_factory=LatentConfig)
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    channels_last: bool = option(False, "NHWC memory format for the trained model's convolutions (speed option)")
+    attention: Literal["auto", "sdpa", "classic"] = option(
+        "auto", "attention kernel: auto picks classic on CPU+bf16 with small maps (measured)")
+    compile: bool = option(False, "torch.compile the trained model (inductor); minutes of compile time before step 1")
+    loader_workers: int | None = option(None, "DataLoader processes (null: 0 for in-memory data, else by device and "
+                                        "cores)", minimum=0)
+    threads: int | None = option(None, "CPU threads for torch (null: PyTorch's default, all cores)", minimum=1)
+    seed: int = option(0, "random seed (data order, noise, initialisation)")
+    checkpoint_every: int = option(500, "steps between checkpoints (0: none until the end)", minimum=0)
+    checkpoints_keep: int = option(2, "checkpoints kept on disk", minimum=1)
+    log_every: int = option(10, "steps between loss logs", minimum=1)
+    sample_steps: int = option(20, "sampler steps for the grids and fidelity after training", minimum=1)
+    guidance: float = option(2.0, "classifier-free guidance scale for the grids and fidelity", minimum=0)
+    resume: str | None = option(None, "'latest' or a checkpoint folder")
+    model: ModelConfig = section(ModelConfig, "the denoising U-Net and its noise schedule")
+    text: TextConfig = section(TextConfig, "text conditioning")
+    latent: LatentConfig = section(LatentConfig, "latent diffusion")
+    autoencoder: AutoencoderConfig = section(AutoencoderConfig, "the autoencoder (train-autoencoder)")
+    eval: EvalConfig = section(EvalConfig, "evaluation after training")
+    finetune: FinetuneConfig = section(FinetuneConfig, "fine-tuning a pretrained Stable Diffusion")
 
     def save(self, path: Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, data, "config")
-
-
-SECTIONS = {"model": ModelConfig, "text": TextConfig, "latent": LatentConfig, "autoencoder": AutoencoderConfig,
-            "eval": EvalConfig, "finetune": FinetuneConfig}
-
-
-def _build(cls, data: dict[str, Any], where: str):
-    if not isinstance(data, dict):
-        raise MeddiffError(f"{where} must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise MeddiffError(f"unknown {where} key(s): {', '.join(sorted(unknown))}; known: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = SECTIONS.get(name) if cls is TrainConfig else None
-        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub and isinstance(value, dict) else value
-    return cls(**kwargs)
+        return build(cls, data)
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any],
@@ -142,11 +135,15 @@ def load_config(path: str | Path | None, overrides: dict[str, Any],
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise MeddiffError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise MeddiffError(f"config file {p} must hold a mapping of keys to values, not a {type(data).__name__}")
     given = [(k, v) for k, v in overrides.items() if v is not None] + list((settings or {}).items())
     for key, value in given:
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
         node[leaf] = value
     return TrainConfig.from_dict(data)

@@ -23,11 +23,8 @@ _set_here: dict[str, str] = {}  # the values configure_logging wrote (others are
 class StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a message is logged (redirections and test capture included)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property  # type: ignore[override]
-    def stream(self):  # noqa: D102
+    def stream(self):
         return sys.stderr
 
     @stream.setter

@@ -15,7 +15,7 @@ import torch
 
 from meddiff.errors import MeddiffError
 from meddiff.options import Options, option
-from meddiff.models.hub import load_pretrained
+from meddiff.hub import load_pretrained
 from meddiff.models.pipeline import encode_prompt
 
 DEFAULT_TEXT_ENCODER = "minilm"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from meddiff.errors import MeddiffError
-from meddiff.models.hub import load_pretrained, quiet_loading
+from meddiff.hub import load_pretrained, quiet_loading
 
 
 @dataclass

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
-from meddiff.models.hub import quiet_loading
+from meddiff.hub import quiet_loading
 from meddiff.models.pipeline import MedDiffusionPipeline
 from meddiff.models.stable_diffusion import load_stable_diffusion
 

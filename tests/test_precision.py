@@ -23,15 +23,18 @@ def probes(monkeypatch):
     return set_probes
 
 
-@pytest.mark.parametrize("device, probe, expected", [
-    ("cpu", {"cpu_bf16": True}, "bf16"),
-    ("cpu", {"cpu_bf16": False}, "no"),
-    ("cuda", {"cuda_bf16": True}, "bf16"),
-    ("cuda", {"cuda_bf16": False}, "fp16"),
-    ("cuda:1", {"cuda_bf16": False}, "fp16"),
-    ("mps", {"mps_bf16": True}, "bf16"),
-    ("mps", {"mps_bf16": False}, "no"),
-])
+@pytest.mark.parametrize(
+    "device, probe, expected",
+    [
+        ("cpu", {"cpu_bf16": True}, "bf16"),
+        ("cpu", {"cpu_bf16": False}, "no"),
+        ("cuda", {"cuda_bf16": True}, "bf16"),
+        ("cuda", {"cuda_bf16": False}, "fp16"),
+        ("cuda:1", {"cuda_bf16": False}, "fp16"),
+        ("mps", {"mps_bf16": True}, "bf16"),
+        ("mps", {"mps_bf16": False}, "no"),
+    ],
+)
 def test_auto_picks_by_device_and_support(probes, device, probe, expected):
     probes(**probe)
     assert resolve_precision("auto", device) == expected
@@ -58,12 +61,15 @@ def test_explicit_fp16_and_bf16_on_gpus(probes):
     assert resolve_precision("bf16", "mps") == "bf16"
 
 
-@pytest.mark.parametrize("name, device, probe, message", [
-    ("fp16", "cpu", {}, "fp16 needs a CUDA GPU"),
-    ("bf16", "cuda", {"cuda_bf16": False}, "does not support bf16"),
-    ("bf16", "mps", {"mps_bf16": False}, "macOS 14"),
-    ("fp8", "cpu", {}, "precision must be auto, fp32, bf16 or fp16, got 'fp8'"),
-])
+@pytest.mark.parametrize(
+    "name, device, probe, message",
+    [
+        ("fp16", "cpu", {}, "fp16 needs a CUDA GPU"),
+        ("bf16", "cuda", {"cuda_bf16": False}, "does not support bf16"),
+        ("bf16", "mps", {"mps_bf16": False}, "macOS 14"),
+        ("fp8", "cpu", {}, "precision must be auto, fp32, bf16 or fp16, got 'fp8'"),
+    ],
+)
 def test_impossible_choices_are_one_line_errors(probes, name, device, probe, message):
     probes(**probe)
     with pytest.raises(MeddiffError, match=message) as info:
@@ -87,6 +93,7 @@ def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
     def fake_cpuinfo(flags):
         def read_text(self, *a, **k):
             return f"flags\t: fpu sse2 {flags}\n" if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k)
+
         return read_text
 
     try:

@@ -53,9 +53,12 @@ def test_missing_and_unreadable_files_give_reasons(tmp_path):
     assert len(out) == 3 and all(a is None and "not a readable NIfTI" in p for a, p in out)  # one reason per slice
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a missing NIfTI volume is reported as 'not a readable NIfTI "
-                   "(FileNotFoundError ...)', so `meddiff data inspect`/report_problems count it as unreadable, not "
-                   "missing (read_nifti_slices wraps FileNotFoundError in UnreadableImage)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a missing NIfTI volume is reported as 'not a readable NIfTI "
+    "(FileNotFoundError ...)', so `meddiff data inspect`/report_problems count it as unreadable, not "
+    "missing (read_nifti_slices wraps FileNotFoundError in UnreadableImage)",
+)
 def test_a_missing_volume_is_missing_like_a_missing_image(tmp_path):
     assert decode((DecodeTask(str(tmp_path / "gone.nii.gz"), (0, 1, 2)), 8, "crop")) == [(None, "missing")] * 3
 
@@ -73,11 +76,24 @@ def test_nifti_slices_decode_once_as_16_bit(tmp_path):
 
 
 def test_tasks_group_adjacent_slices_of_one_volume():
-    items = [("a.png", None, 2), ("v.nii", 0, 2), ("v.nii", 1, 2), ("v.nii", 5, 0), ("w.nii", 2, 2),
-             ("b.png", None, 2), ("v.nii", 2, 2)]
+    items = [
+        ("a.png", None, 2),
+        ("v.nii", 0, 2),
+        ("v.nii", 1, 2),
+        ("v.nii", 5, 0),
+        ("w.nii", 2, 2),
+        ("b.png", None, 2),
+        ("v.nii", 2, 2),
+    ]
     tasks, members = tasks_for(items)
-    assert tasks == [DecodeTask("a.png"), DecodeTask("v.nii", (0, 1), 2), DecodeTask("v.nii", (5,), 0),
-                     DecodeTask("w.nii", (2,), 2), DecodeTask("b.png"), DecodeTask("v.nii", (2,), 2)]
+    assert tasks == [
+        DecodeTask("a.png"),
+        DecodeTask("v.nii", (0, 1), 2),
+        DecodeTask("v.nii", (5,), 0),
+        DecodeTask("w.nii", (2,), 2),
+        DecodeTask("b.png"),
+        DecodeTask("v.nii", (2,), 2),
+    ]
     assert members == [[0], [1, 2], [3], [4], [5], [6]]
     assert sorted(i for m in members for i in m) == list(range(len(items)))
     assert tasks_for([]) == ([], [])

@@ -5,8 +5,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meddiff.data.records import (LabelPolicy, Record, RecordTable, parse_label_subset, patient_fraction,
-                                  split_by_patient)
+from meddiff.data.records import (
+    LabelPolicy,
+    Record,
+    RecordTable,
+    parse_label_subset,
+    patient_fraction,
+    split_by_patient,
+)
 from meddiff.errors import MeddiffError
 
 NAMES = ["A", "B", "C", "D"]
@@ -22,13 +28,16 @@ def raw():
     return [record({"A": 1.0, "B": 0.0, "C": -1.0, "D": None}), record({"A": 0.0})]
 
 
-@pytest.mark.parametrize("uncertain, blank, labels, known", [
-    ("ones", "zeros", [1, 0, 1, 0], [1, 1, 1, 1]),
-    ("zeros", "zeros", [1, 0, 0, 0], [1, 1, 1, 1]),
-    ("ignore", "zeros", [1, 0, 0, 0], [1, 1, 0, 1]),
-    ("ones", "ignore", [1, 0, 1, 0], [1, 1, 1, 0]),
-    ("ignore", "ignore", [1, 0, 0, 0], [1, 1, 0, 0]),
-])
+@pytest.mark.parametrize(
+    "uncertain, blank, labels, known",
+    [
+        ("ones", "zeros", [1, 0, 1, 0], [1, 1, 1, 1]),
+        ("zeros", "zeros", [1, 0, 0, 0], [1, 1, 1, 1]),
+        ("ignore", "zeros", [1, 0, 0, 0], [1, 1, 0, 1]),
+        ("ones", "ignore", [1, 0, 1, 0], [1, 1, 1, 0]),
+        ("ignore", "ignore", [1, 0, 0, 0], [1, 1, 0, 0]),
+    ],
+)
 def test_label_policy_applies_each_rule(raw, uncertain, blank, labels, known):
     got_labels, got_known = LabelPolicy(uncertain, blank).apply(raw, NAMES)
     assert got_labels.dtype == np.float32 and got_labels.shape == (2, 4) and got_known.dtype == bool
@@ -43,8 +52,13 @@ def test_label_values_are_thresholded(raw):
     assert labels.tolist() == [[1.0, 0.0]]
 
 
-@pytest.mark.parametrize("kwargs, message", [({"uncertain": "maybe"}, "u= must be ones, zeros or ignore"),
-                                             ({"blank": "ones"}, "blank= must be zeros or ignore")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"uncertain": "maybe"}, "u= must be ones, zeros or ignore"),
+        ({"blank": "ones"}, "blank= must be zeros or ignore"),
+    ],
+)
 def test_bad_policy_is_one_line(kwargs, message):
     with pytest.raises(MeddiffError, match=message):
         LabelPolicy(**kwargs)
@@ -64,8 +78,9 @@ def test_filtered_keeps_notes_and_refuses_an_empty_result():
 def test_patient_split_is_disjoint_complete_and_stable():
     records = [record({}, patient=f"p{i // 3}") for i in range(300)]  # 100 patients, 3 images each
     table = RecordTable(records, NAMES, "src")
-    parts = {s: split_by_patient(table, s, val_fraction=0.2, test_fraction=0.1, seed=4)
-             for s in ("train", "val", "test")}
+    parts = {
+        s: split_by_patient(table, s, val_fraction=0.2, test_fraction=0.1, seed=4) for s in ("train", "val", "test")
+    }
     patients = {s: {r.patient for r in t.records} for s, t in parts.items()}
     assert sum(len(t.records) for t in parts.values()) == 300
     assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"])

@@ -11,8 +11,14 @@ from PIL import Image
 
 from meddiff.data.chexpert_format import CHEXPERT_COLUMNS
 from meddiff.data.io import read_image
-from meddiff.sampling.export import (RUN_COLUMNS, SYNTHETIC_NOTE, image_name, manifest_columns, write_image,
-                                     write_manifest)
+from meddiff.sampling.export import (
+    RUN_COLUMNS,
+    SYNTHETIC_NOTE,
+    image_name,
+    manifest_columns,
+    write_image,
+    write_manifest,
+)
 
 
 @pytest.fixture
@@ -76,8 +82,11 @@ def test_png_bit_depth_pixels_and_synthetic_text(ramp, tmp_path, fmt, bits, scal
 
 def test_image_names_sort_by_index():
     names = [image_name(i, "png") for i in (0, 9, 10, 1234567)]
-    assert names == sorted(names) == ["images/0000000.png", "images/0000009.png", "images/0000010.png",
-                                      "images/1234567.png"]
+    assert (
+        names
+        == sorted(names)
+        == ["images/0000000.png", "images/0000009.png", "images/0000010.png", "images/1234567.png"]
+    )
     assert image_name(5, "dicom").endswith(".dcm") and image_name(5, "png16").endswith(".png")
     with pytest.raises(KeyError):
         image_name(0, "jpeg")
@@ -86,8 +95,16 @@ def test_image_names_sort_by_index():
 def test_manifest_columns_and_rows(tmp_path):
     columns = manifest_columns(["Cardiomegaly", "Tumour", "Edema"])
     assert columns == [*CHEXPERT_COLUMNS, "Tumour", *RUN_COLUMNS]  # only labels CheXpert lacks are added
-    rows = [{"Path": "images/0000000.png", "Cardiomegaly": "1.0", "Tumour": "0.0", "prompt": "p", "seed": 3,
-             "not a column": "dropped"}]
+    rows = [
+        {
+            "Path": "images/0000000.png",
+            "Cardiomegaly": "1.0",
+            "Tumour": "0.0",
+            "prompt": "p",
+            "seed": 3,
+            "not a column": "dropped",
+        }
+    ]
     path = write_manifest(tmp_path / "manifest.csv", rows, ["Cardiomegaly", "Tumour"])
     with open(path, newline="") as f:
         reader = csv.DictReader(f)

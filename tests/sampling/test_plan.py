@@ -83,15 +83,18 @@ def test_fingerprint_follows_the_conditions(codec):
     assert make_plan(codec, prompt="a", n=1).fingerprint() != make_plan(codec, prompt="b", n=1).fingerprint()
 
 
-@pytest.mark.parametrize("csv_text, kwargs, message", [
-    (None, {}, "say what to generate"),
-    (None, {"prompt": "  "}, "--prompt is empty"),
-    (None, {"labels_text": "Edema,Nope"}, "unknown label 'Nope'"),
-    (None, {"labels_text": " , "}, "--labels is empty"),
-    ("Path,Site\na.png,x\n", {}, "no column matching the model's labels"),
-    ("Path,Edema\n", {}, "has no rows"),
-    ("Path,Edema\na.png,1\nb.png,2\n", {}, "line 3: label value '2' is not 1, 0, -1 or blank"),
-])
+@pytest.mark.parametrize(
+    "csv_text, kwargs, message",
+    [
+        (None, {}, "say what to generate"),
+        (None, {"prompt": "  "}, "--prompt is empty"),
+        (None, {"labels_text": "Edema,Nope"}, "unknown label 'Nope'"),
+        (None, {"labels_text": " , "}, "--labels is empty"),
+        ("Path,Site\na.png,x\n", {}, "no column matching the model's labels"),
+        ("Path,Edema\n", {}, "has no rows"),
+        ("Path,Edema\na.png,1\nb.png,2\n", {}, "line 3: label value '2' is not 1, 0, -1 or blank"),
+    ],
+)
 def test_bad_input_is_one_line(codec, tmp_path, csv_text, kwargs, message):
     if csv_text is not None:
         kwargs = {**kwargs, "conditions": write_csv(tmp_path, csv_text)}

@@ -118,6 +118,11 @@ def test_every_recipe_key_is_a_flag_of_each_training_command():
                 continue  # the command fixes it
             flag = "--" + (key.split(".", 1)[1] if home and key.startswith(home + ".") else key).replace("_", "-")
             assert flag in text, (command, key)
+    from meddiff.sampling.generate import SamplingSettings
+
+    generate = subparsers.choices["generate"].format_help()
+    for key, _, _ in walk(SamplingSettings):
+        assert "--" + key.replace("_", "-") in generate, key
 
 
 @pytest.mark.parametrize("argv, expected", [

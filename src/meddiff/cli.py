@@ -29,7 +29,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-CONFIG_COMMANDS = ("train", "finetune", "train-autoencoder")
+CONFIG_COMMANDS = ("train", "finetune", "train-autoencoder", "generate", "fidelity")  # flags from typed configs
 CONFIG_HELP = {"description": "Options come from meddiff.training.config.TrainConfig: every recipe key is a flag "
                               "(nested keys as --section.key). Defaults < --config YAML < flags."}
 # Spellings kept from earlier versions (users' scripts), beside the generated --section.key flags.
@@ -60,6 +60,25 @@ def _add_config_flags(command: str, parser: argparse.ArgumentParser) -> None:
              "train-autoencoder": {"learning_rate": str(AUTOENCODER_LEARNING_RATE)}}.get(command, {})
     add_arguments(parser, TrainConfig, home=home, skip=("method",) if home else (), aliases=ALIASES[command],
                   switches=SWITCHES[command], defaults=shown)
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """The SamplingSettings fields as flags (all of them, or `only` these)."""
+    import dataclasses
+
+    from meddiff.options import add_arguments
+    from meddiff.sampling.generate import SamplingSettings
+
+    names = [f.name for f in dataclasses.fields(SamplingSettings)]
+    add_arguments(parser, SamplingSettings, skip=[n for n in names if only is not None and n not in only],
+                  title="sampling options (meddiff.sampling.generate.SamplingSettings)")
+
+
+def _sampling_settings(args):
+    from meddiff.options import given
+    from meddiff.sampling.generate import SamplingSettings
+
+    return SamplingSettings(**given(args))
 
 
 def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.ArgumentParser:
@@ -113,19 +132,14 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     ge.add_argument("--per-condition", type=_positive_int, default=None, help="images per condition / CSV row")
     ge.add_argument("--out", required=True)
     ge.add_argument("--format", default="png", choices=("png", "png16", "dicom"))
-    ge.add_argument("--steps", type=_positive_int, default=20)
-    ge.add_argument("--guidance", type=float, default=2.0)
-    ge.add_argument("--scheduler", default="dpm++", choices=("dpm++", "ddim", "pndm", "ddpm"))
-    ge.add_argument("--negative-prompt", default=None, help="text models only")
-    ge.add_argument("--seed", type=int, default=0)
-    ge.add_argument("--batch-size", type=_positive_int, default=64)
+    if "generate" in config_flags:
+        _add_sampling_flags(ge)
     ge.add_argument("--unspecified", choices=("absent", "unknown"), default="absent",
                     help="labels not named in --labels: known absent (default) or left unspecified")
     ge.add_argument("--uncertain", choices=("ignore", "ones", "zeros"), default="ignore",
                     help="-1 values in --conditions: unspecified (default), present or absent")
     ge.add_argument("--shard", default=None, help="K/N: this process makes every N-th image starting at K")
     ge.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)")
-    ge.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     ge.add_argument("--animate", action="store_true", help="also write a denoising GIF per image (animations/)")
 
     fi = sub.add_parser("fidelity", help="label fidelity of a trained model against real data")
@@ -134,10 +148,8 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     fi.add_argument("--out", required=True)
     fi.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)")
     fi.add_argument("--n", type=_positive_int, default=512)
-    fi.add_argument("--steps", type=_positive_int, default=20)
-    fi.add_argument("--guidance", type=float, default=2.0)
-    fi.add_argument("--scheduler", default="dpm++", choices=("dpm++", "ddim", "pndm", "ddpm"))
-    fi.add_argument("--seed", type=int, default=0)
+    if "fidelity" in config_flags:
+        _add_sampling_flags(fi, only=("steps", "guidance", "scheduler", "seed"))
     fi.add_argument("--prompt", action="append", default=None,
                     help="text models: a prompt for the prompt-response table (repeatable; default: each finding, "
                          "three two-finding prompts and the normal prompt)")
@@ -316,7 +328,6 @@ def cmd_generate(args) -> None:
     from meddiff.conditioning.labels import LabelCodec
     from meddiff.devices import launch_rank, run_device
     from meddiff.models.storage import load_pipeline
-    from meddiff.sampling.generate import SamplingSettings
     from meddiff.sampling.plan import make_plan
     from meddiff.sampling.synthesize import generate_dataset, parse_shard
 
@@ -332,14 +343,12 @@ def cmd_generate(args) -> None:
         raise MeddiffError("this model is unconditional; use --unconditional")
     if args.prompt is not None and not pipe.supports_prompts:
         raise MeddiffError("this model is not text-conditioned; use --labels (or --unconditional)")
-    if args.negative_prompt and not pipe.supports_prompts:
+    settings = _sampling_settings(args)
+    if settings.negative_prompt and not pipe.supports_prompts:
         raise MeddiffError("--negative-prompt needs a text-conditioned model")
     plan = make_plan(codec, labels_text=args.labels, unconditional=args.unconditional, conditions=args.conditions,
                      n=args.n, per_condition=args.per_condition, unspecified=args.unspecified,
                      uncertain=args.uncertain, prompt=args.prompt)
-    settings = SamplingSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                                batch_size=args.batch_size, precision=args.precision,
-                                negative_prompt=args.negative_prompt)
     result = generate_dataset(pipe, args.model, plan, settings, Path(args.out), args.format, shard,
                               animate=args.animate)
     counts = ", ".join(f"{k}={v}" for k, v in sorted(result.per_condition.items(), key=lambda kv: -kv[1])[:12])
@@ -354,7 +363,6 @@ def cmd_fidelity(args) -> None:
     from meddiff.devices import run_device
     from meddiff.evaluation.fidelity import label_fidelity
     from meddiff.models.storage import load_pipeline
-    from meddiff.sampling.generate import SamplingSettings
 
     if _other_launch_process("fidelity"):
         return
@@ -366,8 +374,8 @@ def cmd_fidelity(args) -> None:
     train, heldout = load_dataset(spec, resolution), load_dataset(spec.heldout(), resolution)
     if train.label_names != pipe.label_names:
         raise MeddiffError(f"the model's labels {pipe.label_names} differ from the data's {train.label_names}")
-    settings = SamplingSettings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed)
-    result = label_fidelity(pipe, train, heldout, args.n, settings, seed=args.seed)
+    settings = _sampling_settings(args)
+    result = label_fidelity(pipe, train, heldout, args.n, settings, seed=settings.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(result.table())

@@ -216,7 +216,8 @@ def _default_text(f: dataclasses.Field) -> str:
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, home: str = "", skip: typing.Collection[str] = (),
                   aliases: typing.Mapping[str, typing.Sequence[str]] | None = None,
                   switches: typing.Mapping[str, tuple[str, Any, str]] | None = None,
-                  defaults: typing.Mapping[str, str] | None = None) -> list[Flag]:
+                  defaults: typing.Mapping[str, str] | None = None, title: str = "options (recipe top level)",
+                  ) -> list[Flag]:
     """A flag per option of `cls`, grouped by section. Top-level options get `--name`; options of the `home`
     section get `--name` too (they win a clash with a top-level name); every nested option has `--section.name`.
     `aliases` adds extra option strings per dotted key (kept spellings); `switches` adds flags that set a key to a
@@ -238,8 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, home: str = "",
             names.insert(0, f"--{name.replace('_', '-')}")
         names += [a for a in aliases.get(key, ()) if a not in names]
         if parent not in groups:
-            title = f"{parent} options (recipe section `{parent}:`)" if parent else "options (recipe top level)"
-            groups[parent] = parser.add_argument_group(title)
+            text = f"{parent} options (recipe section `{parent}:`)" if parent else title
+            groups[parent] = parser.add_argument_group(text)
         default = defaults.get(key, _default_text(f))
         text = f"{f.metadata.get('help', '')} [{describe(hint)}; default {default}]".replace("%", "%%")
         inner, _ = _optional(hint)

@@ -6,6 +6,7 @@ comes out whatever the batch size or however the work is split across processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from meddiff.data.prompts import prompt_from_labels
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import choose_attention, make_sampler, set_attention
 from meddiff.models.pipeline import MedDiffusionPipeline
+from meddiff.options import Options, option
 from meddiff.precision import autocast, resolve_precision
 
 
@@ -26,14 +28,19 @@ def image_seed(base_seed: int, index: int) -> int:
 
 
 @dataclass
-class SamplingSettings:
-    steps: int = 20
-    guidance: float = 2.0
-    scheduler: str = "dpm++"
-    seed: int = 0
-    batch_size: int = 64
-    precision: str = "auto"
-    negative_prompt: str | None = None  # text models: what guidance steers away from (default: the empty prompt)
+class SamplingSettings(Options):
+    """How images are drawn (generate, fidelity, serve, the grids after training); flags of `meddiff generate`."""
+
+    steps: int = option(20, "denoising steps", minimum=1)
+    guidance: float = option(2.0, "classifier-free guidance scale (1: conditional only; > 1 doubles the network "
+                             "evaluations)", minimum=0)
+    scheduler: Literal["dpm++", "ddim", "pndm", "ddpm"] = option("dpm++", "sampler")
+    seed: int = option(0, "base seed; image i gets its own seed from (seed, i), whatever the batch or shard")
+    batch_size: int = option(64, "images per network batch", minimum=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "auto: bf16/fp16 on GPUs where supported, "
+                                                                "else fp32")
+    negative_prompt: str | None = option(None, "text models: what guidance steers away from (default: the empty "
+                                         "prompt)")
 
 
 def prompts_for_labels(labels: torch.Tensor, known: torch.Tensor, names: list[str]) -> list[str]:

@@ -29,7 +29,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-CONFIG_COMMANDS = ("train", "finetune", "train-autoencoder", "generate", "fidelity")  # flags from typed configs
+CONFIG_COMMANDS = ("train", "finetune", "train-autoencoder", "generate", "fidelity", "serve")  # flags from typed configs
 CONFIG_HELP = {"description": "Options come from meddiff.training.config.TrainConfig: every recipe key is a flag "
                               "(nested keys as --section.key). Defaults < --config YAML < flags."}
 # Spellings kept from earlier versions (users' scripts), beside the generated --section.key flags.
@@ -72,6 +72,13 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] |
     names = [f.name for f in dataclasses.fields(SamplingSettings)]
     add_arguments(parser, SamplingSettings, skip=[n for n in names if only is not None and n not in only],
                   title="sampling options (meddiff.sampling.generate.SamplingSettings)")
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    from meddiff.options import add_arguments
+    from meddiff.serve.service import ServeLimits
+
+    add_arguments(parser, ServeLimits, title="request limits (meddiff.serve.service.ServeLimits)")
 
 
 def _sampling_settings(args):
@@ -200,11 +207,8 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     se.add_argument("--model", required=True, help="run directory (or its pipeline/ folder)")
     se.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     se.add_argument("--port", type=_positive_int, default=None, help="port (default: 7860 or the next free one)")
-    se.add_argument("--max-images", type=_positive_int, default=8, help="images per request (default 8)")
-    se.add_argument("--max-steps", type=_positive_int, default=50, help="denoising steps per request (default 50)")
-    se.add_argument("--max-prompt-chars", type=_positive_int, default=300, help="prompt length (default 300)")
-    se.add_argument("--max-guidance", type=_positive_float, default=20.0, help="guidance scale bound (default 20)")
-    se.add_argument("--queue-size", type=_positive_int, default=16, help="requests that may wait (default 16)")
+    if "serve" in config_flags:
+        _add_serve_flags(se)
     se.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)")
     return p
 
@@ -448,11 +452,11 @@ def cmd_env(args) -> None:
 
 def cmd_serve(args) -> None:
     from meddiff.serve.app import require_gradio, serve
+    from meddiff.options import given
     from meddiff.serve.service import ServeLimits
 
     require_gradio()  # before loading the model: a missing extra fails in a second
-    limits = ServeLimits(max_images=args.max_images, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
-                         max_guidance=args.max_guidance, queue_size=args.queue_size)
+    limits = ServeLimits(**given(args))
     serve(args.model, args.host, args.port, limits, args.device)
 
 

@@ -54,7 +54,7 @@ class Options:
             hint = hints(type(self))[f.name]
             if is_section(hint):
                 continue
-            setattr(self, f.name, check(f.name, getattr(self, f.name), hint, f.metadata))
+            object.__setattr__(self, f.name, check(f.name, getattr(self, f.name), hint, f.metadata))  # frozen too
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]

@@ -132,7 +132,7 @@ def test_same_seed_same_images(labels_service):
 
 
 def test_bad_limits_and_missing_model(tmp_path):
-    with pytest.raises(MeddiffError, match="--max-images"):
+    with pytest.raises(MeddiffError, match="max_images. = 0 is below the minimum 1"):
         ServeLimits(max_images=0)
     with pytest.raises(MeddiffError, match="does not exist"):
         ModelService(tmp_path / "nope")

@@ -22,6 +22,7 @@ from meddiff.conditioning.labels import LabelCodec
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import SAMPLERS
 from meddiff.models.storage import load_pipeline, resolve_model_dir
+from meddiff.options import Options, option
 from meddiff.sampling.export import SYNTHETIC_NOTE
 from meddiff.sampling.generate import SamplingSettings
 from meddiff.sampling.plan import GenerationPlan
@@ -38,22 +39,16 @@ class RequestError(MeddiffError):
 
 
 @dataclass(frozen=True)
-class ServeLimits:
-    """Bounds on one request, set when the server starts (`meddiff serve --max-images ...`)."""
+class ServeLimits(Options):
+    """Bounds on one request, set when the server starts (flags of `meddiff serve`)."""
 
-    max_images: int = 8
-    max_steps: int = 50
-    max_prompt_chars: int = 300
-    max_guidance: float = 20.0
-    queue_size: int = 16  # requests that may wait behind the running one; more are turned away with a message
-    keep_results: int = 32  # finished requests kept on disk for download; older ones are deleted
-
-    def __post_init__(self):
-        for name in ("max_images", "max_steps", "max_prompt_chars", "queue_size", "keep_results"):
-            if int(getattr(self, name)) < 1:
-                raise MeddiffError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.max_guidance > 0:
-            raise MeddiffError("--max-guidance must be positive")
+    max_images: int = option(8, "images per request", minimum=1)
+    max_steps: int = option(50, "denoising steps per request", minimum=1)
+    max_prompt_chars: int = option(300, "prompt length in characters", minimum=1)
+    max_guidance: float = option(20.0, "upper bound of the guidance scale", above=0)
+    queue_size: int = option(16, "requests that may wait behind the running one; more are turned away with a "
+                             "message", minimum=1)
+    keep_results: int = option(32, "finished requests kept on disk for download; older ones are deleted", minimum=1)
 
 
 @dataclass

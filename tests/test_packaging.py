@@ -64,11 +64,13 @@ def test_installed_versions_meet_the_declared_floors():
 
 def test_floors_cover_the_apis_the_code_calls():
     """Floors a call needs (the first release with it, the release before it)."""
-    needs = {"torch": ("2.6", "2.5.1"),  # torch.accelerator
-             "pydicom": ("3.0", "2.4.4"),  # pydicom.pixels, dcmwrite(enforce_file_format=...)
-             "peft": ("0.17", "0.16.0"),  # diffusers' PEFT backend (LoRA)
-             "huggingface-hub": ("0.21", "0.20.3"),  # ModelCardData(base_model=...)
-             "pillow": ("9.1", "9.0.1")}  # Image.Resampling
+    needs = {
+        "torch": ("2.6", "2.5.1"),  # torch.accelerator
+        "pydicom": ("3.0", "2.4.4"),  # pydicom.pixels, dcmwrite(enforce_file_format=...)
+        "peft": ("0.17", "0.16.0"),  # diffusers' PEFT backend (LoRA)
+        "huggingface-hub": ("0.21", "0.20.3"),  # ModelCardData(base_model=...)
+        "pillow": ("9.1", "9.0.1"),  # Image.Resampling
+    }
     deps = declared()
     for name, (first, before) in needs.items():
         assert deps[name].specifier.contains(first) and not deps[name].specifier.contains(before), name

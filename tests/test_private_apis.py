@@ -54,23 +54,28 @@ def private_uses(path: Path) -> list[tuple[str, int, str]]:
 def test_private_third_party_apis_are_used_in_one_wrapped_place_only():
     found = [use for path in sorted(SRC.rglob("*.py")) for use in private_uses(path)]
     unexpected = [use for use in found if (use[0], use[2]) not in ALLOWED]
-    assert not unexpected, f"private APIs of other libraries (use a public one, or wrap it like " \
-                           f"meddiff.precision.reset_accelerate_state): {unexpected}"
+    assert not unexpected, (
+        f"private APIs of other libraries (use a public one, or wrap it like "
+        f"meddiff.precision.reset_accelerate_state): {unexpected}"
+    )
     assert {(name, attr) for name, _, attr in found} == ALLOWED  # an allowance no longer needed is removed
 
 
 def test_the_scan_finds_a_private_use(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("import torch\nfrom accelerate.state import AcceleratorState\nfrom torch._dynamo import config\n"
-                      "torch._C._foo()\nAcceleratorState._reset_state()\nimport argparse\nargparse._ArgumentGroup\n")
+    sample.write_text(
+        "import torch\nfrom accelerate.state import AcceleratorState\nfrom torch._dynamo import config\n"
+        "torch._C._foo()\nAcceleratorState._reset_state()\nimport argparse\nargparse._ArgumentGroup\n"
+    )
     assert {use[2] for use in private_uses(sample)} == {"torch._dynamo", "_C", "_foo", "_reset_state"}
 
 
 def test_accelerate_still_has_the_private_reset_meddiff_relies_on():
     from accelerate.state import AcceleratorState
 
-    assert callable(getattr(AcceleratorState, "_reset_state", None)), \
+    assert callable(getattr(AcceleratorState, "_reset_state", None)), (
         "accelerate removed AcceleratorState._reset_state: update meddiff.precision.reset_accelerate_state"
+    )
 
 
 def test_a_second_accelerator_may_use_another_precision_after_the_reset():

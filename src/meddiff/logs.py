@@ -13,8 +13,21 @@ import os
 import sys
 
 #: Loggers of the libraries meddiff builds on; at the default verbosity they show warnings and errors only.
-THIRD_PARTY = ("accelerate", "diffusers", "transformers", "huggingface_hub", "peft", "torch", "PIL", "matplotlib",
-               "urllib3", "httpx", "gradio", "monai", "radiomics")
+THIRD_PARTY = (
+    "accelerate",
+    "diffusers",
+    "transformers",
+    "huggingface_hub",
+    "peft",
+    "torch",
+    "PIL",
+    "matplotlib",
+    "urllib3",
+    "httpx",
+    "gradio",
+    "monai",
+    "radiomics",
+)
 #: diffusers and transformers set their own level when first imported unless these (documented) variables say.
 _LIBRARY_VERBOSITY_VARIABLES = ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY")
 _set_here: dict[str, str] = {}  # the values configure_logging wrote (others are a user's)
@@ -23,7 +36,7 @@ _set_here: dict[str, str] = {}  # the values configure_logging wrote (others are
 class StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a message is logged (redirections and test capture included)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):
         return sys.stderr
 

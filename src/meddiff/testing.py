@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +32,8 @@ def write_clip_tokenizer(folder: str | Path, max_length: int = 77):
         vocab.setdefault(merge.replace(" ", ""), len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=max_length)
+    pairs = [tuple(m.split()) for m in merges]  # the tokenizers backend takes pairs (the annotation says str)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=max_length)  # type: ignore[arg-type]
     tokenizer.save_pretrained(folder)
     return tokenizer
 
@@ -55,11 +57,24 @@ def save_stable_diffusion(out_dir: str | Path, *, unet, vae, text_encoder, token
     a plain diffusers StableDiffusionPipeline folder."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    pipe: Any = StableDiffusionPipeline(  # diffusers' lazy imports hide its methods from mypy
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(Path(out_dir), safe_serialization=True)
     return Path(out_dir)
 
@@ -73,20 +88,46 @@ def build_tiny_stable_diffusion(out_dir: str | Path, image_size: int = 32, seed:
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(out_dir / "_tokenizer_build", max_length=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
-                                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.pad_token_id))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        layers_per_block=1, norm_num_groups=8, sample_size=image_size, scaling_factor=0.18215)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae: Any = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=image_size,
+        scaling_factor=0.18215,
+    )
     with torch.no_grad():  # like a trained VAE: a sharp posterior (std ~ 0.01), so latents carry the image
         vae.quant_conv.weight[4:] = 0
         vae.quant_conv.bias[4:] = -9.0
-    unet = UNet2DConditionModel(sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
     save_stable_diffusion(out_dir, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     shutil.rmtree(out_dir / "_tokenizer_build", ignore_errors=True)
     return out_dir

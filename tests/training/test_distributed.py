@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from meddiff.data.spec import load_dataset
 from meddiff.models.factory import ModelConfig
-from meddiff.testing import build_tiny_stable_diffusion
 from meddiff.models.storage import load_pipeline
+from meddiff.testing import build_tiny_stable_diffusion
 from meddiff.training.config import TrainConfig, load_config
 from meddiff.training.loop import batch_indices, rank_batch_indices, train
 

@@ -15,8 +15,8 @@ from meddiff.data.spec import load_dataset
 from meddiff.errors import MeddiffError
 from meddiff.models.pipeline import encode_prompt
 from meddiff.models.stable_diffusion import load_stable_diffusion, to_rgb
-from meddiff.testing import build_tiny_stable_diffusion
 from meddiff.models.storage import load_pipeline
+from meddiff.testing import build_tiny_stable_diffusion
 from meddiff.training.config import FinetuneConfig, TrainConfig
 from meddiff.training.loop import train
 

@@ -7,6 +7,7 @@ autoencoder's measured scaling factor. The loader reads latents, never the image
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from meddiff.errors import MeddiffError

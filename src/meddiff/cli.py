@@ -92,6 +92,11 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     """The whole command line. `config_flags`: the commands whose config flags are built (building them imports
     torch; `main` builds only the one asked for, so `meddiff env --check` works with a broken torch)."""
     p = argparse.ArgumentParser(prog="meddiff", description="Medical image synthesis with diffusion models.")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0,
+                      help="more messages (-vv: third-party libraries' too)")
+    loud.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                      help="only warnings and errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make or inspect datasets")

@@ -228,7 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, home: str = "",
     options = [(k, f, h) for k, f, h in walk(cls) if k not in skip]
     options.sort(key=lambda o: not (home and o[0].startswith(home + ".")))  # the command's own section first
     short_taken = {k.split(".", 1)[1] for k, _, _ in options if home and k.startswith(home + ".")}
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups: dict[str, Any] = {}  # section -> argument group
     flags = []
     for key, f, hint in options:
         parent, _, name = key.rpartition(".")

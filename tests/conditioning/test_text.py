@@ -28,8 +28,33 @@ def test_prompt_cache_matches_direct_encoding(minilm):
     tokenizer, encoder = minilm
     cache = PromptCache(tokenizer, encoder)
     prompts = ["chest x-ray with edema", "", "chest x-ray with edema"]
-    assert torch.allclose(cache(prompts), encode_prompt(tokenizer, encoder, prompts), atol=1e-6)
-    assert len(cache._cache) == 2
+    encoded = []
+
+    def count(module, args, kwargs, output):  # the batch size of each encoder pass
+        encoded.append(len(args[0]) if args else len(kwargs["input_ids"]))
+
+    hook = encoder.register_forward_hook(count, with_kwargs=True)
+    try:
+        first = cache(prompts)
+        assert encoded == [2]  # one encoder pass over the two distinct prompts
+        assert len(cache) == 2 and (cache.misses, cache.hits) == (2, 1)
+        assert torch.equal(cache(["", "chest x-ray with edema"]), first[[1, 0]])  # served from the cache
+        assert encoded == [2] and (cache.misses, cache.hits) == (2, 3)
+    finally:
+        hook.remove()
+    assert torch.allclose(first, encode_prompt(tokenizer, encoder, prompts), atol=1e-6)
+
+
+def test_prompt_cache_drops_the_least_recently_used_beyond_its_budget(minilm):
+    tokenizer, encoder = minilm
+    one = 16 * 384 * 4  # bytes of one prompt's features (16 tokens x 384 floats)
+    cache = PromptCache(tokenizer, encoder, max_bytes=2 * one)
+    cache(["a", "b"])
+    cache(["a"])  # a is now the most recently used
+    cache(["c"])
+    assert list(cache._cache) == ["a", "c"] and cache._bytes == 2 * one
+    assert torch.allclose(cache(["b"]), encode_prompt(tokenizer, encoder, ["b"]), atol=1e-6)  # recomputed
+    assert cache.misses == 4
 
 
 def test_unreachable_hub_id_and_missing_folder_fail_in_one_line(tmp_path):

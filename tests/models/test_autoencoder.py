@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -117,4 +118,27 @@ def test_vq_reconstruction_report_counts_codes(tmp_path, data):
     report = autoencoder_report(vae, data, tmp_path, {"steps": 0})
     assert report["kind"] == "vq" and report["codebook_size"] == 32
     assert 1 <= report["codebook_used"] <= 32 and 1.0 <= report["perplexity"] <= report["codebook_used"] + 1e-6
-    assert (tmp_path / "reconstructions.png").is_file() and "codebook_used" in (tmp_path / "metrics.json").read_text()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["codebook_used"] == report["codebook_used"] and saved["training"] == {"steps": 0}
+    # the grid: originals above reconstructions above |difference| x 4, one column per shown image
+    from PIL import Image
+
+    from meddiff.evaluation.autoencoder_report import reconstruct, showcase_indices
+
+    show = showcase_indices(data)
+    r, up = 32, 3  # 96 // 32
+    with Image.open(tmp_path / "reconstructions.png") as im:
+        grid = np.asarray(im, dtype=np.float32) / 255
+    assert grid.shape == ((3 * (r + 2) + 2) * up, (len(show) * (r + 2) + 2) * up)
+    recon, _ = reconstruct(vae, data.images[show])
+
+    def cell(row, col):  # one image of the grid at its original size (every `up`-th pixel)
+        top, left = (2 + row * (r + 2)) * up, (2 + col * (r + 2)) * up
+        return grid[top : top + r * up : up, left : left + r * up : up]
+
+    originals = (data.images[show, 0].numpy() + 1) / 2
+    for col in (0, len(show) - 1):
+        np.testing.assert_allclose(cell(0, col), originals[col], atol=1 / 255 + 1e-6)
+        np.testing.assert_allclose(cell(1, col), recon[col], atol=1 / 255 + 1e-6)
+        np.testing.assert_allclose(cell(2, col), np.clip(np.abs(originals[col] - recon[col]) * 4, 0, 1),
+                                   atol=2 / 255)

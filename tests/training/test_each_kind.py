@@ -1,10 +1,13 @@
 """Training runs a few steps on every dataset kind."""
 
+import math
+
 import numpy as np
 import pytest
 
 from meddiff.data.spec import load_dataset
 from meddiff.models.factory import ModelConfig
+from meddiff.models.storage import load_pipeline
 from meddiff.training.config import TrainConfig
 from meddiff.training.loop import train
 from tests.data.fixtures import chexpert_small, class_folders, dicom_file, mimic_jpg
@@ -48,3 +51,9 @@ def test_training_runs_on_every_kind(specs, kind, tmp_path):
                       model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1))
     result = train(cfg, data, progress=False)
     assert result.steps == 2 and (tmp_path / "pipeline" / "model_index.json").is_file()
+    # the saved model is conditioned on this kind's labels, at this size, with a finite loss
+    assert data.label_names and result.loss_history and all(math.isfinite(h[1]) for h in result.loss_history)
+    pipe = load_pipeline(tmp_path)
+    assert pipe.label_names == data.label_names
+    assert pipe.unet.config.sample_size == 32 and pipe.unet.config.in_channels == 1
+    assert pipe.unet.class_embedding.linear_1.in_features == 2 * len(data.label_names)

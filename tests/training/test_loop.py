@@ -70,10 +70,66 @@ def test_config_yaml_and_overrides(tmp_path):
         load_config(path, {})
 
 
-def test_v_prediction_trains(tmp_path, data):
-    result = train(cfg(tmp_path, max_steps=3, model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1,
-                                                                  prediction_type="v_prediction")), data, progress=False)
+V_MODEL = ModelConfig(block_out_channels=[16, 32], layers_per_block=1, prediction_type="v_prediction")
+
+
+def test_v_prediction_trains_and_saves_a_v_prediction_model(tmp_path, data):
+    import json
+
+    from meddiff.models.factory import make_sampler
+    from meddiff.models.storage import load_pipeline
+
+    result = train(cfg(tmp_path, max_steps=3, model=V_MODEL), data, progress=False)
     assert result.steps == 3
+    saved = json.loads((tmp_path / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+    pipe = load_pipeline(tmp_path)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    for name in ("dpm++", "ddim", "ddpm"):  # every sampler built from the saved config keeps it
+        assert make_sampler(name, pipe.scheduler.config).config.prediction_type == "v_prediction", name
+
+
+class RecordingUNet(torch.nn.Module):
+    """Stands in for the U-Net: remembers (x_t, t) and answers `answer(x_t, t)`."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # a parameter, for the device lookup
+        self.answer, self.seen = answer, []
+
+    def forward(self, xt, t, **kwargs):
+        from types import SimpleNamespace
+
+        self.seen.append((xt.clone(), t.clone()))
+        return SimpleNamespace(sample=self.answer(xt, t))
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+def test_the_loss_target_is_v_or_the_noise(data, prediction):
+    """The target for a fixed batch, computed by hand from the same generator draws: v = sqrt(a_t) eps -
+    sqrt(1 - a_t) x0 for v-prediction, eps for epsilon; x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
+    from meddiff.training.methods.diffusion import PixelDiffusion
+
+    model = ModelConfig(block_out_channels=[16, 32], layers_per_block=1, prediction_type=prediction)
+    method = PixelDiffusion(cfg("unused", model=model, conditioning="none", snr_gamma=None), data)
+    x0 = data.images[:4].float()
+    g = torch.Generator().manual_seed(11)
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, method.noise_scheduler.config.num_train_timesteps, (4,), generator=g)
+    a = method.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0
+    target = v if prediction == "v_prediction" else eps
+
+    unet = RecordingUNet(lambda xt, t: torch.zeros_like(xt))
+    loss = method.denoising_loss(unet, x0, {}, torch.Generator().manual_seed(11))
+    xt, t_seen = unet.seen[0]
+    assert torch.equal(t_seen, t)
+    torch.testing.assert_close(xt, a.sqrt() * x0 + (1 - a).sqrt() * eps)
+    torch.testing.assert_close(loss, target.pow(2).mean(dim=(1, 2, 3)))  # a zero prediction scores |target|^2
+    other = eps if prediction == "v_prediction" else v
+    assert not torch.allclose(loss, other.pow(2).mean(dim=(1, 2, 3)), rtol=1e-2)
+    exact = RecordingUNet(lambda xt, t_: target.clone())  # predicting the hand-computed target costs nothing
+    assert method.denoising_loss(exact, x0, {}, torch.Generator().manual_seed(11)).abs().max() < 1e-10
 
 
 def test_channels_last_trains_the_same_model_and_exports_plain_weights(tmp_path, data):

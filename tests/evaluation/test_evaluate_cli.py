@@ -1,9 +1,12 @@
 import json
 import re
 
+import pytest
+
 from meddiff.cli import main
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_evaluate_writes_metrics_and_a_self_contained_report(tmp_path, tiny_run, phantom_dir, capsys):
     gen = tmp_path / "gen"
     assert main(["generate", "--model", str(tiny_run), "--conditions", str(phantom_dir / "valid.csv"), "--n", "24",

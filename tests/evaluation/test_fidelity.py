@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from meddiff.data.spec import load_dataset
 from meddiff.evaluation.classifier import per_label_auc, predict, train_classifier
@@ -50,6 +51,7 @@ def test_prompt_response_sets_prompts_beside_real_images():
     assert len(table) == 4 and "n=10" in table[2]
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_text_model_report_has_prompt_response_with_real_reference(tmp_path):
     import json
 

@@ -45,6 +45,7 @@ def test_inception_features_from_a_local_torchscript_file(standin, tmp_path):
         InceptionFeatures(tmp_path / "junk.pt")
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_evaluate_with_inception_features(standin, tmp_path, tiny_run, phantom_dir):
     gen = tmp_path / "gen"
     assert main(["generate", "--model", str(tiny_run), "--conditions", str(phantom_dir / "valid.csv"), "--n", "16",

@@ -77,6 +77,7 @@ def test_unknown_xrv_weights_name_is_one_line(fake_xrv):
     assert "\n" not in str(err.value) and "--feature-weights PATH" in str(err.value)
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_evaluate_with_xrv_features(fake_xrv, tmp_path, tiny_run, phantom_dir):
     import json
 

@@ -103,6 +103,7 @@ def test_vq_training_logs_codebook_health_and_resumes_exactly(tmp_path, data):
     assert vae.config.scaling_factor != 1.0 and vae.config.in_channels == 1
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_kl_autoencoder_learns_to_reconstruct(tmp_path, data):
     cfg = _ae_config(tmp_path, max_steps=40, learning_rate=2e-3,
                      autoencoder=AutoencoderConfig(kind="kl", downsample=4, **TINY))

@@ -3,11 +3,13 @@ prompt and --animate (one GIF per image, noise to image, latent beside it)."""
 
 import json
 
+import pytest
 from PIL import Image
 
 from meddiff.cli import main
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_latent_workflow_on_the_command_line(phantom_dir, tmp_path, capsys):
     ae, ld, gen = tmp_path / "ae", tmp_path / "ld", tmp_path / "gen"
     assert main(["train-autoencoder", "--data", f"phantom:{phantom_dir}", "--kind", "kl", "--resolution", "32",

@@ -169,6 +169,7 @@ def test_cli_generate_conditions_and_summary(tiny_run, conditions_csv, tmp_path,
     assert "not text-conditioned" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_multi_process_launch_shards_by_rank(tiny_run, tmp_path):
     """torchrun / accelerate launch set WORLD_SIZE and RANK: each process takes its shard, one manifest results."""
     import subprocess

@@ -1,0 +1,45 @@
+"""meddiff.training.checkpoint: which checkpoint folders count, and --resume's one-line errors (saving and loading
+through accelerate are exercised by the resume tests in test_loop.py)."""
+
+import json
+
+import pytest
+
+from meddiff.errors import MeddiffError
+from meddiff.training.checkpoint import CHECKPOINTS, checkpoint_dirs, find_checkpoint
+
+
+def make(run, step, complete=True):
+    folder = run / CHECKPOINTS / f"step-{step:07d}"
+    folder.mkdir(parents=True)
+    if complete:
+        (folder / "state.json").write_text(json.dumps({"step": step}))
+    return folder
+
+
+def test_only_complete_checkpoints_count_in_step_order(tmp_path):
+    assert checkpoint_dirs(tmp_path) == []
+    for step in (10, 2, 100):
+        make(tmp_path, step)
+    make(tmp_path, 200, complete=False)  # interrupted while saving: no state.json
+    (tmp_path / CHECKPOINTS / ".tmp-step-0000300").mkdir()  # a save in progress
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-0000002", "step-0000010", "step-0000100"]
+
+
+def test_resume_latest_and_an_explicit_folder(tmp_path):
+    make(tmp_path, 4)
+    latest = make(tmp_path, 8)
+    make(tmp_path, 12, complete=False)
+    assert find_checkpoint(tmp_path, "latest") == latest
+    assert find_checkpoint(tmp_path, str(tmp_path / CHECKPOINTS / "step-0000004")).name == "step-0000004"
+
+
+def test_resume_errors_are_one_line(tmp_path):
+    with pytest.raises(MeddiffError, match="--resume latest: no checkpoint in") as info:
+        find_checkpoint(tmp_path, "latest")
+    assert "\n" not in str(info.value)
+    incomplete = make(tmp_path, 12, complete=False)
+    with pytest.raises(MeddiffError, match="not a meddiff checkpoint folder \\(no state.json\\)"):
+        find_checkpoint(tmp_path, str(incomplete))
+    with pytest.raises(MeddiffError, match="not a meddiff checkpoint folder"):
+        find_checkpoint(tmp_path, str(tmp_path / "nowhere"))

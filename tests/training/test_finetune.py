@@ -37,13 +37,33 @@ def data():
 
 
 def _config(base, out, method, steps=30, **ft):
-    extra = {"instance_prompt": INSTANCE, "class_prompt": "chest x-ray", "num_class_images": 4} \
-        if method == "dreambooth" else {}
-    return TrainConfig(data=DATA, out=str(out), method="finetune", resolution=32, batch_size=8, max_steps=steps,
-                       checkpoint_every=0, lr_warmup_steps=1, learning_rate=LR[method], cond_dropout=0.0,
-                       precision="fp32", ema=False, snr_gamma=None,
-                       finetune=FinetuneConfig(pretrained=str(base), method=method, validation_images=1,
-                                               validation_prompts=["chest x-ray with edema"], **{**extra, **ft}))
+    extra = (
+        {"instance_prompt": INSTANCE, "class_prompt": "chest x-ray", "num_class_images": 4}
+        if method == "dreambooth"
+        else {}
+    )
+    return TrainConfig(
+        data=DATA,
+        out=str(out),
+        method="finetune",
+        resolution=32,
+        batch_size=8,
+        max_steps=steps,
+        checkpoint_every=0,
+        lr_warmup_steps=1,
+        learning_rate=LR[method],
+        cond_dropout=0.0,
+        precision="fp32",
+        ema=False,
+        snr_gamma=None,
+        finetune=FinetuneConfig(
+            pretrained=str(base),
+            method=method,
+            validation_images=1,
+            validation_prompts=["chest x-ray with edema"],
+            **{**extra, **ft},
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +146,7 @@ def test_textual_inversion_learns_only_its_rows(runs, base):
     old = parts.text_encoder.get_input_embeddings().weight
     new = tuned.text_encoder.get_input_embeddings().weight
     assert new.shape[0] == old.shape[0] + 1
-    assert torch.equal(new[:old.shape[0]], old)  # every existing row unchanged
+    assert torch.equal(new[: old.shape[0]], old)  # every existing row unchanged
     init = parts.tokenizer.encode("chest", add_special_tokens=False)[0]
     assert not torch.allclose(new[-1], old[init])  # the new token moved away from its initializer
     saved = load_file(str(runs["textual-inversion"] / "textual_inversion" / "learned_embeds.safetensors"))
@@ -149,27 +169,32 @@ def _sd_sample(pipe, prompt):
 
 def test_exports_reload_with_plain_diffusers(runs, base):
     for method in ("unet", "unet+text", "text", "dreambooth"):
-        sd = StableDiffusionPipeline.from_pretrained(runs[method] / "pipeline", safety_checker=None,
-                                                     feature_extractor=None, requires_safety_checker=False)
+        sd = StableDiffusionPipeline.from_pretrained(
+            runs[method] / "pipeline", safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
         images = _sd_sample(sd, "chest x-ray with edema")
         assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
     sd = StableDiffusionPipeline.from_pretrained(base)
     sd.load_lora_weights(str(runs["lora"] / "lora"))
     assert _sd_sample(sd, "chest x-ray").shape == (1, 32, 32, 3)
     sd = StableDiffusionPipeline.from_pretrained(base)
-    sd.load_textual_inversion(str(runs["textual-inversion"] / "textual_inversion" / "learned_embeds.safetensors"),
-                              token="<lung-xray>")
+    sd.load_textual_inversion(
+        str(runs["textual-inversion"] / "textual_inversion" / "learned_embeds.safetensors"), token="<lung-xray>"
+    )
     assert _sd_sample(sd, "<lung-xray> chest x-ray").shape == (1, 32, 32, 3)
     for method in runs:  # and meddiff's own loader gives 1-channel images
-        assert load_pipeline(runs[method])(prompt=["chest x-ray"], num_inference_steps=2,
-                                           output_type="pt").images.shape == (1, 1, 32, 32)
+        assert load_pipeline(runs[method])(
+            prompt=["chest x-ray"], num_inference_steps=2, output_type="pt"
+        ).images.shape == (1, 1, 32, 32)
 
 
 def test_dreambooth_caches_its_class_images(runs):
     folder = runs["dreambooth"] / "class_images"
     assert len(list(folder.glob("*.png"))) == 4 and (folder / "class_images.json").is_file()
     assert (runs["dreambooth"] / "validation" / "final.txt").read_text().splitlines() == [
-        f"row 1: {INSTANCE}", "row 2: chest x-ray"]
+        f"row 1: {INSTANCE}",
+        "row 2: chest x-ray",
+    ]
     assert (runs["dreambooth"] / "validation" / "final.png").is_file()
 
 
@@ -183,8 +208,9 @@ def test_resume_restores_adapters_and_embeddings(tmp_path, base, data, method):
     rest = _config(base, tmp_path / "half", method, steps=4)
     rest.resume = "latest"
     train(rest, data, progress=False)
-    name = "lora/pytorch_lora_weights.safetensors" if method == "lora" else \
-        "textual_inversion/learned_embeds.safetensors"
+    name = (
+        "lora/pytorch_lora_weights.safetensors" if method == "lora" else "textual_inversion/learned_embeds.safetensors"
+    )
     a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "half" / name))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -194,8 +220,9 @@ def test_domain_text_encoder_gets_a_projection(tmp_path, base, data):
     train(config, data, progress=False)
     tuned = load_pipeline(tmp_path / "minilm")
     assert tuned.unet.config.encoder_hid_dim == 384 and tuned.unet.config.encoder_hid_dim_type == "text_proj"
-    sd = StableDiffusionPipeline.from_pretrained(tmp_path / "minilm" / "pipeline", safety_checker=None,
-                                                 feature_extractor=None, requires_safety_checker=False)
+    sd = StableDiffusionPipeline.from_pretrained(
+        tmp_path / "minilm" / "pipeline", safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     assert _sd_sample(sd, "chest x-ray with edema").shape == (1, 32, 32, 3)
 
 
@@ -205,8 +232,11 @@ def test_bad_fine_tune_requests_are_one_line(tmp_path, base, data):
     with pytest.raises(MeddiffError, match="instance-prompt"):
         train(_config(base, tmp_path / "b", "dreambooth", steps=1, instance_prompt=""), data, progress=False)
     with pytest.raises(MeddiffError, match="initializer-token"):
-        train(_config(base, tmp_path / "c", "textual-inversion", steps=1, initializer_token="pleural effusion"), data,
-              progress=False)
+        train(
+            _config(base, tmp_path / "c", "textual-inversion", steps=1, initializer_token="pleural effusion"),
+            data,
+            progress=False,
+        )
     with pytest.raises(MeddiffError, match="unknown fine-tuning method"):
         config = _config(base, tmp_path / "d", "unet", steps=1)
         config.finetune.method = "everything"
@@ -219,12 +249,48 @@ def test_finetune_cli_then_generate_from_the_adapter(tmp_path, base, capsys):
     from meddiff.cli import main
 
     run = tmp_path / "lora_run"
-    assert main(["finetune", "--pretrained", str(base), "--data", DATA, "--method", "lora", "--resolution", "32",
-                 "--max-steps", "2", "--batch-size", "4", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--pretrained",
+                str(base),
+                "--data",
+                DATA,
+                "--method",
+                "lora",
+                "--resolution",
+                "32",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     card = (run / "README.md").read_text()
     assert "load_lora_weights" in card and "not for diagnosis" in card
-    assert main(["generate", "--model", str(run), "--prompt", "chest x-ray with edema", "--n", "2", "--steps", "2",
-                 "--out", str(tmp_path / "gen")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(run),
+                "--prompt",
+                "chest x-ray with edema",
+                "--n",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "gen"),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "gen" / "manifest.csv")))
     assert [r["prompt"] for r in rows] == ["chest x-ray with edema"] * 2
     assert main(["finetune", "--pretrained", str(tmp_path / "missing"), "--data", DATA, "--out", str(run)]) == 2
@@ -237,7 +303,10 @@ def test_accumulation_checkpointing_noise_offset_and_validation_grids(tmp_path, 
     result = train(config, data, progress=False)
     assert result.steps == 2 and all(np.isfinite(loss) for _, loss, _ in result.loss_history)
     assert sorted(p.name for p in (tmp_path / "opts" / "validation").glob("*.png")) == [
-        "final.png", "step-0000001.png", "step-0000002.png"]
+        "final.png",
+        "step-0000001.png",
+        "step-0000002.png",
+    ]
     from meddiff.training.methods.finetune import StableDiffusionFinetune
 
     assert StableDiffusionFinetune(config, data).model.is_gradient_checkpointing

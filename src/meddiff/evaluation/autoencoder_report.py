@@ -4,7 +4,9 @@ a grid of originals above their reconstructions (chosen to show every finding), 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +14,7 @@ import torch
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.evaluation.reconstruction import reconstruction_metrics
 from meddiff.evaluation.report import figure, fmt, html_page, html_table, loss_curve_png
+from meddiff.evaluation.results import AutoencoderReport
 from meddiff.models.autoencoder import codebook_perplexity, is_vq, latent_size, vq_round_trip
 from meddiff.sampling.grid import grid_png_bytes
 
@@ -22,7 +25,7 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[np.nda
     and for VQ the code indices used."""
     out, codes = [], []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(vae.device, vae.dtype)
+        x = images[start : start + batch_size].to(vae.device, vae.dtype)
         if is_vq(vae):
             recon, _, idx, _ = vq_round_trip(vae, x)
             codes.append(idx.flatten().cpu())
@@ -42,37 +45,58 @@ def showcase_indices(data: ImageLabelDataset, per_label: int = 2, total: int = 1
     return chosen[:total]
 
 
-def autoencoder_report(vae, heldout: ImageLabelDataset, out_dir: Path, training: dict, max_images: int = 512) -> dict:
+def autoencoder_report(
+    vae, heldout: ImageLabelDataset, out_dir: Path, training: Mapping[str, Any], max_images: int = 512
+) -> AutoencoderReport:
+    """training: an AutoencoderTraining (or any mapping with some of its keys), saved beside the report."""
     out_dir = Path(out_dir)
     n = min(max_images, len(heldout))
     originals = (heldout.images[:n, 0].numpy() + 1) / 2
     recon, codes = reconstruct(vae, heldout.images[:n])
     metrics = reconstruction_metrics(originals, recon)
-    result = {"heldout_images": n, **metrics, "kind": "vq" if is_vq(vae) else "kl",
-              "downsample": vae.config.sample_size // latent_size(vae), "latent_shape":
-              [vae.config.latent_channels, latent_size(vae), latent_size(vae)],
-              "scaling_factor": vae.config.scaling_factor}
+    result = AutoencoderReport(
+        heldout_images=n,
+        **metrics,  # type: ignore[arg-type]  # mse, psnr, ssim: floats; ms_ssim: float or None
+        kind="vq" if is_vq(vae) else "kl",
+        downsample=vae.config.sample_size // latent_size(vae),
+        latent_shape=[vae.config.latent_channels, latent_size(vae), latent_size(vae)],
+        scaling_factor=vae.config.scaling_factor,
+    )
     if codes is not None:
         counts = torch.bincount(codes, minlength=vae.config.num_vq_embeddings)
-        result.update({"codebook_used": int((counts > 0).sum()), "codebook_size": int(counts.numel()),
-                       "perplexity": codebook_perplexity(counts)})
+        result.codebook_used, result.codebook_size = int((counts > 0).sum()), int(counts.numel())
+        result.perplexity = codebook_perplexity(counts)
     show = showcase_indices(heldout)
-    names = [", ".join(n for k, n in enumerate(heldout.label_names)
-                       if heldout.known[i, k] and heldout.labels[i, k] > 0.5) or "-" for i in show]
+    names = [
+        ", ".join(n for k, n in enumerate(heldout.label_names) if heldout.known[i, k] and heldout.labels[i, k] > 0.5)
+        or "-"
+        for i in show
+    ]
     upscale = max(1, 96 // heldout.resolution)
     pairs = np.concatenate([originals[show], recon[show], np.clip(np.abs(originals[show] - recon[show]) * 4, 0, 1)])
     grid = grid_png_bytes(pairs, columns=len(show), upscale=upscale)
     (out_dir / "reconstructions.png").write_bytes(grid)
-    (out_dir / "metrics.json").write_text(json.dumps({**result, "training": training}, indent=2))
-    rows = [[k, fmt(v, 4) if isinstance(v, float) else v] for k, v in result.items()]
-    page = html_page("meddiff autoencoder: reconstruction report", [
-        ("Held-out reconstructions", figure("top: originals; middle: reconstructions; bottom: |difference| x4. "
-                                            "Columns: " + " | ".join(names), grid)),
-        ("Metrics", html_table(["metric", "value"], rows)),
-        ("Training", f"<p>{training.get('dataset', '')}</p><p>{training.get('steps')} steps, "
-                     f"{fmt(training.get('train_minutes', 0), 1)} min, {fmt(training.get('images_per_second', 0), 1)} "
-                     "img/s</p>" + (figure("loss", loss_curve_png(training["loss_history"]))
-                                    if training.get("loss_history") else "")),
-    ])
+    (out_dir / "metrics.json").write_text(json.dumps({**result.to_dict(), "training": dict(training)}, indent=2))
+    rows = [[k, fmt(v, 4) if isinstance(v, float) else v] for k, v in result.to_dict().items()]
+    page = html_page(
+        "meddiff autoencoder: reconstruction report",
+        [
+            (
+                "Held-out reconstructions",
+                figure(
+                    "top: originals; middle: reconstructions; bottom: |difference| x4. Columns: " + " | ".join(names),
+                    grid,
+                ),
+            ),
+            ("Metrics", html_table(["metric", "value"], rows)),
+            (
+                "Training",
+                f"<p>{training.get('dataset', '')}</p><p>{training.get('steps')} steps, "
+                f"{fmt(training.get('train_minutes', 0), 1)} min, {fmt(training.get('images_per_second', 0), 1)} "
+                "img/s</p>"
+                + (figure("loss", loss_curve_png(training["loss_history"])) if training.get("loss_history") else ""),
+            ),
+        ],
+    )
     (out_dir / "report.html").write_text(page)
     return result

@@ -13,6 +13,7 @@ import torch
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.evaluation.classifier import per_label_auc, predict
+from meddiff.evaluation.results import FidelityReport, PromptResponseReport
 from meddiff.models.pipeline import MedDiffusionPipeline
 from meddiff.sampling.generate import SamplingSettings, sample
 
@@ -30,15 +31,27 @@ class FidelityResult:
     classifier: object = None  # the real-trained classifier (for further checks such as prompt_response)
     known: np.ndarray | None = None  # (N, K) which generation labels were specified
 
-    def to_dict(self) -> dict:
+    def report(self, prompt_response: PromptResponse | None = None) -> FidelityReport:
+        """What is saved (fidelity.json; "fidelity" in a run's metrics.json)."""
+
         def mean(d):
             vals = [v for v in d.values() if v is not None]
             return float(np.mean(vals)) if vals else None
 
-        return {"real_auc": self.real_auc, "synthetic_auc": self.synthetic_auc,
-                "mean_real_auc": mean(self.real_auc), "mean_synthetic_auc": mean(self.synthetic_auc),
-                "n_real_heldout": self.n_real, "n_synthetic": self.n_synthetic, "sampling": self.settings,
-                "seconds": round(self.seconds, 1)}
+        return FidelityReport(
+            real_auc=self.real_auc,
+            synthetic_auc=self.synthetic_auc,
+            mean_real_auc=mean(self.real_auc),
+            mean_synthetic_auc=mean(self.synthetic_auc),
+            n_real_heldout=self.n_real,
+            n_synthetic=self.n_synthetic,
+            sampling=self.settings,
+            seconds=round(self.seconds, 1),
+            prompt_response=prompt_response.report() if prompt_response is not None else None,
+        )
+
+    def to_dict(self) -> dict:
+        return self.report().to_dict()
 
     def table(self) -> str:
         lines = [f"{'label':<22}{'real AUC':>10}{'synthetic AUC':>15}"]
@@ -48,16 +61,24 @@ class FidelityResult:
         return "\n".join(lines)
 
 
-def label_fidelity(pipe: MedDiffusionPipeline, train: ImageLabelDataset, heldout: ImageLabelDataset,
-                   n_samples: int, settings: SamplingSettings, classifier_epochs: int = 8, seed: int = 0,
-                   progress: bool = True) -> FidelityResult:
+def label_fidelity(
+    pipe: MedDiffusionPipeline,
+    train: ImageLabelDataset,
+    heldout: ImageLabelDataset,
+    n_samples: int,
+    settings: SamplingSettings,
+    classifier_epochs: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> FidelityResult:
     t0 = time.perf_counter()
     # the same real-trained classifier as `meddiff evaluate`, cached by data spec: reruns and other models on the
     # same data do not train it again
     from meddiff.evaluation.features import domain_classifier
 
-    classifier = domain_classifier(train, train.source or "unnamed", epochs=classifier_epochs, seed=seed,
-                                   progress=progress, device=pipe.device)  # beside the model (--device)
+    classifier = domain_classifier(
+        train, train.source or "unnamed", epochs=classifier_epochs, seed=seed, progress=progress, device=pipe.device
+    )  # beside the model (--device)
     names = train.label_names
     real_auc = per_label_auc(predict(classifier, heldout.images), heldout.labels.numpy(), heldout.known.numpy(), names)
     # condition rows mirror the held-out label distribution (co-occurrences included)
@@ -67,14 +88,24 @@ def label_fidelity(pipe: MedDiffusionPipeline, train: ImageLabelDataset, heldout
     images = sample(pipe, conditions, settings, progress=progress)
     probs = predict(classifier, torch.from_numpy(images).unsqueeze(1) * 2 - 1)
     synthetic_auc = per_label_auc(probs, labels.numpy(), known.numpy(), names)
-    return FidelityResult(real_auc, synthetic_auc, len(heldout), n_samples,
-                          {"steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler},
-                          time.perf_counter() - t0, images, labels.numpy(), classifier, known.numpy())
+    return FidelityResult(
+        real_auc,
+        synthetic_auc,
+        len(heldout),
+        n_samples,
+        {"steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler},
+        time.perf_counter() - t0,
+        images,
+        labels.numpy(),
+        classifier,
+        known.numpy(),
+    )
 
 
 @dataclass
 class PromptResponse:
     """For each prompt, the fraction of its generated images the real-trained classifier calls positive per label."""
+
     prompts: list[str]
     label_names: list[str]
     positive_rate: np.ndarray  # (P, K)
@@ -85,17 +116,27 @@ class PromptResponse:
     real_positive_rate: np.ndarray | None = None  # (P, K)
     real_count: list[int] | None = None
 
+    def report(self) -> PromptResponseReport:
+        def per_prompt(rates: np.ndarray) -> dict[str, dict[str, float | None]]:
+            return {
+                p: dict(zip(self.label_names, [None if np.isnan(v) else float(v) for v in r]))
+                for p, r in zip(self.prompts, rates)
+            }
+
+        real_rate, real_count = self.real_positive_rate, self.real_count
+        return PromptResponseReport(
+            n_per_prompt=self.n_per_prompt,
+            label_names=self.label_names,
+            real_positive_rate=per_prompt(real_rate) if real_rate is not None else None,
+            real_count=dict(zip(self.prompts, real_count))
+            if real_rate is not None and real_count is not None
+            else None,
+            positive_rate=per_prompt(self.positive_rate),
+            mean_probability=per_prompt(self.mean_probability),
+        )
+
     def to_dict(self) -> dict:
-        real = {}
-        if self.real_positive_rate is not None:
-            real = {"real_positive_rate": {p: dict(zip(self.label_names, [None if np.isnan(v) else float(v) for v in r]))
-                                           for p, r in zip(self.prompts, self.real_positive_rate)},
-                    "real_count": dict(zip(self.prompts, self.real_count))}
-        return {"n_per_prompt": self.n_per_prompt, "label_names": self.label_names, **real,
-                "positive_rate": {p: dict(zip(self.label_names, map(float, r)))
-                                  for p, r in zip(self.prompts, self.positive_rate)},
-                "mean_probability": {p: dict(zip(self.label_names, map(float, r)))
-                                     for p, r in zip(self.prompts, self.mean_probability)}}
+        return self.report().to_dict()
 
     def table(self) -> str:
         short = [n[:10] for n in self.label_names]
@@ -103,8 +144,10 @@ class PromptResponse:
         for i, (p, row) in enumerate(zip(self.prompts, self.positive_rate)):
             lines.append(f"{p[:57]:<58}" + "".join(f"{v:>11.2f}" for v in row))
             if self.real_positive_rate is not None and self.real_count[i]:
-                lines.append(f"{'  real held-out images with these findings (n=' + str(self.real_count[i]) + ')':<58}"
-                             + "".join(f"{v:>11.2f}" for v in self.real_positive_rate[i]))
+                lines.append(
+                    f"{'  real held-out images with these findings (n=' + str(self.real_count[i]) + ')':<58}"
+                    + "".join(f"{v:>11.2f}" for v in self.real_positive_rate[i])
+                )
         return "\n".join(lines)
 
 
@@ -144,9 +187,17 @@ def matching_rows(heldout: ImageLabelDataset, findings: list[str]) -> np.ndarray
     return np.flatnonzero(keep)
 
 
-def prompt_response(pipe, classifier, prompts: list[str], names: list[str], n_per_prompt: int,
-                    settings: SamplingSettings, threshold: float = 0.5, progress: bool = True,
-                    heldout: ImageLabelDataset | None = None) -> PromptResponse:
+def prompt_response(
+    pipe,
+    classifier,
+    prompts: list[str],
+    names: list[str],
+    n_per_prompt: int,
+    settings: SamplingSettings,
+    threshold: float = 0.5,
+    progress: bool = True,
+    heldout: ImageLabelDataset | None = None,
+) -> PromptResponse:
     """Does "cardiomegaly and pleural effusion" give both findings, and "cardiomegaly" only the one? With `heldout`,
     each prompt is set beside real held-out images showing the same findings: a classifier that calls only 40 % of
     real effusions positive cannot be expected to call 90 % of generated ones positive."""
@@ -164,5 +215,6 @@ def prompt_response(pipe, classifier, prompts: list[str], names: list[str], n_pe
             real_count.append(int(len(rows)))
             if len(rows):
                 real_rate[i] = (real_probs[rows] > threshold).mean(0)
-    return PromptResponse(list(prompts), list(names), (probs > threshold).mean(1), probs.mean(1), n_per_prompt,
-                          real_rate, real_count)
+    return PromptResponse(
+        list(prompts), list(names), (probs > threshold).mean(1), probs.mean(1), n_per_prompt, real_rate, real_count
+    )

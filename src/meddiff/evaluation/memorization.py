@@ -1,6 +1,7 @@
 """Memorization audit: for every synthetic image, its nearest training image by pixel-space normalised
-correlation and by domain-feature cosine similarity (features centred on the training mean). A synthetic image is flagged when it is closer to a
-training image than `quantile` of genuinely new real (held-out) images are, or above the fixed thresholds.
+correlation and by domain-feature cosine similarity (features centred on the training mean). A synthetic image is
+flagged when it is closer to a training image than `quantile` of genuinely new real (held-out) images are, or above
+the fixed thresholds.
 
 A third signal is the kNN distance ratio in domain-feature space: the distance from a synthetic image to its
 nearest training image, divided by that training image's distance to its own nearest other training image. A copy
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from meddiff.evaluation.results import MemorizationSummary
+
 
 def _unit(x: np.ndarray, center: bool) -> torch.Tensor:
     t = torch.from_numpy(x.reshape(len(x), -1)).double()
@@ -24,12 +27,14 @@ def _unit(x: np.ndarray, center: bool) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def nearest(queries: np.ndarray, references: np.ndarray, center: bool, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def nearest(
+    queries: np.ndarray, references: np.ndarray, center: bool, chunk: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
     """(max similarity, index of the nearest reference) per query; correlation if center else cosine."""
     q, r = _unit(queries, center), _unit(references, center)
     best, where = [], []
     for i in range(0, len(q), chunk):
-        s = q[i:i + chunk] @ r.T
+        s = q[i : i + chunk] @ r.T
         v, j = s.max(1)
         best.append(v.numpy())
         where.append(j.numpy())
@@ -44,7 +49,7 @@ def knn_ratio(queries: np.ndarray, references: np.ndarray, chunk: int = 512) -> 
     r = torch.from_numpy(references.reshape(len(references), -1)).double()
     dist, where = [], []
     for i in range(0, len(q), chunk):
-        d, j = torch.cdist(q[i:i + chunk], r).min(1)
+        d, j = torch.cdist(q[i : i + chunk], r).min(1)
         dist.append(d)
         where.append(j)
     d, j = torch.cat(dist), torch.cat(where)
@@ -75,28 +80,44 @@ class MemorizationAudit:
 
     @property
     def flagged(self) -> np.ndarray:
-        return ((self.pixel_similarity > self.pixel_threshold) | (self.feature_similarity > self.feature_threshold)
-                | self.flagged_knn)
+        return (
+            (self.pixel_similarity > self.pixel_threshold)
+            | (self.feature_similarity > self.feature_threshold)
+            | self.flagged_knn
+        )
 
     def top(self, n: int = 8) -> list[int]:
         return list(np.argsort(-self.pixel_similarity)[:n])
 
+    def summary(self) -> MemorizationSummary:
+        return MemorizationSummary(
+            pixel_threshold=self.pixel_threshold,
+            feature_threshold=self.feature_threshold,
+            rate_pixel=float((self.pixel_similarity > self.pixel_threshold).mean()),
+            rate_feature=float((self.feature_similarity > self.feature_threshold).mean()),
+            rate_knn_ratio=float(self.flagged_knn.mean()),
+            knn_ratio_threshold=self.knn_ratio_threshold,
+            median_knn_ratio=None if self.knn_ratio is None else float(np.median(self.knn_ratio)),
+            rate_flagged=float(self.flagged.mean()),
+            max_pixel_similarity=float(self.pixel_similarity.max()),
+            median_pixel_similarity=float(np.median(self.pixel_similarity)),
+            rate_pixel_above_095=float((self.pixel_similarity > 0.95).mean()),
+            rate_pixel_above_099=float((self.pixel_similarity > 0.99).mean()),
+        )
+
     def to_dict(self) -> dict:
-        return {"pixel_threshold": self.pixel_threshold, "feature_threshold": self.feature_threshold,
-                "rate_pixel": float((self.pixel_similarity > self.pixel_threshold).mean()),
-                "rate_feature": float((self.feature_similarity > self.feature_threshold).mean()),
-                "rate_knn_ratio": float(self.flagged_knn.mean()), "knn_ratio_threshold": self.knn_ratio_threshold,
-                "median_knn_ratio": None if self.knn_ratio is None else float(np.median(self.knn_ratio)),
-                "rate_flagged": float(self.flagged.mean()),
-                "max_pixel_similarity": float(self.pixel_similarity.max()),
-                "median_pixel_similarity": float(np.median(self.pixel_similarity)),
-                "rate_pixel_above_0.95": float((self.pixel_similarity > 0.95).mean()),
-                "rate_pixel_above_0.99": float((self.pixel_similarity > 0.99).mean())}
+        return self.summary().to_dict()
 
 
-def audit(synthetic: np.ndarray, train: np.ndarray, synthetic_features: np.ndarray, train_features: np.ndarray,
-          heldout: np.ndarray | None = None, heldout_features: np.ndarray | None = None,
-          quantile: float = 0.99) -> MemorizationAudit:
+def audit(
+    synthetic: np.ndarray,
+    train: np.ndarray,
+    synthetic_features: np.ndarray,
+    train_features: np.ndarray,
+    heldout: np.ndarray | None = None,
+    heldout_features: np.ndarray | None = None,
+    quantile: float = 0.99,
+) -> MemorizationAudit:
     """Images as (N, H, W) arrays; thresholds from held-out real images when given (else 0.95 / 0.99)."""
     ps, pm = nearest(synthetic, train, center=True)
     # features are centred on the training mean first: raw penultimate features share a large common component

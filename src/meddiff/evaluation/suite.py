@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -16,8 +15,18 @@ from meddiff.evaluation.classifier import per_label_auc, predict
 from meddiff.evaluation.distribution import fid, kid, prdc
 from meddiff.evaluation.diversity import diversity_by_condition
 from meddiff.evaluation.downstream import downstream
+from meddiff.evaluation.eval_report import EvaluationArtefacts, write_eval_report
 from meddiff.evaluation.features import InceptionFeatures, domain_classifier, embed, require_optional, xrv_features
 from meddiff.evaluation.memorization import audit
+from meddiff.evaluation.results import (
+    DistributionMetrics,
+    Diversity,
+    DownstreamResult,
+    EvaluationResult,
+    KidEstimate,
+    LabelFidelityAUC,
+    SimilarityGroup,
+)
 
 
 def synthetic_spec(text: str) -> str:
@@ -57,9 +66,17 @@ def to01(images: torch.Tensor) -> np.ndarray:
     return ((images[:, 0].numpy() + 1) / 2).astype(np.float32)
 
 
-def evaluate(real: str, synthetic: str, resolution: int | None = None, features: str = "domain", seeds: int = 3,
-             classifier_epochs: int = 10, max_images: int | None = None, progress: bool = True,
-             feature_weights: str | None = None) -> dict:
+def evaluate(
+    real: str,
+    synthetic: str,
+    resolution: int | None = None,
+    features: str = "domain",
+    seeds: int = 3,
+    classifier_epochs: int = 10,
+    max_images: int | None = None,
+    progress: bool = True,
+    feature_weights: str | None = None,
+) -> tuple[EvaluationResult, EvaluationArtefacts]:
     """features picks the network behind FID/KID/precision-recall and the UMAP; label fidelity, the memorization
     audit and downstream utility always use the domain classifier."""
     require_optional(features, feature_weights)
@@ -74,8 +91,13 @@ def evaluate(real: str, synthetic: str, resolution: int | None = None, features:
     test = load_dataset(spec.heldout(), resolution)
     syn = align(probe, train.label_names)
     if max_images and len(syn) > max_images:
-        syn = ImageLabelDataset(syn.images[:max_images], syn.labels[:max_images], syn.known[:max_images],
-                                syn.label_names, prompts=syn.prompts[:max_images])
+        syn = ImageLabelDataset(
+            syn.images[:max_images],
+            syn.labels[:max_images],
+            syn.known[:max_images],
+            syn.label_names,
+            prompts=syn.prompts[:max_images],
+        )
     clf = domain_classifier(train, str(spec), epochs=classifier_epochs, progress=progress)
     f_train, f_test, f_syn = embed(clf, train.images), embed(clf, test.images), embed(clf, syn.images)
     d_train, d_test, d_syn = f_train, f_test, f_syn  # the distribution features
@@ -83,30 +105,47 @@ def evaluate(real: str, synthetic: str, resolution: int | None = None, features:
         extract = InceptionFeatures(feature_weights) if features == "inception" else xrv_features(feature_weights)
         d_train, d_test, d_syn = extract(train.images), extract(test.images), extract(syn.images)
     kid_syn, kid_ref = kid(d_test, d_syn), kid(d_test, d_train)
-    dist = {"features": features, "n_real_test": len(test), "n_real_train": len(train), "n_synthetic": len(syn),
-            "fid_synthetic_vs_real_test": fid(d_test, d_syn), "fid_real_train_vs_real_test": fid(d_test, d_train),
-            "kid_synthetic_vs_real_test": {"mean": kid_syn[0], "std": kid_syn[1]},
-            "kid_real_train_vs_real_test": {"mean": kid_ref[0], "std": kid_ref[1]},
-            **{k: v for k, v in prdc(d_test, d_syn).items()}}
-    fidelity = {"real_test_auc": per_label_auc(predict(clf, test.images), test.labels.numpy(), test.known.numpy(),
-                                               train.label_names),
-                "synthetic_auc": per_label_auc(predict(clf, syn.images), syn.labels.numpy(), syn.known.numpy(),
-                                               train.label_names)}
-    diversity = {"real_test": diversity_by_condition(to01(test.images), condition_keys(test)),
-                 "synthetic": diversity_by_condition(to01(syn.images), condition_keys(syn))}
+    dist = DistributionMetrics(
+        features=features,
+        n_real_test=len(test),
+        n_real_train=len(train),
+        n_synthetic=len(syn),
+        fid_synthetic_vs_real_test=fid(d_test, d_syn),
+        fid_real_train_vs_real_test=fid(d_test, d_train),
+        kid_synthetic_vs_real_test=KidEstimate(mean=kid_syn[0], std=kid_syn[1]),
+        kid_real_train_vs_real_test=KidEstimate(mean=kid_ref[0], std=kid_ref[1]),
+        **prdc(d_test, d_syn),
+    )
+    fidelity = LabelFidelityAUC(
+        real_test_auc=per_label_auc(
+            predict(clf, test.images), test.labels.numpy(), test.known.numpy(), train.label_names
+        ),
+        synthetic_auc=per_label_auc(predict(clf, syn.images), syn.labels.numpy(), syn.known.numpy(), train.label_names),
+    )
+
+    def groups(data: ImageLabelDataset) -> dict[str, SimilarityGroup]:
+        by_condition = diversity_by_condition(to01(data.images), condition_keys(data))
+        return {key: SimilarityGroup(**group) for key, group in by_condition.items()}
+
+    diversity = Diversity(real_test=groups(test), synthetic=groups(syn))
     mem = audit(to01(syn.images), to01(train.images), f_syn, f_train, to01(test.images), f_test)
     utility = downstream(train, syn, test, seeds=seeds, epochs=classifier_epochs, progress=progress)
-    metrics = {"real": str(spec), "synthetic": syn_spec, "resolution": resolution, "distribution": dist,
-               "label_fidelity": fidelity, "diversity": diversity, "memorization": mem.to_dict(),
-               "downstream": utility, "seconds": round(time.perf_counter() - t0, 1)}
-    artefacts = {"train": train, "test": test, "synthetic": syn, "features": (d_train, d_test, d_syn), "audit": mem}
-    return {"metrics": metrics, "artefacts": artefacts}
+    metrics = EvaluationResult(
+        real=str(spec),
+        synthetic=syn_spec,
+        resolution=resolution,
+        distribution=dist,
+        label_fidelity=fidelity,
+        diversity=diversity,
+        memorization=mem.summary(),
+        downstream={k: DownstreamResult.from_dict(v) for k, v in utility.items()},
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    return metrics, EvaluationArtefacts(train, test, syn, (d_train, d_test, d_syn), mem)
 
 
 def run_evaluation(real: str, synthetic: str, out: Path, **kw) -> Path:
-    from meddiff.evaluation.eval_report import write_eval_report
-
-    result = evaluate(real, synthetic, **kw)
+    metrics, artefacts = evaluate(real, synthetic, **kw)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
-    return write_eval_report(out, result["metrics"], result["artefacts"])
+    metrics.write_json(out / "metrics.json")
+    return write_eval_report(out, metrics, artefacts)

@@ -17,7 +17,6 @@ writes checkpoints metadata, exports and logs, and the time budget is decided on
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -41,6 +40,7 @@ from meddiff.training.batches import StreamBatchSampler, batch_indices, make_loa
 from meddiff.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from meddiff.training.config import TrainConfig
 from meddiff.training.methods import METHODS, TrainingMethod
+from meddiff.training.summary import TrainingSummary
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class TrainResult:
     parameters: int
     is_main_process: bool = True  # False on the other processes of a multi-process run (they export nothing)
     processes: int = 1
+    summary: TrainingSummary | None = None  # what training.json holds
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -268,10 +269,12 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         pipeline_dir = method.export(unwrapped, run_dir)
         if ema is not None:
             ema.restore(trainable)
-        summary = {"steps": state["step"], "train_seconds_total": round(state["elapsed"], 1),
-                   "images_per_second": round(rate, 2), "precision": precision, "parameters": n_params,
-                   "processes": world, "global_batch": config.batch_size * world, "dataset": dataset.summary()}
-        (run_dir / "training.json").write_text(json.dumps({**summary, "loss_history": state["loss_history"]}))
+    summary = TrainingSummary(steps=state["step"], train_seconds_total=round(state["elapsed"], 1),
+                              images_per_second=round(rate, 2), precision=precision, parameters=n_params,
+                              processes=world, global_batch=config.batch_size * world, dataset=dataset.summary(),
+                              loss_history=state["loss_history"])
+    if main:
+        summary.write(run_dir)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, pipeline_dir, state["step"], state["elapsed"], rate, state["loss_history"],
-                       precision, n_params, main, world)
+                       precision, n_params, main, world, summary)

@@ -141,12 +141,13 @@ class PromptResponse:
     def table(self) -> str:
         short = [n[:10] for n in self.label_names]
         lines = [f"{'prompt':<58}" + "".join(f"{s:>11}" for s in short)]
+        real_rate, real_count = self.real_positive_rate, self.real_count
         for i, (p, row) in enumerate(zip(self.prompts, self.positive_rate)):
             lines.append(f"{p[:57]:<58}" + "".join(f"{v:>11.2f}" for v in row))
-            if self.real_positive_rate is not None and self.real_count[i]:
+            if real_rate is not None and real_count is not None and real_count[i]:
                 lines.append(
-                    f"{'  real held-out images with these findings (n=' + str(self.real_count[i]) + ')':<58}"
-                    + "".join(f"{v:>11.2f}" for v in self.real_positive_rate[i])
+                    f"{'  real held-out images with these findings (n=' + str(real_count[i]) + ')':<58}"
+                    + "".join(f"{v:>11.2f}" for v in real_rate[i])
                 )
         return "\n".join(lines)
 

@@ -66,8 +66,8 @@ class TrainConfig(Options):
 
     data: str = option("", "dataset spec, e.g. phantom:DIR, medmnist:FILE.npz, store:DIR")
     out: str = option("", "run directory")
-    method: Literal["pixel", "latent", "autoencoder", "finetune"] = option(
-        "pixel", "what is trained (see meddiff.training.methods)")
+    method: str = option("pixel", "what is trained: pixel, latent, autoencoder, finetune, or another method "
+                         "registered in meddiff.training.methods (checked when training starts)")
     conditioning: Literal["labels", "text", "both", "none"] = option(
         "labels", "diffusion methods: condition on labels, prompts, both or nothing")
     resolution: int = option(32, "image size in pixels (square)", minimum=8)

@@ -7,6 +7,7 @@ Every kind registers itself in meddiff.data.registry when imported; this module 
 from __future__ import annotations
 
 import meddiff.data.loaders  # noqa: F401  (registers the kinds)
+import meddiff.data.volume_dataset  # noqa: F401  (registers volumes: and phantom3d:)
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.registry import LOADERS, DatasetSpec, Loader, check_options, load, register
 

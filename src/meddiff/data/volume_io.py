@@ -40,7 +40,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     try:
-        image = nib.load(str(path))
+        image: nib.Nifti1Image = nib.load(str(path))  # type: ignore[assignment]
         if len(image.shape) < 3 or min(image.shape[:3]) < 2:
             raise VolumeError(f"{path.name} is a 2D image of shape {tuple(image.shape)}, not a volume")
         canonical = nib.as_closest_canonical(image)

@@ -1,0 +1,230 @@
+"""The 3D autoencoder of volume latent diffusion: MONAI's `AutoencoderKL` or `VQVAE` with `spatial_dims=3`, for
+volumes of 1..C channels in [-1, 1].
+
+`VolumeAutoencoder` wraps the MONAI network with what meddiff needs around it: its config, the number of
+channels, the latent scaling factor measured on the training data (1 / std of the latents the diffusion model
+sees), one round trip for training (KL: posterior sample + KL term; VQ: quantised + commitment loss), encoding to
+(mean, std) moments shaped like diffusers' `latent_dist` (so meddiff.training.latent_cache stores them as it
+stores 2D latents) and decoding of scaled latents. Saved as config.json + model.safetensors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from monai.networks.nets import VQVAE, AutoencoderKL
+
+from meddiff.errors import MeddiffError
+from meddiff.models.volume_weights import load_weights, read_meta, save_module
+from meddiff.options import Options, build, option
+
+VOLUME_AUTOENCODER_DIR = "volume_autoencoder"
+CLASS_NAME = "VolumeAutoencoder"
+
+
+@dataclass
+class VolumeAutoencoderConfig(Options):
+    kind: Literal["kl", "vq"] = option("kl", "KL autoencoder (MONAI AutoencoderKL) or VQ-VAE (MONAI VQVAE)")
+    downsample: Literal[2, 4, 8] = option(4, "factor between volume and latent along each axis (64^3 -> 16^3 at 4)")
+    channels: list[int] = option(
+        [16, 32, 64], "channels per level; KL uses log2(downsample) + 1 levels, VQ log2(downsample)"
+    )
+    latent_channels: int = option(4, "latent channels", minimum=1)
+    num_res_blocks: int = option(1, "residual blocks per level (VQ: residual layers)", minimum=1)
+    norm_num_groups: int = option(8, "GroupNorm groups (KL); must divide every channel count", minimum=1)
+    attention: bool = option(False, "KL: self-attention in the deepest level and the middle blocks (costly in 3D)")
+    kl_weight: float = option(1e-6, "KL: weight of the KL term", minimum=0)
+    codebook_size: int = option(256, "VQ: codebook entries", minimum=2)
+    commitment_cost: float = option(0.25, "VQ: weight of the commitment loss (codebook updated by EMA)", minimum=0)
+    reconstruction_loss: Literal["l1", "mse"] = option("l1", "voxel reconstruction loss")
+    adversarial_weight: float = option(
+        0.0, "> 0 adds a 3D patch-discriminator (MONAI PatchDiscriminator) loss", minimum=0
+    )
+    adversarial_start: int = option(0, "step from which the adversarial loss counts (warm-up)", minimum=0)
+    discriminator_channels: int = option(16, "channels of the discriminator's first layer", minimum=1)
+    discriminator_layers: int = option(3, "strided layers of the discriminator (fewer on small volumes)", minimum=1)
+    discriminator_lr: float = option(2e-4, "discriminator learning rate", above=0)
+    scale_samples: int = option(64, "training volumes used to measure the latent scaling factor", minimum=1)
+
+    def levels(self) -> int:
+        """Channel levels the network uses."""
+        steps = int(math.log2(self.downsample))
+        return steps + 1 if self.kind == "kl" else steps
+
+
+@dataclass
+class LatentMoments:
+    """Unscaled latents of a batch: posterior mean and std (VQ: pre-quantisation latents and zeros)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+@dataclass
+class EncodeOutput:
+    latent_dist: LatentMoments  # named as in diffusers' AutoencoderKLOutput
+
+
+def build_monai_autoencoder(cfg: VolumeAutoencoderConfig, in_channels: int) -> torch.nn.Module:
+    """MONAI AutoencoderKL or VQVAE (spatial_dims=3) for `in_channels`-channel volumes; bad sizes: MeddiffError."""
+    if in_channels < 1:
+        raise MeddiffError(f"a volume autoencoder needs at least 1 channel, got {in_channels}")
+    levels = cfg.levels()
+    if len(cfg.channels) < levels:
+        raise MeddiffError(f"downsample {cfg.downsample} needs {levels} channel levels, got {cfg.channels}")
+    channels = tuple(cfg.channels[:levels])
+    if cfg.kind == "vq":
+        return VQVAE(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            channels=channels,
+            num_res_layers=cfg.num_res_blocks,
+            num_res_channels=channels,
+            downsample_parameters=((2, 4, 1, 1),) * levels,
+            upsample_parameters=((2, 4, 1, 1, 0),) * levels,
+            num_embeddings=cfg.codebook_size,
+            embedding_dim=cfg.latent_channels,
+            commitment_cost=cfg.commitment_cost,
+        )
+    bad = [c for c in channels if c % cfg.norm_num_groups]
+    if bad:
+        raise MeddiffError(f"autoencoder channels {bad} are not divisible by norm_num_groups {cfg.norm_num_groups}")
+    attention = tuple([False] * (levels - 1) + [cfg.attention])
+    return AutoencoderKL(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        num_res_blocks=cfg.num_res_blocks,
+        channels=channels,
+        attention_levels=attention,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        with_encoder_nonlocal_attn=cfg.attention,
+        with_decoder_nonlocal_attn=cfg.attention,
+    )
+
+
+def kl_divergence(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(0, 1)) summed over latent elements, averaged over the batch."""
+    var = std.float().pow(2)
+    per_sample = 0.5 * (mean.float().pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1)
+    return per_sample.flatten(1).sum(dim=1).mean()
+
+
+class VolumeAutoencoder(torch.nn.Module):
+    """A MONAI 3D autoencoder (`.net`) with its config, channel count and latent scaling factor."""
+
+    def __init__(self, config: VolumeAutoencoderConfig, in_channels: int = 1, scaling_factor: float = 1.0):
+        super().__init__()
+        self.config = config
+        self.in_channels = int(in_channels)
+        self.scaling_factor = float(scaling_factor)
+        self.net = build_monai_autoencoder(config, self.in_channels)
+
+    @property
+    def is_vq(self) -> bool:
+        return self.config.kind == "vq"
+
+    @property
+    def downsample(self) -> int:
+        return int(self.config.downsample)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.latent_channels)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def latent_shape(self, volume_shape: tuple[int, ...] | list[int]) -> tuple[int, int, int, int]:
+        """(C, d, h, w) of the latents of a (D, H, W) volume; a size the network cannot halve is a MeddiffError."""
+        shape = tuple(int(s) for s in volume_shape)
+        if len(shape) != 3 or any(s % self.downsample for s in shape):
+            raise MeddiffError(
+                f"volume shape {shape} must be 3 sizes divisible by the autoencoder's downsample "
+                f"factor {self.downsample}"
+            )
+        d, h, w = (s // self.downsample for s in shape)
+        return self.latent_channels, d, h, w
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise MeddiffError(
+                f"the volume autoencoder takes (N, {self.in_channels}, D, H, W) volumes, got {tuple(x.shape)}"
+            )
+        self.latent_shape(x.shape[2:])
+
+    def encode(self, x: torch.Tensor) -> EncodeOutput:
+        """Unscaled latent moments of volumes in [-1, 1]."""
+        self.check_input(x)
+        if self.is_vq:
+            z = self.net.encode(x)
+            return EncodeOutput(LatentMoments(z, torch.zeros_like(z)))
+        mean, std = self.net.encode(x)
+        return EncodeOutput(LatentMoments(mean, std))
+
+    def round_trip(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward pass: (reconstruction, weighted regulariser: KL term or VQ commitment loss)."""
+        self.check_input(x)
+        if self.is_vq:
+            recon, commitment = self.net(x)
+            return recon, commitment
+        mean, std = self.net.encode(x)
+        z = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+        return self.net.decode(z), self.config.kl_weight * kl_divergence(mean, std)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (what the diffusion model samples) -> volumes, clamped to [-1, 1] (VQ: quantised first)."""
+        z = latents.to(self.device, self.dtype) / self.scaling_factor
+        volumes = self.net.decode_stage_2_outputs(z) if self.is_vq else self.net.decode(z)
+        return volumes.clamp(-1.0, 1.0)
+
+    def save_pretrained(self, folder: Path) -> Path:
+        return save_module(
+            self,
+            folder,
+            {
+                "class": CLASS_NAME,
+                "config": self.config.to_dict(),
+                "in_channels": self.in_channels,
+                "scaling_factor": self.scaling_factor,
+            },
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VolumeAutoencoder:
+        """A saved autoencoder: its folder, or a run directory holding volume_autoencoder/; eval mode, frozen."""
+        path = Path(path).expanduser()
+        folder = path / VOLUME_AUTOENCODER_DIR if (path / VOLUME_AUTOENCODER_DIR).is_dir() else path
+        meta = read_meta(folder, CLASS_NAME)
+        model = cls(
+            build(VolumeAutoencoderConfig, meta["config"]), int(meta["in_channels"]), float(meta["scaling_factor"])
+        )
+        load_weights(model, folder)
+        return model.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def measure_volume_scaling_factor(
+    autoencoder: VolumeAutoencoder, volumes: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 2
+) -> float:
+    """1 / std of the latents the diffusion model will see (KL: posterior samples), so they have unit variance."""
+    samples = []
+    for start in range(0, volumes.shape[0], batch_size):
+        x = torch.as_tensor(volumes[start : start + batch_size]).to(autoencoder.device, autoencoder.dtype)
+        moments = autoencoder.encode(x).latent_dist
+        noise = torch.randn(moments.mean.shape, generator=generator).to(moments.mean.device)
+        samples.append((moments.mean + moments.std * noise).float().cpu())
+    s = float(torch.cat(samples).std())
+    if not math.isfinite(s) or s <= 0:
+        raise MeddiffError("the volume autoencoder's latents have zero or non-finite spread; it did not train")
+    return 1.0 / s

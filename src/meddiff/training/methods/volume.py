@@ -1,0 +1,287 @@
+"""Training methods for 3D volumes, plugged into the one loop like the 2D ones:
+
+- "volume-autoencoder": MONAI AutoencoderKL / VQVAE (meddiff.models.volume_autoencoder); L1 (or MSE) + KL (or the
+  VQ commitment loss) + optionally a MONAI 3D PatchDiscriminator hinge loss. Exports RUN/volume_autoencoder/ with
+  the latent scaling factor measured on the training volumes.
+- "volume-latent": MONAI DiffusionModelUNet (meddiff.models.volume_unet) on the stored latents of a trained volume
+  autoencoder (encoded once, meddiff.training.latent_cache); noise (or v) prediction MSE, Min-SNR weighting when
+  configured, the condition dropped with `cond_dropout` for classifier-free guidance. Exports RUN/pipeline/, a
+  VolumePipeline.
+
+A volume dataset provides `images` ((N, C, D, H, W), indexable by an index array, values in [-1, 1] or stored
+integers), `labels` and `known` ((N, K)), `label_names`, `__len__`, `__getitems__(indices)` (a batch dict with
+index, image, labels, known), `fingerprint()`, `source` and `summary()`; optionally `grid` (a VolumeGrid:
+spacing, affine, channel names). The model sizes come from `config.volume` (a VolumeModelConfig) when the
+training config has that section, else from the `volume` argument, else the CPU defaults."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+from monai.networks.nets import PatchDiscriminator
+
+from meddiff.data.store import raw_to_model_range
+from meddiff.errors import MeddiffError
+from meddiff.models.discriminator import discriminator_hinge_loss, generator_adversarial_loss
+from meddiff.models.pipeline import encode_condition
+from meddiff.models.storage import PIPELINE_DIR
+from meddiff.models.volume import VolumeModelConfig
+from meddiff.models.volume_autoencoder import (
+    VOLUME_AUTOENCODER_DIR,
+    VolumeAutoencoder,
+    measure_volume_scaling_factor,
+)
+from meddiff.models.volume_pipeline import VolumeGrid, VolumePipeline
+from meddiff.models.volume_unet import VolumeUNet, build_volume_noise_scheduler, build_volume_sampler
+from meddiff.training.latent_cache import encoded_latents
+from meddiff.training.methods.base import TrainingMethod, register_method
+
+logger = logging.getLogger(__name__)
+
+
+def autoencoder_loss(
+    autoencoder: VolumeAutoencoder, x: torch.Tensor, generator: torch.Generator, reconstruction: str = "l1"
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, reconstruction, metrics) of one batch: voxel L1/MSE + the KL term (or VQ commitment loss)."""
+    recon, regulariser = autoencoder.round_trip(x, generator)
+    recon = recon.float()
+    rec = F.l1_loss(recon, x.float()) if reconstruction == "l1" else F.mse_loss(recon, x.float())
+    return rec + regulariser, recon, {"reconstruction": rec.detach(), "regulariser": regulariser.detach()}
+
+
+def latent_diffusion_loss(
+    unet: VolumeUNet,
+    noise_scheduler,
+    latents: torch.Tensor,
+    conditions: torch.Tensor | None,
+    generator: torch.Generator,
+    cond_dropout: float = 0.0,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Mean loss of predicting the noise (or v) of scaled latents (B, C, d, h, w) at random timesteps. Each
+    volume's condition is replaced by the zero (null) condition with probability `cond_dropout`."""
+    device, b = latents.device, latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+    keep = (torch.rand(b, generator=generator) >= cond_dropout).to(torch.float32)
+    if conditions is not None:
+        conditions = conditions.to(device, torch.float32) * keep.to(device).unsqueeze(1)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(latents, noise, t) if v_prediction else noise
+    prediction = unet(noisy, t, conditions).float()
+    per_sample = F.mse_loss(prediction, target.float(), reduction="none").flatten(1).mean(dim=1)
+    if snr_gamma:
+        snr = compute_snr(noise_scheduler, t)
+        clipped = torch.clamp(snr, max=snr_gamma)
+        per_sample = per_sample * (clipped / (snr + 1) if v_prediction else clipped / snr)
+    return per_sample.mean()
+
+
+def volume_config(config, volume: VolumeModelConfig | None) -> VolumeModelConfig:
+    if volume is not None:
+        return volume
+    return getattr(config, "volume", None) or VolumeModelConfig()
+
+
+def volume_shape(dataset) -> tuple[int, int, int, int]:
+    """(C, D, H, W) of the dataset's volumes."""
+    shape = tuple(int(s) for s in dataset.images.shape[1:])
+    if len(shape) != 4:
+        raise MeddiffError(f"{dataset.source} holds {len(shape) - 1}D images; a volume method needs (C, D, H, W)")
+    return shape  # type: ignore[return-value]
+
+
+def dataset_grid(dataset) -> VolumeGrid:
+    grid = getattr(dataset, "grid", None)
+    if grid is not None:
+        return grid
+    channels, *spatial = volume_shape(dataset)
+    return VolumeGrid(
+        shape=spatial, channel_names=["image"] if channels == 1 else [f"channel{i}" for i in range(channels)]
+    )
+
+
+def discriminator_layers(wanted: int, edge: int) -> int:
+    """Strided discriminator layers that leave patch maps of at least 4 voxels on an `edge`-voxel volume."""
+    fitting = max(int(math.log2(edge)) - 2, 1)
+    if wanted > fitting:
+        logger.info("%d-voxel volumes: the patch discriminator uses %d layers instead of %d", edge, fitting, wanted)
+    return min(wanted, fitting)
+
+
+def model_range(images) -> torch.Tensor:
+    """Stored volumes (a tensor or a memory-mapped array) -> float32 in [-1, 1]."""
+    return raw_to_model_range(images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images)))
+
+
+@register_method
+class VolumeAutoencoderTraining(TrainingMethod):
+    name = "volume-autoencoder"
+    uses_ema = False
+
+    def __init__(self, config, dataset, accelerator=None, volume: VolumeModelConfig | None = None):
+        super().__init__(config, dataset, accelerator)
+        self.cfg = volume_config(config, volume).autoencoder
+        channels, *spatial = volume_shape(dataset)
+        self._model = VolumeAutoencoder(self.cfg, channels)
+        self._model.latent_shape(spatial)  # divisible by the downsample factor, or a one-line error
+        self.discriminator = None
+        if self.cfg.adversarial_weight > 0:
+            self.discriminator = PatchDiscriminator(
+                spatial_dims=3,
+                channels=self.cfg.discriminator_channels,
+                in_channels=channels,
+                num_layers_d=discriminator_layers(self.cfg.discriminator_layers, min(spatial)),
+                norm="INSTANCE",
+            )
+        self.disc_optimizer = None
+        self._recon: torch.Tensor | None = None
+
+    @property
+    def model(self):
+        return self._model
+
+    def setup(self, accelerator) -> None:
+        self.accelerator = accelerator
+        if self.discriminator is not None:
+            optimizer = torch.optim.Adam(
+                self.discriminator.parameters(), lr=self.cfg.discriminator_lr, betas=(0.5, 0.9)
+            )
+            # as in 2D: placed and checkpointed, never DDP-wrapped (gradients averaged by hand in after_step)
+            self.discriminator = accelerator.prepare_model(
+                self.discriminator, evaluation_mode=accelerator.num_processes > 1
+            )
+            self.disc_optimizer = accelerator.prepare_optimizer(optimizer)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.discriminator(x)[-1]  # MONAI returns every layer's features; the last are the patch logits
+
+    def _adversarial(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.cfg.adversarial_start
+
+    def loss(self, model, batch, generator):
+        x = batch["image"]
+        total, recon, self.metrics = autoencoder_loss(model, x, generator, self.cfg.reconstruction_loss)
+        if self._adversarial(int(batch.get("step", 0))):
+            self.discriminator.requires_grad_(False)
+            adversarial = generator_adversarial_loss(self._logits(recon))
+            self.discriminator.requires_grad_(True)
+            total = total + self.cfg.adversarial_weight * adversarial
+            self.metrics["adversarial"] = adversarial.detach()
+        self._recon = recon.detach()
+        return total
+
+    def after_step(self, model, batch, generator, step) -> None:
+        if not self._adversarial(step) or self._recon is None:
+            return
+        if self.disc_optimizer is None:  # outside the loop (tools, tests): a plain optimizer
+            self.disc_optimizer = torch.optim.Adam(
+                self.discriminator.parameters(), lr=self.cfg.discriminator_lr, betas=(0.5, 0.9)
+            )
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        d_loss = discriminator_hinge_loss(self._logits(batch["image"]), self._logits(self._recon))
+        d_loss.backward()
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            for p in self.discriminator.parameters():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, "mean")
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        self.metrics["discriminator"] = d_loss.detach()
+
+    def export(self, model, out_dir: Path) -> Path:
+        """RUN/volume_autoencoder/, with the scaling factor measured on (up to scale_samples) training volumes."""
+        model.eval()
+        n = min(self.cfg.scale_samples, len(self.dataset))
+        idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.config.seed))[:n]
+        volumes = model_range(self.dataset.images[np.sort(idx.numpy())])
+        model.scaling_factor = measure_volume_scaling_factor(
+            model, volumes, torch.Generator().manual_seed(self.config.seed)
+        )
+        folder = model.save_pretrained(Path(out_dir) / VOLUME_AUTOENCODER_DIR)
+        model.train()
+        return folder
+
+
+@register_method
+class VolumeLatentDiffusion(TrainingMethod):
+    name = "volume-latent"
+    device_keys = ("mean", "std")
+
+    def __init__(self, config, dataset, accelerator=None, volume: VolumeModelConfig | None = None):
+        super().__init__(config, dataset, accelerator)
+        if not config.latent.autoencoder:
+            raise MeddiffError(
+                "volume latent diffusion needs a trained volume autoencoder: pass --autoencoder RUN_DIR "
+                "(from `meddiff train-autoencoder` on volumes)"
+            )
+        if config.conditioning not in ("labels", "none"):
+            raise MeddiffError(f"volumes are conditioned on labels or nothing, not {config.conditioning!r}")
+        if config.conditioning == "labels" and not dataset.label_names:
+            raise MeddiffError(
+                f"conditioning 'labels' needs labelled volumes; {dataset.source} has no labels (use conditioning none)"
+            )
+        self.autoencoder = VolumeAutoencoder.from_pretrained(config.latent.autoencoder)
+        channels, *spatial = volume_shape(dataset)
+        if channels != self.autoencoder.in_channels:
+            raise MeddiffError(
+                f"the autoencoder takes {self.autoencoder.in_channels}-channel volumes but "
+                f"{dataset.source} has {channels} channels"
+            )
+        latent_shape = self.autoencoder.latent_shape(spatial)
+        if self.autoencoder.scaling_factor == 1.0:
+            logger.warning(
+                "the volume autoencoder's scaling factor is 1.0 (not measured?); latents may be badly scaled"
+            )
+        self.cfg = volume_config(config, volume).unet
+        self.label_names = list(dataset.label_names) if config.conditioning == "labels" else []
+        self._unet = VolumeUNet(self.cfg, latent_shape[0], len(self.label_names))
+        self.noise_scheduler = build_volume_noise_scheduler(self.cfg)
+        self.latents = encoded_latents(
+            self.autoencoder, dataset, list(spatial), accelerator, transform=model_range, tag="volume", batch_size=2
+        )
+        self.scale = float(self.autoencoder.scaling_factor)
+
+    @property
+    def model(self):
+        return self._unet
+
+    def batch_source(self):
+        return self.latents  # the volumes themselves are not read: their latents are stored
+
+    def clean_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents of this batch: a fresh posterior sample (VQ: the stored pre-quantisation latents)."""
+        mean, std = batch["mean"].float(), batch["std"].float()
+        return (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * self.scale
+
+    def loss(self, model, batch, generator):
+        conditions = encode_condition(batch["labels"], batch["known"]) if self.label_names else None
+        return latent_diffusion_loss(
+            model,
+            self.noise_scheduler,
+            self.clean_latents(batch, generator),
+            conditions,
+            generator,
+            self.config.cond_dropout,
+            self.config.snr_gamma,
+        )
+
+    def export(self, model, out_dir: Path) -> Path:
+        pipe = VolumePipeline(
+            self.autoencoder,
+            model,
+            build_volume_sampler(self.cfg),
+            dataset_grid(self.dataset),
+            self.label_names,
+            trained_on=str(self.dataset.source),
+        )
+        folder = pipe.save_pretrained(Path(out_dir) / PIPELINE_DIR)
+        model.train()
+        return folder

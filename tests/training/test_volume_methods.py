@@ -1,0 +1,174 @@
+"""Training methods for 3D volumes: the autoencoder and latent diffusion steps, stored latents, exports."""
+
+import pytest
+import torch
+
+from meddiff.errors import MeddiffError
+from meddiff.models.volume import VolumeModelConfig
+from meddiff.models.volume_autoencoder import VolumeAutoencoder, VolumeAutoencoderConfig
+from meddiff.models.volume_pipeline import VolumeGrid, VolumePipeline
+from meddiff.models.volume_unet import VolumeUNet, VolumeUNetConfig, build_volume_noise_scheduler
+from meddiff.training.config import LatentConfig, TrainConfig
+from meddiff.training.latent_cache import LatentSource
+from meddiff.training.methods import METHODS
+from meddiff.training.methods.volume import latent_diffusion_loss
+
+TINY = VolumeModelConfig(
+    size=16,
+    autoencoder=VolumeAutoencoderConfig(channels=[8, 16, 16], norm_num_groups=8, scale_samples=4),
+    unet=VolumeUNetConfig(channels=[16, 32], attention_levels=[False, True], norm_num_groups=8, num_head_channels=8),
+)
+
+
+class RandomVolumes(torch.utils.data.Dataset):
+    """What a volume dataset provides to the methods: random volumes with labels."""
+
+    def __init__(self, n=6, channels=2, size=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand((n, channels, size, size, size), generator=g) * 2 - 1
+        self.labels = (torch.rand((n, 2), generator=g) > 0.5).float()
+        self.known = torch.ones(n, 2, dtype=torch.bool)
+        self.label_names = ["tumour", "left"]
+        self.source = f"random:{seed}"
+        self.grid = VolumeGrid(shape=[size] * 3, spacing=[1.0, 1.0, 2.0], channel_names=["flair", "t1c"][:channels])
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {"index": idx, "image": self.images[idx], "labels": self.labels[idx], "known": self.known[idx]}
+
+    def fingerprint(self):
+        return f"{self.source}-{float(self.images.sum()):.6f}"
+
+    def summary(self):
+        return f"{len(self)} random volumes"
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    return RandomVolumes()
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory, volumes):
+    out = tmp_path_factory.mktemp("volume_ae")
+    method = METHODS["volume-autoencoder"](TrainConfig(out=str(out)), volumes, volume=TINY)
+    folder = method.export(method.model, out)
+    return out, folder
+
+
+def test_autoencoder_step_trains(volumes):
+    method = METHODS["volume-autoencoder"](TrainConfig(), volumes, volume=TINY)
+    model = method.model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = method.batch(torch.tensor([0, 1]), "cpu")
+    assert batch["image"].shape == (2, 2, 16, 16, 16)
+    losses = []
+    for step in range(6):
+        loss = method.loss(model, batch, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert set(method.metrics) == {"reconstruction", "regulariser"}
+    assert losses[-1] < losses[0]
+
+
+def test_autoencoder_with_patch_discriminator(volumes):
+    config = VolumeModelConfig(
+        autoencoder=VolumeAutoencoderConfig(**{**TINY.autoencoder.to_dict(), "adversarial_weight": 0.1}), unet=TINY.unet
+    )
+    method = METHODS["volume-autoencoder"](TrainConfig(), volumes, volume=config)
+    batch = {**method.batch(torch.tensor([0, 1]), "cpu"), "step": 0}
+    loss = method.loss(method.model, batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    method.after_step(method.model, batch, torch.Generator().manual_seed(0), 0)
+    assert {"adversarial", "discriminator"} <= set(method.metrics)
+    assert torch.isfinite(method.metrics["discriminator"])
+
+
+def test_autoencoder_export_measures_the_scaling_factor(autoencoder_run):
+    _, folder = autoencoder_run
+    assert folder.name == "volume_autoencoder" and (folder / "model.safetensors").is_file()
+    loaded = VolumeAutoencoder.from_pretrained(folder.parent)  # the run directory works too
+    assert loaded.in_channels == 2 and loaded.scaling_factor != 1.0 and loaded.scaling_factor > 0
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_latent_diffusion_method_trains_on_stored_latents_and_exports(tmp_path, autoencoder_run, volumes):
+    ae_dir, _ = autoencoder_run
+    config = TrainConfig(out=str(tmp_path), latent=LatentConfig(autoencoder=str(ae_dir)), cond_dropout=0.2)
+    method = METHODS["volume-latent"](config, volumes, volume=TINY)
+    assert isinstance(method.batch_source(), LatentSource)
+    batch = method.batch(torch.tensor([0, 1, 2]), "cpu")
+    assert "image" not in batch and batch["mean"].shape == (3, 4, 4, 4, 4)
+    loss = method.loss(method.model, batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and method.model.net.conv_in.conv.weight.grad is not None
+    folder = method.export(method.model, tmp_path)
+    pipe = VolumePipeline.from_pretrained(tmp_path)  # the run directory loads in one call
+    assert folder == tmp_path / "pipeline"
+    assert pipe.label_names == ["tumour", "left"] and pipe.grid == volumes.grid and pipe.trained_on == "random:0"
+    out = pipe(pipe.encode_labels([["tumour"]]), num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 2, 16, 16, 16)
+
+
+def test_latent_diffusion_method_errors(tmp_path, autoencoder_run, volumes):
+    ae_dir, _ = autoencoder_run
+    with pytest.raises(MeddiffError, match="autoencoder"):
+        METHODS["volume-latent"](TrainConfig(), volumes, volume=TINY)
+    with pytest.raises(MeddiffError, match="labels or nothing"):
+        METHODS["volume-latent"](
+            TrainConfig(conditioning="text", latent=LatentConfig(autoencoder=str(ae_dir))), volumes, volume=TINY
+        )
+    with pytest.raises(MeddiffError, match="channels"):
+        METHODS["volume-latent"](
+            TrainConfig(latent=LatentConfig(autoencoder=str(ae_dir))), RandomVolumes(channels=1), volume=TINY
+        )
+    flat = RandomVolumes()
+    flat.images = flat.images[:, :, 0]  # 2D images where volumes are expected
+    with pytest.raises(MeddiffError, match="2D images"):
+        METHODS["volume-autoencoder"](TrainConfig(), flat, volume=TINY)
+
+
+def test_condition_dropout_gives_the_null_condition():
+    torch.manual_seed(0)
+    unet = VolumeUNet(TINY.unet, 4, 2)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    scheduler = build_volume_noise_scheduler(TINY.unet)
+    z, c = torch.randn(2, 4, 4, 4, 4), torch.tensor([[1.0, 1, 0, 1], [0, 1, 1, 1]])
+
+    def loss(conditions, dropout):
+        return latent_diffusion_loss(unet, scheduler, z, conditions, torch.Generator().manual_seed(3), dropout)
+
+    assert torch.equal(loss(c, 1.0), loss(None, 0.0))
+    assert not torch.equal(loss(c, 0.0), loss(None, 0.0))
+
+
+def test_tiny_latent_diffusion_overfit_lowers_the_loss():
+    """Two dozen steps on 4 fixed tiny latents: the loss on fixed noise draws goes down."""
+    torch.manual_seed(0)
+    config = VolumeUNetConfig(channels=[8, 16], attention_levels=[False, True], norm_num_groups=8, num_head_channels=8)
+    unet = VolumeUNet(config, 4, 2)
+    scheduler = build_volume_noise_scheduler(config)
+    latents = torch.randn(4, 4, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    conditions = torch.tensor([[1.0, 1, 1, 1], [0, 0, 1, 1], [1, 0, 1, 1], [0, 1, 1, 1]])
+
+    def fixed_draws_loss() -> float:
+        with torch.no_grad():
+            draws = [torch.Generator().manual_seed(1000 + s) for s in range(4)]
+            return sum(float(latent_diffusion_loss(unet, scheduler, latents, conditions, g)) for g in draws) / 4
+
+    before = fixed_draws_loss()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    for step in range(24):
+        loss = latent_diffusion_loss(unet, scheduler, latents, conditions, torch.Generator().manual_seed(step), 0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = fixed_draws_loss()
+    assert after < 0.8 * before, (before, after)

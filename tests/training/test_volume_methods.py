@@ -172,3 +172,23 @@ def test_tiny_latent_diffusion_overfit_lowers_the_loss():
         optimizer.step()
     after = fixed_draws_loss()
     assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_the_loop_trains_volume_models_on_3d_phantoms(tmp_path):
+    """phantom3d -> volume-autoencoder -> volume-latent through the one training loop -> volumes from one call."""
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.loop import train
+
+    dataset = load_dataset("phantom3d:?n=8&seed=1", 16)
+    common = dict(max_steps=2, batch_size=2, checkpoint_every=0, lr_warmup_steps=1)
+    train(TrainConfig(out=str(tmp_path / "ae"), method="volume-autoencoder", **common), dataset, progress=False)
+    latent = LatentConfig(autoencoder=str(tmp_path / "ae"))
+    result = train(
+        TrainConfig(out=str(tmp_path / "ldm"), method="volume-latent", latent=latent, **common), dataset, progress=False
+    )
+    pipe = VolumePipeline.from_pretrained(result.run_dir)
+    assert pipe.label_names == dataset.label_names
+    assert pipe.grid.shape == [16, 16, 16] and pipe.grid.spacing == list(dataset.spacing)
+    volumes = pipe(pipe.encode_labels([[dataset.label_names[0]]]), num_inference_steps=2)
+    assert volumes.shape == (1, 1, 16, 16, 16)

@@ -99,13 +99,40 @@ def volume_shape(dataset) -> tuple[int, int, int, int]:
 
 
 def dataset_grid(dataset) -> VolumeGrid:
+    """The training grid: the dataset's `grid`, else its `affine` and `channel_names`, else 1 mm voxels."""
     grid = getattr(dataset, "grid", None)
     if grid is not None:
         return grid
     channels, *spatial = volume_shape(dataset)
-    return VolumeGrid(
-        shape=spatial, channel_names=["image"] if channels == 1 else [f"channel{i}" for i in range(channels)]
-    )
+    names = list(getattr(dataset, "channel_names", None) or [])
+    if len(names) != channels:
+        names = ["image"] if channels == 1 else [f"channel{i}" for i in range(channels)]
+    affine = getattr(dataset, "affine", None)
+    if affine is None:
+        return VolumeGrid(shape=spatial, channel_names=names)
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.abs(affine[:3, :3]).max(axis=0).tolist()
+    return VolumeGrid(shape=spatial, spacing=spacing, affine=affine.tolist(), channel_names=names)
+
+
+class VolumeBatches(torch.utils.data.Dataset):
+    """The loader's view of a volume dataset without `__getitems__`: one batch dict per index list (volumes read
+    from the memory map as float32 in [-1, 1])."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {
+            "index": idx,
+            "image": model_range(self.dataset.images[idx.numpy()]),
+            "labels": self.dataset.labels[idx],
+            "known": self.dataset.known[idx],
+        }
 
 
 def discriminator_layers(wanted: int, edge: int) -> int:
@@ -147,6 +174,9 @@ class VolumeAutoencoderTraining(TrainingMethod):
     @property
     def model(self):
         return self._model
+
+    def batch_source(self):
+        return self.dataset if hasattr(self.dataset, "__getitems__") else VolumeBatches(self.dataset)
 
     def setup(self, accelerator) -> None:
         self.accelerator = accelerator

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_train_throughput_bench_writes_json(tmp_path):
     out = tmp_path / "t.json"
     proc = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--resolutions", "28", "--precisions",
@@ -19,6 +22,7 @@ def test_train_throughput_bench_writes_json(tmp_path):
     assert "img_per_s" in proc.stdout
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_sampling_bench_writes_json(tmp_path, tiny_run, phantom_dir):
     out = tmp_path / "s.json"
     proc = subprocess.run([sys.executable, str(BENCH / "sampling.py"), "--model", str(tiny_run), "--n", "4",
@@ -37,6 +41,7 @@ def test_sampling_bench_writes_json(tmp_path, tiny_run, phantom_dir):
     assert all(0 <= r["mean_fidelity_auc"] <= 1 for r in rows if r["mean_fidelity_auc"] is not None)
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_peer_bench_sizes_peers_to_meddiff_and_writes_json(tmp_path):
     out = tmp_path / "p.json"
     proc = subprocess.run([sys.executable, str(BENCH / "peers.py"), "--resolutions", "32", "--peers", "meddiff",
@@ -49,6 +54,7 @@ def test_peer_bench_sizes_peers_to_meddiff_and_writes_json(tmp_path):
     assert rows["meddiff"]["meddiff_speedup"] == 1.0 and rows["diffusers-example"]["img_per_s"] > 0
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_speedups_bench_counts_flops_and_profiles(tmp_path):
     out = tmp_path / "e.json"
     proc = subprocess.run([sys.executable, str(BENCH / "speedups.py"), "--variants", "fp32", "bf16 SDPA attention",
@@ -69,6 +75,7 @@ def test_speedups_bench_counts_flops_and_profiles(tmp_path):
     assert (out.parent / "e-profile.txt").read_text().strip()
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_time_to_quality_bench_resumes_between_marks(tmp_path):
     out = tmp_path / "q.json"
     proc = subprocess.run([sys.executable, str(BENCH / "time_to_quality.py"), "--data", "phantom:?n=96&seed=0",
@@ -86,6 +93,7 @@ def test_time_to_quality_bench_resumes_between_marks(tmp_path):
     assert (tmp_path / "w" / "default" / "snapshots" / "0.06min" / "pipeline").is_dir()
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_latent_throughput_bench_writes_json(tmp_path):
     out = tmp_path / "l.json"
     proc = subprocess.run([sys.executable, str(BENCH / "latent_throughput.py"), "--resolutions", "32", "--factors", "4",
@@ -108,6 +116,7 @@ def test_timed_seconds_excludes_warmup_steps():
     assert timed_seconds(history, 0, 1) == 5.0  # the first step, from the start
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_finetune_scale_bench_measures_each_method_and_cleans_up(tmp_path):
     from meddiff.testing import build_tiny_stable_diffusion
 
@@ -128,6 +137,7 @@ def test_finetune_scale_bench_measures_each_method_and_cleans_up(tmp_path):
     assert one.returncode == 2 and "--steps must be at least 2" in one.stderr
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_plain_diffusers_loop_trains_unet_and_lora_on_the_tiny_sd(tmp_path):
     import torch
     from diffusers import UNet2DConditionModel
@@ -156,6 +166,7 @@ def test_plain_diffusers_loop_trains_unet_and_lora_on_the_tiny_sd(tmp_path):
     assert rows["lora"]["trainable_params"] == lora > 0
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_gpu_check_quick_mode_writes_every_stage_to_one_json(tmp_path):
     out, work = tmp_path / "g.json", tmp_path / "work"
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--quick", "--skip", "pytest_gpu", "--out",
@@ -193,6 +204,7 @@ def test_gpu_check_and_multinode_scripts_parse():
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_latent_cache_bench_second_run_encodes_nothing(tmp_path):
     out = tmp_path / "lc.json"
     proc = subprocess.run([sys.executable, str(BENCH / "latent_cache.py"), "--quick", "--out", str(out)],
@@ -205,6 +217,7 @@ def test_latent_cache_bench_second_run_encodes_nothing(tmp_path):
     assert "saved" in proc.stdout and "results:" in proc.stdout
 
 
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_data_scale_bench_fits_memory_against_n_and_compares_workers(tmp_path):
     out = tmp_path / "ds.json"
     proc = subprocess.run([sys.executable, str(BENCH / "data_scale.py"), "--quick", "--work", str(tmp_path / "w"),

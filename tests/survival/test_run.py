@@ -24,6 +24,7 @@ def report(tmp_path_factory):
     return run_survival(config, progress=False), out, root
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_recovers_the_survival_signal(report):
     result, out, _ = report
     assert result["cases_used"] == 39 and "censored" in result["cases_skipped"]["BraTS20_Training_001"]
@@ -40,6 +41,7 @@ def test_recovers_the_survival_signal(report):
     assert {r["inputs"] for r in result["modality_table"]} == {"T1", "T1CE", "T2", "FLAIR", "all: T1, T1CE, T2, FLAIR"}
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_filter_keeps_the_informative_features(report):
     result, _, _ = report
     kept = {entry["rule"]: {f["name"]: f["rho"] for f in entry["features"]} for entry in result["kept_features"]}
@@ -50,6 +52,7 @@ def test_filter_keeps_the_informative_features(report):
     assert "wt_shape_VoxelVolume" in kept["<-0.10"] and "wt_location_CentroidDistance" not in kept["<-0.10"]
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_outputs_are_written(report):
     result, out, _ = report
     assert json.loads((out / "survival.json").read_text())["cases_used"] == 39
@@ -66,6 +69,7 @@ def test_modality_rows_use_their_own_intensity_features():
     assert modality_columns(names, None).all()
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_bad_options_are_one_line(report, tmp_path):
     _, _, root = report
     with pytest.raises(MeddiffError, match="unknown model"):

@@ -111,7 +111,8 @@ def test_text_model_runs_in_diffusers_stable_diffusion_pipeline(latent_runs):
            output_type="np").images
     ours = load_pipeline(folder)
     ours.scheduler = sd.scheduler
-    b = ours(prompt=prompt, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0)).images
+    seeded = torch.Generator().manual_seed(0)
+    b = ours(prompt=prompt, num_inference_steps=3, guidance_scale=3.0, generator=seeded).images
     assert a.shape == (1, 32, 32, 1) and np.allclose(a, b, atol=1e-5)
 
 
@@ -147,6 +148,7 @@ def test_text_models_take_prompts_built_from_labels(latent_runs):
         sample(load_pipeline(latent_runs[("kl", "labels")]), cond[:1], settings, progress=False, prompts=["x"])
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_trainable_text_encoder_changes_and_is_saved(tmp_path, autoencoders, data):
     from meddiff.conditioning.text import TextConfig, load_text_encoder
 
@@ -163,10 +165,11 @@ def test_latent_errors_are_one_line(tmp_path, autoencoders, data):
         LatentDiffusion(_latent(tmp_path, "", "labels"), data)
     with pytest.raises(MeddiffError, match="trained at 32 px"):
         LatentDiffusion(_latent(tmp_path, autoencoders["kl"], "labels"), load_dataset(DATA, 64))
-    with pytest.raises(MeddiffError, match="conditioning must be"):
+    with pytest.raises(MeddiffError, match="'conditioning' = 'captions' is not one of labels, text, both, none"):
         LatentDiffusion(_latent(tmp_path, autoencoders["kl"], "captions"), data)
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_latent_text_training_resumes_exactly(tmp_path, autoencoders, data):
     from safetensors.torch import load_file
 

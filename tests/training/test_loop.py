@@ -158,14 +158,14 @@ def test_compile_option_trains_and_exports_uncompiled_weights(tmp_path, data):
 
 def test_speed_options_in_cli_reach_the_config(tmp_path):
     from meddiff.cli import _run_config, build_parser
+    from meddiff.options import given
 
     args = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", str(tmp_path), "--channels-last",
                                       "--compile", "--threads", "1"])
-    config = _run_config(args, {"channels_last": args.channels_last, "compile": args.compile, "threads": args.threads})
+    config = _run_config(args, given(args))
     assert config.channels_last and config.compile and config.threads == 1
     plain = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", str(tmp_path)])
-    config = _run_config(plain, {"channels_last": plain.channels_last, "compile": plain.compile,
-                                 "threads": plain.threads})
+    config = _run_config(plain, given(plain))
     assert not config.channels_last and not config.compile and config.threads is None
 
 
@@ -193,9 +193,11 @@ def test_shuffled_findings_reach_the_text_encoder(data):
         findings = lambda text: sorted(text.split(" with ", 1)[1].replace(" and ", ", ").split(", "))  # noqa: E731
         assert all(findings(v) == findings(data.prompts[row]) for v in variants)
     from meddiff.cli import _run_config, build_parser
+    from meddiff.options import given
 
     args = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", "x", "--shuffle-findings"])
-    assert _run_config(args, {"text.shuffle_findings": args.shuffle_findings}).text.shuffle_findings
+    assert given(args)["text.shuffle_findings"] is True
+    assert _run_config(args, given(args)).text.shuffle_findings
 
 
 def test_a_non_finite_loss_is_never_checkpointed(tmp_path, data, monkeypatch):

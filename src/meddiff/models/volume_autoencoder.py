@@ -68,7 +68,7 @@ class EncodeOutput:
     latent_dist: LatentMoments  # named as in diffusers' AutoencoderKLOutput
 
 
-def build_monai_autoencoder(cfg: VolumeAutoencoderConfig, in_channels: int) -> torch.nn.Module:
+def build_monai_autoencoder(cfg: VolumeAutoencoderConfig, in_channels: int) -> AutoencoderKL | VQVAE:
     """MONAI AutoencoderKL or VQVAE (spatial_dims=3) for `in_channels`-channel volumes; bad sizes: MeddiffError."""
     if in_channels < 1:
         raise MeddiffError(f"a volume autoencoder needs at least 1 channel, got {in_channels}")
@@ -123,7 +123,7 @@ class VolumeAutoencoder(torch.nn.Module):
         self.config = config
         self.in_channels = int(in_channels)
         self.scaling_factor = float(scaling_factor)
-        self.net = build_monai_autoencoder(config, self.in_channels)
+        self.net: AutoencoderKL | VQVAE = build_monai_autoencoder(config, self.in_channels)
 
     @property
     def is_vq(self) -> bool:
@@ -166,7 +166,7 @@ class VolumeAutoencoder(torch.nn.Module):
     def encode(self, x: torch.Tensor) -> EncodeOutput:
         """Unscaled latent moments of volumes in [-1, 1]."""
         self.check_input(x)
-        if self.is_vq:
+        if isinstance(self.net, VQVAE):
             z = self.net.encode(x)
             return EncodeOutput(LatentMoments(z, torch.zeros_like(z)))
         mean, std = self.net.encode(x)
@@ -175,7 +175,7 @@ class VolumeAutoencoder(torch.nn.Module):
     def round_trip(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward pass: (reconstruction, weighted regulariser: KL term or VQ commitment loss)."""
         self.check_input(x)
-        if self.is_vq:
+        if isinstance(self.net, VQVAE):
             recon, commitment = self.net(x)
             return recon, commitment
         mean, std = self.net.encode(x)

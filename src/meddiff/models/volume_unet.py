@@ -78,7 +78,7 @@ def build_monai_unet(cfg: VolumeUNetConfig, latent_channels: int, num_labels: in
     )
 
 
-def build_volume_noise_scheduler(cfg: VolumeUNetConfig) -> DDPMScheduler:
+def build_volume_noise_scheduler(cfg: VolumeUNetConfig):
     """The training noise schedule (diffusers' schedulers work on 5D latents unchanged)."""
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
@@ -101,7 +101,7 @@ class VolumeUNet(torch.nn.Module):
         self.config = config
         self.latent_channels = int(latent_channels)
         self.num_labels = int(num_labels)
-        self.net = build_monai_unet(config, self.latent_channels, self.num_labels)
+        self.net: DiffusionModelUNet = build_monai_unet(config, self.latent_channels, self.num_labels)
 
     @property
     def condition_width(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 def autoencoder_loss(
     autoencoder: VolumeAutoencoder, x: torch.Tensor, generator: torch.Generator, reconstruction: str = "l1"
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(loss, reconstruction, metrics) of one batch: voxel L1/MSE + the KL term (or VQ commitment loss)."""
     recon, regulariser = autoencoder.round_trip(x, generator)
     recon = recon.float()
@@ -95,7 +96,7 @@ def volume_shape(dataset) -> tuple[int, int, int, int]:
     shape = tuple(int(s) for s in dataset.images.shape[1:])
     if len(shape) != 4:
         raise MeddiffError(f"{dataset.source} holds {len(shape) - 1}D images; a volume method needs (C, D, H, W)")
-    return shape  # type: ignore[return-value]
+    return shape[0], shape[1], shape[2], shape[3]
 
 
 def dataset_grid(dataset) -> VolumeGrid:
@@ -159,7 +160,7 @@ class VolumeAutoencoderTraining(TrainingMethod):
         channels, *spatial = volume_shape(dataset)
         self._model = VolumeAutoencoder(self.cfg, channels)
         self._model.latent_shape(spatial)  # divisible by the downsample factor, or a one-line error
-        self.discriminator = None
+        self.discriminator: Any = None  # a MONAI PatchDiscriminator when adversarial_weight > 0
         if self.cfg.adversarial_weight > 0:
             self.discriminator = PatchDiscriminator(
                 spatial_dims=3,
@@ -168,7 +169,7 @@ class VolumeAutoencoderTraining(TrainingMethod):
                 num_layers_d=discriminator_layers(self.cfg.discriminator_layers, min(spatial)),
                 norm="INSTANCE",
             )
-        self.disc_optimizer = None
+        self.disc_optimizer: Any = None
         self._recon: torch.Tensor | None = None
 
     @property
@@ -198,13 +199,14 @@ class VolumeAutoencoderTraining(TrainingMethod):
 
     def loss(self, model, batch, generator):
         x = batch["image"]
-        total, recon, self.metrics = autoencoder_loss(model, x, generator, self.cfg.reconstruction_loss)
+        total, recon, metrics = autoencoder_loss(model, x, generator, self.cfg.reconstruction_loss)
         if self._adversarial(int(batch.get("step", 0))):
             self.discriminator.requires_grad_(False)
             adversarial = generator_adversarial_loss(self._logits(recon))
             self.discriminator.requires_grad_(True)
             total = total + self.cfg.adversarial_weight * adversarial
-            self.metrics["adversarial"] = adversarial.detach()
+            metrics["adversarial"] = adversarial.detach()
+        self.metrics = metrics  # tensors until a logging step reads them
         self._recon = recon.detach()
         return total
 
@@ -224,7 +226,9 @@ class VolumeAutoencoderTraining(TrainingMethod):
                     p.grad = self.accelerator.reduce(p.grad, "mean")
         self.disc_optimizer.step()
         self.disc_optimizer.zero_grad(set_to_none=True)
-        self.metrics["discriminator"] = d_loss.detach()
+        metrics: dict[str, Any] = dict(self.metrics)
+        metrics["discriminator"] = d_loss.detach()
+        self.metrics = metrics
 
     def export(self, model, out_dir: Path) -> Path:
         """RUN/volume_autoencoder/, with the scaling factor measured on (up to scale_samples) training volumes."""
@@ -275,7 +279,13 @@ class VolumeLatentDiffusion(TrainingMethod):
         self._unet = VolumeUNet(self.cfg, latent_shape[0], len(self.label_names))
         self.noise_scheduler = build_volume_noise_scheduler(self.cfg)
         self.latents = encoded_latents(
-            self.autoencoder, dataset, list(spatial), accelerator, transform=model_range, tag="volume", batch_size=2
+            self.autoencoder,
+            dataset,
+            spatial[0],
+            accelerator,
+            transform=model_range,
+            tag="volume-" + "x".join(map(str, spatial)),  # the whole grid in the cache key
+            batch_size=2,
         )
         self.scale = float(self.autoencoder.scaling_factor)
 

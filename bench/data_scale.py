@@ -39,7 +39,7 @@ def make_pool(folder: Path, n: int, size=(640, 512), seed: int = 0) -> list[Path
 
     rng = np.random.default_rng(seed)
     files = []
-    yy, xx = np.mgrid[0:size[1], 0:size[0]].astype(np.float32)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
     for i in range(n):
         cls = "A" if i % 2 == 0 else "B"
         path = folder / cls / f"img {i:06d}.jpg"
@@ -85,8 +85,9 @@ def tree_rss_bytes(pid: int) -> int:
 def run_sampled(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     """(seconds, peak tree RSS in bytes, output) of a command."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+    )
     peak = [0]
 
     def sample():
@@ -106,8 +107,22 @@ def run_sampled(cmd: list[str], env: dict | None = None) -> tuple[float, int, st
 def prepare(folder: Path, out: Path, resolution: int, workers: int) -> float:
     """Seconds `meddiff data prepare` spent decoding and writing (its own measure in store.json: the command's
     start-up, about a second of imports whatever the size, is left out)."""
-    run_sampled([sys.executable, "-m", "meddiff", "data", "prepare", f"folder:{folder}?split=all", "--out", str(out),
-                 "--resolution", str(resolution), "--workers", str(workers)])
+    run_sampled(
+        [
+            sys.executable,
+            "-m",
+            "meddiff",
+            "data",
+            "prepare",
+            f"folder:{folder}?split=all",
+            "--out",
+            str(out),
+            "--resolution",
+            str(resolution),
+            "--workers",
+            str(workers),
+        ]
+    )
     return float(json.loads((out / "store.json").read_text())["prepare_seconds"])
 
 
@@ -122,9 +137,19 @@ def child_train(store: str, resolution: int, steps: int, batch: int, workers: in
 
     ds = load_dataset(f"store:{store}", resolution)
     model = ModelConfig(block_out_channels=[16, 32, 32], layers_per_block=1) if small else ModelConfig()
-    cfg = TrainConfig(data=f"store:{store}", out=out, resolution=resolution, batch_size=batch, max_steps=steps,
-                      checkpoint_every=0, log_every=1, lr_warmup_steps=0, loader_workers=workers, model=model,
-                      ema=False)
+    cfg = TrainConfig(
+        data=f"store:{store}",
+        out=out,
+        resolution=resolution,
+        batch_size=batch,
+        max_steps=steps,
+        checkpoint_every=0,
+        log_every=1,
+        lr_warmup_steps=0,
+        loader_workers=workers,
+        model=model,
+        ema=False,
+    )
     result = train(cfg, ds, progress=False)
     hist = result.loss_history
     warm = max(min(2, len(hist) - 2), 0)
@@ -185,19 +210,41 @@ def main() -> None:
         folder = subset(pool, work / "sets", n)
         store = work / f"store-{n}-{args.resolution}"
         prep_s = prepare(folder, store, args.resolution, 2) if not (store / "store.json").is_file() else None
-        cmd = [sys.executable, str(HERE), "--child", "train", "--store", str(store), "--resolution",
-               str(args.resolution), "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--workers", "2",
-               "--small", "--run", str(work / f"run-{n}")]
+        cmd = [
+            sys.executable,
+            str(HERE),
+            "--child",
+            "train",
+            "--store",
+            str(store),
+            "--resolution",
+            str(args.resolution),
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            "2",
+            "--small",
+            "--run",
+            str(work / f"run-{n}"),
+        ]
         peaks, rates = [], []
         for _ in range(args.repeats):  # the allocator's timing moves a peak by tens of MB: the least of R runs
             seconds, peak, out = run_sampled(cmd)
             peaks.append(peak)
             rates.append(last_json(out)["images_per_second"])
-        rows.append({"images": n, "prepare_s": round(prep_s, 1) if prep_s else None,
-                     "prepare_img_per_s": round(n / prep_s, 1) if prep_s else None,
-                     "train_steps": args.steps, "peak_rss_mb": round(min(peaks) / 2**20, 1),
-                     "peak_rss_mb_runs": [round(x / 2**20, 1) for x in peaks],
-                     "train_img_per_s": round(float(np.median(rates)), 2)})
+        rows.append(
+            {
+                "images": n,
+                "prepare_s": round(prep_s, 1) if prep_s else None,
+                "prepare_img_per_s": round(n / prep_s, 1) if prep_s else None,
+                "train_steps": args.steps,
+                "peak_rss_mb": round(min(peaks) / 2**20, 1),
+                "peak_rss_mb_runs": [round(x / 2**20, 1) for x in peaks],
+                "train_img_per_s": round(float(np.median(rates)), 2),
+            }
+        )
         print(rows[-1], flush=True)
     sizes = np.array([r["images"] for r in rows], float)
     peaks = np.array([r["peak_rss_mb"] for r in rows], float) * 2**20
@@ -216,26 +263,72 @@ def main() -> None:
     store64 = work / f"store-{n_mid}-64"
     if not (store64 / "store.json").is_file():
         prepare(folder, store64, 64, 2)
-    _, _, out = run_sampled([sys.executable, str(HERE), "--child", "loader", "--store", str(store64), "--resolution",
-                             "64", "--steps", "20" if args.quick else "200", "--batch-size", "32", "--workers", "2"])
+    _, _, out = run_sampled(
+        [
+            sys.executable,
+            str(HERE),
+            "--child",
+            "loader",
+            "--store",
+            str(store64),
+            "--resolution",
+            "64",
+            "--steps",
+            "20" if args.quick else "200",
+            "--batch-size",
+            "32",
+            "--workers",
+            "2",
+        ]
+    )
     loader_rate = last_json(out)["images_per_second"]
-    _, _, out = run_sampled([sys.executable, str(HERE), "--child", "train", "--store", str(store64), "--resolution",
-                             "64", "--steps", "4" if args.quick else "12", "--batch-size", "32", "--workers", "2",
-                             "--run", str(work / "run-64")])
+    _, _, out = run_sampled(
+        [
+            sys.executable,
+            str(HERE),
+            "--child",
+            "train",
+            "--store",
+            str(store64),
+            "--resolution",
+            "64",
+            "--steps",
+            "4" if args.quick else "12",
+            "--batch-size",
+            "32",
+            "--workers",
+            "2",
+            "--run",
+            str(work / "run-64"),
+        ]
+    )
     train64 = last_json(out)["images_per_second"]
-    summary = {"fit_a_mb": round(a / 2**20, 1), "fit_b_bytes_per_image": round(float(b), 1),
-               "prepare_1_worker_img_per_s": round(n_big / t1, 1), "prepare_2_workers_img_per_s": round(n_big / t2, 1),
-               "prepare_speedup_2_vs_1": round(t1 / t2, 2), "loader_2_workers_img_per_s_64px": round(loader_rate, 1),
-               "train_img_per_s_64px": round(train64, 1), "cpus": os.cpu_count(), "resolution": args.resolution}
-    path = write_results("data_scale", rows, ["images", "prepare_s", "prepare_img_per_s", "train_steps", "peak_rss_mb",
-                                              "train_img_per_s"], args.out)
+    summary = {
+        "fit_a_mb": round(a / 2**20, 1),
+        "fit_b_bytes_per_image": round(float(b), 1),
+        "prepare_1_worker_img_per_s": round(n_big / t1, 1),
+        "prepare_2_workers_img_per_s": round(n_big / t2, 1),
+        "prepare_speedup_2_vs_1": round(t1 / t2, 2),
+        "loader_2_workers_img_per_s_64px": round(loader_rate, 1),
+        "train_img_per_s_64px": round(train64, 1),
+        "cpus": os.cpu_count(),
+        "resolution": args.resolution,
+    }
+    path = write_results(
+        "data_scale",
+        rows,
+        ["images", "prepare_s", "prepare_img_per_s", "train_steps", "peak_rss_mb", "train_img_per_s"],
+        args.out,
+    )
     data = json.loads(path.read_text())
     data["summary"] = summary
     path.write_text(json.dumps(data, indent=2))
     for k, v in summary.items():
         print(f"{k}: {v}")
-    print(f"targets: b < 2048 B/image: {summary['fit_b_bytes_per_image'] < 2048}; prepare 2 vs 1 workers >= 1.6x: "
-          f"{summary['prepare_speedup_2_vs_1'] >= 1.6}; loader >= 64 px training: {loader_rate >= train64}")
+    print(
+        f"targets: b < 2048 B/image: {summary['fit_b_bytes_per_image'] < 2048}; prepare 2 vs 1 workers >= 1.6x: "
+        f"{summary['prepare_speedup_2_vs_1'] >= 1.6}; loader >= 64 px training: {loader_rate >= train64}"
+    )
 
 
 if __name__ == "__main__":

@@ -59,25 +59,51 @@ def main() -> None:
     base = ["--model", args.model, "--conditions", args.conditions, "--n", str(args.n), "--steps", "20"]
     rows = []
     seconds = generate(base + ["--out", str(tmp / "straight")])
-    rows.append({"check": f"{args.n} images, dpm++ 20, uninterrupted", "result": f"{seconds:.1f} s",
-                 "img_per_s": round(args.n / seconds, 2)})
+    rows.append(
+        {
+            "check": f"{args.n} images, dpm++ 20, uninterrupted",
+            "result": f"{seconds:.1f} s",
+            "img_per_s": round(args.n / seconds, 2),
+        }
+    )
     killed_at = generate(base + ["--out", str(tmp / "resumed")], kill_after=args.kill_after)
     done_before = len(list((tmp / "resumed" / "images").glob("*.png")))
     generate(base + ["--out", str(tmp / "resumed")])
     same = hashes(tmp / "straight") == hashes(tmp / "resumed")
     manifest_same = (tmp / "straight" / "manifest.csv").read_bytes() == (tmp / "resumed" / "manifest.csv").read_bytes()
-    rows.append({"check": f"SIGKILL after {killed_at:.0f} s ({done_before} done), resume",
-                 "result": f"identical files: {same}, identical manifest: {manifest_same}"})
+    rows.append(
+        {
+            "check": f"SIGKILL after {killed_at:.0f} s ({done_before} done), resume",
+            "result": f"identical files: {same}, identical manifest: {manifest_same}",
+        }
+    )
     small = ["--model", args.model, "--conditions", args.conditions, "--n", "32", "--steps", "20"]
     generate(small + ["--batch-size", "1", "--out", str(tmp / "b1")])
     generate(small + ["--batch-size", "16", "--out", str(tmp / "b16")])
-    rows.append({"check": "32 images, batch 1 vs batch 16", "result": f"identical: {hashes(tmp / 'b1') == hashes(tmp / 'b16')}"})
+    rows.append(
+        {"check": "32 images, batch 1 vs batch 16", "result": f"identical: {hashes(tmp / 'b1') == hashes(tmp / 'b16')}"}
+    )
     for name, steps in (("ddpm", 1000), ("ddim", 50), ("pndm", 75), ("dpm++", 25), ("dpm++", 20), ("dpm++", 10)):
         n = 16 if steps >= 500 else 64
-        s = generate(["--model", args.model, "--conditions", args.conditions, "--n", str(n), "--steps", str(steps),
-                      "--scheduler", name, "--out", str(tmp / f"t-{name}-{steps}")])
-        rows.append({"check": f"throughput {name} x{steps}", "result": f"{n} images in {s:.1f} s",
-                     "img_per_s": round(n / s, 2)})
+        s = generate(
+            [
+                "--model",
+                args.model,
+                "--conditions",
+                args.conditions,
+                "--n",
+                str(n),
+                "--steps",
+                str(steps),
+                "--scheduler",
+                name,
+                "--out",
+                str(tmp / f"t-{name}-{steps}"),
+            ]
+        )
+        rows.append(
+            {"check": f"throughput {name} x{steps}", "result": f"{n} images in {s:.1f} s", "img_per_s": round(n / s, 2)}
+        )
     write_results("generation", rows, ["check", "result", "img_per_s"], args.out)
 
 

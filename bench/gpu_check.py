@@ -45,8 +45,19 @@ STAGES = ("pytest_gpu", "pixel", "latent", "sampling", "finetune")
 FINETUNE_CONFIGS = ("unet", "lora")
 RESERVE_S = 10  # kept back for writing the results
 LATENT_UNET = [64, 128, 256]  # bench/latent_throughput.py's latent U-Net
-COLUMNS = ["stage", "what", "config", "resolution", "batch", "precision", "img_per_s", "s_per_step", "peak_gpu_GB",
-           "peak_rss_GB", "note"]
+COLUMNS = [
+    "stage",
+    "what",
+    "config",
+    "resolution",
+    "batch",
+    "precision",
+    "img_per_s",
+    "s_per_step",
+    "peak_gpu_GB",
+    "peak_rss_GB",
+    "note",
+]
 
 
 @dataclasses.dataclass
@@ -83,10 +94,28 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(pixel_resolution=32, pixel_batch=4, pixel_tiny_model=True, latent_resolution=32, latent_factor=4,
-              latent_ae_channels=(16, 32, 32), latent_unet=(32, 64), latent_batch=4, warmup=1, steps=2, sample_n=2,
-              sd="tiny", ft_resolution=32, ft_batch=1, ft_steps=2, need_pytest_gpu=5, need_pixel=1, need_latent=1,
-              need_sampling=1, need_finetune=1)
+QUICK = Sizes(
+    pixel_resolution=32,
+    pixel_batch=4,
+    pixel_tiny_model=True,
+    latent_resolution=32,
+    latent_factor=4,
+    latent_ae_channels=(16, 32, 32),
+    latent_unet=(32, 64),
+    latent_batch=4,
+    warmup=1,
+    steps=2,
+    sample_n=2,
+    sd="tiny",
+    ft_resolution=32,
+    ft_batch=1,
+    ft_steps=2,
+    need_pytest_gpu=5,
+    need_pixel=1,
+    need_latent=1,
+    need_sampling=1,
+    need_finetune=1,
+)
 
 
 # stage bodies (run in this process or in a child) ------------------------------------------------------------------
@@ -151,14 +180,31 @@ def stage_pixel(s: Sizes, work: Path) -> dict:
     model = ModelConfig(block_out_channels=[16, 32], layers_per_block=1) if s.pixel_tiny_model else ModelConfig()
     data = phantoms(res, max(4 * batch, 16))
     _reset_peak()
-    cfg = TrainConfig(out=str(work / "pixel"), resolution=res, batch_size=batch, max_steps=s.warmup + s.steps,
-                      checkpoint_every=0, log_every=1, lr_warmup_steps=0, model=model, eval=EvalConfig(fidelity=False))
+    cfg = TrainConfig(
+        out=str(work / "pixel"),
+        resolution=res,
+        batch_size=batch,
+        max_steps=s.warmup + s.steps,
+        checkpoint_every=0,
+        log_every=1,
+        lr_warmup_steps=0,
+        model=model,
+        eval=EvalConfig(fidelity=False),
+    )
     result = train(cfg, data, progress=False)
     rate, per_step = _train_rate(result, s.warmup, s.steps, batch)
-    row = {"stage": "pixel", "what": "pixel diffusion training", "config": "default model" if not s.pixel_tiny_model
-           else "tiny model", "resolution": res, "batch": batch, "precision": result.precision,
-           "params_M": round(result.parameters / 1e6, 2), "img_per_s": round(rate, 1), "s_per_step": round(per_step, 4),
-           "run": str(work / "pixel")}
+    row = {
+        "stage": "pixel",
+        "what": "pixel diffusion training",
+        "config": "default model" if not s.pixel_tiny_model else "tiny model",
+        "resolution": res,
+        "batch": batch,
+        "precision": result.precision,
+        "params_M": round(result.parameters / 1e6, 2),
+        "img_per_s": round(rate, 1),
+        "s_per_step": round(per_step, 4),
+        "run": str(work / "pixel"),
+    }
     return {"rows": [_memory(row)]}
 
 
@@ -168,8 +214,7 @@ def build_random_autoencoder(folder: Path, resolution: int, factor: int, channel
     images."""
     import torch
 
-    from meddiff.models.autoencoder import AUTOENCODER_DIR, AutoencoderConfig, build_autoencoder, \
-        measure_scaling_factor
+    from meddiff.models.autoencoder import AUTOENCODER_DIR, AutoencoderConfig, build_autoencoder, measure_scaling_factor
 
     torch.manual_seed(0)
     vae = build_autoencoder(AutoencoderConfig(kind="kl", downsample=factor, channels=list(channels)), resolution)
@@ -193,17 +238,35 @@ def stage_latent(s: Sizes, work: Path) -> dict:
     ae_seconds = time.perf_counter() - t
     data = phantoms(res, max(4 * batch, 16))
     _reset_peak()
-    cfg = TrainConfig(out=str(work / "latent"), method="latent", resolution=res, batch_size=batch,
-                      latent=LatentConfig(autoencoder=str(ae)), max_steps=s.warmup + s.steps, checkpoint_every=0,
-                      log_every=1, lr_warmup_steps=0, eval=EvalConfig(fidelity=False),
-                      model=ModelConfig(block_out_channels=list(s.latent_unet), attention_max_resolution=8))
+    cfg = TrainConfig(
+        out=str(work / "latent"),
+        method="latent",
+        resolution=res,
+        batch_size=batch,
+        latent=LatentConfig(autoencoder=str(ae)),
+        max_steps=s.warmup + s.steps,
+        checkpoint_every=0,
+        log_every=1,
+        lr_warmup_steps=0,
+        eval=EvalConfig(fidelity=False),
+        model=ModelConfig(block_out_channels=list(s.latent_unet), attention_max_resolution=8),
+    )
     result = train(cfg, data, progress=False)
     rate, per_step = _train_rate(result, s.warmup, s.steps, batch)
     side = res // factor
-    row = {"stage": "latent", "what": "latent diffusion training", "config": f"KL f={factor} latent 4x{side}x{side}",
-           "resolution": res, "batch": batch, "precision": result.precision,
-           "params_M": round(result.parameters / 1e6, 2), "img_per_s": round(rate, 1), "s_per_step": round(per_step, 4),
-           "autoencoder_build_s": round(ae_seconds, 1), "run": str(work / "latent")}
+    row = {
+        "stage": "latent",
+        "what": "latent diffusion training",
+        "config": f"KL f={factor} latent 4x{side}x{side}",
+        "resolution": res,
+        "batch": batch,
+        "precision": result.precision,
+        "params_M": round(result.parameters / 1e6, 2),
+        "img_per_s": round(rate, 1),
+        "s_per_step": round(per_step, 4),
+        "autoencoder_build_s": round(ae_seconds, 1),
+        "run": str(work / "latent"),
+    }
     return {"rows": [_memory(row)]}
 
 
@@ -218,7 +281,9 @@ def stage_sampling(s: Sizes, work: Path) -> dict:
     for name in ("pixel", "latent"):
         run = work / name
         if not (run / "pipeline").is_dir():
-            rows.append({"stage": "sampling", "what": f"{name} model", "note": f"no {name} run (stage skipped or failed)"})
+            rows.append(
+                {"stage": "sampling", "what": f"{name} model", "note": f"no {name} run (stage skipped or failed)"}
+            )
             continue
         pipe = load_pipeline(run, device=_device())
         codec = LabelCodec(pipe.label_names)
@@ -235,9 +300,16 @@ def stage_sampling(s: Sizes, work: Path) -> dict:
         seconds = time.perf_counter() - t
         assert images.shape[0] == n
         res = images.shape[-1]
-        row = {"stage": "sampling", "what": f"{name} model, DPM++ {s.sample_steps} steps, guidance 2"
-               + (", with decode" if name == "latent" else ""), "config": f"n={n}", "resolution": res, "batch": n,
-               "img_per_s": round(n / seconds, 2), "s_per_step": round(seconds / s.sample_steps, 4)}
+        row = {
+            "stage": "sampling",
+            "what": f"{name} model, DPM++ {s.sample_steps} steps, guidance 2"
+            + (", with decode" if name == "latent" else ""),
+            "config": f"n={n}",
+            "resolution": res,
+            "batch": n,
+            "img_per_s": round(n / seconds, 2),
+            "s_per_step": round(seconds / s.sample_steps, 4),
+        }
         rows.append(_memory(row))
         del pipe
     return {"rows": rows}
@@ -316,7 +388,10 @@ class Driver:
         try:
             return {"status": "ok", **run_payload(payload, self.sizes, self.work)}
         except Exception as exc:  # noqa: BLE001 - a failed stage is reported, the others still run
-            return {"status": "failed", "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+            return {
+                "status": "failed",
+                "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+            }
 
     def record(self, name: str, result: dict, seconds: float) -> None:
         rows = result.pop("rows", [])
@@ -332,8 +407,14 @@ class Driver:
         for row in rows:
             row.setdefault("stage", name)
         if not rows and result["status"] != "ok":
-            rows = [{"stage": name, "what": result.get("loop", ""), "config": result.get("config", ""),
-                     "note": result.get("note", result["status"])}]
+            rows = [
+                {
+                    "stage": name,
+                    "what": result.get("loop", ""),
+                    "config": result.get("config", ""),
+                    "note": result.get("note", result["status"]),
+                }
+            ]
         self.rows += rows
         self.write(final=False)
 
@@ -350,19 +431,31 @@ class Driver:
     def pytest_gpu(self) -> None:
         s = self.sizes
         if "pytest_gpu" in self.args.skip or self.skip_note(s.need_pytest_gpu):
-            self.record("pytest_gpu", {"status": "skipped",
-                                       "note": self.skip_note(s.need_pytest_gpu) or "skipped (--skip)"}, 0.0)
+            self.record(
+                "pytest_gpu",
+                {"status": "skipped", "note": self.skip_note(s.need_pytest_gpu) or "skipped (--skip)"},
+                0.0,
+            )
             return
         timeout = max(1.0, min(s.cap_pytest_gpu, self.left()))
         t = time.time()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"],
-                                  capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=ROOT,
+            )
             lines = proc.stdout.strip().splitlines()
             summary = lines[-1] if lines else ""
             status = {0: "ok", 5: "ok"}.get(proc.returncode, "failed")
-            result = {"status": status, "rc": proc.returncode, "summary": summary,
-                      "note": "no test carries the gpu marker" if proc.returncode == 5 else summary}
+            result = {
+                "status": status,
+                "rc": proc.returncode,
+                "summary": summary,
+                "note": "no test carries the gpu marker" if proc.returncode == 5 else summary,
+            }
             if status == "failed":
                 result["failures"] = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:20]
         except subprocess.TimeoutExpired:
@@ -384,19 +477,38 @@ class Driver:
                 builder.kill()
                 builder.wait()
             if builder.returncode != 0 or not (base / "model_index.json").is_file():
-                log = (self.work / "build_sd.log")
+                log = self.work / "build_sd.log"
                 tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
-                self.record("finetune", {"status": "failed", "note": "building the SD-1.5-size pipeline did not "
-                                         f"finish in time or failed: {(tail or ['no log'])[0][:200]}"}, time.time() - t)
+                self.record(
+                    "finetune",
+                    {
+                        "status": "failed",
+                        "note": "building the SD-1.5-size pipeline did not "
+                        f"finish in time or failed: {(tail or ['no log'])[0][:200]}",
+                    },
+                    time.time() - t,
+                )
                 return
         elif self.in_process:
             build_sd(s, base)
-        self.stages["finetune"] = {"status": "ok", "seconds": round(time.time() - t, 1), "base": str(base),
-                                   "resolution": s.ft_resolution, "batch": s.ft_batch, "steps": s.ft_steps}
+        self.stages["finetune"] = {
+            "status": "ok",
+            "seconds": round(time.time() - t, 1),
+            "base": str(base),
+            "resolution": s.ft_resolution,
+            "batch": s.ft_batch,
+            "steps": s.ft_steps,
+        }
         for name in self.args.finetune_configs:
             for loop in ("meddiff", "plain-diffusers"):
-                self.run_stage("finetune", {"stage": "finetune_one", "loop": loop, "config": name},
-                               s.need_finetune, s.cap_finetune, loop=loop, config=name)
+                self.run_stage(
+                    "finetune",
+                    {"stage": "finetune_one", "loop": loop, "config": name},
+                    s.need_finetune,
+                    s.cap_finetune,
+                    loop=loop,
+                    config=name,
+                )
 
     def run(self) -> Path:
         s = self.sizes
@@ -405,8 +517,13 @@ class Driver:
         if not self.in_process and "finetune" not in self.args.skip:
             log = open(self.work / "build_sd.log", "w")
             env = {**os.environ, "OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}  # leave CPU to the GPU stages
-            builder = subprocess.Popen([sys.executable, __file__, "--child", json.dumps({"stage": "build_sd"})],
-                                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            builder = subprocess.Popen(
+                [sys.executable, __file__, "--child", json.dumps({"stage": "build_sd"})],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+            )
         self.pytest_gpu()
         self.run_stage("pixel", {"stage": "pixel"}, s.need_pixel, s.cap_pixel)
         self.run_stage("latent", {"stage": "latent"}, s.need_latent, s.cap_latent)
@@ -421,16 +538,31 @@ class Driver:
 
         info = machine()
         if torch.cuda.is_available():
-            info.update(gpu=torch.cuda.get_device_name(0), cuda_version=torch.version.cuda,
-                        bf16=torch.cuda.is_bf16_supported())
-        data = {"benchmark": "gpu_check", "machine": info, "quick": self.quick, "in_process": self.in_process,
-                "budget_s": round(self.deadline - self.t0), "elapsed_s": round(time.time() - self.t0, 1),
-                "complete": final, "notes": self.notes,
-                "sizes": dataclasses.asdict(self.sizes), "stages": self.stages, "rows": self.rows}
+            info.update(
+                gpu=torch.cuda.get_device_name(0), cuda_version=torch.version.cuda, bf16=torch.cuda.is_bf16_supported()
+            )
+        data = {
+            "benchmark": "gpu_check",
+            "machine": info,
+            "quick": self.quick,
+            "in_process": self.in_process,
+            "budget_s": round(self.deadline - self.t0),
+            "elapsed_s": round(time.time() - self.t0, 1),
+            "complete": final,
+            "notes": self.notes,
+            "sizes": dataclasses.asdict(self.sizes),
+            "stages": self.stages,
+            "rows": self.rows,
+        }
         if self.args.install_seconds is not None:
-            data["stages"] = {"install": {"status": "ok" if self.args.install_rc == 0 else "failed",
-                                          "rc": self.args.install_rc, "seconds": self.args.install_seconds},
-                              **self.stages}
+            data["stages"] = {
+                "install": {
+                    "status": "ok" if self.args.install_rc == 0 else "failed",
+                    "rc": self.args.install_rc,
+                    "seconds": self.args.install_seconds,
+                },
+                **self.stages,
+            }
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -464,11 +596,19 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes in one process (implied without CUDA)")
-    ap.add_argument("--processes", action="store_true",
-                    help="each stage in its own time-boxed process even with --quick (the default on a GPU)")
+    ap.add_argument(
+        "--processes",
+        action="store_true",
+        help="each stage in its own time-boxed process even with --quick (the default on a GPU)",
+    )
     ap.add_argument("--budget-s", type=float, default=450, help="seconds for all stages (from now)")
-    ap.add_argument("--deadline", type=float, default=None, help="absolute end time (epoch seconds); wins over "
-                    "--budget-s (bench/gpu_check.sh passes its own start + 8 minutes)")
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="absolute end time (epoch seconds); wins over "
+        "--budget-s (bench/gpu_check.sh passes its own start + 8 minutes)",
+    )
     ap.add_argument("--skip", nargs="*", default=[], choices=STAGES)
     ap.add_argument("--finetune-configs", nargs="+", default=list(FINETUNE_CONFIGS), choices=FINETUNE_CONFIGS)
     ap.add_argument("--ft-batch", type=int, default=None, help="fine-tuning batch (default 4 on a GPU, 1 quick)")

@@ -32,8 +32,8 @@ def child(args) -> None:
     t0 = time.perf_counter()
     from meddiff.data.spec import load_dataset
     from meddiff.models.factory import ModelConfig
-    from meddiff.training.config import EvalConfig, LatentConfig, TrainConfig
     from meddiff.training import latent_cache
+    from meddiff.training.config import EvalConfig, LatentConfig, TrainConfig
     from meddiff.training.loop import train
     from meddiff.training.methods import latent as latent_method
 
@@ -53,16 +53,36 @@ def child(args) -> None:
         return real_encode(vae, dataset, *a, **kw)
 
     latent_method.encoded_latents, latent_cache._encode_part = timed, counted
-    config = TrainConfig(out=args.run, method="latent", resolution=args.resolution, batch_size=8,
-                         latent=LatentConfig(autoencoder=args.ae), max_steps=args.steps, checkpoint_every=0,
-                         lr_warmup_steps=0, eval=EvalConfig(fidelity=False), precision="fp32",
-                         model=ModelConfig(block_out_channels=[32, 64], layers_per_block=1))
+    config = TrainConfig(
+        out=args.run,
+        method="latent",
+        resolution=args.resolution,
+        batch_size=8,
+        latent=LatentConfig(autoencoder=args.ae),
+        max_steps=args.steps,
+        checkpoint_every=0,
+        lr_warmup_steps=0,
+        eval=EvalConfig(fidelity=False),
+        precision="fp32",
+        model=ModelConfig(block_out_channels=[32, 64], layers_per_block=1),
+    )
     t_train = time.perf_counter()
     result = train(config, data, progress=False)
     t_end = time.perf_counter()
-    print("RESULT " + json.dumps({"images": len(data), "data_s": t_data - t0, "setup_s": setup.get("seconds"),
-                                  "encoded": setup.get("encoded"), "train_s": t_end - t_train - setup.get("seconds", 0),
-                                  "total_s": t_end - t0, "steps": result.steps}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "images": len(data),
+                "data_s": t_data - t0,
+                "setup_s": setup.get("seconds"),
+                "encoded": setup.get("encoded"),
+                "train_s": t_end - t_train - setup.get("seconds", 0),
+                "total_s": t_end - t0,
+                "steps": result.steps,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -95,25 +115,59 @@ def main() -> None:
     channels = [32, 64, 128] if args.factor == 4 else [32, 64, 128, 128]  # one level per factor of 2
     ae = build_random_autoencoder(work / "ae", args.resolution, args.factor, channels)
     # the image store is prepared before either run, so both read the same prepared images
-    subprocess.run([sys.executable, "-c", f"from meddiff.data.spec import load_dataset; "
-                    f"load_dataset({args.data!r}, {args.resolution})"], env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from meddiff.data.spec import load_dataset; load_dataset({args.data!r}, {args.resolution})",
+        ],
+        env=env,
+        check=True,
+    )
     rows = []
     for name in ("first (encodes)", "second (cache)"):
-        cmd = [sys.executable, str(HERE), "--child", "--data", args.data, "--resolution", str(args.resolution),
-               "--steps", str(args.steps), "--ae", str(ae), "--run", str(work / f"run{len(rows)}")]
+        cmd = [
+            sys.executable,
+            str(HERE),
+            "--child",
+            "--data",
+            args.data,
+            "--resolution",
+            str(args.resolution),
+            "--steps",
+            str(args.steps),
+            "--ae",
+            str(ae),
+            "--run",
+            str(work / f"run{len(rows)}"),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             raise SystemExit(f"{name} run failed:\n{proc.stderr[-3000:]}")
         r = json.loads(line[0][7:])
         side = args.resolution // args.factor
-        rows.append({"run": name, "images": r["images"], "resolution": args.resolution, "latent": f"4x{side}x{side}",
-                     "data_s": round(r["data_s"], 1), "setup_s": round(r["setup_s"], 2),
-                     "train_s": round(r["train_s"], 1), "total_s": round(r["total_s"], 1), "encoded": r["encoded"]})
+        rows.append(
+            {
+                "run": name,
+                "images": r["images"],
+                "resolution": args.resolution,
+                "latent": f"4x{side}x{side}",
+                "data_s": round(r["data_s"], 1),
+                "setup_s": round(r["setup_s"], 2),
+                "train_s": round(r["train_s"], 1),
+                "total_s": round(r["total_s"], 1),
+                "encoded": r["encoded"],
+            }
+        )
     saved = rows[0]["setup_s"] - rows[1]["setup_s"]
-    rows[1]["note"] = (f"saved {saved:.1f} s of set-up ({saved / max(rows[0]['total_s'], 1e-9):.0%} of the first run; "
-                       f"{1000 * saved / rows[0]['images']:.1f} ms per image)")
-    rows.append({"run": "saved", "setup_s": round(saved, 2), "total_s": round(rows[0]["total_s"] - rows[1]["total_s"], 1)})
+    rows[1]["note"] = (
+        f"saved {saved:.1f} s of set-up ({saved / max(rows[0]['total_s'], 1e-9):.0%} of the first run; "
+        f"{1000 * saved / rows[0]['images']:.1f} ms per image)"
+    )
+    rows.append(
+        {"run": "saved", "setup_s": round(saved, 2), "total_s": round(rows[0]["total_s"] - rows[1]["total_s"], 1)}
+    )
     if rows[1]["encoded"] or rows[0]["encoded"] != rows[0]["images"]:
         raise SystemExit("the second run encoded again (or the first did not): the latent cache did not work")
     write_results("latent_cache", rows, COLUMNS, args.out)

@@ -34,8 +34,8 @@ def _rate(result, warmup: int, steps: int, batch: int) -> float:
 
 def run_one(job: dict) -> dict:
     import torch
-    from common import peak_rss_mb
 
+    from common import peak_rss_mb
     from meddiff.conditioning.labels import LabelCodec
     from meddiff.data.spec import load_dataset
     from meddiff.models.autoencoder import AutoencoderConfig
@@ -48,24 +48,50 @@ def run_one(job: dict) -> dict:
     res, factor, kind = job["resolution"], job["factor"], job["kind"]
     data = load_dataset("phantom:?n=256&seed=0", res)
     ae = AutoencoderConfig(kind=kind, downsample=factor, channels=AE_CHANNELS[factor], scale_samples=64)
-    base = dict(resolution=res, checkpoint_every=0, log_every=1, precision=job["precision"],
-                eval=EvalConfig(fidelity=False))
+    base = dict(
+        resolution=res, checkpoint_every=0, log_every=1, precision=job["precision"], eval=EvalConfig(fidelity=False)
+    )
     warmup, steps = job["warmup"], job["steps"]
     with tempfile.TemporaryDirectory() as tmp:
         ae_batch = 8
-        result = train(TrainConfig(out=f"{tmp}/ae", method="autoencoder", batch_size=ae_batch, autoencoder=ae,
-                                   max_steps=warmup + steps, **base), data, progress=False)
+        result = train(
+            TrainConfig(
+                out=f"{tmp}/ae",
+                method="autoencoder",
+                batch_size=ae_batch,
+                autoencoder=ae,
+                max_steps=warmup + steps,
+                **base,
+            ),
+            data,
+            progress=False,
+        )
         if job["stage"] == "autoencoder":
-            return {**job, "batch": ae_batch, "img_per_s": round(_rate(result, warmup, steps, ae_batch), 1),
-                    "peak_rss_MB": round(peak_rss_mb())}
+            return {
+                **job,
+                "batch": ae_batch,
+                "img_per_s": round(_rate(result, warmup, steps, ae_batch), 1),
+                "peak_rss_MB": round(peak_rss_mb()),
+            }
         batch = 32
-        cfg = TrainConfig(out=f"{tmp}/ldm", method="latent", batch_size=batch, conditioning=job["conditioning"],
-                          latent=LatentConfig(autoencoder=f"{tmp}/ae"), max_steps=warmup + steps,
-                          model=ModelConfig(block_out_channels=LATENT_UNET, attention_max_resolution=8), **base)
+        cfg = TrainConfig(
+            out=f"{tmp}/ldm",
+            method="latent",
+            batch_size=batch,
+            conditioning=job["conditioning"],
+            latent=LatentConfig(autoencoder=f"{tmp}/ae"),
+            max_steps=warmup + steps,
+            model=ModelConfig(block_out_channels=LATENT_UNET, attention_max_resolution=8),
+            **base,
+        )
         result = train(cfg, data, progress=False)
-        row = {**job, "batch": batch, "latent": f"{ae.latent_channels}x{res // factor}x{res // factor}",
-               "params_M": round(result.parameters / 1e6, 2),
-               "img_per_s": round(_rate(result, warmup, steps, batch), 1)}
+        row = {
+            **job,
+            "batch": batch,
+            "latent": f"{ae.latent_channels}x{res // factor}x{res // factor}",
+            "params_M": round(result.parameters / 1e6, 2),
+            "img_per_s": round(_rate(result, warmup, steps, batch), 1),
+        }
         pipe = load_pipeline(f"{tmp}/ldm")
         n = 16
         codec = LabelCodec(pipe.label_names)
@@ -75,8 +101,9 @@ def run_one(job: dict) -> dict:
         prompts = ["chest x-ray with cardiomegaly"] * n if job["conditioning"] == "text" else None
         sample(pipe, conditions[:2], SamplingSettings(steps=2), progress=False, prompts=prompts and prompts[:2])
         t0 = time.perf_counter()
-        images = sample(pipe, conditions, SamplingSettings(steps=20, guidance=2.0, batch_size=16), progress=False,
-                        prompts=prompts)
+        images = sample(
+            pipe, conditions, SamplingSettings(steps=20, guidance=2.0, batch_size=16), progress=False, prompts=prompts
+        )
         row["sample_img_per_s"] = round(n / (time.perf_counter() - t0), 2)
         assert images.shape == (n, res, res)
         row["peak_rss_MB"] = round(peak_rss_mb())
@@ -103,8 +130,13 @@ def main() -> None:
     jobs = []
     for res in args.resolutions:
         for factor in args.factors:
-            common = {"resolution": res, "factor": factor, "precision": args.precision, "steps": args.steps,
-                      "warmup": args.warmup}
+            common = {
+                "resolution": res,
+                "factor": factor,
+                "precision": args.precision,
+                "steps": args.steps,
+                "warmup": args.warmup,
+            }
             jobs += [{**common, "stage": "autoencoder", "kind": k, "conditioning": ""} for k in args.kinds]
             jobs += [{**common, "stage": "latent", "kind": "kl", "conditioning": c} for c in args.conditioning]
     rows = []
@@ -115,8 +147,23 @@ def main() -> None:
             raise SystemExit(f"job {job} failed")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    write_results("latent_throughput", rows, ["stage", "resolution", "factor", "kind", "conditioning", "latent",
-                                              "batch", "img_per_s", "sample_img_per_s", "peak_rss_MB"], args.out)
+    write_results(
+        "latent_throughput",
+        rows,
+        [
+            "stage",
+            "resolution",
+            "factor",
+            "kind",
+            "conditioning",
+            "latent",
+            "batch",
+            "img_per_s",
+            "sample_img_per_s",
+            "peak_rss_MB",
+        ],
+        args.out,
+    )
 
 
 if __name__ == "__main__":

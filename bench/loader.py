@@ -32,7 +32,6 @@ def main() -> None:
     import torch
 
     from common import write_results
-
     from meddiff.data.phantom_dataset import write_phantom_folder
     from meddiff.data.spec import load_dataset
     from meddiff.training.config import TrainConfig
@@ -51,12 +50,17 @@ def main() -> None:
         idx = torch.from_numpy(batch_indices(len(ds), 32, 0, step))
         _ = ds.images[idx], ds.labels[idx], ds.known[idx]
     batches = 200 * 32 / (time.perf_counter() - t0)
-    result = train(TrainConfig(out=str(tmp / "run"), resolution=args.resolution, max_steps=args.train_steps,
-                               checkpoint_every=0), ds, progress=False)
-    rows = [{"stage": "cold load (decode+resize+cache)", "img_per_s": round(cold, 1)},
-            {"stage": "warm load (cache)", "img_per_s": round(warm, 1)},
-            {"stage": "batch assembly in the loop", "img_per_s": round(batches, 1)},
-            {"stage": f"training at {args.resolution} px", "img_per_s": round(result.images_per_second, 1)}]
+    result = train(
+        TrainConfig(out=str(tmp / "run"), resolution=args.resolution, max_steps=args.train_steps, checkpoint_every=0),
+        ds,
+        progress=False,
+    )
+    rows = [
+        {"stage": "cold load (decode+resize+cache)", "img_per_s": round(cold, 1)},
+        {"stage": "warm load (cache)", "img_per_s": round(warm, 1)},
+        {"stage": "batch assembly in the loop", "img_per_s": round(batches, 1)},
+        {"stage": f"training at {args.resolution} px", "img_per_s": round(result.images_per_second, 1)},
+    ]
     write_results("loader", rows, ["stage", "img_per_s"], args.out)
 
 

@@ -57,11 +57,17 @@ def diffusers_unet(resolution: int, target: int):
     from diffusers import UNet2DModel
 
     def build(w):
-        return UNet2DModel(sample_size=resolution, in_channels=1, out_channels=1, layers_per_block=2,
-                           block_out_channels=(w, w, 2 * w, 2 * w),
-                           down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                           up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-                           norm_num_groups=_groups(w))
+        return UNet2DModel(
+            sample_size=resolution,
+            in_channels=1,
+            out_channels=1,
+            layers_per_block=2,
+            block_out_channels=(w, w, 2 * w, 2 * w),
+            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            norm_num_groups=_groups(w),
+        )
+
     return _closest(build, target)
 
 
@@ -69,9 +75,17 @@ def monai_unet(target: int):
     from monai.networks.nets import DiffusionModelUNet
 
     def build(w):
-        return DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(w, 2 * w, 2 * w),
-                                  attention_levels=(False, True, True), num_res_blocks=1, num_head_channels=2 * w,
-                                  norm_num_groups=_groups(w))
+        return DiffusionModelUNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=1,
+            channels=(w, 2 * w, 2 * w),
+            attention_levels=(False, True, True),
+            num_res_blocks=1,
+            num_head_channels=2 * w,
+            norm_num_groups=_groups(w),
+        )
+
     return _closest(build, target)
 
 
@@ -157,9 +171,17 @@ def one(peer: str, resolution: int, steps: int, batch: int) -> dict:
         row = run_diffusers(resolution, steps, batch, target)
     else:
         row = run_monai(resolution, steps, batch, target)
-    return {"peer": peer, "resolution": resolution, "batch": batch, "steps": steps,
-            "params_M": round(row["params"] / 1e6, 2), "params_vs_meddiff": round(row["params"] / target, 3),
-            "precision": row["precision"], "img_per_s": round(row["img_per_s"], 1), "peak_rss_MB": round(peak_rss_mb())}
+    return {
+        "peer": peer,
+        "resolution": resolution,
+        "batch": batch,
+        "steps": steps,
+        "params_M": round(row["params"] / 1e6, 2),
+        "params_vs_meddiff": round(row["params"] / target, 3),
+        "precision": row["precision"],
+        "img_per_s": round(row["img_per_s"], 1),
+        "peak_rss_MB": round(peak_rss_mb()),
+    }
 
 
 def main() -> None:
@@ -185,8 +207,21 @@ def main() -> None:
                 except ImportError:
                     print("monai-tutorial skipped: pip install monai to run MONAI's recipe", file=sys.stderr)
                     continue
-            proc = subprocess.run([sys.executable, __file__, "--single", peer, str(res), "--steps", str(args.steps),
-                                   "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--single",
+                    peer,
+                    str(res),
+                    "--steps",
+                    str(args.steps),
+                    "--batch-size",
+                    str(args.batch_size),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"run {peer} {res}px failed")
@@ -196,8 +231,21 @@ def main() -> None:
         for r in rows:
             if r["resolution"] == res and ours:
                 r["meddiff_speedup"] = round(ours / r["img_per_s"], 2)
-    write_results("peers", rows, ["peer", "resolution", "params_M", "params_vs_meddiff", "precision", "img_per_s",
-                                  "meddiff_speedup", "peak_rss_MB"], args.out)
+    write_results(
+        "peers",
+        rows,
+        [
+            "peer",
+            "resolution",
+            "params_M",
+            "params_vs_meddiff",
+            "precision",
+            "img_per_s",
+            "meddiff_speedup",
+            "peak_rss_MB",
+        ],
+        args.out,
+    )
 
 
 if __name__ == "__main__":

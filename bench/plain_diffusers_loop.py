@@ -41,8 +41,20 @@ CONFIGS = {"unet": ("unet", False), "unet+gc": ("unet", True), "lora": ("lora", 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # meddiff's lora method (training/methods/finetune.py)
 LORA_RANK = 8
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
-COLUMNS = ["loop", "config", "resolution", "batch", "trainable_M", "precision", "s_per_step", "img_per_s",
-           "peak_gpu_GB", "peak_rss_GB", "loss", "error"]
+COLUMNS = [
+    "loop",
+    "config",
+    "resolution",
+    "batch",
+    "trainable_M",
+    "precision",
+    "s_per_step",
+    "img_per_s",
+    "peak_gpu_GB",
+    "peak_rss_GB",
+    "loss",
+    "error",
+]
 
 
 def _data(resolution: int, batch: int):
@@ -54,8 +66,17 @@ def _data(resolution: int, batch: int):
     return to_rgb(dataset.images).contiguous(), list(dataset.prompts)
 
 
-def run_one(name: str, base: str, resolution: int, batch: int, steps: int, precision: str = "auto",
-            learning_rate: float | None = None, seed: int = 0, allow_tf32: bool = True) -> dict:
+def run_one(
+    name: str,
+    base: str,
+    resolution: int,
+    batch: int,
+    steps: int,
+    precision: str = "auto",
+    learning_rate: float | None = None,
+    seed: int = 0,
+    allow_tf32: bool = True,
+) -> dict:
     """Train `steps` steps of configuration `name` in this process and return its row (s/step over steps 2..N).
     allow_tf32: the example's --allow_tf32 (on by default here, as meddiff's loop does on CUDA; no effect on CPU)."""
     import torch.nn.functional as F
@@ -98,8 +119,9 @@ def run_one(name: str, base: str, resolution: int, batch: int, steps: int, preci
         unet.to(device)
         if weight_dtype != torch.float32:
             unet.to(dtype=weight_dtype)
-        unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
+        unet.add_adapter(
+            LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+        )
         for p in unet.parameters():  # AdamW on fp32 adapter weights
             if p.requires_grad:
                 p.data = p.data.float()
@@ -111,11 +133,16 @@ def run_one(name: str, base: str, resolution: int, batch: int, steps: int, preci
     optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
     images, prompts = _data(resolution, batch)
-    input_ids = tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                          return_tensors="pt").input_ids
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, input_ids), batch_size=batch,
-                                         shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    input_ids = tokenizer(
+        prompts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, input_ids),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     unet.train()
 
@@ -127,8 +154,9 @@ def run_one(name: str, base: str, resolution: int, batch: int, steps: int, preci
                 latents = vae.encode(pixel_values.to(weight_dtype)).latent_dist.sample()
                 latents = latents * vae.config.scaling_factor
                 noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          device=latents.device).long()
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+                ).long()
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
@@ -145,11 +173,24 @@ def run_one(name: str, base: str, resolution: int, batch: int, steps: int, preci
                 break
     wall = time.perf_counter() - wall0
     per_step = timed_seconds(history, 1, steps - 1) / (steps - 1)
-    row = {"loop": "plain-diffusers", "config": name, "method": method, "gradient_checkpointing": checkpointing,
-           "resolution": resolution, "batch": batch, "steps": steps, "trainable_M": round(n_trainable / 1e6, 3),
-           "trainable_params": n_trainable, "precision": mixed, "s_per_step": round(per_step, 4),
-           "img_per_s": round(batch / per_step, 3), "wall_s": round(wall, 1), "loss": round(history[-1][1], 5),
-           "loss_finite": all(math.isfinite(h[1]) for h in history), "device": device.type}
+    row = {
+        "loop": "plain-diffusers",
+        "config": name,
+        "method": method,
+        "gradient_checkpointing": checkpointing,
+        "resolution": resolution,
+        "batch": batch,
+        "steps": steps,
+        "trainable_M": round(n_trainable / 1e6, 3),
+        "trainable_params": n_trainable,
+        "precision": mixed,
+        "s_per_step": round(per_step, 4),
+        "img_per_s": round(batch / per_step, 3),
+        "wall_s": round(wall, 1),
+        "loss": round(history[-1][1], 5),
+        "loss_finite": all(math.isfinite(h[1]) for h in history),
+        "device": device.type,
+    }
     if cuda:
         row["peak_gpu_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         row["tf32"] = allow_tf32
@@ -157,14 +198,35 @@ def run_one(name: str, base: str, resolution: int, batch: int, steps: int, preci
     return row
 
 
-def measure(configs: list[str], base: str, resolution: int, batch: int, steps: int, precision: str = "auto",
-            timeout: float | None = None) -> list[dict]:
+def measure(
+    configs: list[str],
+    base: str,
+    resolution: int,
+    batch: int,
+    steps: int,
+    precision: str = "auto",
+    timeout: float | None = None,
+) -> list[dict]:
     """One row per configuration, each trained in its own process (clean peak memory); a failed or timed-out
     configuration gives a row with an `error`."""
     rows = []
     for name in configs:
-        cmd = [sys.executable, __file__, "--one", name, "--base", str(base), "--resolution", str(resolution),
-               "--batch-size", str(batch), "--steps", str(steps), "--precision", precision]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--base",
+            str(base),
+            "--resolution",
+            str(resolution),
+            "--batch-size",
+            str(batch),
+            "--steps",
+            str(steps),
+            "--precision",
+            precision,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -173,8 +235,9 @@ def measure(configs: list[str], base: str, resolution: int, batch: int, steps: i
         found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
         if proc.returncode or not found:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            rows.append({"loop": "plain-diffusers", "config": name,
-                         "error": f"exit {proc.returncode}: {tail[0][:200]}"})
+            rows.append(
+                {"loop": "plain-diffusers", "config": name, "error": f"exit {proc.returncode}: {tail[0][:200]}"}
+            )
         else:
             rows.append(json.loads(found[0]))
     return rows
@@ -182,8 +245,11 @@ def measure(configs: list[str], base: str, resolution: int, batch: int, steps: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="/tmp/meddiff-bench/sd15-random",
-                        help="a diffusers SD folder; built (SD-1.5 size, random weights) when missing")
+    parser.add_argument(
+        "--base",
+        default="/tmp/meddiff-bench/sd15-random",
+        help="a diffusers SD folder; built (SD-1.5 size, random weights) when missing",
+    )
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
@@ -195,8 +261,11 @@ def main() -> None:
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is not timed)")
     if args.one:
-        print("ROW " + json.dumps(run_one(args.one, args.base, args.resolution, args.batch_size, args.steps,
-                                          args.precision)), flush=True)
+        print(
+            "ROW "
+            + json.dumps(run_one(args.one, args.base, args.resolution, args.batch_size, args.steps, args.precision)),
+            flush=True,
+        )
         return
     if not (Path(args.base) / "model_index.json").is_file():
         from finetune_scale import build_sd15_architecture

@@ -26,8 +26,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--data", default=None, help="real data spec for label fidelity (needs --model)")
     ap.add_argument("--n", type=int, default=16, help="images per setting")
-    ap.add_argument("--ddpm-n", type=int, default=None,
-                    help="images for DDPM-1000 (default: n when scoring, else n/4, at least 4)")
+    ap.add_argument(
+        "--ddpm-n", type=int, default=None, help="images for DDPM-1000 (default: n when scoring, else n/4, at least 4)"
+    )
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="a few steps per setting (smoke test of the command)")
@@ -36,7 +37,6 @@ def main() -> None:
     import torch
 
     from common import write_results
-
     from meddiff.conditioning.labels import LabelCodec
     from meddiff.models.factory import ModelConfig, build_noise_scheduler, build_unet
     from meddiff.models.storage import load_pipeline, save_pipeline
@@ -49,8 +49,12 @@ def main() -> None:
 
         tmp = tempfile.mkdtemp()
         cfg = ModelConfig()
-        save_pipeline(Path(tmp) / "pipeline", build_unet(cfg, 32, len(PHANTOM_LABELS)), build_noise_scheduler(cfg),
-                      list(PHANTOM_LABELS))
+        save_pipeline(
+            Path(tmp) / "pipeline",
+            build_unet(cfg, 32, len(PHANTOM_LABELS)),
+            build_noise_scheduler(cfg),
+            list(PHANTOM_LABELS),
+        )
         pipe = load_pipeline(tmp)
     fidelity = None
     if args.model and args.data:
@@ -64,7 +68,7 @@ def main() -> None:
         train, heldout = load_dataset(spec, res), load_dataset(spec.heldout(), res)
         clf = domain_classifier(train, str(spec), epochs=10, progress=False)
         f_test = embed(clf, heldout.images)
-        floor_rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.n]
+        floor_rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.n]
         floor = fid(f_test, embed(clf, train.images[floor_rows]))
         print(f"FID of {len(floor_rows)} real training images vs held-out (the floor at this count): {floor:.3f}")
         fidelity = (clf, heldout)
@@ -77,8 +81,11 @@ def main() -> None:
             n = args.ddpm_n or (args.n if fidelity else max(4, args.n // 4))
         if fidelity:
             heldout = fidelity[1]
-            idx = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[:n] if n <= len(heldout) \
+            idx = (
+                torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[:n]
+                if n <= len(heldout)
                 else torch.arange(n) % len(heldout)
+            )
             labels, known = heldout.labels[idx], heldout.known[idx]
         else:
             labels = torch.zeros(n, len(codec.label_names))
@@ -102,8 +109,9 @@ def main() -> None:
             row["mean_fidelity_auc"] = round(sum(vals) / len(vals), 3) if vals else None
         rows.append(row)
         print(row, flush=True)
-    cols = ["scheduler", "steps", "n", "s_per_image"] + (["mean_fidelity_auc", "domain_fid", "fid_floor_same_n", "kid"]
-                                                         if fidelity else [])
+    cols = ["scheduler", "steps", "n", "s_per_image"] + (
+        ["mean_fidelity_auc", "domain_fid", "fid_floor_same_n", "kid"] if fidelity else []
+    )
     write_results("sampling", rows, cols, args.out)
 
 

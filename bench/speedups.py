@@ -54,8 +54,15 @@ CATEGORIES = [  # (category, regex on aten op names), first match wins
 def make_config(tmp: str, resolution: int, batch: int, steps: int, overrides: dict):
     from meddiff.training.config import EvalConfig, TrainConfig
 
-    cfg = TrainConfig(out=f"{tmp}/run", resolution=resolution, batch_size=batch, max_steps=steps, checkpoint_every=0,
-                      log_every=1, eval=EvalConfig(fidelity=False))
+    cfg = TrainConfig(
+        out=f"{tmp}/run",
+        resolution=resolution,
+        batch_size=batch,
+        max_steps=steps,
+        checkpoint_every=0,
+        log_every=1,
+        eval=EvalConfig(fidelity=False),
+    )
     for key, value in overrides.items():
         obj, *path = [cfg, *key.split(".")]
         for part in path[:-1]:
@@ -68,7 +75,6 @@ def run_variant(name: str, resolution: int, batch: int, steps: int, warmup: int)
     import torch
 
     from common import peak_rss_mb, timed_seconds
-
     from meddiff.data.spec import load_dataset
     from meddiff.training.loop import train
 
@@ -82,9 +88,16 @@ def run_variant(name: str, resolution: int, batch: int, steps: int, warmup: int)
         wall = time.perf_counter() - t0
     timed = timed_seconds(result.loss_history, warmup, steps)
     first_steps = timed_seconds(result.loss_history, 0, warmup)
-    return {"variant": name, "batch": batch, "threads": torch.get_num_threads(), "params_M": round(result.parameters / 1e6, 2),
-            "img_per_s": round(steps * batch / timed, 1), "first_steps_s": round(first_steps, 1),
-            "wall_s": round(wall, 1), "peak_rss_MB": round(peak_rss_mb())}
+    return {
+        "variant": name,
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "params_M": round(result.parameters / 1e6, 2),
+        "img_per_s": round(steps * batch / timed, 1),
+        "first_steps_s": round(first_steps, 1),
+        "wall_s": round(wall, 1),
+        "peak_rss_MB": round(peak_rss_mb()),
+    }
 
 
 def flops_per_image(resolution: int, batch: int, overrides: dict | None = None) -> float:
@@ -118,7 +131,7 @@ def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 20) -> float:
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
 def cpu_limits() -> dict:
@@ -141,16 +154,17 @@ def cpu_limits() -> dict:
 def profile(resolution: int, batch: int, steps: int) -> dict:
     """Profile `steps` training steps of the default bf16 run (after 3 warm-up steps) through the loop's own
     after_step hook."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
+    from torch.profiler import ProfilerActivity, schedule
+    from torch.profiler import profile as torch_profile
 
     from meddiff.data.spec import load_dataset
     from meddiff.training.loop import train
     from meddiff.training.methods import METHODS
 
     data = load_dataset("phantom:?n=512&seed=0", resolution)
-    prof = torch_profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=3, active=steps),
-                         acc_events=True)
+    prof = torch_profile(
+        activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=3, active=steps), acc_events=True
+    )
     cls = METHODS["pixel"]
     original = cls.after_step
 
@@ -171,11 +185,21 @@ def profile(resolution: int, batch: int, steps: int) -> dict:
         cat = next((c for c, rx in CATEGORIES if re.search(rx, e.key[6:])), "other")
         groups[cat] = groups.get(cat, 0.0) + e.self_cpu_time_total
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
-    return {"steps": steps, "aten_self_cpu_ms_per_step": round(total / 1e3 / steps, 1),
-            "share": {k: round(v / total, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "top_ops": [{"op": e.key, "calls_per_step": e.count // steps, "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 2),
-                         "share": round(e.self_cpu_time_total / total, 3)} for e in top],
-            "table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)}
+    return {
+        "steps": steps,
+        "aten_self_cpu_ms_per_step": round(total / 1e3 / steps, 1),
+        "share": {k: round(v / total, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "top_ops": [
+            {
+                "op": e.key,
+                "calls_per_step": e.count // steps,
+                "ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 2),
+                "share": round(e.self_cpu_time_total / total, 3),
+            }
+            for e in top
+        ],
+        "table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25),
+    }
 
 
 def main() -> None:
@@ -204,9 +228,24 @@ def main() -> None:
     for name in names:
         if name not in VARIANTS:
             raise SystemExit(f"unknown variant {name!r}; known: {'; '.join(VARIANTS)}")
-        proc = subprocess.run([sys.executable, __file__, "--single", name, "--resolution", str(args.resolution),
-                               "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                               "--warmup", str(args.warmup)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--single",
+                name,
+                "--resolution",
+                str(args.resolution),
+                "--batch-size",
+                str(args.batch_size),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"variant {name} failed")
@@ -222,11 +261,30 @@ def main() -> None:
         print(row, flush=True)
     prof = profile(args.resolution, args.batch_size, args.profile_steps)
     print("time by category (bf16, aten self CPU time):", prof["share"], flush=True)
-    out_path = write_results("speedups", rows, ["variant", "batch", "threads", "img_per_s", "first_steps_s",
-                                                "achieved_gflops", "of_matmul_peak", "peak_rss_MB"], args.out)
+    out_path = write_results(
+        "speedups",
+        rows,
+        [
+            "variant",
+            "batch",
+            "threads",
+            "img_per_s",
+            "first_steps_s",
+            "achieved_gflops",
+            "of_matmul_peak",
+            "peak_rss_MB",
+        ],
+        args.out,
+    )
     data = json.loads(out_path.read_text())
-    data.update({"resolution": args.resolution, "cpu_limits": limits, "gflops_per_training_image": round(fpi / 1e9, 4),
-                 "profile": {k: v for k, v in prof.items() if k != "table"}})
+    data.update(
+        {
+            "resolution": args.resolution,
+            "cpu_limits": limits,
+            "gflops_per_training_image": round(fpi / 1e9, 4),
+            "profile": {k: v for k, v in prof.items() if k != "table"},
+        }
+    )
     out_path.write_text(json.dumps(data, indent=2))
     table = out_path.with_name(out_path.stem + "-profile.txt")
     table.write_text(prof["table"])

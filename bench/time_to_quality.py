@@ -67,15 +67,23 @@ def evaluate_snapshot(pipe, train, test, classifier, n: int, guidance: float, ep
     sample_seconds = time.perf_counter() - t0
     images = torch.from_numpy(result.images).unsqueeze(1) * 2 - 1
     fid_syn = fid(embed(classifier, test.images), embed(classifier, images))
-    synthetic = ImageLabelDataset(images, torch.from_numpy(result.labels).float(), torch.from_numpy(result.known),
-                                  list(train.label_names),
-                                  multiclass=train.multiclass)
+    synthetic = ImageLabelDataset(
+        images,
+        torch.from_numpy(result.labels).float(),
+        torch.from_numpy(result.known),
+        list(train.label_names),
+        multiclass=train.multiclass,
+    )
     model = train_classifier(synthetic, epochs=epochs, seed=0, progress=False)
-    downstream = per_label_auc(predict(model, test.images), test.labels.numpy(), test.known.numpy(),
-                               train.label_names)
-    return {"fidelity_auc": mean(result.synthetic_auc.values()), "real_test_auc": mean(result.real_auc.values()),
-            "domain_fid": round(fid_syn, 3), "synthetic_only_auc": mean(downstream.values()),
-            "sample_seconds": round(sample_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1)}
+    downstream = per_label_auc(predict(model, test.images), test.labels.numpy(), test.known.numpy(), train.label_names)
+    return {
+        "fidelity_auc": mean(result.synthetic_auc.values()),
+        "real_test_auc": mean(result.real_auc.values()),
+        "domain_fid": round(fid_syn, 3),
+        "synthetic_only_auc": mean(downstream.values()),
+        "sample_seconds": round(sample_seconds, 1),
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def plot(rows: list[dict], path: Path, targets: dict) -> None:
@@ -121,7 +129,6 @@ def main() -> None:
     import torch
 
     from common import write_results
-
     from meddiff.data.spec import load_dataset, parse_spec
     from meddiff.evaluation.distribution import fid
     from meddiff.evaluation.features import domain_classifier, embed
@@ -160,27 +167,53 @@ def main() -> None:
         info = json.loads((snapshot / "training.json").read_text())
         pipe = load_pipeline(snapshot)
         torch.manual_seed(0)
-        row = {"variant": args.variant, "train_minutes": round(info["train_seconds_total"] / 60, 2),
-               "steps": info["steps"], "images_seen": info["steps"] * config.batch_size,
-               "guidance": guidance, **evaluate_snapshot(pipe, train, test, classifier, args.n, guidance, args.epochs),
-               "fid_real_train_vs_test": fid_floor}
+        row = {
+            "variant": args.variant,
+            "train_minutes": round(info["train_seconds_total"] / 60, 2),
+            "steps": info["steps"],
+            "images_seen": info["steps"] * config.batch_size,
+            "guidance": guidance,
+            **evaluate_snapshot(pipe, train, test, classifier, args.n, guidance, args.epochs),
+            "fid_real_train_vs_test": fid_floor,
+        }
         rows.append(row)
         print(row, flush=True)
 
     targets = {"fidelity_auc": 0.95, "synthetic_only_auc": 0.90}
     first = {key: next((r["train_minutes"] for r in rows if (r[key] or 0) >= t), None) for key, t in targets.items()}
-    print(f"first mark reaching fidelity AUC >= 0.95: {first['fidelity_auc']} min; synthetic-only classifier AUC "
-          f">= 0.90: {first['synthetic_only_auc']} min", flush=True)
+    print(
+        f"first mark reaching fidelity AUC >= 0.95: {first['fidelity_auc']} min; synthetic-only classifier AUC "
+        f">= 0.90: {first['synthetic_only_auc']} min",
+        flush=True,
+    )
     name = "time_to_quality" + ("" if args.variant == "default" else f"-{args.variant}")
     name += "" if args.guidance is None else f"-g{args.guidance:g}"
-    cols = ["variant", "train_minutes", "steps", "guidance", "fidelity_auc", "real_test_auc", "domain_fid",
-            "fid_real_train_vs_test", "synthetic_only_auc", "eval_seconds"]
+    cols = [
+        "variant",
+        "train_minutes",
+        "steps",
+        "guidance",
+        "fidelity_auc",
+        "real_test_auc",
+        "domain_fid",
+        "fid_real_train_vs_test",
+        "synthetic_only_auc",
+        "eval_seconds",
+    ]
     path = write_results(name, rows, cols, args.out)
     import json
 
     data = json.loads(path.read_text())
-    data.update({"config": config.to_dict(), "overrides": overrides, "n_generated": args.n,
-                 "sampler": "dpm++ 20 steps", "first_minutes_reaching": first, "targets": targets})
+    data.update(
+        {
+            "config": config.to_dict(),
+            "overrides": overrides,
+            "n_generated": args.n,
+            "sampler": "dpm++ 20 steps",
+            "first_minutes_reaching": first,
+            "targets": targets,
+        }
+    )
     path.write_text(json.dumps(data, indent=2))
     plot(rows, path.with_suffix(".png"), targets)
     print(f"curves: {path.with_suffix('.png')}")

@@ -20,24 +20,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def one(resolution: int, precision: str, steps: int, batch: int) -> dict:
     from common import peak_rss_mb
-
     from meddiff.data.spec import load_dataset
     from meddiff.training.config import EvalConfig, TrainConfig
     from meddiff.training.loop import train
 
     data = load_dataset("phantom:?n=512&seed=0", resolution)
     with tempfile.TemporaryDirectory() as tmp:
-        warm = TrainConfig(out=f"{tmp}/w", resolution=resolution, batch_size=batch, max_steps=5, precision=precision,
-                           checkpoint_every=0, eval=EvalConfig(fidelity=False))
+        warm = TrainConfig(
+            out=f"{tmp}/w",
+            resolution=resolution,
+            batch_size=batch,
+            max_steps=5,
+            precision=precision,
+            checkpoint_every=0,
+            eval=EvalConfig(fidelity=False),
+        )
         train(warm, data, progress=False)
-        cfg = TrainConfig(out=f"{tmp}/r", resolution=resolution, batch_size=batch, max_steps=steps,
-                          precision=precision, checkpoint_every=0, eval=EvalConfig(fidelity=False))
+        cfg = TrainConfig(
+            out=f"{tmp}/r",
+            resolution=resolution,
+            batch_size=batch,
+            max_steps=steps,
+            precision=precision,
+            checkpoint_every=0,
+            eval=EvalConfig(fidelity=False),
+        )
         t0 = time.perf_counter()
         result = train(cfg, data, progress=False)
         wall = time.perf_counter() - t0
-    return {"resolution": resolution, "precision": precision, "batch": batch, "steps": steps,
-            "params_M": round(result.parameters / 1e6, 2), "img_per_s": round(result.images_per_second, 1),
-            "wall_s": round(wall, 1), "peak_rss_MB": round(peak_rss_mb())}
+    return {
+        "resolution": resolution,
+        "precision": precision,
+        "batch": batch,
+        "steps": steps,
+        "params_M": round(result.parameters / 1e6, 2),
+        "img_per_s": round(result.images_per_second, 1),
+        "wall_s": round(wall, 1),
+        "peak_rss_MB": round(peak_rss_mb()),
+    }
 
 
 def main() -> None:
@@ -57,15 +77,29 @@ def main() -> None:
     rows = []
     for res in args.resolutions:
         for prec in args.precisions:
-            proc = subprocess.run([sys.executable, __file__, "--single", str(res), prec, "--steps", str(args.steps),
-                                   "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--single",
+                    str(res),
+                    prec,
+                    "--steps",
+                    str(args.steps),
+                    "--batch-size",
+                    str(args.batch_size),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"run {res}px {prec} failed")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    write_results("train_throughput", rows,
-                  ["resolution", "precision", "batch", "params_M", "img_per_s", "peak_rss_MB"], args.out)
+    write_results(
+        "train_throughput", rows, ["resolution", "precision", "batch", "params_M", "img_per_s", "peak_rss_MB"], args.out
+    )
 
 
 if __name__ == "__main__":

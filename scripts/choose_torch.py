@@ -109,8 +109,9 @@ def nvidia_gpus() -> list[str]:
 def pip_config() -> dict[str, list[str]]:
     """pip's effective settings (config files and PIP_* variables): option name -> values, from `pip config list`."""
     try:
-        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                             timeout=60).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
     config: dict[str, list[str]] = {}
@@ -149,8 +150,13 @@ def local_cpu_wheels(find_links: list[str], machine: str) -> list[tuple[str, Pat
             if len(parts) < 5:
                 continue
             version, python_tag, platform_tag = parts[1], parts[-3], parts[-1]
-            if (_local_label(version) == "cpu" and tag in python_tag.split(".") and "linux" in platform_tag
-                    and machine in platform_tag and _at_least_min(version)):
+            if (
+                _local_label(version) == "cpu"
+                and tag in python_tag.split(".")
+                and "linux" in platform_tag
+                and machine in platform_tag
+                and _at_least_min(version)
+            ):
                 found.append((version, wheel))
     return sorted(found, key=lambda item: _version_key(item[0]), reverse=True)
 
@@ -185,8 +191,10 @@ def _explicit(flavor: str, index: str, installed: str | None, base: dict) -> Pla
     elif flavor in AUTO_VALUES:
         return None
     else:
-        raise ChoiceError(f"MEDDIFF_TORCH={flavor!r} is not one of auto, default, cpu, cuNNN (e.g. cu126), rocmX.Y, "
-                          "xpu; or set MEDDIFF_TORCH_INDEX=URL for another index")
+        raise ChoiceError(
+            f"MEDDIFF_TORCH={flavor!r} is not one of auto, default, cpu, cuNNN (e.g. cu126), rocmX.Y, "
+            "xpu; or set MEDDIFF_TORCH_INDEX=URL for another index"
+        )
     plan = Plan("install", requirement, index or None, build, reason, cpu_only=build == "cpu", **base)
     if installed is not None and _at_least_min(installed):
         label = _local_label(installed)
@@ -215,16 +223,30 @@ def choose(installed_mode: str = "none", environ: dict[str, str] | None = None) 
         return plan
     if installed is not None and _at_least_min(installed):
         label = _local_label(installed)
-        return Plan("keep", f"torch=={installed}", None, "cpu" if label == "cpu" else (label or "default"),
-                    f"torch {installed} is already installed; set MEDDIFF_TORCH to install another build",
-                    cpu_only=label == "cpu", **base)
+        return Plan(
+            "keep",
+            f"torch=={installed}",
+            None,
+            "cpu" if label == "cpu" else (label or "default"),
+            f"torch {installed} is already installed; set MEDDIFF_TORCH to install another build",
+            cpu_only=label == "cpu",
+            **base,
+        )
     requirement = f"torch>={TORCH_MIN}"
     if system == "Darwin":
         if machine != "arm64":
-            raise ChoiceError(f"PyPI has no torch >= {TORCH_MIN} for macOS on {machine} (Intel); use Apple silicon "
-                              "or Linux, or install torch >= 2.6 yourself into .venv and run this again")
-        return Plan("install", requirement, None, "mps", "macOS on Apple silicon: PyPI's torch (uses the GPU "
-                    "through MPS)", **base)
+            raise ChoiceError(
+                f"PyPI has no torch >= {TORCH_MIN} for macOS on {machine} (Intel); use Apple silicon "
+                "or Linux, or install torch >= 2.6 yourself into .venv and run this again"
+            )
+        return Plan(
+            "install",
+            requirement,
+            None,
+            "mps",
+            "macOS on Apple silicon: PyPI's torch (uses the GPU through MPS)",
+            **base,
+        )
     if system != "Linux":
         return Plan("install", requirement, None, "default", f"{system}: PyPI's torch", **base)
     config = pip_config()
@@ -235,21 +257,48 @@ def choose(installed_mode: str = "none", environ: dict[str, str] | None = None) 
         indexes = config.get("index-url", []) + config.get("extra-index-url", [])
         # a configured CPU index would win (a +cpu local version sorts above the plain one): ask PyPI directly
         index = PYPI_INDEX if any(url.rstrip("/").endswith("/whl/cpu") for url in indexes) else None
-        return Plan("install", requirement, index, "cuda", f"NVIDIA GPU found ({gpus[0]}): PyPI's torch, a CUDA build",
-                    note="another CUDA version: MEDDIFF_TORCH=cu126 (or cu128, ...) bash scripts/install.sh", **base)
+        return Plan(
+            "install",
+            requirement,
+            index,
+            "cuda",
+            f"NVIDIA GPU found ({gpus[0]}): PyPI's torch, a CUDA build",
+            note="another CUDA version: MEDDIFF_TORCH=cu126 (or cu128, ...) bash scripts/install.sh",
+            **base,
+        )
     local = local_cpu_wheels(config.get("find-links", []), machine)
     if local:
         version, wheel = local[0]
-        return Plan("install", f"torch=={version}", None, "cpu", f"no NVIDIA GPU; the CPU wheel {wheel.name} "
-                    f"lies in pip's find-links folder {wheel.parent}", cpu_only=True, **base)
+        return Plan(
+            "install",
+            f"torch=={version}",
+            None,
+            "cpu",
+            f"no NVIDIA GPU; the CPU wheel {wheel.name} lies in pip's find-links folder {wheel.parent}",
+            cpu_only=True,
+            **base,
+        )
     indexes = config.get("index-url", []) + config.get("extra-index-url", [])
     cpu_index = next((url for url in indexes if url.rstrip("/").endswith("/whl/cpu")), None)
     if cpu_index:
-        return Plan("install", requirement, None, "cpu", f"no NVIDIA GPU; pip is configured with the CPU index "
-                    f"{cpu_index}", cpu_only=True, **base)
-    return Plan("install", requirement, None, "default", "no NVIDIA GPU found: PyPI's torch (a CUDA build of "
-                "several GB; it also runs on the CPU)",
-                note="for the much smaller CPU build: MEDDIFF_TORCH=cpu bash scripts/install.sh", **base)
+        return Plan(
+            "install",
+            requirement,
+            None,
+            "cpu",
+            f"no NVIDIA GPU; pip is configured with the CPU index {cpu_index}",
+            cpu_only=True,
+            **base,
+        )
+    return Plan(
+        "install",
+        requirement,
+        None,
+        "default",
+        "no NVIDIA GPU found: PyPI's torch (a CUDA build of several GB; it also runs on the CPU)",
+        note="for the much smaller CPU build: MEDDIFF_TORCH=cpu bash scripts/install.sh",
+        **base,
+    )
 
 
 CUDA_FLAVORS = ("cu118", "cu121", "cu124", "cu126", "cu128", "cu129", "cu130")  # PyTorch's CUDA indexes
@@ -265,18 +314,26 @@ def cuda_flavor_for(driver: str) -> str | None:
 def describe(plan: Plan) -> str:
     where = f"from {plan.index_url}" if plan.index_url else "from pip's configured indexes (PyPI by default)"
     verb = "keep (installs nothing for torch)" if plan.action == "keep" else f"install {where}"
-    lines = [f"torch requirement: {plan.requirement}",
-             f"torch index: {plan.index_url or 'pip default (PyPI plus any configured find-links/indexes)'}",
-             f"torch action: {verb}{'; uninstalls the installed torch first' if plan.replace else ''}",
-             f"torch build: {plan.build}", f"why: {plan.reason}"]
+    lines = [
+        f"torch requirement: {plan.requirement}",
+        f"torch index: {plan.index_url or 'pip default (PyPI plus any configured find-links/indexes)'}",
+        f"torch action: {verb}{'; uninstalls the installed torch first' if plan.replace else ''}",
+        f"torch build: {plan.build}",
+        f"why: {plan.reason}",
+    ]
     if plan.note:
         lines.append(f"note: {plan.note}")
     return "\n".join(lines)
 
 
 def shell(plan: Plan) -> str:
-    values = {"TORCH_ACTION": plan.action, "TORCH_REQ": plan.requirement, "TORCH_BUILD": plan.build,
-              "TORCH_CPU_ONLY": "1" if plan.cpu_only else "", "TORCH_REPLACE": "1" if plan.replace else ""}
+    values = {
+        "TORCH_ACTION": plan.action,
+        "TORCH_REQ": plan.requirement,
+        "TORCH_BUILD": plan.build,
+        "TORCH_CPU_ONLY": "1" if plan.cpu_only else "",
+        "TORCH_REPLACE": "1" if plan.replace else "",
+    }
     lines = [f"{key}={shlex.quote(value)}" for key, value in values.items()]
     lines.append("TORCH_PIP_ARGS=(" + " ".join(shlex.quote(arg) for arg in plan.pip_args()) + ")")
     return "\n".join(lines)
@@ -285,8 +342,11 @@ def shell(plan: Plan) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--installed", default="none", help="auto | none | a torch version (default none)")
-    parser.add_argument("--cuda-flavor-for", metavar="X.Y", help="print the PyTorch CUDA index (cuNNN) for a driver "
-                        "that supports CUDA X.Y, and exit")
+    parser.add_argument(
+        "--cuda-flavor-for",
+        metavar="X.Y",
+        help="print the PyTorch CUDA index (cuNNN) for a driver that supports CUDA X.Y, and exit",
+    )
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
     out.add_argument("--shell", action="store_true")

@@ -27,8 +27,15 @@ def tiny_run(tmp_path_factory):
     from meddiff.training.loop import train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(data="phantom:?n=64&seed=3", out=str(out), max_steps=4, batch_size=8, checkpoint_every=0,
-                      lr_warmup_steps=1, model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1))
+    cfg = TrainConfig(
+        data="phantom:?n=64&seed=3",
+        out=str(out),
+        max_steps=4,
+        batch_size=8,
+        checkpoint_every=0,
+        lr_warmup_steps=1,
+        model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1),
+    )
     train(cfg, load_dataset(cfg.data, 32), progress=False)
     return out
 
@@ -49,8 +56,16 @@ def tiny_run_b(tmp_path_factory):
     from meddiff.training.loop import train
 
     out = tmp_path_factory.mktemp("run_b")
-    cfg = TrainConfig(data="phantom:?n=64&seed=3", out=str(out), max_steps=2, batch_size=8, checkpoint_every=0,
-                      seed=1, lr_warmup_steps=1, model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1))
+    cfg = TrainConfig(
+        data="phantom:?n=64&seed=3",
+        out=str(out),
+        max_steps=2,
+        batch_size=8,
+        checkpoint_every=0,
+        seed=1,
+        lr_warmup_steps=1,
+        model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1),
+    )
     train(cfg, load_dataset(cfg.data, 32), progress=False)
     return out
 

@@ -33,27 +33,72 @@ def test_data_errors(capsys, tmp_path):
 
 def test_train_errors(capsys, tmp_path, phantom_dir):
     one_line_error(capsys, ["train", "--data", "nope:x", "--out", str(tmp_path)], "unknown dataset kind")
-    one_line_error(capsys, ["train", "--data", f"phantom:{phantom_dir}", "--out", str(tmp_path / "r"),
-                            "--resume", "latest", "--max-steps", "2"], "no checkpoint")
+    one_line_error(
+        capsys,
+        [
+            "train",
+            "--data",
+            f"phantom:{phantom_dir}",
+            "--out",
+            str(tmp_path / "r"),
+            "--resume",
+            "latest",
+            "--max-steps",
+            "2",
+        ],
+        "no checkpoint",
+    )
     one_line_error(capsys, ["train", "--out", str(tmp_path)], "no training data")
-    one_line_error(capsys, ["train", "--data", f"phantom:{phantom_dir}", "--out", str(tmp_path),
-                            "--config", str(tmp_path / "none.yaml")], "config file")
+    one_line_error(
+        capsys,
+        ["train", "--data", f"phantom:{phantom_dir}", "--out", str(tmp_path), "--config", str(tmp_path / "none.yaml")],
+        "config file",
+    )
 
 
 def test_generate_errors(capsys, tmp_path, tiny_run):
-    one_line_error(capsys, ["generate", "--model", str(tmp_path / "none"), "--labels", "Edema", "--out",
-                            str(tmp_path / "o")], "does not exist")
+    one_line_error(
+        capsys,
+        ["generate", "--model", str(tmp_path / "none"), "--labels", "Edema", "--out", str(tmp_path / "o")],
+        "does not exist",
+    )
     (tmp_path / "half").mkdir()
-    one_line_error(capsys, ["generate", "--model", str(tmp_path / "half"), "--labels", "Edema", "--out",
-                            str(tmp_path / "o")], "incomplete")
-    one_line_error(capsys, ["generate", "--model", str(tiny_run), "--labels", "Cardiomegaly,Broken Heart",
-                            "--out", str(tmp_path / "o")], "unknown label 'Broken Heart'")
+    one_line_error(
+        capsys,
+        ["generate", "--model", str(tmp_path / "half"), "--labels", "Edema", "--out", str(tmp_path / "o")],
+        "incomplete",
+    )
+    one_line_error(
+        capsys,
+        ["generate", "--model", str(tiny_run), "--labels", "Cardiomegaly,Broken Heart", "--out", str(tmp_path / "o")],
+        "unknown label 'Broken Heart'",
+    )
 
 
 def test_generate_writes_images_and_manifest(tmp_path, tiny_run):
     out = tmp_path / "gen"
-    assert main(["generate", "--model", str(tiny_run), "--labels", "Cardiomegaly,Pleural Effusion", "--n", "3",
-                 "--out", str(out), "--steps", "3", "--seed", "7", "--scheduler", "ddim"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_run),
+                "--labels",
+                "Cardiomegaly,Pleural Effusion",
+                "--n",
+                "3",
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--seed",
+                "7",
+                "--scheduler",
+                "ddim",
+            ]
+        )
+        == 0
+    )
     with open(out / "manifest.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all((out / r["Path"]).is_file() for r in rows)
@@ -64,8 +109,23 @@ def test_generate_writes_images_and_manifest(tmp_path, tiny_run):
 
     im = Image.open(out / rows[0]["Path"])
     assert im.mode == "L" and im.size == (32, 32) and "SYNTHETIC" in im.text["meddiff"]
-    assert main(["generate", "--model", str(tiny_run), "--unconditional", "--n", "2", "--out",
-                 str(tmp_path / "u"), "--steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_run),
+                "--unconditional",
+                "--n",
+                "2",
+                "--out",
+                str(tmp_path / "u"),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     with open(tmp_path / "u" / "manifest.csv") as f:
         assert list(csv.DictReader(f))[0]["Cardiomegaly"] == ""
 
@@ -78,16 +138,37 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 @pytest.mark.slow
 def test_train_command_writes_a_complete_run(tmp_path, phantom_dir):
     run = tmp_path / "run"
-    code, out, err = run_cli("train", "--data", f"phantom:{phantom_dir}", "--out", str(run), "--max-steps", "6",
-                             "--batch-size", "8")
+    code, out, err = run_cli(
+        "train", "--data", f"phantom:{phantom_dir}", "--out", str(run), "--max-steps", "6", "--batch-size", "8"
+    )
     assert code == 0, err
-    for name in ("pipeline/model_index.json", "pipeline/pipeline.py", "config.yaml", "README.md", "metrics.json",
-                 "samples/grid_cardiomegaly.png", "samples/grid_unconditional.png", "training.json"):
+    for name in (
+        "pipeline/model_index.json",
+        "pipeline/pipeline.py",
+        "config.yaml",
+        "README.md",
+        "metrics.json",
+        "samples/grid_cardiomegaly.png",
+        "samples/grid_unconditional.png",
+        "training.json",
+    ):
         assert (run / name).is_file(), name
     card = (run / "README.md").read_text()
     assert "not for diagnosis" in card.lower() and "Cardiomegaly" in card and "synthetic AUC" in card
-    code, out, err = run_cli("train", "--data", f"phantom:{phantom_dir}", "--out", str(run), "--max-steps", "8",
-                             "--batch-size", "8", "--resume", "latest", "--no-eval")
+    code, out, err = run_cli(
+        "train",
+        "--data",
+        f"phantom:{phantom_dir}",
+        "--out",
+        str(run),
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "8",
+        "--resume",
+        "latest",
+        "--no-eval",
+    )
     assert code == 0 and "resumed from" in err and "step 6" in err, err  # logged: stderr
 
 
@@ -95,7 +176,9 @@ def test_report_commands_run_on_the_main_launch_process_only(tmp_path, monkeypat
     """Under accelerate launch / torchrun, evaluate and fidelity write one report: the other processes stop."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert main(["evaluate", "--real", "phantom:?n=8", "--synthetic", str(tmp_path), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(["evaluate", "--real", "phantom:?n=8", "--synthetic", str(tmp_path), "--out", str(tmp_path / "ev")]) == 0
+    )
     assert main(["fidelity", "--model", str(tiny_run), "--data", "phantom:?n=8", "--out", str(tmp_path / "fi")]) == 0
     out = capsys.readouterr().out
     assert out.count("runs on the main process only") == 2 and "process 1 of 2" in out
@@ -125,22 +208,88 @@ def test_every_recipe_key_is_a_flag_of_each_training_command():
         assert "--" + key.replace("_", "-") in generate, key
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["train", "--prediction", "v_prediction", "--no-eval", "--autoencoder", "AE", "--text-encoder", "E",
-      "--train-text-encoder", "--shuffle-findings", "--max-steps", "3"],
-     {"model.prediction_type": "v_prediction", "eval.fidelity": False, "latent.autoencoder": "AE",
-      "text.encoder": "E", "text.train_encoder": True, "text.shuffle_findings": True, "max_steps": 3}),
-    (["finetune", "--method", "lora", "--lora-rank", "4", "--use-8bit-adam", "--no-ema", "--snr-gamma", "0",
-      "--caption-dropout", "0.2", "--validation-prompt", "a", "--validation-prompt", "b", "--text-encoder", "E",
-      "--train-text-encoder"],
-     {"finetune.method": "lora", "finetune.lora_rank": 4, "optimizer": "adamw8bit", "ema": False, "snr_gamma": None,
-      "cond_dropout": 0.2, "finetune.validation_prompts": ["a", "b"], "finetune.text_encoder": "E",
-      "finetune.train_text_encoder": True}),
-    (["train-autoencoder", "--kind", "vq", "--downsample", "8", "--codebook-size", "64", "--model.layers-per-block",
-      "3"],
-     {"autoencoder.kind": "vq", "autoencoder.downsample": 8, "autoencoder.codebook_size": 64,
-      "model.layers_per_block": 3}),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            [
+                "train",
+                "--prediction",
+                "v_prediction",
+                "--no-eval",
+                "--autoencoder",
+                "AE",
+                "--text-encoder",
+                "E",
+                "--train-text-encoder",
+                "--shuffle-findings",
+                "--max-steps",
+                "3",
+            ],
+            {
+                "model.prediction_type": "v_prediction",
+                "eval.fidelity": False,
+                "latent.autoencoder": "AE",
+                "text.encoder": "E",
+                "text.train_encoder": True,
+                "text.shuffle_findings": True,
+                "max_steps": 3,
+            },
+        ),
+        (
+            [
+                "finetune",
+                "--method",
+                "lora",
+                "--lora-rank",
+                "4",
+                "--use-8bit-adam",
+                "--no-ema",
+                "--snr-gamma",
+                "0",
+                "--caption-dropout",
+                "0.2",
+                "--validation-prompt",
+                "a",
+                "--validation-prompt",
+                "b",
+                "--text-encoder",
+                "E",
+                "--train-text-encoder",
+            ],
+            {
+                "finetune.method": "lora",
+                "finetune.lora_rank": 4,
+                "optimizer": "adamw8bit",
+                "ema": False,
+                "snr_gamma": None,
+                "cond_dropout": 0.2,
+                "finetune.validation_prompts": ["a", "b"],
+                "finetune.text_encoder": "E",
+                "finetune.train_text_encoder": True,
+            },
+        ),
+        (
+            [
+                "train-autoencoder",
+                "--kind",
+                "vq",
+                "--downsample",
+                "8",
+                "--codebook-size",
+                "64",
+                "--model.layers-per-block",
+                "3",
+            ],
+            {
+                "autoencoder.kind": "vq",
+                "autoencoder.downsample": 8,
+                "autoencoder.codebook_size": 64,
+                "model.layers_per_block": 3,
+            },
+        ),
+    ],
+)
 def test_flags_map_to_config_keys(argv, expected):
     from meddiff.cli import build_parser
     from meddiff.options import given
@@ -152,8 +301,11 @@ def test_bad_recipe_and_flag_values_are_one_line(capsys, tmp_path, phantom_dir):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  prediction_type: v-pred\n")
     data = ["--data", f"phantom:{phantom_dir}", "--out", str(tmp_path / "run")]
-    one_line_error(capsys, ["train", *data, "--config", str(recipe)],
-                   "config key 'model.prediction_type' = 'v-pred' is not one of epsilon, v_prediction")
+    one_line_error(
+        capsys,
+        ["train", *data, "--config", str(recipe)],
+        "config key 'model.prediction_type' = 'v-pred' is not one of epsilon, v_prediction",
+    )
     recipe.write_text("bach_size: 4\n")
     one_line_error(capsys, ["train", *data, "--config", str(recipe)], "did you mean batch_size")
     recipe.write_text("- a list\n")
@@ -185,7 +337,9 @@ def test_finetune_method_defaults_sit_below_recipe_and_flags(monkeypatch, tmp_pa
 
 def test_commands_without_recipes_do_not_import_the_training_stack():
     """`meddiff env --check` must work when torch is broken: its parser builds no config flags."""
-    code = ("import sys; from meddiff.cli import build_parser; build_parser(config_flags=()).parse_args(['env']); "
-            "print('torch' in sys.modules, 'meddiff.training.config' in sys.modules)")
+    code = (
+        "import sys; from meddiff.cli import build_parser; build_parser(config_flags=()).parse_args(['env']); "
+        "print('torch' in sys.modules, 'meddiff.training.config' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.split() == ["False", "False"]

@@ -1,5 +1,6 @@
 """The checks a maintained library runs, as tests (so the README's test command and CI run them): ruff lint and
 format, mypy on src/, the import-layering contracts (pyproject.toml [tool.importlinter]) and no import cycles."""
+
 from __future__ import annotations
 
 import subprocess

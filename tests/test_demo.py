@@ -13,8 +13,15 @@ def test_demo_writes_a_self_contained_report(tmp_path):
     report = run_demo(tmp_path, minutes=0.2, n=160, progress=False)
     page = report.read_text()
     assert "not for diagnosis" in page.lower()
-    for name in ("No Finding", "Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Consolidation", "Edema",
-                 "unconditional"):
+    for name in (
+        "No Finding",
+        "Cardiomegaly",
+        "Pleural Effusion",
+        "Pneumothorax",
+        "Consolidation",
+        "Edema",
+        "unconditional",
+    ):
         assert f"{name}: generated" in page, name
     assert "Cardiomegaly: real phantoms" in page
     assert len(re.findall(r"src='data:image/png;base64,", page)) >= 14  # grids + real examples + loss curve

@@ -54,8 +54,14 @@ def test_finetune_validation_pipeline_has_every_component_on_the_run_device(tmp_
     base = build_tiny_stable_diffusion(tmp_path / "sd")
     data = load_dataset("phantom:?n=4&seed=2", 32)
     for mode in ("lora", "unet+text"):
-        config = TrainConfig(data="phantom:?n=4&seed=2", out=str(tmp_path / mode), method="finetune", resolution=32,
-                             precision="fp32", finetune=FinetuneConfig(pretrained=str(base), method=mode))
+        config = TrainConfig(
+            data="phantom:?n=4&seed=2",
+            out=str(tmp_path / mode),
+            method="finetune",
+            resolution=32,
+            precision="fp32",
+            finetune=FinetuneConfig(pretrained=str(base), method=mode),
+        )
         method = StableDiffusionFinetune(config, data, None)
         pipe = method._pipeline(method.model)
         assert misplaced_components(pipe, method.device) == []

@@ -14,9 +14,14 @@ from meddiff.workflow import train_and_report
 def test_label_conditioned_generation_is_faithful(tmp_path):
     data = tmp_path / "phantoms"
     write_phantom_folder(data, n=1500, size=64, seed=3, progress=False)
-    config = TrainConfig(data=f"phantom:{data}", out=str(tmp_path / "run"), resolution=32, max_steps=600,
-                         checkpoint_every=0, eval=EvalConfig(fidelity_samples=256, classifier_epochs=8,
-                                                             grid_per_label=8))
+    config = TrainConfig(
+        data=f"phantom:{data}",
+        out=str(tmp_path / "run"),
+        resolution=32,
+        max_steps=600,
+        checkpoint_every=0,
+        eval=EvalConfig(fidelity_samples=256, classifier_epochs=8, grid_per_label=8),
+    )
     summary = train_and_report(config, progress=False)
     fid = summary["fidelity"]
     print(json.dumps(fid, indent=1))

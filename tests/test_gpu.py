@@ -14,8 +14,16 @@ def _tiny(tmp_path, **kw):
     from meddiff.models.factory import ModelConfig
     from meddiff.training.config import TrainConfig
 
-    return TrainConfig(data="phantom:?n=32&seed=3", out=str(tmp_path), max_steps=6, batch_size=8, checkpoint_every=3,
-                       lr_warmup_steps=1, model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1), **kw)
+    return TrainConfig(
+        data="phantom:?n=32&seed=3",
+        out=str(tmp_path),
+        max_steps=6,
+        batch_size=8,
+        checkpoint_every=3,
+        lr_warmup_steps=1,
+        model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1),
+        **kw,
+    )
 
 
 def test_pixel_training_uses_the_gpu_in_mixed_precision_and_samples_there(tmp_path):
@@ -54,10 +62,23 @@ def test_finetune_lora_and_unet_validate_and_export_on_the_gpu(tmp_path):
     data = load_dataset("phantom:?n=40&seed=5", 32)  # more than one encoding batch (32)
     for mode in ("lora", "unet"):
         out = tmp_path / mode
-        config = TrainConfig(data="phantom:?n=40&seed=5", out=str(out), method="finetune", resolution=32, batch_size=4,
-                             max_steps=2, checkpoint_every=0, lr_warmup_steps=1,
-                             finetune=FinetuneConfig(pretrained=str(base), method=mode, validation_every=1,
-                                                     validation_images=1, validation_prompts=["chest x-ray"]))
+        config = TrainConfig(
+            data="phantom:?n=40&seed=5",
+            out=str(out),
+            method="finetune",
+            resolution=32,
+            batch_size=4,
+            max_steps=2,
+            checkpoint_every=0,
+            lr_warmup_steps=1,
+            finetune=FinetuneConfig(
+                pretrained=str(base),
+                method=mode,
+                validation_every=1,
+                validation_images=1,
+                validation_prompts=["chest x-ray"],
+            ),
+        )
         train(config, data, progress=False)
         assert (out / "validation" / "final.png").is_file() and (out / "validation" / "step-0000001.png").is_file()
 

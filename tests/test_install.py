@@ -13,22 +13,25 @@ ROOT = Path(__file__).resolve().parents[1]
 CHOOSE = ROOT / "scripts" / "choose_torch.py"
 
 
-def fake_tools(folder: Path, gpu: str | None = None, system: str | None = None, machine: str | None = None,
-               smi_fails: bool = False) -> Path:
+def fake_tools(
+    folder: Path, gpu: str | None = None, system: str | None = None, machine: str | None = None, smi_fails: bool = False
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if gpu is not None or smi_fails:
         body = "exit 9" if smi_fails else f'echo "GPU 0: {gpu} (UUID: GPU-0000)"'
         (folder / "nvidia-smi").write_text(f"#!/bin/sh\n{body}\n")
         (folder / "nvidia-smi").chmod(0o755)
     if system is not None:
-        (folder / "uname").write_text(f'#!/bin/sh\ncase "$1" in -s) echo {system};; -m) echo {machine};; '
-                                      f'*) echo {system};; esac\n')
+        (folder / "uname").write_text(
+            f'#!/bin/sh\ncase "$1" in -s) echo {system};; -m) echo {machine};; *) echo {system};; esac\n'
+        )
         (folder / "uname").chmod(0o755)
     return folder
 
 
-def choose(tmp_path, *, gpu=None, system=None, machine=None, smi_fails=False, env=None, installed="none",
-           no_pip_config=False):
+def choose(
+    tmp_path, *, gpu=None, system=None, machine=None, smi_fails=False, env=None, installed="none", no_pip_config=False
+):
     tools = fake_tools(tmp_path / "bin", gpu, system, machine, smi_fails)
     # PATH: the fakes, then only what Python needs (no real nvidia-smi from the machine)
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MEDDIFF_TORCH", "PIP_"))}
@@ -36,8 +39,13 @@ def choose(tmp_path, *, gpu=None, system=None, machine=None, smi_fails=False, en
     if no_pip_config:  # a fresh machine: no find-links folder, no extra index
         environ["PIP_CONFIG_FILE"] = os.devnull
     environ.update(env or {})
-    proc = subprocess.run([sys.executable, str(CHOOSE), "--installed", installed, "--json"], capture_output=True,
-                          text=True, env=environ, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(CHOOSE), "--installed", installed, "--json"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=120,
+    )
     return proc
 
 
@@ -55,8 +63,16 @@ def test_linux_with_an_nvidia_gpu_gets_the_cuda_build_from_pypi(tmp_path):
     wheels.mkdir()
     tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
     (wheels / f"torch-2.13.0+cpu-{tag}-{tag}-manylinux_2_28_x86_64.whl").write_bytes(b"")
-    p = plan(choose(tmp_path, gpu="NVIDIA H100 80GB HBM3", system="Linux", machine="x86_64", no_pip_config=True,
-                    env={"PIP_FIND_LINKS": str(wheels)}))
+    p = plan(
+        choose(
+            tmp_path,
+            gpu="NVIDIA H100 80GB HBM3",
+            system="Linux",
+            machine="x86_64",
+            no_pip_config=True,
+            env={"PIP_FIND_LINKS": str(wheels)},
+        )
+    )
     assert p["requirement"] == "torch>=2.6,!=2.13.0+cpu" and p["build"] == "cuda"
 
 
@@ -71,8 +87,9 @@ def test_linux_without_gpu_takes_a_local_cpu_wheel_where_pip_has_one(tmp_path):
     tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
     (wheels / f"torch-2.13.0+cpu-{tag}-{tag}-manylinux_2_28_x86_64.whl").write_bytes(b"")
     (wheels / f"torch-2.5.0+cpu-{tag}-{tag}-manylinux_2_28_x86_64.whl").write_bytes(b"")  # too old: ignored
-    p = plan(choose(tmp_path, system="Linux", machine="x86_64", no_pip_config=True,
-                    env={"PIP_FIND_LINKS": str(wheels)}))
+    p = plan(
+        choose(tmp_path, system="Linux", machine="x86_64", no_pip_config=True, env={"PIP_FIND_LINKS": str(wheels)})
+    )
     assert p["requirement"] == "torch==2.13.0+cpu" and p["build"] == "cpu" and p["cpu_only"]
 
 
@@ -83,8 +100,15 @@ def test_linux_without_gpu_or_cpu_index_accepts_the_default_wheel_and_says_how_t
 
 
 def test_a_configured_cpu_index_is_used(tmp_path):
-    p = plan(choose(tmp_path, system="Linux", machine="x86_64", no_pip_config=True,
-                    env={"PIP_EXTRA_INDEX_URL": "https://download.pytorch.org/whl/cpu"}))
+    p = plan(
+        choose(
+            tmp_path,
+            system="Linux",
+            machine="x86_64",
+            no_pip_config=True,
+            env={"PIP_EXTRA_INDEX_URL": "https://download.pytorch.org/whl/cpu"},
+        )
+    )
     assert p["build"] == "cpu" and p["cpu_only"]
 
 
@@ -98,10 +122,20 @@ def test_macos_arm64_uses_pypi_torch_with_mps_and_intel_macs_get_one_line(tmp_pa
 def test_explicit_choices_pick_the_pytorch_index_and_replace_another_installed_build(tmp_path):
     p = plan(choose(tmp_path, system="Linux", machine="x86_64", env={"MEDDIFF_TORCH": "cpu"}))
     assert p["index_url"] == "https://download.pytorch.org/whl/cpu" and p["cpu_only"]
-    p = plan(choose(tmp_path, gpu="NVIDIA A100", system="Linux", machine="x86_64", env={"MEDDIFF_TORCH": "cu126"},
-                    installed="2.13.0+cpu"))
+    p = plan(
+        choose(
+            tmp_path,
+            gpu="NVIDIA A100",
+            system="Linux",
+            machine="x86_64",
+            env={"MEDDIFF_TORCH": "cu126"},
+            installed="2.13.0+cpu",
+        )
+    )
     assert p["index_url"].endswith("/whl/cu126") and p["build"] == "cuda" and p["replace"]
-    p = plan(choose(tmp_path, system="Linux", machine="x86_64", env={"MEDDIFF_TORCH_INDEX": "https://example/whl/cu128"}))
+    p = plan(
+        choose(tmp_path, system="Linux", machine="x86_64", env={"MEDDIFF_TORCH_INDEX": "https://example/whl/cu128"})
+    )
     assert p["pip_args"] == ["torch>=2.6", "--index-url", "https://example/whl/cu128"] and p["build"] == "cuda"
     proc = choose(tmp_path, system="Linux", machine="x86_64", env={"MEDDIFF_TORCH": "gpu-please"})
     assert proc.returncode == 2 and "MEDDIFF_TORCH" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -120,13 +154,19 @@ def test_install_dry_run_prints_the_plan_and_installs_nothing(tmp_path):
     environ["PATH"] = f"{tools}:{environ['PATH']}"
     environ["MEDDIFF_TORCH"] = "cu128"
     before = sorted(p.name for p in (ROOT / ".venv").glob("lib/python*/site-packages/torch-*"))
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "--dry-run"], capture_output=True, text=True,
-                          env=environ, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "torch index: https://download.pytorch.org/whl/cu128" in proc.stdout and "torch build: cuda" in proc.stdout
     assert sorted(p.name for p in (ROOT / ".venv").glob("lib/python*/site-packages/torch-*")) == before
-    bad = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "--bogus"], capture_output=True, text=True,
-                         timeout=60)
+    bad = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install.sh"), "--bogus"], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
 
 
@@ -135,8 +175,13 @@ def _check(tmp_path, shadow: dict[str, str]):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(code)
     environ = dict(os.environ, PYTHONPATH=f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
-    return subprocess.run([sys.executable, "-m", "meddiff.environment", "--check"], capture_output=True, text=True,
-                          env=environ, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "meddiff.environment", "--check"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=300,
+    )
 
 
 def test_health_check_passes_on_this_install(tmp_path):
@@ -170,20 +215,46 @@ def test_torchvision_stays_out_of_the_dependency_tree(name):
 
 
 def test_default_replaces_an_installed_cpu_build_and_a_cpu_index_does_not_win_on_a_gpu(tmp_path):
-    p = plan(choose(tmp_path, gpu="NVIDIA A100", system="Linux", machine="x86_64", env={"MEDDIFF_TORCH": "default"},
-                    installed="2.13.0+cpu"))
+    p = plan(
+        choose(
+            tmp_path,
+            gpu="NVIDIA A100",
+            system="Linux",
+            machine="x86_64",
+            env={"MEDDIFF_TORCH": "default"},
+            installed="2.13.0+cpu",
+        )
+    )
     assert p["action"] == "install" and p["replace"] and p["index_url"] is None
-    p = plan(choose(tmp_path, gpu="NVIDIA A100", system="Linux", machine="x86_64", env={"MEDDIFF_TORCH": "default"},
-                    installed="2.13.0+cu128"))
+    p = plan(
+        choose(
+            tmp_path,
+            gpu="NVIDIA A100",
+            system="Linux",
+            machine="x86_64",
+            env={"MEDDIFF_TORCH": "default"},
+            installed="2.13.0+cu128",
+        )
+    )
     assert p["action"] == "keep"
-    p = plan(choose(tmp_path, gpu="NVIDIA A100", system="Linux", machine="x86_64", no_pip_config=True,
-                    env={"PIP_EXTRA_INDEX_URL": "https://download.pytorch.org/whl/cpu"}))
+    p = plan(
+        choose(
+            tmp_path,
+            gpu="NVIDIA A100",
+            system="Linux",
+            machine="x86_64",
+            no_pip_config=True,
+            env={"PIP_EXTRA_INDEX_URL": "https://download.pytorch.org/whl/cpu"},
+        )
+    )
     assert p["build"] == "cuda" and p["index_url"] == "https://pypi.org/simple"
 
 
 def test_cuda_index_for_a_driver():
     def flavor(driver):
-        proc = subprocess.run([sys.executable, str(CHOOSE), "--cuda-flavor-for", driver], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, str(CHOOSE), "--cuda-flavor-for", driver], capture_output=True, text=True
+        )
         return proc.stdout.strip(), proc.returncode
 
     assert flavor("12.4") == ("cu124", 0) and flavor("12.7") == ("cu126", 0) and flavor("13.2") == ("cu130", 0)

@@ -1,4 +1,5 @@
 """meddiff.options: typed config fields -> validation, YAML building and CLI flags from one declaration."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,20 +38,23 @@ def test_build_validates_and_converts():
     assert Outer().prompts is not Outer().prompts  # list defaults are per instance
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"steps": 0}, "'steps' = 0 is below the minimum 1"),
-    ({"steps": 2.5}, "'steps' = 2.5 is not an integer"),
-    ({"steps": True}, "'steps' = True is not an integer"),
-    ({"rate": 0}, "'rate' = 0.0 must be greater than 0"),
-    ({"rate": 2}, "'rate' = 2.0 is above the maximum 1"),
-    ({"name": None}, "'name' = null is not allowed"),
-    ({"inner": {"kind": "c"}}, "'inner.kind' = 'c' is not one of a, b"),
-    ({"inner": {"sizes": [1, "x"]}}, r"'inner.sizes\[1\]' = 'x' is not an integer"),
-    ({"inner": {"flag": "yes"}}, "'inner.flag' = 'yes' is not true or false"),
-    ({"inner": 3}, "config inner must be a mapping"),
-    ({"stpes": 3}, "unknown config key.* stpes .*did you mean steps"),
-    ({"inner": {"knd": "a"}}, "unknown config key.* inner.knd"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"steps": 0}, "'steps' = 0 is below the minimum 1"),
+        ({"steps": 2.5}, "'steps' = 2.5 is not an integer"),
+        ({"steps": True}, "'steps' = True is not an integer"),
+        ({"rate": 0}, "'rate' = 0.0 must be greater than 0"),
+        ({"rate": 2}, "'rate' = 2.0 is above the maximum 1"),
+        ({"name": None}, "'name' = null is not allowed"),
+        ({"inner": {"kind": "c"}}, "'inner.kind' = 'c' is not one of a, b"),
+        ({"inner": {"sizes": [1, "x"]}}, r"'inner.sizes\[1\]' = 'x' is not an integer"),
+        ({"inner": {"flag": "yes"}}, "'inner.flag' = 'yes' is not true or false"),
+        ({"inner": 3}, "config inner must be a mapping"),
+        ({"stpes": 3}, "unknown config key.* stpes .*did you mean steps"),
+        ({"inner": {"knd": "a"}}, "unknown config key.* inner.knd"),
+    ],
+)
 def test_bad_values_are_one_line_errors_naming_key_value_and_allowed(data, message):
     with pytest.raises(MeddiffError, match=message) as info:
         build(Outer, data)
@@ -76,16 +80,41 @@ def test_flags_cover_every_key_and_only_given_ones_are_returned():
     for key, _, _ in walk(Outer):
         assert "--" + key.replace("_", "-") in text
     assert given(parser.parse_args([])) == {}
-    args = parser.parse_args(["--steps", "7", "--gamma", "none", "--inner.kind", "b", "--inner.sizes", "4,5",
-                              "--inner.flag", "--prompts", "one", "--prompts", "two"])
-    assert given(args) == {"steps": 7, "gamma": None, "inner.kind": "b", "inner.sizes": [4, 5], "inner.flag": True,
-                           "prompts": ["one", "two"]}
+    args = parser.parse_args(
+        [
+            "--steps",
+            "7",
+            "--gamma",
+            "none",
+            "--inner.kind",
+            "b",
+            "--inner.sizes",
+            "4,5",
+            "--inner.flag",
+            "--prompts",
+            "one",
+            "--prompts",
+            "two",
+        ]
+    )
+    assert given(args) == {
+        "steps": 7,
+        "gamma": None,
+        "inner.kind": "b",
+        "inner.sizes": [4, 5],
+        "inner.flag": True,
+        "prompts": ["one", "two"],
+    }
     assert given(parser.parse_args(["--no-inner.flag"])) == {"inner.flag": False}
 
 
 def test_home_section_aliases_and_switches():
-    parser = _parser(home="inner", aliases={"steps": ["--n-steps"]},
-                     switches={"--plain": ("gamma", None, "no gamma")}, defaults={"steps": "by method"})
+    parser = _parser(
+        home="inner",
+        aliases={"steps": ["--n-steps"]},
+        switches={"--plain": ("gamma", None, "no gamma")},
+        defaults={"steps": "by method"},
+    )
     args = parser.parse_args(["--kind", "b", "--n-steps", "2", "--plain"])
     assert given(args) == {"inner.kind": "b", "steps": 2, "gamma": None}
     assert "by method" in parser.format_help()

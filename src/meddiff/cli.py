@@ -29,14 +29,27 @@ def _positive_float(text: str) -> float:
     return value
 
 
-CONFIG_COMMANDS = ("train", "finetune", "train-autoencoder", "generate", "fidelity", "serve")  # flags from typed configs
-CONFIG_HELP = {"description": "Options come from meddiff.training.config.TrainConfig: every recipe key is a flag "
-                              "(nested keys as --section.key). Defaults < --config YAML < flags."}
+CONFIG_COMMANDS = (
+    "train",
+    "finetune",
+    "train-autoencoder",
+    "generate",
+    "fidelity",
+    "serve",
+)  # flags from typed configs
+CONFIG_HELP = {
+    "description": "Options come from meddiff.training.config.TrainConfig: every recipe key is a flag "
+    "(nested keys as --section.key). Defaults < --config YAML < flags."
+}
 # Spellings kept from earlier versions (users' scripts), beside the generated --section.key flags.
 ALIASES = {
-    "train": {"model.prediction_type": ["--prediction"], "latent.autoencoder": ["--autoencoder"],
-              "text.encoder": ["--text-encoder"], "text.train_encoder": ["--train-text-encoder"],
-              "text.shuffle_findings": ["--shuffle-findings"]},
+    "train": {
+        "model.prediction_type": ["--prediction"],
+        "latent.autoencoder": ["--autoencoder"],
+        "text.encoder": ["--text-encoder"],
+        "text.train_encoder": ["--train-text-encoder"],
+        "text.shuffle_findings": ["--shuffle-findings"],
+    },
     "finetune": {"cond_dropout": ["--caption-dropout"], "finetune.validation_prompts": ["--validation-prompt"]},
     "train-autoencoder": {},
 }
@@ -55,11 +68,22 @@ def _add_config_flags(command: str, parser: argparse.ArgumentParser) -> None:
     from meddiff.training.config import TrainConfig
 
     home = {"finetune": "finetune", "train-autoencoder": "autoencoder"}.get(command, "")
-    shown = {"finetune": {**{k: str(v) for k, v in FINETUNE_DEFAULTS.items()},
-                          "learning_rate": "by method (lora 1e-4, unet 1e-5, ...)"},
-             "train-autoencoder": {"learning_rate": str(AUTOENCODER_LEARNING_RATE)}}.get(command, {})
-    add_arguments(parser, TrainConfig, home=home, skip=("method",) if home else (), aliases=ALIASES[command],
-                  switches=SWITCHES[command], defaults=shown)
+    shown = {
+        "finetune": {
+            **{k: str(v) for k, v in FINETUNE_DEFAULTS.items()},
+            "learning_rate": "by method (lora 1e-4, unet 1e-5, ...)",
+        },
+        "train-autoencoder": {"learning_rate": str(AUTOENCODER_LEARNING_RATE)},
+    }.get(command, {})
+    add_arguments(
+        parser,
+        TrainConfig,
+        home=home,
+        skip=("method",) if home else (),
+        aliases=ALIASES[command],
+        switches=SWITCHES[command],
+        defaults=shown,
+    )
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
@@ -70,8 +94,12 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] |
     from meddiff.sampling.generate import SamplingSettings
 
     names = [f.name for f in dataclasses.fields(SamplingSettings)]
-    add_arguments(parser, SamplingSettings, skip=[n for n in names if only is not None and n not in only],
-                  title="sampling options (meddiff.sampling.generate.SamplingSettings)")
+    add_arguments(
+        parser,
+        SamplingSettings,
+        skip=[n for n in names if only is not None and n not in only],
+        title="sampling options (meddiff.sampling.generate.SamplingSettings)",
+    )
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -93,10 +121,17 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     torch; `main` builds only the one asked for, so `meddiff env --check` works with a broken torch)."""
     p = argparse.ArgumentParser(prog="meddiff", description="Medical image synthesis with diffusion models.")
     loud = p.add_mutually_exclusive_group()
-    loud.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0,
-                      help="more messages (-vv: third-party libraries' too)")
-    loud.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
-                      help="only warnings and errors")
+    loud.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbosity",
+        action="count",
+        default=0,
+        help="more messages (-vv: third-party libraries' too)",
+    )
+    loud.add_argument(
+        "-q", "--quiet", dest="verbosity", action="store_const", const=-1, help="only warnings and errors"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make or inspect datasets")
@@ -111,12 +146,18 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     info = data_sub.add_parser("inspect", help="counts per label/value, view, sex, age, sizes, and every problem")
     info.add_argument("spec")
     info.add_argument("--json", help="also write the full report (every problem listed) as JSON")
-    prep = data_sub.add_parser("prepare", help="decode a dataset once into a memory-mapped store (train from store:DIR)")
+    prep = data_sub.add_parser(
+        "prepare", help="decode a dataset once into a memory-mapped store (train from store:DIR)"
+    )
     prep.add_argument("spec")
     prep.add_argument("--out", required=True, help="the store folder (written atomically; resumable when killed)")
     prep.add_argument("--resolution", type=_positive_int, default=32)
-    prep.add_argument("--workers", type=int, default=None,
-                      help="decoding processes (default: the CPU count for 500+ images, else 0 = this process)")
+    prep.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding processes (default: the CPU count for 500+ images, else 0 = this process)",
+    )
     dl = data_sub.add_parser("download", help="fetch public data where the network allows")
     dl.add_argument("source", choices=("medmnist",))
     dl.add_argument("name", help="e.g. pneumoniamnist, chestmnist")
@@ -124,9 +165,12 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     dl.add_argument("--out", required=True)
 
     tr = sub.add_parser("train", help="train a diffusion model", **CONFIG_HELP)
-    ft = sub.add_parser("finetune", help="fine-tune a pretrained Stable Diffusion (unet, lora, dreambooth, ...)",
-                        **CONFIG_HELP)
-    ae = sub.add_parser("train-autoencoder", help="train a VQ-VAE or KL autoencoder for latent diffusion", **CONFIG_HELP)
+    ft = sub.add_parser(
+        "finetune", help="fine-tune a pretrained Stable Diffusion (unet, lora, dreambooth, ...)", **CONFIG_HELP
+    )
+    ae = sub.add_parser(
+        "train-autoencoder", help="train a VQ-VAE or KL autoencoder for latent diffusion", **CONFIG_HELP
+    )
     for command, parser in (("train", tr), ("finetune", ft), ("train-autoencoder", ae)):
         parser.add_argument("--config", help="YAML recipe, e.g. configs/pneumoniamnist.yaml (flags override it)")
         if command in config_flags:
@@ -139,43 +183,78 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     which.add_argument("--unconditional", action="store_true")
     which.add_argument("--conditions", help="CSV whose label columns (or prompt column) give one condition per row")
     which.add_argument("--prompt", help="free-text prompt (text-conditioned models)")
-    ge.add_argument("--n", type=_positive_int, default=None, help="number of images (default 16; with --conditions: "
-                    "one per row, cycling the rows when larger)")
+    ge.add_argument(
+        "--n",
+        type=_positive_int,
+        default=None,
+        help="number of images (default 16; with --conditions: one per row, cycling the rows when larger)",
+    )
     ge.add_argument("--per-condition", type=_positive_int, default=None, help="images per condition / CSV row")
     ge.add_argument("--out", required=True)
     ge.add_argument("--format", default="png", choices=("png", "png16", "dicom"))
     if "generate" in config_flags:
         _add_sampling_flags(ge)
-    ge.add_argument("--unspecified", choices=("absent", "unknown"), default="absent",
-                    help="labels not named in --labels: known absent (default) or left unspecified")
-    ge.add_argument("--uncertain", choices=("ignore", "ones", "zeros"), default="ignore",
-                    help="-1 values in --conditions: unspecified (default), present or absent")
+    ge.add_argument(
+        "--unspecified",
+        choices=("absent", "unknown"),
+        default="absent",
+        help="labels not named in --labels: known absent (default) or left unspecified",
+    )
+    ge.add_argument(
+        "--uncertain",
+        choices=("ignore", "ones", "zeros"),
+        default="ignore",
+        help="-1 values in --conditions: unspecified (default), present or absent",
+    )
     ge.add_argument("--shard", default=None, help="K/N: this process makes every N-th image starting at K")
-    ge.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)")
+    ge.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)",
+    )
     ge.add_argument("--animate", action="store_true", help="also write a denoising GIF per image (animations/)")
 
     fi = sub.add_parser("fidelity", help="label fidelity of a trained model against real data")
     fi.add_argument("--model", required=True)
     fi.add_argument("--data", required=True, help="real training data spec (the held-out split is used too)")
     fi.add_argument("--out", required=True)
-    fi.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)")
+    fi.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)",
+    )
     fi.add_argument("--n", type=_positive_int, default=512)
     if "fidelity" in config_flags:
         _add_sampling_flags(fi, only=("steps", "guidance", "scheduler", "seed"))
-    fi.add_argument("--prompt", action="append", default=None,
-                    help="text models: a prompt for the prompt-response table (repeatable; default: each finding, "
-                         "three two-finding prompts and the normal prompt)")
+    fi.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="text models: a prompt for the prompt-response table (repeatable; default: each finding, "
+        "three two-finding prompts and the normal prompt)",
+    )
     fi.add_argument("--prompt-samples", type=_positive_int, default=48, help="text models: images per prompt")
 
-    ev = sub.add_parser("evaluate", help="FID/KID, precision/recall, fidelity, diversity, downstream AUC, "
-                        "memorization, UMAP -> metrics.json + report.html")
+    ev = sub.add_parser(
+        "evaluate",
+        help="FID/KID, precision/recall, fidelity, diversity, downstream AUC, "
+        "memorization, UMAP -> metrics.json + report.html",
+    )
     ev.add_argument("--real", required=True, help="real data spec (its train split; the held-out split is the test)")
     ev.add_argument("--synthetic", required=True, help="a folder from `meddiff generate`, or a dataset spec")
     ev.add_argument("--out", required=True)
-    ev.add_argument("--features", default="domain", choices=("domain", "inception", "xrv"),
-                    help="network behind FID/KID/PRDC: domain (trained here), inception (TorchScript file), xrv")
-    ev.add_argument("--feature-weights", default=None, help="inception: path of the TorchScript Inception-v3 "
-                    "(inception-2015-12-05.pt); xrv: torchxrayvision weights name or path")
+    ev.add_argument(
+        "--features",
+        default="domain",
+        choices=("domain", "inception", "xrv"),
+        help="network behind FID/KID/PRDC: domain (trained here), inception (TorchScript file), xrv",
+    )
+    ev.add_argument(
+        "--feature-weights",
+        default=None,
+        help="inception: path of the TorchScript Inception-v3 "
+        "(inception-2015-12-05.pt); xrv: torchxrayvision weights name or path",
+    )
     ev.add_argument("--resolution", type=_positive_int, default=None, help="default: the synthetic images' size")
     ev.add_argument("--seeds", type=_positive_int, default=3, help="downstream classifier seeds")
     ev.add_argument("--classifier-epochs", type=_positive_int, default=10)
@@ -191,20 +270,29 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     sv.add_argument("--data", required=True, help="folder of BraTS case folders with survival_info.csv")
     sv.add_argument("--out", required=True)
     sv.add_argument("--modalities", default="t1,t1ce,t2,flair", help="comma-separated (default all four)")
-    sv.add_argument("--thresholds", default="none,|0.08|,|0.10|,|0.12|,<-0.01,<-0.05,<-0.10",
-                    help="filter rules: none, |t| (keep |rho| > t), <t (keep rho < t)")
+    sv.add_argument(
+        "--thresholds",
+        default="none,|0.08|,|0.10|,|0.12|,<-0.01,<-0.05,<-0.10",
+        help="filter rules: none, |t| (keep |rho| > t), <t (keep rho < t)",
+    )
     sv.add_argument("--model", default="linear,forest", help="comma-separated: linear, ridge, forest, gbm")
     sv.add_argument("--modality-threshold", default="|0.10|", help="filter for the per-modality table")
-    sv.add_argument("--feature-classes", default="firstorder,shape,glcm",
-                    help="pyradiomics classes: shape, firstorder, glcm, glrlm, glszm, gldm, ngtdm")
+    sv.add_argument(
+        "--feature-classes",
+        default="firstorder,shape,glcm",
+        help="pyradiomics classes: shape, firstorder, glcm, glrlm, glszm, gldm, ngtdm",
+    )
     sv.add_argument("--folds", type=_positive_int, default=5)
     sv.add_argument("--repeats", type=_positive_int, default=3)
     sv.add_argument("--seed", type=int, default=0)
     sv.add_argument("--workers", type=_positive_int, default=1, help="processes extracting features")
     sv.add_argument("--resection", default="all", help="all, or GTR to keep gross-total resections only")
 
-    en = sub.add_parser("env", help="versions, devices, precision, attention, distributed launch, extras, hub and "
-                                    "caches of this machine, with one line of advice per problem")
+    en = sub.add_parser(
+        "env",
+        help="versions, devices, precision, attention, distributed launch, extras, hub and "
+        "caches of this machine, with one line of advice per problem",
+    )
     en_out = en.add_mutually_exclusive_group()
     en_out.add_argument("--json", action="store_true", help="one JSON object")
     en_out.add_argument("--check", action="store_true", help="only the import health check (what the install runs)")
@@ -214,7 +302,11 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     se.add_argument("--port", type=_positive_int, default=None, help="port (default: 7860 or the next free one)")
     if "serve" in config_flags:
         _add_serve_flags(se)
-    se.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)")
+    se.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)",
+    )
     return p
 
 
@@ -223,8 +315,10 @@ def cmd_data(args) -> None:
         from meddiff.data.phantom_dataset import write_phantom_folder
 
         counts = write_phantom_folder(Path(args.out), args.n, args.size, args.seed, args.valid_fraction, args.bit_depth)
-        print(f"wrote {counts['train']} training and {counts['valid']} validation phantoms to {args.out} "
-              "(synthetic test data, not medical data)")
+        print(
+            f"wrote {counts['train']} training and {counts['valid']} validation phantoms to {args.out} "
+            "(synthetic test data, not medical data)"
+        )
     elif args.data_command == "inspect":
         import json
 
@@ -313,9 +407,11 @@ def cmd_train_autoencoder(args) -> None:
     if report is None:
         return
     ms = f", MS-SSIM {report.ms_ssim:.4f}" if report.ms_ssim is not None else ""
-    print(f"done: held-out PSNR {report.psnr:.2f} dB, SSIM {report.ssim:.4f}{ms}; scaling factor "
-          f"{report.scaling_factor:.4f}; model in {Path(config.out) / 'autoencoder'}; report "
-          f"{Path(config.out) / 'report.html'}")
+    print(
+        f"done: held-out PSNR {report.psnr:.2f} dB, SSIM {report.ssim:.4f}{ms}; scaling factor "
+        f"{report.scaling_factor:.4f}; model in {Path(config.out) / 'autoencoder'}; report "
+        f"{Path(config.out) / 'report.html'}"
+    )
 
 
 def cmd_train(args) -> None:
@@ -330,7 +426,9 @@ def cmd_train(args) -> None:
     summary = train_and_report(config)
     if summary is None:
         return
-    print(f"done: {summary.steps} steps; model in {Path(config.out) / 'pipeline'}; card {Path(config.out) / 'README.md'}")
+    print(
+        f"done: {summary.steps} steps; model in {Path(config.out) / 'pipeline'}; card {Path(config.out) / 'README.md'}"
+    )
 
 
 def cmd_generate(args) -> None:
@@ -355,16 +453,30 @@ def cmd_generate(args) -> None:
     settings = _sampling_settings(args)
     if settings.negative_prompt and not pipe.supports_prompts:
         raise MeddiffError("--negative-prompt needs a text-conditioned model")
-    plan = make_plan(codec, labels_text=args.labels, unconditional=args.unconditional, conditions=args.conditions,
-                     n=args.n, per_condition=args.per_condition, unspecified=args.unspecified,
-                     uncertain=args.uncertain, prompt=args.prompt)
-    result = generate_dataset(pipe, args.model, plan, settings, Path(args.out), args.format, shard,
-                              animate=args.animate)
+    plan = make_plan(
+        codec,
+        labels_text=args.labels,
+        unconditional=args.unconditional,
+        conditions=args.conditions,
+        n=args.n,
+        per_condition=args.per_condition,
+        unspecified=args.unspecified,
+        uncertain=args.uncertain,
+        prompt=args.prompt,
+    )
+    result = generate_dataset(
+        pipe, args.model, plan, settings, Path(args.out), args.format, shard, animate=args.animate
+    )
     counts = ", ".join(f"{k}={v}" for k, v in sorted(result.per_condition.items(), key=lambda kv: -kv[1])[:12])
-    print(f"generated {result.written} images ({result.skipped} already present) in {result.seconds:.1f} s, "
-          f"{result.images_per_second:.1f} img/s; per condition: {counts}")
-    print(f"manifest: {result.manifest}" if result.manifest else
-          f"shard {shard[0]}/{shard[1]} done; the manifest is written when every shard has finished")
+    print(
+        f"generated {result.written} images ({result.skipped} already present) in {result.seconds:.1f} s, "
+        f"{result.images_per_second:.1f} img/s; per condition: {counts}"
+    )
+    print(
+        f"manifest: {result.manifest}"
+        if result.manifest
+        else f"shard {shard[0]}/{shard[1]} done; the manifest is written when every shard has finished"
+    )
 
 
 def cmd_fidelity(args) -> None:
@@ -392,8 +504,15 @@ def cmd_fidelity(args) -> None:
     if pipe.supports_prompts:  # two findings named: both drawn? one named: only that one?
         from meddiff.evaluation.fidelity import default_prompts, prompt_response
 
-        response = prompt_response(pipe, result.classifier, args.prompt or default_prompts(train.label_names),
-                                   train.label_names, args.prompt_samples, settings, heldout=heldout)
+        response = prompt_response(
+            pipe,
+            result.classifier,
+            args.prompt or default_prompts(train.label_names),
+            train.label_names,
+            args.prompt_samples,
+            settings,
+            heldout=heldout,
+        )
         print(response.table())
     result.report(response).write_json(out / "fidelity.json")
 
@@ -415,9 +534,17 @@ def cmd_evaluate(args) -> None:
     if _other_launch_process("evaluate"):
         return
 
-    report = run_evaluation(args.real, args.synthetic, Path(args.out), resolution=args.resolution,
-                            features=args.features, feature_weights=args.feature_weights, seeds=args.seeds, classifier_epochs=args.classifier_epochs,
-                            max_images=args.max_images)
+    report = run_evaluation(
+        args.real,
+        args.synthetic,
+        Path(args.out),
+        resolution=args.resolution,
+        features=args.features,
+        feature_weights=args.feature_weights,
+        seeds=args.seeds,
+        classifier_epochs=args.classifier_epochs,
+        max_images=args.max_images,
+    )
     print(f"report: {report}; metrics: {Path(args.out) / 'metrics.json'}")
 
 
@@ -436,15 +563,26 @@ def cmd_survival(args) -> None:
     def items(text: str) -> tuple[str, ...]:
         return tuple(part.strip().lower() for part in text.split(",") if part.strip())
 
-    config = SurvivalConfig(data=args.data, out=args.out, modalities=items(args.modalities),
-                            rules=tuple(p.strip() for p in args.thresholds.split(",") if p.strip()),
-                            models=items(args.model), modality_rule=args.modality_threshold,
-                            feature_classes=items(args.feature_classes), folds=args.folds, repeats=args.repeats,
-                            seed=args.seed, workers=args.workers, resection=args.resection)
+    config = SurvivalConfig(
+        data=args.data,
+        out=args.out,
+        modalities=items(args.modalities),
+        rules=tuple(p.strip() for p in args.thresholds.split(",") if p.strip()),
+        models=items(args.model),
+        modality_rule=args.modality_threshold,
+        feature_classes=items(args.feature_classes),
+        folds=args.folds,
+        repeats=args.repeats,
+        seed=args.seed,
+        workers=args.workers,
+        resection=args.resection,
+    )
     report = run_survival(config)
     best = max(report["threshold_table"], key=lambda r: r["accuracy"])
-    print(f"best: filter {best['filter']}, {best['model']}: accuracy {best['accuracy']:.3f}, Spearman R "
-          f"{best['spearman_r']:.3f}; tables in {Path(args.out) / 'survival.md'} and survival.json")
+    print(
+        f"best: filter {best['filter']}, {best['model']}: accuracy {best['accuracy']:.3f}, Spearman R "
+        f"{best['spearman_r']:.3f}; tables in {Path(args.out) / 'survival.md'} and survival.json"
+    )
 
 
 def cmd_env(args) -> None:
@@ -456,8 +594,8 @@ def cmd_env(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from meddiff.serve.app import require_gradio, serve
     from meddiff.options import given
+    from meddiff.serve.app import require_gradio, serve
     from meddiff.serve.service import ServeLimits
 
     require_gradio()  # before loading the model: a missing extra fails in a second
@@ -465,8 +603,19 @@ def cmd_serve(args) -> None:
     serve(args.model, args.host, args.port, limits, args.device)
 
 
-COMMANDS = {"env": cmd_env, "finetune": cmd_finetune, "survival": cmd_survival, "serve": cmd_serve, "data": cmd_data, "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "generate": cmd_generate, "fidelity": cmd_fidelity, "evaluate": cmd_evaluate,
-            "demo": cmd_demo}
+COMMANDS = {
+    "env": cmd_env,
+    "finetune": cmd_finetune,
+    "survival": cmd_survival,
+    "serve": cmd_serve,
+    "data": cmd_data,
+    "train": cmd_train,
+    "train-autoencoder": cmd_train_autoencoder,
+    "generate": cmd_generate,
+    "fidelity": cmd_fidelity,
+    "evaluate": cmd_evaluate,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

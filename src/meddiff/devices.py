@@ -76,8 +76,9 @@ def misplaced_components(pipe_or_module, device: torch.device | str) -> list[str
     if isinstance(pipe_or_module, torch.nn.Module):
         modules = {"": pipe_or_module}
     else:
-        modules = {name: value for name, value in pipe_or_module.components.items()
-                   if isinstance(value, torch.nn.Module)}
+        modules = {
+            name: value for name, value in pipe_or_module.components.items() if isinstance(value, torch.nn.Module)
+        }
     wrong = []
     for name, module in modules.items():
         tensors = list(module.named_parameters()) + list(module.named_buffers())

@@ -24,8 +24,12 @@ from urllib.parse import urlparse
 LOOKUP_SECONDS = 1.5
 MIN_FREE_GB = 10.0
 PACKAGES = ("diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy", "huggingface-hub", "monai")
-EXTRAS = {"serve": ("gradio",), "survival": ("pyradiomics",), "bench": ("monai", "einops"),
-          "test": ("pytest", "playwright")}
+EXTRAS = {
+    "serve": ("gradio",),
+    "survival": ("pyradiomics",),
+    "bench": ("monai", "einops"),
+    "test": ("pytest", "playwright"),
+}
 # the health check: what meddiff imports at its core, in dependency order
 HEALTH_IMPORTS = ("torch", "diffusers", "transformers", "peft", "accelerate")
 DIST_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -148,7 +152,7 @@ class _Lookup:
     """A DNS lookup in a daemon thread: never holds up the report (or the exit) longer than LOOKUP_SECONDS."""
 
     def __init__(self, host: str) -> None:
-        self.host, self.result, self.detail = host, None, "no answer within %.1f s" % LOOKUP_SECONDS
+        self.host, self.result, self.detail = host, None, f"no answer within {LOOKUP_SECONDS:.1f} s"
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -200,8 +204,17 @@ def _devices(torch) -> Devices:
     mps = mps_available()
     current = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
     usable = usable_cores()
-    return Devices(current.type if current is not None else "cpu", cuda, len(gpus), gpus, mps, os.cpu_count() or 1,
-                   usable, torch.get_num_threads(), shutil.which("nvidia-smi") is not None)
+    return Devices(
+        current.type if current is not None else "cpu",
+        cuda,
+        len(gpus),
+        gpus,
+        mps,
+        os.cpu_count() or 1,
+        usable,
+        torch.get_num_threads(),
+        shutil.which("nvidia-smi") is not None,
+    )
 
 
 def _precision(torch, devices: Devices) -> Precision:
@@ -219,8 +232,14 @@ def _precision(torch, devices: Devices) -> Precision:
     else:
         bf16, fast = True, cpu_has_fast_bf16()
     auto = resolve_precision("auto")
-    return Precision(bf16, fast, devices.cuda_available or devices.accelerator == "mps", tf32,
-                     tf32_enabled(), "fp32" if auto == "no" else auto)
+    return Precision(
+        bf16,
+        fast,
+        devices.cuda_available or devices.accelerator == "mps",
+        tf32,
+        tf32_enabled(),
+        "fp32" if auto == "no" else auto,
+    )
 
 
 def _attention(torch, devices: Devices) -> Attention:
@@ -229,8 +248,14 @@ def _attention(torch, devices: Devices) -> Attention:
         return Attention(sdpa, None, None, None, None, None)
     b = torch.backends.cuda
     cudnn = b.cudnn_sdp_enabled() if hasattr(b, "cudnn_sdp_enabled") else None
-    return Attention(sdpa, b.flash_sdp_enabled(), any(float(g.capability) >= 8.0 for g in devices.gpus),
-                     b.mem_efficient_sdp_enabled(), cudnn, b.math_sdp_enabled())
+    return Attention(
+        sdpa,
+        b.flash_sdp_enabled(),
+        any(float(g.capability) >= 8.0 for g in devices.gpus),
+        b.mem_efficient_sdp_enabled(),
+        cudnn,
+        b.math_sdp_enabled(),
+    )
 
 
 def _distributed(torch) -> Distributed:
@@ -243,9 +268,19 @@ def _distributed(torch) -> Distributed:
             return default
 
     dist = torch.distributed
-    backends = [] if not dist.is_available() else [
-        name for name, ok in (("nccl", dist.is_nccl_available()), ("gloo", dist.is_gloo_available()),
-                              ("mpi", dist.is_mpi_available())) if ok]
+    backends = (
+        []
+        if not dist.is_available()
+        else [
+            name
+            for name, ok in (
+                ("nccl", dist.is_nccl_available()),
+                ("gloo", dist.is_gloo_available()),
+                ("mpi", dist.is_mpi_available()),
+            )
+            if ok
+        ]
+    )
     return Distributed("WORLD_SIZE" in env, num("WORLD_SIZE", 1), num("RANK", 0), num("LOCAL_RANK", 0), env, backends)
 
 
@@ -276,41 +311,63 @@ def advice(r: Report) -> list[str]:
     out: list[str] = []
     tv, d, p = r.torchvision, r.devices, r.precision
     if tv.version and tv.imports is False:
-        out.append(f"torchvision {tv.version} is installed and breaks transformers/diffusers imports ({tv.error}): "
-                   "pip uninstall -y torchvision (meddiff never needs it)")
+        out.append(
+            f"torchvision {tv.version} is installed and breaks transformers/diffusers imports ({tv.error}): "
+            "pip uninstall -y torchvision (meddiff never needs it)"
+        )
     if d.accelerator == "cpu":
-        out.append(f"no GPU: training and generation run on the CPU ({d.cpu_cores_usable} cores); fine for the demo "
-                   "and small models, slow for Stable Diffusion fine-tuning")
+        out.append(
+            f"no GPU: training and generation run on the CPU ({d.cpu_cores_usable} cores); fine for the demo "
+            "and small models, slow for Stable Diffusion fine-tuning"
+        )
     if d.nvidia_smi and not r.versions.torch_build.startswith("cuda"):
-        out.append("an NVIDIA driver is present but torch is a CPU build: MEDDIFF_TORCH=default bash "
-                   "scripts/install.sh (or MEDDIFF_TORCH=cu126) installs a CUDA build")
+        out.append(
+            "an NVIDIA driver is present but torch is a CPU build: MEDDIFF_TORCH=default bash "
+            "scripts/install.sh (or MEDDIFF_TORCH=cu126) installs a CUDA build"
+        )
     elif r.versions.torch_build.startswith("cuda") and not d.cuda_available:
-        out.append("torch is a CUDA build but no GPU is visible (driver, CUDA_VISIBLE_DEVICES?); on a machine "
-                   "without one, MEDDIFF_TORCH=cpu bash scripts/install.sh is a much smaller install")
+        out.append(
+            "torch is a CUDA build but no GPU is visible (driver, CUDA_VISIBLE_DEVICES?); on a machine "
+            "without one, MEDDIFF_TORCH=cpu bash scripts/install.sh is a much smaller install"
+        )
     if not p.bf16_fast:
         fallback = "fp16" if d.cuda_available else "fp32"
         out.append(f"bf16 not supported{' fast' if p.bf16 else ''} here: precision auto uses {fallback}")
     if d.cuda_available and r.attention.flash_enabled is False:
         out.append("flash SDPA is disabled: torch.backends.cuda.enable_flash_sdp(True) for faster attention")
     dist = r.distributed
-    if dist.launched and d.cuda_available and dist.world_size > d.gpu_count and "LOCAL_WORLD_SIZE" not in \
-            dist.variables:
-        out.append(f"WORLD_SIZE={dist.world_size} but {d.gpu_count} GPU(s) here: several processes share a GPU "
-                   "unless this is a multi-node launch")
+    if (
+        dist.launched
+        and d.cuda_available
+        and dist.world_size > d.gpu_count
+        and "LOCAL_WORLD_SIZE" not in dist.variables
+    ):
+        out.append(
+            f"WORLD_SIZE={dist.world_size} but {d.gpu_count} GPU(s) here: several processes share a GPU "
+            "unless this is a multi-node launch"
+        )
     if dist.launched and dist.world_size > 1 and d.accelerator == "cpu":
-        out.append(f"{dist.world_size} processes on the CPU (gloo): each gets about "
-                   f"{max(1, d.cpu_cores_usable // dist.world_size)} core(s)")
+        out.append(
+            f"{dist.world_size} processes on the CPU (gloo): each gets about "
+            f"{max(1, d.cpu_cores_usable // dist.world_size)} core(s)"
+        )
     hub = r.hub
     if hub.resolves is not True and not (hub.hf_hub_offline or hub.transformers_offline):
-        out.append(f"{hub.host} does not resolve ({hub.detail}): set HF_HUB_OFFLINE=1 and pass local folders "
-                   "(--pretrained DIR, the default --text-encoder minilm)")
+        out.append(
+            f"{hub.host} does not resolve ({hub.detail}): set HF_HUB_OFFLINE=1 and pass local folders "
+            "(--pretrained DIR, the default --text-encoder minilm)"
+        )
     s = r.storage
     if s.meddiff_cache_free_gb is not None and s.meddiff_cache_free_gb < MIN_FREE_GB:
-        out.append(f"less than {MIN_FREE_GB:.0f} GB free in the cache ({s.meddiff_cache_free_gb} GB at "
-                   f"{s.meddiff_cache}): set MEDDIFF_CACHE to a folder on a larger disk")
+        out.append(
+            f"less than {MIN_FREE_GB:.0f} GB free in the cache ({s.meddiff_cache_free_gb} GB at "
+            f"{s.meddiff_cache}): set MEDDIFF_CACHE to a folder on a larger disk"
+        )
     if s.hf_cache_free_gb is not None and s.hf_cache_free_gb < MIN_FREE_GB:
-        out.append(f"less than {MIN_FREE_GB:.0f} GB free in the Hugging Face cache ({s.hf_cache_free_gb} GB at "
-                   f"{s.hf_cache}): set HF_HOME to a folder on a larger disk")
+        out.append(
+            f"less than {MIN_FREE_GB:.0f} GB free in the Hugging Face cache ({s.hf_cache_free_gb} GB at "
+            f"{s.hf_cache}): set HF_HOME to a folder on a larger disk"
+        )
     return out
 
 
@@ -323,8 +380,14 @@ def collect() -> Report:
     lookup = _Lookup(host)
     import torch
 
-    versions = Versions(platform.python_version(), platform.platform(), __version__, torch.__version__,
-                        _torch_build(torch), {name: _version(name) for name in PACKAGES})
+    versions = Versions(
+        platform.python_version(),
+        platform.platform(),
+        __version__,
+        torch.__version__,
+        _torch_build(torch),
+        {name: _version(name) for name in PACKAGES},
+    )
     devices = _devices(torch)
     extra_packages = {pkg: _version(pkg) for pkgs in EXTRAS.values() for pkg in pkgs}
     extras = {name: all(extra_packages[p] for p in pkgs) for name, pkgs in EXTRAS.items()}
@@ -332,8 +395,18 @@ def collect() -> Report:
     hub = Hub(host, os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"), resolves, detail)
     cache, hf_cache = cache_root().expanduser(), hf_cache_dir()
     storage = Storage(str(cache), free_gb(cache), str(hf_cache), free_gb(hf_cache))
-    report = Report(versions, devices, _precision(torch, devices), _attention(torch, devices), _distributed(torch),
-                    extras, extra_packages, hub, storage, _torchvision())
+    report = Report(
+        versions,
+        devices,
+        _precision(torch, devices),
+        _attention(torch, devices),
+        _distributed(torch),
+        extras,
+        extra_packages,
+        hub,
+        storage,
+        _torchvision(),
+    )
     report.advice = advice(report)
     return report
 
@@ -345,33 +418,54 @@ def _yes(value: bool | None) -> str:
 def format_report(r: Report) -> str:
     v, d, p, a, dist, h, s = r.versions, r.devices, r.precision, r.attention, r.distributed, r.hub, r.storage
     pkgs = ", ".join(f"{k} {val}" for k, val in v.packages.items() if val)
-    lines = [f"meddiff {v.meddiff} on {v.platform}",
-             f"versions: python {v.python}, torch {v.torch} ({v.torch_build} build), {pkgs}",
-             f"devices: {d.accelerator}; {d.gpu_count} CUDA GPU(s), MPS {_yes(d.mps_available)}; "
-             f"{d.cpu_cores} CPU cores ({d.cpu_cores_usable} usable), torch threads {d.torch_threads}"]
-    lines += [f"  GPU {g.index}: {g.name} (sm {g.capability}), {g.total_gb} GB total, {g.free_gb} GB free"
-              for g in d.gpus]
-    lines.append(f"precision: bf16 {_yes(p.bf16)} (fast {_yes(p.bf16_fast)}), fp16 {_yes(p.fp16)}, TF32 "
-                 f"{_yes(p.tf32)} (matmul {'on' if p.tf32_matmul_enabled else 'off'}); --precision auto -> {p.auto}")
-    kernels = "" if a.flash_enabled is None else (
-        f"; CUDA kernels enabled: flash {_yes(a.flash_enabled)} (hardware {_yes(a.flash_hardware)}), "
-        f"mem-efficient {_yes(a.mem_efficient_enabled)}, cudnn {_yes(a.cudnn_enabled)}, math {_yes(a.math_enabled)}")
+    lines = [
+        f"meddiff {v.meddiff} on {v.platform}",
+        f"versions: python {v.python}, torch {v.torch} ({v.torch_build} build), {pkgs}",
+        f"devices: {d.accelerator}; {d.gpu_count} CUDA GPU(s), MPS {_yes(d.mps_available)}; "
+        f"{d.cpu_cores} CPU cores ({d.cpu_cores_usable} usable), torch threads {d.torch_threads}",
+    ]
+    lines += [
+        f"  GPU {g.index}: {g.name} (sm {g.capability}), {g.total_gb} GB total, {g.free_gb} GB free" for g in d.gpus
+    ]
+    lines.append(
+        f"precision: bf16 {_yes(p.bf16)} (fast {_yes(p.bf16_fast)}), fp16 {_yes(p.fp16)}, TF32 "
+        f"{_yes(p.tf32)} (matmul {'on' if p.tf32_matmul_enabled else 'off'}); --precision auto -> {p.auto}"
+    )
+    kernels = (
+        ""
+        if a.flash_enabled is None
+        else (
+            f"; CUDA kernels enabled: flash {_yes(a.flash_enabled)} (hardware {_yes(a.flash_hardware)}), "
+            f"mem-efficient {_yes(a.mem_efficient_enabled)}, cudnn {_yes(a.cudnn_enabled)}, math {_yes(a.math_enabled)}"
+        )
+    )
     lines.append(f"attention: SDPA {_yes(a.sdpa)}{kernels}")
-    lines.append(f"distributed: world size {dist.world_size}, rank {dist.rank}, local rank {dist.local_rank} "
-                 f"({', '.join(f'{k}={val}' for k, val in dist.variables.items())}); backends {', '.join(dist.backends)}"
-                 if dist.launched else f"distributed: not launched (no WORLD_SIZE); backends {', '.join(dist.backends)}")
+    lines.append(
+        f"distributed: world size {dist.world_size}, rank {dist.rank}, local rank {dist.local_rank} "
+        f"({', '.join(f'{k}={val}' for k, val in dist.variables.items())}); backends {', '.join(dist.backends)}"
+        if dist.launched
+        else f"distributed: not launched (no WORLD_SIZE); backends {', '.join(dist.backends)}"
+    )
+
     def extra(name: str) -> str:
         pkgs = ", ".join(f"{pkg} {r.extra_packages.get(pkg) or 'missing'}" for pkg in EXTRAS[name])
         return f"{name} {'yes' if r.extras[name] else 'no'} ({pkgs})"
 
     lines.append("extras: " + "; ".join(extra(name) for name in EXTRAS))
-    lines.append(f"hub: HF_HUB_OFFLINE={h.hf_hub_offline or 'unset'}, TRANSFORMERS_OFFLINE="
-                 f"{h.transformers_offline or 'unset'}; {h.host}: {h.detail}")
-    lines.append(f"caches: meddiff {s.meddiff_cache} ({s.meddiff_cache_free_gb} GB free); Hugging Face "
-                 f"{s.hf_cache} ({s.hf_cache_free_gb} GB free)")
+    lines.append(
+        f"hub: HF_HUB_OFFLINE={h.hf_hub_offline or 'unset'}, TRANSFORMERS_OFFLINE="
+        f"{h.transformers_offline or 'unset'}; {h.host}: {h.detail}"
+    )
+    lines.append(
+        f"caches: meddiff {s.meddiff_cache} ({s.meddiff_cache_free_gb} GB free); Hugging Face "
+        f"{s.hf_cache} ({s.hf_cache_free_gb} GB free)"
+    )
     tv = r.torchvision
-    lines.append("torchvision: not installed (as it should be)" if tv.version is None else
-                 f"torchvision: {tv.version} installed, imports {_yes(tv.imports)}")
+    lines.append(
+        "torchvision: not installed (as it should be)"
+        if tv.version is None
+        else f"torchvision: {tv.version} installed, imports {_yes(tv.imports)}"
+    )
     lines.append("advice:" if r.advice else "advice: none")
     lines += [f"  - {line}" for line in r.advice]
     return "\n".join(lines)
@@ -393,18 +487,27 @@ def health() -> tuple[bool, str]:
     tv = _torchvision() if "torch" not in failed else Torchvision(_version("torchvision"), None, "")
     if tv.version and (tv.imports is False or culprit_torchvision):
         detail = f"; {listed}" if failed else f" ({tv.error})"
-        return False, (f"broken: torchvision {tv.version} is installed and breaks imports{detail}: "
-                       f"{pip} uninstall -y torchvision (meddiff never needs it)")
+        return False, (
+            f"broken: torchvision {tv.version} is installed and breaks imports{detail}: "
+            f"{pip} uninstall -y torchvision (meddiff never needs it)"
+        )
     if failed:
-        fix = ("reinstall torch: rerun bash scripts/install.sh (MEDDIFF_TORCH=cpu for the CPU build)"
-               if "torch" in failed else
-               f"{pip} install --force-reinstall {' '.join(failed)}, or rerun bash scripts/install.sh")
+        fix = (
+            "reinstall torch: rerun bash scripts/install.sh (MEDDIFF_TORCH=cpu for the CPU build)"
+            if "torch" in failed
+            else f"{pip} install --force-reinstall {' '.join(failed)}, or rerun bash scripts/install.sh"
+        )
         return False, f"broken: {listed}: {fix}"
     import torch
 
     build = _torch_build(torch)
-    where = (f", {torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else
-             ", MPS" if torch.backends.mps.is_available() else ", no GPU")
+    where = (
+        f", {torch.cuda.device_count()} GPU(s)"
+        if torch.cuda.is_available()
+        else ", MPS"
+        if torch.backends.mps.is_available()
+        else ", no GPU"
+    )
     names = ", ".join(f"{n} {_version(n)}" for n in HEALTH_IMPORTS[1:])
     return True, f"ok: torch {torch.__version__} ({build} build{where}), {names}"
 

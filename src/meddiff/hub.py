@@ -44,8 +44,10 @@ def load_pretrained(loader, name_or_path: str, what: str, **kwargs):
     except (OSError, ValueError):
         pass
     if not hub_reachable():
-        raise MeddiffError(f"{what} {name_or_path!r} is not a local folder, not in the Hugging Face cache, and the hub "
-                           "is unreachable; download it where there is internet and pass its local path")
+        raise MeddiffError(
+            f"{what} {name_or_path!r} is not a local folder, not in the Hugging Face cache, and the hub "
+            "is unreachable; download it where there is internet and pass its local path"
+        )
     try:
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:

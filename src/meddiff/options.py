@@ -29,8 +29,15 @@ from meddiff.errors import MeddiffError
 DEST_PREFIX = "option:"  # argparse destinations of generated flags: "option:model.prediction_type"
 
 
-def option(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
-           above: float | None = None, zero_is_none: bool = False) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    zero_is_none: bool = False,
+) -> Any:
     """A config field. `minimum`/`maximum` are inclusive bounds, `above` an exclusive one (`above=0`: positive).
     Mutable defaults (lists) are copied per instance. `zero_is_none`: 0 means "off" (None)."""
     meta = {"help": help, "minimum": minimum, "maximum": maximum, "above": above, "zero_is_none": zero_is_none}
@@ -158,8 +165,10 @@ def build(cls: type, data: Any, where: str = "") -> Any:
         prefix = f"{where}." if where else ""
         close = difflib.get_close_matches(unknown[0], list(fields), n=1)
         hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-        raise MeddiffError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}{hint}; "
-                           f"known{' in ' + where if where else ''}: {', '.join(fields)}")
+        raise MeddiffError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}{hint}; "
+            f"known{' in ' + where if where else ''}: {', '.join(fields)}"
+        )
     types_ = hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -213,11 +222,17 @@ def _default_text(f: dataclasses.Field) -> str:
     return "null" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *, home: str = "", skip: typing.Collection[str] = (),
-                  aliases: typing.Mapping[str, typing.Sequence[str]] | None = None,
-                  switches: typing.Mapping[str, tuple[str, Any, str]] | None = None,
-                  defaults: typing.Mapping[str, str] | None = None, title: str = "options (recipe top level)",
-                  ) -> list[Flag]:
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    home: str = "",
+    skip: typing.Collection[str] = (),
+    aliases: typing.Mapping[str, typing.Sequence[str]] | None = None,
+    switches: typing.Mapping[str, tuple[str, Any, str]] | None = None,
+    defaults: typing.Mapping[str, str] | None = None,
+    title: str = "options (recipe top level)",
+) -> list[Flag]:
     """A flag per option of `cls`, grouped by section. Top-level options get `--name`; options of the `home`
     section get `--name` too (they win a clash with a top-level name); every nested option has `--section.name`.
     `aliases` adds extra option strings per dotted key (kept spellings); `switches` adds flags that set a key to a
@@ -246,25 +261,44 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, home: str = "",
         inner, _ = _optional(hint)
         dest = DEST_PREFIX + key
         if inner is bool:
-            groups[parent].add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
-                                        default=argparse.SUPPRESS, help=text)
+            groups[parent].add_argument(
+                *names, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+            )
         elif typing.get_origin(inner) is list and typing.get_args(inner)[0] is str:
-            groups[parent].add_argument(*names, dest=dest, action="append", default=argparse.SUPPRESS,
-                                        metavar="TEXT", help=text + " (repeat the flag for several)")
+            groups[parent].add_argument(
+                *names,
+                dest=dest,
+                action="append",
+                default=argparse.SUPPRESS,
+                metavar="TEXT",
+                help=text + " (repeat the flag for several)",
+            )
         else:
             choices = [str(a) for a in typing.get_args(inner)] if typing.get_origin(inner) is Literal else None
             metavar = "{" + ",".join(choices) + "}" if choices else key.rpartition(".")[2].upper()
-            groups[parent].add_argument(*names, dest=dest, type=_converter(key, hint, f.metadata),
-                                        default=argparse.SUPPRESS, metavar=metavar, help=text)
+            groups[parent].add_argument(
+                *names,
+                dest=dest,
+                type=_converter(key, hint, f.metadata),
+                default=argparse.SUPPRESS,
+                metavar=metavar,
+                help=text,
+            )
         flags.append(Flag(key, tuple(names)))
     for name, (key, const, text) in (switches or {}).items():
         parent = key.rpartition(".")[0]
-        groups[parent].add_argument(name, dest=DEST_PREFIX + key, action="store_const", const=const,
-                                    default=argparse.SUPPRESS, help=f"{text} (same as {key}: {const})")
+        groups[parent].add_argument(
+            name,
+            dest=DEST_PREFIX + key,
+            action="store_const",
+            const=const,
+            default=argparse.SUPPRESS,
+            help=f"{text} (same as {key}: {const})",
+        )
         flags.append(Flag(key, (name,)))
     return flags
 
 
 def given(args: argparse.Namespace) -> dict[str, Any]:
     """{dotted key: value} of the generated flags the user passed."""
-    return {dest[len(DEST_PREFIX):]: value for dest, value in vars(args).items() if dest.startswith(DEST_PREFIX)}
+    return {dest[len(DEST_PREFIX) :]: value for dest, value in vars(args).items() if dest.startswith(DEST_PREFIX)}

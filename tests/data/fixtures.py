@@ -46,18 +46,40 @@ def chexpert_small(root: Path) -> Path:
             base = f"CheXpert-v1.0-small/train/patient{p:05d}/study{s}"
             cardio = p % 3 == 0
             effusion = -1 if p % 4 == 1 else (1 if p % 2 == 0 else 0)
-            phantom_png(root / base / "view1_frontal.jpg", p * 10 + s,
-                        findings={"Cardiomegaly": int(cardio), "Pleural Effusion": int(effusion == 1)})
-            rows_train.append(row(f"{base}/view1_frontal.jpg", "Female" if p % 2 else "Male", 40 + p,
-                                  "Frontal", "AP" if p % 2 else "PA", Cardiomegaly=int(cardio),
-                                  Pleural_Effusion=effusion, No_Finding=1 if not cardio and effusion == 0 else "",
-                                  Edema="" if p % 5 else -1, Support_Devices=1 if p == 7 else ""))
+            phantom_png(
+                root / base / "view1_frontal.jpg",
+                p * 10 + s,
+                findings={"Cardiomegaly": int(cardio), "Pleural Effusion": int(effusion == 1)},
+            )
+            rows_train.append(
+                row(
+                    f"{base}/view1_frontal.jpg",
+                    "Female" if p % 2 else "Male",
+                    40 + p,
+                    "Frontal",
+                    "AP" if p % 2 else "PA",
+                    Cardiomegaly=int(cardio),
+                    Pleural_Effusion=effusion,
+                    No_Finding=1 if not cardio and effusion == 0 else "",
+                    Edema="" if p % 5 else -1,
+                    Support_Devices=1 if p == 7 else "",
+                )
+            )
             if p in (2, 5):
                 phantom_png(root / base / "view2_lateral.jpg", p * 10 + 5)
-                rows_train.append(row(f"{base}/view2_lateral.jpg", "Male", 40 + p, "Lateral", "",
-                                      Cardiomegaly=int(cardio)))
-    rows_train.append(row("CheXpert-v1.0-small/train/patient00013/study1/view1_frontal.jpg", "Male", 70, "Frontal",
-                          "PA", Cardiomegaly=1))  # missing file
+                rows_train.append(
+                    row(f"{base}/view2_lateral.jpg", "Male", 40 + p, "Lateral", "", Cardiomegaly=int(cardio))
+                )
+    rows_train.append(
+        row(
+            "CheXpert-v1.0-small/train/patient00013/study1/view1_frontal.jpg",
+            "Male",
+            70,
+            "Frontal",
+            "PA",
+            Cardiomegaly=1,
+        )
+    )  # missing file
     corrupt = root / "CheXpert-v1.0-small/train/patient00014/study1/view1_frontal.jpg"
     corrupt.parent.mkdir(parents=True)
     corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
@@ -65,8 +87,9 @@ def chexpert_small(root: Path) -> Path:
     for p in range(64541, 64545):
         base = f"CheXpert-v1.0-small/valid/patient{p}/study1"
         phantom_png(root / base / "view1_frontal.jpg", p, findings={"Cardiomegaly": p % 2})
-        rows_valid.append(row(f"{base}/view1_frontal.jpg", "Male", 60, "Frontal", "PA", Cardiomegaly=p % 2,
-                              No_Finding=1 - p % 2))
+        rows_valid.append(
+            row(f"{base}/view1_frontal.jpg", "Male", 60, "Frontal", "PA", Cardiomegaly=p % 2, No_Finding=1 - p % 2)
+        )
     for name, rows in (("train.csv", rows_train), ("valid.csv", rows_valid)):
         with open(rel / name, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CHEXPERT_COLUMNS)
@@ -94,17 +117,28 @@ def mimic_jpg(root: Path, gz: bool = True) -> Path:
             (folder / f"s{study}").mkdir(parents=True, exist_ok=True)
             (folder / f"s{study}.txt").write_text(
                 "FINAL REPORT\n EXAMINATION: CHEST (PA AND LAT)\n\n FINDINGS: Lungs are clear.\n\n"
-                f" IMPRESSION: {'Cardiomegaly.' if cardio else 'No acute cardiopulmonary process.'}\n")
+                f" IMPRESSION: {'Cardiomegaly.' if cardio else 'No acute cardiopulmonary process.'}\n"
+            )
             for view in ("PA", "LATERAL"):
                 k += 1
                 dicom = f"{k:08x}-abcdef01-23456789-abcdef01-23456789"
                 phantom_png(folder / f"s{study}" / f"{dicom}.jpg", k, findings={"Cardiomegaly": cardio})
-                meta.append({"dicom_id": dicom, "subject_id": subj, "study_id": study,
-                             "PerformedProcedureStepDescription": "CHEST (PA AND LAT)", "ViewPosition": view,
-                             "Rows": 40, "Columns": 40, "StudyDate": 21800101, "StudyTime": 1200,
-                             "ProcedureCodeSequence_CodeMeaning": "CHEST (PA AND LAT)",
-                             "ViewCodeSequence_CodeMeaning": "postero-anterior",
-                             "PatientOrientationCodeSequence_CodeMeaning": "Erect"})
+                meta.append(
+                    {
+                        "dicom_id": dicom,
+                        "subject_id": subj,
+                        "study_id": study,
+                        "PerformedProcedureStepDescription": "CHEST (PA AND LAT)",
+                        "ViewPosition": view,
+                        "Rows": 40,
+                        "Columns": 40,
+                        "StudyDate": 21800101,
+                        "StudyTime": 1200,
+                        "ProcedureCodeSequence_CodeMeaning": "CHEST (PA AND LAT)",
+                        "ViewCodeSequence_CodeMeaning": "postero-anterior",
+                        "PatientOrientationCodeSequence_CodeMeaning": "Erect",
+                    }
+                )
                 splits.append({"dicom_id": dicom, "study_id": study, "subject_id": subj, "split": split})
 
     def write(name, rows):
@@ -126,13 +160,23 @@ def class_folders(root: Path, split_folders: bool, classes=("AD", "NC"), per_cla
     for s_i, split in enumerate(("train", "val", "test") if split_folders else ("",)):
         for c_i, cls in enumerate(classes):
             for i in range(per_class if split in ("", "train") else 2):
-                phantom_png(root / split / cls / f"img_{i}.png", 1000 * s_i + 100 * c_i + i,
-                            findings={"Cardiomegaly": int(c_i == 0)})
+                phantom_png(
+                    root / split / cls / f"img_{i}.png",
+                    1000 * s_i + 100 * c_i + i,
+                    findings={"Cardiomegaly": int(c_i == 0)},
+                )
     return root
 
 
-def dicom_file(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", slope: float = 1.0,
-               intercept: float = 0.0, window: tuple[float, float] | None = None, frames: int = 1) -> Path:
+def dicom_file(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    window: tuple[float, float] | None = None,
+    frames: int = 1,
+) -> Path:
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid

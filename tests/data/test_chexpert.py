@@ -1,7 +1,7 @@
 import pytest
 
-from meddiff.data.spec import load_dataset, parse_spec
 from meddiff.data.chexpert import index_chexpert
+from meddiff.data.spec import load_dataset, parse_spec
 from meddiff.errors import MeddiffError
 from tests.data.fixtures import chexpert_small
 
@@ -28,7 +28,7 @@ def test_uncertainty_policies(chexpert):
     zeros = load_dataset(base + "&u=zeros", 32)
     ignore = load_dataset(base + "&u=ignore", 32)
     # the unreadable rows are the last two of the CSV, so the first len(ones) records line up
-    raw = [r.values["Pleural Effusion"] for r in index_chexpert(parse_spec(base)).records][:len(ones)]
+    raw = [r.values["Pleural Effusion"] for r in index_chexpert(parse_spec(base)).records][: len(ones)]
     k = names_of(ones)["Pleural Effusion"]
     uncertain = [i for i, v in enumerate(raw) if v == -1]
     positive = [i for i, v in enumerate(raw) if v == 1]
@@ -69,8 +69,11 @@ def test_patient_level_split(chexpert):
 
 
 def test_prompts_and_errors(chexpert, tmp_path):
-    ds = load_dataset(f"chexpert:{chexpert}?val_fraction=0&prompt_view=1&prompt_demographics=1&uncertain=possible"
-                      "&labels=Cardiomegaly,Pleural Effusion,No Finding", 32)
+    ds = load_dataset(
+        f"chexpert:{chexpert}?val_fraction=0&prompt_view=1&prompt_demographics=1&uncertain=possible"
+        "&labels=Cardiomegaly,Pleural Effusion,No Finding",
+        32,
+    )
     assert any("possible pleural effusion" in p for p in ds.prompts)
     assert any(p.startswith("AP chest x-ray of a") for p in ds.prompts)
     with pytest.raises(MeddiffError, match="unknown option.*known: split"):

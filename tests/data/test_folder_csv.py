@@ -23,8 +23,10 @@ def test_class_folders_with_split_folders(tmp_path):
 def test_class_folders_without_split_folders_split_stably(tmp_path):
     root = class_folders(tmp_path / "fundus", split_folders=False, classes=("NRG", "RG"), per_class=10)
     (root / "RG" / "notes.txt").write_text("not an image")
-    parts = {s: load_dataset(f"folder:{root}?split={s}&val_fraction=0.2&test_fraction=0.2", 32) for s in
-             ("train", "val", "test")}
+    parts = {
+        s: load_dataset(f"folder:{root}?split={s}&val_fraction=0.2&test_fraction=0.2", 32)
+        for s in ("train", "val", "test")
+    }
     total = sum(len(d) + d.skipped for d in parts.values())
     assert total == 21 and sum(d.skipped for d in parts.values()) == 1
     assert len(load_dataset(f"folder:{root}?split=all", 32)) == 20
@@ -44,15 +46,25 @@ def test_generic_csv_labels_prompts_and_errors(tmp_path):
     rows = []
     for i in range(10):
         phantom_png(tmp_path / "img" / f"{i}.png", i)
-        rows.append({"image": f"img/{i}.png", "Cardiomegaly": i % 2, "Effusion": "" if i % 3 else "-1",
-                     "report": f"report {i}", "site": f"s{i}", "patient": f"p{i // 2}"})
+        rows.append(
+            {
+                "image": f"img/{i}.png",
+                "Cardiomegaly": i % 2,
+                "Effusion": "" if i % 3 else "-1",
+                "report": f"report {i}",
+                "site": f"s{i}",
+                "patient": f"p{i // 2}",
+            }
+        )
     write_csv(tmp_path / "t.csv", rows)
     ds = load_dataset(f"csv:{tmp_path / 't.csv'}?split=all&u=zeros", 32)
     assert ds.label_names == ["Cardiomegaly", "Effusion"] and len(ds) == 10
     with_prompt = load_dataset(f"csv:{tmp_path / 't.csv'}?split=all&prompt_col=report", 32)
     assert with_prompt.prompts[3] == "report 3"
-    parts = [load_dataset(f"csv:{tmp_path / 't.csv'}?patient_col=patient&split={s}&val_fraction=0.3&test_fraction=0.3",
-                          32) for s in ("train", "val", "test")]
+    parts = [
+        load_dataset(f"csv:{tmp_path / 't.csv'}?patient_col=patient&split={s}&val_fraction=0.3&test_fraction=0.3", 32)
+        for s in ("train", "val", "test")
+    ]
     assert sum(len(p) for p in parts) == 10
     with pytest.raises(MeddiffError, match="no path column"):
         load_dataset(f"csv:{tmp_path / 't.csv'}?path_col=file", 32)
@@ -68,8 +80,10 @@ def test_csv_with_dicom_and_nifti(tmp_path):
     dicom_file(tmp_path / "a.dcm", px, "MONOCHROME1", slope=2.0, intercept=-10.0)
     dicom_file(tmp_path / "multi.dcm", px, frames=3)
     nifti_volume(tmp_path / "vol.nii.gz", shape=(32, 32, 6))
-    write_csv(tmp_path / "t.csv", [{"path": "a.dcm", "AD": 1}, {"path": "multi.dcm", "AD": 0},
-                                   {"path": "vol.nii.gz", "AD": 0}])
+    write_csv(
+        tmp_path / "t.csv",
+        [{"path": "a.dcm", "AD": 1}, {"path": "multi.dcm", "AD": 0}, {"path": "vol.nii.gz", "AD": 0}],
+    )
     ds = load_dataset(f"csv:{tmp_path / 't.csv'}?split=all&slices=1:5", 32)
     assert len(ds) == 1 + 4 and ds.skipped == 1
     assert "multi-frame" in ds.problems[0][1]

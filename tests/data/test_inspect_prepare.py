@@ -77,8 +77,9 @@ def test_download_from_a_reachable_server(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        path = download_medmnist("breastmnist", 28, tmp_path / "out",
-                                 url_template=f"http://127.0.0.1:{server.server_port}/{{file}}")
+        path = download_medmnist(
+            "breastmnist", 28, tmp_path / "out", url_template=f"http://127.0.0.1:{server.server_port}/{{file}}"
+        )
     finally:
         server.shutdown()
     assert len(load_dataset(f"medmnist:{path}", 28)) == 2

@@ -80,10 +80,13 @@ def test_sixteen_bit_precision_is_kept(tmp_path):
 
 def _npz(path, labels_train, labels_test, shape=(28, 28)):
     rng = np.random.default_rng(0)
-    np.savez(path, train_images=rng.integers(0, 255, (len(labels_train),) + shape, dtype=np.uint8),
-             train_labels=np.asarray(labels_train), test_images=rng.integers(0, 255, (len(labels_test),) + shape,
-                                                                             dtype=np.uint8),
-             test_labels=np.asarray(labels_test))
+    np.savez(
+        path,
+        train_images=rng.integers(0, 255, (len(labels_train),) + shape, dtype=np.uint8),
+        train_labels=np.asarray(labels_train),
+        test_images=rng.integers(0, 255, (len(labels_test),) + shape, dtype=np.uint8),
+        test_labels=np.asarray(labels_test),
+    )
 
 
 def test_medmnist_binary_and_multilabel(tmp_path):

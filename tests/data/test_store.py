@@ -36,8 +36,10 @@ def _class_folder(root: Path, n: int = 24, size=(80, 64), corrupt: int = 1) -> P
 def test_prepare_store_contents_and_store_kind(tmp_path):
     src = _class_folder(tmp_path / "src")
     out = tmp_path / "store"
-    assert main(["data", "prepare", f"folder:{src}?split=all", "--out", str(out), "--resolution", "32",
-                 "--workers", "2"]) == 0
+    assert (
+        main(["data", "prepare", f"folder:{src}?split=all", "--out", str(out), "--resolution", "32", "--workers", "2"])
+        == 0
+    )
     store = open_store(out)
     assert store is not None and len(store.images) == 24 and len(store.problems) == 1
     assert not list(out.glob("*.direct"))  # the workers' scratch file went after the copy around the hole
@@ -149,10 +151,19 @@ def test_one_writer_among_processes_of_a_node(tmp_path):
         "store.decode = lambda job: calls.append(1) or real(job)\n"
         "from meddiff.data.spec import load_dataset\n"
         f"ds = load_dataset('folder:{src}?split=all', 16)\n"
-        "print('decoded', len(calls), 'images', len(ds), 'key', ds.store_key)\n")
+        "print('decoded', len(calls), 'images', len(ds), 'key', ds.store_key)\n"
+    )
     env = {**os.environ, "WORLD_SIZE": "2", "MEDDIFF_CACHE": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (1, 0)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (1, 0)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     lines = [[ln for ln in o.splitlines() if ln.startswith("decoded")][0].split() for o in outs]
@@ -184,20 +195,29 @@ def test_workers_write_jpeg_shards_in_place_and_mixed_shards_are_copied(tmp_path
     also holds a 16-bit PNG goes the copying way; both equal what one process decodes."""
     src = _class_folder(tmp_path / "src", n=16, corrupt=0)
     out = tmp_path / "store"
-    assert main(["data", "prepare", f"folder:{src}?split=all", "--out", str(out), "--resolution", "32",
-                 "--workers", "2"]) == 0
+    assert (
+        main(["data", "prepare", f"folder:{src}?split=all", "--out", str(out), "--resolution", "32", "--workers", "2"])
+        == 0
+    )
     assert not list(out.glob("*.direct")) and not list(out.glob("*.part"))
     direct = load_dataset(f"folder:{src}?split=all&cache=0", 32)
     assert torch.equal(load_dataset(f"store:{out}", 32).images[:], direct.images[:])
     assert open_store(out).meta["prepare_workers"] == 2 and open_store(out).meta["prepare_seconds"] > 0
     Image.fromarray((np.arange(48 * 40).reshape(40, 48) * 30).astype(np.uint16)).save(src / "NC" / "deep.png")
     mixed = tmp_path / "mixed"
-    assert main(["data", "prepare", f"folder:{src}?split=all", "--out", str(mixed), "--resolution", "32",
-                 "--workers", "2"]) == 0
+    assert (
+        main(
+            ["data", "prepare", f"folder:{src}?split=all", "--out", str(mixed), "--resolution", "32", "--workers", "2"]
+        )
+        == 0
+    )
     store = open_store(mixed)
     assert store.meta["shards"][0]["dtype"] == "uint16" and len(store.images) == 17
-    assert torch.allclose(load_dataset(f"store:{mixed}", 32).images[:],
-                          load_dataset(f"folder:{src}?split=all&cache=0", 32).images[:], atol=1e-6)
+    assert torch.allclose(
+        load_dataset(f"store:{mixed}", 32).images[:],
+        load_dataset(f"folder:{src}?split=all&cache=0", 32).images[:],
+        atol=1e-6,
+    )
 
 
 def test_many_shards_keep_few_descriptors_and_read_the_same(tmp_path, monkeypatch):

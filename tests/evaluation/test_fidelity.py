@@ -26,8 +26,10 @@ def test_prompt_findings_and_matching_real_rows():
     from meddiff.evaluation.fidelity import matching_rows, prompt_findings
 
     names = ["No Finding", "Cardiomegaly", "Pleural Effusion"]
-    assert prompt_findings("chest x-ray with cardiomegaly and pleural effusion", names) == ["Cardiomegaly",
-                                                                                          "Pleural Effusion"]
+    assert prompt_findings("chest x-ray with cardiomegaly and pleural effusion", names) == [
+        "Cardiomegaly",
+        "Pleural Effusion",
+    ]
     assert prompt_findings("normal chest x-ray", names) == []
     labels = torch.tensor([[0, 1, 1], [0, 1, 0], [1, 0, 0], [0, 1, 1], [0, 0, 1]], dtype=torch.float32)
     known = torch.ones_like(labels, dtype=torch.bool)
@@ -42,8 +44,15 @@ def test_prompt_response_sets_prompts_beside_real_images():
     """PromptResponse with a real reference serialises it and prints it under the prompt's row."""
     from meddiff.evaluation.fidelity import PromptResponse
 
-    r = PromptResponse(["a", "b"], ["X", "Y"], np.array([[0.5, 0.0], [1.0, 1.0]]), np.zeros((2, 2)), 4,
-                       np.array([[0.9, 0.1], [np.nan, np.nan]]), [10, 0])
+    r = PromptResponse(
+        ["a", "b"],
+        ["X", "Y"],
+        np.array([[0.5, 0.0], [1.0, 1.0]]),
+        np.zeros((2, 2)),
+        4,
+        np.array([[0.9, 0.1], [np.nan, np.nan]]),
+        [10, 0],
+    )
     d = r.to_dict()
     assert d["real_positive_rate"]["a"] == {"X": 0.9, "Y": 0.1} and d["real_positive_rate"]["b"]["X"] is None
     assert d["real_count"] == {"a": 10, "b": 0}
@@ -59,10 +68,18 @@ def test_text_model_report_has_prompt_response_with_real_reference(tmp_path):
     from meddiff.training.config import EvalConfig, TrainConfig
     from meddiff.workflow import train_and_report
 
-    config = TrainConfig(data="phantom:?n=160&seed=3", out=str(tmp_path), conditioning="text", resolution=32,
-                         batch_size=8, max_steps=2, checkpoint_every=0, sample_steps=2,
-                         model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1),
-                         eval=EvalConfig(fidelity_samples=8, classifier_epochs=1, grid_per_label=1, prompt_samples=2))
+    config = TrainConfig(
+        data="phantom:?n=160&seed=3",
+        out=str(tmp_path),
+        conditioning="text",
+        resolution=32,
+        batch_size=8,
+        max_steps=2,
+        checkpoint_every=0,
+        sample_steps=2,
+        model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1),
+        eval=EvalConfig(fidelity_samples=8, classifier_epochs=1, grid_per_label=1, prompt_samples=2),
+    )
     train_and_report(config, progress=False)
     response = json.loads((tmp_path / "metrics.json").read_text())["fidelity"]["prompt_response"]
     combo = "chest x-ray with cardiomegaly and pleural effusion"
@@ -77,8 +94,28 @@ def test_text_model_report_has_prompt_response_with_real_reference(tmp_path):
     from meddiff.cli import main
 
     out = tmp_path / "fid"
-    assert main(["fidelity", "--model", str(tmp_path), "--data", "phantom:?n=160&seed=3", "--out", str(out), "--n", "8",
-                 "--steps", "2", "--prompt", "chest x-ray with edema", "--prompt-samples", "2"]) == 0
+    assert (
+        main(
+            [
+                "fidelity",
+                "--model",
+                str(tmp_path),
+                "--data",
+                "phantom:?n=160&seed=3",
+                "--out",
+                str(out),
+                "--n",
+                "8",
+                "--steps",
+                "2",
+                "--prompt",
+                "chest x-ray with edema",
+                "--prompt-samples",
+                "2",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "fidelity.json").read_text())
     assert list(report["prompt_response"]["positive_rate"]) == ["chest x-ray with edema"]
     count = report["prompt_response"]["real_count"]["chest x-ray with edema"]
@@ -89,6 +126,20 @@ def test_text_model_report_has_prompt_response_with_real_reference(tmp_path):
 def test_fidelity_prompt_on_a_label_model_is_one_line(tiny_run, tmp_path, capsys):
     from meddiff.cli import main
 
-    assert main(["fidelity", "--model", str(tiny_run), "--data", "phantom:?n=64", "--out", str(tmp_path),
-                 "--prompt", "chest x-ray with edema"]) == 2
+    assert (
+        main(
+            [
+                "fidelity",
+                "--model",
+                str(tiny_run),
+                "--data",
+                "phantom:?n=64",
+                "--out",
+                str(tmp_path),
+                "--prompt",
+                "chest x-ray with edema",
+            ]
+        )
+        == 2
+    )
     assert "needs a text-conditioned model" in capsys.readouterr().err

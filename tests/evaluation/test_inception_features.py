@@ -48,11 +48,46 @@ def test_inception_features_from_a_local_torchscript_file(standin, tmp_path):
 @pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_evaluate_with_inception_features(standin, tmp_path, tiny_run, phantom_dir):
     gen = tmp_path / "gen"
-    assert main(["generate", "--model", str(tiny_run), "--conditions", str(phantom_dir / "valid.csv"), "--n", "16",
-                 "--out", str(gen), "--steps", "2"]) == 0
-    assert main(["evaluate", "--real", f"phantom:{phantom_dir}", "--synthetic", str(gen), "--out", str(tmp_path / "e"),
-                 "--seeds", "1", "--classifier-epochs", "1", "--features", "inception", "--feature-weights",
-                 str(standin)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_run),
+                "--conditions",
+                str(phantom_dir / "valid.csv"),
+                "--n",
+                "16",
+                "--out",
+                str(gen),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--real",
+                f"phantom:{phantom_dir}",
+                "--synthetic",
+                str(gen),
+                "--out",
+                str(tmp_path / "e"),
+                "--seeds",
+                "1",
+                "--classifier-epochs",
+                "1",
+                "--features",
+                "inception",
+                "--feature-weights",
+                str(standin),
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["distribution"]["features"] == "inception" and m["distribution"]["fid_synthetic_vs_real_test"] > 0
     assert "inception features" in (tmp_path / "e" / "report.html").read_text()

@@ -5,7 +5,6 @@ import pytest
 import torch
 from scipy import ndimage
 
-from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.spec import load_dataset
 from meddiff.evaluation.classifier import per_label_auc, predict
 from meddiff.evaluation.distribution import fid, kid, prdc

@@ -84,10 +84,44 @@ def test_evaluate_with_xrv_features(fake_xrv, tmp_path, tiny_run, phantom_dir):
     from meddiff.cli import main
 
     gen = tmp_path / "gen"
-    assert main(["generate", "--model", str(tiny_run), "--conditions", str(phantom_dir / "valid.csv"), "--n", "12",
-                 "--out", str(gen), "--steps", "2"]) == 0
-    assert main(["evaluate", "--real", f"phantom:{phantom_dir}", "--synthetic", str(gen), "--out", str(tmp_path / "e"),
-                 "--seeds", "1", "--classifier-epochs", "1", "--features", "xrv"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_run),
+                "--conditions",
+                str(phantom_dir / "valid.csv"),
+                "--n",
+                "12",
+                "--out",
+                str(gen),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--real",
+                f"phantom:{phantom_dir}",
+                "--synthetic",
+                str(gen),
+                "--out",
+                str(tmp_path / "e"),
+                "--seeds",
+                "1",
+                "--classifier-epochs",
+                "1",
+                "--features",
+                "xrv",
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["distribution"]["features"] == "xrv" and m["distribution"]["fid_synthetic_vs_real_test"] > 0
     assert FakeDenseNet.seen  # the xrv network embedded the images

@@ -6,8 +6,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from meddiff.errors import MeddiffError
-from meddiff.models.factory import (ModelConfig, build_unet, choose_attention, largest_attention_tokens,
-                                    set_attention)
+from meddiff.models.factory import ModelConfig, build_unet, choose_attention, largest_attention_tokens, set_attention
 
 TINY = ModelConfig(block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8)
 
@@ -18,8 +17,11 @@ def test_auto_picks_classic_only_for_small_maps_on_cpu_bf16():
     assert choose_attention("auto", small, "cpu", "bf16") == "classic"
     assert choose_attention("auto", small, "cpu", "fp32") == "sdpa"
     assert choose_attention("auto", small, "cuda", "bf16") == "sdpa"
-    wide = build_unet(ModelConfig(block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8,
-                                  attention_max_resolution=64), 64, 2)  # attention at 64 px -> 4096 tokens
+    wide = build_unet(
+        ModelConfig(block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8, attention_max_resolution=64),
+        64,
+        2,
+    )  # attention at 64 px -> 4096 tokens
     assert largest_attention_tokens(wide) == 4096
     assert choose_attention("auto", wide, "cpu", "bf16") == "sdpa"
     assert choose_attention("classic", wide, "cuda", "fp32") == "classic"

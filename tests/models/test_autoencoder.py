@@ -9,8 +9,14 @@ from safetensors.torch import load_file
 
 from meddiff.data.spec import load_dataset
 from meddiff.errors import MeddiffError
-from meddiff.models.autoencoder import (AutoencoderConfig, build_autoencoder, encode_moments, latent_size,
-                                        load_autoencoder, measure_scaling_factor)
+from meddiff.models.autoencoder import (
+    AutoencoderConfig,
+    build_autoencoder,
+    encode_moments,
+    latent_size,
+    load_autoencoder,
+    measure_scaling_factor,
+)
 from meddiff.training.config import TrainConfig
 from meddiff.training.loop import train
 from meddiff.training.methods.autoencoder import CodebookUsage, reset_dead_codes
@@ -79,9 +85,18 @@ def test_dead_codes_are_reset_from_encoder_outputs():
 
 
 def _ae_config(out, **kw):
-    base = dict(data="x", out=str(out), method="autoencoder", batch_size=8, checkpoint_every=0, lr_warmup_steps=1,
-                learning_rate=5e-4, autoencoder=AutoencoderConfig(kind="vq", downsample=4, dead_code_steps=2,
-                                                                  adversarial_weight=0.1, adversarial_start=2, **TINY))
+    base = dict(
+        data="x",
+        out=str(out),
+        method="autoencoder",
+        batch_size=8,
+        checkpoint_every=0,
+        lr_warmup_steps=1,
+        learning_rate=5e-4,
+        autoencoder=AutoencoderConfig(
+            kind="vq", downsample=4, dead_code_steps=2, adversarial_weight=0.1, adversarial_start=2, **TINY
+        ),
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -90,8 +105,11 @@ def test_vq_training_logs_codebook_health_and_resumes_exactly(tmp_path, data):
     straight = train(_ae_config(tmp_path / "a", max_steps=6, log_every=1), data, progress=False)
     train(_ae_config(tmp_path / "b", max_steps=3, log_every=1), data, progress=False)
     train(_ae_config(tmp_path / "b", max_steps=6, log_every=1, resume="latest"), data, progress=False)
-    for name in ("checkpoints/step-0000006/model.safetensors", "checkpoints/step-0000006/model_1.safetensors",
-                 "autoencoder/diffusion_pytorch_model.safetensors"):
+    for name in (
+        "checkpoints/step-0000006/model.safetensors",
+        "checkpoints/step-0000006/model_1.safetensors",
+        "autoencoder/diffusion_pytorch_model.safetensors",
+    ):
         a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name  # autoencoder and discriminator
     state = json.loads((tmp_path / "a" / "checkpoints/step-0000006/state.json").read_text())
@@ -105,8 +123,9 @@ def test_vq_training_logs_codebook_health_and_resumes_exactly(tmp_path, data):
 
 @pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_kl_autoencoder_learns_to_reconstruct(tmp_path, data):
-    cfg = _ae_config(tmp_path, max_steps=40, learning_rate=2e-3,
-                     autoencoder=AutoencoderConfig(kind="kl", downsample=4, **TINY))
+    cfg = _ae_config(
+        tmp_path, max_steps=40, learning_rate=2e-3, autoencoder=AutoencoderConfig(kind="kl", downsample=4, **TINY)
+    )
     result = train(cfg, data, progress=False)
     first, last = result.loss_history[0][1], result.loss_history[-1][1]
     assert last < 0.6 * first
@@ -141,5 +160,4 @@ def test_vq_reconstruction_report_counts_codes(tmp_path, data):
     for col in (0, len(show) - 1):
         np.testing.assert_allclose(cell(0, col), originals[col], atol=1 / 255 + 1e-6)
         np.testing.assert_allclose(cell(1, col), recon[col], atol=1 / 255 + 1e-6)
-        np.testing.assert_allclose(cell(2, col), np.clip(np.abs(originals[col] - recon[col]) * 4, 0, 1),
-                                   atol=2 / 255)
+        np.testing.assert_allclose(cell(2, col), np.clip(np.abs(originals[col] - recon[col]) * 4, 0, 1), atol=2 / 255)

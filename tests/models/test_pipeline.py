@@ -19,8 +19,8 @@ def test_unet_is_grayscale_and_attention_only_at_low_resolution():
     assert build_unet(ModelConfig(), 32, 0).config.class_embed_type is None
     # 28 px works although it does not halve evenly three times
     out = build_unet(ModelConfig(block_out_channels=[16, 32, 32]), 28, 2)(
-        torch.randn(2, 1, 28, 28), torch.tensor([1, 500]), encoder_hidden_states=None,
-        class_labels=torch.zeros(2, 4)).sample
+        torch.randn(2, 1, 28, 28), torch.tensor([1, 500]), encoder_hidden_states=None, class_labels=torch.zeros(2, 4)
+    ).sample
     assert out.shape == (2, 1, 28, 28)
 
 

@@ -38,8 +38,12 @@ def test_sampler_lands_on_the_data(name, steps):
     unet.abar = scheduler.alphas_cumprod
     pipe = MedDiffusionPipeline(unet=unet, scheduler=scheduler, label_names=["A"])
     pipe.set_progress_bar_config(disable=True)
-    images = sample(pipe, torch.zeros(4, 2), SamplingSettings(steps=steps, scheduler=name, guidance=1.0,
-                                                             precision="fp32"), progress=False)
+    images = sample(
+        pipe,
+        torch.zeros(4, 2),
+        SamplingSettings(steps=steps, scheduler=name, guidance=1.0, precision="fp32"),
+        progress=False,
+    )
     target = (C + 1) / 2
     assert abs(float(images.mean()) - target) < 0.05, (name, float(images.mean()))
     assert float(images.std()) < 0.05, (name, float(images.std()))

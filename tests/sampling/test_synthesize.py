@@ -36,8 +36,9 @@ def conditions_csv(phantom_dir):
 
 
 def run(pipe, tiny_run, out, plan, batch=16, **kw):
-    return generate_dataset(pipe, tiny_run, plan, SamplingSettings(steps=2, batch_size=batch, seed=5), out,
-                            progress=False, **kw)
+    return generate_dataset(
+        pipe, tiny_run, plan, SamplingSettings(steps=2, batch_size=batch, seed=5), out, progress=False, **kw
+    )
 
 
 def test_seeds_are_distinct_and_stable():
@@ -123,8 +124,9 @@ def test_dicom_export_is_synthetic_and_reads_back(pipe, tiny_run, tmp_path):
     import pydicom
 
     plan = make_plan(LabelCodec(pipe.label_names), labels_text="Cardiomegaly", n=2)
-    result = generate_dataset(pipe, tiny_run, plan, SamplingSettings(steps=2, seed=5), tmp_path, fmt="dicom",
-                              progress=False)
+    result = generate_dataset(
+        pipe, tiny_run, plan, SamplingSettings(steps=2, seed=5), tmp_path, fmt="dicom", progress=False
+    )
     files = sorted((tmp_path / "images").glob("*.dcm"))
     assert len(files) == 2 and result.manifest
     ds = pydicom.dcmread(files[0])
@@ -158,12 +160,44 @@ def test_bad_conditions(pipe, tmp_path):
 
 
 def test_cli_generate_conditions_and_summary(tiny_run, conditions_csv, tmp_path, capsys):
-    assert main(["generate", "--model", str(tiny_run), "--conditions", str(conditions_csv), "--n", "5", "--out",
-                 str(tmp_path / "g"), "--steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_run),
+                "--conditions",
+                str(conditions_csv),
+                "--n",
+                "5",
+                "--out",
+                str(tmp_path / "g"),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "generated 5 images (0 already present)" in out and "per condition:" in out
-    assert main(["generate", "--model", str(tiny_run), "--conditions", str(conditions_csv), "--n", "5", "--out",
-                 str(tmp_path / "g"), "--steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_run),
+                "--conditions",
+                str(conditions_csv),
+                "--n",
+                "5",
+                "--out",
+                str(tmp_path / "g"),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "generated 0 images (5 already present)" in capsys.readouterr().out
     assert main(["generate", "--model", str(tiny_run), "--prompt", "chest x-ray", "--out", str(tmp_path / "p")]) == 2
     assert "not text-conditioned" in capsys.readouterr().err
@@ -175,8 +209,24 @@ def test_multi_process_launch_shards_by_rank(tiny_run, tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "meddiff", "generate",
-           "--model", str(tiny_run), "--labels", "Edema", "--out", str(tmp_path / "mp"), "--steps", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "meddiff",
+        "generate",
+        "--model",
+        str(tiny_run),
+        "--labels",
+        "Edema",
+        "--out",
+        str(tmp_path / "mp"),
+        "--steps",
+        "2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("generated 8 images") == 2

@@ -22,8 +22,16 @@ from meddiff.serve.service import ModelService, ServeLimits  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("MEDDIFF_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 TIMEOUT_MS = 120_000
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: bash scripts/install.sh test")
@@ -36,8 +44,7 @@ def _free_port() -> int:
 
 
 def _serve(run_dir, **limits):
-    service = ModelService(run_dir, ServeLimits(**{"max_images": 4, "max_steps": 10, "max_prompt_chars": 60,
-                                                  **limits}))
+    service = ModelService(run_dir, ServeLimits(**{"max_images": 4, "max_steps": 10, "max_prompt_chars": 60, **limits}))
     demo, url = launch(service, port=_free_port(), block=False)
     return service, demo, url
 
@@ -129,8 +136,9 @@ def test_pick_findings_generate_and_download(labels_server, browser):
     _screenshot(page, "serve-labels.png")
     rows, names = _download_manifest(page)
     assert len(rows) == 3 and {f"images/{i:07d}.png" for i in range(3)} <= names
-    assert {(r["Cardiomegaly"], r["Edema"], r["Pleural Effusion"], r["steps"]) for r in rows} == {("1.0", "1.0",
-                                                                                                   "0.0", "3")}
+    assert {(r["Cardiomegaly"], r["Edema"], r["Pleural Effusion"], r["steps"]) for r in rows} == {
+        ("1.0", "1.0", "0.0", "3")
+    }
     page.close()
 
 

@@ -13,8 +13,11 @@ from meddiff.serve.service import ModelService, Request, RequestError, ServeLimi
 
 @pytest.fixture(scope="module")
 def labels_service(tiny_run, tmp_path_factory):
-    service = ModelService(tiny_run, ServeLimits(max_images=4, max_steps=10, max_prompt_chars=40, keep_results=2),
-                           work_dir=tmp_path_factory.mktemp("serve_work"))
+    service = ModelService(
+        tiny_run,
+        ServeLimits(max_images=4, max_steps=10, max_prompt_chars=40, keep_results=2),
+        work_dir=tmp_path_factory.mktemp("serve_work"),
+    )
     yield service
     service.close()
 
@@ -45,23 +48,26 @@ def _r(**kw):
     return Request(**{"n": 1, "steps": 2, **kw})
 
 
-@pytest.mark.parametrize("request_, message", [
-    (_r(findings=["Cardiomegaly"], n=5), "Number of images"),
-    (_r(findings=["Cardiomegaly"], n=0), "Number of images"),
-    (_r(findings=["Cardiomegaly"], n=None), "Number of images is missing"),
-    (_r(findings=["Cardiomegaly"], n=2.5), "whole number"),
-    (_r(findings=["Cardiomegaly"], steps=11), "Steps"),
-    (_r(findings=["Cardiomegaly"], steps=float("nan")), "Steps"),
-    (_r(findings=["Cardiomegaly"], guidance=-1), "Guidance"),
-    (_r(findings=["Cardiomegaly"], guidance=float("inf")), "Guidance"),
-    (_r(findings=["Cardiomegaly"], guidance="lots"), "Guidance"),
-    (_r(findings=["Cardiomegaly"], seed=-3), "Seed"),
-    (_r(findings=["Cardiomegaly"], seed=2**40), "Seed"),
-    (_r(findings=["Cardiomegaly"], scheduler="euler-ish"), "unknown scheduler"),
-    (_r(findings=["Cardiomegaly", "Dragon scales"]), "unknown finding 'Dragon scales'"),
-    (_r(findings=["Cardiomegaly"], others="maybe"), "absent or unspecified"),
-    (_r(prompt="chest x-ray with cardiomegaly"), "not text-conditioned"),
-])
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (_r(findings=["Cardiomegaly"], n=5), "Number of images"),
+        (_r(findings=["Cardiomegaly"], n=0), "Number of images"),
+        (_r(findings=["Cardiomegaly"], n=None), "Number of images is missing"),
+        (_r(findings=["Cardiomegaly"], n=2.5), "whole number"),
+        (_r(findings=["Cardiomegaly"], steps=11), "Steps"),
+        (_r(findings=["Cardiomegaly"], steps=float("nan")), "Steps"),
+        (_r(findings=["Cardiomegaly"], guidance=-1), "Guidance"),
+        (_r(findings=["Cardiomegaly"], guidance=float("inf")), "Guidance"),
+        (_r(findings=["Cardiomegaly"], guidance="lots"), "Guidance"),
+        (_r(findings=["Cardiomegaly"], seed=-3), "Seed"),
+        (_r(findings=["Cardiomegaly"], seed=2**40), "Seed"),
+        (_r(findings=["Cardiomegaly"], scheduler="euler-ish"), "unknown scheduler"),
+        (_r(findings=["Cardiomegaly", "Dragon scales"]), "unknown finding 'Dragon scales'"),
+        (_r(findings=["Cardiomegaly"], others="maybe"), "absent or unspecified"),
+        (_r(prompt="chest x-ray with cardiomegaly"), "not text-conditioned"),
+    ],
+)
 def test_bad_requests_are_refused_with_a_message(labels_service, request_, message):
     with pytest.raises(RequestError, match=message):
         labels_service.check(request_)
@@ -77,8 +83,9 @@ def test_text_model_needs_a_bounded_prompt(text_service):
         text_service.check(Request(prompt="chest x-ray", negative_prompt="y" * 41, n=1, steps=2))
     with pytest.raises(RequestError, match="not both"):
         text_service.check(Request(prompt="chest x-ray", findings=["Cardiomegaly"], n=1, steps=2))
-    plan, settings = text_service.check(Request(prompt=" chest x-ray with edema ", negative_prompt="noise", n=2,
-                                                steps=2))
+    plan, settings = text_service.check(
+        Request(prompt=" chest x-ray with edema ", negative_prompt="noise", n=2, steps=2)
+    )
     assert plan.prompts == ["chest x-ray with edema"] * 2 and settings.negative_prompt == "noise"
 
 
@@ -91,8 +98,10 @@ def test_text_model_writes_prompts_from_findings(text_service):
 
 def test_generation_zip_has_the_images_and_their_manifest(labels_service):
     steps = []
-    result = labels_service.generate(Request(findings=["Pleural Effusion"], n=3, steps=3, seed=5),
-                                     on_step=lambda done, total: steps.append((done, total)))
+    result = labels_service.generate(
+        Request(findings=["Pleural Effusion"], n=3, steps=3, seed=5),
+        on_step=lambda done, total: steps.append((done, total)),
+    )
     assert result.images.shape == (3, 32, 32) and float(result.images.std()) > 0.01
     assert steps[-1] == (3, 3) and [d for d, _ in steps] == [1, 2, 3]
     assert result.zip_path.parent == labels_service.work

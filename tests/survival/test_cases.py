@@ -11,16 +11,19 @@ from meddiff.survival.cases import discover_cases, load_case, parse_survival
 from meddiff.survival.synthetic import write_synthetic_brats
 
 
-@pytest.mark.parametrize("text, status, days, censored", [
-    ("289", "known", 289.0, None),
-    (" 1227.0 ", "known", 1227.0, None),
-    ("ALIVE (361 days later)", "censored", None, 361.0),
-    ("alive (30 days later)", "censored", None, 30.0),
-    ("", "missing", None, None),
-    ("NA", "missing", None, None),
-    ("about a year", "unparseable", None, None),
-    ("-5", "unparseable", None, None),
-])
+@pytest.mark.parametrize(
+    "text, status, days, censored",
+    [
+        ("289", "known", 289.0, None),
+        (" 1227.0 ", "known", 1227.0, None),
+        ("ALIVE (361 days later)", "censored", None, 361.0),
+        ("alive (30 days later)", "censored", None, 30.0),
+        ("", "missing", None, None),
+        ("NA", "missing", None, None),
+        ("about a year", "unparseable", None, None),
+        ("-5", "unparseable", None, None),
+    ],
+)
 def test_parse_survival(text, status, days, censored):
     value = parse_survival(text)
     assert (value.status, value.days, value.censored_days) == (status, days, censored)
@@ -34,8 +37,10 @@ def brats(tmp_path):
 def _set_survival(root, case_id, value):
     path = root / "survival_info.csv"
     lines = path.read_text().splitlines()
-    lines = [",".join([p[0], p[1], value, p[3]]) if p[0] == case_id else line
-             for line, p in ((line, line.split(",")) for line in lines)]
+    lines = [
+        ",".join([p[0], p[1], value, p[3]]) if p[0] == case_id else line
+        for line, p in ((line, line.split(",")) for line in lines)
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -50,7 +55,8 @@ def test_bad_cases_are_skipped_with_their_reason(brats):
         "BraTS20_Training_001": "survival censored (alive at 361 days; true survival unknown)",
         "BraTS20_Training_002": "survival unparseable ('soon')",
         "BraTS20_Training_003": "missing modality: flair",
-        "BraTS20_Training_004": "no case folder"}
+        "BraTS20_Training_004": "no case folder",
+    }
     # only the modalities asked for are required
     assert len(discover_cases(brats, ("t1", "t2")).cases) == 5
 

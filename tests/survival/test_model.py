@@ -5,14 +5,27 @@ import pytest
 from scipy.stats import spearmanr
 
 from meddiff.errors import MeddiffError
-from meddiff.survival.model import (SpearmanFilter, cross_validate, parse_rule, spearman_columns, survival_class,
-                                    survival_metrics)
+from meddiff.survival.model import (
+    SpearmanFilter,
+    cross_validate,
+    parse_rule,
+    spearman_columns,
+    survival_class,
+    survival_metrics,
+)
 
 
-@pytest.mark.parametrize("text, kind, threshold, label", [
-    ("none", "none", 0.0, "without"), ("|0.10|", "abs", 0.10, ">|0.10|"), (">|0.08|", "abs", 0.08, ">|0.08|"),
-    ("abs:0.12", "abs", 0.12, ">|0.12|"), ("<-0.05", "below", -0.05, "<-0.05"), ("lt:-0.01", "below", -0.01, "<-0.01"),
-])
+@pytest.mark.parametrize(
+    "text, kind, threshold, label",
+    [
+        ("none", "none", 0.0, "without"),
+        ("|0.10|", "abs", 0.10, ">|0.10|"),
+        (">|0.08|", "abs", 0.08, ">|0.08|"),
+        ("abs:0.12", "abs", 0.12, ">|0.12|"),
+        ("<-0.05", "below", -0.05, "<-0.05"),
+        ("lt:-0.01", "below", -0.01, "<-0.01"),
+    ],
+)
 def test_rules(text, kind, threshold, label):
     rule = parse_rule(text)
     assert (rule.kind, rule.threshold, rule.label) == (kind, threshold, label)

@@ -109,15 +109,32 @@ def test_broken_cases_are_counted_not_fatal(tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.ones((16, 16, 10), np.float32), np.eye(4)), str(t2))
     (root / "BraTS20_Training_004" / "BraTS20_Training_004_t1ce.nii.gz").unlink()
     out = tmp_path / "out"
-    code = main(["survival", "--data", str(root), "--out", str(out), "--thresholds", "none,|0.2|", "--model",
-                 "ridge", "--folds", "3", "--repeats", "1"])
+    code = main(
+        [
+            "survival",
+            "--data",
+            str(root),
+            "--out",
+            str(out),
+            "--thresholds",
+            "none,|0.2|",
+            "--model",
+            "ridge",
+            "--folds",
+            "3",
+            "--repeats",
+            "1",
+        ]
+    )
     assert code == 0
     result = json.loads((out / "survival.json").read_text())
     assert result["cases_used"] == 11
-    assert result["cases_skipped"] == {"BraTS20_Training_002": "empty segmentation",
-                                       "BraTS20_Training_003": "mismatched shapes: seg (16, 16, 16), t1 (16, 16, 16), "
-                                                               "t1ce (16, 16, 16), t2 (16, 16, 10), flair (16, 16, 16)",
-                                       "BraTS20_Training_004": "missing modality: t1ce"}
+    assert result["cases_skipped"] == {
+        "BraTS20_Training_002": "empty segmentation",
+        "BraTS20_Training_003": "mismatched shapes: seg (16, 16, 16), t1 (16, 16, 16), "
+        "t1ce (16, 16, 16), t2 (16, 16, 10), flair (16, 16, 16)",
+        "BraTS20_Training_004": "missing modality: t1ce",
+    }
     assert "best: filter" in capsys.readouterr().out
     assert main(["survival", "--data", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -16,7 +16,7 @@ from meddiff.training.loop import train
 def test_stream_is_epochs_of_permutations_and_continues_across_batch_sizes():
     first = stream_positions(10, 3, 0, 25)
     for e in range(2):
-        assert sorted(first[e * 10:(e + 1) * 10].tolist()) == list(range(10))  # every image once per epoch
+        assert sorted(first[e * 10 : (e + 1) * 10].tolist()) == list(range(10))  # every image once per epoch
     assert not np.array_equal(first[:10], first[10:20])
     # two processes x 4 = the single-process batches of 8, dealt round robin; then resumed by one process
     sampler = [list(StreamBatchSampler(30, 4, 7, 0, 3, rank, 2)) for rank in range(2)]
@@ -41,8 +41,14 @@ def test_loader_workers_give_the_same_batches(phantom_dir):
 
 def test_resume_with_another_batch_size_continues_the_stream(phantom_dir, tmp_path):
     ds = load_dataset(f"phantom:{phantom_dir}", 32)
-    base = dict(data=f"phantom:{phantom_dir}", out=str(tmp_path / "run"), resolution=32, checkpoint_every=2,
-                log_every=1, loader_workers=0)
+    base = dict(
+        data=f"phantom:{phantom_dir}",
+        out=str(tmp_path / "run"),
+        resolution=32,
+        checkpoint_every=2,
+        log_every=1,
+        loader_workers=0,
+    )
     from meddiff.models.factory import ModelConfig
 
     small = ModelConfig(block_out_channels=[16, 32], layers_per_block=1)

@@ -1,4 +1,5 @@
 """Training configuration: defaults, YAML, overrides, explicit settings."""
+
 import pytest
 
 from meddiff.errors import MeddiffError

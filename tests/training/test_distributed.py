@@ -24,8 +24,9 @@ PROBE = Path(__file__).with_name("ddp_probe.py")
 
 def torchrun(*args, timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def test_ranks_split_the_global_batch():
@@ -65,9 +66,19 @@ def test_multi_process_checkpoint_resumes_in_one_process(probed, tmp_path):
     ckpt = out / "pixel" / "checkpoints" / "step-0000004" / "model.safetensors"
     keys = set(load_file(ckpt))
     assert keys and not any(k.startswith(("module.", "model.")) for k in keys)  # the U-Net's own names
-    ref = train(TrainConfig(data="phantom:?n=24&seed=5", out=str(tmp_path / "single"), max_steps=1, batch_size=8,
-                            checkpoint_every=1, model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1),
-                            precision="fp32"), load_dataset("phantom:?n=24&seed=5", 32), progress=False)
+    ref = train(
+        TrainConfig(
+            data="phantom:?n=24&seed=5",
+            out=str(tmp_path / "single"),
+            max_steps=1,
+            batch_size=8,
+            checkpoint_every=1,
+            model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1),
+            precision="fp32",
+        ),
+        load_dataset("phantom:?n=24&seed=5", 32),
+        progress=False,
+    )
     assert keys == set(load_file(ref.run_dir / "checkpoints" / "step-0000001" / "model.safetensors"))
     # continue the two-process run in one process (method name: the probe's parent, same weights)
     config = load_config(out / "pixel" / "config.yaml", {})
@@ -83,8 +94,24 @@ def test_cli_train_under_torchrun(tmp_path):
     config = tmp_path / "small.yaml"
     config.write_text("model:\n  block_out_channels: [16, 32]\n  layers_per_block: 1\ncheckpoint_every: 0\n")
     run = tmp_path / "run"
-    proc = torchrun("-m", "meddiff", "train", "--data", "phantom:?n=24&seed=5", "--resolution", "32", "--max-steps",
-                    "3", "--batch-size", "4", "--config", str(config), "--no-eval", "--out", str(run))
+    proc = torchrun(
+        "-m",
+        "meddiff",
+        "train",
+        "--data",
+        "phantom:?n=24&seed=5",
+        "--resolution",
+        "32",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--config",
+        str(config),
+        "--no-eval",
+        "--out",
+        str(run),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("done: 3 steps") == 1  # one report, from the main process
     assert json.loads((run / "training.json").read_text())["processes"] == 2

@@ -16,8 +16,13 @@ from tests.data.fixtures import chexpert_small, class_folders, dicom_file, mimic
 def _npz(path, labels):
     rng = np.random.default_rng(0)
     n = len(labels)
-    np.savez(path, train_images=rng.integers(0, 255, (n, 28, 28, 3), dtype=np.uint8), train_labels=np.asarray(labels),
-             test_images=rng.integers(0, 255, (2, 28, 28, 3), dtype=np.uint8), test_labels=np.asarray(labels[:2]))
+    np.savez(
+        path,
+        train_images=rng.integers(0, 255, (n, 28, 28, 3), dtype=np.uint8),
+        train_labels=np.asarray(labels),
+        test_images=rng.integers(0, 255, (2, 28, 28, 3), dtype=np.uint8),
+        test_labels=np.asarray(labels[:2]),
+    )
     return path
 
 
@@ -29,8 +34,11 @@ def specs(tmp_path_factory):
     (root / "dcm").mkdir()
     rows = ["path,AD"]
     for i in range(4):
-        dicom_file(root / "dcm" / f"{i}.dcm", (np.random.default_rng(i).random((24, 24)) * 4000).astype(np.uint16),
-                   "MONOCHROME1" if i % 2 else "MONOCHROME2")
+        dicom_file(
+            root / "dcm" / f"{i}.dcm",
+            (np.random.default_rng(i).random((24, 24)) * 4000).astype(np.uint16),
+            "MONOCHROME1" if i % 2 else "MONOCHROME2",
+        )
         rows.append(f"dcm/{i}.dcm,{i % 2}")
     (root / "dicom.csv").write_text("\n".join(rows) + "\n")
     return {
@@ -43,12 +51,19 @@ def specs(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("kind", ["chexpert", "mimic", "medmnist-multiclass", "medmnist-multilabel", "folder",
-                                  "csv-dicom"])
+@pytest.mark.parametrize(
+    "kind", ["chexpert", "mimic", "medmnist-multiclass", "medmnist-multilabel", "folder", "csv-dicom"]
+)
 def test_training_runs_on_every_kind(specs, kind, tmp_path):
     data = load_dataset(specs[kind], 32)
-    cfg = TrainConfig(data=specs[kind], out=str(tmp_path), max_steps=2, batch_size=4, checkpoint_every=0,
-                      model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1))
+    cfg = TrainConfig(
+        data=specs[kind],
+        out=str(tmp_path),
+        max_steps=2,
+        batch_size=4,
+        checkpoint_every=0,
+        model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1),
+    )
     result = train(cfg, data, progress=False)
     assert result.steps == 2 and (tmp_path / "pipeline" / "model_index.json").is_file()
     # the saved model is conditioned on this kind's labels, at this size, with a finite loss

@@ -30,17 +30,35 @@ def autoencoders(tmp_path_factory, data):
     out = {}
     for kind in ("kl", "vq"):
         root = tmp_path_factory.mktemp(f"ae_{kind}")
-        cfg = TrainConfig(data=DATA, out=str(root), method="autoencoder", batch_size=8, max_steps=2, checkpoint_every=0,
-                          autoencoder=AutoencoderConfig(kind=kind, downsample=4, channels=[16, 32, 32],
-                                                        norm_num_groups=8, codebook_size=32))
+        cfg = TrainConfig(
+            data=DATA,
+            out=str(root),
+            method="autoencoder",
+            batch_size=8,
+            max_steps=2,
+            checkpoint_every=0,
+            autoencoder=AutoencoderConfig(
+                kind=kind, downsample=4, channels=[16, 32, 32], norm_num_groups=8, codebook_size=32
+            ),
+        )
         train(cfg, data, progress=False)
         out[kind] = root
     return out
 
 
 def _latent(out, autoencoder, conditioning, **kw):
-    base = dict(data=DATA, out=str(out), method="latent", conditioning=conditioning, batch_size=8, max_steps=2,
-                checkpoint_every=0, lr_warmup_steps=1, latent=LatentConfig(autoencoder=str(autoencoder)), model=UNET)
+    base = dict(
+        data=DATA,
+        out=str(out),
+        method="latent",
+        conditioning=conditioning,
+        batch_size=8,
+        max_steps=2,
+        checkpoint_every=0,
+        lr_warmup_steps=1,
+        latent=LatentConfig(autoencoder=str(autoencoder)),
+        model=UNET,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -103,12 +121,14 @@ def test_tiny_latent_models_reload_with_plain_diffusers_and_sample(latent_runs, 
 
 def test_text_model_runs_in_diffusers_stable_diffusion_pipeline(latent_runs):
     folder = latent_runs[("kl", "text")] / "pipeline"
-    sd = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
-                                                 requires_safety_checker=False)
+    sd = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     sd.set_progress_bar_config(disable=True)
     prompt = ["chest x-ray with pleural effusion"]
-    a = sd(prompt, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
-           output_type="np").images
+    a = sd(
+        prompt, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     ours = load_pipeline(folder)
     ours.scheduler = sd.scheduler
     seeded = torch.Generator().manual_seed(0)
@@ -124,8 +144,13 @@ def test_guidance_scale_one_is_the_conditional_and_zero_the_unconditional_predic
     null = {"prompt": [""]} if text else {"conditions": torch.zeros(1, 2 * len(pipe.label_names))}
 
     def run(scale, kwargs):
-        return pipe(num_inference_steps=3, guidance_scale=scale, generator=torch.Generator().manual_seed(1),
-                    output_type="pt", **kwargs).images
+        return pipe(
+            num_inference_steps=3,
+            guidance_scale=scale,
+            generator=torch.Generator().manual_seed(1),
+            output_type="pt",
+            **kwargs,
+        ).images
 
     conditional = run(1.0, cond)  # one forward pass per step, conditional only
     batched = run(1.0 + 1e-6, cond)  # the batched guidance path with (null, cond) inputs
@@ -141,8 +166,9 @@ def test_text_models_take_prompts_built_from_labels(latent_runs):
     assert prompts_from_conditions(cond, pipe.label_names) == ["chest x-ray with cardiomegaly and pleural effusion", ""]
     settings = SamplingSettings(steps=2, precision="fp32")
     from_labels = sample(pipe, cond[:1], settings, progress=False)
-    from_prompt = sample(pipe, cond[:1], settings, progress=False,
-                         prompts=["chest x-ray with cardiomegaly and pleural effusion"])
+    from_prompt = sample(
+        pipe, cond[:1], settings, progress=False, prompts=["chest x-ray with cardiomegaly and pleural effusion"]
+    )
     assert np.array_equal(from_labels, from_prompt)
     with pytest.raises(MeddiffError, match="not text-conditioned"):
         sample(load_pipeline(latent_runs[("kl", "labels")]), cond[:1], settings, progress=False, prompts=["x"])

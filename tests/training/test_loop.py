@@ -13,8 +13,9 @@ SMALL = ModelConfig(block_out_channels=[16, 32], layers_per_block=1)
 
 
 def cfg(out, **kw):
-    base = dict(data="phantom:?n=48&seed=5", out=str(out), batch_size=8, checkpoint_every=0, lr_warmup_steps=2,
-                model=SMALL)
+    base = dict(
+        data="phantom:?n=48&seed=5", out=str(out), batch_size=8, checkpoint_every=0, lr_warmup_steps=2, model=SMALL
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -29,8 +30,11 @@ def test_resume_gives_identical_weights(tmp_path, data, precision):
     train(cfg(tmp_path / "straight", max_steps=8, precision=precision), data, progress=False)
     train(cfg(tmp_path / "split", max_steps=4, precision=precision), data, progress=False)
     train(cfg(tmp_path / "split", max_steps=8, precision=precision, resume="latest"), data, progress=False)
-    for name in ("checkpoints/step-0000008/model.safetensors", "checkpoints/step-0000008/ema.safetensors",
-                 "pipeline/unet/diffusion_pytorch_model.safetensors"):
+    for name in (
+        "checkpoints/step-0000008/model.safetensors",
+        "checkpoints/step-0000008/ema.safetensors",
+        "pipeline/unet/diffusion_pytorch_model.safetensors",
+    ):
         a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     # and training changed the weights at all
@@ -40,8 +44,9 @@ def test_resume_gives_identical_weights(tmp_path, data, precision):
 
 
 def test_checkpoints_are_pruned_and_time_budget_stops(tmp_path, data):
-    result = train(cfg(tmp_path, max_steps=10_000, max_minutes=0.05, checkpoint_every=2, checkpoints_keep=2),
-                   data, progress=False)
+    result = train(
+        cfg(tmp_path, max_steps=10_000, max_minutes=0.05, checkpoint_every=2, checkpoints_keep=2), data, progress=False
+    )
     assert 0 < result.steps < 10_000 and result.train_seconds >= 3.0
     kept = checkpoint_dirs(tmp_path)
     assert len(kept) <= 2 and kept[-1].name == f"step-{result.steps:07d}"
@@ -160,8 +165,9 @@ def test_speed_options_in_cli_reach_the_config(tmp_path):
     from meddiff.cli import _run_config, build_parser
     from meddiff.options import given
 
-    args = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", str(tmp_path), "--channels-last",
-                                      "--compile", "--threads", "1"])
+    args = build_parser().parse_args(
+        ["train", "--data", "phantom:?n=8", "--out", str(tmp_path), "--channels-last", "--compile", "--threads", "1"]
+    )
     config = _run_config(args, given(args))
     assert config.channels_last and config.compile and config.threads == 1
     plain = build_parser().parse_args(["train", "--data", "phantom:?n=8", "--out", str(tmp_path)])

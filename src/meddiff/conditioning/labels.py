@@ -33,7 +33,7 @@ class LabelCodec:
         return torch.zeros(batch, self.dim)
 
     def parse(self, text: str, unspecified: str = "absent") -> tuple[torch.Tensor, torch.Tensor]:
-        """"Cardiomegaly,Pleural Effusion" -> (labels, known) of shape (K,). Names are case-insensitive.
+        """ "Cardiomegaly,Pleural Effusion" -> (labels, known) of shape (K,). Names are case-insensitive.
 
         unspecified='absent' marks every other label as known-absent (an image with exactly these findings);
         'unknown' leaves them unspecified."""

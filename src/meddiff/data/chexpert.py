@@ -52,8 +52,10 @@ def read_label_csv(csv_path: Path, label_names: tuple[str, ...] | list[str], sou
         columns = reader.fieldnames or []
         missing = [c for c in ("Path", *label_names) if c not in columns]
         if missing:
-            raise MeddiffError(f"{csv_path} lacks column(s) {', '.join(missing)}; expected CheXpert columns "
-                               f"Path, Sex, Age, Frontal/Lateral, AP/PA, {', '.join(label_names)}")
+            raise MeddiffError(
+                f"{csv_path} lacks column(s) {', '.join(missing)}; expected CheXpert columns "
+                f"Path, Sex, Age, Frontal/Lateral, AP/PA, {', '.join(label_names)}"
+            )
         rows = list(reader)
     records = []
     for line, row in enumerate(rows, start=2):
@@ -72,10 +74,18 @@ def read_label_csv(csv_path: Path, label_names: tuple[str, ...] | list[str], sou
             age = float(row["Age"]) if row.get("Age") not in (None, "") else None
         except ValueError:
             age = None
-        records.append(Record(path=resolve_image(csv_path.parent, rel), values=values,
-                              patient=patient.group(1) if patient else rel, study=study.group(1) if study else "",
-                              view=view, frontal=None if not fl else fl == "frontal",
-                              sex=(row.get("Sex") or "").strip(), age=age))
+        records.append(
+            Record(
+                path=resolve_image(csv_path.parent, rel),
+                values=values,
+                patient=patient.group(1) if patient else rel,
+                study=study.group(1) if study else "",
+                view=view,
+                frontal=None if not fl else fl == "frontal",
+                sex=(row.get("Sex") or "").strip(),
+                age=age,
+            )
+        )
     return RecordTable(records, list(label_names), source)
 
 
@@ -95,7 +105,9 @@ def filter_view(table: RecordTable, view: str) -> RecordTable:
 def index_chexpert(spec: DatasetSpec) -> RecordTable:
     root = Path(spec.path).expanduser()
     if not root.exists():
-        raise MeddiffError(f"CheXpert folder {root} does not exist; point chexpert: at CheXpert-v1.0-small/ or its parent")
+        raise MeddiffError(
+            f"CheXpert folder {root} does not exist; point chexpert: at CheXpert-v1.0-small/ or its parent"
+        )
     labels = parse_label_subset(spec.options.get("labels"), list(CHEXPERT_OBSERVATIONS))
     if root.is_file():  # a single CheXpert-format table, e.g. a manifest written by `meddiff generate`
         return filter_view(read_label_csv(root, labels, str(spec)), spec.options.get("view", "all"))

@@ -3,7 +3,8 @@
 Options: path_col= (default: Path, path, file, filename or image, whichever exists), label_cols=A,B (default:
 every other column whose values are all 1 / 0 / -1 / blank), prompt_col=, root= (folder the paths are relative
 to, default the CSV's folder), split_col= with split=, else a patient-level hash split (patient_col=,
-val_fraction=, test_fraction=, seed=; split=all takes every row); u=, blank=, axis=, slices=, and the common fit/cache/prompt options.
+val_fraction=, test_fraction=, seed=; split=all takes every row); u=, blank=, axis=, slices=, and the common
+fit/cache/prompt options.
 Manifests written by `meddiff generate` read back directly."""
 
 from __future__ import annotations
@@ -20,8 +21,25 @@ from meddiff.data.registry import DatasetSpec, register
 from meddiff.data.volumes import VOLUME_OPTIONS, expand_volumes
 from meddiff.errors import MeddiffError
 
-OPTIONS = ("path_col", "label_cols", "prompt_col", "root", "split_col", "split", "patient_col", "val_fraction",
-           "test_fraction", "seed", "u", "blank", "subject") + VOLUME_OPTIONS + COMMON_OPTIONS
+OPTIONS = (
+    (
+        "path_col",
+        "label_cols",
+        "prompt_col",
+        "root",
+        "split_col",
+        "split",
+        "patient_col",
+        "val_fraction",
+        "test_fraction",
+        "seed",
+        "u",
+        "blank",
+        "subject",
+    )
+    + VOLUME_OPTIONS
+    + COMMON_OPTIONS
+)
 PATH_COLUMNS = ("Path", "path", "file", "filename", "image")
 NOT_LABELS = {"Sex", "Age", "Frontal/Lateral", "AP/PA", "seed", "steps", "guidance", "scheduler", "model", "prompt"}
 
@@ -51,8 +69,10 @@ def index_csv(spec: DatasetSpec) -> RecordTable:
         raise MeddiffError(f"{path} is not a readable CSV ({exc})") from None
     path_col = opts.get("path_col") or next((c for c in PATH_COLUMNS if c in columns), None)
     if path_col is None or path_col not in columns:
-        raise MeddiffError(f"{path} has no path column; expected one of {', '.join(PATH_COLUMNS)} or path_col=NAME "
-                           f"(columns: {', '.join(columns)})")
+        raise MeddiffError(
+            f"{path} has no path column; expected one of {', '.join(PATH_COLUMNS)} or path_col=NAME "
+            f"(columns: {', '.join(columns)})"
+        )
     prompt_col = opts.get("prompt_col")
     if prompt_col and prompt_col not in columns:
         raise MeddiffError(f"prompt_col={prompt_col} is not a column of {path} (columns: {', '.join(columns)})")
@@ -65,8 +85,10 @@ def index_csv(spec: DatasetSpec) -> RecordTable:
     else:
         labels = [c for c in columns if c not in special and c not in NOT_LABELS and _is_label_column(rows, c)]
     if not labels and not prompt_col:
-        raise MeddiffError(f"{path} has no label columns (values 1/0/-1/blank) and no prompt_col=; name them with "
-                           "label_cols=A,B or prompt_col=COLUMN")
+        raise MeddiffError(
+            f"{path} has no label columns (values 1/0/-1/blank) and no prompt_col=; name them with "
+            "label_cols=A,B or prompt_col=COLUMN"
+        )
     root = Path(opts.get("root", path.parent)).expanduser()
     records = []
     for line, row in enumerate(rows, start=2):
@@ -80,8 +102,17 @@ def index_csv(spec: DatasetSpec) -> RecordTable:
         text = (row.get(prompt_col) or "").strip() or None if prompt_col else None
         split = row.get(opts["split_col"]) if opts.get("split_col") else None
         patient = row.get(opts["patient_col"], "") if opts.get("patient_col") else rel
-        records.append(Record(path=root / rel, values=values, patient=patient, text=text, split=split,
-                              sex=row.get("Sex", "") or "", view=(row.get("AP/PA") or "").upper()))
+        records.append(
+            Record(
+                path=root / rel,
+                values=values,
+                patient=patient,
+                text=text,
+                split=split,
+                sex=row.get("Sex", "") or "",
+                view=(row.get("AP/PA") or "").upper(),
+            )
+        )
     table = expand_volumes(RecordTable(records, labels, str(spec)), opts)
     split = opts.get("split", "train")
     if opts.get("split_col"):

@@ -7,10 +7,9 @@ with `__getitems__`, which returns the stored integers (converted to floats on t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,8 +46,12 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        return {"image": self.images[index], "labels": self.labels[index], "known": self.known[index],
-                "prompt": self.prompts[index]}
+        return {
+            "image": self.images[index],
+            "labels": self.labels[index],
+            "known": self.known[index],
+            "prompt": self.prompts[index],
+        }
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """One batch for the training loader: stored integers (uint8; 16-bit data as int32) or floats in [-1, 1]
@@ -76,8 +79,9 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         return int(self.images.shape[-1])
 
     def prompt_for(self, index: int) -> str:
-        present = [name for k, name in enumerate(self.label_names)
-                   if self.known[index, k] and self.labels[index, k] > 0.5]
+        present = [
+            name for k, name in enumerate(self.label_names) if self.known[index, k] and self.labels[index, k] > 0.5
+        ]
         return prompt_from_labels(present)
 
     def shuffled_prompt(self, index: int, generator: torch.Generator) -> str:
@@ -86,7 +90,9 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         prompt = self.prompts[index]
         if not self.prompts_from_labels:
             return prompt
-        return shuffle_findings(prompt, self.label_names, torch.rand(len(self.label_names), generator=generator).tolist())
+        return shuffle_findings(
+            prompt, self.label_names, torch.rand(len(self.label_names), generator=generator).tolist()
+        )
 
     def label_counts(self) -> dict[str, int]:
         positive = ((self.labels > 0.5) & self.known).sum(0)

@@ -5,9 +5,9 @@ a worker starts in well under a second."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -46,8 +46,10 @@ def decode(job: tuple[DecodeTask, int, str]) -> list[tuple[np.ndarray | None, st
         return [(None, str(exc).split(": ", 1)[-1])] * n
     except Exception as exc:  # a decoder's own failure on a damaged file: counted and listed, never a crash
         return [(None, f"{type(exc).__name__}: {exc}")] * n
-    return [(None, "slice out of range") if im is None else (to_stored(resize(im, resolution, fit), depth), "")
-            for im in images]
+    return [
+        (None, "slice out of range") if im is None else (to_stored(resize(im, resolution, fit), depth), "")
+        for im in images
+    ]
 
 
 def tasks_for(items: Sequence[tuple[str, int | None, int]]) -> tuple[list[DecodeTask], list[list[int]]]:
@@ -102,4 +104,3 @@ def decode_into(job: tuple[DecodeTask, int, str, str, int]) -> list[tuple[np.nda
             out[slot + i] = arr
             answers.append((True, ""))
     return answers
-

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,8 +26,9 @@ def medmnist_file_name(name: str, size: int) -> str:
     return f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
 
 
-def download_medmnist(name: str, size: int, out_dir: Path, url_template: str = MEDMNIST_URL,
-                      timeout: float = 20.0) -> Path:
+def download_medmnist(
+    name: str, size: int, out_dir: Path, url_template: str = MEDMNIST_URL, timeout: float = 20.0
+) -> Path:
     file = medmnist_file_name(name, size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -45,10 +45,11 @@ def download_medmnist(name: str, size: int, out_dir: Path, url_template: str = M
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
         part.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
-        raise MeddiffError(f"cannot download {file} ({reason}); offline? fetch it by hand and use "
-                           f"medmnist:{target}") from None
+        raise MeddiffError(
+            f"cannot download {file} ({reason}); offline? fetch it by hand and use medmnist:{target}"
+        ) from None
     part.replace(target)
     return target

@@ -2,8 +2,8 @@
 train/ val/ test/ split folders. Images may be PNG/JPEG/TIFF, DICOM or NIfTI volumes (sliced).
 
 Options: split=train|val|test (split folders, or else a stable hash of each file's path with val_fraction and
-test_fraction; split=all takes everything), classes=A,B (subset and order), subject= (prompt subject, default "image"), axis=0|1|2 and
-slices=START:STOP for NIfTI volumes, plus the common fit/cache/prompt options."""
+test_fraction; split=all takes everything), classes=A,B (subset and order), subject= (prompt subject, default
+"image"), axis=0|1|2 and slices=START:STOP for NIfTI volumes, plus the common fit/cache/prompt options."""
 
 from __future__ import annotations
 

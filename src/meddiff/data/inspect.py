@@ -45,7 +45,9 @@ def inspect_table(table: RecordTable, check_files: bool = True, progress: bool =
         ages["unknown" if rec.age is None else f"{int(rec.age // 10 * 10)}-{int(rec.age // 10 * 10) + 9}"] += 1
     seen = set()
     if check_files:
-        for rec in tqdm(table.records, desc="check files", unit="file", disable=not progress or len(table.records) < 500):
+        for rec in tqdm(
+            table.records, desc="check files", unit="file", disable=not progress or len(table.records) < 500
+        ):
             if rec.path in seen:
                 continue
             seen.add(rec.path)
@@ -58,10 +60,19 @@ def inspect_table(table: RecordTable, check_files: bool = True, progress: bool =
                 depths[depth] += 1
             except Exception as exc:  # any unreadable header is a problem to list
                 problems.append((str(rec.path), f"unreadable: {type(exc).__name__}: {str(exc)[:80]}"))
-    return {"source": table.source, "images": len(table.records), "labels": {n: dict(c) for n, c in values.items()},
-            "views": dict(views), "sex": dict(sexes), "age": dict(sorted(ages.items())), "sizes": dict(sizes.most_common()),
-            "bit_depths": dict(depths), "problems": problems,
-            "problem_counts": dict(Counter(p[1].split(":")[0] for p in problems)), "filters": table.notes}
+    return {
+        "source": table.source,
+        "images": len(table.records),
+        "labels": {n: dict(c) for n, c in values.items()},
+        "views": dict(views),
+        "sex": dict(sexes),
+        "age": dict(sorted(ages.items())),
+        "sizes": dict(sizes.most_common()),
+        "bit_depths": dict(depths),
+        "problems": problems,
+        "problem_counts": dict(Counter(p[1].split(":")[0] for p in problems)),
+        "filters": table.notes,
+    }
 
 
 def inspect_spec(text: str, progress: bool = True) -> dict:
@@ -74,8 +85,19 @@ def inspect_spec(text: str, progress: bool = True) -> dict:
         return inspect_table(loader.index(spec), progress=progress)
     ds = load_dataset(spec, 28)  # array datasets (MedMNIST, in-memory phantoms)
     counts = {n: {"1": int(c), "0": len(ds) - int(c)} for n, c in ds.label_counts().items()}
-    return {"source": str(spec), "images": len(ds), "labels": counts, "views": {}, "sex": {}, "age": {},
-            "sizes": {}, "bit_depths": {}, "problems": ds.problems, "problem_counts": {}, "filters": []}
+    return {
+        "source": str(spec),
+        "images": len(ds),
+        "labels": counts,
+        "views": {},
+        "sex": {},
+        "age": {},
+        "sizes": {},
+        "bit_depths": {},
+        "problems": ds.problems,
+        "problem_counts": {},
+        "filters": [],
+    }
 
 
 def format_report(report: dict, max_problems: int = 20) -> str:

@@ -84,8 +84,7 @@ def read_dicom(path: Path) -> np.ndarray:
         ds = pydicom.dcmread(path)
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         if frames > 1:
-            raise UnreadableImage(f"{path}: multi-frame DICOM ({frames} frames) is not supported; "
-                                  "export single frames")
+            raise UnreadableImage(f"{path}: multi-frame DICOM ({frames} frames) is not supported; export single frames")
         arr = ds.pixel_array
         if arr.ndim == 3:  # colour DICOM (e.g. secondary capture RGB)
             return _normalise(arr[..., :3].astype(np.float64) @ LUMA)
@@ -155,12 +154,12 @@ def resize(image: np.ndarray, size: int, fit: str = "crop") -> np.ndarray:
             side = max(h, w)
             canvas = np.full((side, side), float(image.min()), np.float32)
             top, left = (side - h) // 2, (side - w) // 2
-            canvas[top:top + h, left:left + w] = image
+            canvas[top : top + h, left : left + w] = image
             image = canvas
         else:
             side = min(h, w)
             top, left = (h - side) // 2, (w - side) // 2
-            image = image[top:top + side, left:left + side]
+            image = image[top : top + side, left : left + side]
     if image.shape[0] == size:
         return image.astype(np.float32)
     resample = Image.Resampling.BOX if image.shape[0] > size else Image.Resampling.BICUBIC

@@ -15,35 +15,99 @@ from meddiff.data.prompts import prompt_from_labels
 from meddiff.data.registry import DatasetSpec, register
 from meddiff.errors import MeddiffError
 
-ORGANS = ["Bladder", "Femur Left", "Femur Right", "Heart", "Kidney Left", "Kidney Right", "Liver", "Lung Left",
-          "Lung Right", "Pancreas", "Spleen"]
+ORGANS = [
+    "Bladder",
+    "Femur Left",
+    "Femur Right",
+    "Heart",
+    "Kidney Left",
+    "Kidney Right",
+    "Liver",
+    "Lung Left",
+    "Lung Right",
+    "Pancreas",
+    "Spleen",
+]
 # label names of the standard 2D files (the file stem without a size suffix such as _64)
 KNOWN_LABELS: dict[str, list[str]] = {
-    "pathmnist": ["Adipose", "Background", "Debris", "Lymphocytes", "Mucus", "Smooth Muscle",
-                  "Normal Colon Mucosa", "Cancer-associated Stroma", "Colorectal Adenocarcinoma Epithelium"],
-    "chestmnist": ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-                   "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural Thickening",
-                   "Hernia"],
-    "dermamnist": ["Actinic Keratoses", "Basal Cell Carcinoma", "Benign Keratosis", "Dermatofibroma", "Melanoma",
-                   "Melanocytic Nevi", "Vascular Lesions"],
+    "pathmnist": [
+        "Adipose",
+        "Background",
+        "Debris",
+        "Lymphocytes",
+        "Mucus",
+        "Smooth Muscle",
+        "Normal Colon Mucosa",
+        "Cancer-associated Stroma",
+        "Colorectal Adenocarcinoma Epithelium",
+    ],
+    "chestmnist": [
+        "Atelectasis",
+        "Cardiomegaly",
+        "Effusion",
+        "Infiltration",
+        "Mass",
+        "Nodule",
+        "Pneumonia",
+        "Pneumothorax",
+        "Consolidation",
+        "Edema",
+        "Emphysema",
+        "Fibrosis",
+        "Pleural Thickening",
+        "Hernia",
+    ],
+    "dermamnist": [
+        "Actinic Keratoses",
+        "Basal Cell Carcinoma",
+        "Benign Keratosis",
+        "Dermatofibroma",
+        "Melanoma",
+        "Melanocytic Nevi",
+        "Vascular Lesions",
+    ],
     "octmnist": ["Choroidal Neovascularization", "Diabetic Macular Edema", "Drusen", "Normal"],
     "pneumoniamnist": ["Normal", "Pneumonia"],
     "retinamnist": ["Grade 0", "Grade 1", "Grade 2", "Grade 3", "Grade 4"],
     "breastmnist": ["Malignant", "Normal or Benign"],
-    "bloodmnist": ["Basophil", "Eosinophil", "Erythroblast", "Immature Granulocytes", "Lymphocyte", "Monocyte",
-                   "Neutrophil", "Platelet"],
-    "tissuemnist": ["Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule", "Glomerular Endothelial Cells",
-                    "Interstitial Endothelial Cells", "Leukocytes", "Podocytes", "Proximal Tubule Segments",
-                    "Thick Ascending Limb"],
+    "bloodmnist": [
+        "Basophil",
+        "Eosinophil",
+        "Erythroblast",
+        "Immature Granulocytes",
+        "Lymphocyte",
+        "Monocyte",
+        "Neutrophil",
+        "Platelet",
+    ],
+    "tissuemnist": [
+        "Collecting Duct, Connecting Tubule",
+        "Distal Convoluted Tubule",
+        "Glomerular Endothelial Cells",
+        "Interstitial Endothelial Cells",
+        "Leukocytes",
+        "Podocytes",
+        "Proximal Tubule Segments",
+        "Thick Ascending Limb",
+    ],
     "organamnist": ORGANS,
     "organcmnist": ORGANS,
     "organsmnist": ORGANS,
 }
-SUBJECTS = {"chestmnist": "chest x-ray", "pneumoniamnist": "chest x-ray", "breastmnist": "breast ultrasound",
-            "octmnist": "retinal OCT", "retinamnist": "fundus photograph", "dermamnist": "dermatoscopic image",
-            "pathmnist": "histology patch", "bloodmnist": "blood cell microscopy image",
-            "tissuemnist": "kidney tissue microscopy image", "organamnist": "abdominal CT slice",
-            "organcmnist": "abdominal CT slice", "organsmnist": "abdominal CT slice"}
+SUBJECTS = {
+    "chestmnist": "chest x-ray",
+    "pneumoniamnist": "chest x-ray",
+    "breastmnist": "breast ultrasound",
+    "octmnist": "retinal OCT",
+    "retinamnist": "fundus photograph",
+    "dermamnist": "dermatoscopic image",
+    "pathmnist": "histology patch",
+    "bloodmnist": "blood cell microscopy image",
+    "tissuemnist": "kidney tissue microscopy image",
+    "organamnist": "abdominal CT slice",
+    "organcmnist": "abdominal CT slice",
+    "organsmnist": "abdominal CT slice",
+}
 MULTILABEL = {"chestmnist"}
 
 
@@ -85,10 +149,20 @@ def load_medmnist(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
         classes = max(classes, len(names))
         labels = np.eye(classes, dtype=np.float32)[raw[:, 0].astype(int)]
         multiclass = True
-    resized = np.stack([resize(im, resolution) for im in images]) if len(images) else np.zeros((0, resolution, resolution))
+    resized = (
+        np.stack([resize(im, resolution) for im in images]) if len(images) else np.zeros((0, resolution, resolution))
+    )
     lab = torch.from_numpy(labels)
     subject = SUBJECTS.get(flavour, "image")
-    prompts = [prompt_from_labels([names[k] for k in np.nonzero(row > 0.5)[0]] or ["No Finding"], subject)
-               for row in labels]
-    return ImageLabelDataset(to_model_range(resized), lab, torch.ones_like(lab, dtype=torch.bool), list(names),
-                             prompts=prompts, multiclass=multiclass, prompts_from_labels=True)
+    prompts = [
+        prompt_from_labels([names[k] for k in np.nonzero(row > 0.5)[0]] or ["No Finding"], subject) for row in labels
+    ]
+    return ImageLabelDataset(
+        to_model_range(resized),
+        lab,
+        torch.ones_like(lab, dtype=torch.bool),
+        list(names),
+        prompts=prompts,
+        multiclass=multiclass,
+        prompts_from_labels=True,
+    )

@@ -95,11 +95,18 @@ def index_mimic(spec: DatasetSpec) -> RecordTable:
         subject, study, dicom = row["subject_id"], row["study_id"], row["dicom_id"]
         folder = Path("files") / f"p{subject[:2]}" / f"p{subject}"
         text = report_text(reports_root / folder / f"s{study}.txt") if prompts == "report" else None
-        records.append(Record(path=root / folder / f"s{study}" / f"{dicom}.jpg",
-                              values=by_study.get(study, {n: None for n in names}),
-                              patient=subject, study=study, view=(row.get("ViewPosition") or "").upper(),
-                              frontal=(row.get("ViewPosition") or "").upper() in ("PA", "AP"),
-                              text=text, split=split_of.get(dicom)))
+        records.append(
+            Record(
+                path=root / folder / f"s{study}" / f"{dicom}.jpg",
+                values=by_study.get(study, {n: None for n in names}),
+                patient=subject,
+                study=study,
+                view=(row.get("ViewPosition") or "").upper(),
+                frontal=(row.get("ViewPosition") or "").upper() in ("PA", "AP"),
+                text=text,
+                split=split_of.get(dicom),
+            )
+        )
     table = RecordTable(records, names, str(spec))
     table = table.filtered(lambda r: r.study in by_study, f"studies with {labeler} labels")
     table = table.filtered(lambda r: r.split == split, f"official split {split!r}")

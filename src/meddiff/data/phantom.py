@@ -182,8 +182,14 @@ def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = 
         for i in range(n_ribs):
             y0 = a.apex + 0.02 + i * (a.dome(s) - a.apex + 0.08) / n_ribs
             lateral = np.clip(s * x - 0.05, 0, None)
-            curve = y0 - 0.10 * np.sin(np.clip(lateral / a.half_width, 0, 1) * np.pi) + 0.18 * (lateral / a.half_width) ** 2
-            band = _soft(np.abs(y - curve) - 0.022, edge) * _soft(s * x * -1 + 0.05, edge) * _soft(np.abs(x) - a.half_width - 0.03, edge)
+            curve = (
+                y0 - 0.10 * np.sin(np.clip(lateral / a.half_width, 0, 1) * np.pi) + 0.18 * (lateral / a.half_width) ** 2
+            )
+            band = (
+                _soft(np.abs(y - curve) - 0.022, edge)
+                * _soft(s * x * -1 + 0.05, edge)
+                * _soft(np.abs(x) - a.half_width - 0.03, edge)
+            )
             bones = np.maximum(bones, 0.55 * band)
         clav = _segment_distance(x, y, (s * 0.08, a.apex + 0.06), (s * (a.half_width * 0.85), a.apex - 0.06))
         bones = np.maximum(bones, 0.9 * _soft(clav - 0.028, edge))
@@ -293,11 +299,13 @@ def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = 
     thorax = np.maximum(_lung_mask(x, y, a, -1, edge), _lung_mask(x, y, a, 1, edge))
     masks.update({"heart": heart, "lungs": thorax, "lung markings": markings * marking_weight * lung_all})
     masks = {k: v.astype(np.float32) for k, v in masks.items()}
-    meta.update({
-        "sex": ("Male", "Female")[int(acq_rng.integers(0, 2))],
-        "age": int(acq_rng.integers(18, 91)),
-        "view": ("PA", "AP")[int(acq_rng.random() < 0.3)],
-    })
+    meta.update(
+        {
+            "sex": ("Male", "Female")[int(acq_rng.integers(0, 2))],
+            "age": int(acq_rng.integers(18, 91)),
+            "view": ("PA", "AP")[int(acq_rng.random() < 0.3)],
+        }
+    )
     return Phantom(image=img, findings=findings, masks=masks, meta=meta)
 
 

@@ -17,8 +17,8 @@ from meddiff.data.chexpert_format import write_label_table
 from meddiff.data.dataset import ImageLabelDataset, to_model_range
 from meddiff.data.io import resize, write_png
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
-from meddiff.data.records import LabelPolicy, RecordTable
 from meddiff.data.phantom import FINDINGS, MAX_SIZE, MIN_SIZE, NO_FINDING, render_phantom
+from meddiff.data.records import LabelPolicy, RecordTable
 from meddiff.data.registry import DatasetSpec, register
 from meddiff.errors import MeddiffError
 
@@ -26,8 +26,9 @@ PHANTOM_LABELS = (NO_FINDING,) + FINDINGS
 SPLIT_FILES = {"train": "train.csv", "valid": "valid.csv"}
 
 
-def write_phantom_folder(out: Path, n: int, size: int, seed: int, valid_fraction: float = 0.2,
-                         bit_depth: int = 8, progress: bool = True) -> dict[str, int]:
+def write_phantom_folder(
+    out: Path, n: int, size: int, seed: int, valid_fraction: float = 0.2, bit_depth: int = 8, progress: bool = True
+) -> dict[str, int]:
     """Render n phantoms into `out` (PNG + CheXpert-format CSVs). Returns image counts per split."""
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise MeddiffError(f"--size must be between {MIN_SIZE} and {MAX_SIZE}, got {size}")
@@ -42,17 +43,27 @@ def write_phantom_folder(out: Path, n: int, size: int, seed: int, valid_fraction
         split = "valid" if i >= n - n_valid else "train"
         ph = render_phantom(seed * 1_000_003 + i, size)
         rel = f"{split}/phantom_{i:06d}.png"
-        write_png(out / rel, ph.image, bit_depth=bit_depth,
-                  text={"meddiff": "synthetic phantom, not medical data", "seed": str(seed * 1_000_003 + i)})
-        row: dict[str, object] = {"Path": rel, "Sex": ph.meta["sex"], "Age": ph.meta["age"],
-                                  "Frontal/Lateral": "Frontal", "AP/PA": ph.meta["view"]}
+        write_png(
+            out / rel,
+            ph.image,
+            bit_depth=bit_depth,
+            text={"meddiff": "synthetic phantom, not medical data", "seed": str(seed * 1_000_003 + i)},
+        )
+        row: dict[str, object] = {
+            "Path": rel,
+            "Sex": ph.meta["sex"],
+            "Age": ph.meta["age"],
+            "Frontal/Lateral": "Frontal",
+            "AP/PA": ph.meta["view"],
+        }
         row.update({name: float(ph.findings[name]) for name in PHANTOM_LABELS})
         rows[split].append(row)
     for split, file in SPLIT_FILES.items():
         write_label_table(out / file, rows[split])
     (out / "README.txt").write_text(
         "meddiff chest radiograph PHANTOMS: procedurally drawn synthetic test data, NOT medical data.\n"
-        f"n={n} size={size} seed={seed}; labels in CheXpert column format (train.csv, valid.csv).\n")
+        f"n={n} size={size} seed={seed}; labels in CheXpert column format (train.csv, valid.csv).\n"
+    )
     return {split: len(r) for split, r in rows.items()}
 
 
@@ -68,8 +79,9 @@ def _phantom_csv(spec: DatasetSpec) -> Path:
         raise MeddiffError(f"phantom split must be one of {list(SPLIT_FILES)}, got {split!r}")
     csv_path = root / SPLIT_FILES[split]
     if not csv_path.is_file():
-        raise MeddiffError(f"{root} has no {SPLIT_FILES[split]}; create phantoms with "
-                           f"`meddiff data phantom --out {root}`")
+        raise MeddiffError(
+            f"{root} has no {SPLIT_FILES[split]}; create phantoms with `meddiff data phantom --out {root}`"
+        )
     return csv_path
 
 
@@ -82,8 +94,9 @@ def render_phantom_dataset(n: int, resolution: int, seed: int, progress: bool = 
         images.append(resize(ph.image, resolution))
         labels.append([ph.findings[name] for name in PHANTOM_LABELS])
     lab = torch.tensor(labels, dtype=torch.float32)
-    return ImageLabelDataset(to_model_range(np.stack(images)), lab, torch.ones_like(lab, dtype=torch.bool),
-                             list(PHANTOM_LABELS))
+    return ImageLabelDataset(
+        to_model_range(np.stack(images)), lab, torch.ones_like(lab, dtype=torch.bool), list(PHANTOM_LABELS)
+    )
 
 
 def index_phantom(spec: DatasetSpec) -> RecordTable:
@@ -92,13 +105,19 @@ def index_phantom(spec: DatasetSpec) -> RecordTable:
 
 def plan_phantom(spec: DatasetSpec, resolution: int) -> MaterializePlan:
     if spec.path == "":
-        raise MeddiffError(f"{spec} is rendered in memory; write phantom files with `meddiff data phantom --out DIR` "
-                           "to prepare them")
+        raise MeddiffError(
+            f"{spec} is rendered in memory; write phantom files with `meddiff data phantom --out DIR` to prepare them"
+        )
     return MaterializePlan(index_phantom(spec), LabelPolicy(), Preprocess.from_options(spec.options, resolution))
 
 
-@register("phantom", heldout_split="valid", options=("split", "n", "seed") + COMMON_OPTIONS, index=index_phantom,
-          plan=plan_phantom)
+@register(
+    "phantom",
+    heldout_split="valid",
+    options=("split", "n", "seed") + COMMON_OPTIONS,
+    index=index_phantom,
+    plan=plan_phantom,
+)
 def load_phantom(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
     split = spec.options.get("split", "train")
     if spec.path == "":  # in memory: phantom:?n=2000&seed=0 ; the held-out split uses another seed
@@ -106,6 +125,7 @@ def load_phantom(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
             n, seed = int(spec.options.get("n", "2000")), int(spec.options.get("seed", "0"))
         except ValueError:
             raise MeddiffError(f"{spec}: n and seed must be integers") from None
-        return render_phantom_dataset(n if split == "train" else max(n // 4, 1), resolution,
-                                      seed if split == "train" else seed + 7919)
+        return render_phantom_dataset(
+            n if split == "train" else max(n // 4, 1), resolution, seed if split == "train" else seed + 7919
+        )
     return plan_phantom(spec, resolution).materialize(str(spec))

@@ -25,8 +25,14 @@ def _join(items: list[str]) -> str:
     return f"{', '.join(items[:-1])} and {items[-1]}"
 
 
-def prompt_from_labels(present: list[str], subject: str = "chest x-ray", uncertain: list[str] | None = None,
-                       view: str = "", sex: str = "", age: float | None = None) -> str:
+def prompt_from_labels(
+    present: list[str],
+    subject: str = "chest x-ray",
+    uncertain: list[str] | None = None,
+    view: str = "",
+    sex: str = "",
+    age: float | None = None,
+) -> str:
     """Natural-language prompt for the present (and possibly uncertain) findings, order kept."""
     findings = [name.lower() for name in present if name.lower() not in NORMAL_NAMES]
     possible = [name.lower() for name in (uncertain or []) if name.lower() not in NORMAL_NAMES]
@@ -48,13 +54,27 @@ def prompt_from_labels(present: list[str], subject: str = "chest x-ray", uncerta
     return head + sep + ", ".join(parts)
 
 
-def prompt_for(values: dict[str, float | None], names: list[str], options: PromptOptions, view: str = "",
-               sex: str = "", age: float | None = None) -> str:
+def prompt_for(
+    values: dict[str, float | None],
+    names: list[str],
+    options: PromptOptions,
+    view: str = "",
+    sex: str = "",
+    age: float | None = None,
+) -> str:
     """Prompt from raw label values (1 present, -1 uncertain)."""
     present = [n for n in names if values.get(n) is not None and values[n] > 0.5]
-    uncertain = [n for n in names if values.get(n) is not None and values[n] < 0] if options.uncertain == "possible" else []
-    return prompt_from_labels(present, options.subject, uncertain, view if options.view else "",
-                              sex if options.demographics else "", age if options.demographics else None)
+    uncertain = (
+        [n for n in names if values.get(n) is not None and values[n] < 0] if options.uncertain == "possible" else []
+    )
+    return prompt_from_labels(
+        present,
+        options.subject,
+        uncertain,
+        view if options.view else "",
+        sex if options.demographics else "",
+        age if options.demographics else None,
+    )
 
 
 def shuffle_findings(prompt: str, names: list[str], order: list[float]) -> str:

@@ -39,7 +39,7 @@ class RecordTable:
     source: str
     notes: list[str] = field(default_factory=list)  # what filtering did, for reports
 
-    def filtered(self, keep, what: str) -> "RecordTable":
+    def filtered(self, keep, what: str) -> RecordTable:
         """Keep records where keep(record); an empty result is an error naming the filter."""
         before = len(self.records)
         kept = [r for r in self.records if keep(r)]
@@ -83,8 +83,9 @@ def patient_fraction(patient: str, seed: int = 0) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_by_patient(table: RecordTable, split: str, val_fraction: float, test_fraction: float = 0.0,
-                     seed: int = 0) -> RecordTable:
+def split_by_patient(
+    table: RecordTable, split: str, val_fraction: float, test_fraction: float = 0.0, seed: int = 0
+) -> RecordTable:
     """train / val / test by a hash of the patient id: one patient never lands in two splits."""
 
     def which(r: Record) -> str:

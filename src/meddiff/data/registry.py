@@ -5,8 +5,8 @@ the front door (`load_dataset`, `parse_spec`). Nothing here imports a kind, so t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 from urllib.parse import parse_qsl
 
 from meddiff.data.dataset import ImageLabelDataset
@@ -20,10 +20,12 @@ class DatasetSpec:
     options: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "DatasetSpec":
+    def parse(cls, text: str) -> DatasetSpec:
         if ":" not in text:
-            raise MeddiffError(f"dataset spec {text!r} has no kind; write it as KIND:PATH, e.g. "
-                               f"phantom:data/phantoms (kinds: {', '.join(sorted(LOADERS))})")
+            raise MeddiffError(
+                f"dataset spec {text!r} has no kind; write it as KIND:PATH, e.g. "
+                f"phantom:data/phantoms (kinds: {', '.join(sorted(LOADERS))})"
+            )
         kind, rest = text.split(":", 1)
         kind = kind.strip().lower()
         if kind not in LOADERS:
@@ -32,10 +34,10 @@ class DatasetSpec:
         options = dict(parse_qsl(query, keep_blank_values=True))
         return cls(kind, path, options)
 
-    def with_options(self, **options: str) -> "DatasetSpec":
+    def with_options(self, **options: str) -> DatasetSpec:
         return replace(self, options={**self.options, **options})
 
-    def heldout(self) -> "DatasetSpec":
+    def heldout(self) -> DatasetSpec:
         """The same data's held-out split (for evaluation on images the generator never saw)."""
         return self.with_options(split=LOADERS[self.kind].heldout_split)
 
@@ -60,14 +62,17 @@ def register(kind: str, heldout_split: str, options: tuple[str, ...], index=None
     def wrap(fn: Callable[[DatasetSpec, int], ImageLabelDataset]):
         LOADERS[kind] = Loader(fn, heldout_split, options, index, plan)
         return fn
+
     return wrap
 
 
 def check_options(spec: DatasetSpec) -> None:
     unknown = set(spec.options) - set(LOADERS[spec.kind].options)
     if unknown:
-        raise MeddiffError(f"unknown option(s) {', '.join(sorted(unknown))} for {spec.kind}: datasets; "
-                           f"known: {', '.join(LOADERS[spec.kind].options)}")
+        raise MeddiffError(
+            f"unknown option(s) {', '.join(sorted(unknown))} for {spec.kind}: datasets; "
+            f"known: {', '.join(LOADERS[spec.kind].options)}"
+        )
 
 
 def load(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:

@@ -26,11 +26,11 @@ import os
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ SHARD_BYTES = 256 * 2**20  # about 256 MB of pixels per shard
 
 
 OPEN_SHARDS_MAX = 64  # file descriptors a process keeps open for shard reads (least recently used closed first)
-_open_shards: "OrderedDict[str, int]" = OrderedDict()
+_open_shards: OrderedDict[str, int] = OrderedDict()
 
 
 def _shard_fd(path: str) -> int:
@@ -216,12 +216,30 @@ class StoreIndex:
     prompts_from_labels: bool = True
 
     @classmethod
-    def build(cls, label_names, labels, known, prompts: list[str], patients=(), paths=(), multiclass=False,
-              prompts_from_labels=True) -> "StoreIndex":
+    def build(
+        cls,
+        label_names,
+        labels,
+        known,
+        prompts: list[str],
+        patients=(),
+        paths=(),
+        multiclass=False,
+        prompts_from_labels=True,
+    ) -> StoreIndex:
         texts: dict[str, int] = {}
         ids = np.fromiter((texts.setdefault(p, len(texts)) for p in prompts), np.int32, count=len(prompts))
-        return cls(list(label_names), np.asarray(labels, np.float32), np.asarray(known, bool), list(texts), ids,
-                   list(patients), list(paths), multiclass, prompts_from_labels)
+        return cls(
+            list(label_names),
+            np.asarray(labels, np.float32),
+            np.asarray(known, bool),
+            list(texts),
+            ids,
+            list(patients),
+            list(paths),
+            multiclass,
+            prompts_from_labels,
+        )
 
 
 class Prompts(Sequence[str]):
@@ -271,9 +289,17 @@ class ImageStore:
         if not (self.folder / "index.json").is_file():
             return None
         data = json.loads((self.folder / "index.json").read_text())
-        return StoreIndex(data["label_names"], np.load(self.folder / "labels.npy"), np.load(self.folder / "known.npy"),
-                          data["prompt_texts"], np.load(self.folder / "prompt_ids.npy"), data.get("patients", []),
-                          data.get("paths", []), data.get("multiclass", False), data.get("prompts_from_labels", True))
+        return StoreIndex(
+            data["label_names"],
+            np.load(self.folder / "labels.npy"),
+            np.load(self.folder / "known.npy"),
+            data["prompt_texts"],
+            np.load(self.folder / "prompt_ids.npy"),
+            data.get("patients", []),
+            data.get("paths", []),
+            data.get("multiclass", False),
+            data.get("prompts_from_labels", True),
+        )
 
 
 def open_store(folder: Path, key: str | None = None) -> ImageStore | None:
@@ -292,8 +318,9 @@ def open_store(folder: Path, key: str | None = None) -> ImageStore | None:
             shards.append(shard)
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors is not a damaged store
-            raise MeddiffError(f"too many open files while opening the store in {folder}; raise the limit "
-                               "(ulimit -n)") from None
+            raise MeddiffError(
+                f"too many open files while opening the store in {folder}; raise the limit (ulimit -n)"
+            ) from None
         return None
     except (ValueError, KeyError, TypeError):
         return None
@@ -353,8 +380,10 @@ def file_lock(path: Path, what: str):
 
 def _disk_error(exc: OSError, where: Path) -> MeddiffError:
     if exc.errno == errno.ENOSPC:
-        return MeddiffError(f"the disk is full while writing the image store in {where}; free space or set "
-                            "MEDDIFF_CACHE (or --out) to a larger disk; the finished shards are kept and reused")
+        return MeddiffError(
+            f"the disk is full while writing the image store in {where}; free space or set "
+            "MEDDIFF_CACHE (or --out) to a larger disk; the finished shards are kept and reused"
+        )
     return MeddiffError(f"cannot write the image store in {where}: {exc.strerror or exc}")
 
 
@@ -369,12 +398,23 @@ def _check_free_space(folder: Path, n: int, resolution: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < need:
-        raise MeddiffError(f"{n} images at {resolution} px need at least {need / 1e9:.1f} GB but {probe} has "
-                           f"{free / 1e9:.1f} GB free; set MEDDIFF_CACHE (or --out) to a larger disk")
+        raise MeddiffError(
+            f"{n} images at {resolution} px need at least {need / 1e9:.1f} GB but {probe} has "
+            f"{free / 1e9:.1f} GB free; set MEDDIFF_CACHE (or --out) to a larger disk"
+        )
 
 
-def write_store(folder: Path, key: str, items: Sequence[tuple[str, int | None, int]], resolution: int, fit: str,
-                meta: dict, index_fn=None, workers: int = 0, progress: bool = True) -> ImageStore:
+def write_store(
+    folder: Path,
+    key: str,
+    items: Sequence[tuple[str, int | None, int]],
+    resolution: int,
+    fit: str,
+    meta: dict,
+    index_fn=None,
+    workers: int = 0,
+    progress: bool = True,
+) -> ImageStore:
     """Decode `items` (path, slice, axis) into a store at `folder` (atomically, resumably). `index_fn(keep)` builds
     the StoreIndex of the kept records (positions into `items`); `meta` is stored as is (spec, source...)."""
     folder = Path(folder)
@@ -411,12 +451,20 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
             start, count = t + 1, 0
     if start < len(tasks) or not bounds:
         bounds.append((start, len(tasks)))
-    bar = tqdm(total=len(items), desc=f"prepare {resolution} px", unit="img", dynamic_ncols=True,
-               disable=not progress or len(items) < 200)
+    bar = tqdm(
+        total=len(items),
+        desc=f"prepare {resolution} px",
+        unit="img",
+        dynamic_ncols=True,
+        disable=not progress or len(items) < 200,
+    )
     started = time.perf_counter()
     # spawned workers import only numpy, Pillow and meddiff.data.io (safe next to torch's threads, on any OS)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) \
-        if workers and workers > 1 else None
+    pool = (
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        if workers and workers > 1
+        else None
+    )
     task_rows = [len(m) for m in members]
     shard_rows = [sum(task_rows[t0:t1]) for t0, t1 in bounds]
     done: dict[int, dict] = {}
@@ -436,14 +484,14 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
     def submit(s: int):
         """Decoding of shard s, started now (in the pool: it runs while the previous shard is being written). With
         workers and only JPEGs (always 8-bit), the workers write the pixels straight into the shard file."""
-        chunk = tasks[bounds[s][0]:bounds[s][1]]
+        chunk = tasks[bounds[s][0] : bounds[s][1]]
         if pool is None:
             return None, map(decode, [(t, resolution, fit) for t in chunk])
         size = max(1, min(16, len(chunk) // (8 * workers)))
         if all(always_8bit(t) for t in chunk):
             target = partial / f"shard-{s:05d}.npy.direct"
             np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(shard_rows[s], resolution, resolution))
-            slots = np.concatenate([[0], np.cumsum(task_rows[bounds[s][0]:bounds[s][1]])])
+            slots = np.concatenate([[0], np.cumsum(task_rows[bounds[s][0] : bounds[s][1]])])
             jobs = [(t, resolution, fit, str(target), int(slot)) for t, slot in zip(chunk, slots)]
             return target, pool.map(decode_into, jobs, chunksize=size)
         return None, pool.map(decode, [(t, resolution, fit) for t in chunk], chunksize=size)
@@ -461,8 +509,11 @@ def _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers
         bar.close()
     shards = [done[s] for s in range(len(bounds))]
     # what this run spent decoding and writing (start-up of the command excluded), with how many worker processes
-    timing = {"prepare_seconds": round(time.perf_counter() - started, 2), "prepare_workers": max(int(workers or 0), 1),
-              "prepared_now": int(rows_now)}
+    timing = {
+        "prepare_seconds": round(time.perf_counter() - started, 2),
+        "prepare_workers": max(int(workers or 0), 1),
+        "prepared_now": int(rows_now),
+    }
     return _finish(folder, partial, key, shards, resolution, fit, {**meta, **timing}, index_fn, len(items))
 
 
@@ -520,13 +571,30 @@ def _finish(folder, partial, key, shards, resolution, fit, meta, index_fn, n_ite
         np.save(partial / "labels.npy", index.labels, allow_pickle=False)
         np.save(partial / "known.npy", index.known, allow_pickle=False)
         np.save(partial / "prompt_ids.npy", index.prompt_ids, allow_pickle=False)
-        _write_json(partial / "index.json", {"label_names": index.label_names, "prompt_texts": index.prompt_texts,
-                                             "patients": index.patients, "paths": index.paths,
-                                             "multiclass": index.multiclass,
-                                             "prompts_from_labels": index.prompts_from_labels})
+        _write_json(
+            partial / "index.json",
+            {
+                "label_names": index.label_names,
+                "prompt_texts": index.prompt_texts,
+                "patients": index.patients,
+                "paths": index.paths,
+                "multiclass": index.multiclass,
+                "prompts_from_labels": index.prompts_from_labels,
+            },
+        )
     entries = [{"file": s["file"], "count": s["count"], "dtype": s["dtype"]} for s in shards]
-    info = {**meta, "version": STORE_VERSION, "key": key, "resolution": resolution, "fit": fit, "count": int(len(keep)),
-            "records": n_items, "shards": entries, "problems": problems, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    info = {
+        **meta,
+        "version": STORE_VERSION,
+        "key": key,
+        "resolution": resolution,
+        "fit": fit,
+        "count": int(len(keep)),
+        "records": n_items,
+        "shards": entries,
+        "problems": problems,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     for s in shards:
         (partial / (Path(s["file"]).stem + ".json")).unlink(missing_ok=True)
     (partial / "partial.json").unlink(missing_ok=True)
@@ -564,8 +632,10 @@ def wait_for_store(folder: Path, key: str, timeout_s: float | None = None) -> Im
         if failed.is_file() and failed.stat().st_mtime >= started - 120:  # this launch's writer failed
             raise MeddiffError(f"the process preparing {folder} failed; see its message")
         if time.monotonic() - t0 > timeout_s:
-            raise MeddiffError(f"gave up waiting {timeout_s:.0f} s for {folder} to be prepared by local rank 0 "
-                               "(set MEDDIFF_STORE_WAIT_S, or prepare it first with `meddiff data prepare`)")
+            raise MeddiffError(
+                f"gave up waiting {timeout_s:.0f} s for {folder} to be prepared by local rank 0 "
+                "(set MEDDIFF_STORE_WAIT_S, or prepare it first with `meddiff data prepare`)"
+            )
         if not said:
             logger.info("waiting for local rank 0 to prepare %s", folder)
             said = True

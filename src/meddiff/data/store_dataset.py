@@ -21,22 +21,38 @@ def load_store(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
     meta = describe_store(folder)
     if meta is None:
         partial = folder.parent / f"{folder.name}.partial"
-        hint = " (an interrupted preparation: run the same `meddiff data prepare` again to finish it)" \
-            if partial.is_dir() else ""
-        raise MeddiffError(f"{folder} is not a prepared store{hint}; create it with "
-                           f"`meddiff data prepare SPEC --out {folder} --resolution R`")
+        hint = (
+            " (an interrupted preparation: run the same `meddiff data prepare` again to finish it)"
+            if partial.is_dir()
+            else ""
+        )
+        raise MeddiffError(
+            f"{folder} is not a prepared store{hint}; create it with "
+            f"`meddiff data prepare SPEC --out {folder} --resolution R`"
+        )
     if spec.options.get("split", "train") == "heldout":
         return load(DatasetSpec.parse(meta["spec"]).heldout(), resolution)
     if int(meta.get("resolution", 0)) != resolution:
-        raise MeddiffError(f"{folder} was prepared at {meta.get('resolution')} px, not {resolution} px; use "
-                           f"--resolution {meta.get('resolution')} or prepare it again at {resolution} px")
+        raise MeddiffError(
+            f"{folder} was prepared at {meta.get('resolution')} px, not {resolution} px; use "
+            f"--resolution {meta.get('resolution')} or prepare it again at {resolution} px"
+        )
     store = open_store(folder, meta.get("key"))
     index = store.index() if store is not None else None
     if store is None or index is None:
-        raise MeddiffError(f"{folder} is damaged (a shard or its index is missing or has the wrong size); "
-                           "prepare it again")
+        raise MeddiffError(
+            f"{folder} is damaged (a shard or its index is missing or has the wrong size); prepare it again"
+        )
     report_problems(store.problems, int(meta.get("records", len(store.images))), str(spec))
-    return ImageLabelDataset(store.images, torch.from_numpy(index.labels), torch.from_numpy(index.known),
-                             list(index.label_names), prompts=Prompts(index.prompt_texts, index.prompt_ids),
-                             skipped=len(store.problems), problems=store.problems, multiclass=index.multiclass,
-                             prompts_from_labels=index.prompts_from_labels, store_key=store.key)
+    return ImageLabelDataset(
+        store.images,
+        torch.from_numpy(index.labels),
+        torch.from_numpy(index.known),
+        list(index.label_names),
+        prompts=Prompts(index.prompt_texts, index.prompt_ids),
+        skipped=len(store.problems),
+        problems=store.problems,
+        multiclass=index.multiclass,
+        prompts_from_labels=index.prompts_from_labels,
+        store_key=store.key,
+    )

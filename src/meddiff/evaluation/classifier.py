@@ -19,11 +19,24 @@ class LabelClassifier(nn.Module):
         super().__init__()
 
         def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True),
-                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(True),
+            )
 
-        self.features = nn.Sequential(block(1, width), nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2),
-                                      block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(
+            block(1, width),
+            nn.MaxPool2d(2),
+            block(width, 2 * width),
+            nn.MaxPool2d(2),
+            block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * width, num_labels))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,14 +52,21 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     pad = max(1, x.shape[-1] // 16)
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-    x = padded[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
+    x = padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
     gain = 1 + 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
     bias = 0.1 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
     return x * gain + bias
 
 
-def train_classifier(dataset: ImageLabelDataset, epochs: int = 8, batch_size: int = 64, seed: int = 0,
-                     lr: float = 2e-3, progress: bool = False, device=None) -> LabelClassifier:
+def train_classifier(
+    dataset: ImageLabelDataset,
+    epochs: int = 8,
+    batch_size: int = 64,
+    seed: int = 0,
+    lr: float = 2e-3,
+    progress: bool = False,
+    device=None,
+) -> LabelClassifier:
     """Trained on `device` (default: the run's device, a GPU where there is one); augmentation and batch order come
     from a CPU generator, so the result does not depend on the device's random streams."""
     torch.manual_seed(seed)
@@ -61,7 +81,7 @@ def train_classifier(dataset: ImageLabelDataset, epochs: int = 8, batch_size: in
     for _ in range(epochs):
         perm = torch.randperm(len(dataset), generator=gen)
         for start in range(0, len(perm) - batch_size + 1 if len(perm) >= batch_size else 1, batch_size):
-            idx = perm[start:start + batch_size]
+            idx = perm[start : start + batch_size]
             x = _augment(dataset.images[idx], gen).to(device, non_blocking=True)
             known = dataset.known[idx].float().to(device)
             logits = model(x)
@@ -83,11 +103,21 @@ def predict(model: LabelClassifier, images: torch.Tensor, batch_size: int = 256)
     """images (N, 1, R, R) in [-1, 1] -> probabilities (N, K), computed on the model's device."""
     model.eval()
     device = next(model.parameters()).device
-    return np.concatenate([torch.sigmoid(model(images[i:i + batch_size].to(device))).float().cpu().numpy()
-                           for i in range(0, len(images), batch_size)]) if len(images) else np.zeros((0, 0))
+    return (
+        np.concatenate(
+            [
+                torch.sigmoid(model(images[i : i + batch_size].to(device))).float().cpu().numpy()
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+        if len(images)
+        else np.zeros((0, 0))
+    )
 
 
-def per_label_auc(probs: np.ndarray, labels: np.ndarray, known: np.ndarray, names: list[str]) -> dict[str, float | None]:
+def per_label_auc(
+    probs: np.ndarray, labels: np.ndarray, known: np.ndarray, names: list[str]
+) -> dict[str, float | None]:
     """ROC AUC per label over images where the label is known; None where only one class is present."""
     out: dict[str, float | None] = {}
     for k, name in enumerate(names):

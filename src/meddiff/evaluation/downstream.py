@@ -14,8 +14,13 @@ from meddiff.evaluation.classifier import predict, train_classifier
 
 
 def combine(a: ImageLabelDataset, b: ImageLabelDataset) -> ImageLabelDataset:
-    return ImageLabelDataset(torch.cat([a.images[:], b.images[:]]), torch.cat([a.labels, b.labels]),
-                             torch.cat([a.known, b.known]), list(a.label_names), prompts=a.prompts + b.prompts)
+    return ImageLabelDataset(
+        torch.cat([a.images[:], b.images[:]]),
+        torch.cat([a.labels, b.labels]),
+        torch.cat([a.known, b.known]),
+        list(a.label_names),
+        prompts=a.prompts + b.prompts,
+    )
 
 
 def bootstrap_auc(probs_per_seed: list[np.ndarray], y: np.ndarray, n_boot: int = 500, seed: int = 0):
@@ -37,8 +42,14 @@ def bootstrap_auc(probs_per_seed: list[np.ndarray], y: np.ndarray, n_boot: int =
     return full, float(lo), float(hi)
 
 
-def downstream(real_train: ImageLabelDataset, synthetic: ImageLabelDataset, test: ImageLabelDataset,
-               seeds: int = 3, epochs: int = 10, progress: bool = False) -> dict:
+def downstream(
+    real_train: ImageLabelDataset,
+    synthetic: ImageLabelDataset,
+    test: ImageLabelDataset,
+    seeds: int = 3,
+    epochs: int = 10,
+    progress: bool = False,
+) -> dict:
     sets = {"real": real_train, "synthetic": synthetic, "real+synthetic": combine(real_train, synthetic)}
     out: dict[str, dict] = {}
     bar = tqdm(total=len(sets) * seeds, desc="downstream classifiers", unit="model", disable=not progress)

@@ -24,14 +24,25 @@ from meddiff.evaluation.classifier import LabelClassifier, train_classifier
 FEATURES = ("domain", "inception", "xrv")
 
 
-def domain_classifier(train: ImageLabelDataset, spec_key: str, epochs: int = 10, seed: int = 0,
-                      progress: bool = True, device=None) -> LabelClassifier:
+def domain_classifier(
+    train: ImageLabelDataset, spec_key: str, epochs: int = 10, seed: int = 0, progress: bool = True, device=None
+) -> LabelClassifier:
     """The real-trained classifier, from the cache when this spec, resolution, recipe and seed were seen before."""
     import hashlib
 
-    sample = train.images[::max(1, len(train) // 64)].numpy().tobytes() + train.labels.numpy().tobytes()
-    key = cache.cache_key({"classifier": spec_key, "resolution": train.resolution, "epochs": epochs, "seed": seed,
-                           "labels": train.label_names, "n": len(train), "data": hashlib.sha1(sample).hexdigest()}, [])
+    sample = train.images[:: max(1, len(train) // 64)].numpy().tobytes() + train.labels.numpy().tobytes()
+    key = cache.cache_key(
+        {
+            "classifier": spec_key,
+            "resolution": train.resolution,
+            "epochs": epochs,
+            "seed": seed,
+            "labels": train.label_names,
+            "n": len(train),
+            "data": hashlib.sha1(sample).hexdigest(),
+        },
+        [],
+    )
     path = cache.cache_root() / "classifiers" / f"{key}.safetensors"
     model = LabelClassifier(len(train.label_names))
     if path.is_file():
@@ -48,8 +59,12 @@ def embed(model: LabelClassifier, images: torch.Tensor, batch_size: int = 256) -
     """images (N, 1, R, R) in [-1, 1] -> features (N, D), computed on the model's device."""
     model.eval()
     device = next(model.parameters()).device
-    return np.concatenate([model.embed(images[i:i + batch_size].to(device)).float().cpu().numpy()
-                           for i in range(0, len(images), batch_size)])
+    return np.concatenate(
+        [
+            model.embed(images[i : i + batch_size].to(device)).float().cpu().numpy()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def require_optional(name: str, weights: str | None = None) -> None:
@@ -60,17 +75,21 @@ def require_optional(name: str, weights: str | None = None) -> None:
         raise MeddiffError(f"unknown feature extractor {name!r}; choose from {', '.join(FEATURES)}")
     if name == "inception":
         if not weights:
-            raise MeddiffError("--features inception needs the TorchScript Inception-v3 used by StyleGAN2-ADA and "
-                               "clean-fid (inception-2015-12-05.pt) on disk: pass --feature-weights PATH")
+            raise MeddiffError(
+                "--features inception needs the TorchScript Inception-v3 used by StyleGAN2-ADA and "
+                "clean-fid (inception-2015-12-05.pt) on disk: pass --feature-weights PATH"
+            )
         if not Path(weights).is_file():
             raise MeddiffError(f"--feature-weights {weights}: no such file")
         return
     try:
         import torchxrayvision  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means "not available"
-        raise MeddiffError("--features xrv needs torchxrayvision (which needs torchvision) and its weights; they are "
-                           "not installed here. Use --features domain or inception, or install it on a machine with "
-                           "torchvision") from None
+        raise MeddiffError(
+            "--features xrv needs torchxrayvision (which needs torchvision) and its weights; they are "
+            "not installed here. Use --features domain or inception, or install it on a machine with "
+            "torchvision"
+        ) from None
 
 
 class InceptionFeatures:
@@ -89,7 +108,7 @@ class InceptionFeatures:
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         out = []
         for i in range(0, len(images), batch_size):
-            x = (images[i:i + batch_size].to(self.device).float() + 1) * 127.5
+            x = (images[i : i + batch_size].to(self.device).float() + 1) * 127.5
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False).clamp(0, 255).repeat(1, 3, 1, 1)
             out.append(self.net(x, return_features=True).float().reshape(x.shape[0], -1).cpu().numpy())
         return np.concatenate(out)
@@ -111,15 +130,18 @@ def xrv_features(weights: str | None):
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise MeddiffError(f"--feature-weights {weights} does not fit xrv's DenseNet: "
-                               f"{str(exc).splitlines()[0]}") from None
+            raise MeddiffError(
+                f"--feature-weights {weights} does not fit xrv's DenseNet: {str(exc).splitlines()[0]}"
+            ) from None
     else:
         try:
             model = xrv.models.DenseNet(weights=weights or "densenet121-res224-all")
         except Exception as exc:  # noqa: BLE001 - unknown name, offline download: one line
-            raise MeddiffError(f"torchxrayvision could not load weights {weights or 'densenet121-res224-all'!r} "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); put the "
-                               f"file on disk and pass --feature-weights PATH") from None
+            raise MeddiffError(
+                f"torchxrayvision could not load weights {weights or 'densenet121-res224-all'!r} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); put the "
+                f"file on disk and pass --feature-weights PATH"
+            ) from None
     device = run_device()
     model = model.to(device).eval()
 
@@ -128,7 +150,7 @@ def xrv_features(weights: str | None):
         """images (N, 1, R, R) in [-1, 1] -> xrv's pooled DenseNet features; xrv wants 224 px in [-1024, 1024]."""
         out = []
         for i in range(0, len(images), batch_size):
-            x = F.interpolate(images[i:i + batch_size].to(device).float(), size=(224, 224), mode="bilinear") * 1024
+            x = F.interpolate(images[i : i + batch_size].to(device).float(), size=(224, 224), mode="bilinear") * 1024
             if hasattr(model, "features2"):
                 f = model.features2(x)
             else:  # older xrv: pool the last feature map as its classifier does

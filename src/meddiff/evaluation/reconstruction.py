@@ -20,8 +20,12 @@ def reconstruction_metrics(original: np.ndarray, reconstructed: np.ndarray) -> d
     psnr = 10 * torch.log10(1.0 / mse.clamp(min=1e-12))
     size = original.shape[-1]
     win = 11 if size >= 44 else 7 if size >= 16 else 3
-    out = {"mse": float(mse.mean()), "psnr": float(psnr.mean()),
-           "ssim": float(ssim(a, b, data_range=1.0, size_average=True, win_size=win)), "ms_ssim": None}
+    out = {
+        "mse": float(mse.mean()),
+        "psnr": float(psnr.mean()),
+        "ssim": float(ssim(a, b, data_range=1.0, size_average=True, win_size=win)),
+        "ms_ssim": None,
+    }
     if size >= MS_SSIM_MIN_SIZE:
         out["ms_ssim"] = float(ms_ssim(a, b, data_range=1.0, size_average=True))
     return out

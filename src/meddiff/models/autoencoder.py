@@ -29,19 +29,22 @@ class AutoencoderConfig(Options):
     channels: list[int] = option([32, 64, 128, 128], "channels per level (comma-separated); the first levels are used")
     layers_per_block: int = option(1, "residual blocks per level", minimum=1)
     norm_num_groups: int = option(16, "GroupNorm groups", minimum=1)
-    mid_attention: bool | None = option(None, "attention in the middle block; null: only when the latent is at most "
-                                        "16 px wide (CPU)")
+    mid_attention: bool | None = option(
+        None, "attention in the middle block; null: only when the latent is at most 16 px wide (CPU)"
+    )
     codebook_size: int = option(512, "VQ: number of codebook entries", minimum=2)
     commitment_weight: float = option(1.0, "VQ: scales diffusers' codebook + 0.25 * commitment term", minimum=0)
-    dead_code_steps: int = option(100, "VQ: a code unused for this many steps is re-initialised from encoder "
-                                  "outputs", minimum=0)
+    dead_code_steps: int = option(
+        100, "VQ: a code unused for this many steps is re-initialised from encoder outputs", minimum=0
+    )
     kl_weight: float = option(1e-6, "KL: weight of the KL term", minimum=0)
     reconstruction_loss: Literal["l1", "mse"] = option("l1", "pixel reconstruction loss")
     adversarial_weight: float = option(0.0, "> 0 adds a patch-discriminator loss", minimum=0)
     adversarial_start: int = option(2000, "step from which the adversarial loss counts (warm-up)", minimum=0)
     discriminator_lr: float = option(2e-4, "discriminator learning rate", above=0)
-    perceptual_weight: float = option(0.0, "> 0 adds LPIPS (needs the optional lpips package and its weights on "
-                                      "disk)", minimum=0)
+    perceptual_weight: float = option(
+        0.0, "> 0 adds LPIPS (needs the optional lpips package and its weights on disk)", minimum=0
+    )
     scale_samples: int = option(512, "training images used to measure the latent scaling factor", minimum=1)
 
     def levels(self) -> int:
@@ -61,11 +64,19 @@ def build_autoencoder(cfg: AutoencoderConfig, resolution: int):
     channels = tuple(cfg.channels[:levels])
     latent_size = resolution // cfg.downsample
     mid_attention = cfg.mid_attention if cfg.mid_attention is not None else latent_size <= 16
-    common = dict(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * levels,
-                  up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=channels,
-                  layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
-                  norm_num_groups=cfg.norm_num_groups, sample_size=resolution, scaling_factor=1.0,
-                  mid_block_add_attention=mid_attention)
+    common = dict(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=channels,
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=resolution,
+        scaling_factor=1.0,
+        mid_block_add_attention=mid_attention,
+    )
     if cfg.kind == "vq":
         return VQModel(num_vq_embeddings=cfg.codebook_size, **common)
     return AutoencoderKL(**common)
@@ -98,7 +109,7 @@ def encode_moments(vae, images: torch.Tensor, batch_size: int = 64, progress=Non
     means, stds = [], []
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
-            x = images[start:start + batch_size].to(vae.device, vae.dtype)
+            x = images[start : start + batch_size].to(vae.device, vae.dtype)
             if is_vq(vae):
                 mean = vae.encode(x).latents
                 std = torch.zeros_like(mean)

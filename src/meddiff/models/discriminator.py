@@ -14,7 +14,7 @@ class PatchDiscriminator(nn.Module):
         blocks: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = width
         for i in range(1, layers):
-            nxt = min(width * 2 ** i, 256)
+            nxt = min(width * 2**i, 256)
             blocks += [nn.Conv2d(ch, nxt, 4, 2, 1), nn.GroupNorm(8, nxt), nn.LeakyReLU(0.2)]
             ch = nxt
         blocks += [nn.Conv2d(ch, ch, 3, 1, 1), nn.GroupNorm(8, ch), nn.LeakyReLU(0.2), nn.Conv2d(ch, 1, 3, 1, 1)]

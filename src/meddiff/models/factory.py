@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
-                       UNet2DConditionModel)
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UNet2DConditionModel
 
 from meddiff.errors import MeddiffError
 from meddiff.options import Options, option
@@ -16,18 +15,21 @@ from meddiff.options import Options, option
 class ModelConfig(Options):
     block_out_channels: list[int] = option([32, 64, 128], "U-Net channels per resolution level (comma-separated)")
     layers_per_block: int = option(2, "residual blocks per level", minimum=1)
-    attention_max_resolution: int = option(8, "self-attention only where the feature map is at most this many "
-                                           "pixels wide (CPU: keep <= 16)", minimum=0)
+    attention_max_resolution: int = option(
+        8, "self-attention only where the feature map is at most this many pixels wide (CPU: keep <= 16)", minimum=0
+    )
     attention_head_dim: int = option(32, "channels per attention head", minimum=1)
     norm_num_groups: int = option(8, "GroupNorm groups (must divide every channel count)", minimum=1)
     prediction_type: Literal["epsilon", "v_prediction"] = option("epsilon", "what the U-Net predicts")
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = option(
-        "squaredcos_cap_v2", "noise schedule of the training scheduler")
+        "squaredcos_cap_v2", "noise schedule of the training scheduler"
+    )
     num_train_timesteps: int = option(1000, "diffusion steps of the training schedule", minimum=2)
 
 
-def build_unet(cfg: ModelConfig, resolution: int, num_labels: int, in_channels: int = 1,
-               cross_attention_dim: int | None = None) -> UNet2DConditionModel:
+def build_unet(
+    cfg: ModelConfig, resolution: int, num_labels: int, in_channels: int = 1, cross_attention_dim: int | None = None
+) -> UNet2DConditionModel:
     """A diffusers UNet2DConditionModel. Labels condition it through its own `projection` class embedding (an MLP
     from the 2K-dim condition vector added to the timestep embedding); text through cross-attention to token
     features of width `cross_attention_dim` in the low-resolution blocks (the Stable Diffusion layout). Without
@@ -36,27 +38,37 @@ def build_unet(cfg: ModelConfig, resolution: int, num_labels: int, in_channels: 
     attn_block = "CrossAttnDownBlock2D" if text else "AttnDownBlock2D"
     down = []
     for level in range(len(cfg.block_out_channels)):
-        attn = resolution // (2 ** level) <= cfg.attention_max_resolution
+        attn = resolution // (2**level) <= cfg.attention_max_resolution
         down.append(attn_block if attn else "DownBlock2D")
     up = [name.replace("Down", "Up") for name in reversed(down)]
     conditional = num_labels > 0
     extra = {"cross_attention_dim": cross_attention_dim} if text else {}
     return UNet2DConditionModel(
-        sample_size=resolution, in_channels=in_channels, out_channels=in_channels,
-        down_block_types=tuple(down), up_block_types=tuple(up),
+        sample_size=resolution,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
         mid_block_type="UNetMidBlock2DCrossAttn" if text else "UNetMidBlock2D",
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        norm_num_groups=cfg.norm_num_groups, attention_head_dim=cfg.attention_head_dim,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=cfg.attention_head_dim,
         class_embed_type="projection" if conditional else None,
-        projection_class_embeddings_input_dim=2 * num_labels if conditional else None, **extra,
+        projection_class_embeddings_input_dim=2 * num_labels if conditional else None,
+        **extra,
     )
 
 
 def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
         raise MeddiffError(f"prediction_type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         prediction_type=cfg.prediction_type, clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    )
 
 
 SAMPLERS = ("dpm++", "ddim", "pndm", "ddpm")
@@ -67,8 +79,9 @@ def make_sampler(name: str, train_config, clip: bool = True):
     the data range [-1, 1]: right for pixels, wrong for latents (pass False)."""
     name = name.lower()
     if name in ("dpm++", "dpmsolver++", "dpm"):
-        return DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++", solver_order=2,
-                                                       final_sigmas_type="zero")
+        return DPMSolverMultistepScheduler.from_config(
+            train_config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
+        )
     if name == "ddim":
         return DDIMScheduler.from_config(train_config, clip_sample=clip, set_alpha_to_one=True)
     if name == "pndm":
@@ -92,7 +105,7 @@ def largest_attention_tokens(unet) -> int:
     widest = 0
     for level, name in enumerate(blocks):
         if "Attn" in name:
-            widest = max(widest, (size // 2 ** level) ** 2)
+            widest = max(widest, (size // 2**level) ** 2)
     return widest
 
 

@@ -21,7 +21,7 @@ vector is "no condition". Text conditioning: the null condition is the empty pro
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -38,8 +38,9 @@ def encode_condition(labels: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
 def encode_prompt(tokenizer, text_encoder, prompts: list, device=None) -> torch.Tensor:
     """Prompts -> (B, T, D) hidden states, exactly as Stable Diffusion does it (padded to the tokenizer's
     model_max_length, truncated, last hidden state; the attention mask only where the encoder's config asks)."""
-    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
+    tokens = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     device = device if device is not None else text_encoder.device
     mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
@@ -56,8 +57,15 @@ class MedDiffusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]
 
-    def __init__(self, unet: UNet2DConditionModel, scheduler, vae=None, text_encoder=None, tokenizer=None,
-                 label_names: Optional[list] = None):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        scheduler,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        label_names: list | None = None,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(label_names=list(label_names or []))
@@ -111,16 +119,16 @@ class MedDiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        conditions: Optional[torch.Tensor] = None,
-        prompt: Optional[Union[str, list]] = None,
-        negative_prompt: Optional[Union[str, list]] = None,
-        num_images: Optional[int] = None,
+        conditions: torch.Tensor | None = None,
+        prompt: str | list | None = None,
+        negative_prompt: str | list | None = None,
+        num_images: int | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 2.0,
-        generator: Optional[Union[torch.Generator, list]] = None,
+        generator: torch.Generator | list | None = None,
         output_type: str = "np",
         return_dict: bool = True,
-        callback_on_step: Optional[Callable] = None,
+        callback_on_step: Callable | None = None,
     ):
         """callback_on_step(index, timestep, sample) is called after every denoising step with the current
         model-space sample (latents for latent models), e.g. to record a denoising animation."""
@@ -157,27 +165,35 @@ class MedDiffusionPipeline(DiffusionPipeline):
                 negative_prompt = [""] * batch
             elif isinstance(negative_prompt, str):
                 negative_prompt = [negative_prompt] * batch
-            cond_kwargs["encoder_hidden_states"] = encode_prompt(self.tokenizer, self.text_encoder, prompt, device).to(dtype)
-            null_kwargs["encoder_hidden_states"] = encode_prompt(self.tokenizer, self.text_encoder, negative_prompt,
-                                                                 device).to(dtype)
+            cond_kwargs["encoder_hidden_states"] = encode_prompt(self.tokenizer, self.text_encoder, prompt, device).to(
+                dtype
+            )
+            null_kwargs["encoder_hidden_states"] = encode_prompt(
+                self.tokenizer, self.text_encoder, negative_prompt, device
+            ).to(dtype)
             active = active or any(p for p in prompt) or any(p for p in negative_prompt)
         guided = active and guidance_scale != 1.0
         if guided:
-            model_kwargs = {k: (torch.cat([null_kwargs[k], v]) if v is not None else None) for k, v in cond_kwargs.items()}
+            model_kwargs = {
+                k: (torch.cat([null_kwargs[k], v]) if v is not None else None) for k, v in cond_kwargs.items()
+            }
         else:
             model_kwargs = cond_kwargs
 
         size = self.unet.config.sample_size
         shape = (batch, self.unet.config.in_channels, size, size)
         if isinstance(generator, list):  # one generator per image: results do not depend on batching
-            sample = torch.cat([randn_tensor((1,) + shape[1:], generator=g, device=device, dtype=dtype)
-                                for g in generator])
+            sample = torch.cat(
+                [randn_tensor((1,) + shape[1:], generator=g, device=device, dtype=dtype) for g in generator]
+            )
         else:
             sample = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         sample = sample * self.scheduler.init_noise_sigma
         # stochastic schedulers (DDPM, DDIM with eta) take the per-image generators; PNDM takes none
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = torch.cat([sample, sample]) if guided else sample
             model_in = self.scheduler.scale_model_input(model_in, t)

@@ -15,13 +15,15 @@ ADAPTER_FILE = "meddiff_adapter.json"  # LoRA / textual-inversion exports: which
 ADAPTER_DIRS = ("lora", "textual_inversion")
 
 
-def save_pipeline(out_dir: Path, unet, scheduler, label_names: list[str], vae=None, text_encoder=None,
-                  tokenizer=None) -> Path:
+def save_pipeline(
+    out_dir: Path, unet, scheduler, label_names: list[str], vae=None, text_encoder=None, tokenizer=None
+) -> Path:
     """Write a diffusers pipeline folder (unet/, scheduler/, [vae/, text_encoder/, tokenizer/,] model_index.json)
     plus pipeline.py so that plain diffusers can load it with custom_pipeline=<folder>. Weights are safetensors."""
     out_dir = Path(out_dir)
-    pipe = MedDiffusionPipeline(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                label_names=label_names)
+    pipe = MedDiffusionPipeline(
+        unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, label_names=label_names
+    )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     shutil.copyfile(Path(__file__).with_name("pipeline.py"), out_dir / "pipeline.py")
     return out_dir
@@ -48,8 +50,10 @@ def resolve_model_dir(path: str | Path) -> Path:
     candidate = path / PIPELINE_DIR if (path / PIPELINE_DIR).is_dir() else path
     for required in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
         if not (candidate / required).is_file():
-            raise MeddiffError(f"model directory {path} is incomplete: {required} is missing; "
-                               "train one with `meddiff train` (or finish the run with --resume latest)")
+            raise MeddiffError(
+                f"model directory {path} is incomplete: {required} is missing; "
+                "train one with `meddiff train` (or finish the run with --resume latest)"
+            )
     unet_dir = candidate / "unet"
     if not any(unet_dir.glob("*.safetensors")) and not any(unet_dir.glob("*.bin")):
         raise MeddiffError(f"model directory {path} is incomplete: no U-Net weights in {unet_dir}")
@@ -83,9 +87,16 @@ def load_adapter_pipeline(folder: Path) -> MedDiffusionPipeline:
     if not weights.is_file():
         raise MeddiffError(f"{folder} is incomplete: {note['weights']} is missing")
     parts = load_stable_diffusion(note["base"])
-    sd = StableDiffusionPipeline(unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
-                                 tokenizer=parts.tokenizer, scheduler=parts.scheduler, safety_checker=None,
-                                 feature_extractor=None, requires_safety_checker=False)
+    sd = StableDiffusionPipeline(
+        unet=parts.unet,
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        scheduler=parts.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     try:
         if note["kind"] == "lora":
             sd.load_lora_weights(str(folder), weight_name=note["weights"])
@@ -98,8 +109,14 @@ def load_adapter_pipeline(folder: Path) -> MedDiffusionPipeline:
     factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
     sd.unet.register_to_config(sample_size=int(note["resolution"]) // factor)
     sd.vae.register_to_config(sample_size=int(note["resolution"]))
-    pipe = MedDiffusionPipeline(unet=sd.unet, scheduler=sd.scheduler, vae=sd.vae, text_encoder=sd.text_encoder,
-                                tokenizer=sd.tokenizer, label_names=note.get("label_names") or [])
+    pipe = MedDiffusionPipeline(
+        unet=sd.unet,
+        scheduler=sd.scheduler,
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        label_names=note.get("label_names") or [],
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.text_encoder.requires_grad_(False).eval()
     return pipe

@@ -38,7 +38,7 @@ class DenoisingRecorder:
             grid = np.zeros((self.display, self.display), np.float32)
             for k, tile in enumerate(tiles):
                 r, c = divmod(k, cols)
-                grid[r * size:(r + 1) * size, c * size:(c + 1) * size] = _resize(np.clip(tile, 0, 1), size)
+                grid[r * size : (r + 1) * size, c * size : (c + 1) * size] = _resize(np.clip(tile, 0, 1), size)
             parts += [np.ones((self.display, 4), np.float32), grid]
         return np.concatenate(parts, axis=1)
 

@@ -32,23 +32,29 @@ class SamplingSettings(Options):
     """How images are drawn (generate, fidelity, serve, the grids after training); flags of `meddiff generate`."""
 
     steps: int = option(20, "denoising steps", minimum=1)
-    guidance: float = option(2.0, "classifier-free guidance scale (1: conditional only; > 1 doubles the network "
-                             "evaluations)", minimum=0)
+    guidance: float = option(
+        2.0, "classifier-free guidance scale (1: conditional only; > 1 doubles the network evaluations)", minimum=0
+    )
     scheduler: Literal["dpm++", "ddim", "pndm", "ddpm"] = option("dpm++", "sampler")
     seed: int = option(0, "base seed; image i gets its own seed from (seed, i), whatever the batch or shard")
     batch_size: int = option(64, "images per network batch", minimum=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "auto: bf16/fp16 on GPUs where supported, "
-                                                                "else fp32")
-    negative_prompt: str | None = option(None, "text models: what guidance steers away from (default: the empty "
-                                         "prompt)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "auto: bf16/fp16 on GPUs where supported, else fp32"
+    )
+    negative_prompt: str | None = option(
+        None, "text models: what guidance steers away from (default: the empty prompt)"
+    )
 
 
 def prompts_for_labels(labels: torch.Tensor, known: torch.Tensor, names: list[str]) -> list[str]:
     """(N, K) labels and known mask -> the prompts a text model was trained with ("chest x-ray with
     cardiomegaly"); a row with no known label is the empty (unconditional) prompt."""
-    return ["" if not bool(known_row.any()) else
-            prompt_from_labels([n for j, n in enumerate(names) if known_row[j] and row[j] > 0.5])
-            for row, known_row in zip(labels, known.bool())]
+    return [
+        ""
+        if not bool(known_row.any())
+        else prompt_from_labels([n for j, n in enumerate(names) if known_row[j] and row[j] > 0.5])
+        for row, known_row in zip(labels, known.bool())
+    ]
 
 
 def prompts_from_conditions(conditions: torch.Tensor, names: list[str]) -> list[str]:
@@ -57,9 +63,15 @@ def prompts_from_conditions(conditions: torch.Tensor, names: list[str]) -> list[
     return prompts_for_labels(conditions[:, :k], conditions[:, k:] > 0.5, names)
 
 
-def sample(pipe: MedDiffusionPipeline, conditions: torch.Tensor, settings: SamplingSettings,
-           indices: list[int] | None = None, progress: bool = True, prompts: list[str | None] | None = None,
-           callback=None) -> np.ndarray:
+def sample(
+    pipe: MedDiffusionPipeline,
+    conditions: torch.Tensor,
+    settings: SamplingSettings,
+    indices: list[int] | None = None,
+    progress: bool = True,
+    prompts: list[str | None] | None = None,
+    callback=None,
+) -> np.ndarray:
     """conditions (N, 2K) and/or prompts (N) -> images (N, H, W) in [0, 1]. Row i is image number indices[i]
     (default i) and uses image_seed(settings.seed, indices[i]). A text model given only label conditions gets the
     prompts built from them. callback(row_offset, step, timestep, sample) sees every denoising step."""
@@ -78,28 +90,44 @@ def sample(pipe: MedDiffusionPipeline, conditions: torch.Tensor, settings: Sampl
     n = conditions.shape[0]
     indices = list(range(n)) if indices is None else list(indices)
     out = []
-    bar = tqdm(total=n, desc=f"sample {settings.scheduler} x{settings.steps}", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=n,
+        desc=f"sample {settings.scheduler} x{settings.steps}",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for start in range(0, n, settings.batch_size):
-        cond = conditions[start:start + settings.batch_size]
-        gens = [torch.Generator().manual_seed(image_seed(settings.seed, indices[start + i]))
-                for i in range(cond.shape[0])]
+        cond = conditions[start : start + settings.batch_size]
+        gens = [
+            torch.Generator().manual_seed(image_seed(settings.seed, indices[start + i])) for i in range(cond.shape[0])
+        ]
         extra = {}
         if pipe.supports_prompts:
-            extra = {"prompt": prompts[start:start + settings.batch_size], "negative_prompt": settings.negative_prompt}
+            extra = {
+                "prompt": prompts[start : start + settings.batch_size],
+                "negative_prompt": settings.negative_prompt,
+            }
         if callback is not None:
             extra["callback_on_step"] = lambda i, t, x, _s=start: callback(_s, i, t, x)
         with autocast(precision, device):
-            images = pipe(conditions=cond, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                          generator=gens, output_type="pt", **extra).images
+            images = pipe(
+                conditions=cond,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                generator=gens,
+                output_type="pt",
+                **extra,
+            ).images
         out.append(images[:, 0].float().cpu().numpy())
         bar.update(cond.shape[0])
     bar.close()
     return np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
 
 
-def conditions_for(codec: LabelCodec, labels_text: str | None, unconditional: bool, n: int,
-                   unspecified: str = "absent") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def conditions_for(
+    codec: LabelCodec, labels_text: str | None, unconditional: bool, n: int, unspecified: str = "absent"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(conditions, labels, known) for n images of one label combination, or unconditional."""
     k = len(codec.label_names)
     if unconditional or labels_text is None:

@@ -18,7 +18,7 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2, upsc
     grid = np.ones((rows * (h + pad) + pad, columns * (w + pad) + pad), np.float32)
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = image
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
     if upscale > 1:
         grid = np.kron(grid, np.ones((upscale, upscale), np.float32))
     return grid

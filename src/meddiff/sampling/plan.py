@@ -62,8 +62,10 @@ def read_conditions_csv(path: Path, codec: LabelCodec, uncertain: str) -> tuple[
     matched = {name: lookup[name.lower()] for name in codec.label_names if name.lower() in lookup}
     prompt_col = lookup.get("prompt") or lookup.get("report") or lookup.get("text")
     if not matched and not prompt_col:
-        raise MeddiffError(f"{path} has no column matching the model's labels ({', '.join(codec.label_names)}) "
-                           "and no prompt column; give it label columns or a 'prompt' column")
+        raise MeddiffError(
+            f"{path} has no column matching the model's labels ({', '.join(codec.label_names)}) "
+            "and no prompt column; give it label columns or a 'prompt' column"
+        )
     if not rows:
         raise MeddiffError(f"{path} has no rows")
     records = []
@@ -82,9 +84,18 @@ def read_conditions_csv(path: Path, codec: LabelCodec, uncertain: str) -> tuple[
     return torch.from_numpy(labels), torch.from_numpy(known), [r.text for r in records]
 
 
-def make_plan(codec: LabelCodec, *, labels_text: str | None = None, unconditional: bool = False,
-              conditions: str | None = None, n: int | None = None, per_condition: int | None = None,
-              unspecified: str = "absent", uncertain: str = "ignore", prompt: str | None = None) -> GenerationPlan:
+def make_plan(
+    codec: LabelCodec,
+    *,
+    labels_text: str | None = None,
+    unconditional: bool = False,
+    conditions: str | None = None,
+    n: int | None = None,
+    per_condition: int | None = None,
+    unspecified: str = "absent",
+    uncertain: str = "ignore",
+    prompt: str | None = None,
+) -> GenerationPlan:
     k = len(codec.label_names)
     if conditions:
         labels, known, prompts = read_conditions_csv(Path(conditions), codec, uncertain)

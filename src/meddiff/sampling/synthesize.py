@@ -84,27 +84,44 @@ def _check_state(out_dir: Path, state: dict) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("model_fingerprint") != state["model_fingerprint"]:
-            raise MeddiffError(f"{out_dir} holds images from a different model ({old.get('model')}); "
-                               "use a new --out for this model")
+            raise MeddiffError(
+                f"{out_dir} holds images from a different model ({old.get('model')}); use a new --out for this model"
+            )
         changed = [k for k in ("settings", "plan_fingerprint", "format", "n") if old.get(k) != state.get(k)]
         if changed:
-            raise MeddiffError(f"{out_dir} holds a generation with other {', '.join(changed)}; "
-                               "rerun with the same options to resume, or use a new --out")
+            raise MeddiffError(
+                f"{out_dir} holds a generation with other {', '.join(changed)}; "
+                "rerun with the same options to resume, or use a new --out"
+            )
     elif out_dir.is_dir() and any(not p.name.startswith(f"{STATE_FILE}.") for p in out_dir.iterdir()):
         # (another shard's half-written generation.json.<pid>.tmp is not foreign content: shards start together)
         raise MeddiffError(f"{out_dir} is not empty and holds no meddiff generation; choose an empty --out")
 
 
-def manifest_row(plan: GenerationPlan, i: int, names: list[str], fmt: str, settings: SamplingSettings,
-                 model_id: str) -> dict[str, object]:
-    row: dict[str, object] = {"Path": image_name(i, fmt), "Sex": "", "Age": "", "Frontal/Lateral": "Frontal",
-                              "AP/PA": ""}
+def manifest_row(
+    plan: GenerationPlan, i: int, names: list[str], fmt: str, settings: SamplingSettings, model_id: str
+) -> dict[str, object]:
+    row: dict[str, object] = {
+        "Path": image_name(i, fmt),
+        "Sex": "",
+        "Age": "",
+        "Frontal/Lateral": "Frontal",
+        "AP/PA": "",
+    }
     for k, name in enumerate(names):
         row[name] = (f"{float(plan.labels[i, k] > 0.5):.1f}") if plan.known[i, k] else ""
     for name in CHEXPERT_OBSERVATIONS:
         row.setdefault(name, "")
-    row.update({"prompt": plan.prompts[i] or "", "seed": image_seed(settings.seed, i), "guidance": settings.guidance,
-                "steps": settings.steps, "scheduler": settings.scheduler, "model": model_id})
+    row.update(
+        {
+            "prompt": plan.prompts[i] or "",
+            "seed": image_seed(settings.seed, i),
+            "guidance": settings.guidance,
+            "steps": settings.steps,
+            "scheduler": settings.scheduler,
+            "model": model_id,
+        }
+    )
     return row
 
 
@@ -117,30 +134,50 @@ def _step_callback(recorder, on_step, done_before: int, total: int):
         if recorder is not None:
             recorder(offset, step, timestep, latents)
         on_step(min(done_before + step + 1, total), total)  # PNDM may take one extra step
+
     return callback
 
 
-def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings: SamplingSettings, out_dir: Path,
-                     fmt: str = "png", shard: tuple[int, int] = (0, 1), progress: bool = True,
-                     animate: bool = False, on_step=None) -> GenerationResult:
+def generate_dataset(
+    pipe,
+    model_dir: str | Path,
+    plan: GenerationPlan,
+    settings: SamplingSettings,
+    out_dir: Path,
+    fmt: str = "png",
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    animate: bool = False,
+    on_step=None,
+) -> GenerationResult:
     """animate: also write animations/NNNNNN.gif, the denoising of every image made in this run.
     on_step(done, total): called after every denoising step of this run (a progress bar of steps, e.g. a web page's)."""
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}")
     if any(plan.prompts) and not pipe.supports_prompts:
-        raise MeddiffError("this model is not text-conditioned and takes no prompts; use --labels, --unconditional "
-                           "or --conditions with label columns")
+        raise MeddiffError(
+            "this model is not text-conditioned and takes no prompts; use --labels, --unconditional "
+            "or --conditions with label columns"
+        )
     out_dir = Path(out_dir)
     names = list(pipe.label_names)
     if pipe.supports_prompts:  # a text model given labels gets (and records) their prompts
         derived = prompts_for_labels(plan.labels, plan.known, names)
-        plan = GenerationPlan(plan.labels, plan.known, [p or d or None for p, d in zip(plan.prompts, derived)],
-                              plan.source)
+        plan = GenerationPlan(
+            plan.labels, plan.known, [p or d or None for p, d in zip(plan.prompts, derived)], plan.source
+        )
     fingerprint = model_fingerprint(model_dir)
-    state = {"meddiff": __version__, "model": str(model_dir), "model_fingerprint": fingerprint,
-             "settings": {k: v for k, v in asdict(settings).items() if k != "batch_size"},
-             "plan_fingerprint": plan.fingerprint(), "plan_source": plan.source, "format": fmt, "n": len(plan),
-             "label_names": names}
+    state = {
+        "meddiff": __version__,
+        "model": str(model_dir),
+        "model_fingerprint": fingerprint,
+        "settings": {k: v for k, v in asdict(settings).items() if k != "batch_size"},
+        "plan_fingerprint": plan.fingerprint(),
+        "plan_source": plan.source,
+        "format": fmt,
+        "n": len(plan),
+        "label_names": names,
+    }
     k, n_shards = shard
     _check_state(out_dir, state)  # every shard checks; the state is written before any image
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,18 +190,31 @@ def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings
     codec = LabelCodec(names)
     uid_root = f"{fingerprint}:{plan.fingerprint()}:{settings.seed}"
     t0 = time.perf_counter()
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="generate", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        desc="generate",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     batches = range(0, len(todo), settings.batch_size)
     for b, start in enumerate(batches):
-        batch = todo[start:start + settings.batch_size]
+        batch = todo[start : start + settings.batch_size]
         idx = torch.tensor(batch)
         cond = codec.encode(plan.labels[idx], plan.known[idx])
         prompts = [plan.prompts[i] for i in batch]
         recorder = DenoisingRecorder(pipe) if animate else None
         callback = _step_callback(recorder, on_step, b * settings.steps, len(batches) * settings.steps)
-        images = sample(pipe, cond, settings, indices=batch, progress=False,
-                        prompts=prompts if any(prompts) else None, callback=callback)
+        images = sample(
+            pipe,
+            cond,
+            settings,
+            indices=batch,
+            progress=False,
+            prompts=prompts if any(prompts) else None,
+            callback=callback,
+        )
         if recorder is not None:
             for j, i in enumerate(batch):
                 recorder.save(j, out_dir / "animations" / f"{i:07d}.gif")
@@ -180,8 +230,9 @@ def generate_dataset(pipe, model_dir: str | Path, plan: GenerationPlan, settings
         write_manifest(out_dir / f"manifest.part-{k}-of-{n_shards}.csv", rows, names)
     manifest = None
     if all((out_dir / image_name(i, fmt)).is_file() for i in range(len(plan))):
-        all_rows = rows if n_shards == 1 else [manifest_row(plan, i, names, fmt, settings, model_id)
-                                                for i in range(len(plan))]
+        all_rows = (
+            rows if n_shards == 1 else [manifest_row(plan, i, names, fmt, settings, model_id) for i in range(len(plan))]
+        )
         manifest = write_manifest(out_dir / "manifest.csv", all_rows, names)
     per_condition = dict(Counter(plan.key(i, names) for i in mine))
     return GenerationResult(len(todo), len(mine) - len(todo), seconds, manifest, per_condition)

@@ -30,8 +30,7 @@ from meddiff.sampling.synthesize import generate_dataset
 
 MAX_SEED = 2**32 - 1
 OTHERS = {"absent": "absent", "unspecified": "unknown"}  # what unchecked findings mean -> LabelCodec.parse's term
-NOTICE = ("Synthetic images made by a generative model: not real patients, not for diagnosis or any clinical "
-          "decision.")
+NOTICE = "Synthetic images made by a generative model: not real patients, not for diagnosis or any clinical decision."
 
 
 class RequestError(MeddiffError):
@@ -46,8 +45,9 @@ class ServeLimits(Options):
     max_steps: int = option(50, "denoising steps per request", minimum=1)
     max_prompt_chars: int = option(300, "prompt length in characters", minimum=1)
     max_guidance: float = option(20.0, "upper bound of the guidance scale", above=0)
-    queue_size: int = option(16, "requests that may wait behind the running one; more are turned away with a "
-                             "message", minimum=1)
+    queue_size: int = option(
+        16, "requests that may wait behind the running one; more are turned away with a message", minimum=1
+    )
     keep_results: int = option(32, "finished requests kept on disk for download; older ones are deleted", minimum=1)
 
 
@@ -89,8 +89,13 @@ def _whole(value, name: str, low: int, high: int) -> int:
 class ModelService:
     """A loaded model plus the rules of the page. One generation runs at a time (the page queues the rest)."""
 
-    def __init__(self, model_dir: str | Path, limits: ServeLimits | None = None, device: str = "cpu",
-                 work_dir: str | Path | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        limits: ServeLimits | None = None,
+        device: str = "cpu",
+        work_dir: str | Path | None = None,
+    ):
         self.model_dir = resolve_model_dir(model_dir)
         self.limits = limits or ServeLimits()
         self.pipe = load_pipeline(model_dir, device=device)
@@ -127,9 +132,11 @@ class ModelService:
             findings += ", written into a prompt"
         takes = [t for t, ok in (("free-text prompts", self.takes_prompts), (findings, self.takes_labels)) if ok]
         kind = "latent diffusion (autoencoder + U-Net)" if pipe.is_latent else "pixel diffusion"
-        lines = [f"**Model** `{self.model_dir.parent.name if self.model_dir.name == 'pipeline' else self.model_dir.name}`"
-                 f" — {kind}, {pipe.image_size} × {pipe.image_size} px, 1 channel.",
-                 f"**Conditioning:** {' and '.join(takes) if takes else 'none (unconditional)'}."]
+        lines = [
+            f"**Model** `{self.model_dir.parent.name if self.model_dir.name == 'pipeline' else self.model_dir.name}`"
+            f" — {kind}, {pipe.image_size} × {pipe.image_size} px, 1 channel.",
+            f"**Conditioning:** {' and '.join(takes) if takes else 'none (unconditional)'}.",
+        ]
         return "\n\n".join(lines)
 
     def model_card(self) -> str | None:
@@ -173,8 +180,10 @@ class ModelService:
         if request.others not in OTHERS:
             raise RequestError(f"unchecked findings must be {' or '.join(OTHERS)}, got {request.others!r}")
         if self.needs_prompt and not prompt and not findings:
-            raise RequestError("type a prompt, e.g. \"chest x-ray with cardiomegaly\""
-                               + (", or pick findings" if self.takes_labels else ""))
+            raise RequestError(
+                'type a prompt, e.g. "chest x-ray with cardiomegaly"'
+                + (", or pick findings" if self.takes_labels else "")
+            )
         if self.needs_prompt and prompt and findings:
             raise RequestError("type a prompt or pick findings, not both (this model reads prompts only)")
         k = len(self.label_names)
@@ -185,10 +194,15 @@ class ModelService:
             labels, known = self.codec.parse(",".join(findings), OTHERS[request.others])
         elif self.takes_labels and request.others == "absent" and not prompt:
             known[:] = True  # nothing checked, others absent: an image with none of the findings
-        plan = GenerationPlan(labels.expand(n, k).clone(), known.expand(n, k).clone(), [prompt or None] * n,
-                              "web page")
-        settings = SamplingSettings(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
-                                    batch_size=lim.max_images, negative_prompt=negative or None)
+        plan = GenerationPlan(labels.expand(n, k).clone(), known.expand(n, k).clone(), [prompt or None] * n, "web page")
+        settings = SamplingSettings(
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            seed=seed,
+            batch_size=lim.max_images,
+            negative_prompt=negative or None,
+        )
         return plan, settings
 
     # generating ------------------------------------------------------------------------------------------------
@@ -199,13 +213,13 @@ class ModelService:
             self._count += 1
             folder = self.work / f"{self._count:06d}-{secrets.token_hex(4)}"
             t0 = time.perf_counter()
-            generate_dataset(self.pipe, self.model_dir, plan, settings, folder, "png", progress=False,
-                             on_step=on_step)
+            generate_dataset(self.pipe, self.model_dir, plan, settings, folder, "png", progress=False, on_step=on_step)
             seconds = time.perf_counter() - t0
         images = np.stack([_read_png(folder / "images" / f"{i:07d}.png") for i in range(len(plan))])
         (folder / "README.txt").write_text(
             f"{SYNTHETIC_NOTE}.\n{NOTICE}\nmanifest.csv lists every image with its findings or prompt, seed and "
-            "settings (CheXpert columns). generation.json records the model and settings.\n")
+            "settings (CheXpert columns). generation.json records the model and settings.\n"
+        )
         zip_path = folder.with_name(f"meddiff-synthetic-{folder.name}.zip")
         with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
             for path in sorted(folder.rglob("*")):
@@ -219,7 +233,7 @@ class ModelService:
     def _prune(self) -> None:
         """Keep the newest `keep_results` requests on disk."""
         zips = sorted(self.work.glob("meddiff-synthetic-*.zip"))
-        for old in zips[:-self.limits.keep_results]:
+        for old in zips[: -self.limits.keep_results]:
             shutil.rmtree(self.work / old.stem.removeprefix("meddiff-synthetic-"), ignore_errors=True)
             old.unlink(missing_ok=True)
 

@@ -90,7 +90,9 @@ def read_survival_csv(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     id_col = next((columns[c] for c in ID_COLUMNS if c in columns), None)
     age_col = columns.get("age")
     surv_col = columns.get("survival_days") or columns.get("survival")
-    missing = [name for name, col in (("Brats20ID", id_col), ("Age", age_col), ("Survival_days", surv_col)) if col is None]
+    missing = [
+        name for name, col in (("Brats20ID", id_col), ("Age", age_col), ("Survival_days", surv_col)) if col is None
+    ]
     if missing:
         raise MeddiffError(f"{path} lacks the column(s) {', '.join(missing)}; it has: {', '.join(columns.values())}")
     res_col = columns.get("extent_of_resection") or columns.get("resectionstatus")
@@ -106,14 +108,22 @@ def read_survival_csv(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
         except ValueError:
             age = math.nan
         if survival.status != "known":
-            detail = f" (alive at {survival.censored_days:g} days; true survival unknown)" if survival.censored_days \
-                else f" ({row.get(surv_col)!r})" if survival.status == "unparseable" else ""
+            detail = (
+                f" (alive at {survival.censored_days:g} days; true survival unknown)"
+                if survival.censored_days
+                else f" ({row.get(surv_col)!r})"
+                if survival.status == "unparseable"
+                else ""
+            )
             problems[case_id] = f"survival {survival.status}{detail}"
         elif not math.isfinite(age):
             problems[case_id] = f"age not a number ({row.get(age_col)!r})"
         else:
-            table[case_id] = {"age": age, "survival": survival.days, "resection": (row.get(res_col) or "").strip()
-                              if res_col else ""}
+            table[case_id] = {
+                "age": age,
+                "survival": survival.days,
+                "resection": (row.get(res_col) or "").strip() if res_col else "",
+            }
     return table, problems
 
 
@@ -124,7 +134,9 @@ def discover_cases(root: str | Path, modalities: tuple[str, ...] = MODALITIES) -
         raise MeddiffError(f"{root} is not a folder; pass the BraTS training folder (case folders + survival_info.csv)")
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown or not modalities:
-        raise MeddiffError(f"unknown modality {unknown[0] if unknown else '(none)'}; choose from {', '.join(MODALITIES)}")
+        raise MeddiffError(
+            f"unknown modality {unknown[0] if unknown else '(none)'}; choose from {', '.join(MODALITIES)}"
+        )
     survival, problems = read_survival_csv(find_survival_csv(root))
     folders = sorted({p.parent for p in root.rglob("*_seg.nii*")})
     if not folders:
@@ -166,8 +178,9 @@ def load_case(case: Case, modalities: tuple[str, ...]) -> tuple[dict[str, np.nda
         raise MeddiffError(f"unreadable volume: {str(exc).splitlines()[0][:120]}") from None
     shapes = {m: v.shape for m, v in volumes.items()}
     if any(shape != seg.shape for shape in shapes.values()):
-        raise MeddiffError("mismatched shapes: seg " + str(seg.shape) + ", "
-                           + ", ".join(f"{m} {s}" for m, s in shapes.items()))
+        raise MeddiffError(
+            "mismatched shapes: seg " + str(seg.shape) + ", " + ", ".join(f"{m} {s}" for m, s in shapes.items())
+        )
     labels = set(np.unique(seg).tolist()) - {0}
     if not labels:
         raise MeddiffError("empty segmentation")

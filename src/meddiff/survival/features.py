@@ -45,7 +45,9 @@ class FeatureSettings:
     def check(self) -> None:
         unknown = [c for c in self.classes if c != "shape" and c not in INTENSITY_CLASSES]
         if unknown:
-            raise MeddiffError(f"unknown feature class {unknown[0]!r}; choose from shape, {', '.join(INTENSITY_CLASSES)}")
+            raise MeddiffError(
+                f"unknown feature class {unknown[0]!r}; choose from shape, {', '.join(INTENSITY_CLASSES)}"
+            )
 
 
 def require_pyradiomics():
@@ -62,8 +64,14 @@ def _extractors(settings: FeatureSettings):
     from radiomics import featureextractor
 
     logging.getLogger("radiomics").setLevel(logging.ERROR)  # also in worker processes
-    common = {"binWidth": settings.bin_width, "label": 1, "additionalInfo": False, "minimumROIDimensions": 1,
-              "minimumROISize": 1, "normalize": False}
+    common = {
+        "binWidth": settings.bin_width,
+        "label": 1,
+        "additionalInfo": False,
+        "minimumROIDimensions": 1,
+        "minimumROISize": 1,
+        "normalize": False,
+    }
     intensity = featureextractor.RadiomicsFeatureExtractor(**common)
     intensity.disableAllFeatures()
     for name in settings.classes:
@@ -92,8 +100,9 @@ def _values(result: dict, prefix: str) -> dict[str, float]:
             _, cls, name = key.split("_", 2)
             value = np.asarray(value)
             # GLCM's Imc2 can come out complex (sqrt of a tiny negative): that is no value, not its real part
-            out[f"{prefix}_{cls}_{name}"] = float(value.real) if not np.iscomplexobj(value) or value.imag == 0 \
-                else float("nan")
+            out[f"{prefix}_{cls}_{name}"] = (
+                float(value.real) if not np.iscomplexobj(value) or value.imag == 0 else float("nan")
+            )
     return out
 
 
@@ -105,9 +114,13 @@ def _location(mask: np.ndarray, brain: np.ndarray, spacing: tuple, region: str) 
     offset = centre - brain_centre
     lo, hi = voxels.min(axis=0), voxels.max(axis=0)
     extent = len(voxels) / float(np.prod(hi - lo + 1))
-    return {f"{region}_location_CentroidDistance": float(np.linalg.norm(offset)),
-            f"{region}_location_OffsetX": float(offset[0]), f"{region}_location_OffsetY": float(offset[1]),
-            f"{region}_location_OffsetZ": float(offset[2]), f"{region}_shape_Extent": float(extent)}
+    return {
+        f"{region}_location_CentroidDistance": float(np.linalg.norm(offset)),
+        f"{region}_location_OffsetX": float(offset[0]),
+        f"{region}_location_OffsetY": float(offset[1]),
+        f"{region}_location_OffsetZ": float(offset[2]),
+        f"{region}_shape_Extent": float(extent),
+    }
 
 
 def case_features(case: Case, settings: FeatureSettings) -> dict[str, float]:
@@ -160,8 +173,9 @@ def _one(args) -> tuple[str, dict[str, float] | None, str | None]:
     return case.case_id, values, None
 
 
-def extract_all(cases: list[Case], settings: FeatureSettings, cache: Path | None = None, workers: int = 1,
-                progress: bool = True) -> tuple[list[str], list[str], np.ndarray, dict[str, str]]:
+def extract_all(
+    cases: list[Case], settings: FeatureSettings, cache: Path | None = None, workers: int = 1, progress: bool = True
+) -> tuple[list[str], list[str], np.ndarray, dict[str, str]]:
     """(case ids, feature names, (cases, features) matrix with NaN for missing, case id -> skip reason)."""
     require_pyradiomics()
     settings.check()

@@ -61,8 +61,9 @@ def parse_rule(text: str) -> FilterRule:
         if not -1 < value <= 1:
             raise MeddiffError(f"filter threshold {text!r}: rho must be from -1 to 1")
         return FilterRule("below", value)
-    raise MeddiffError(f"cannot read filter threshold {text!r}; use none, |0.10| (keep |rho| > 0.10) or <-0.05 "
-                       "(keep rho < -0.05)")
+    raise MeddiffError(
+        f"cannot read filter threshold {text!r}; use none, |0.10| (keep |rho| > 0.10) or <-0.05 (keep rho < -0.05)"
+    )
 
 
 def spearman_columns(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -71,7 +72,7 @@ def spearman_columns(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     ry = rankdata(y)
     rx = rx - rx.mean(axis=0)
     ry = ry - ry.mean()
-    denom = np.sqrt((rx ** 2).sum(axis=0) * (ry ** 2).sum())
+    denom = np.sqrt((rx**2).sum(axis=0) * (ry**2).sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = (rx * ry[:, None]).sum(axis=0) / denom
     return np.where(denom > 0, rho, 0.0)
@@ -101,18 +102,25 @@ def make_regressor(name: str, seed: int = 0):
     if name == "ridge":
         return Ridge(alpha=10.0)
     if name == "forest":
-        return RandomForestRegressor(n_estimators=300, min_samples_leaf=3, max_features=0.33, random_state=seed,
-                                     n_jobs=1)
+        return RandomForestRegressor(
+            n_estimators=300, min_samples_leaf=3, max_features=0.33, random_state=seed, n_jobs=1
+        )
     if name == "gbm":
-        return GradientBoostingRegressor(n_estimators=200, max_depth=2, learning_rate=0.05, subsample=0.8,
-                                         random_state=seed)
+        return GradientBoostingRegressor(
+            n_estimators=200, max_depth=2, learning_rate=0.05, subsample=0.8, random_state=seed
+        )
     raise MeddiffError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
 def make_pipeline(rule: FilterRule, model: str, seed: int = 0) -> Pipeline:
-    return Pipeline([("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
-                     ("filter", SpearmanFilter(rule)), ("scale", StandardScaler()),
-                     ("model", make_regressor(model, seed))])
+    return Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+            ("filter", SpearmanFilter(rule)),
+            ("scale", StandardScaler()),
+            ("model", make_regressor(model, seed)),
+        ]
+    )
 
 
 def survival_class(days: np.ndarray) -> np.ndarray:
@@ -126,9 +134,13 @@ def survival_metrics(true_days: np.ndarray, predicted_days: np.ndarray) -> dict[
     true_days, predicted_days = np.asarray(true_days, float), np.asarray(predicted_days, float)
     se = (true_days - predicted_days) ** 2
     rho = spearmanr(true_days, predicted_days).statistic if np.ptp(predicted_days) > 0 else 0.0
-    return {"accuracy": float(np.mean(survival_class(true_days) == survival_class(predicted_days))),
-            "mse": float(se.mean()), "median_se": float(np.median(se)), "std_se": float(se.std()),
-            "spearman_r": float(np.nan_to_num(rho))}
+    return {
+        "accuracy": float(np.mean(survival_class(true_days) == survival_class(predicted_days))),
+        "mse": float(se.mean()),
+        "median_se": float(np.median(se)),
+        "std_se": float(se.std()),
+        "spearman_r": float(np.nan_to_num(rho)),
+    }
 
 
 @dataclass
@@ -143,8 +155,9 @@ class CVResult:
     repeats: int
 
 
-def cross_validate(X: np.ndarray, y: np.ndarray, rule: FilterRule, model: str, folds: int = 5, repeats: int = 3,
-                   seed: int = 0) -> CVResult:
+def cross_validate(
+    X: np.ndarray, y: np.ndarray, rule: FilterRule, model: str, folds: int = 5, repeats: int = 3, seed: int = 0
+) -> CVResult:
     """Repeated k-fold: every fit (imputer, filter, scaler, regressor) sees the training folds only."""
     n = len(y)
     if n < max(folds, 4):
@@ -159,5 +172,13 @@ def cross_validate(X: np.ndarray, y: np.ndarray, rule: FilterRule, model: str, f
         per_repeat.append(survival_metrics(y, predictions))
         first = predictions if first is None else first
     metrics = {k: float(np.mean([m[k] for m in per_repeat])) for k in per_repeat[0]}
-    return CVResult(rule.label, model, metrics, float(np.std([m["accuracy"] for m in per_repeat])),
-                    float(np.mean(kept)), first, folds, repeats)
+    return CVResult(
+        rule.label,
+        model,
+        metrics,
+        float(np.std([m["accuracy"] for m in per_repeat])),
+        float(np.mean(kept)),
+        first,
+        folds,
+        repeats,
+    )

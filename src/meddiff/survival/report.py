@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLUMNS = [("accuracy", "Accuracy", "{:.3f}"), ("mse", "MSE", "{:,.0f}"), ("median_se", "median SE", "{:,.0f}"),
-           ("std_se", "std SE", "{:,.0f}"), ("spearman_r", "Spearman R", "{:.3f}"), ("features_kept", "features", "{:g}")]
+COLUMNS = [
+    ("accuracy", "Accuracy", "{:.3f}"),
+    ("mse", "MSE", "{:,.0f}"),
+    ("median_se", "median SE", "{:,.0f}"),
+    ("std_se", "std SE", "{:,.0f}"),
+    ("spearman_r", "Spearman R", "{:.3f}"),
+    ("features_kept", "features", "{:g}"),
+]
 
 
 def _table(rows: list[dict], first: str, first_title: str) -> list[str]:
@@ -25,8 +31,12 @@ def write_markdown(path: Path, report: dict) -> Path:
         "# Overall survival from radiomic features",
         "",
         f"Data: `{report['data']}`: {report['cases_used']} cases used, {len(report['cases_skipped'])} left out"
-        + (" (" + ", ".join(f"{k}: {n}" for k, n in report["skip_summary"].items()) + ")" if report["skip_summary"]
-           else "") + ".",
+        + (
+            " (" + ", ".join(f"{k}: {n}" for k, n in report["skip_summary"].items()) + ")"
+            if report["skip_summary"]
+            else ""
+        )
+        + ".",
         "",
         f"Features: {f['count']} per case: pyradiomics classes {', '.join(f['classes'])} per region "
         f"({'; '.join(f['regions'].values())}) and modality ({', '.join(m.upper() for m in f['modalities'])}); "

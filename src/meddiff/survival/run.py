@@ -17,8 +17,16 @@ import numpy as np
 from meddiff.errors import MeddiffError
 from meddiff.survival.cases import MODALITIES, discover_cases
 from meddiff.survival.features import REGION_NAMES, REGIONS, FeatureSettings, extract_all
-from meddiff.survival.model import (DEFAULT_RULES, LONG_DAYS, MODELS, SHORT_DAYS, FilterRule, SpearmanFilter,
-                                    cross_validate, parse_rule, survival_class)
+from meddiff.survival.model import (
+    DEFAULT_RULES,
+    LONG_DAYS,
+    MODELS,
+    SHORT_DAYS,
+    SpearmanFilter,
+    cross_validate,
+    parse_rule,
+    survival_class,
+)
 from meddiff.survival.report import write_markdown
 
 logger = logging.getLogger(__name__)
@@ -73,31 +81,46 @@ def run_survival(config: SurvivalConfig, progress: bool = True) -> dict:
                 skipped[case.case_id] = f"resection {case.resection or 'unknown'} (kept: {config.resection})"
         cases = [c for c in cases if c.case_id not in skipped]
     if not cases:
-        raise MeddiffError(f"no usable case in {config.data} ({len(skipped)} skipped: "
-                           f"{', '.join(sorted(set(skipped.values())))[:200]})")
+        raise MeddiffError(
+            f"no usable case in {config.data} ({len(skipped)} skipped: "
+            f"{', '.join(sorted(set(skipped.values())))[:200]})"
+        )
     settings = FeatureSettings(modalities=tuple(config.modalities), classes=tuple(config.feature_classes))
-    ids, names, X, failed = extract_all(cases, settings, cache=out / "features", workers=config.workers,
-                                        progress=progress)
+    ids, names, X, failed = extract_all(
+        cases, settings, cache=out / "features", workers=config.workers, progress=progress
+    )
     skipped.update(failed)
     by_id = {c.case_id: c for c in cases}
     y = np.array([by_id[i].survival_days for i in ids], dtype=np.float64)
     if progress:
-        logger.info("%d cases, %d features; %d cases left out (%s)", len(ids), len(names), len(skipped),
-                    ", ".join(f"{k}: {v}" for k, v in _summary(skipped).items()))
+        logger.info(
+            "%d cases, %d features; %d cases left out (%s)",
+            len(ids),
+            len(names),
+            len(skipped),
+            ", ".join(f"{k}: {v}" for k, v in _summary(skipped).items()),
+        )
     _write_features(out / "features.csv", ids, y, names, X)
 
     threshold_rows = []
     for rule in rules:
         for model in config.models:
-            threshold_rows.append(_row(cross_validate(X, y, rule, model, config.folds, config.repeats, config.seed),
-                                       "+".join(config.modalities)))
+            threshold_rows.append(
+                _row(
+                    cross_validate(X, y, rule, model, config.folds, config.repeats, config.seed),
+                    "+".join(config.modalities),
+                )
+            )
     modality_rows = []
     for modality in [*config.modalities, None] if len(config.modalities) > 1 else [None]:
         cols = modality_columns(names, modality)
         for model in config.models:
             result = cross_validate(X[:, cols], y, modality_rule, model, config.folds, config.repeats, config.seed)
-            modality_rows.append(_row(result, modality.upper() if modality else "all: " + ", ".join(
-                m.upper() for m in config.modalities)))
+            modality_rows.append(
+                _row(
+                    result, modality.upper() if modality else "all: " + ", ".join(m.upper() for m in config.modalities)
+                )
+            )
 
     # features the filter keeps when fitted on every case (for reading; cross-validation refits it per fold)
     kept = []
@@ -106,28 +129,42 @@ def run_survival(config: SurvivalConfig, progress: bool = True) -> dict:
             continue
         filt = SpearmanFilter(rule).fit(_impute(X), y)
         order = np.argsort(-np.abs(filt.rho_))
-        kept.append({"rule": rule.label, "count": int(filt.keep_.sum()),
-                     "features": [{"name": names[j], "rho": round(float(filt.rho_[j]), 4)}
-                                  for j in order if filt.keep_[j]]})
+        kept.append(
+            {
+                "rule": rule.label,
+                "count": int(filt.keep_.sum()),
+                "features": [{"name": names[j], "rho": round(float(filt.rho_[j]), 4)} for j in order if filt.keep_[j]],
+            }
+        )
     classes = np.bincount(survival_class(y), minlength=3)
     report = {
         "data": str(config.data),
         "cases_used": len(ids),
         "cases_skipped": skipped,
         "skip_summary": _summary(skipped),
-        "features": {"count": len(names), "classes": list(settings.classes), "regions": {
-            k: f"{REGION_NAMES[k]} (labels {', '.join(map(str, v))})" for k, v in REGIONS.items()},
-            "modalities": list(config.modalities), "bin_width": settings.bin_width,
+        "features": {
+            "count": len(names),
+            "classes": list(settings.classes),
+            "regions": {k: f"{REGION_NAMES[k]} (labels {', '.join(map(str, v))})" for k, v in REGIONS.items()},
+            "modalities": list(config.modalities),
+            "bin_width": settings.bin_width,
             "normalisation": f"z-score inside the brain mask x {settings.scale:g}",
             "location": "tumour centroid distance and x/y/z offset from the brain centre (mm), extent",
-            "clinical": ["age"]},
-        "survival_classes": {"cutoffs_days": [SHORT_DAYS, LONG_DAYS],
-                             "definition": f"short < {SHORT_DAYS:g} days (10 months), mid {SHORT_DAYS:g}-"
-                                           f"{LONG_DAYS:g} days, long > {LONG_DAYS:g} days (15 months)",
-                             "counts": {"short": int(classes[0]), "mid": int(classes[1]), "long": int(classes[2])},
-                             "chance_accuracy": float(classes.max() / classes.sum())},
-        "validation": {"folds": config.folds, "repeats": config.repeats, "seed": config.seed,
-                       "note": "imputer, Spearman filter, scaler and regressor are fitted on the training folds only"},
+            "clinical": ["age"],
+        },
+        "survival_classes": {
+            "cutoffs_days": [SHORT_DAYS, LONG_DAYS],
+            "definition": f"short < {SHORT_DAYS:g} days (10 months), mid {SHORT_DAYS:g}-"
+            f"{LONG_DAYS:g} days, long > {LONG_DAYS:g} days (15 months)",
+            "counts": {"short": int(classes[0]), "mid": int(classes[1]), "long": int(classes[2])},
+            "chance_accuracy": float(classes.max() / classes.sum()),
+        },
+        "validation": {
+            "folds": config.folds,
+            "repeats": config.repeats,
+            "seed": config.seed,
+            "note": "imputer, Spearman filter, scaler and regressor are fitted on the training folds only",
+        },
         "threshold_table": threshold_rows,
         "modality_table": modality_rows,
         "modality_table_rule": modality_rule.label,
@@ -154,9 +191,14 @@ def _summary(skipped: dict[str, str]) -> dict[str, int]:
 
 
 def _row(result, inputs: str) -> dict:
-    return {"filter": result.rule, "model": result.model, "inputs": inputs, **{k: round(v, 4) for k, v in
-            result.metrics.items()}, "accuracy_std": round(result.accuracy_std, 4),
-            "features_kept": round(result.features_kept, 1)}
+    return {
+        "filter": result.rule,
+        "model": result.model,
+        "inputs": inputs,
+        **{k: round(v, 4) for k, v in result.metrics.items()},
+        "accuracy_std": round(result.accuracy_std, 4),
+        "features_kept": round(result.features_kept, 1),
+    }
 
 
 def _write_features(path: Path, ids: list[str], y: np.ndarray, names: list[str], X: np.ndarray) -> None:

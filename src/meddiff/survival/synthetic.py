@@ -13,8 +13,12 @@ from pathlib import Path
 import numpy as np
 
 # base brain intensity and (core, rim, oedema) contrast per modality, loosely like real MRI
-CONTRAST = {"t1": (500, (-150, 60, -60)), "t1ce": (500, (-150, 400, -40)), "t2": (400, (300, 150, 250)),
-            "flair": (400, (100, 120, 350))}
+CONTRAST = {
+    "t1": (500, (-150, 60, -60)),
+    "t1ce": (500, (-150, 400, -40)),
+    "t2": (400, (300, 150, 250)),
+    "flair": (400, (100, 120, 350)),
+}
 
 
 def survival_days(radius: float, age: float, distance: float, noise: float) -> float:
@@ -55,11 +59,19 @@ def write_synthetic_brats(root: str | Path, n: int = 40, size: int = 24, seed: i
             vol[seg == 4] += rim
             vol[seg == 2] += oedema
             vol += np.where(brain, rng.normal(0, 25, vol.shape), 0).astype(np.float32)
-            nib.save(nib.Nifti1Image(np.clip(vol, 0, None).astype(np.float32), affine),
-                     str(folder / f"{case_id}_{modality}.nii.gz"))
+            nib.save(
+                nib.Nifti1Image(np.clip(vol, 0, None).astype(np.float32), affine),
+                str(folder / f"{case_id}_{modality}.nii.gz"),
+            )
         nib.save(nib.Nifti1Image(seg, affine), str(folder / f"{case_id}_seg.nii.gz"))
-        rows.append({"Brats20ID": case_id, "Age": f"{age:.3f}", "Survival_days": f"{days:.0f}",
-                     "Extent_of_Resection": "GTR" if i % 3 else "STR"})
+        rows.append(
+            {
+                "Brats20ID": case_id,
+                "Age": f"{age:.3f}",
+                "Survival_days": f"{days:.0f}",
+                "Extent_of_Resection": "GTR" if i % 3 else "STR",
+            }
+        )
     with open(root / "survival_info.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -60,7 +60,7 @@ class StreamBatchSampler(Sampler[list[int]]):
     def __iter__(self):
         size = self.per_process * self.world
         for k in range(self.count):
-            yield stream_positions(self.n, self.seed, self.start + k * size, size)[self.rank::self.world].tolist()
+            yield stream_positions(self.n, self.seed, self.start + k * size, size)[self.rank :: self.world].tolist()
 
 
 def _keep_batch(batch):  # the dataset's __getitems__ already returns the batch
@@ -84,6 +84,12 @@ def auto_workers(source, device_type: str) -> int:
 def make_loader(source, sampler: StreamBatchSampler, device: torch.device, workers: int | None = None) -> DataLoader:
     """A DataLoader over `source` (a dataset with __getitems__(indices) -> dict of tensors) in the sampler's order."""
     workers = auto_workers(source, device.type) if workers is None else workers
-    return DataLoader(source, batch_sampler=sampler, collate_fn=_keep_batch, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+    return DataLoader(
+        source,
+        batch_sampler=sampler,
+        collate_fn=_keep_batch,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )

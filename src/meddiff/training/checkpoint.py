@@ -27,8 +27,10 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
     if which == "latest":
         found = checkpoint_dirs(run_dir)
         if not found:
-            raise MeddiffError(f"--resume latest: no checkpoint in {Path(run_dir) / CHECKPOINTS}; "
-                               "start without --resume, or point --out at the run to continue")
+            raise MeddiffError(
+                f"--resume latest: no checkpoint in {Path(run_dir) / CHECKPOINTS}; "
+                "start without --resume, or point --out at the run to continue"
+            )
         return found[-1]
     path = Path(which)
     if not (path / "state.json").is_file():
@@ -50,8 +52,10 @@ def save_checkpoint(accelerator, ema: EMAModel | None, state: dict, run_dir: Pat
     accelerator.wait_for_everyone()
     if main:
         if ema is not None:
-            save_file({f"shadow.{i:04d}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
-                      str(tmp / "ema.safetensors"))
+            save_file(
+                {f"shadow.{i:04d}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
+                str(tmp / "ema.safetensors"),
+            )
             ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             (tmp / "ema.json").write_text(json.dumps(ema_meta))
         (tmp / "state.json").write_text(json.dumps(state))
@@ -70,8 +74,10 @@ def load_checkpoint(accelerator, ema: EMAModel | None, path: Path) -> dict:
     tensors = load_file(str(path / "ema.safetensors"))
     shadow = [tensors[k] for k in sorted(tensors)]
     if len(shadow) != len(ema.shadow_params):
-        raise MeddiffError(f"checkpoint {path} does not match this model (EMA holds {len(shadow)} tensors, "
-                           f"model {len(ema.shadow_params)}); was the config changed?")
+        raise MeddiffError(
+            f"checkpoint {path} does not match this model (EMA holds {len(shadow)} tensors, "
+            f"model {len(ema.shadow_params)}); was the config changed?"
+        )
     meta = json.loads((path / "ema.json").read_text())
     ema.load_state_dict({**meta, "shadow_params": shadow})
     return json.loads((path / "state.json").read_text())

@@ -20,8 +20,9 @@ LR_SCHEDULES = Literal["constant_with_warmup", "constant", "linear", "cosine", "
 
 @dataclass
 class LatentConfig(Options):
-    autoencoder: str = option("", "latent diffusion: run directory of `meddiff train-autoencoder` (or its "
-                              "autoencoder/ folder)")
+    autoencoder: str = option(
+        "", "latent diffusion: run directory of `meddiff train-autoencoder` (or its autoencoder/ folder)"
+    )
 
 
 @dataclass
@@ -30,8 +31,9 @@ class FinetuneConfig(Options):
 
     pretrained: str = option("", "Stable Diffusion hub id or local diffusers folder")
     method: FinetuneMethod = option("unet", "fine-tuning strategy")
-    text_encoder: str = option("", "a domain text encoder (id or folder; 'minilm' packaged) replacing CLIP, "
-                               "projected to the U-Net's width")
+    text_encoder: str = option(
+        "", "a domain text encoder (id or folder; 'minilm' packaged) replacing CLIP, projected to the U-Net's width"
+    )
     gradient_checkpointing: bool = option(False, "trade compute for memory in the U-Net")
     lora_rank: int = option(8, "LoRA rank", minimum=1)
     lora_alpha: float = option(8.0, "LoRA alpha (scale = alpha / rank)", above=0)
@@ -45,8 +47,10 @@ class FinetuneConfig(Options):
     num_class_images: int = option(100, "dreambooth: class images generated for prior preservation", minimum=1)
     prior_loss_weight: float = option(1.0, "dreambooth: weight of the prior-preservation loss", minimum=0)
     train_text_encoder: bool = option(False, "dreambooth: train the text encoder (CLIP) too")
-    validation_prompts: list[str] = option(["chest x-ray with cardiomegaly", "chest x-ray with pleural effusion",
-                                            "normal chest x-ray"], "validation prompts (grids in RUN/validation/)")
+    validation_prompts: list[str] = option(
+        ["chest x-ray with cardiomegaly", "chest x-ray with pleural effusion", "normal chest x-ray"],
+        "validation prompts (grids in RUN/validation/)",
+    )
     validation_every: int = option(0, "steps between validation grids (0: only after training)", minimum=0)
     validation_images: int = option(4, "validation images per prompt", minimum=1)
 
@@ -66,10 +70,14 @@ class TrainConfig(Options):
 
     data: str = option("", "dataset spec, e.g. phantom:DIR, medmnist:FILE.npz, store:DIR")
     out: str = option("", "run directory")
-    method: str = option("pixel", "what is trained: pixel, latent, autoencoder, finetune, or another method "
-                         "registered in meddiff.training.methods (checked when training starts)")
+    method: str = option(
+        "pixel",
+        "what is trained: pixel, latent, autoencoder, finetune, or another method "
+        "registered in meddiff.training.methods (checked when training starts)",
+    )
     conditioning: Literal["labels", "text", "both", "none"] = option(
-        "labels", "diffusion methods: condition on labels, prompts, both or nothing")
+        "labels", "diffusion methods: condition on labels, prompts, both or nothing"
+    )
     resolution: int = option(32, "image size in pixels (square)", minimum=8)
     batch_size: int = option(32, "images per micro-batch (per process)", minimum=1)
     max_steps: int = option(100_000, "optimizer steps", minimum=1)
@@ -79,26 +87,35 @@ class TrainConfig(Options):
     lr_schedule: LR_SCHEDULES = option("constant_with_warmup", "learning-rate schedule (diffusers' get_scheduler)")
     adam_weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
     max_grad_norm: float = option(1.0, "gradient clipping norm", above=0)
-    cond_dropout: float = option(0.1, "classifier-free guidance: probability of training without the condition "
-                                 "(fine-tuning: of an empty prompt)", minimum=0, maximum=1)
-    snr_gamma: float | None = option(5.0, "Min-SNR loss weighting gamma; null or 0 for plain MSE", above=0,
-                                     zero_is_none=True)
-    noise_offset: float = option(0.0, "per-channel constant added to the noise (0.05-0.1 helps very dark/bright "
-                                 "images)", minimum=0)
+    cond_dropout: float = option(
+        0.1,
+        "classifier-free guidance: probability of training without the condition (fine-tuning: of an empty prompt)",
+        minimum=0,
+        maximum=1,
+    )
+    snr_gamma: float | None = option(
+        5.0, "Min-SNR loss weighting gamma; null or 0 for plain MSE", above=0, zero_is_none=True
+    )
+    noise_offset: float = option(
+        0.0, "per-channel constant added to the noise (0.05-0.1 helps very dark/bright images)", minimum=0
+    )
     gradient_accumulation: int = option(1, "micro-batches of batch_size per optimizer step", minimum=1)
     optimizer: Literal["adamw", "adamw8bit"] = option("adamw", "adamw8bit needs bitsandbytes (CUDA)")
     ema: bool = option(True, "keep and export an EMA of the trained weights (where the method uses one)")
     ema_decay: float = option(0.9995, "EMA decay", minimum=0, maximum=1)
     ema_power: float = option(0.75, "EMA warm-up: decay = 1 - (1 + step) ** -power until ema_decay", above=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", "auto: bf16 where supported, else fp16 on GPUs, else fp32")
+        "auto", "auto: bf16 where supported, else fp16 on GPUs, else fp32"
+    )
     # CPU/GPU speed options, off by default because on the 2-core CPU they gave nothing (bench/speedups.py):
     channels_last: bool = option(False, "NHWC memory format for the trained model's convolutions (speed option)")
     attention: Literal["auto", "sdpa", "classic"] = option(
-        "auto", "attention kernel: auto picks classic on CPU+bf16 with small maps (measured)")
+        "auto", "attention kernel: auto picks classic on CPU+bf16 with small maps (measured)"
+    )
     compile: bool = option(False, "torch.compile the trained model (inductor); minutes of compile time before step 1")
-    loader_workers: int | None = option(None, "DataLoader processes (null: 0 for in-memory data, else by device and "
-                                        "cores)", minimum=0)
+    loader_workers: int | None = option(
+        None, "DataLoader processes (null: 0 for in-memory data, else by device and cores)", minimum=0
+    )
     threads: int | None = option(None, "CPU threads for torch (null: PyTorch's default, all cores)", minimum=1)
     seed: int = option(0, "random seed (data order, noise, initialisation)")
     checkpoint_every: int = option(500, "steps between checkpoints (0: none until the end)", minimum=0)
@@ -118,12 +135,13 @@ class TrainConfig(Options):
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return build(cls, data)
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any],
-                settings: dict[str, Any] | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any], settings: dict[str, Any] | None = None
+) -> TrainConfig:
     """Defaults, then the YAML file, then non-None overrides (dotted keys like 'model.prediction_type'; None there
     means "not given"), then `settings`, where None is a value (`snr_gamma: null` switches Min-SNR off)."""
     data: dict[str, Any] = {}

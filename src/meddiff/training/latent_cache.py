@@ -57,8 +57,10 @@ class LatentSource(torch.utils.data.Dataset):
 
     def _open(self) -> dict[str, list[np.ndarray]]:
         if self._maps is None:  # opened lazily, so loader workers map the files themselves
-            self._maps = {kind: [np.load(self.folder / part_name(kind, r, self.world), mmap_mode="r")
-                                 for r in range(self.world)] for kind in ("mean", "std")}
+            self._maps = {
+                kind: [np.load(self.folder / part_name(kind, r, self.world), mmap_mode="r") for r in range(self.world)]
+                for kind in ("mean", "std")
+            }
         return self._maps
 
     def __getstate__(self):
@@ -79,8 +81,13 @@ class LatentSource(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return {"index": idx, "mean": torch.from_numpy(self.rows("mean", indices)),
-                "std": torch.from_numpy(self.rows("std", indices)), "labels": self.labels[idx], "known": self.known[idx]}
+        return {
+            "index": idx,
+            "mean": torch.from_numpy(self.rows("mean", indices)),
+            "std": torch.from_numpy(self.rows("std", indices)),
+            "labels": self.labels[idx],
+            "known": self.known[idx],
+        }
 
 
 def part_name(kind: str, rank: int, world: int) -> str:
@@ -88,15 +95,33 @@ def part_name(kind: str, rank: int, world: int) -> str:
 
 
 @torch.no_grad()
-def encoded_latents(vae, dataset: ImageLabelDataset, resolution: int, accelerator=None, transform=None,
-                    tag: str = "gray", batch_size: int = 32, progress: bool = True) -> LatentSource:
+def encoded_latents(
+    vae,
+    dataset: ImageLabelDataset,
+    resolution: int,
+    accelerator=None,
+    transform=None,
+    tag: str = "gray",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> LatentSource:
     """The stored latents of `dataset` under `vae` (encoded now, on the accelerator, if not yet stored)."""
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
-    key = hashlib.sha1(json.dumps({"vae": module_fingerprint(vae), "data": dataset.fingerprint(), "n": len(dataset),
-                                   "resolution": resolution, "transform": tag, "v": LATENT_VERSION},
-                                  sort_keys=True).encode()).hexdigest()[:20]
+    key = hashlib.sha1(
+        json.dumps(
+            {
+                "vae": module_fingerprint(vae),
+                "data": dataset.fingerprint(),
+                "n": len(dataset),
+                "resolution": resolution,
+                "transform": tag,
+                "v": LATENT_VERSION,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:20]
     folder = cache.cache_root() / "latents" / key
     main = accelerator is None or accelerator.is_main_process
     meta = _complete(folder, key)
@@ -117,14 +142,23 @@ def encoded_latents(vae, dataset: ImageLabelDataset, resolution: int, accelerato
                 partial = broadcast_object_list([partial])[0]
             if partial is not None:
                 t0 = time.perf_counter()
-                shape = _encode_part(vae, dataset, partial, rank, world, device, transform, batch_size, accelerator,
-                                     progress)
+                shape = _encode_part(
+                    vae, dataset, partial, rank, world, device, transform, batch_size, accelerator, progress
+                )
                 if accelerator is not None:
                     accelerator.wait_for_everyone()
                 if main:
-                    meta = {"key": key, "count": len(dataset), "shape": list(shape), "world": world, "tag": tag,
-                            "encode_seconds": round(time.perf_counter() - t0, 2), "vae": type(vae).__name__,
-                            "data": dataset.source, "resolution": resolution}
+                    meta = {
+                        "key": key,
+                        "count": len(dataset),
+                        "shape": list(shape),
+                        "world": world,
+                        "tag": tag,
+                        "encode_seconds": round(time.perf_counter() - t0, 2),
+                        "vae": type(vae).__name__,
+                        "data": dataset.source,
+                        "resolution": resolution,
+                    }
                     (partial / "latents.json").write_text(json.dumps(meta))  # last: marks the folder complete
                     stale = folder.parent / f".{key}.old-{os.getpid()}"
                     if folder.exists():
@@ -136,12 +170,21 @@ def encoded_latents(vae, dataset: ImageLabelDataset, resolution: int, accelerato
             accelerator.wait_for_everyone()
         meta = _complete(folder, key)
         if meta is None:
-            raise MeddiffError(f"the latents written to {folder} cannot be read back; is the cache on a filesystem "
-                               "every process shares? (set MEDDIFF_CACHE)")
+            raise MeddiffError(
+                f"the latents written to {folder} cannot be read back; is the cache on a filesystem "
+                "every process shares? (set MEDDIFF_CACHE)"
+            )
     if progress and main:
         if encoded:
-            logger.info("encoded %d images into latents %s in %s s (%d process%s); stored in %s", len(dataset),
-                        tuple(meta["shape"]), meta["encode_seconds"], world, "es" if world > 1 else "", folder)
+            logger.info(
+                "encoded %d images into latents %s in %s s (%d process%s); stored in %s",
+                len(dataset),
+                tuple(meta["shape"]),
+                meta["encode_seconds"],
+                world,
+                "es" if world > 1 else "",
+                folder,
+            )
         else:
             logger.info("latents of %d images from the cache (%s); no encoding", len(dataset), folder)
     return LatentSource(folder, meta, dataset.labels, dataset.known)
@@ -160,27 +203,35 @@ def _complete(folder: Path, key: str) -> dict | None:
     return meta
 
 
-def _encode_part(vae, dataset, partial: Path, rank: int, world: int, device, transform, batch_size, accelerator,
-                 progress) -> tuple[int, ...]:
+def _encode_part(
+    vae, dataset, partial: Path, rank: int, world: int, device, transform, batch_size, accelerator, progress
+) -> tuple[int, ...]:
     """Encode rows rank, rank+world, ... into this process's part files; returns the latent shape (C, h, w)."""
     rows = np.arange(rank, len(dataset), world)
     was = next(vae.parameters()).device
     vae.to(device)
     probe_mean, _ = _encode(vae, dataset.images[[0]], transform)
     shape = tuple(probe_mean.shape[1:])
-    mean_map = np.lib.format.open_memmap(partial / part_name("mean", rank, world), "w+", np.float16,
-                                         (len(rows), *shape))
+    mean_map = np.lib.format.open_memmap(
+        partial / part_name("mean", rank, world), "w+", np.float16, (len(rows), *shape)
+    )
     std_map = np.lib.format.open_memmap(partial / part_name("std", rank, world), "w+", np.float16, (len(rows), *shape))
     amp = accelerator is not None and device.type != "cpu"
-    bar = tqdm(total=len(rows), desc="encode latents", unit="img", dynamic_ncols=True, leave=False,
-               disable=not progress or rank != 0)
+    bar = tqdm(
+        total=len(rows),
+        desc="encode latents",
+        unit="img",
+        dynamic_ncols=True,
+        leave=False,
+        disable=not progress or rank != 0,
+    )
     try:
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             with accelerator.autocast() if amp else nullcontext():  # a fresh context each batch (single-use)
                 mean, std = _encode(vae, dataset.images[chunk], transform)
-            mean_map[start:start + len(chunk)] = mean.float().cpu().numpy().astype(np.float16)
-            std_map[start:start + len(chunk)] = std.float().cpu().numpy().astype(np.float16)
+            mean_map[start : start + len(chunk)] = mean.float().cpu().numpy().astype(np.float16)
+            std_map[start : start + len(chunk)] = std.float().cpu().numpy().astype(np.float16)
             bar.update(len(chunk))
         mean_map.flush()
         std_map.flush()

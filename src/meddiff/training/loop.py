@@ -82,6 +82,7 @@ class LossModule(torch.nn.Module):
 def _checkpoint_inner_model(accelerator: Accelerator, wrapper: LossModule) -> None:
     """Checkpoints of multi-process runs hold the trained module's own state dict (no DDP/wrapper prefixes), so
     they resume at any process count, single-process runs included."""
+
     def save_hook(models, weights, output_dir):
         for i, m in enumerate(models):
             if accelerator.unwrap_model(m) is wrapper:
@@ -121,10 +122,14 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     # torchrun / accelerate launch on a machine without an accelerator: CPU processes talking over gloo
     cpu_processes = launch_rank()[1] > 1 and not torch.accelerator.is_available()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
-    accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=str(run_dir / "logs"),
-                              cpu=cpu_processes,
-                              dynamo_backend="inductor" if config.compile else "no",
-                              kwargs_handlers=[ddp])
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        log_with="tensorboard",
+        project_dir=str(run_dir / "logs"),
+        cpu=cpu_processes,
+        dynamo_backend="inductor" if config.compile else "no",
+        kwargs_handlers=[ddp],
+    )
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if accelerator.device.type == "cuda":
         enable_tf32()  # fp32 matmuls and convolutions (the parts autocast leaves in fp32) on tensor cores
@@ -141,8 +146,9 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
             set_attention(model, kind)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
-    lr_scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=config.max_steps)
+    lr_scheduler = get_scheduler(
+        config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps
+    )
     if world > 1:
         wrapper = LossModule(method, model)
         _checkpoint_inner_model(accelerator, wrapper)
@@ -156,11 +162,17 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
 
         def compute_loss(batch, generator):
             return method.loss(model, batch, generator)
+
     method.setup(accelerator)
     ema = None
     if method.uses_ema and config.ema:
-        ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=config.ema_decay,
-                       use_ema_warmup=True, inv_gamma=1.0, power=config.ema_power)
+        ema = EMAModel(
+            [p for p in model.parameters() if p.requires_grad],
+            decay=config.ema_decay,
+            use_ema_warmup=True,
+            inv_gamma=1.0,
+            power=config.ema_power,
+        )
     state = {"step": 0, "elapsed": 0.0, "loss_history": []}
     if resume_from is not None:
         state = load_checkpoint(accelerator, ema, resume_from)
@@ -177,12 +189,25 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     # where the data stream stands: checkpoints record it, so another process count or batch size continues it
     state.setdefault("samples", start_step * per_step)
     source = method.batch_source()
-    sampler = StreamBatchSampler(len(source), config.batch_size, config.seed, state["samples"],
-                                 (config.max_steps - start_step) * accumulate, rank, world)
+    sampler = StreamBatchSampler(
+        len(source),
+        config.batch_size,
+        config.seed,
+        state["samples"],
+        (config.max_steps - start_step) * accumulate,
+        rank,
+        world,
+    )
     batches = iter(make_loader(source, sampler, accelerator.device, config.loader_workers))
     t0 = time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step", disable=not (progress and main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=config.max_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
     running = None
     trainee.train()
     while state["step"] < config.max_steps and state["elapsed"] < budget:
@@ -213,8 +238,9 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         local_elapsed = start_elapsed + time.perf_counter() - t0
         saving = bool(config.checkpoint_every) and state["step"] % config.checkpoint_every == 0
         # a checkpoint step is also checked: a non-finite loss must never be saved over good checkpoints
-        logging_step = (state["step"] % config.log_every == 0 or state["step"] == 1 or state["step"] == config.max_steps
-                        or saving)
+        logging_step = (
+            state["step"] % config.log_every == 0 or state["step"] == 1 or state["step"] == config.max_steps or saving
+        )
         checked = logging_step
         if world == 1:
             state["elapsed"] = local_elapsed
@@ -225,8 +251,10 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
             else:
                 value = float(loss)
             if not math.isfinite(value):
-                raise MeddiffError(f"loss became {value} by step {state['step']}; lower --learning-rate or use fp32 "
-                                   "(resume from the last checkpoint)")
+                raise MeddiffError(
+                    f"loss became {value} by step {state['step']}; lower --learning-rate or use fp32 "
+                    "(resume from the last checkpoint)"
+                )
             metrics = {k: float(v) for k, v in method.metrics.items()}
             running = value if running is None else 0.8 * running + 0.2 * value
             state["loss_history"].append([state["step"], value, round(state["elapsed"], 2)])
@@ -240,7 +268,9 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
             bar.total = min(config.max_steps, state["step"] + max(int(left / per_step_s), 0))
         bar.update(1)
         if saving:
-            save_checkpoint(accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep)
+            save_checkpoint(
+                accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep
+            )
     del batches  # stops the loader's workers
     bar.close()
     train_seconds = state["elapsed"] - start_elapsed
@@ -248,8 +278,10 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     if steps_done and not checked:  # stopped (time budget) after a step whose loss was not looked at
         last = float(accelerator.gather(loss.detach()[None]).mean()) if world > 1 else float(loss)
         if not math.isfinite(last):
-            raise MeddiffError(f"loss became {last} by step {state['step']}; lower --learning-rate or use fp32 "
-                               "(resume from the last checkpoint)")
+            raise MeddiffError(
+                f"loss became {last} by step {state['step']}; lower --learning-rate or use fp32 "
+                "(resume from the last checkpoint)"
+            )
     if steps_done and not saving:  # the last step's checkpoint, unless it was just written
         save_checkpoint(accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep)
     for tracker in accelerator.trackers:  # end_training() minus destroying the process group: the caller's
@@ -258,8 +290,11 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     unwrapped = accelerator.unwrap_model(trainee, keep_torch_compile=False)
     if isinstance(unwrapped, LossModule):
         unwrapped = unwrapped.model
-    rate = steps_done * config.batch_size * world * max(int(config.gradient_accumulation), 1) / train_seconds \
-        if train_seconds > 0 else 0.0
+    rate = (
+        steps_done * config.batch_size * world * max(int(config.gradient_accumulation), 1) / train_seconds
+        if train_seconds > 0
+        else 0.0
+    )
     pipeline_dir = None
     if main:
         trainable = [p for p in unwrapped.parameters() if p.requires_grad]  # what the EMA tracks, in its order
@@ -269,12 +304,30 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         pipeline_dir = method.export(unwrapped, run_dir)
         if ema is not None:
             ema.restore(trainable)
-    summary = TrainingSummary(steps=state["step"], train_seconds_total=round(state["elapsed"], 1),
-                              images_per_second=round(rate, 2), precision=precision, parameters=n_params,
-                              processes=world, global_batch=config.batch_size * world, dataset=dataset.summary(),
-                              loss_history=state["loss_history"])
+    summary = TrainingSummary(
+        steps=state["step"],
+        train_seconds_total=round(state["elapsed"], 1),
+        images_per_second=round(rate, 2),
+        precision=precision,
+        parameters=n_params,
+        processes=world,
+        global_batch=config.batch_size * world,
+        dataset=dataset.summary(),
+        loss_history=state["loss_history"],
+    )
     if main:
         summary.write(run_dir)
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, pipeline_dir, state["step"], state["elapsed"], rate, state["loss_history"],
-                       precision, n_params, main, world, summary)
+    return TrainResult(
+        run_dir,
+        pipeline_dir,
+        state["step"],
+        state["elapsed"],
+        rate,
+        state["loss_history"],
+        precision,
+        n_params,
+        main,
+        world,
+        summary,
+    )

@@ -14,8 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from meddiff.errors import MeddiffError
-from meddiff.models.autoencoder import (AUTOENCODER_DIR, build_autoencoder, codebook_perplexity, is_vq,
-                                        measure_scaling_factor, vq_round_trip)
+from meddiff.models.autoencoder import (
+    AUTOENCODER_DIR,
+    build_autoencoder,
+    codebook_perplexity,
+    is_vq,
+    measure_scaling_factor,
+    vq_round_trip,
+)
 from meddiff.models.discriminator import PatchDiscriminator, discriminator_hinge_loss, generator_adversarial_loss
 from meddiff.training.methods.base import TrainingMethod, register_method
 
@@ -45,9 +51,14 @@ class CodebookUsage:
         self.resets = int(state["resets"])
 
 
-def reset_dead_codes(embedding: torch.nn.Embedding, usage: CodebookUsage, vectors: torch.Tensor, patience: int,
-                     generator: torch.Generator) -> int:
-    """Replace codes idle for `patience` steps by random rows of `vectors` (N, D) (encoder outputs). Returns how many."""
+def reset_dead_codes(
+    embedding: torch.nn.Embedding,
+    usage: CodebookUsage,
+    vectors: torch.Tensor,
+    patience: int,
+    generator: torch.Generator,
+) -> int:
+    """Replace codes idle for `patience` steps by random rows of `vectors` (N, D) (encoder outputs). Returns a count."""
     dead = usage.dead(patience)
     if dead.numel() == 0 or vectors.shape[0] == 0:
         return 0
@@ -91,11 +102,14 @@ class AutoencoderTraining(TrainingMethod):
     def setup(self, accelerator) -> None:
         self.accelerator = accelerator
         if self.discriminator is not None:
-            optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.discriminator_lr, betas=(0.5, 0.9))
+            optimizer = torch.optim.Adam(
+                self.discriminator.parameters(), lr=self.cfg.discriminator_lr, betas=(0.5, 0.9)
+            )
             # prepared (placed, checkpointed) but never DDP-wrapped: with several processes its gradients are
             # averaged by hand in after_step, since it also runs inside the generator's loss
-            self.discriminator = accelerator.prepare_model(self.discriminator,
-                                                           evaluation_mode=accelerator.num_processes > 1)
+            self.discriminator = accelerator.prepare_model(
+                self.discriminator, evaluation_mode=accelerator.num_processes > 1
+            )
             self.disc_optimizer = accelerator.prepare_optimizer(optimizer)
 
     def _processes(self) -> int:
@@ -106,8 +120,10 @@ class AutoencoderTraining(TrainingMethod):
         """(reconstruction, regulariser loss); stashes what the after-step hooks need."""
         if self.vq:
             recon, codebook_loss, indices, h = vq_round_trip(model, x)
-            self._last = {"vectors": h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1]).float(),
-                          "indices": indices.detach()}
+            self._last = {
+                "vectors": h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1]).float(),
+                "indices": indices.detach(),
+            }
             return recon, self.cfg.commitment_weight * codebook_loss
         posterior = model.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
@@ -140,8 +156,9 @@ class AutoencoderTraining(TrainingMethod):
 
     def after_step(self, model, batch, generator, step) -> None:
         if self.usage is not None:
-            n = reset_dead_codes(model.quantize.embedding, self.usage, self._last["vectors"], self.cfg.dead_code_steps,
-                                 generator)
+            n = reset_dead_codes(
+                model.quantize.embedding, self.usage, self._last["vectors"], self.cfg.dead_code_steps, generator
+            )
             self.metrics["dead_codes_reset"] = float(n)
             if self._processes() > 1:  # every process keeps the main process's codebook
                 from accelerate.utils import broadcast
@@ -166,7 +183,9 @@ class AutoencoderTraining(TrainingMethod):
         model.eval()
         n = min(self.cfg.scale_samples, len(self.dataset))
         idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.config.seed))[:n]
-        factor = measure_scaling_factor(model, self.dataset.images[idx], torch.Generator().manual_seed(self.config.seed))
+        factor = measure_scaling_factor(
+            model, self.dataset.images[idx], torch.Generator().manual_seed(self.config.seed)
+        )
         model.register_to_config(scaling_factor=factor)
         folder = Path(out_dir) / AUTOENCODER_DIR
         model.save_pretrained(folder, safe_serialization=True)
@@ -178,8 +197,10 @@ def _lpips():
     try:
         import lpips  # optional extra; needs torchvision and its own weights
     except Exception:  # noqa: BLE001 - any import failure means "not available"
-        raise MeddiffError("autoencoder.perceptual_weight > 0 needs the optional lpips package with its weights on "
-                           "disk (pip install lpips); set perceptual_weight 0 to train without it") from None
+        raise MeddiffError(
+            "autoencoder.perceptual_weight > 0 needs the optional lpips package with its weights on "
+            "disk (pip install lpips); set perceptual_weight 0 to train without it"
+        ) from None
     net = lpips.LPIPS(net="vgg", verbose=False)
     net.requires_grad_(False).eval()
     return net

@@ -82,8 +82,9 @@ class TrainingMethod(ABC):
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    def after_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-                   step: int) -> None:
+    def after_step(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator, step: int
+    ) -> None:
         """Called after the optimizer step (auxiliary updates such as a discriminator or codebook maintenance)."""
 
 

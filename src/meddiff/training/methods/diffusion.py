@@ -33,8 +33,10 @@ class PixelDiffusion(TrainingMethod):
             raise MeddiffError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {mode!r}")
         self.use_labels = mode in ("labels", "both") and bool(dataset.label_names)
         if mode in ("labels", "both") and not dataset.label_names:
-            raise MeddiffError(f"conditioning {mode!r} needs labelled data; {dataset.source} has no labels "
-                               "(use conditioning none or text)")
+            raise MeddiffError(
+                f"conditioning {mode!r} needs labelled data; {dataset.source} has no labels "
+                "(use conditioning none or text)"
+            )
         self.use_text = mode in ("text", "both")
         self.codec = LabelCodec(dataset.label_names if self.use_labels else [])
         self.tokenizer = self.text_encoder = self.prompt_cache = None
@@ -44,8 +46,13 @@ class PixelDiffusion(TrainingMethod):
                 self.prompt_cache = PromptCache(self.tokenizer, self.text_encoder)
         self.noise_scheduler = build_noise_scheduler(config.model)
         channels, size = self.model_space()
-        self._unet = build_unet(config.model, size, len(self.codec.label_names), in_channels=channels,
-                                cross_attention_dim=text_width(self.text_encoder) if self.use_text else None)
+        self._unet = build_unet(
+            config.model,
+            size,
+            len(self.codec.label_names),
+            in_channels=channels,
+            cross_attention_dim=text_width(self.text_encoder) if self.use_text else None,
+        )
         if self.use_text and config.text.train_encoder:
             self._model = torch.nn.ModuleDict({"unet": self._unet, "text_encoder": self.text_encoder})
         else:
@@ -76,8 +83,10 @@ class PixelDiffusion(TrainingMethod):
             kwargs["class_labels"] = (cond * keep.unsqueeze(1).to(cond.dtype)).to(device)
         if self.use_text:
             shuffle = self.config.text.shuffle_findings
-            prompts = [(self.dataset.shuffled_prompt(i, generator) if shuffle else self.dataset.prompts[i]) if k else ""
-                       for i, k in zip(batch["index"].tolist(), keep.tolist())]
+            prompts = [
+                (self.dataset.shuffled_prompt(i, generator) if shuffle else self.dataset.prompts[i]) if k else ""
+                for i, k in zip(batch["index"].tolist(), keep.tolist())
+            ]
             if self.prompt_cache is not None:
                 kwargs["encoder_hidden_states"] = self.prompt_cache(prompts).to(device)
             else:
@@ -110,7 +119,9 @@ class PixelDiffusion(TrainingMethod):
         if self.config.snr_gamma:
             snr = compute_snr(self.noise_scheduler, t)
             clipped = torch.clamp(snr, max=self.config.snr_gamma)
-            weight = clipped / (snr + 1) if self.noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
+            weight = (
+                clipped / (snr + 1) if self.noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
+            )
             per_sample = per_sample * weight
         return per_sample
 
@@ -121,5 +132,12 @@ class PixelDiffusion(TrainingMethod):
         unet = model["unet"] if isinstance(model, torch.nn.ModuleDict) else model
         encoder = model["text_encoder"] if isinstance(model, torch.nn.ModuleDict) else self.text_encoder
         names = self.dataset.label_names if (self.use_labels or self.use_text) else []
-        return save_pipeline(Path(out_dir) / PIPELINE_DIR, unet, self.noise_scheduler, names, vae=self.vae(),
-                             text_encoder=encoder, tokenizer=self.tokenizer)
+        return save_pipeline(
+            Path(out_dir) / PIPELINE_DIR,
+            unet,
+            self.noise_scheduler,
+            names,
+            vae=self.vae(),
+            text_encoder=encoder,
+            tokenizer=self.tokenizer,
+        )

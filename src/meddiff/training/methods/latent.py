@@ -12,8 +12,8 @@ import torch
 
 from meddiff.errors import MeddiffError
 from meddiff.models.autoencoder import latent_size, load_autoencoder
-from meddiff.training.methods.base import register_method
 from meddiff.training.latent_cache import encoded_latents
+from meddiff.training.methods.base import register_method
 from meddiff.training.methods.diffusion import PixelDiffusion
 
 logger = logging.getLogger(__name__)
@@ -25,12 +25,16 @@ class LatentDiffusion(PixelDiffusion):
 
     def __init__(self, config, dataset, accelerator=None):
         if not config.latent.autoencoder:
-            raise MeddiffError("latent diffusion needs a trained autoencoder: pass --autoencoder RUN_DIR "
-                               "(from `meddiff train-autoencoder`)")
+            raise MeddiffError(
+                "latent diffusion needs a trained autoencoder: pass --autoencoder RUN_DIR "
+                "(from `meddiff train-autoencoder`)"
+            )
         self._vae = load_autoencoder(config.latent.autoencoder)
         if self._vae.config.sample_size != dataset.resolution:
-            raise MeddiffError(f"the autoencoder was trained at {self._vae.config.sample_size} px but the data is "
-                               f"loaded at {dataset.resolution} px; use --resolution {self._vae.config.sample_size}")
+            raise MeddiffError(
+                f"the autoencoder was trained at {self._vae.config.sample_size} px but the data is "
+                f"loaded at {dataset.resolution} px; use --resolution {self._vae.config.sample_size}"
+            )
         if self._vae.config.scaling_factor == 1.0:
             logger.warning("the autoencoder's scaling factor is 1.0 (not measured?); latents may be badly scaled")
         super().__init__(config, dataset, accelerator)

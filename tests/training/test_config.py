@@ -24,3 +24,22 @@ def test_missing_or_broken_config_file_is_one_line(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(MeddiffError, match="not valid YAML"):
         load_config(bad, {})
+
+
+def test_an_option_declared_once_reaches_yaml_cli_api_and_the_optimizer(tmp_path):
+    """adam_beta2 was added as one option(...) field: YAML, the flag, validation and --help follow from it."""
+    import torch
+
+    from meddiff.cli import build_parser
+    from meddiff.options import given
+    from meddiff.training.config import TrainConfig
+    from meddiff.training.loop import make_optimizer
+
+    path = tmp_path / "c.yaml"
+    path.write_text("adam_beta2: 0.95\n")
+    assert load_config(path, {}).adam_beta2 == 0.95
+    assert given(build_parser().parse_args(["train", "--adam-beta2", "0.98"])) == {"adam_beta2": 0.98}
+    with pytest.raises(MeddiffError, match="'adam_beta2' = 1.5 is above the maximum"):
+        TrainConfig(adam_beta2=1.5)
+    optimizer = make_optimizer(TrainConfig(adam_beta2=0.97), [torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.97)

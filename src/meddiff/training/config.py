@@ -86,6 +86,9 @@ class TrainConfig(Options):
     lr_warmup_steps: int = option(100, "linear warm-up steps", minimum=0)
     lr_schedule: LR_SCHEDULES = option("constant_with_warmup", "learning-rate schedule (diffusers' get_scheduler)")
     adam_weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
+    adam_beta2: float = option(
+        0.999, "AdamW's second-moment decay (0.95-0.99 steadies large-batch training)", above=0, maximum=0.99999
+    )
     max_grad_norm: float = option(1.0, "gradient clipping norm", above=0)
     cond_dropout: float = option(
         0.1,

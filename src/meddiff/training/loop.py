@@ -99,13 +99,17 @@ def _checkpoint_inner_model(accelerator: Accelerator, wrapper: LossModule) -> No
 
 def make_optimizer(config: TrainConfig, params: list):
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        return torch.optim.AdamW(
+            params, lr=config.learning_rate, betas=(0.9, config.adam_beta2), weight_decay=config.adam_weight_decay
+        )
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise MeddiffError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA only)") from None
-        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        return bnb.optim.AdamW8bit(
+            params, lr=config.learning_rate, betas=(0.9, config.adam_beta2), weight_decay=config.adam_weight_decay
+        )
     raise MeddiffError(f"unknown optimizer {config.optimizer!r}; choose adamw or adamw8bit")
 
 

@@ -38,7 +38,7 @@ SCHEDULERS = ("DPMSolverMultistepScheduler", "DDIMScheduler", "DDPMScheduler")  
 class VolumeGrid:
     """The voxel grid the model was trained on: what a generated volume's NIfTI header says."""
 
-    shape: list[int]  # (D, H, W) voxels
+    shape: list[int]  # voxels along the array axes, which `affine` maps to RAS mm (meddiff volumes: X, Y, Z)
     spacing: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # mm along each axis
     affine: list[list[float]] | None = None  # 4x4 voxel -> world (RAS) matrix; None: diagonal from spacing
     channel_names: list[str] = field(default_factory=lambda: ["image"])  # e.g. modalities ["flair", "t1c"]
@@ -193,7 +193,7 @@ class VolumePipeline:
                 CardSection(
                     title="Volume grid",
                     lines=[
-                        f"- Shape (D, H, W): {grid.shape}; spacing (mm): {grid.spacing}",
+                        f"- Shape (voxels): {grid.shape}; spacing (mm): {grid.spacing}",
                         f"- Affine (voxel to RAS world): {grid.affine}",
                         f"- Channels: {grid.channel_names}; intensities in [-1, 1]",
                     ],

@@ -347,12 +347,13 @@ def generate_volumes(
     t0 = time.perf_counter()
     rows, written, skipped = [], 0, 0
     for i in range(len(labels)):
-        run = {"seed": image_seed(seed, i), "guidance": guidance, "steps": steps, "model": model_id}
+        volume_seed = image_seed(seed, i)
+        run: dict[str, object] = {"seed": volume_seed, "guidance": guidance, "steps": steps, "model": model_id}
         rows.append(manifest_row(i, labels[i], known[i], names, channels, options.format, run))
         if _done(out_dir, i, channels, options.format, depth):
             skipped += 1
             continue
-        generator = torch.Generator().manual_seed(int(run["seed"]))
+        generator = torch.Generator().manual_seed(volume_seed)
         condition = encode_condition(labels[i : i + 1], known[i : i + 1].bool()) if names else None
         volume = pipe(condition, guidance_scale=guidance, num_inference_steps=steps, generator=generator, num_volumes=1)
         write_volume(out_dir, i, volume[0], affine, channels, options, f"{model_id}:{seed}", _text(run))

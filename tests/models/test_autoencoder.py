@@ -45,7 +45,7 @@ def test_round_trip_shapes_and_dtypes_for_one_channel(kind, downsample):
 def test_bad_autoencoder_settings_are_one_line_errors(tmp_path):
     with pytest.raises(MeddiffError, match="not divisible"):
         build_autoencoder(AutoencoderConfig(downsample=8, **TINY), 36)
-    with pytest.raises(MeddiffError, match="vq or kl"):
+    with pytest.raises(MeddiffError, match="'kind' = 'gan' is not one of vq, kl"):
         build_autoencoder(AutoencoderConfig(kind="gan", **TINY), 32)
     with pytest.raises(MeddiffError, match="no autoencoder"):
         load_autoencoder(tmp_path)

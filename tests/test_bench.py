@@ -13,9 +13,25 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_train_throughput_bench_writes_json(tmp_path):
     out = tmp_path / "t.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--resolutions", "28", "--precisions",
-                           "fp32", "--steps", "2", "--batch-size", "4", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "train_throughput.py"),
+            "--resolutions",
+            "28",
+            "--precisions",
+            "fp32",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["resolution"] == 28 and rows[0]["img_per_s"] > 0 and rows[0]["peak_rss_MB"] > 0
@@ -25,16 +41,45 @@ def test_train_throughput_bench_writes_json(tmp_path):
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_sampling_bench_writes_json(tmp_path, tiny_run, phantom_dir):
     out = tmp_path / "s.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "sampling.py"), "--model", str(tiny_run), "--n", "4",
-                           "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "sampling.py"),
+            "--model",
+            str(tiny_run),
+            "--n",
+            "4",
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["scheduler"] for r in rows} == {"ddpm", "ddim", "pndm", "dpm++"}
     assert all(r["s_per_image"] > 0 for r in rows)
     # scored against real data: fidelity, domain FID and KID per setting, all at the same count
-    proc = subprocess.run([sys.executable, str(BENCH / "sampling.py"), "--model", str(tiny_run), "--data",
-                           f"phantom:{phantom_dir}", "--n", "12", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "sampling.py"),
+            "--model",
+            str(tiny_run),
+            "--data",
+            f"phantom:{phantom_dir}",
+            "--n",
+            "12",
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert all(r["n"] == 12 and r["domain_fid"] > 0 and r["fid_floor_same_n"] > 0 and "kid" in r for r in rows)
@@ -44,9 +89,26 @@ def test_sampling_bench_writes_json(tmp_path, tiny_run, phantom_dir):
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_peer_bench_sizes_peers_to_meddiff_and_writes_json(tmp_path):
     out = tmp_path / "p.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "peers.py"), "--resolutions", "32", "--peers", "meddiff",
-                           "diffusers-example", "--steps", "2", "--batch-size", "4", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "peers.py"),
+            "--resolutions",
+            "32",
+            "--peers",
+            "meddiff",
+            "diffusers-example",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["peer"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"meddiff", "diffusers-example"}
@@ -57,9 +119,29 @@ def test_peer_bench_sizes_peers_to_meddiff_and_writes_json(tmp_path):
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_speedups_bench_counts_flops_and_profiles(tmp_path):
     out = tmp_path / "e.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "speedups.py"), "--variants", "fp32", "bf16 SDPA attention",
-                           "bf16 attention <=16 px", "--steps", "2", "--warmup", "1", "--batch-size", "4",
-                           "--profile-steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "speedups.py"),
+            "--variants",
+            "fp32",
+            "bf16 SDPA attention",
+            "bf16 attention <=16 px",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "4",
+            "--profile-steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     rows = {r["variant"]: r for r in data["rows"]}
@@ -78,10 +160,32 @@ def test_speedups_bench_counts_flops_and_profiles(tmp_path):
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_time_to_quality_bench_resumes_between_marks(tmp_path):
     out = tmp_path / "q.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "time_to_quality.py"), "--data", "phantom:?n=96&seed=0",
-                           "--minutes", "0.03", "0.06", "--n", "16", "--epochs", "1", "--workdir", str(tmp_path / "w"),
-                           "--set", "model.block_out_channels=[16,32]", "--set", "batch_size=8", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "time_to_quality.py"),
+            "--data",
+            "phantom:?n=96&seed=0",
+            "--minutes",
+            "0.03",
+            "0.06",
+            "--n",
+            "16",
+            "--epochs",
+            "1",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--set",
+            "model.block_out_channels=[16,32]",
+            "--set",
+            "batch_size=8",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     first, second = data["rows"]
@@ -96,9 +200,32 @@ def test_time_to_quality_bench_resumes_between_marks(tmp_path):
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_latent_throughput_bench_writes_json(tmp_path):
     out = tmp_path / "l.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "latent_throughput.py"), "--resolutions", "32", "--factors", "4",
-                           "--kinds", "vq", "--conditioning", "labels", "text", "--steps", "1", "--warmup", "1",
-                           "--precision", "fp32", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "latent_throughput.py"),
+            "--resolutions",
+            "32",
+            "--factors",
+            "4",
+            "--kinds",
+            "vq",
+            "--conditioning",
+            "labels",
+            "text",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--precision",
+            "fp32",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     stages = [(r["stage"], r["kind"], r["conditioning"]) for r in rows]
@@ -122,18 +249,43 @@ def test_finetune_scale_bench_measures_each_method_and_cleans_up(tmp_path):
 
     base = build_tiny_stable_diffusion(tmp_path / "base")  # an existing pipeline is used as it is
     out, work = tmp_path / "f.json", tmp_path / "work"
-    proc = subprocess.run([sys.executable, str(BENCH / "finetune_scale.py"), "--configs", "unet", "lora+gc",
-                           "--resolution", "32", "--steps", "2", "--base", str(base), "--work", str(work),
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "finetune_scale.py"),
+            "--configs",
+            "unet",
+            "lora+gc",
+            "--resolution",
+            "32",
+            "--steps",
+            "2",
+            "--base",
+            str(base),
+            "--work",
+            str(work),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["config"], r["method"], r["gradient_checkpointing"]) for r in rows] == [
-        ("unet", "unet", False), ("lora+gc", "lora", True)]
+        ("unet", "unet", False),
+        ("lora+gc", "lora", True),
+    ]
     assert all(r["s_per_step"] > 0 and r["peak_rss_GB"] > 0 for r in rows)
     assert rows[1]["trainable_M"] < rows[0]["trainable_M"]
     assert not work.exists() or not any(work.iterdir())  # each run folder is deleted once measured
-    one = subprocess.run([sys.executable, str(BENCH / "finetune_scale.py"), "--steps", "1", "--base", str(base)],
-                         capture_output=True, text=True, timeout=120)
+    one = subprocess.run(
+        [sys.executable, str(BENCH / "finetune_scale.py"), "--steps", "1", "--base", str(base)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one.returncode == 2 and "--steps must be at least 2" in one.stderr
 
 
@@ -146,9 +298,28 @@ def test_plain_diffusers_loop_trains_unet_and_lora_on_the_tiny_sd(tmp_path):
 
     base = build_tiny_stable_diffusion(tmp_path / "base")
     out = tmp_path / "d.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "plain_diffusers_loop.py"), "--base", str(base), "--configs",
-                           "unet", "lora", "--resolution", "32", "--steps", "2", "--precision", "fp32", "--out",
-                           str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "plain_diffusers_loop.py"),
+            "--base",
+            str(base),
+            "--configs",
+            "unet",
+            "lora",
+            "--resolution",
+            "32",
+            "--steps",
+            "2",
+            "--precision",
+            "fp32",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "s_per_step" in proc.stdout  # the printed table
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
@@ -160,8 +331,11 @@ def test_plain_diffusers_loop_trains_unet_and_lora_on_the_tiny_sd(tmp_path):
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     assert rows["unet"]["trainable_params"] == sum(p.numel() for p in unet.parameters())  # the whole U-Net
     # LoRA rank 8 on every to_q/to_k/to_v/to_out.0 linear: r * (in + out) each, nothing else trains
-    targets = [m for name, m in unet.named_modules()
-               if name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")) and isinstance(m, torch.nn.Linear)]
+    targets = [
+        m
+        for name, m in unet.named_modules()
+        if name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")) and isinstance(m, torch.nn.Linear)
+    ]
     lora = sum(8 * (m.in_features + m.out_features) for m in targets)
     assert rows["lora"]["trainable_params"] == lora > 0
 
@@ -169,8 +343,22 @@ def test_plain_diffusers_loop_trains_unet_and_lora_on_the_tiny_sd(tmp_path):
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_gpu_check_quick_mode_writes_every_stage_to_one_json(tmp_path):
     out, work = tmp_path / "g.json", tmp_path / "work"
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--quick", "--skip", "pytest_gpu", "--out",
-                           str(out), "--work", str(work)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "gpu_check.py"),
+            "--quick",
+            "--skip",
+            "pytest_gpu",
+            "--out",
+            str(out),
+            "--work",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["benchmark"] == "gpu_check" and data["quick"] and data["complete"]
@@ -179,7 +367,11 @@ def test_gpu_check_quick_mode_writes_every_stage_to_one_json(tmp_path):
     assert stages["pytest_gpu"]["status"] == "skipped"
     assert all(stages[s]["status"] == "ok" for s in ("pixel", "latent", "sampling", "finetune")), stages
     assert [(p["loop"], p["config"]) for p in stages["finetune"]["parts"]] == [
-        ("meddiff", "unet"), ("plain-diffusers", "unet"), ("meddiff", "lora"), ("plain-diffusers", "lora")]
+        ("meddiff", "unet"),
+        ("plain-diffusers", "unet"),
+        ("meddiff", "lora"),
+        ("plain-diffusers", "lora"),
+    ]
     rows = {(r["stage"], r.get("config")): r for r in data["rows"]}
     assert rows[("pixel", "tiny model")]["img_per_s"] > 0 and rows[("latent", "KL f=4 latent 4x8x8")]["img_per_s"] > 0
     sampling = [r for r in data["rows"] if r["stage"] == "sampling"]
@@ -189,8 +381,22 @@ def test_gpu_check_quick_mode_writes_every_stage_to_one_json(tmp_path):
     assert {r["precision"] for r in finetune} == {finetune[0]["precision"]}  # both loops in the same precision
     assert "img_per_s" in proc.stdout and "results:" in proc.stdout  # the printed table
     # a budget too small for anything: every stage is skipped with a note, and the JSON still written
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--quick", "--budget-s", "1", "--out",
-                           str(out), "--work", str(work)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "gpu_check.py"),
+            "--quick",
+            "--budget-s",
+            "1",
+            "--out",
+            str(out),
+            "--work",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     stages = json.loads(out.read_text())["stages"]
     assert all(v["status"] == "skipped" and "budget" in v["note"] for k, v in stages.items() if k != "finetune")
@@ -207,21 +413,32 @@ def test_gpu_check_and_multinode_scripts_parse():
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_latent_cache_bench_second_run_encodes_nothing(tmp_path):
     out = tmp_path / "lc.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "latent_cache.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "latent_cache.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     first, second, saved = json.loads(out.read_text())["rows"]
     assert first["encoded"] == first["images"] == 64 and second["encoded"] == 0
-    assert first["setup_s"] > 0 and second["setup_s"] >= 0 and saved["setup_s"] == round(
-        first["setup_s"] - second["setup_s"], 2)
+    assert (
+        first["setup_s"] > 0
+        and second["setup_s"] >= 0
+        and saved["setup_s"] == round(first["setup_s"] - second["setup_s"], 2)
+    )
     assert "saved" in proc.stdout and "results:" in proc.stdout
 
 
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_data_scale_bench_fits_memory_against_n_and_compares_workers(tmp_path):
     out = tmp_path / "ds.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "data_scale.py"), "--quick", "--work", str(tmp_path / "w"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "data_scale.py"), "--quick", "--work", str(tmp_path / "w"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [r["images"] for r in data["rows"]] == [60, 120]

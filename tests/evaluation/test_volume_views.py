@@ -70,6 +70,9 @@ def test_sweep_gif_has_a_frame_per_slice(tmp_path):
     gif = Image.open(path)
     assert gif.n_frames == 20 and gif.size == (32, 24)
     assert gif.info["duration"] == 200 and gif.info["loop"] == 0
+    assert Image.open(sweep_gif(volume, tmp_path / "every3.gif", plane="coronal", step=3)).n_frames == 7
+    with pytest.raises(MeddiffError, match="step"):
+        sweep_gif(volume, tmp_path / "bad.gif", step=0)
 
 
 def test_slider_html_embeds_every_frame():

@@ -1,6 +1,7 @@
 """Synthetic 3D volumes as NIfTI and DICOM series on the training grid, marked synthetic, listed in a manifest."""
 
 import csv
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -148,3 +149,30 @@ def test_generate_is_deterministic_per_seed_and_index_and_resumes(tmp_path):
     assert (tmp_path / "c" / rows[1]["path"]).read_bytes() != before
     with pytest.raises(MeddiffError, match="labels"):
         generate_volumes(pipe, torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), tmp_path / "d")
+
+
+BRATS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "brats-deepmedic"
+
+
+@pytest.mark.skipif(not BRATS.is_dir(), reason="real BraTS cases (../shared/data/brats-deepmedic) not present")
+def test_a_real_brats_volume_keeps_its_geometry_through_nifti_and_dicom(tmp_path):
+    """A scanner-space case stored LPS: read as RAS, written both ways, read back on the same voxels and mm."""
+    case = sorted((BRATS / "train").iterdir())[0]
+    data, affine = read_volume(case / "Flair_subtrMeanDivStd.nii.gz")
+    volume = (data - data.min()) / (data.max() - data.min()) * 2 - 1
+    result = export_volumes(
+        volume[None, None],
+        tmp_path,
+        affine,
+        ["flair"],
+        torch.zeros(1, 0),
+        torch.zeros(1, 0, dtype=torch.bool),
+        [],
+        [0],
+        VolumeExportOptions(format="both", dtype="int16"),
+    )
+    row = read_manifest(result.manifest)[0]
+    for column, tolerance in (("path", 1e-4), ("dicom", 2e-5)):
+        back, back_affine = read_volume(tmp_path / row[column])
+        np.testing.assert_allclose(back_affine, affine)
+        assert np.abs(back - to_unit_range(volume)).max() < tolerance

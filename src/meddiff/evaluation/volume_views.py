@@ -154,11 +154,15 @@ def sweep_frames(
     spacing: Sequence[float] = (1, 1, 1),
     scale: float = 2.0,
     channel: int = 0,
+    step: int = 1,
 ) -> list[Image.Image]:
-    """Every slice of `plane`, in order (axial: inferior to superior), as display images."""
+    """Every `step`-th slice of `plane`, in order (axial: inferior to superior), as display images."""
     _check_plane(plane)
+    if step < 1:
+        raise MeddiffError(f"step must be at least 1, got {step}")
     data = display_volume(volume, channel)
-    return [slice_image(plane_slice(data, plane, k), plane, spacing, scale) for k in range(data.shape[AXIS[plane]])]
+    count = data.shape[AXIS[plane]]
+    return [slice_image(plane_slice(data, plane, k), plane, spacing, scale) for k in range(0, count, step)]
 
 
 def sweep_gif(volume: np.ndarray | torch.Tensor, path: Path, plane: str = "axial", fps: float = 10.0, **kwargs) -> Path:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from monai.networks.nets import VQVAE, AutoencoderKL
 
 from meddiff.errors import MeddiffError
 from meddiff.models.volume_weights import load_weights, read_meta, save_module
 from meddiff.options import Options, build, option
+
+if TYPE_CHECKING:  # MONAI is imported when a network is built (config import stays light)
+    from monai.networks.nets import VQVAE, AutoencoderKL
 
 VOLUME_AUTOENCODER_DIR = "volume_autoencoder"
 CLASS_NAME = "VolumeAutoencoder"
@@ -70,6 +72,8 @@ class EncodeOutput:
 
 def build_monai_autoencoder(cfg: VolumeAutoencoderConfig, in_channels: int) -> AutoencoderKL | VQVAE:
     """MONAI AutoencoderKL or VQVAE (spatial_dims=3) for `in_channels`-channel volumes; bad sizes: MeddiffError."""
+    from monai.networks.nets import VQVAE, AutoencoderKL
+
     if in_channels < 1:
         raise MeddiffError(f"a volume autoencoder needs at least 1 channel, got {in_channels}")
     levels = cfg.levels()
@@ -166,7 +170,7 @@ class VolumeAutoencoder(torch.nn.Module):
     def encode(self, x: torch.Tensor) -> EncodeOutput:
         """Unscaled latent moments of volumes in [-1, 1]."""
         self.check_input(x)
-        if isinstance(self.net, VQVAE):
+        if self.config.kind == "vq":
             z = self.net.encode(x)
             return EncodeOutput(LatentMoments(z, torch.zeros_like(z)))
         mean, std = self.net.encode(x)
@@ -175,7 +179,7 @@ class VolumeAutoencoder(torch.nn.Module):
     def round_trip(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward pass: (reconstruction, weighted regulariser: KL term or VQ commitment loss)."""
         self.check_input(x)
-        if isinstance(self.net, VQVAE):
+        if self.config.kind == "vq":
             recon, commitment = self.net(x)
             return recon, commitment
         mean, std = self.net.encode(x)

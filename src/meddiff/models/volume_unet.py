@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from diffusers import DDPMScheduler
-from monai.networks.nets import DiffusionModelUNet
 
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import make_sampler
 from meddiff.models.volume_weights import load_weights, read_meta, save_module
 from meddiff.options import Options, build, option
+
+if TYPE_CHECKING:  # MONAI is imported when a network is built (config import stays light)
+    from monai.networks.nets import DiffusionModelUNet
 
 CLASS_NAME = "VolumeUNet"
 
@@ -61,6 +63,8 @@ def check_unet_config(cfg: VolumeUNetConfig, num_labels: int) -> None:
 
 def build_monai_unet(cfg: VolumeUNetConfig, latent_channels: int, num_labels: int) -> DiffusionModelUNet:
     """MONAI DiffusionModelUNet (spatial_dims=3); conditioned through a one-token context of 2K values if K > 0."""
+    from monai.networks.nets import DiffusionModelUNet
+
     check_unet_config(cfg, num_labels)
     conditioned = num_labels > 0
     return DiffusionModelUNet(

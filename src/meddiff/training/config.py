@@ -12,6 +12,7 @@ from meddiff.conditioning.text import TextConfig
 from meddiff.errors import MeddiffError
 from meddiff.models.autoencoder import AutoencoderConfig
 from meddiff.models.factory import ModelConfig
+from meddiff.models.volume import VolumeModelConfig
 from meddiff.options import Options, build, option, section
 
 FinetuneMethod = Literal["unet", "unet+text", "text", "dreambooth", "lora", "textual-inversion"]
@@ -133,6 +134,9 @@ class TrainConfig(Options):
     autoencoder: AutoencoderConfig = section(AutoencoderConfig, "the autoencoder (train-autoencoder)")
     eval: EvalConfig = section(EvalConfig, "evaluation after training")
     finetune: FinetuneConfig = section(FinetuneConfig, "fine-tuning a pretrained Stable Diffusion")
+    volume: VolumeModelConfig = section(
+        VolumeModelConfig, "3D volume models (methods volume-autoencoder, volume-latent)"
+    )
 
     def save(self, path: Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -190,6 +190,7 @@ def test_health_check_passes_on_this_install(tmp_path):
     assert proc.stdout.startswith("meddiff health: ok: torch ") and "peft" in proc.stdout
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_health_check_names_a_broken_package_in_one_line(tmp_path):
     proc = _check(tmp_path, {"peft": "raise ImportError('peft is broken on purpose')"})
     assert proc.returncode == 1
@@ -197,6 +198,7 @@ def test_health_check_names_a_broken_package_in_one_line(tmp_path):
     assert len(lines) == 1 and "peft" in lines[0] and "broken on purpose" in lines[0] and "install" in lines[0]
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_health_check_blames_a_torchvision_that_breaks_imports(tmp_path):
     proc = _check(tmp_path, {"torchvision": "raise RuntimeError('operator torchvision::nms does not exist')"})
     assert proc.returncode == 1

@@ -5,6 +5,7 @@ from meddiff.data.spec import load_dataset
 from meddiff.evaluation.classifier import per_label_auc, predict, train_classifier
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_classifier_recognises_phantom_findings():
     train = load_dataset("phantom:?n=600&seed=21", 32)
     valid = load_dataset("phantom:?n=600&seed=21&split=valid", 32)

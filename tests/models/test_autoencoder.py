@@ -101,6 +101,7 @@ def _ae_config(out, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_vq_training_logs_codebook_health_and_resumes_exactly(tmp_path, data):
     straight = train(_ae_config(tmp_path / "a", max_steps=6, log_every=1), data, progress=False)
     train(_ae_config(tmp_path / "b", max_steps=3, log_every=1), data, progress=False)

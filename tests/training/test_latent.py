@@ -102,7 +102,11 @@ def test_latents_are_encoded_once_and_match_the_autoencoder(autoencoders, data, 
         LatentDiffusion(_latent("unused", vq, "none"), data)
 
 
-@pytest.mark.parametrize("key", [("kl", "labels"), ("kl", "text"), ("vq", "both"), ("vq", "none")])
+@pytest.mark.parametrize(
+    "key",
+    [("kl", "labels")]  # the fast lane keeps one latent model; the others run in the full lane
+    + [pytest.param(k, marks=pytest.mark.slow) for k in [("kl", "text"), ("vq", "both"), ("vq", "none")]],
+)
 def test_tiny_latent_models_reload_with_plain_diffusers_and_sample(latent_runs, key):
     folder = latent_runs[key] / "pipeline"
     pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
@@ -119,6 +123,7 @@ def test_tiny_latent_models_reload_with_plain_diffusers_and_sample(latent_runs, 
     assert pipe.supports_labels == (key[1] in ("labels", "both"))
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 def test_text_model_runs_in_diffusers_stable_diffusion_pipeline(latent_runs):
     folder = latent_runs[("kl", "text")] / "pipeline"
     sd = StableDiffusionPipeline.from_pretrained(
@@ -136,6 +141,7 @@ def test_text_model_runs_in_diffusers_stable_diffusion_pipeline(latent_runs):
     assert a.shape == (1, 32, 32, 1) and np.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
 @pytest.mark.parametrize("key", [("kl", "labels"), ("kl", "text")])
 def test_guidance_scale_one_is_the_conditional_and_zero_the_unconditional_prediction(latent_runs, key):
     pipe = load_pipeline(latent_runs[key])

@@ -25,7 +25,7 @@ def data():
     return load_dataset("phantom:?n=48&seed=5", 32)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_resume_gives_identical_weights(tmp_path, data, precision):
     train(cfg(tmp_path / "straight", max_steps=8, precision=precision), data, progress=False)
     train(cfg(tmp_path / "split", max_steps=4, precision=precision), data, progress=False)

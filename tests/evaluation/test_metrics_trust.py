@@ -26,6 +26,7 @@ def feats(clf, images):
     return embed(clf, images)
 
 
+@pytest.mark.slow  # trains a domain classifier on 500 phantoms (module fixture); see CONTRIBUTING.md
 def test_fid_and_kid_order(setup):
     train, test, _, clf = setup
     f_test, f_train = feats(clf, test.images), feats(clf, train.images[:300])
@@ -42,6 +43,7 @@ def test_fid_and_kid_order(setup):
     assert prdc(f_test, f_noise)["precision"] < 0.1
 
 
+@pytest.mark.slow  # trains a domain classifier on 500 phantoms (module fixture); see CONTRIBUTING.md
 def test_memorization_flags_copies_not_fresh_images(setup):
     train, test, fresh, clf = setup
     to01 = lambda t: (t[:, 0].numpy() + 1) / 2  # noqa: E731
@@ -71,6 +73,7 @@ def test_knn_ratio_on_a_known_layout():
     assert np.allclose(ratio, [0.1, 0.5, 0.0])
 
 
+@pytest.mark.slow  # trains a domain classifier on 500 phantoms (module fixture); see CONTRIBUTING.md
 def test_shuffled_labels_give_chance_fidelity(setup):
     train, test, _, clf = setup
     probs = predict(clf, test.images)
@@ -81,6 +84,7 @@ def test_shuffled_labels_give_chance_fidelity(setup):
     assert all(abs(v - 0.5) < 0.12 for v in cheat.values() if v is not None), cheat
 
 
+@pytest.mark.slow  # trains a domain classifier on 500 phantoms (module fixture); see CONTRIBUTING.md
 def test_diversity_detects_collapse(setup):
     train, *_ = setup
     imgs = (train.images[:40, 0].numpy() + 1) / 2

@@ -53,12 +53,6 @@ def test_missing_and_unreadable_files_give_reasons(tmp_path):
     assert len(out) == 3 and all(a is None and "not a readable NIfTI" in p for a, p in out)  # one reason per slice
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a missing NIfTI volume is reported as 'not a readable NIfTI "
-    "(FileNotFoundError ...)', so `meddiff data inspect`/report_problems count it as unreadable, not "
-    "missing (read_nifti_slices wraps FileNotFoundError in UnreadableImage)",
-)
 def test_a_missing_volume_is_missing_like_a_missing_image(tmp_path):
     assert decode((DecodeTask(str(tmp_path / "gone.nii.gz"), (0, 1, 2)), 8, "crop")) == [(None, "missing")] * 3
 

@@ -7,6 +7,7 @@ via nibabel (2D slices along a chosen axis)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -61,15 +62,13 @@ def read_raster(path: Path, draft: int | None = None) -> np.ndarray:
             if im.mode == "F":
                 return _normalise(np.asarray(im, dtype=np.float32))
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                rgba = np.asarray(im, dtype=np.float64) / 255.0
+                rgba = np.asarray(im.convert("RGBA"), dtype=np.float64) / 255.0
                 # composite on black explicitly: transparent regions carry no signal
                 return (rgba[..., :3] @ LUMA * rgba[..., 3]).astype(np.float32)
             if im.mode in ("RGB", "P", "CMYK", "YCbCr"):
                 return (np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0 @ LUMA).astype(np.float32)
-            if im.mode != "L":
-                im = im.convert("L")
-            return np.asarray(im, dtype=np.float32) / 255.0
+            gray = im if im.mode == "L" else im.convert("L")
+            return np.asarray(gray, dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImage(f"{path}: {exc}") from exc
 
@@ -106,7 +105,10 @@ def read_nifti_slices(path: Path, axis: int = 2, slices: tuple[int, int] | None 
     try:
         import nibabel as nib
 
-        vol = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
+        image = cast(nib.spatialimages.SpatialImage, nib.load(str(path)))  # nibabel types load() as any file image
+        vol = np.asarray(image.get_fdata(dtype=np.float32))
+    except FileNotFoundError:
+        raise  # missing, not unreadable: counted as such by the callers
     except Exception as exc:
         raise UnreadableImage(f"{path}: not a readable NIfTI ({type(exc).__name__}: {exc})") from exc
     if vol.ndim == 4 and vol.shape[3] == 1:

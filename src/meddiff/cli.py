@@ -37,10 +37,10 @@ CONFIG_COMMANDS = (
     "fidelity",
     "serve",
 )  # flags from typed configs
-CONFIG_HELP = {
-    "description": "Options come from meddiff.training.config.TrainConfig: every recipe key is a flag "
+CONFIG_DESCRIPTION = (
+    "Options come from meddiff.training.config.TrainConfig: every recipe key is a flag "
     "(nested keys as --section.key). Defaults < --config YAML < flags."
-}
+)
 # Spellings kept from earlier versions (users' scripts), beside the generated --section.key flags.
 ALIASES = {
     "train": {
@@ -53,7 +53,7 @@ ALIASES = {
     "finetune": {"cond_dropout": ["--caption-dropout"], "finetune.validation_prompts": ["--validation-prompt"]},
     "train-autoencoder": {},
 }
-SWITCHES = {
+SWITCHES: dict[str, dict[str, tuple[str, object, str]]] = {  # flag -> (key, value it sets, help)
     "train": {"--no-eval": ("eval.fidelity", False, "skip the label-fidelity evaluation")},
     "finetune": {"--use-8bit-adam": ("optimizer", "adamw8bit", "bitsandbytes AdamW8bit (CUDA)")},
     "train-autoencoder": {},
@@ -164,12 +164,16 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     dl.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224))
     dl.add_argument("--out", required=True)
 
-    tr = sub.add_parser("train", help="train a diffusion model", **CONFIG_HELP)
+    tr = sub.add_parser("train", help="train a diffusion model", description=CONFIG_DESCRIPTION)
     ft = sub.add_parser(
-        "finetune", help="fine-tune a pretrained Stable Diffusion (unet, lora, dreambooth, ...)", **CONFIG_HELP
+        "finetune",
+        help="fine-tune a pretrained Stable Diffusion (unet, lora, dreambooth, ...)",
+        description=CONFIG_DESCRIPTION,
     )
     ae = sub.add_parser(
-        "train-autoencoder", help="train a VQ-VAE or KL autoencoder for latent diffusion", **CONFIG_HELP
+        "train-autoencoder",
+        help="train a VQ-VAE or KL autoencoder for latent diffusion",
+        description=CONFIG_DESCRIPTION,
     )
     for command, parser in (("train", tr), ("finetune", ft), ("train-autoencoder", ae)):
         parser.add_argument("--config", help="YAML recipe, e.g. configs/pneumoniamnist.yaml (flags override it)")
@@ -191,7 +195,12 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     )
     ge.add_argument("--per-condition", type=_positive_int, default=None, help="images per condition / CSV row")
     ge.add_argument("--out", required=True)
-    ge.add_argument("--format", default="png", choices=("png", "png16", "dicom"))
+    ge.add_argument(
+        "--format",
+        default=None,
+        choices=("png", "png16", "dicom", "nifti", "both"),
+        help="images: png (default), png16, dicom; volumes: nifti (default), dicom (a series per volume), both",
+    )
     if "generate" in config_flags:
         _add_sampling_flags(ge)
     ge.add_argument(
@@ -265,6 +274,7 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     de.add_argument("--minutes", type=_positive_float, default=None, help="training budget (default 8)")
     de.add_argument("--n", type=_positive_int, default=3000, help="number of phantoms")
     de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--3d", dest="volumes", action="store_true", help="3D: brain phantom volumes (<= 15 min on 2 CPUs)")
 
     sv = sub.add_parser("survival", help="overall survival from radiomic features (BraTS layout), Spearman filter")
     sv.add_argument("--data", required=True, help="folder of BraTS case folders with survival_info.csv")
@@ -375,6 +385,24 @@ def _recipe(path: Path | None) -> dict:
     return recipe if isinstance(recipe, dict) else {}
 
 
+def _volume_run(args, settings: dict, method: str) -> bool:
+    """Volume data (or an explicit volume method): set `method` and the volume batch size (below the recipe and
+    the flags) in `settings` and say so."""
+    from meddiff.workflow_volume import VOLUME_BATCH_SIZES, is_volume_data
+
+    recipe = _recipe(_base_config(args, settings))
+    data = settings.get("data") or recipe.get("data") or ""
+    asked = settings.get("method") or recipe.get("method") or ""
+    if not (is_volume_data(str(data)) or str(asked).startswith("volume-")):
+        return False
+    if asked and asked not in (method, "pixel", "latent", "autoencoder"):
+        raise MeddiffError(f"method {asked!r} does not train on volumes here; this command trains {method!r}")
+    settings["method"] = method
+    if "batch_size" not in settings and "batch_size" not in recipe:
+        settings["batch_size"] = VOLUME_BATCH_SIZES[method]
+    return True
+
+
 def cmd_finetune(args) -> None:
     from meddiff.options import given
     from meddiff.workflow import FINETUNE_LEARNING_RATES, finetune_and_report
@@ -402,6 +430,17 @@ def cmd_train_autoencoder(args) -> None:
     settings = given(args)
     if "learning_rate" not in settings and _base_config(args, settings) is None:
         settings["learning_rate"] = AUTOENCODER_LEARNING_RATE
+    if _volume_run(args, settings, "volume-autoencoder"):
+        from meddiff.workflow_volume import train_volume_autoencoder_and_report
+
+        volume_report = train_volume_autoencoder_and_report(_run_config(args, settings))
+        if volume_report is not None:
+            r = volume_report.reconstruction
+            print(
+                f"done: held-out PSNR {r.psnr:.2f} dB, SSIM {r.ssim:.4f}, 3D SSIM {r.ssim_3d:.4f}; scaling factor "
+                f"{volume_report.scaling_factor:.4f}; report {Path(settings['out']) / 'report.html'}"
+            )
+        return
     config = _run_config(args, {**settings, "method": "autoencoder"})
     report = train_autoencoder_and_report(config)
     if report is None:
@@ -418,7 +457,18 @@ def cmd_train(args) -> None:
     from meddiff.options import given
     from meddiff.workflow import train_and_report
 
-    config = _run_config(args, given(args))
+    settings = given(args)
+    if _volume_run(args, settings, "volume-latent"):
+        from meddiff.workflow_volume import train_volume_and_report
+
+        volume_summary = train_volume_and_report(_run_config(args, settings))
+        if volume_summary is not None:
+            print(
+                f"done: {volume_summary.steps} steps; model in {Path(settings['out']) / 'pipeline'}; volumes "
+                f"{volume_summary.volumes}; report {Path(settings['out']) / 'report.html'}"
+            )
+        return
+    config = _run_config(args, settings)
     if config.method == "autoencoder":
         raise MeddiffError("this config trains an autoencoder; use `meddiff train-autoencoder`")
     if config.method == "finetune":
@@ -438,6 +488,12 @@ def cmd_generate(args) -> None:
     from meddiff.sampling.plan import make_plan
     from meddiff.sampling.synthesize import generate_dataset, parse_shard
 
+    if _is_volume_model(args.model):
+        _generate_volumes(args)
+        return
+    if args.format in ("nifti", "both"):
+        raise MeddiffError(f"--format {args.format} is for volume models; images are png, png16 or dicom")
+    args.format = args.format or "png"
     shard = parse_shard(args.shard)
     rank, world = launch_rank()
     if world > 1:  # launched by accelerate launch / torchrun: one shard per process, no collectives needed
@@ -476,6 +532,59 @@ def cmd_generate(args) -> None:
         f"manifest: {result.manifest}"
         if result.manifest
         else f"shard {shard[0]}/{shard[1]} done; the manifest is written when every shard has finished"
+    )
+
+
+def _is_volume_model(model: str) -> bool:
+    from meddiff.models.volume_pipeline import PIPELINE_FILE
+
+    folder = Path(model).expanduser()
+    return (folder / PIPELINE_FILE).is_file() or (folder / "pipeline" / PIPELINE_FILE).is_file()
+
+
+def _generate_volumes(args) -> None:
+    """`meddiff generate` with a VolumePipeline run: NIfTI (or DICOM series) volumes and a manifest."""
+    from meddiff.conditioning.labels import LabelCodec
+    from meddiff.devices import run_device
+    from meddiff.models.volume_pipeline import VolumePipeline
+    from meddiff.sampling.plan import make_plan
+    from meddiff.sampling.volume_export import VolumeExportOptions, generate_volumes
+
+    if args.prompt is not None:
+        raise MeddiffError("volume models take labels, not prompts; use --labels (or --unconditional)")
+    if args.format in ("png", "png16"):
+        raise MeddiffError(f"--format {args.format} is for 2D models; volumes are nifti, dicom or both")
+    if args.shard or args.animate:
+        raise MeddiffError("--shard and --animate are for 2D models")
+    pipe = VolumePipeline.from_pretrained(args.model, device=run_device(args.device))
+    codec = LabelCodec(pipe.label_names)
+    if args.labels is not None and not codec.label_names:
+        raise MeddiffError("this model is unconditional; use --unconditional")
+    plan = make_plan(
+        codec,
+        labels_text=args.labels,
+        unconditional=args.unconditional,
+        conditions=args.conditions,
+        n=args.n,
+        per_condition=args.per_condition,
+        unspecified=args.unspecified,
+        uncertain=args.uncertain,
+    )
+    settings = _sampling_settings(args)
+    result = generate_volumes(
+        pipe,
+        plan.labels,
+        plan.known,
+        Path(args.out),
+        seed=settings.seed,
+        guidance=settings.guidance,
+        steps=settings.steps,
+        options=VolumeExportOptions(format=args.format or "nifti"),
+        model_id=str(args.model),
+    )
+    print(
+        f"generated {result.written} volumes ({result.skipped} already present) in {result.seconds:.1f} s; "
+        f"manifest: {result.manifest}"
     )
 
 
@@ -549,8 +658,11 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from meddiff.demo import DEMO_MINUTES, run_demo
+    from meddiff.demo import DEMO_MINUTES, run_demo, run_demo3d
 
+    if args.volumes:
+        run_demo3d(Path(args.out), minutes=args.minutes, seed=args.seed)
+        return
     run_demo(Path(args.out), minutes=args.minutes or DEMO_MINUTES, n=args.n, seed=args.seed)
 
 

@@ -1,0 +1,119 @@
+"""3D through the command line: train-autoencoder -> train -> generate on tiny phantom volumes, and the report."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from meddiff.cli import main
+from meddiff.workflow_volume import RandomConvFeatures, is_volume_data
+
+DATA = "phantom3d:?n=8&size=16"
+TINY = {
+    "max_steps": 2,
+    "batch_size": 2,
+    "checkpoint_every": 0,
+    "lr_warmup_steps": 1,
+    "sample_steps": 2,
+    "threads": 1,
+    "volume": {
+        "autoencoder": {"channels": [8, 16, 16], "norm_num_groups": 8, "scale_samples": 4},
+        "unet": {
+            "channels": [16, 32],
+            "attention_levels": [False, True],
+            "norm_num_groups": 8,
+            "num_head_channels": 8,
+        },
+    },
+}
+
+
+def test_volume_specs_are_recognised():
+    assert is_volume_data(DATA) and is_volume_data("volumes:/data/brats?modalities=flair")
+    assert not is_volume_data("phantom:/data/chest") and not is_volume_data("") and not is_volume_data("nonsense")
+
+
+def test_random_conv_features_are_fixed_and_tell_slices_apart():
+    import torch
+
+    slices = torch.rand(4, 1, 32, 32) * 2 - 1
+    a, b = RandomConvFeatures(0)(slices), RandomConvFeatures(0)(slices)
+    assert a.shape == (4, 224) and np.array_equal(a, b)
+    assert not np.allclose(a[0], RandomConvFeatures(0)(torch.zeros(1, 1, 32, 32))[0])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("volume_cli")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEDDIFF_CACHE", str(root / "cache"))
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY))
+    ae, run = root / "ae", root / "run"
+    assert main(["-q", "train-autoencoder", "--config", str(recipe), "--data", DATA, "--out", str(ae)]) == 0
+    args = ["-q", "train", "--config", str(recipe), "--data", DATA, "--autoencoder", str(ae), "--out", str(run)]
+    assert main(args) == 0
+    yield root, ae, run
+    mp.undo()
+
+
+@pytest.mark.slow
+def test_train_autoencoder_on_volumes_reports_reconstruction(runs):
+    _, ae, _ = runs
+    metrics = json.loads((ae / "metrics.json").read_text())
+    assert {"psnr", "ssim", "ssim_3d", "volumes"} <= set(metrics["reconstruction"])
+    assert metrics["latent_shape"] == [4, 4, 4, 4] and metrics["steps"] == 2
+    assert (ae / "volume_autoencoder" / "model.safetensors").is_file()
+    assert "not for diagnosis" in (ae / "README.md").read_text().lower()
+    assert "data:image/png" in (ae / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_train_on_volumes_writes_metrics_and_report(runs):
+    _, _, run = runs
+    metrics = json.loads((run / "metrics.json").read_text())
+    keys = {"slice_fid", "slice_fid_real", "consistency", "diversity", "memorization", "tumour", "timings"}
+    assert keys <= set(metrics)
+    assert set(metrics["slice_fid"]["planes"]) == {"axial", "coronal", "sagittal"}
+    assert metrics["conditions"] == {"Tumour + Tumour volume mL": 8, "none": 8}
+    assert {"presence_auc", "real_presence_auc", "side_accuracy"} <= set(metrics["tumour"])
+    assert {"train_s", "generate_s", "metrics_s"} <= set(metrics["timings"])
+    page = (run / "report.html").read_text()
+    assert "real (left) and synthetic (right)" in page and "data:image/png" in page and "type='range'" in page
+    assert (run / "samples" / "sweep_axial.gif").is_file()
+    assert len(list(csv.DictReader(open(run / "volumes" / "manifest.csv")))) == 16
+
+
+@pytest.mark.slow
+def test_generate_writes_nifti_volumes_on_the_training_grid(runs, capsys):
+    root, _, run = runs
+    out = root / "generated"
+    assert main(["-q", "generate", "--model", str(run), "--labels", "Tumour", "--n", "2", "--steps", "2"] + [
+        "--out", str(out)
+    ]) == 0  # fmt: skip
+    grid = json.loads((run / "pipeline" / "volume_pipeline.json").read_text())["grid"]
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert len(rows) == 2 and rows[0]["Tumour"] == "1"
+    image = nib.load(out / rows[0]["path"])
+    assert image.shape == (16, 16, 16)
+    np.testing.assert_allclose(image.affine, np.asarray(grid["affine"]), atol=1e-4)
+    assert "synthetic" in image.header["descrip"].item().decode().lower()
+    capsys.readouterr()
+    assert main(["-q", "generate", "--model", str(run), "--unconditional", "--out", str(out), "--format", "png"]) == 2
+    assert "volumes are nifti" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_dicom_series_and_bad_method(runs, capsys):
+    root, ae, run = runs
+    out = root / "dicom"
+    args = ["-q", "generate", "--model", str(run), "--labels", "Tumour", "--n", "1", "--steps", "1", "--format"]
+    assert main(args + ["dicom", "--out", str(out)]) == 0
+    assert len([p for p in (out / "dicom").rglob("*") if p.is_file()]) == 16  # one file per axial slice
+    capsys.readouterr()
+    bad = ["-q", "train", "--data", DATA, "--method", "volume-autoencoder", "--out", str(root / "bad")]
+    assert main(bad) == 2
+    assert "does not train on volumes here" in capsys.readouterr().err

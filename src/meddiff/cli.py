@@ -433,12 +433,13 @@ def cmd_train_autoencoder(args) -> None:
     if _volume_run(args, settings, "volume-autoencoder"):
         from meddiff.workflow_volume import train_volume_autoencoder_and_report
 
-        volume_report = train_volume_autoencoder_and_report(_run_config(args, settings))
+        volume_config = _run_config(args, settings)
+        volume_report = train_volume_autoencoder_and_report(volume_config)
         if volume_report is not None:
             r = volume_report.reconstruction
             print(
                 f"done: held-out PSNR {r.psnr:.2f} dB, SSIM {r.ssim:.4f}, 3D SSIM {r.ssim_3d:.4f}; scaling factor "
-                f"{volume_report.scaling_factor:.4f}; report {Path(settings['out']) / 'report.html'}"
+                f"{volume_report.scaling_factor:.4f}; report {Path(volume_config.out) / 'report.html'}"
             )
         return
     config = _run_config(args, {**settings, "method": "autoencoder"})
@@ -461,11 +462,12 @@ def cmd_train(args) -> None:
     if _volume_run(args, settings, "volume-latent"):
         from meddiff.workflow_volume import train_volume_and_report
 
-        volume_summary = train_volume_and_report(_run_config(args, settings))
+        volume_config = _run_config(args, settings)
+        volume_summary = train_volume_and_report(volume_config)
         if volume_summary is not None:
             print(
-                f"done: {volume_summary.steps} steps; model in {Path(settings['out']) / 'pipeline'}; volumes "
-                f"{volume_summary.volumes}; report {Path(settings['out']) / 'report.html'}"
+                f"done: {volume_summary.steps} steps; model in {Path(volume_config.out) / 'pipeline'}; volumes "
+                f"{volume_summary.volumes}; report {Path(volume_config.out) / 'report.html'}"
             )
         return
     config = _run_config(args, settings)

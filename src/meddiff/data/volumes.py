@@ -37,7 +37,7 @@ def expand_volumes(table: RecordTable, options: dict[str, str]) -> RecordTable:
         try:
             import nibabel as nib
 
-            shape = nib.load(str(rec.path)).shape
+            shape = nib.load(str(rec.path)).shape  # type: ignore[attr-defined]  # nibabel types load() as any file image
         except Exception:  # unreadable: keep one record so the problem is counted and listed when read
             out.append(replace(rec, slice_index=0, slice_axis=axis))
             continue

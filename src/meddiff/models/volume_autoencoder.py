@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 
@@ -171,7 +171,7 @@ class VolumeAutoencoder(torch.nn.Module):
         """Unscaled latent moments of volumes in [-1, 1]."""
         self.check_input(x)
         if self.config.kind == "vq":
-            z = self.net.encode(x)
+            z = cast(torch.Tensor, self.net.encode(x))  # VQVAE.encode returns one tensor
             return EncodeOutput(LatentMoments(z, torch.zeros_like(z)))
         mean, std = self.net.encode(x)
         return EncodeOutput(LatentMoments(mean, std))

@@ -152,7 +152,8 @@ class _Lookup:
     """A DNS lookup in a daemon thread: never holds up the report (or the exit) longer than LOOKUP_SECONDS."""
 
     def __init__(self, host: str) -> None:
-        self.host, self.result, self.detail = host, None, f"no answer within {LOOKUP_SECONDS:.1f} s"
+        self.host, self.detail = host, f"no answer within {LOOKUP_SECONDS:.1f} s"
+        self.result: bool | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 

@@ -218,7 +218,11 @@ def _converter(key: str, hint: Any, meta: typing.Mapping[str, Any]):
 
 
 def _default_text(f: dataclasses.Field) -> str:
-    value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not MISSING:
+        value = f.default
+    else:
+        assert f.default_factory is not MISSING, f"{f.name} has no default"
+        value = f.default_factory()
     return "null" if value is None else ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 

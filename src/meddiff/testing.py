@@ -65,14 +65,14 @@ def save_stable_diffusion(out_dir: str | Path, *, unet, vae, text_encoder, token
         clip_sample=False,
         steps_offset=1,
     )
-    pipe: Any = StableDiffusionPipeline(  # diffusers' lazy imports hide its methods from mypy
+    pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
+        safety_checker=None,  # type: ignore[arg-type]  # diffusers annotates it as required; None is supported
+        feature_extractor=None,  # type: ignore[arg-type]  # likewise
         requires_safety_checker=False,
     )
     pipe.save_pretrained(Path(out_dir), safe_serialization=True)

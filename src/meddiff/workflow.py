@@ -55,6 +55,7 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> RunSummary |
     result = train(config, dataset, progress=progress)
     if not result.is_main_process:  # the other processes of a multi-process run stop here
         return None
+    assert result.pipeline_dir is not None  # the main process exported the model
     timings["train_s"] = time.perf_counter() - t
     run_dir = Path(config.out)
     pipe = load_pipeline(result.pipeline_dir, device=run_device())  # grids and fidelity on the run's device
@@ -143,6 +144,7 @@ def train_autoencoder_and_report(config: TrainConfig, progress: bool = True) -> 
     result = train(config, dataset, progress=progress)
     if not result.is_main_process:  # the other processes of a multi-process run stop here
         return None
+    assert result.pipeline_dir is not None  # the main process exported the autoencoder
     vae = load_autoencoder(result.pipeline_dir)
     heldout = load_dataset(spec.heldout(), config.resolution)
     training = AutoencoderTraining(

@@ -68,7 +68,7 @@ def tasks_for(items: Sequence[tuple[str, int | None, int]]) -> tuple[list[Decode
         j = i
         while j < len(items) and items[j][0] == path and items[j][1] is not None and items[j][2] == axis:
             j += 1
-        tasks.append(DecodeTask(path, tuple(int(items[k][1]) for k in range(i, j)), axis))
+        tasks.append(DecodeTask(path, tuple(int(s) for _, s, _ in items[i:j] if s is not None), axis))
         members.append(list(range(i, j)))
         i = j
     return tasks, members

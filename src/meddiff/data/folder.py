@@ -53,7 +53,7 @@ def index_folder(spec: DatasetSpec) -> RecordTable:
             continue
         # every visible file becomes a record: non-image files are then counted and listed as unreadable
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            values = {c: float(c == cls) for c in classes}
+            values: dict[str, float | None] = {c: float(c == cls) for c in classes}
             records.append(Record(path=path, values=values, patient=str(path.relative_to(base))))
     if not records:
         raise MeddiffError(f"no image files under {base} (looked in {', '.join(classes)})")

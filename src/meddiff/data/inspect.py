@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 from tqdm.auto import tqdm
 
@@ -17,7 +18,7 @@ def _header(path: Path) -> tuple[str, str]:
     if is_nifti(path):
         import nibabel as nib
 
-        img = nib.load(str(path))
+        img = cast(nib.spatialimages.SpatialImage, nib.load(str(path)))  # nibabel types load() as any file image
         return "x".join(map(str, img.shape)), str(img.get_data_dtype())
     if is_dicom(path):
         import pydicom
@@ -33,8 +34,12 @@ def _header(path: Path) -> tuple[str, str]:
 
 def inspect_table(table: RecordTable, check_files: bool = True, progress: bool = True) -> dict:
     names = table.label_names
-    values = {n: Counter() for n in names}
-    views, sexes, ages, sizes, depths = Counter(), Counter(), Counter(), Counter(), Counter()
+    values: dict[str, Counter[str]] = {n: Counter() for n in names}
+    views: Counter[str] = Counter()
+    sexes: Counter[str] = Counter()
+    ages: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    depths: Counter[str] = Counter()
     problems: list[tuple[str, str]] = []
     for rec in table.records:
         for n in names:

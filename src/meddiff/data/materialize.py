@@ -184,6 +184,7 @@ def materialize(
 ) -> ImageLabelDataset:
     """The dataset of `table`: images memory-mapped from its prepared store (written on first use), labels and
     prompts from the table (label options and prompt options never need the pixels again)."""
+    keep: np.ndarray | list[int]  # the table rows that gave an image
     if prep.use_cache:
         store = prepare_store(table, policy, prep, spec_key, multiclass=multiclass, progress=progress)
         keep, images, problems, key = np.asarray(store.keep), store.images, store.problems, store.key

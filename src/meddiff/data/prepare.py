@@ -59,6 +59,7 @@ def prepare(spec_text: str, out: Path, resolution: int, workers: int | None = No
         )
     report_problems(store.problems, len(table.records), table.source)
     index = store.index()
+    assert index is not None  # a store prepared from files always has its index
     with open(out / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", *index.label_names, "prompt", "patient", "source"])

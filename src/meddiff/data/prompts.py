@@ -63,9 +63,9 @@ def prompt_for(
     age: float | None = None,
 ) -> str:
     """Prompt from raw label values (1 present, -1 uncertain)."""
-    present = [n for n in names if values.get(n) is not None and values[n] > 0.5]
+    present = [n for n in names if (v := values.get(n)) is not None and v > 0.5]
     uncertain = (
-        [n for n in names if values.get(n) is not None and values[n] < 0] if options.uncertain == "possible" else []
+        [n for n in names if (v := values.get(n)) is not None and v < 0] if options.uncertain == "possible" else []
     )
     return prompt_from_labels(
         present,
@@ -92,4 +92,4 @@ def shuffle_findings(prompt: str, names: list[str], order: list[float]) -> str:
     present = [name for name in rank if name not in NORMAL_NAMES and name in definite]
     if len(present) < 2 or _join(sorted(present, key=definite.index)) != definite:
         return prompt
-    return head + sep + _join(sorted(present, key=rank.get)) + possible_sep + possible
+    return head + sep + _join(sorted(present, key=rank.__getitem__)) + possible_sep + possible

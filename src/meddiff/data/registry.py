@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.errors import MeddiffError
+
+if TYPE_CHECKING:  # for annotations only: the kinds import this module
+    from meddiff.data.materialize import MaterializePlan
+    from meddiff.data.records import RecordTable
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,8 @@ class Loader:
     load: Callable[[DatasetSpec, int], ImageLabelDataset]
     heldout_split: str
     options: tuple[str, ...]
-    index: Callable[[DatasetSpec], object] | None = None  # spec -> RecordTable, for file-based kinds
-    plan: Callable[[DatasetSpec, int], object] | None = None  # (spec, resolution) -> MaterializePlan (store-backed)
+    index: Callable[[DatasetSpec], RecordTable] | None = None  # for file-based kinds
+    plan: Callable[[DatasetSpec, int], MaterializePlan] | None = None  # (spec, resolution) -> plan (store-backed)
 
 
 LOADERS: dict[str, Loader] = {}

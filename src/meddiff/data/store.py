@@ -93,7 +93,7 @@ class ShardFile:
         if not hasattr(os, "preadv"):  # no positioned reads on this platform: a read-only map
             return np.load(self.path, mmap_mode="r")[rows]
         out = np.empty((len(rows), *self.shape[1:]), self.dtype)
-        flat = memoryview(out.reshape(-1).view(np.uint8))
+        flat = out.reshape(-1).view(np.uint8).data  # a writable byte view of `out`
         fd = _shard_fd(self.path)
         i = 0
         while i < len(rows):
@@ -530,7 +530,10 @@ def _write_shard(partial: Path, name: str, submitted, members, resolution, items
                 problems.append((items[record][0], problem))
             else:
                 fallback |= arr is not True
-                arrays.append(written[row] if arr is True else arr)
+                if arr is True:  # the worker wrote this row into `direct`
+                    assert written is not None
+                    arr = written[row]
+                arrays.append(arr)
                 keep.append(record)
             row += 1
         bar.update(len(task_members))

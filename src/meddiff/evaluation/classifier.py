@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.data.store import MappedImages
 from meddiff.devices import run_device
 
 
@@ -99,7 +100,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict(model: LabelClassifier, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+def predict(model: LabelClassifier, images: torch.Tensor | MappedImages, batch_size: int = 256) -> np.ndarray:
     """images (N, 1, R, R) in [-1, 1] -> probabilities (N, K), computed on the model's device."""
     model.eval()
     device = next(model.parameters()).device

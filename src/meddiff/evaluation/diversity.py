@@ -18,8 +18,8 @@ def mean_pairwise_similarity(images: np.ndarray, max_pairs: int = 500, seed: int
     if n < 2:
         return None, "n/a"
     rng = np.random.default_rng(seed)
-    pairs = {(i, j) for i, j in rng.integers(0, n, size=(max_pairs * 2, 2)) if i != j}
-    pairs = sorted(pairs)[:max_pairs] if n > 2 else [(0, 1)]
+    distinct = {(int(i), int(j)) for i, j in rng.integers(0, n, size=(max_pairs * 2, 2)) if i != j}
+    pairs = sorted(distinct)[:max_pairs] if n > 2 else [(0, 1)]
     a = torch.from_numpy(images[[p[0] for p in pairs]]).float().unsqueeze(1)
     b = torch.from_numpy(images[[p[1] for p in pairs]]).float().unsqueeze(1)
     size = images.shape[-1]

@@ -19,7 +19,7 @@ def combine(a: ImageLabelDataset, b: ImageLabelDataset) -> ImageLabelDataset:
         torch.cat([a.labels, b.labels]),
         torch.cat([a.known, b.known]),
         list(a.label_names),
-        prompts=a.prompts + b.prompts,
+        prompts=[*a.prompts, *b.prompts],
     )
 
 

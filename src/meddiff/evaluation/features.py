@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from meddiff.data import cache
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.data.store import MappedImages
 from meddiff.devices import run_device
 from meddiff.errors import MeddiffError
 from meddiff.evaluation.classifier import LabelClassifier, train_classifier
@@ -55,7 +56,7 @@ def domain_classifier(
 
 
 @torch.no_grad()
-def embed(model: LabelClassifier, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+def embed(model: LabelClassifier, images: torch.Tensor | MappedImages, batch_size: int = 256) -> np.ndarray:
     """images (N, 1, R, R) in [-1, 1] -> features (N, D), computed on the model's device."""
     model.eval()
     device = next(model.parameters()).device
@@ -105,7 +106,7 @@ class InceptionFeatures:
             raise MeddiffError(f"{path} is not a TorchScript model: {str(exc).splitlines()[0]}") from None
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    def __call__(self, images: torch.Tensor | MappedImages, batch_size: int = 64) -> np.ndarray:
         out = []
         for i in range(0, len(images), batch_size):
             x = (images[i : i + batch_size].to(self.device).float() + 1) * 127.5

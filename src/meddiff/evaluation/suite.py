@@ -10,6 +10,7 @@ import torch
 
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.spec import load_dataset, parse_spec
+from meddiff.data.store import MappedImages
 from meddiff.errors import MeddiffError
 from meddiff.evaluation.classifier import per_label_auc, predict
 from meddiff.evaluation.distribution import fid, kid, prdc
@@ -62,7 +63,7 @@ def condition_keys(data: ImageLabelDataset) -> list[str]:
     return keys
 
 
-def to01(images: torch.Tensor) -> np.ndarray:
+def to01(images: torch.Tensor | MappedImages) -> np.ndarray:
     return ((images[:, 0].numpy() + 1) / 2).astype(np.float32)
 
 
@@ -102,7 +103,11 @@ def evaluate(
     f_train, f_test, f_syn = embed(clf, train.images), embed(clf, test.images), embed(clf, syn.images)
     d_train, d_test, d_syn = f_train, f_test, f_syn  # the distribution features
     if features != "domain":
-        extract = InceptionFeatures(feature_weights) if features == "inception" else xrv_features(feature_weights)
+        if features == "inception":
+            assert feature_weights is not None  # require_optional checked it
+            extract = InceptionFeatures(feature_weights)
+        else:
+            extract = xrv_features(feature_weights)
         d_train, d_test, d_syn = extract(train.images), extract(test.images), extract(syn.images)
     kid_syn, kid_ref = kid(d_test, d_syn), kid(d_test, d_train)
     dist = DistributionMetrics(

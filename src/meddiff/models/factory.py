@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UNet2DConditionModel
 
@@ -71,7 +71,8 @@ def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
     )
 
 
-SAMPLERS = ("dpm++", "ddim", "pndm", "ddpm")
+SamplerName = Literal["dpm++", "ddim", "pndm", "ddpm"]
+SAMPLERS: tuple[SamplerName, ...] = get_args(SamplerName)
 
 
 def make_sampler(name: str, train_config, clip: bool = True):

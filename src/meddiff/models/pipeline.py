@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, VQModel
 from diffusers.utils.torch_utils import randn_tensor
 
 
@@ -35,7 +36,9 @@ def encode_condition(labels: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     return torch.cat([(labels > 0.5).to(torch.float32) * k, k], dim=1)
 
 
-def encode_prompt(tokenizer, text_encoder, prompts: list, device=None) -> torch.Tensor:
+def encode_prompt(
+    tokenizer: Any, text_encoder: Any, prompts: list, device: str | torch.device | None = None
+) -> torch.Tensor:
     """Prompts -> (B, T, D) hidden states, exactly as Stable Diffusion does it (padded to the tokenizer's
     model_max_length, truncated, last hidden state; the attention mask only where the encoder's config asks)."""
     tokens = tokenizer(
@@ -53,9 +56,29 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tenso
     return uncond + scale * (cond - uncond)
 
 
+class Sampler(Protocol):
+    """What sampling uses of a diffusers scheduler (DDPM, DDIM, PNDM, DPM-Solver, ...)."""
+
+    timesteps: torch.Tensor
+    init_noise_sigma: float
+    set_timesteps: Callable[..., None]
+    scale_model_input: Callable[..., torch.Tensor]
+    step: Callable[..., Any]  # -> an output with .prev_sample
+
+    @property
+    def config(self) -> Any: ...
+
+
 class MedDiffusionPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->unet->vae"  # type: ignore[assignment]  # diffusers types it as None
     _optional_components = ["vae", "text_encoder", "tokenizer"]
+
+    # the modules register_modules sets (declared for type checkers only; no class attributes are created)
+    unet: UNet2DConditionModel
+    scheduler: Sampler
+    vae: AutoencoderKL | VQModel | None
+    text_encoder: torch.nn.Module | None  # any transformers text encoder
+    tokenizer: Any  # any transformers tokenizer
 
     def __init__(
         self,
@@ -72,11 +95,11 @@ class MedDiffusionPipeline(DiffusionPipeline):
 
     @property
     def label_names(self) -> list:
-        return list(self.config.label_names or [])
+        return list(self.config["label_names"] or [])
 
     @property
     def supports_labels(self) -> bool:
-        return self.unet.config.class_embed_type is not None
+        return self.unet.config["class_embed_type"] is not None
 
     @property
     def supports_prompts(self) -> bool:
@@ -90,8 +113,9 @@ class MedDiffusionPipeline(DiffusionPipeline):
     def image_size(self) -> int:
         """Width of the generated images in pixels."""
         if self.is_latent:
-            return int(self.vae.config.sample_size)
-        return int(self.unet.config.sample_size)
+            assert self.vae is not None
+            return int(self.vae.config["sample_size"])
+        return int(self.unet.config["sample_size"])
 
     def encode_labels(self, present: list, unspecified: str = "absent") -> torch.Tensor:
         """[["Cardiomegaly", "Pleural Effusion"], []] -> (B, 2K) conditions. Other labels are known-absent
@@ -110,7 +134,8 @@ class MedDiffusionPipeline(DiffusionPipeline):
         """Model-space sample -> 1-channel image in [-1, 1] (identity for pixel models)."""
         if not self.is_latent:
             return latents
-        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        assert self.vae is not None
+        z = latents.to(self.vae.dtype) / self.vae.config["scaling_factor"]
         images = self.vae.decode(z).sample
         if images.shape[1] == 3:  # an RGB autoencoder (pretrained Stable Diffusion): back to 1-channel grayscale
             images = images.mean(dim=1, keepdim=True)
@@ -165,6 +190,7 @@ class MedDiffusionPipeline(DiffusionPipeline):
                 negative_prompt = [""] * batch
             elif isinstance(negative_prompt, str):
                 negative_prompt = [negative_prompt] * batch
+            assert self.text_encoder is not None
             cond_kwargs["encoder_hidden_states"] = encode_prompt(self.tokenizer, self.text_encoder, prompt, device).to(
                 dtype
             )
@@ -180,8 +206,8 @@ class MedDiffusionPipeline(DiffusionPipeline):
         else:
             model_kwargs = cond_kwargs
 
-        size = self.unet.config.sample_size
-        shape = (batch, self.unet.config.in_channels, size, size)
+        size = self.unet.config["sample_size"]
+        shape = (batch, self.unet.config["in_channels"], size, size)
         if isinstance(generator, list):  # one generator per image: results do not depend on batching
             sample = torch.cat(
                 [randn_tensor((1,) + shape[1:], generator=g, device=device, dtype=dtype) for g in generator]
@@ -205,12 +231,12 @@ class MedDiffusionPipeline(DiffusionPipeline):
             if callback_on_step is not None:
                 callback_on_step(i, t, sample)
         images = (self.decode_latents(sample).float() / 2 + 0.5).clamp(0, 1)
+        result: torch.Tensor | np.ndarray | list
         if output_type == "pt":
             result = images
         else:
-            result = images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
-            if output_type == "pil":
-                result = self.numpy_to_pil(result)
+            array = images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+            result = self.numpy_to_pil(array) if output_type == "pil" else array
         if not return_dict:
             return (result,)
-        return ImagePipelineOutput(images=result)
+        return ImagePipelineOutput(images=result)  # type: ignore[arg-type]  # diffusers' type omits output_type="pt"

@@ -9,20 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from meddiff.errors import MeddiffError
 from meddiff.hub import load_pretrained, quiet_loading
 
+if TYPE_CHECKING:  # diffusers and transformers are imported where they are used (slow imports)
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, PreTrainedTokenizerBase
+
 
 @dataclass
 class StableDiffusionParts:
-    unet: object
-    vae: object
-    text_encoder: object
-    tokenizer: object
-    scheduler: object
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: PreTrainedTokenizerBase
+    scheduler: DDPMScheduler  # the training noise scheduler
     source: str
 
 

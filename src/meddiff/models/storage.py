@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from meddiff.errors import MeddiffError
 from meddiff.hub import quiet_loading
 from meddiff.models.pipeline import MedDiffusionPipeline
@@ -60,7 +62,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     return candidate
 
 
-def load_pipeline(path: str | Path, device: str = "cpu") -> MedDiffusionPipeline:
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu") -> MedDiffusionPipeline:
     folder = resolve_model_dir(path)
     quiet_loading()
     if (folder / ADAPTER_FILE).is_file():
@@ -91,10 +93,10 @@ def load_adapter_pipeline(folder: Path) -> MedDiffusionPipeline:
         unet=parts.unet,
         vae=parts.vae,
         text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        scheduler=parts.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
+        tokenizer=parts.tokenizer,  # type: ignore[arg-type]  # any CLIP tokenizer works, the fast one too
+        scheduler=parts.scheduler,  # type: ignore[arg-type]  # diffusers annotates an enum of scheduler names
+        safety_checker=None,  # type: ignore[arg-type]  # diffusers annotates it as required; None is supported
+        feature_extractor=None,  # type: ignore[arg-type]  # likewise
         requires_safety_checker=False,
     )
     try:
@@ -118,5 +120,5 @@ def load_adapter_pipeline(folder: Path) -> MedDiffusionPipeline:
         label_names=note.get("label_names") or [],
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe.text_encoder.requires_grad_(False).eval()
+    sd.text_encoder.requires_grad_(False).eval()
     return pipe

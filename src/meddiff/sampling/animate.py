@@ -55,4 +55,4 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[0] == size:
         return image.astype(np.float32)
     pil = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8), "L")
-    return np.asarray(pil.resize((size, size), Image.NEAREST), np.float32) / 255
+    return np.asarray(pil.resize((size, size), Image.Resampling.NEAREST), np.float32) / 255

@@ -5,8 +5,9 @@ comes out whatever the batch size or however the work is split across processes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.prompts import prompt_from_labels
 from meddiff.errors import MeddiffError
-from meddiff.models.factory import choose_attention, make_sampler, set_attention
+from meddiff.models.factory import SamplerName, choose_attention, make_sampler, set_attention
 from meddiff.models.pipeline import MedDiffusionPipeline
 from meddiff.options import Options, option
 from meddiff.precision import autocast, resolve_precision
@@ -35,7 +36,7 @@ class SamplingSettings(Options):
     guidance: float = option(
         2.0, "classifier-free guidance scale (1: conditional only; > 1 doubles the network evaluations)", minimum=0
     )
-    scheduler: Literal["dpm++", "ddim", "pndm", "ddpm"] = option("dpm++", "sampler")
+    scheduler: SamplerName = option("dpm++", "sampler")
     seed: int = option(0, "base seed; image i gets its own seed from (seed, i), whatever the batch or shard")
     batch_size: int = option(64, "images per network batch", minimum=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
@@ -69,7 +70,7 @@ def sample(
     settings: SamplingSettings,
     indices: list[int] | None = None,
     progress: bool = True,
-    prompts: list[str | None] | None = None,
+    prompts: Sequence[str | None] | None = None,
     callback=None,
 ) -> np.ndarray:
     """conditions (N, 2K) and/or prompts (N) -> images (N, H, W) in [0, 1]. Row i is image number indices[i]
@@ -102,8 +103,9 @@ def sample(
         gens = [
             torch.Generator().manual_seed(image_seed(settings.seed, indices[start + i])) for i in range(cond.shape[0])
         ]
-        extra = {}
+        extra: dict[str, Any] = {}
         if pipe.supports_prompts:
+            assert prompts is not None  # filled in above
             extra = {
                 "prompt": prompts[start : start + settings.batch_size],
                 "negative_prompt": settings.negative_prompt,

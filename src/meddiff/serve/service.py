@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.errors import MeddiffError
@@ -93,7 +94,7 @@ class ModelService:
         self,
         model_dir: str | Path,
         limits: ServeLimits | None = None,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         work_dir: str | Path | None = None,
     ):
         self.model_dir = resolve_model_dir(model_dir)

@@ -14,10 +14,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from meddiff.errors import MeddiffError
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 SURVIVAL_FILES = ("survival_info.csv", "survival_data.csv")
@@ -166,14 +170,19 @@ def discover_cases(root: str | Path, modalities: tuple[str, ...] = MODALITIES) -
     return CaseTable(cases, skipped)
 
 
-def load_case(case: Case, modalities: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray, tuple]:
-    """(modality -> float32 volume, integer label volume, voxel spacing); MeddiffError naming the problem."""
+def _load_image(path: Path) -> nib.spatialimages.SpatialImage:
+    """A NIfTI image (nibabel types load() as any file image)."""
     import nibabel as nib
 
+    return cast("nib.spatialimages.SpatialImage", nib.load(str(path)))
+
+
+def load_case(case: Case, modalities: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray, tuple]:
+    """(modality -> float32 volume, integer label volume, voxel spacing); MeddiffError naming the problem."""
     try:
-        seg_img = nib.load(str(case.paths["seg"]))
+        seg_img = _load_image(case.paths["seg"])
         seg = np.asarray(seg_img.dataobj).astype(np.int16)
-        volumes = {m: np.asarray(nib.load(str(case.paths[m])).dataobj, dtype=np.float32) for m in modalities}
+        volumes = {m: np.asarray(_load_image(case.paths[m]).dataobj, dtype=np.float32) for m in modalities}
     except Exception as exc:  # nibabel raises many kinds for corrupt files
         raise MeddiffError(f"unreadable volume: {str(exc).splitlines()[0][:120]}") from None
     shapes = {m: v.shape for m, v in volumes.items()}

@@ -194,7 +194,7 @@ def extract_all(
             results.append(_one(job))
             bar.update(1)
     bar.close()
-    skipped = {case_id: reason for case_id, values, reason in results if values is None}
+    skipped = {case_id: reason for case_id, values, reason in results if values is None and reason is not None}
     kept = [(case_id, values) for case_id, values, _ in results if values is not None]
     if not kept:
         raise MeddiffError(f"no case gave features ({len(skipped)} skipped, e.g. {next(iter(skipped.values()), '')})")

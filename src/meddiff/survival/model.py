@@ -172,6 +172,7 @@ def cross_validate(
         per_repeat.append(survival_metrics(y, predictions))
         first = predictions if first is None else first
     metrics = {k: float(np.mean([m[k] for m in per_repeat])) for k in per_repeat[0]}
+    assert first is not None  # set by the first repeat
     return CVResult(
         rule.label,
         model,

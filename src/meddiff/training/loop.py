@@ -23,6 +23,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, cast
 
 import torch
 from accelerate import Accelerator
@@ -45,10 +46,21 @@ from meddiff.training.summary import TrainingSummary
 logger = logging.getLogger(__name__)
 
 
+class LoopState(TypedDict, total=False):
+    """Where a run stands: what a checkpoint's state.json holds (and restores)."""
+
+    step: int
+    elapsed: float  # training seconds, all runs of this run directory together
+    samples: int  # images of the data stream consumed
+    loss_history: list[list[float]]  # [step, loss, elapsed seconds]
+    metrics_history: list  # [step, {name: value}]
+    method: dict  # the method's extra state (written into checkpoints only)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
-    pipeline_dir: Path
+    pipeline_dir: Path | None  # None on the other processes of a multi-process run
     steps: int
     train_seconds: float
     images_per_second: float
@@ -143,7 +155,7 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
     ddp.find_unused_parameters = bool(method.has_unused_parameters)  # read when the model is prepared below
     model = method.model
     if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's overloads omit it
     if hasattr(model, "set_attn_processor"):  # diffusion U-Nets; their default processor is SDPA
         kind = choose_attention(config.attention, model, accelerator.device.type, precision)
         if kind == "classic" or config.attention == "sdpa":
@@ -177,9 +189,9 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
             inv_gamma=1.0,
             power=config.ema_power,
         )
-    state = {"step": 0, "elapsed": 0.0, "loss_history": []}
+    state: LoopState = {"step": 0, "elapsed": 0.0, "loss_history": []}
     if resume_from is not None:
-        state = load_checkpoint(accelerator, ema, resume_from)
+        state = cast(LoopState, load_checkpoint(accelerator, ema, resume_from))
         method.load_extra_state(state.pop("method", {}))
         logger.info("resumed from %s at step %s", resume_from, state["step"])
     if main:

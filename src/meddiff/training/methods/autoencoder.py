@@ -84,7 +84,7 @@ class AutoencoderTraining(TrainingMethod):
         self.vq = is_vq(self._model)
         self.usage = CodebookUsage(self.cfg.codebook_size) if self.vq else None
         self.discriminator = PatchDiscriminator() if self.cfg.adversarial_weight > 0 else None
-        self.disc_optimizer = None
+        self.disc_optimizer: torch.optim.Optimizer | None = None  # set in setup(), with the discriminator
         self.perceptual = _lpips() if self.cfg.perceptual_weight > 0 else None
         self._last: dict = {}
 
@@ -166,6 +166,7 @@ class AutoencoderTraining(TrainingMethod):
                 weight = model.quantize.embedding.weight
                 weight.data.copy_(broadcast(weight.data.clone(), from_process=0))
         if self.discriminator is not None and step >= self.cfg.adversarial_start:
+            assert self.disc_optimizer is not None
             self.disc_optimizer.zero_grad(set_to_none=True)
             real, fake = batch["image"], self._last["recon"]
             d_loss = discriminator_hinge_loss(self.discriminator(real), self.discriminator(fake))

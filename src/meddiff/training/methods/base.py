@@ -27,7 +27,8 @@ class TrainingMethod(ABC):
         self.config = config
         self.dataset = dataset
         self.accelerator = accelerator  # the run's (device, processes); None outside the loop (tests, tools)
-        self.metrics: dict[str, float] = {}  # numbers of the last step the loop logs besides the loss
+        # numbers of the last step the loop logs besides the loss (tensors: the loop reads them as floats)
+        self.metrics: dict[str, float | torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:

@@ -53,7 +53,9 @@ class PixelDiffusion(TrainingMethod):
             in_channels=channels,
             cross_attention_dim=text_width(self.text_encoder) if self.use_text else None,
         )
+        self._model: torch.nn.Module
         if self.use_text and config.text.train_encoder:
+            assert self.text_encoder is not None
             self._model = torch.nn.ModuleDict({"unet": self._unet, "text_encoder": self.text_encoder})
         else:
             self._model = self._unet
@@ -108,10 +110,11 @@ class PixelDiffusion(TrainingMethod):
         if self.config.noise_offset:
             noise = noise + self.config.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=generator)
         noise = noise.to(device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        xt = self.noise_scheduler.add_noise(x0, noise, t)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(x0, noise, t)
+        scheduler = self.noise_scheduler
+        t = torch.randint(0, scheduler.config["num_train_timesteps"], (b,), generator=generator).to(device)
+        xt = scheduler.add_noise(x0, noise, t)  # type: ignore[arg-type]  # diffusers says IntTensor; any int tensor works
+        if scheduler.config["prediction_type"] == "v_prediction":
+            target = scheduler.get_velocity(x0, noise, t)  # type: ignore[arg-type]  # as above
         else:
             target = noise
         pred = unet(xt, t, **kwargs).sample.float()
@@ -119,9 +122,7 @@ class PixelDiffusion(TrainingMethod):
         if self.config.snr_gamma:
             snr = compute_snr(self.noise_scheduler, t)
             clipped = torch.clamp(snr, max=self.config.snr_gamma)
-            weight = (
-                clipped / (snr + 1) if self.noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
-            )
+            weight = clipped / (snr + 1) if scheduler.config["prediction_type"] == "v_prediction" else clipped / snr
             per_sample = per_sample * weight
         return per_sample
 

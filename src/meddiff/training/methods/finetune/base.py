@@ -46,7 +46,7 @@ class StableDiffusionFinetune(PixelDiffusion):
         parts = load_stable_diffusion(ft.pretrained)
         self.noise_scheduler = parts.scheduler
         self._vae = parts.vae.requires_grad_(False).eval()
-        factor = 2 ** (len(self._vae.config.block_out_channels) - 1)
+        factor = 2 ** (len(self._vae.config["block_out_channels"]) - 1)
         if config.resolution % factor:
             raise MeddiffError(
                 f"--resolution {config.resolution} is not a multiple of the autoencoder's factor {factor}"
@@ -107,7 +107,7 @@ class StableDiffusionFinetune(PixelDiffusion):
         self.latents = encoded_latents(
             self._vae, self.dataset, self.config.resolution, self.accelerator, transform=to_rgb, tag="rgb3"
         )
-        self.scale = float(self._vae.config.scaling_factor)
+        self.scale = float(self._vae.config["scaling_factor"])
 
     @property
     def autoencoder(self) -> torch.nn.Module:
@@ -123,8 +123,8 @@ class StableDiffusionFinetune(PixelDiffusion):
 
     # the loss --------------------------------------------------------------------------------------------------
     def model_space(self):
-        factor = 2 ** (len(self._vae.config.block_out_channels) - 1)
-        return self._vae.config.latent_channels, self.config.resolution // factor
+        factor = 2 ** (len(self._vae.config["block_out_channels"]) - 1)
+        return self._vae.config["latent_channels"], self.config.resolution // factor
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents drawn from encoded moments."""

@@ -53,7 +53,7 @@ class LoraFinetune(FinetuneStrategy):
         StableDiffusionPipeline.save_lora_weights(
             folder,
             unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet_of(model))),
-            text_encoder_lora_layers=text_layers,
+            text_encoder_lora_layers=text_layers,  # type: ignore[arg-type]  # None (the default) is not in diffusers' type
             safe_serialization=True,
         )
         write_adapter_note(run, folder, "lora", LORA_WEIGHTS)

@@ -10,7 +10,7 @@ from meddiff.cli import main
 
 
 def run_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "meddiff", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "meddiff", *args], capture_output=True, text=True, timeout=1200)
     return proc.returncode, proc.stdout, proc.stderr
 
 

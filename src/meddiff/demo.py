@@ -246,6 +246,10 @@ def run_demo3d(out: Path, minutes: float | None = None, seed: int = 0, progress:
     return report
 
 
+def _sig(value: float) -> float:
+    return float(f"{value:.4g}")  # random-conv FIDs are small numbers: keep 4 significant digits
+
+
 def demo3d_numbers(ae, summary, timings: dict[str, float]) -> dict[str, Any]:
     fid, ref, m = summary.slice_fid, summary.slice_fid_real, summary.memorization
     return {
@@ -262,9 +266,9 @@ def demo3d_numbers(ae, summary, timings: dict[str, float]) -> dict[str, Any]:
             "seconds_per_volume": summary.seconds_per_volume,
         },
         "label_fidelity": summary.tumour.to_dict() if summary.tumour else None,
-        "slice_fid": {p: round(d["fid"], 3) for p, d in fid["planes"].items()} | {"mean": round(fid["mean_fid"], 3)},
-        "slice_fid_real_vs_real": {p: round(d["fid"], 3) for p, d in ref["planes"].items()}
-        | {"mean": round(ref["mean_fid"], 3)},
+        "slice_fid": {p: _sig(d["fid"]) for p, d in fid["planes"].items()} | {"mean": _sig(fid["mean_fid"])},
+        "slice_fid_real_vs_real": {p: _sig(d["fid"]) for p, d in ref["planes"].items()}
+        | {"mean": _sig(ref["mean_fid"])},
         "features": summary.features,
         "diversity": summary.diversity,
         "memorization": {k: m[k] for k in ("rate_flagged", "rate_volume", "rate_slice", "rate_knn_ratio")},

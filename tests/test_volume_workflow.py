@@ -80,8 +80,15 @@ def test_train_on_volumes_writes_metrics_and_report(runs):
     assert set(metrics["slice_fid"]["planes"]) == {"axial", "coronal", "sagittal"}
     assert metrics["conditions"] == {"Tumour + Tumour volume mL": 8, "none": 8}
     assert {"presence_auc", "real_presence_auc", "side_accuracy"} <= set(metrics["tumour"])
-    assert {"train_s", "generate_s", "metrics_s"} <= set(metrics["timings"])
+    assert {"train_s", "generate_s", "metrics_s", "feature_nets_s", "classifier_3d_s"} <= set(metrics["timings"])
+    # feature nets trained on the real volumes: slices for the three-plane FID, a 3D classifier for 3D FID and AUC
+    assert metrics["features"].startswith("domain slice net") and "Tumour" in metrics["features"]
+    c3d = metrics["classifier"]
+    assert c3d["labels"] == ["Tumour"] and c3d["n_synthetic"] == 16 and c3d["feature_dim"] == 128
+    assert np.isfinite(c3d["fid"]) and c3d["fid"] >= 0 and c3d["real_fid"] is not None
+    assert set(c3d["synthetic_auc"]) == {"Tumour"}
     page = (run / "report.html").read_text()
+    assert "3D classifier: FID / KID and label fidelity" in page
     assert "real (left) and synthetic (right)" in page and "data:image/png" in page and "type='range'" in page
     assert (run / "samples" / "sweep_axial.gif").is_file()
     assert len(list(csv.DictReader(open(run / "volumes" / "manifest.csv")))) == 16

@@ -233,7 +233,7 @@ def run_demo3d(out: Path, minutes: float | None = None, seed: int = 0, progress:
         max_minutes=0.2 * train_s / 60,
         batch_size=VOLUME_BATCH_SIZES["volume-latent"],
     )
-    summary = train_volume_and_report(ldm_config, progress=progress, per_condition=4)
+    summary = train_volume_and_report(ldm_config, progress=progress, per_condition=4, feature_size=32)
     assert summary is not None
     timings["latent diffusion (train, generate, evaluate)"] = time.perf_counter() - t
     for key, value in summary.timings.items():
@@ -270,6 +270,7 @@ def demo3d_numbers(ae, summary, timings: dict[str, float]) -> dict[str, Any]:
         "slice_fid_real_vs_real": {p: _sig(d["fid"]) for p, d in ref["planes"].items()}
         | {"mean": _sig(ref["mean_fid"])},
         "features": summary.features,
+        "classifier_3d": summary.classifier.to_dict() if summary.classifier else None,
         "diversity": summary.diversity,
         "memorization": {k: m[k] for k in ("rate_flagged", "rate_volume", "rate_slice", "rate_knn_ratio")},
         "conditions": summary.conditions,
@@ -290,10 +291,17 @@ def write_demo3d_report(path: Path, numbers: dict[str, Any], out: Path) -> Path:
         ["autoencoder held-out PSNR dB / SSIM / 3D SSIM", f"{ae['psnr']:.2f} / {ae['ssim']:.3f} / {ae['ssim_3d']:.3f}"],
         ["tumour present/absent AUC (real)", pair(fidelity.get("presence_auc"), fidelity.get("real_presence_auc"))],
         ["side accuracy (real held-out)", pair(fidelity.get("side_accuracy"), fidelity.get("real_side_accuracy"))],
+        ["tumour core volume error vs real, mL", fmt(fidelity.get("mean_volume_error_ml"))],
         ["slice FID, 3 planes (real-vs-real)", pair(fid, fid_real)],
         [f"diversity: 3D {diversity['metric']}, synthetic (real)", pair(diversity["synthetic"], diversity["real"])],
         ["memorization: flagged volumes", numbers["memorization"]["rate_flagged"]],
     ]  # fmt: skip
+    c3d = numbers.get("classifier_3d")
+    if c3d:
+        rows.insert(4, ["3D classifier FID (real-vs-real)", pair(c3d["fid"], c3d["real_fid"])])
+        for name in c3d["labels"]:
+            auc = pair(c3d["synthetic_auc"][name], c3d["real_auc"][name])
+            rows.insert(5, [f"3D classifier AUC: {name} (real)", auc])
     page = html_page(
         "meddiff demo --3d: brain phantom volumes",
         [

@@ -1,10 +1,11 @@
 """3D workflows used by the CLI and `meddiff demo --3d`: train a volume autoencoder or a volume latent diffusion
 model, then measure it and write RUN/metrics.json, RUN/report.html and the model card.
 
-Slice FID/KID use `random_conv_features`: a small convolutional net with fixed, seeded random weights (no
-training, the same network in every run), whose mean- and std-pooled activations describe a 2D slice. Its numbers
-compare runs of this workflow; they are not comparable with Inception FIDs. Each FID has a real-vs-real reference
-(training volumes against held-out real ones) on the same features and counts of the same size."""
+Feature nets are trained on the real training volumes (meddiff.evaluation.volume_classifier): slice FID/KID use a
+2D classifier trained on real slices of the three planes, the 3D FID/KID and classifier label fidelity a small 3D
+classifier. Data without a binary label falls back to `RandomConvFeatures` for slices (fixed, seeded random
+weights) and has no 3D classifier. Each FID has a real-vs-real reference (training volumes against held-out real
+ones) on the same features; these FIDs compare runs of this workflow, not Inception FIDs of other papers."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ from meddiff.data.spec import DatasetSpec, load_dataset, parse_spec
 from meddiff.errors import MeddiffError
 from meddiff.evaluation.diversity import MS_SSIM_MIN_SIZE
 from meddiff.evaluation.report import figure, html_page, html_table, loss_curve_png
+from meddiff.evaluation.volume_classifier import (
+    VolumeClassifierScores,
+    binary_columns,
+    slice_feature_net,
+    volume_classifier_scores,
+)
 from meddiff.evaluation.volume_metrics import (
     slice_consistency,
     slice_distances,
@@ -252,6 +259,7 @@ class TumourFidelity(JsonResult):
     real_side_accuracy: float | None
     real_mean_volume_ml: float | None
     real_volume_error_ml: float | None  # |measured - true| core volume of the real tumours
+    mean_volume_error_ml: float | None  # |mean measured synthetic - mean measured real| core volume of tumours
     n_synthetic: int
     n_real: int
 
@@ -276,9 +284,13 @@ class VolumeRunSummary(JsonResult):
     diversity: dict
     memorization: dict
     tumour: TumourFidelity | None
+    classifier: VolumeClassifierScores | None  # 3D FID/KID and label fidelity by a real-trained 3D classifier
     timings: dict[str, float]
     volumes: str
     loss_history: list[list[float]] = json_field(default_factory=list, saved=False)
+
+
+RANDOM_CONV = "random-conv (fixed seeded random 3-stage conv net, mean+std pooled, 224-d)"
 
 
 class RandomConvFeatures:
@@ -374,6 +386,7 @@ def tumour_fidelity(synthetic: torch.Tensor, labels: torch.Tensor, known, heldou
         real_side_accuracy=r_side,
         real_mean_volume_ml=r_ml,
         real_volume_error_ml=error,
+        mean_volume_error_ml=abs(mean_ml - r_ml) if mean_ml is not None and r_ml is not None else None,
         n_synthetic=len(found),
         n_real=len(real),
     )
@@ -404,8 +417,20 @@ def generate_condition_sets(
     return v, lab_all, kn_all, names
 
 
+def real_feature_nets(dataset, real: torch.Tensor, seed: int, feature_size: int, progress: bool):
+    """(slice feature function, its description, whether the data has a binary label for a 3D classifier)."""
+    if dataset.label_names and binary_columns(dataset.labels, dataset.known):
+        features, described = slice_feature_net(
+            real, dataset.labels, dataset.known, list(dataset.label_names), size=feature_size, seed=seed,
+            progress=progress,
+        )  # fmt: skip
+        return features, described, True
+    logger.info("no binary label to train feature nets on: random-conv slice features, no 3D classifier")
+    return RandomConvFeatures(seed), RANDOM_CONV, False
+
+
 def train_volume_and_report(
-    config: TrainConfig, progress: bool = True, per_condition: int = 8
+    config: TrainConfig, progress: bool = True, per_condition: int = 8, feature_size: int = 64
 ) -> VolumeRunSummary | None:
     """`meddiff train` on volumes: latent diffusion, a fixed set per label combination, views and metrics."""
     timings: dict[str, float] = {}
@@ -431,7 +456,9 @@ def train_volume_and_report(
     t = time.perf_counter()
     real = _model_range(dataset.images)
     real_heldout = _model_range(heldout.images)
-    features = RandomConvFeatures(config.seed)
+    features, described, labelled = real_feature_nets(dataset, real, config.seed, feature_size, progress)
+    timings["feature_nets_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     per_volume = 8
     distances = slice_distances(real, synthetic, features, per_volume=per_volume, n_boot=20, seed=config.seed)
     reference = slice_distances(real, real_heldout, features, per_volume=per_volume, n_boot=0, seed=config.seed)
@@ -439,6 +466,15 @@ def train_volume_and_report(
     diversity = volume_diversity(real_heldout, synthetic, max_pairs=60, seed=config.seed)
     memorization = volume_memorization(synthetic, real, real_heldout, per_volume=per_volume)
     timings["metrics_s"] = time.perf_counter() - t
+    classifier = None
+    if labelled and pipe.label_names:
+        t = time.perf_counter()
+        classifier = volume_classifier_scores(
+            real, dataset.labels, dataset.known, list(dataset.label_names), synthetic, labels, known,
+            real_heldout, heldout.labels, heldout.known, seed=config.seed, progress=progress,
+        )  # fmt: skip
+        timings["classifier_3d_s"] = time.perf_counter() - t
+        logger.info("3D classifier: %s", classifier.to_dict())
     tumour = None
     if spec.kind == "phantom3d" and TUMOUR_LABEL in pipe.label_names:
         t = time.perf_counter()
@@ -457,13 +493,14 @@ def train_volume_and_report(
         sampling=f"{type(pipe.scheduler).__name__}, {config.sample_steps} steps, guidance {config.guidance}",
         seconds_per_volume=round(seconds_per_volume, 2),
         conditions={name: cond_names.count(name) for name in dict.fromkeys(cond_names)},
-        features="random-conv (fixed seeded random 3-stage conv net, mean+std pooled, 224-d)",
+        features=described,
         slice_fid=distances.to_dict(),
         slice_fid_real=reference.to_dict(),
         consistency=consistency.to_dict(),
         diversity=diversity.to_dict(),
         memorization=memorization.to_dict(),
         tumour=tumour,
+        classifier=classifier,
         timings={k: round(v, 1) for k, v in timings.items()},
         volumes=str(run_dir / "volumes" / "manifest.csv"),
         loss_history=result.loss_history,
@@ -490,6 +527,10 @@ def _card_metrics(summary: VolumeRunSummary) -> list[str]:
             f"- tumour presence AUC by measurement {t.presence_auc} (real held-out {t.real_presence_auc}), "
             f"side accuracy {t.side_accuracy} (real {t.real_side_accuracy})"
         )
+    if summary.classifier is not None:
+        c = summary.classifier
+        aucs = ", ".join(f"{n} {c.synthetic_auc.get(n)} (real {c.real_auc.get(n)})" for n in c.labels)
+        lines.append(f"- 3D classifier: FID {c.fid:.3g} (real-vs-real {c.real_fid}); label AUC {aucs}")
     return lines
 
 
@@ -503,6 +544,19 @@ def _fid_rows(summary: VolumeRunSummary) -> list[list[object]]:
     rows.append(["mean", summary.slice_fid["mean_fid"], "", summary.slice_fid_real["mean_fid"]])
     rows[-1] += [summary.slice_fid["mean_kid"], summary.slice_fid_real["mean_kid"], ""]
     return rows
+
+
+def classifier_html(c: VolumeClassifierScores) -> str:
+    """The 3D classifier's section of a report: 3D FID/KID next to real-vs-real, per-label AUC next to real."""
+    rows = [["3D FID (training vs set)", c.fid, c.real_fid], ["3D KID (training vs set)", c.kid, c.real_kid]]
+    rows += [[f"label AUC: {name}", c.synthetic_auc.get(name), c.real_auc.get(name)] for name in c.labels]
+    rows.append(["volumes", c.n_synthetic, c.n_heldout])
+    return (
+        f"<p>A small 3D CNN (MONAI residual units, {c.feature_dim}-d mean+max pooled features) trained for "
+        f"{c.epochs} epochs on the {c.n_train} real training volumes ({c.train_seconds:.0f} s). Label AUC: its score "
+        "against the label each synthetic volume was generated with; the real column is the same classifier on "
+        "held-out real volumes.</p>" + html_table(["measure", "synthetic", "real held-out"], rows)
+    )
 
 
 def write_volume_report(run_dir: Path, summary: VolumeRunSummary, dataset, rows, synthetic, cond_names) -> Path:
@@ -568,6 +622,8 @@ def write_volume_report(run_dir: Path, summary: VolumeRunSummary, dataset, rows,
                 ),
             )
         )
+    if summary.classifier is not None:
+        sections.append(("3D classifier: FID / KID and label fidelity", classifier_html(summary.classifier)))
     sections += [
         (
             "Training",

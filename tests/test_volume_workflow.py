@@ -66,6 +66,10 @@ def test_train_autoencoder_on_volumes_reports_reconstruction(runs):
     metrics = json.loads((ae / "metrics.json").read_text())
     assert {"psnr", "ssim", "ssim_3d", "volumes"} <= set(metrics["reconstruction"])
     assert metrics["latent_shape"] == [4, 4, 4, 4] and metrics["steps"] == 2
+    # phantoms: the exact tumour measurement on held-out round trips (the ceiling of a latent model's fidelity)
+    trip = metrics["tumour_round_trip"]
+    assert trip["n_synthetic"] == trip["n_real"] == metrics["reconstruction"]["volumes"]
+    assert trip["real_presence_auc"] is not None and "presence_auc" in trip
     assert (ae / "volume_autoencoder" / "model.safetensors").is_file()
     assert "not for diagnosis" in (ae / "README.md").read_text().lower()
     assert "data:image/png" in (ae / "report.html").read_text()

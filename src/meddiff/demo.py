@@ -259,6 +259,7 @@ def demo3d_numbers(ae, summary, timings: dict[str, float]) -> dict[str, Any]:
             "seconds_per_step": ae.seconds_per_step,
             **ae.reconstruction.to_dict(),
             "latent_shape": ae.latent_shape,
+            "tumour_auc_round_trip": ae.tumour_round_trip.presence_auc if ae.tumour_round_trip else None,
         },
         "latent_diffusion": {
             "steps": summary.steps,
@@ -290,6 +291,7 @@ def write_demo3d_report(path: Path, numbers: dict[str, Any], out: Path) -> Path:
     rows = [
         ["autoencoder held-out PSNR dB / SSIM / 3D SSIM", f"{ae['psnr']:.2f} / {ae['ssim']:.3f} / {ae['ssim_3d']:.3f}"],
         ["tumour present/absent AUC (real)", pair(fidelity.get("presence_auc"), fidelity.get("real_presence_auc"))],
+        ["tumour AUC on autoencoder round trips (ceiling)", fmt(ae.get("tumour_auc_round_trip"))],
         ["side accuracy (real held-out)", pair(fidelity.get("side_accuracy"), fidelity.get("real_side_accuracy"))],
         ["tumour core volume error vs real, mL", fmt(fidelity.get("mean_volume_error_ml"))],
         ["slice FID, 3 planes (real-vs-real)", pair(fid, fid_real)],

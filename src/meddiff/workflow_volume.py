@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim, ssim
 
 from meddiff.data.spec import DatasetSpec, load_dataset, parse_spec
+from meddiff.data.volume_dataset import VolumeDataset
 from meddiff.errors import MeddiffError
 from meddiff.evaluation.diversity import MS_SSIM_MIN_SIZE
 from meddiff.evaluation.report import figure, html_page, html_table, loss_curve_png
@@ -114,19 +116,33 @@ class VolumeAutoencoderReport(JsonResult):
     scaling_factor: float
     latent_shape: list[int]
     reconstruction: VolumeReconstruction
+    # phantoms: the tumour measurement on held-out round trips, the ceiling of a latent model's label fidelity
+    tumour_round_trip: TumourFidelity | None = None
     timings: dict[str, float]
     loss_history: list[list[float]] = json_field(default_factory=list, saved=False)
 
 
 @torch.no_grad()
-def reconstruction_metrics(autoencoder: VolumeAutoencoder, volumes, batch_size: int = 2) -> VolumeReconstruction:
-    """PSNR, slice SSIM, 3D SSIM (and 3D MS-SSIM where the size allows) of autoencoder round trips."""
+def round_trip(autoencoder: VolumeAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    """Decoded posterior means of volumes (B, C, X, Y, Z) in [-1, 1], on the autoencoder's device."""
+    x = x.to(autoencoder.device)
+    return autoencoder.decode_latents(autoencoder.encode(x).latent_dist.mean * autoencoder.scaling_factor)
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    autoencoder: VolumeAutoencoder, volumes, batch_size: int = 2, keep: list[torch.Tensor] | None = None
+) -> VolumeReconstruction:
+    """PSNR, slice SSIM, 3D SSIM (and 3D MS-SSIM where the size allows) of autoencoder round trips (appended to
+    `keep` as CPU tensors in [-1, 1] when given)."""
     x_all = _model_range(volumes)
     psnr, ssim2d, ssim3d, ms3d = [], [], [], []
     for start in range(0, len(x_all), batch_size):
         x = x_all[start : start + batch_size].to(autoencoder.device)
-        z = autoencoder.encode(x).latent_dist.mean * autoencoder.scaling_factor
-        a, b = ((v.float().clamp(-1, 1) + 1) / 2 for v in (x, autoencoder.decode_latents(z)))
+        y = round_trip(autoencoder, x)
+        if keep is not None:
+            keep.append(y.float().clamp(-1, 1).cpu())
+        a, b = ((v.float().clamp(-1, 1) + 1) / 2 for v in (x, y))
         mse = ((a - b) ** 2).flatten(1).mean(1).clamp(min=1e-10)
         psnr += (10 * torch.log10(1 / mse)).tolist()
         slices = lambda v: v.movedim(-1, 1).reshape(-1, 1, *v.shape[2:4])  # noqa: E731  (N*Z, 1, X, Y)
@@ -159,7 +175,13 @@ def train_volume_autoencoder_and_report(config: TrainConfig, progress: bool = Tr
     timings["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     autoencoder = VolumeAutoencoder.from_pretrained(result.pipeline_dir)
-    reconstruction = reconstruction_metrics(autoencoder, heldout.images)
+    trips: list[torch.Tensor] = []
+    reconstruction = reconstruction_metrics(autoencoder, heldout.images, keep=trips)
+    tumour = None
+    if spec.kind == "phantom3d" and TUMOUR_LABEL in heldout.label_names:
+        names, spacing = list(heldout.label_names), list(cast(VolumeDataset, heldout).spacing)
+        tumour = tumour_fidelity(torch.cat(trips), heldout.labels, heldout.known, heldout, names, spacing)
+        logger.info("tumour measurement on held-out round trips: %s", tumour.to_dict())
     timings["evaluate_s"] = time.perf_counter() - t
     run_dir = Path(config.out)
     report = VolumeAutoencoderReport(
@@ -172,6 +194,7 @@ def train_volume_autoencoder_and_report(config: TrainConfig, progress: bool = Tr
         scaling_factor=autoencoder.scaling_factor,
         latent_shape=list(autoencoder.latent_shape(dataset.shape[1:])),
         reconstruction=reconstruction,
+        tumour_round_trip=tumour,
         timings={k: round(v, 1) for k, v in timings.items()},
         loss_history=result.loss_history,
     )
@@ -184,9 +207,7 @@ def train_volume_autoencoder_and_report(config: TrainConfig, progress: bool = Tr
 
 def _write_autoencoder_page(run_dir: Path, report: VolumeAutoencoderReport, autoencoder, heldout) -> Path:
     x = _model_range(heldout.images[: min(3, len(heldout))])
-    with torch.no_grad():
-        z = autoencoder.encode(x.to(autoencoder.device)).latent_dist.mean * autoencoder.scaling_factor
-        recon = autoencoder.decode_latents(z).cpu()
+    recon = round_trip(autoencoder, x).cpu()
     spacing = heldout.spacing
     montage = real_vs_synthetic_png(list(x), list(recon), spacing=spacing)
     r = report.reconstruction
@@ -199,6 +220,13 @@ def _write_autoencoder_page(run_dir: Path, report: VolumeAutoencoderReport, auto
                 html_table(
                     ["volumes", "PSNR dB", "SSIM (slices)", "3D SSIM", "3D MS-SSIM"],
                     [[r.volumes, r.psnr, r.ssim, r.ssim_3d, r.ms_ssim_3d]],
+                )
+                + (
+                    f"<p>Tumour present/absent AUC of the exact measurement on these round trips: "
+                    f"{report.tumour_round_trip.presence_auc} (on the real volumes: "
+                    f"{report.tumour_round_trip.real_presence_auc}); a latent model cannot do better.</p>"
+                    if report.tumour_round_trip
+                    else ""
                 ),
             ),
             (

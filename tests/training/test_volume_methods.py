@@ -11,7 +11,7 @@ from meddiff.models.volume_unet import VolumeUNet, VolumeUNetConfig, build_volum
 from meddiff.training.config import LatentConfig, TrainConfig
 from meddiff.training.latent_cache import LatentSource
 from meddiff.training.methods import METHODS
-from meddiff.training.methods.volume import latent_diffusion_loss
+from meddiff.training.methods.volume import latent_diffusion_loss, random_crops
 
 TINY = VolumeModelConfig(
     size=16,
@@ -87,6 +87,29 @@ def test_autoencoder_with_patch_discriminator(volumes):
     method.after_step(method.model, batch, torch.Generator().manual_seed(0), 0)
     assert {"adversarial", "discriminator"} <= set(method.metrics)
     assert torch.isfinite(method.metrics["discriminator"])
+
+
+def test_random_crops_cut_one_seeded_cube_per_volume():
+    x = torch.arange(2 * 1 * 8 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8, 8)
+    a, b = (random_crops(x, 4, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert a.shape == (2, 1, 4, 4, 4) and torch.equal(a, b)
+    for volume, crop in zip(x, a):  # each crop is a contiguous block of its own volume
+        i, j, k = (int(v) for v in (volume[0] == crop[0, 0, 0, 0]).nonzero()[0])
+        assert torch.equal(volume[:, i : i + 4, j : j + 4, k : k + 4], crop)
+    assert random_crops(x, 0, torch.Generator()) is x and random_crops(x, 8, torch.Generator()) is x
+
+
+def test_autoencoder_trains_on_crops_and_checks_them(volumes):
+    crop = VolumeAutoencoderConfig(**{**TINY.autoencoder.to_dict(), "train_crop": 8, "adversarial_weight": 0.1})
+    method = METHODS["volume-autoencoder"](TrainConfig(), volumes, volume=VolumeModelConfig(autoencoder=crop))
+    batch = {**method.batch(torch.tensor([0, 1]), "cpu"), "step": 0}
+    loss = method.loss(method.model, batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    method.after_step(method.model, batch, torch.Generator().manual_seed(0), 0)  # the discriminator sees crops too
+    assert torch.isfinite(loss) and method._recon.shape == (2, 2, 8, 8, 8)
+    odd = VolumeAutoencoderConfig(**{**TINY.autoencoder.to_dict(), "train_crop": 6})
+    with pytest.raises(MeddiffError, match="divis|multiple"):
+        METHODS["volume-autoencoder"](TrainConfig(), volumes, volume=VolumeModelConfig(autoencoder=odd))
 
 
 def test_autoencoder_export_measures_the_scaling_factor(autoencoder_run):

@@ -50,6 +50,12 @@ class VolumeAutoencoderConfig(Options):
     discriminator_layers: int = option(3, "strided layers of the discriminator (fewer on small volumes)", minimum=1)
     discriminator_lr: float = option(2e-4, "discriminator learning rate", above=0)
     scale_samples: int = option(64, "training volumes used to measure the latent scaling factor", minimum=1)
+    train_crop: int = option(
+        0,
+        "train on random cubic crops of this many voxels a side (a multiple of downsample; 0: whole volumes). "
+        "The convolutional autoencoder still encodes whole volumes; a 32^3 crop of a 64^3 volume costs 1/8 a step",
+        minimum=0,
+    )
 
     def levels(self) -> int:
         """Channel levels the network uses."""

@@ -56,6 +56,19 @@ def autoencoder_loss(
     return rec + regulariser, recon, {"reconstruction": rec.detach(), "regulariser": regulariser.detach()}
 
 
+def random_crops(x: torch.Tensor, edge: int, generator: torch.Generator) -> torch.Tensor:
+    """One random edge^3 crop of each volume in (B, C, X, Y, Z) (offsets from the CPU generator); edge 0 or at least
+    the volume: the volumes themselves."""
+    size = x.shape[2:]
+    if not edge or edge >= min(size):
+        return x
+    crops = []
+    for volume in x:
+        o = [int(torch.randint(0, s - edge + 1, (1,), generator=generator)) for s in size]
+        crops.append(volume[:, o[0] : o[0] + edge, o[1] : o[1] + edge, o[2] : o[2] + edge])
+    return torch.stack(crops)
+
+
 def latent_diffusion_loss(
     unet: VolumeUNet,
     noise_scheduler,
@@ -160,17 +173,22 @@ class VolumeAutoencoderTraining(TrainingMethod):
         channels, *spatial = volume_shape(dataset)
         self._model = VolumeAutoencoder(self.cfg, channels)
         self._model.latent_shape(spatial)  # divisible by the downsample factor, or a one-line error
+        edge = min(spatial)  # of what the network and the discriminator see in training
+        if self.cfg.train_crop and self.cfg.train_crop < edge:
+            self._model.latent_shape([self.cfg.train_crop] * 3)  # crops too must divide by the downsample factor
+            edge = self.cfg.train_crop
         self.discriminator: Any = None  # a MONAI PatchDiscriminator when adversarial_weight > 0
         if self.cfg.adversarial_weight > 0:
             self.discriminator = PatchDiscriminator(
                 spatial_dims=3,
                 channels=self.cfg.discriminator_channels,
                 in_channels=channels,
-                num_layers_d=discriminator_layers(self.cfg.discriminator_layers, min(spatial)),
+                num_layers_d=discriminator_layers(self.cfg.discriminator_layers, edge),
                 norm="INSTANCE",
             )
         self.disc_optimizer: Any = None
         self._recon: torch.Tensor | None = None
+        self._real: torch.Tensor | None = None
 
     @property
     def model(self):
@@ -198,7 +216,7 @@ class VolumeAutoencoderTraining(TrainingMethod):
         return self.discriminator is not None and step >= self.cfg.adversarial_start
 
     def loss(self, model, batch, generator):
-        x = batch["image"]
+        x = random_crops(batch["image"], self.cfg.train_crop, generator)
         total, recon, metrics = autoencoder_loss(model, x, generator, self.cfg.reconstruction_loss)
         if self._adversarial(int(batch.get("step", 0))):
             self.discriminator.requires_grad_(False)
@@ -207,18 +225,18 @@ class VolumeAutoencoderTraining(TrainingMethod):
             total = total + self.cfg.adversarial_weight * adversarial
             metrics["adversarial"] = adversarial.detach()
         self.metrics = metrics  # tensors until a logging step reads them
-        self._recon = recon.detach()
+        self._recon, self._real = recon.detach(), x.detach()
         return total
 
     def after_step(self, model, batch, generator, step) -> None:
-        if not self._adversarial(step) or self._recon is None:
+        if not self._adversarial(step) or self._recon is None or self._real is None:
             return
         if self.disc_optimizer is None:  # outside the loop (tools, tests): a plain optimizer
             self.disc_optimizer = torch.optim.Adam(
                 self.discriminator.parameters(), lr=self.cfg.discriminator_lr, betas=(0.5, 0.9)
             )
         self.disc_optimizer.zero_grad(set_to_none=True)
-        d_loss = discriminator_hinge_loss(self._logits(batch["image"]), self._logits(self._recon))
+        d_loss = discriminator_hinge_loss(self._logits(self._real), self._logits(self._recon))
         d_loss.backward()
         if self.accelerator is not None and self.accelerator.num_processes > 1:
             for p in self.discriminator.parameters():

@@ -151,6 +151,22 @@ def test_generate_is_deterministic_per_seed_and_index_and_resumes(tmp_path):
         generate_volumes(pipe, torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), tmp_path / "d")
 
 
+def test_a_manifest_reads_back_as_volumes_labelled_by_its_label_columns_only(tmp_path, monkeypatch):
+    from meddiff.data.spec import load_dataset
+    from meddiff.data.volume_sources import RESERVED_COLUMNS
+    from meddiff.sampling.volume_export import RUN_COLUMNS
+    from tests.models.test_volume import tiny_pipeline
+
+    assert set(RUN_COLUMNS) <= RESERVED_COLUMNS  # seed, guidance, steps, model are never labels
+    monkeypatch.setenv("MEDDIFF_CACHE", str(tmp_path / "cache"))
+    pipe = tiny_pipeline(size=16, channels=1, labels=["tumour"])
+    pipe.grid.affine = AFFINE.tolist()
+    labels, known = torch.tensor([[1.0], [0.0]]), torch.ones(2, 1, dtype=torch.bool)
+    written = generate_volumes(pipe, labels, known, tmp_path / "out", seed=1, guidance=1.5, steps=1, model_id="tiny")
+    back = load_dataset(f"volumes:{written.manifest}?shape=16", 16)
+    assert back.label_names == ["tumour"] and back.labels[:, 0].tolist() == [1.0, 0.0] and len(back) == 2
+
+
 BRATS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "brats-deepmedic"
 
 

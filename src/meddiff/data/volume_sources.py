@@ -20,7 +20,9 @@ from meddiff.data.volume_io import is_nifti_path, nifti_stem
 from meddiff.errors import MeddiffError
 
 SPLIT_FOLDERS = {"train": ("train", "training"), "valid": ("valid", "validation", "val"), "test": ("test", "testing")}
-RESERVED_COLUMNS = {"path", "mask", "patient_id", "side"}
+# never labels: paths and ids, and the run columns of meddiff's own manifests (sampling.volume_export.RUN_COLUMNS),
+# so that generated volumes read back with `volumes:MANIFEST.csv` carry only their labels
+RESERVED_COLUMNS = {"path", "mask", "patient_id", "side", "seed", "guidance", "steps", "model"}
 
 
 @dataclass

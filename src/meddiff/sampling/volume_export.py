@@ -9,7 +9,7 @@ radiological way (patient right on the image's left, anterior at the top).
 Volume i is drawn from seed image_seed(seed, i) and its DICOM UIDs are derived from (model, seed, i), so a rerun
 writes the same files and skips the volumes already written. The manifest (manifest.csv) has a `path` column (and one
 per channel for multi-channel models), the label columns and the run columns: a `volumes:` dataset reads it back
-(give `labels=` to leave the run columns out of the labels)."""
+with the label columns as labels (the run columns are reserved there)."""
 
 from __future__ import annotations
 

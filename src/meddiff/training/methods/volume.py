@@ -306,6 +306,11 @@ class VolumeLatentDiffusion(TrainingMethod):
             batch_size=2,
         )
         self.scale = float(self.autoencoder.scaling_factor)
+        if not math.isfinite(self.scale) or self.scale <= 0:
+            raise MeddiffError(
+                f"the volume autoencoder in {config.latent.autoencoder} has scaling factor {self.scale}; "
+                "retrain it (its latents are degenerate)"
+            )
 
     @property
     def model(self):

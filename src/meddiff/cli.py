@@ -60,6 +60,7 @@ SWITCHES: dict[str, dict[str, tuple[str, object, str]]] = {  # flag -> (key, val
 }
 FINETUNE_DEFAULTS = {"resolution": 512, "batch_size": 4, "checkpoint_every": 500}  # learning rate: by method
 AUTOENCODER_LEARNING_RATE = 2e-4  # autoencoders want a smaller step than the diffusion default
+PHANTOM_N, PHANTOM3D_N = 2000, 48  # `meddiff data phantom` default counts: 2D images, 3D volumes
 
 
 def _add_config_flags(command: str, parser: argparse.ArgumentParser) -> None:
@@ -136,22 +137,55 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
 
     data = sub.add_parser("data", help="make or inspect datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    ph = data_sub.add_parser("phantom", help="write chest radiograph phantoms (synthetic test data, not medical data)")
+    ph = data_sub.add_parser(
+        "phantom",
+        help="write chest radiograph phantoms, or with --3d brain phantom volumes (synthetic test data, not medical "
+        "data)",
+    )
     ph.add_argument("--out", required=True)
-    ph.add_argument("--n", type=_positive_int, default=2000)
-    ph.add_argument("--size", type=int, default=64, help="pixels, 32-256")
+    ph.add_argument(
+        "--3d",
+        dest="volumes",
+        action="store_true",
+        help="3D brain phantoms: NIfTI volumes with tumour masks and train.csv/valid.csv (spec phantom3d:OUT)",
+    )
+    ph.add_argument("--n", type=_positive_int, default=None, help=f"default {PHANTOM_N} (--3d: {PHANTOM3D_N})")
+    ph.add_argument("--size", type=int, default=64, help="pixels, 32-256 (--3d: voxels along each axis, 16-256)")
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--valid-fraction", type=float, default=0.2)
-    ph.add_argument("--bit-depth", type=int, choices=(8, 16), default=8)
-    info = data_sub.add_parser("inspect", help="counts per label/value, view, sex, age, sizes, and every problem")
+    ph.add_argument("--bit-depth", type=int, choices=(8, 16), default=None, help="2D phantoms: 8 (default) or 16")
+    info = data_sub.add_parser(
+        "inspect",
+        help="counts per label/value, view, sex, age, sizes, and every problem (volume specs: cases, grid, "
+        "channels, labels, intensities, store)",
+    )
     info.add_argument("spec")
     info.add_argument("--json", help="also write the full report (every problem listed) as JSON")
+    info.add_argument(
+        "--resolution",
+        type=_positive_int,
+        default=None,
+        help="volume specs: grid edge in voxels (default: what `meddiff train` uses, --volume.size 64 or "
+        "phantom3d's size=)",
+    )
     prep = data_sub.add_parser(
-        "prepare", help="decode a dataset once into a memory-mapped store (train from store:DIR)"
+        "prepare",
+        help="decode a dataset once into a memory-mapped store (train from store:DIR; volume specs: the cache store "
+        "that training on the spec maps)",
     )
     prep.add_argument("spec")
-    prep.add_argument("--out", required=True, help="the store folder (written atomically; resumable when killed)")
-    prep.add_argument("--resolution", type=_positive_int, default=32)
+    prep.add_argument(
+        "--out",
+        default=None,
+        help="the store folder (written atomically; resumable when killed); required for image datasets; volume "
+        "specs: optional folder for summary.json, manifest.csv and skipped.csv",
+    )
+    prep.add_argument(
+        "--resolution",
+        type=_positive_int,
+        default=None,
+        help="pixels (default 32); volume specs: grid edge in voxels (default: what `meddiff train` uses)",
+    )
     prep.add_argument(
         "--workers",
         type=int,
@@ -322,9 +356,14 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
 
 def cmd_data(args) -> None:
     if args.data_command == "phantom":
+        if args.volumes:
+            _phantom_volumes(args)
+            return
         from meddiff.data.phantom_dataset import write_phantom_folder
 
-        counts = write_phantom_folder(Path(args.out), args.n, args.size, args.seed, args.valid_fraction, args.bit_depth)
+        counts = write_phantom_folder(
+            Path(args.out), args.n or PHANTOM_N, args.size, args.seed, args.valid_fraction, args.bit_depth or 8
+        )
         print(
             f"wrote {counts['train']} training and {counts['valid']} validation phantoms to {args.out} "
             "(synthetic test data, not medical data)"
@@ -334,19 +373,84 @@ def cmd_data(args) -> None:
 
         from meddiff.data.inspect import format_report, inspect_spec
 
-        report = inspect_spec(args.spec)
+        edge = _volume_edge(args.spec, args.resolution)
+        report = inspect_spec(args.spec, volume_edge=edge if edge is not None else args.resolution)
         print(format_report(report))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
     elif args.data_command == "prepare":
+        edge = _volume_edge(args.spec, args.resolution)
+        if edge is not None:
+            _prepare_volumes(args, edge)
+            return
         from meddiff.data.prepare import prepare
 
-        manifest = prepare(args.spec, Path(args.out), args.resolution, workers=args.workers)
+        if not args.out:
+            raise MeddiffError("data prepare: --out DIR is required for image datasets (the store folder)")
+        manifest = prepare(args.spec, Path(args.out), args.resolution or 32, workers=args.workers)
         print(f"manifest {manifest}")
     else:
         from meddiff.data.download import download_medmnist
 
         print(f"saved {download_medmnist(args.name, args.size, Path(args.out))}")
+
+
+def _training_edge(spec_text: str) -> int:
+    """The grid edge `meddiff train --data SPEC` uses by default (--volume.size, or phantom3d's size=)."""
+    from meddiff.data.spec import parse_spec
+    from meddiff.training.config import TrainConfig
+    from meddiff.workflow_volume import volume_edge
+
+    return volume_edge(TrainConfig(), parse_spec(spec_text))
+
+
+def _volume_edge(spec_text: str, resolution: int | None) -> int | None:
+    """For a volume spec, the grid edge in voxels: --resolution, else what training uses; None for other specs."""
+    from meddiff.workflow_volume import is_volume_data
+
+    if not is_volume_data(spec_text):
+        return None
+    return resolution or _training_edge(spec_text)
+
+
+def _phantom_volumes(args) -> None:
+    """`meddiff data phantom --3d`: brain phantom volumes, tumour masks and label CSVs."""
+    from meddiff.data.phantom3d import write_phantom_volumes
+
+    if args.bit_depth is not None:
+        raise MeddiffError("--bit-depth is for 2D phantoms; 3D phantoms are float32 NIfTI volumes")
+    out = Path(args.out)
+    counts = write_phantom_volumes(out, args.n or PHANTOM3D_N, args.size, args.seed, args.valid_fraction)
+    spec = f"phantom3d:{out}"
+    if args.size != _training_edge(spec):  # trains at the phantoms' own size, not resampled to the default grid
+        spec += f"?size={args.size}"
+    print(
+        f"wrote {counts['train']} training and {counts['valid']} validation brain phantom volumes "
+        f"({args.size}^3 voxels, NIfTI with tumour masks; labels in train.csv and valid.csv) to {out} "
+        "(synthetic test data, not medical data)"
+    )
+    print(f"use them as --data '{spec}' (e.g. meddiff data inspect '{spec}')")
+
+
+def _prepare_volumes(args, edge: int) -> None:
+    from meddiff.data.inspect import human_bytes
+    from meddiff.data.prepare import prepare_volumes
+
+    result = prepare_volumes(args.spec, edge, Path(args.out) if args.out else None)
+    for split in result["splits"]:
+        if "error" in split:
+            print(f"split {split['split']}: not prepared ({split['error']})")
+            continue
+        skipped = f", {split['skipped']} skipped" if split["skipped"] else ""
+        print(
+            f"split {split['split']}: {split['cases']} case{'' if split['cases'] == 1 else 's'}{skipped}, "
+            f"{'x'.join(map(str, split['shape']))} voxels at {' x '.join(f'{v:g}' for v in split['spacing'])} mm "
+            f"-> store {split['store']} ({human_bytes(split['bytes'])})"
+        )
+    size = "" if edge == _training_edge(args.spec) else f" --volume.size {edge}"
+    print(f"`meddiff train --data '{args.spec}'{size}` maps these stores without decoding again")
+    if args.out:
+        print(f"summary {Path(args.out) / 'summary.json'}; cases {Path(args.out) / 'manifest.csv'}")
 
 
 def _base_config(args, settings: dict) -> Path | None:

@@ -340,7 +340,11 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     en_out = en.add_mutually_exclusive_group()
     en_out.add_argument("--json", action="store_true", help="one JSON object")
     en_out.add_argument("--check", action="store_true", help="only the import health check (what the install runs)")
-    se = sub.add_parser("serve", help="web page: type a prompt or pick findings, get images + manifest as a ZIP")
+    se = sub.add_parser(
+        "serve",
+        help="web page: type a prompt or pick findings, get images + manifest as a ZIP (volume models: pick labels, "
+        "view one volume with slice sliders, download its NIfTI)",
+    )
     se.add_argument("--model", required=True, help="run directory (or its pipeline/ folder)")
     se.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     se.add_argument("--port", type=_positive_int, default=None, help="port (default: 7860 or the next free one)")
@@ -818,7 +822,7 @@ def cmd_serve(args) -> None:
 
     require_gradio()  # before loading the model: a missing extra fails in a second
     limits = ServeLimits(**given(args))
-    serve(args.model, args.host, args.port, limits, args.device)
+    serve(args.model, args.host, args.port, limits, args.device, volume=_is_volume_model(args.model))
 
 
 COMMANDS = {

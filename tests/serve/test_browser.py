@@ -18,7 +18,7 @@ from PIL import Image
 playwright_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: bash scripts/install.sh test")
 
 from meddiff.serve.app import launch  # noqa: E402
-from meddiff.serve.service import ModelService, ServeLimits  # noqa: E402
+from meddiff.serve.service import ModelService, ServeLimits, VolumeModelService  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("MEDDIFF_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
@@ -60,6 +60,15 @@ def labels_server(tiny_run):
 @pytest.fixture(scope="module")
 def text_server(text_run):
     service, demo, url = _serve(text_run)
+    yield service, url
+    demo.close()
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def volume_server(volume_run):
+    service = VolumeModelService(volume_run, ServeLimits(max_steps=10))
+    demo, url = launch(service, port=_free_port(), block=False)
     yield service, url
     demo.close()
     service.close()
@@ -199,3 +208,41 @@ def test_requests_the_page_cannot_make_are_refused_by_the_server(labels_server):
             client.predict(*args, api_name="/generate")
     gallery, download, status = client.predict(*base, api_name="/generate")
     assert "1 synthetic image in" in status and len(gallery) == 1
+
+
+def test_volume_page_pick_labels_slide_through_slices_and_download_the_nifti(volume_server, browser, tmp_path):
+    """A volume model's page: labels as checkboxes, one volume, a working slice slider in each plane (the sliders
+    live in a sandboxed iframe, where their script runs), and the NIfTI download on the training grid."""
+    import nibabel as nib
+
+    service, url = volume_server
+    page = _open(browser, url)
+    assert "not for diagnosis" in page.locator("#synthetic-notice").first.inner_text()
+    assert "16 × 16 × 16 voxels" in page.locator("#model-summary").inner_text()
+    page.get_by_label("Tumour", exact=True).check()
+    _set_number(page, "steps", 2)
+    page.locator("#seed input").fill("-1")
+    page.get_by_role("button", name="Generate").click()
+    assert "Seed must be a whole number" in _wait_status(page, "Not generated")
+    page.locator("#seed input").fill("4")
+    page.get_by_role("button", name="Generate").click()
+    assert "1 synthetic volume (Tumour)" in _wait_status(page, "synthetic volume")
+    viewer = page.frame_locator("#volume-viewer iframe")
+    assert viewer.locator("figure").count() == 3
+    for k, plane in enumerate(("axial", "coronal", "sagittal")):
+        figure = viewer.locator("figure").nth(k)
+        assert f"({plane}, 9 / 16)" in figure.locator("figcaption").inner_text()
+        before = figure.locator("img").get_attribute("src")
+        figure.locator("input[type=range]").fill("2")
+        page.wait_for_timeout(200)
+        assert f"({plane}, 3 / 16)" in figure.locator("figcaption").inner_text()
+        assert figure.locator("img").get_attribute("src") != before  # the slider shows another slice
+    _screenshot(page, "serve-volume.png")
+    with page.expect_download() as info:
+        page.locator("#download-nifti").click()
+    assert info.value.suggested_filename.endswith(".nii.gz")
+    info.value.save_as(tmp_path / info.value.suggested_filename)
+    image = nib.load(tmp_path / info.value.suggested_filename)
+    assert image.shape == (16, 16, 16)
+    np.testing.assert_allclose(image.affine, np.asarray(service.grid.affine))
+    page.close()

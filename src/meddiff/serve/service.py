@@ -1,6 +1,9 @@
 """What the web page does, without the web page: check a request against the model and the limits set at launch,
 generate with the same code as `meddiff generate`, and pack the images with their manifest into a ZIP.
 
+`ModelService` serves 2D models (images), `VolumeModelService` 3D volume models (one labelled volume a request,
+written as NIfTI on the training grid like `meddiff generate --model RUN` writes it); `open_service` picks one.
+
 Nothing a visitor types becomes a file path: every folder and ZIP name is made here (a counter and a random token),
 and prompts only ever reach the text encoder."""
 
@@ -22,12 +25,15 @@ import torch
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import SAMPLERS
+from meddiff.models.pipeline import encode_condition
 from meddiff.models.storage import load_pipeline, resolve_model_dir
+from meddiff.models.volume_pipeline import PIPELINE_FILE, VolumePipeline
 from meddiff.options import Options, option
 from meddiff.sampling.export import SYNTHETIC_NOTE
-from meddiff.sampling.generate import SamplingSettings
+from meddiff.sampling.generate import SamplingSettings, image_seed
 from meddiff.sampling.plan import GenerationPlan
 from meddiff.sampling.synthesize import generate_dataset
+from meddiff.sampling.volume_export import VolumeExportOptions, export_volumes, nifti_name
 
 MAX_SEED = 2**32 - 1
 OTHERS = {"absent": "absent", "unspecified": "unknown"}  # what unchecked findings mean -> LabelCodec.parse's term
@@ -75,6 +81,29 @@ class Result:
     seconds: float
 
 
+@dataclass
+class VolumeRequest:
+    """One click of Generate on the volume page (values may be None or out of range: they are checked)."""
+
+    labels: list[str] = field(default_factory=list)
+    others: str = "absent"  # unchecked labels: "absent" (a volume with exactly these) or "unspecified"
+    steps: float | None = 20
+    guidance: float | None = 2.0
+    seed: float | None = 0
+
+
+@dataclass
+class VolumeResult:
+    volume: np.ndarray  # (C, X, Y, Z) float32 in [-1, 1], as generated (the NIfTI files hold it in [0, 1])
+    caption: str
+    channel_names: list[str]
+    spacing: list[float]  # mm along X, Y, Z
+    niftis: list[Path]  # one .nii.gz per channel, in the result folder
+    download: Path  # what the page offers: the NIfTI (one channel) or the ZIP (several)
+    zip_path: Path  # every NIfTI, manifest.csv and README.txt
+    seconds: float
+
+
 def _whole(value, name: str, low: int, high: int) -> int:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         raise RequestError(f"{name} is missing; give a whole number from {low} to {high}")
@@ -87,7 +116,67 @@ def _whole(value, name: str, low: int, high: int) -> int:
     return int(number)
 
 
-class ModelService:
+def _guidance(value, limit: float) -> float:
+    try:
+        guidance = float(value) if value is not None else float("nan")
+    except (TypeError, ValueError):
+        guidance = float("nan")
+    if not (math.isfinite(guidance) and 0 <= guidance <= limit):
+        raise RequestError(f"Guidance scale must be from 0 to {limit:g}, got {value}")
+    return guidance
+
+
+class _Workspace:
+    """The limits, the folder of results (named here, never by a visitor), and one generation at a time."""
+
+    model_dir: Path
+
+    def __init__(self, limits: ServeLimits | None, work_dir: str | Path | None):
+        self.limits = limits or ServeLimits()
+        self.work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="meddiff-serve-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def _new_folder(self) -> Path:
+        """A fresh result folder (call under the lock): a counter and a random token."""
+        self._count += 1
+        return self.work / f"{self._count:06d}-{secrets.token_hex(4)}"
+
+    def _pack(self, folder: Path, readme: str) -> Path:
+        """README.txt into `folder`, then the folder as meddiff-synthetic-NAME.zip beside it."""
+        (folder / "README.txt").write_text(readme)
+        zip_path = folder.with_name(f"meddiff-synthetic-{folder.name}.zip")
+        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    zf.write(path, path.relative_to(folder).as_posix())
+        return zip_path
+
+    def _run_name(self) -> str:
+        return self.model_dir.parent.name if self.model_dir.name == "pipeline" else self.model_dir.name
+
+    def model_card(self) -> str | None:
+        """The run's README.md (the model card written by `meddiff train`), if there is one."""
+        for folder in (self.model_dir.parent, self.model_dir):
+            card = folder / "README.md"
+            if card.is_file():
+                return card.read_text(errors="replace")
+        return None
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_results` requests on disk (the folder, its ZIP and any other download)."""
+        zips = sorted(self.work.glob("meddiff-synthetic-*.zip"))
+        for old in zips[: -self.limits.keep_results]:
+            shutil.rmtree(self.work / old.stem.removeprefix("meddiff-synthetic-"), ignore_errors=True)
+            for path in self.work.glob(f"{old.stem}.*"):
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+class ModelService(_Workspace):
     """A loaded model plus the rules of the page. One generation runs at a time (the page queues the rest)."""
 
     def __init__(
@@ -98,13 +187,9 @@ class ModelService:
         work_dir: str | Path | None = None,
     ):
         self.model_dir = resolve_model_dir(model_dir)
-        self.limits = limits or ServeLimits()
         self.pipe = load_pipeline(model_dir, device=device)
         self.codec = LabelCodec(list(self.pipe.label_names))
-        self.work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="meddiff-serve-"))
-        self.work.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._count = 0
+        super().__init__(limits, work_dir)
 
     # what the page shows --------------------------------------------------------------------------------------
     @property
@@ -134,19 +219,10 @@ class ModelService:
         takes = [t for t, ok in (("free-text prompts", self.takes_prompts), (findings, self.takes_labels)) if ok]
         kind = "latent diffusion (autoencoder + U-Net)" if pipe.is_latent else "pixel diffusion"
         lines = [
-            f"**Model** `{self.model_dir.parent.name if self.model_dir.name == 'pipeline' else self.model_dir.name}`"
-            f" — {kind}, {pipe.image_size} × {pipe.image_size} px, 1 channel.",
+            f"**Model** `{self._run_name()}` — {kind}, {pipe.image_size} × {pipe.image_size} px, 1 channel.",
             f"**Conditioning:** {' and '.join(takes) if takes else 'none (unconditional)'}.",
         ]
         return "\n\n".join(lines)
-
-    def model_card(self) -> str | None:
-        """The run's README.md (the model card written by `meddiff train`), if there is one."""
-        for folder in (self.model_dir.parent, self.model_dir):
-            card = folder / "README.md"
-            if card.is_file():
-                return card.read_text(errors="replace")
-        return None
 
     # checking a request ----------------------------------------------------------------------------------------
     def check(self, request: Request) -> tuple[GenerationPlan, SamplingSettings]:
@@ -155,12 +231,7 @@ class ModelService:
         n = _whole(request.n, "Number of images", 1, lim.max_images)
         steps = _whole(request.steps, "Steps", 1, lim.max_steps)
         seed = _whole(request.seed, "Seed", 0, MAX_SEED)
-        try:
-            guidance = float(request.guidance) if request.guidance is not None else float("nan")
-        except (TypeError, ValueError):
-            guidance = float("nan")
-        if not (math.isfinite(guidance) and 0 <= guidance <= lim.max_guidance):
-            raise RequestError(f"Guidance scale must be from 0 to {lim.max_guidance:g}, got {request.guidance}")
+        guidance = _guidance(request.guidance, lim.max_guidance)
         scheduler = (request.scheduler or "").lower()
         if scheduler not in SAMPLERS:
             raise RequestError(f"unknown scheduler {request.scheduler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -211,35 +282,160 @@ class ModelService:
         """Check, generate and pack one request. on_step(done, total) reports denoising progress."""
         plan, settings = self.check(request)
         with self._lock:
-            self._count += 1
-            folder = self.work / f"{self._count:06d}-{secrets.token_hex(4)}"
+            folder = self._new_folder()
             t0 = time.perf_counter()
             generate_dataset(self.pipe, self.model_dir, plan, settings, folder, "png", progress=False, on_step=on_step)
             seconds = time.perf_counter() - t0
         images = np.stack([_read_png(folder / "images" / f"{i:07d}.png") for i in range(len(plan))])
-        (folder / "README.txt").write_text(
+        zip_path = self._pack(
+            folder,
             f"{SYNTHETIC_NOTE}.\n{NOTICE}\nmanifest.csv lists every image with its findings or prompt, seed and "
-            "settings (CheXpert columns). generation.json records the model and settings.\n"
+            "settings (CheXpert columns). generation.json records the model and settings.\n",
         )
-        zip_path = folder.with_name(f"meddiff-synthetic-{folder.name}.zip")
-        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
-            for path in sorted(folder.rglob("*")):
-                if path.is_file():
-                    zf.write(path, path.relative_to(folder).as_posix())
         names = self.label_names
         captions = [f"#{i} · {plan.key(i, names)}" for i in range(len(plan))]
         self._prune()
         return Result(images, captions, zip_path, seconds)
 
-    def _prune(self) -> None:
-        """Keep the newest `keep_results` requests on disk."""
-        zips = sorted(self.work.glob("meddiff-synthetic-*.zip"))
-        for old in zips[: -self.limits.keep_results]:
-            shutil.rmtree(self.work / old.stem.removeprefix("meddiff-synthetic-"), ignore_errors=True)
-            old.unlink(missing_ok=True)
 
-    def close(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
+class VolumeModelService(_Workspace):
+    """A loaded 3D volume model (VolumePipeline) plus the rules of the page: one labelled volume a request, drawn
+    and written as `meddiff generate --model RUN --n 1` draws and writes it (same seed, same NIfTI)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        limits: ServeLimits | None = None,
+        device: str | torch.device = "cpu",
+        work_dir: str | Path | None = None,
+    ):
+        folder = Path(model_dir).expanduser()
+        if not folder.exists():
+            raise MeddiffError(
+                f"model directory {folder} does not exist; pass a run directory written by `meddiff train`"
+            )
+        self.model_dir = folder / "pipeline" if (folder / "pipeline" / PIPELINE_FILE).is_file() else folder
+        self.pipe = VolumePipeline.from_pretrained(self.model_dir, device=device)
+        self.codec = LabelCodec(list(self.pipe.label_names))
+        super().__init__(limits, work_dir)
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.pipe.label_names)
+
+    @property
+    def grid(self):
+        return self.pipe.grid
+
+    def summary(self) -> str:
+        """A few lines of markdown about the model: the grid it generates on, its channels and labels."""
+        grid = self.grid
+        labels = f"labels ({', '.join(self.label_names)})" if self.label_names else "none (unconditional)"
+        lines = [
+            f"**Model** `{self._run_name()}` — 3D latent diffusion (autoencoder + U-Net), "
+            f"{' × '.join(map(str, grid.shape))} voxels at {' × '.join(f'{v:g}' for v in grid.spacing)} mm, "
+            f"channels: {', '.join(grid.channel_names)}.",
+            f"**Conditioning:** {labels}.",
+        ]
+        if self.pipe.trained_on:
+            lines.append(f"**Trained on:** `{self.pipe.trained_on}`.")
+        return "\n\n".join(lines)
+
+    def check(self, request: VolumeRequest) -> tuple[torch.Tensor, torch.Tensor, int, float, int]:
+        """(labels (1, K), known (1, K), steps, guidance, seed) for a valid request; RequestError otherwise."""
+        lim = self.limits
+        steps = _whole(request.steps, "Steps", 1, lim.max_steps)
+        seed = _whole(request.seed, "Seed", 0, MAX_SEED)
+        guidance = _guidance(request.guidance, lim.max_guidance)
+        checked = [str(name).strip() for name in (request.labels or []) if str(name).strip()]
+        if checked and not self.label_names:
+            raise RequestError("this model is unconditional: it takes no labels")
+        known_names = {name.lower() for name in self.label_names}
+        unknown = [name for name in checked if name.lower() not in known_names]
+        if unknown:
+            raise RequestError(f"unknown label {unknown[0]!r}; this model knows: {', '.join(self.label_names)}")
+        if request.others not in OTHERS:
+            raise RequestError(f"unchecked labels must be {' or '.join(OTHERS)}, got {request.others!r}")
+        k = len(self.label_names)
+        labels, known = torch.zeros(k), torch.zeros(k, dtype=torch.bool)
+        if checked:
+            labels, known = self.codec.parse(",".join(checked), OTHERS[request.others])
+        elif request.others == "absent":
+            known[:] = True  # nothing checked, others absent: a volume with none of the labels
+        return labels.reshape(1, k), known.reshape(1, k), steps, guidance, seed
+
+    def generate(self, request: VolumeRequest, on_step=None) -> VolumeResult:
+        """Check, generate and write one volume (NIfTI per channel, manifest.csv, README.txt, a ZIP of them).
+        on_step(done, total) reports denoising progress."""
+        labels, known, steps, guidance, seed = self.check(request)
+        pipe, grid = self.pipe, self.grid
+        names, channels = self.label_names, list(grid.channel_names)
+        volume_seed = image_seed(seed, 0)  # volume 0 of `meddiff generate --seed SEED`
+
+        def report(i: int, _t: int, _latents: torch.Tensor) -> None:
+            if on_step is not None:
+                on_step(i + 1, len(pipe.scheduler.timesteps))
+
+        with self._lock:
+            folder = self._new_folder()
+            t0 = time.perf_counter()
+            condition = encode_condition(labels, known) if names else None
+            volume = pipe(
+                condition,
+                guidance_scale=guidance,
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(volume_seed),
+                num_volumes=1,
+                callback_on_step=report,
+            )
+            export_volumes(
+                volume,
+                folder,
+                np.asarray(grid.affine, np.float64),
+                channels,
+                labels,
+                known,
+                names,
+                [volume_seed],
+                VolumeExportOptions(format="nifti"),
+                run={"guidance": guidance, "steps": steps, "model": str(self.model_dir)},
+            )
+            seconds = time.perf_counter() - t0
+        zip_path = self._pack(
+            folder,
+            f"{SYNTHETIC_NOTE}.\n{NOTICE}\nvolumes/ holds the NIfTI file(s) on the model's training grid (affine in "
+            "the header, intensities in [0, 1]); manifest.csv lists the volume with its labels, seed and settings.\n",
+        )
+        niftis = [folder / nifti_name(0, c if len(channels) > 1 else None) for c in channels]
+        download = zip_path
+        if len(niftis) == 1:
+            download = zip_path.with_name(f"{zip_path.stem}.nii.gz")
+            shutil.copyfile(niftis[0], download)
+        plan = GenerationPlan(labels, known, [None], "web page")
+        self._prune()
+        return VolumeResult(
+            volume[0].float().cpu().numpy(),
+            plan.key(0, names),
+            channels,
+            list(grid.spacing),
+            niftis,
+            download,
+            zip_path,
+            seconds,
+        )
+
+
+def open_service(
+    model_dir: str | Path,
+    limits: ServeLimits | None = None,
+    device: str | torch.device = "cpu",
+    volume: bool = False,
+    work_dir: str | Path | None = None,
+) -> ModelService | VolumeModelService:
+    """The service of a 2D model, or with volume=True of a 3D volume model (the CLI decides which, as for
+    `meddiff generate`)."""
+    kind = VolumeModelService if volume else ModelService
+    return kind(model_dir, limits, device=device, work_dir=work_dir)
 
 
 def _read_png(path: Path) -> np.ndarray:

@@ -8,7 +8,9 @@ memory-mapped float16 array per dataset in the cache ($MEDDIFF_CACHE/volumes-KEY
 options and the size and time of every source file), and items are read from the map: memory grows with the
 batch, not the dataset. A case that cannot be used (a 2D file, a corrupt or constant volume, mismatched or
 missing modalities) is skipped, counted and logged; a dataset with no usable case is a one-line error.
-Array axes follow RAS (X to the patient's right, Y anterior, Z superior) and `affine` maps them to mm."""
+Array axes follow RAS (X to the patient's right, Y anterior, Z superior) and `affine` maps them to mm. Without
+spacing=, the spacing is fitted to the largest foreground of the training split, and the held-out splits (valid,
+test) are resampled at that same spacing."""
 
 from __future__ import annotations
 
@@ -218,9 +220,20 @@ def _channel_names(options: dict[str, str]) -> list[str]:
     return names or ["image"]
 
 
+def _training_spacing(spec: DatasetSpec, resolution: int) -> tuple[float, float, float] | None:
+    """The automatic spacing of the spec's training split (None where it has none), so that held-out splits are
+    resampled on the grid the models were trained on rather than on one fitted to their own foregrounds."""
+    try:
+        return load_volumes(spec.with_options(split="train"), resolution).spacing
+    except MeddiffError:
+        return None
+
+
 @register("volumes", heldout_split="valid", options=VOLUME_OPTIONS + GRID_OPTIONS)
 def load_volumes(spec: DatasetSpec, resolution: int) -> VolumeDataset:
     opts = GridOptions.from_options(spec.options, resolution)
+    if opts.spacing is None and spec.options.get("split", "train") not in ("train", "all"):
+        opts = replace(opts, spacing=_training_spacing(spec, resolution))
     try:
         cases, csv_labels = find_cases(Path(spec.path).expanduser(), spec.options)
     except ValueError as err:

@@ -80,3 +80,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_DEFAULT_THREADS: list[int] = []
+
+
+def pytest_sessionstart(session):
+    import torch  # (commands that must not import torch are checked in subprocesses)
+
+    _DEFAULT_THREADS.append(torch.get_num_threads())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Every test starts with torch's own thread count: a run with `threads: 1` (TrainConfig.threads calls
+    torch.set_num_threads) must not slow every later test of the session down to one core."""
+    import torch
+
+    if _DEFAULT_THREADS and torch.get_num_threads() != _DEFAULT_THREADS[0]:
+        torch.set_num_threads(_DEFAULT_THREADS[0])

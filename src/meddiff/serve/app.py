@@ -61,6 +61,26 @@ def _banner(gr):
     return gr.HTML(f'<div id="synthetic-notice-text" role="note">&#9888; {NOTICE}</div>', elem_id="synthetic-notice")
 
 
+def _header(gr, service, title: str) -> None:
+    """The top of both pages: the synthetic-data notice, the title, the model summary and its card."""
+    _banner(gr)
+    gr.Markdown(f"# meddiff — {title}")
+    gr.Markdown(service.summary(), elem_id="model-summary")
+    card = service.model_card()
+    if card:
+        with gr.Accordion("Model card", open=False):
+            gr.Markdown(card, elem_id="model-card")
+
+
+def _steps_and_guidance(gr, lim):
+    """The steps and guidance sliders of both pages, bounded by the service limits."""
+    steps = gr.Slider(1, lim.max_steps, value=min(20, lim.max_steps), step=1, label="Steps", elem_id="steps")
+    guidance = gr.Slider(
+        0, lim.max_guidance, value=min(2.0, lim.max_guidance), step=0.1, label="Guidance scale", elem_id="guidance"
+    )
+    return steps, guidance
+
+
 def build_app(service: ModelService | VolumeModelService):
     """The gradio Blocks of the page for one loaded model."""
     if isinstance(service, VolumeModelService):
@@ -68,13 +88,7 @@ def build_app(service: ModelService | VolumeModelService):
     gr = require_gradio()
     lim = service.limits
     with gr.Blocks(title="meddiff · synthetic medical images", analytics_enabled=False) as demo:
-        _banner(gr)
-        gr.Markdown("# meddiff — synthetic image generator")
-        gr.Markdown(service.summary(), elem_id="model-summary")
-        card = service.model_card()
-        if card:
-            with gr.Accordion("Model card", open=False):
-                gr.Markdown(card, elem_id="model-card")
+        _header(gr, service, "synthetic image generator")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(
@@ -107,17 +121,7 @@ def build_app(service: ModelService | VolumeModelService):
                     label="Number of images",
                     elem_id="n-images",
                 )
-                steps = gr.Slider(
-                    1, lim.max_steps, value=min(20, lim.max_steps), step=1, label="Steps", elem_id="steps"
-                )
-                guidance = gr.Slider(
-                    0,
-                    lim.max_guidance,
-                    value=min(2.0, lim.max_guidance),
-                    step=0.1,
-                    label="Guidance scale",
-                    elem_id="guidance",
-                )
+                steps, guidance = _steps_and_guidance(gr, lim)
                 scheduler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="Scheduler", elem_id="scheduler")
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -257,13 +261,7 @@ def build_volume_app(service: VolumeModelService):
     gr = require_gradio()
     lim = service.limits
     with gr.Blocks(title="meddiff · synthetic medical volumes", analytics_enabled=False) as demo:
-        _banner(gr)
-        gr.Markdown("# meddiff — synthetic volume generator")
-        gr.Markdown(service.summary(), elem_id="model-summary")
-        card = service.model_card()
-        if card:
-            with gr.Accordion("Model card", open=False):
-                gr.Markdown(card, elem_id="model-card")
+        _header(gr, service, "synthetic volume generator")
         with gr.Row():
             with gr.Column(scale=1):
                 labels = gr.CheckboxGroup(
@@ -278,17 +276,7 @@ def build_volume_app(service: VolumeModelService):
                     info="absent: a volume with exactly the checked labels "
                     "(nothing checked: none of them); unspecified: the model decides",
                 )
-                steps = gr.Slider(
-                    1, lim.max_steps, value=min(20, lim.max_steps), step=1, label="Steps", elem_id="steps"
-                )
-                guidance = gr.Slider(
-                    0,
-                    lim.max_guidance,
-                    value=min(2.0, lim.max_guidance),
-                    step=0.1,
-                    label="Guidance scale",
-                    elem_id="guidance",
-                )
+                steps, guidance = _steps_and_guidance(gr, lim)
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):

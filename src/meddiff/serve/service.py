@@ -18,6 +18,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,13 +131,19 @@ class _Workspace:
     """The limits, the folder of results (named here, never by a visitor), and one generation at a time."""
 
     model_dir: Path
+    pipe: Any  # the loaded pipeline (2D or volume), set by the subclass before this __init__
 
     def __init__(self, limits: ServeLimits | None, work_dir: str | Path | None):
+        self.codec = LabelCodec(self.label_names)
         self.limits = limits or ServeLimits()
         self.work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="meddiff-serve-"))
         self.work.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._count = 0
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.pipe.label_names)
 
     def _new_folder(self) -> Path:
         """A fresh result folder (call under the lock): a counter and a random token."""
@@ -188,14 +195,9 @@ class ModelService(_Workspace):
     ):
         self.model_dir = resolve_model_dir(model_dir)
         self.pipe = load_pipeline(model_dir, device=device)
-        self.codec = LabelCodec(list(self.pipe.label_names))
         super().__init__(limits, work_dir)
 
     # what the page shows --------------------------------------------------------------------------------------
-    @property
-    def label_names(self) -> list[str]:
-        return list(self.pipe.label_names)
-
     @property
     def takes_prompts(self) -> bool:
         return bool(self.pipe.supports_prompts)
@@ -316,12 +318,7 @@ class VolumeModelService(_Workspace):
             )
         self.model_dir = folder / "pipeline" if (folder / "pipeline" / PIPELINE_FILE).is_file() else folder
         self.pipe = VolumePipeline.from_pretrained(self.model_dir, device=device)
-        self.codec = LabelCodec(list(self.pipe.label_names))
         super().__init__(limits, work_dir)
-
-    @property
-    def label_names(self) -> list[str]:
-        return list(self.pipe.label_names)
 
     @property
     def grid(self):

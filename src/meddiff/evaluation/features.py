@@ -8,7 +8,9 @@ when it is missing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ from meddiff.errors import MeddiffError
 from meddiff.evaluation.classifier import LabelClassifier, train_classifier
 
 FEATURES = ("domain", "inception", "xrv")
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def domain_classifier(
@@ -45,14 +48,24 @@ def domain_classifier(
         [],
     )
     path = cache.cache_root() / "classifiers" / f"{key}.safetensors"
-    model = LabelClassifier(len(train.label_names))
+    return cached_weights(
+        path,
+        LabelClassifier(len(train.label_names)),
+        lambda: train_classifier(train, epochs=epochs, seed=seed, progress=progress, device=device),
+        device,
+    )
+
+
+def cached_weights(path: Path, model: M, fit: Callable[[], M], device=None) -> M:
+    """`model` with the weights stored at `path` (on the run's device, in eval mode), or else `fit()`'s trained
+    model, whose weights are then stored at `path` (safetensors) for the next run."""
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.to(run_device(device)).eval()
-    model = train_classifier(train, epochs=epochs, seed=seed, progress=progress, device=device)
+    model = fit()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
-    return model
+    return model.eval()
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import ResidualUnit
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from meddiff.data import cache
@@ -30,7 +29,7 @@ from meddiff.devices import run_device
 from meddiff.errors import MeddiffError
 from meddiff.evaluation.classifier import LabelClassifier, per_label_auc, train_classifier
 from meddiff.evaluation.distribution import fid, kid
-from meddiff.evaluation.features import embed
+from meddiff.evaluation.features import cached_weights, embed
 from meddiff.evaluation.volume_metrics import PLANES, FeatureFn, as_volumes, plane_slices
 from meddiff.results import JsonResult
 
@@ -106,12 +105,16 @@ def train_volume_classifier(
         raise MeddiffError("a volume classifier needs at least 2 labelled volumes and (N, K) labels/known")
     recipe = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "version": 1}
     path = cache.cache_root() / "classifiers" / f"volume-{_key('volume', volumes, labels, recipe)}.safetensors"
-    device = run_device(device)
     torch.manual_seed(seed)
     model = VolumeClassifier(volumes.shape[1], labels.shape[1])
-    if path.is_file():
-        model.load_state_dict(load_file(str(path)))
-        return model.to(device).eval()
+    return cached_weights(
+        path, model, lambda: _fit(model, volumes, labels, known, epochs, batch_size, lr, seed, progress, device), device
+    )
+
+
+def _fit(model, volumes, labels, known, epochs, batch_size, lr, seed, progress, device) -> VolumeClassifier:
+    """Masked-BCE training of `model` on the volumes (augmentation and batch order from a CPU generator)."""
+    device = run_device(device)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     per_epoch = max(1, len(volumes) // batch_size)
@@ -133,8 +136,6 @@ def train_volume_classifier(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
     return model.eval()
 
 
@@ -268,15 +269,12 @@ def slice_feature_net(
     images = torch.as_tensor(data.images[:])
     key = _key("slices", images, data.labels, {"epochs": epochs, "seed": seed, "size": size, "version": 1})
     path = cache.cache_root() / "classifiers" / f"slices-{key}.safetensors"
-    device = run_device(device)
-    model = LabelClassifier(len(columns))
-    if path.is_file():
-        model.load_state_dict(load_file(str(path)))
-        model.to(device).eval()
-    else:
-        model = train_classifier(data, epochs=epochs, batch_size=32, seed=seed, progress=progress, device=device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    model = cached_weights(
+        path,
+        LabelClassifier(len(columns)),
+        lambda: train_classifier(data, epochs=epochs, batch_size=32, seed=seed, progress=progress, device=device),
+        device,
+    )
 
     def features(slices: torch.Tensor) -> np.ndarray:
         x = slices.float()

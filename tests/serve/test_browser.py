@@ -86,6 +86,8 @@ def _open(browser, url):
     page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url, wait_until="networkidle")
+    # gradio renders the page after the network goes quiet: wait for the button before asserting what is shown
+    playwright_api.expect(page.get_by_role("button", name="Generate")).to_be_visible(timeout=TIMEOUT_MS)
     return page
 
 
@@ -132,7 +134,9 @@ def test_pick_findings_generate_and_download(labels_server, browser):
     page = _open(browser, url)
     assert "not for diagnosis" in page.locator("#synthetic-notice").first.inner_text()
     assert "Cardiomegaly" in page.locator("#model-summary").inner_text()
-    assert not page.locator("#prompt").is_visible()  # a label model shows findings, not a prompt box
+    # a label model shows findings, not a prompt box
+    playwright_api.expect(page.get_by_label("Cardiomegaly")).to_be_visible()
+    playwright_api.expect(page.locator("#prompt")).to_be_hidden()
     page.get_by_label("Cardiomegaly").check()
     page.get_by_label("Edema").check()
     _set_number(page, "n-images", 3)
@@ -155,7 +159,7 @@ def test_type_a_prompt_and_bad_input_shows_messages(text_server, browser):
     service, url = text_server
     page = _open(browser, url)
     prompt = page.locator("#prompt textarea")
-    assert prompt.is_visible()
+    playwright_api.expect(prompt).to_be_visible(timeout=TIMEOUT_MS)
     page.get_by_role("button", name="Generate").click()  # empty prompt
     assert "type a prompt" in _wait_status(page, "Not generated")
     prompt.fill("chest x-ray with cardiomegaly " * 3)  # 90 characters, limit 60

@@ -1,12 +1,13 @@
-"""`meddiff demo --3d` end to end on 16^3 phantoms with a half-minute budget (MEDDIFF_DEMO3D_SIZE / _N)."""
+"""`meddiff demo --3d` end to end on 16^3 phantoms with a few fixed steps (MEDDIFF_DEMO3D_SIZE / _N)."""
 
 import csv
 import json
 
 import pytest
 
+from meddiff import demo
 from meddiff.cli import main
-from meddiff.demo import add_side_label
+from meddiff.demo import add_side_label, run_demo3d
 
 
 def test_side_label_column(tmp_path):
@@ -31,8 +32,10 @@ def test_demo_3d_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDDIFF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MEDDIFF_DEMO3D_SIZE", "16")
     monkeypatch.setenv("MEDDIFF_DEMO3D_N", "8")
-    assert main(["-q", "demo", "--3d", "--out", str(tmp_path / "demo"), "--minutes", "0.3"]) == 0
+    run_demo3d(tmp_path / "demo", progress=False, ae_steps=4, ldm_steps=3)
     numbers = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert numbers["schedule"] == "fixed step counts"
+    assert (numbers["autoencoder"]["steps"], numbers["latent_diffusion"]["steps"]) == (4, 3)
     assert {"phantoms", "autoencoder", "total"} <= set(numbers["timings_s"])
     assert set(numbers["conditions"]) == {"Tumour + Left", "Tumour", "none"}
     assert {"psnr", "ssim", "ssim_3d"} <= set(numbers["autoencoder"])
@@ -41,3 +44,23 @@ def test_demo_3d_runs_end_to_end(tmp_path, monkeypatch):
     page = (tmp_path / "demo" / "report.html").read_text()
     assert "data:image/png" in page and "Timings" in page
     assert (tmp_path / "demo" / "run" / "volumes" / "manifest.csv").is_file()
+
+
+def test_demo_3d_trains_fixed_steps_unless_given_minutes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_demo3d", lambda out, minutes=None, seed=0: calls.append((minutes, seed)))
+    assert main(["-q", "demo", "--3d", "--out", str(tmp_path / "a")]) == 0
+    assert main(["-q", "demo", "--3d", "--out", str(tmp_path / "b"), "--minutes", "20", "--seed", "3"]) == 0
+    assert calls == [(None, 0), (20.0, 3)]  # no --minutes: fixed steps (the same numbers on every machine)
+
+
+def test_the_shipped_recipe_is_what_the_demo_trains(tmp_path):
+    from pathlib import Path
+
+    from meddiff.demo import demo3d_config
+    from meddiff.training.config import load_config
+
+    recipe = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo3d-cpu.yaml"), {}, {})
+    trained = demo3d_config(tmp_path, "phantom3d:", 64, 0)
+    assert recipe.volume == trained.volume
+    assert (recipe.guidance, recipe.sample_steps, recipe.cond_dropout) == (3.0, 12, 0.15)

@@ -305,7 +305,12 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
 
     de = sub.add_parser("demo", help="phantoms -> train -> generate -> label fidelity -> report.html")
     de.add_argument("--out", required=True)
-    de.add_argument("--minutes", type=_positive_float, default=None, help="training budget (default 8)")
+    de.add_argument(
+        "--minutes",
+        type=_positive_float,
+        default=None,
+        help="training budget (2D: default 8; --3d: fixed step counts unless given)",
+    )
     de.add_argument("--n", type=_positive_int, default=3000, help="number of phantoms")
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--3d", dest="volumes", action="store_true", help="3D: brain phantom volumes (<= 15 min on 2 CPUs)")

@@ -45,6 +45,7 @@ CONFIG_DESCRIPTION = (
 ALIASES = {
     "train": {
         "model.prediction_type": ["--prediction"],
+        "model.objective": ["--objective"],
         "latent.autoencoder": ["--autoencoder"],
         "text.encoder": ["--text-encoder"],
         "text.train_encoder": ["--train-text-encoder"],

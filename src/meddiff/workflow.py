@@ -109,7 +109,7 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> RunSummary |
         train_minutes=result.train_seconds / 60,
         images_per_second=result.images_per_second,
         precision=result.precision,
-        prediction_type=config.model.prediction_type,
+        prediction_type="flow" if config.model.objective == "flow" else config.model.prediction_type,
         cond_dropout=config.cond_dropout,
         fidelity=fidelity,
         timings={k: round(v, 1) for k, v in timings.items()},

@@ -223,3 +223,47 @@ def test_a_non_finite_loss_is_never_checkpointed(tmp_path, data, monkeypatch):
     with pytest.raises(MeddiffError, match="loss became nan by step 4"):
         train(cfg(tmp_path, max_steps=8, checkpoint_every=2, log_every=100), data, progress=False)
     assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step-0000002"]
+
+
+FLOW_MODEL = ModelConfig(block_out_channels=[16, 32], layers_per_block=1, objective="flow", flow_shift=2.0)
+
+
+def test_flow_loss_target_is_the_velocity(data):
+    """Flow objective, by hand from the same generator draws: noise first, then the logit-normal u, index
+    floor(u T) into the shifted training sigmas; x_t = (1 - s) x0 + s noise, target noise - x0, timestep s T."""
+    from meddiff.training.methods.diffusion import PixelDiffusion
+
+    method = PixelDiffusion(cfg("unused", model=FLOW_MODEL, conditioning="none"), data)
+    scheduler = method.noise_scheduler
+    x0 = data.images[:4].float()
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(x0.shape, generator=g)
+    u = torch.sigmoid(torch.normal(0.0, 1.0, (4,), generator=g))
+    index = (u * 1000).long()
+    s = scheduler.sigmas[index].view(-1, 1, 1, 1)
+    unet = RecordingUNet(lambda xt, t: torch.zeros_like(xt))
+    loss = method.denoising_loss(unet, x0, {}, torch.Generator().manual_seed(3))
+    xt, t_seen = unet.seen[0]
+    torch.testing.assert_close(t_seen, scheduler.timesteps[index])
+    torch.testing.assert_close(t_seen / 1000, s.flatten())  # timesteps are the noise levels times T
+    torch.testing.assert_close(xt, (1 - s) * x0 + s * noise)
+    torch.testing.assert_close(loss, (noise - x0).pow(2).mean(dim=(1, 2, 3)))
+    # the shift moved the levels up: with k = 2 the median level is 2/3, not 1/2
+    assert 0.6 < float(scheduler.sigmas[500]) < 0.7
+
+
+def test_flow_model_trains_saves_and_samples(tmp_path, data):
+    import json
+
+    from meddiff.models.storage import load_pipeline
+    from meddiff.sampling.generate import SamplingSettings, sample
+
+    result = train(cfg(tmp_path, max_steps=3, model=FLOW_MODEL), data, progress=False)
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(entry[1])) for entry in result.loss_history)
+    saved = json.loads((tmp_path / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "FlowMatchEulerDiscreteScheduler" and saved["shift"] == 2.0
+    pipe = load_pipeline(tmp_path)
+    conditions = torch.zeros(2, 2 * len(pipe.label_names))
+    for name in ("euler", "heun", "dpm++"):
+        images = sample(pipe, conditions, SamplingSettings(steps=2, scheduler=name, precision="fp32"), progress=False)
+        assert images.shape == (2, 32, 32) and float(images.min()) >= 0 and float(images.max()) <= 1, name

@@ -5,7 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
 
 from meddiff.errors import MeddiffError
 from meddiff.options import Options, option
@@ -20,7 +30,21 @@ class ModelConfig(Options):
     )
     attention_head_dim: int = option(32, "channels per attention head", minimum=1)
     norm_num_groups: int = option(8, "GroupNorm groups (must divide every channel count)", minimum=1)
-    prediction_type: Literal["epsilon", "v_prediction"] = option("epsilon", "what the U-Net predicts")
+    objective: Literal["diffusion", "flow"] = option(
+        "diffusion",
+        "diffusion: a DDPM noise schedule, the U-Net predicts the noise or v (prediction_type); flow: rectified "
+        "flow, x_t = (1 - s) x0 + s noise, the U-Net predicts the velocity noise - x0 (samplers euler, heun, dpm++, "
+        "unipc)",
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] = option(
+        "epsilon", "diffusion objective: what the U-Net predicts"
+    )
+    flow_shift: float = option(
+        1.0, "flow objective: noise-level shift s' = k s / (1 + (k - 1) s); > 1 puts more steps at high noise", above=0
+    )
+    flow_density: Literal["logit_normal", "uniform", "mode"] = option(
+        "logit_normal", "flow objective: how training draws the noise level s (SD3's densities)"
+    )
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = option(
         "squaredcos_cap_v2", "noise schedule of the training scheduler"
     )
@@ -60,7 +84,13 @@ def build_unet(
     )
 
 
-def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The training scheduler, saved with the pipeline: DDPM for the diffusion objective, diffusers' flow-matching
+    Euler scheduler (its training sigmas, shifted) for the flow objective."""
+    if cfg.objective == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=cfg.flow_shift)
+    if cfg.objective != "diffusion":
+        raise MeddiffError(f"objective must be diffusion or flow, got {cfg.objective!r}")
     if cfg.prediction_type not in ("epsilon", "v_prediction"):
         raise MeddiffError(f"prediction_type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
     return DDPMScheduler(
@@ -71,17 +101,44 @@ def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
     )
 
 
-SamplerName = Literal["dpm++", "ddim", "pndm", "ddpm"]
+SamplerName = Literal["dpm++", "dpm++3", "unipc", "euler", "heun", "ddim", "pndm", "ddpm"]
 SAMPLERS: tuple[SamplerName, ...] = get_args(SamplerName)
+FLOW_SAMPLERS: tuple[SamplerName, ...] = ("euler", "heun", "dpm++", "dpm++3", "unipc")
+
+
+def is_flow_schedule(config) -> bool:
+    """True for the config of a flow-matching scheduler (the training one, or a flow-mode DPM-Solver/UniPC)."""
+    return bool(config.get("use_flow_sigmas")) or ("shift" in config and "beta_schedule" not in config)
+
+
+def evaluations_per_step(name: str) -> int:
+    """Network evaluations one sampler step costs (Heun: two), before guidance doubles them."""
+    return 2 if name.lower() == "heun" else 1
 
 
 def make_sampler(name: str, train_config, clip: bool = True):
     """A sampling scheduler built from the training scheduler's config. `clip` keeps DDIM/DDPM's x0 estimate in
-    the data range [-1, 1]: right for pixels, wrong for latents (pass False)."""
+    the data range [-1, 1]: right for pixels, wrong for latents (pass False). A flow-matching model gets the flow
+    form of each sampler (diffusers' FlowMatch Euler/Heun, DPM-Solver++ and UniPC on flow sigmas)."""
     name = name.lower()
-    if name in ("dpm++", "dpmsolver++", "dpm"):
+    if name in ("dpmsolver++", "dpm"):
+        name = "dpm++"
+    if is_flow_schedule(train_config):
+        return _flow_sampler(name, train_config)
+    if name in ("dpm++", "dpm++3"):
         return DPMSolverMultistepScheduler.from_config(
-            train_config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
+            train_config,
+            algorithm_type="dpmsolver++",
+            solver_order=3 if name == "dpm++3" else 2,
+            final_sigmas_type="zero",
+        )
+    if name == "unipc":
+        return UniPCMultistepScheduler.from_config(train_config, final_sigmas_type="zero")
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(train_config, timestep_spacing="trailing")
+    if name == "heun":  # diffusers' Heun on a DDPM schedule starts from sigma ~2e4: its correction step diverges
+        raise MeddiffError(
+            "scheduler 'heun' is for flow-matching models (objective flow); for this model use dpm++, unipc or euler"
         )
     if name == "ddim":
         return DDIMScheduler.from_config(train_config, clip_sample=clip, set_alpha_to_one=True)
@@ -90,6 +147,32 @@ def make_sampler(name: str, train_config, clip: bool = True):
     if name == "ddpm":
         return DDPMScheduler.from_config(train_config, clip_sample=clip)  # x0 clipped to the data range
     raise MeddiffError(f"unknown scheduler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def _flow_sampler(name: str, config):
+    steps = int(config.get("num_train_timesteps", 1000))
+    shift = float(config.get("shift", config.get("flow_shift", 1.0)))
+    if name == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=steps, shift=shift)
+    if name == "heun":
+        return FlowMatchHeunDiscreteScheduler(num_train_timesteps=steps, shift=shift)
+    flow = {"num_train_timesteps": steps, "prediction_type": "flow_prediction", "use_flow_sigmas": True}
+    if name in ("dpm++", "dpm++3"):
+        return DPMSolverMultistepScheduler(
+            **flow,
+            flow_shift=shift,
+            algorithm_type="dpmsolver++",
+            solver_order=3 if name == "dpm++3" else 2,
+            final_sigmas_type="zero",
+        )
+    if name == "unipc":
+        return UniPCMultistepScheduler(**flow, flow_shift=shift, final_sigmas_type="zero")
+    if name in SAMPLERS:
+        raise MeddiffError(
+            f"scheduler {name!r} needs a noise (DDPM) schedule; this is a flow-matching model: "
+            f"choose one of {', '.join(FLOW_SAMPLERS)}"
+        )
+    raise MeddiffError(f"unknown scheduler {name!r}; choose one of {', '.join(FLOW_SAMPLERS)}")
 
 
 ATTENTION = ("auto", "sdpa", "classic")

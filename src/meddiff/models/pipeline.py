@@ -21,6 +21,7 @@ vector is "no condition". Text conditioning: the null condition is the empty pro
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -56,13 +57,26 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tenso
     return uncond + scale * (cond - uncond)
 
 
+def guidance_embedding(scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) guidance scales -> (B, dim) sinusoidal features, the `timestep_cond` of a U-Net built with
+    `time_cond_proj_dim` (a distilled student takes the guidance scale as an input: one network evaluation per
+    step instead of a conditional and an unconditional one)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / max(half - 1, 1))
+    angles = scale.float().reshape(-1, 1) * 1000.0 * freqs.reshape(1, -1)
+    features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        features = torch.nn.functional.pad(features, (0, 1))
+    return features
+
+
 class Sampler(Protocol):
-    """What sampling uses of a diffusers scheduler (DDPM, DDIM, PNDM, DPM-Solver, ...)."""
+    """What sampling uses of a diffusers scheduler (DDPM, DDIM, PNDM, DPM-Solver, UniPC, Euler, flow matching,
+    LCM...). Flow-matching schedulers have no `init_noise_sigma` or `scale_model_input`: the pipeline treats them
+    as 1 and the identity."""
 
     timesteps: torch.Tensor
-    init_noise_sigma: float
     set_timesteps: Callable[..., None]
-    scale_model_input: Callable[..., torch.Tensor]
     step: Callable[..., Any]  # -> an output with .prev_sample
 
     @property
@@ -108,6 +122,11 @@ class MedDiffusionPipeline(DiffusionPipeline):
     @property
     def is_latent(self) -> bool:
         return getattr(self, "vae", None) is not None
+
+    @property
+    def guidance_dim(self) -> int | None:
+        """Width of the guidance-scale input of a distilled U-Net (None: guidance takes a second network pass)."""
+        return getattr(self.unet.config, "time_cond_proj_dim", None)
 
     @property
     def image_size(self) -> int:
@@ -198,7 +217,11 @@ class MedDiffusionPipeline(DiffusionPipeline):
                 self.tokenizer, self.text_encoder, negative_prompt, device
             ).to(dtype)
             active = active or any(p for p in prompt) or any(p for p in negative_prompt)
-        guided = active and guidance_scale != 1.0
+        guidance_dim = self.guidance_dim
+        guided = active and guidance_scale != 1.0 and guidance_dim is None
+        if guidance_dim is not None:  # a distilled student: the scale is an input, one evaluation per step
+            scale = torch.full((batch,), float(guidance_scale) if active else 1.0)
+            cond_kwargs["timestep_cond"] = guidance_embedding(scale, guidance_dim).to(device=device, dtype=dtype)
         if guided:
             model_kwargs = {
                 k: (torch.cat([null_kwargs[k], v]) if v is not None else None) for k, v in cond_kwargs.items()
@@ -215,14 +238,16 @@ class MedDiffusionPipeline(DiffusionPipeline):
         else:
             sample = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = sample * self.scheduler.init_noise_sigma
+        sample = sample * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale_input = getattr(self.scheduler, "scale_model_input", None)
         # stochastic schedulers (DDPM, DDIM with eta) take the per-image generators; PNDM takes none
         step_kwargs = (
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_in = torch.cat([sample, sample]) if guided else sample
-            model_in = self.scheduler.scale_model_input(model_in, t)
+            if scale_input is not None:
+                model_in = scale_input(model_in, t)
             out = self.unet(model_in, t, **model_kwargs).sample.float()
             if guided:
                 uncond, cond = out.chunk(2)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.conditioning.text import PromptCache, load_text_encoder, text_width
@@ -110,6 +110,8 @@ class PixelDiffusion(TrainingMethod):
         if self.config.noise_offset:
             noise = noise + self.config.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=generator)
         noise = noise.to(device)
+        if self.config.model.objective == "flow":
+            return self.flow_loss(unet, x0, noise, kwargs, generator)
         scheduler = self.noise_scheduler
         t = torch.randint(0, scheduler.config["num_train_timesteps"], (b,), generator=generator).to(device)
         xt = scheduler.add_noise(x0, noise, t)  # type: ignore[arg-type]  # diffusers says IntTensor; any int tensor works
@@ -125,6 +127,28 @@ class PixelDiffusion(TrainingMethod):
             weight = clipped / (snr + 1) if scheduler.config["prediction_type"] == "v_prediction" else clipped / snr
             per_sample = per_sample * weight
         return per_sample
+
+    def flow_loss(self, unet, x0: torch.Tensor, noise: torch.Tensor, kwargs: dict, generator) -> torch.Tensor:
+        """Rectified flow: x_t = (1 - s) x0 + s noise at a noise level s drawn from the configured density
+        (SD3's logit-normal by default) over the scheduler's shifted training sigmas; the U-Net, given the timestep
+        s * T, predicts the velocity noise - x0. Min-SNR weighting does not apply (plain MSE)."""
+        scheduler = self.noise_scheduler
+        steps = int(scheduler.config["num_train_timesteps"])
+        u = compute_density_for_timestep_sampling(
+            self.config.model.flow_density,
+            x0.shape[0],
+            logit_mean=0.0,
+            logit_std=1.0,
+            mode_scale=1.29,
+            generator=generator,
+        )
+        index = (u * steps).long().clamp(0, steps - 1)
+        sigmas = scheduler.sigmas[index].to(x0.device, torch.float32).view(-1, *([1] * (x0.dim() - 1)))
+        timesteps = scheduler.timesteps[index].to(x0.device)
+        xt = ((1 - sigmas) * x0.float() + sigmas * noise.float()).to(x0.dtype)
+        pred = unet(xt, timesteps, **kwargs).sample.float()
+        target = (noise - x0).float()
+        return F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, x0.dim())))
 
     def vae(self):
         return None

@@ -33,6 +33,7 @@ CONFIG_COMMANDS = (
     "train",
     "finetune",
     "train-autoencoder",
+    "distill",
     "generate",
     "fidelity",
     "serve",
@@ -53,13 +54,16 @@ ALIASES = {
     },
     "finetune": {"cond_dropout": ["--caption-dropout"], "finetune.validation_prompts": ["--validation-prompt"]},
     "train-autoencoder": {},
+    "distill": {"distill.teacher": ["--model"]},
 }
 SWITCHES: dict[str, dict[str, tuple[str, object, str]]] = {  # flag -> (key, value it sets, help)
     "train": {"--no-eval": ("eval.fidelity", False, "skip the label-fidelity evaluation")},
     "finetune": {"--use-8bit-adam": ("optimizer", "adamw8bit", "bitsandbytes AdamW8bit (CUDA)")},
     "train-autoencoder": {},
+    "distill": {"--no-eval": ("eval.fidelity", False, "skip the label-fidelity evaluation")},
 }
 FINETUNE_DEFAULTS = {"resolution": 512, "batch_size": 4, "checkpoint_every": 500}  # learning rate: by method
+DISTILL_DEFAULTS = {"learning_rate": 1e-4, "max_steps": 2000, "lr_warmup_steps": 50}
 AUTOENCODER_LEARNING_RATE = 2e-4  # autoencoders want a smaller step than the diffusion default
 PHANTOM_N, PHANTOM3D_N = 2000, 48  # `meddiff data phantom` default counts: 2D images, 3D volumes
 
@@ -69,13 +73,14 @@ def _add_config_flags(command: str, parser: argparse.ArgumentParser) -> None:
     from meddiff.options import add_arguments
     from meddiff.training.config import TrainConfig
 
-    home = {"finetune": "finetune", "train-autoencoder": "autoencoder"}.get(command, "")
+    home = {"finetune": "finetune", "train-autoencoder": "autoencoder", "distill": "distill"}.get(command, "")
     shown = {
         "finetune": {
             **{k: str(v) for k, v in FINETUNE_DEFAULTS.items()},
             "learning_rate": "by method (lora 1e-4, unet 1e-5, ...)",
         },
         "train-autoencoder": {"learning_rate": str(AUTOENCODER_LEARNING_RATE)},
+        "distill": {k: str(v) for k, v in DISTILL_DEFAULTS.items()},
     }.get(command, {})
     add_arguments(
         parser,
@@ -210,7 +215,13 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
         help="train a VQ-VAE or KL autoencoder for latent diffusion",
         description=CONFIG_DESCRIPTION,
     )
-    for command, parser in (("train", tr), ("finetune", ft), ("train-autoencoder", ae)):
+    di = sub.add_parser(
+        "distill",
+        help="distil a trained model into a 1-8 step sampler (latent consistency distillation)",
+        description="meddiff distill --model RUN --out RUN_FAST --steps 4. The data, resolution and conditioning "
+        "come from the teacher's run unless given. " + CONFIG_DESCRIPTION,
+    )
+    for command, parser in (("train", tr), ("finetune", ft), ("train-autoencoder", ae), ("distill", di)):
         parser.add_argument("--config", help="YAML recipe, e.g. configs/pneumoniamnist.yaml (flags override it)")
         if command in config_flags:
             _add_config_flags(command, parser)
@@ -597,6 +608,26 @@ def cmd_train(args) -> None:
     )
 
 
+def cmd_distill(args) -> None:
+    from meddiff.options import given
+    from meddiff.training.config import load_config
+    from meddiff.workflow import distill_and_report
+
+    settings = {**{k: v for k, v in DISTILL_DEFAULTS.items()}, **given(args), "method": "distill"}
+    config = load_config(_base_config(args, settings), {}, settings)
+    if not config.out:
+        raise MeddiffError("no run directory: pass --out RUN_DIR")
+    summary = distill_and_report(config)
+    if summary is None:
+        return
+    auc = summary.fidelity.mean_synthetic_auc if summary.fidelity else None
+    print(
+        f"done: {summary.steps} distillation steps; {config.distill.steps} network evaluations per image"
+        + (f", mean label-fidelity AUC {auc:.3f}" if auc is not None else "")
+        + f"; model in {Path(config.out) / 'pipeline'}; card {Path(config.out) / 'README.md'}"
+    )
+
+
 def cmd_generate(args) -> None:
     from meddiff.conditioning.labels import LabelCodec
     from meddiff.devices import launch_rank, run_device
@@ -838,6 +869,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "data": cmd_data,
     "train": cmd_train,
+    "distill": cmd_distill,
     "train-autoencoder": cmd_train_autoencoder,
     "generate": cmd_generate,
     "fidelity": cmd_fidelity,

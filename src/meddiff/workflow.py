@@ -6,13 +6,21 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.spec import DatasetSpec, load_dataset, parse_spec
 from meddiff.devices import run_device
+from meddiff.errors import MeddiffError
 from meddiff.evaluation.cards import write_autoencoder_card, write_finetune_card, write_model_card
 from meddiff.evaluation.fidelity import default_prompts, label_fidelity, prompt_response
-from meddiff.evaluation.results import AutoencoderReport, FidelityReport, LatentSummary, RunSummary
+from meddiff.evaluation.results import (
+    AutoencoderReport,
+    DistillationSummary,
+    FidelityReport,
+    LatentSummary,
+    RunSummary,
+)
 from meddiff.models.storage import load_pipeline
 from meddiff.sampling.generate import SamplingSettings, conditions_for, sample
 from meddiff.sampling.grid import save_grid, upscale_for
@@ -45,6 +53,17 @@ def label_grids(pipe, settings: SamplingSettings, n: int, out_dir: Path, progres
 def train_and_report(config: TrainConfig, progress: bool = True) -> RunSummary | None:
     """`meddiff train`: everything a run directory should hold when it is done (None on the non-main processes of a
     multi-process run: only the main one samples, evaluates and reports)."""
+    trained = _load_and_train(config, progress)
+    if trained is None:  # the other processes of a multi-process run stop here
+        return None
+    settings = SamplingSettings(
+        steps=config.sample_steps, guidance=config.guidance, seed=config.seed, precision=config.precision
+    )
+    return report_run(config, *trained, settings, progress)
+
+
+def _load_and_train(config: TrainConfig, progress: bool) -> tuple[DatasetSpec, Any, Any, dict[str, float]] | None:
+    """(spec, dataset, train result, timings), or None on the non-main processes of a multi-process run."""
     timings = {}
     t = time.perf_counter()
     spec: DatasetSpec = parse_spec(config.data)
@@ -53,15 +72,27 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> RunSummary |
     timings["load_data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     result = train(config, dataset, progress=progress)
-    if not result.is_main_process:  # the other processes of a multi-process run stop here
+    if not result.is_main_process:
         return None
-    assert result.pipeline_dir is not None  # the main process exported the model
     timings["train_s"] = time.perf_counter() - t
+    return spec, dataset, result, timings
+
+
+def report_run(
+    config: TrainConfig,
+    spec: DatasetSpec,
+    dataset,
+    result,
+    timings: dict[str, float],
+    settings: SamplingSettings,
+    progress: bool = True,
+    distillation: DistillationSummary | None = None,
+) -> RunSummary:
+    """After training a diffusion model (or distilling one): grids per label, label fidelity (and the prompt-response
+    table for text models), metrics.json and the model card."""
+    assert result.pipeline_dir is not None  # the main process exported the model
     run_dir = Path(config.out)
     pipe = load_pipeline(result.pipeline_dir, device=run_device())  # grids and fidelity on the run's device
-    settings = SamplingSettings(
-        steps=config.sample_steps, guidance=config.guidance, seed=config.seed, precision=config.precision
-    )
     t = time.perf_counter()
     grids = label_grids(pipe, settings, config.eval.grid_per_label, run_dir / "samples")
     timings["grids_s"] = time.perf_counter() - t
@@ -109,16 +140,73 @@ def train_and_report(config: TrainConfig, progress: bool = True) -> RunSummary |
         train_minutes=result.train_seconds / 60,
         images_per_second=result.images_per_second,
         precision=result.precision,
-        prediction_type="flow" if config.model.objective == "flow" else config.model.prediction_type,
+        prediction_type=_prediction(config),
         cond_dropout=config.cond_dropout,
         fidelity=fidelity,
         timings={k: round(v, 1) for k, v in timings.items()},
         grids={k: str(v) for k, v in grids.items()},
+        distillation=distillation,
         loss_history=result.loss_history,
     )
     summary.write_json(run_dir / "metrics.json")
     write_model_card(run_dir, summary)
     return summary
+
+
+def _prediction(config: TrainConfig) -> str:
+    if config.method == "distill":
+        return "v_prediction (consistency student)"
+    return "flow" if config.model.objective == "flow" else config.model.prediction_type
+
+
+def distill_and_report(config: TrainConfig, progress: bool = True) -> RunSummary | None:
+    """`meddiff distill`: a few-step student of a trained model, on the teacher's data (its run's config.yaml)
+    unless --data says otherwise; then the same grids, label fidelity and card as `meddiff train`, sampled with
+    the student's step count."""
+    import json
+
+    from meddiff.models.storage import resolve_model_dir
+    from meddiff.training.config import load_config
+
+    d = config.distill
+    if not 1 <= d.steps <= 8:
+        raise MeddiffError(f"--steps must be between 1 and 8 for a distilled sampler, got {d.steps}")
+    if not d.teacher:
+        raise MeddiffError("meddiff distill needs --model RUN_DIR (a run of `meddiff train`)")
+    teacher_dir = resolve_model_dir(d.teacher)
+    run = teacher_dir.parent if teacher_dir.name == "pipeline" else teacher_dir
+    teacher = load_config(run / "config.yaml", {}) if (run / "config.yaml").is_file() else None
+    if not config.data:
+        if teacher is None:
+            raise MeddiffError(f"{run} has no config.yaml to take the training data from; pass --data SPEC")
+        config.data = teacher.data
+    unet_config = json.loads((teacher_dir / "unet" / "config.json").read_text())
+    vae_config = teacher_dir / "vae" / "config.json"
+    config.resolution = int(
+        json.loads(vae_config.read_text())["sample_size"] if vae_config.is_file() else unet_config["sample_size"]
+    )
+    config.method = "distill"
+    if teacher is not None:
+        config.conditioning = teacher.conditioning
+    teacher_auc = None
+    if (run / "metrics.json").is_file():
+        fidelity = json.loads((run / "metrics.json").read_text()).get("fidelity") or {}
+        teacher_auc = fidelity.get("mean_synthetic_auc")
+    teacher_steps, teacher_guidance = (teacher.sample_steps, teacher.guidance) if teacher else (20, 2.0)
+    distillation = DistillationSummary(
+        teacher=str(run),
+        method="latent consistency distillation (LCM), decay-0 target",
+        network_evaluations_per_image=d.steps,
+        teacher_network_evaluations_per_image=teacher_steps * (2 if teacher_guidance != 1 else 1),
+        solver_steps=d.solver_steps,
+        guidance_range=[d.guidance_min, d.guidance_max],
+        teacher_mean_fidelity_auc=teacher_auc,
+    )
+    trained = _load_and_train(config, progress)
+    if trained is None:
+        return None
+    settings = SamplingSettings(steps=d.steps, guidance=config.guidance, seed=config.seed, precision=config.precision)
+    return report_run(config, *trained, settings, progress, distillation)
 
 
 def _latent_summary(pipe) -> LatentSummary | None:

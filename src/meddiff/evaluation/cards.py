@@ -130,10 +130,32 @@ def train_card(run_dir: Path, summary: RunSummary) -> CardContent:
                     f"- conditioning: {summary.conditioning}{space}",
                 ],
             ),
+            *_distillation_sections(summary),
             CardSection(title="Metrics", lines=_fidelity_lines(summary.fidelity)),
             CardSection(title="Use", lines=use),
         ],
     )
+
+
+def _distillation_sections(summary: RunSummary) -> list[CardSection]:
+    d = summary.distillation
+    if d is None:
+        return []
+    teacher_auc = f"{d.teacher_mean_fidelity_auc:.3f}" if d.teacher_mean_fidelity_auc is not None else "not measured"
+    return [
+        CardSection(
+            title="Distillation",
+            lines=[
+                f"- student of `{d.teacher}` ({d.method}), {d.network_evaluations_per_image} network evaluations per "
+                f"image; the teacher needs {d.teacher_network_evaluations_per_image} at its run's settings",
+                f"- guidance scales {d.guidance_range[0]}-{d.guidance_range[1]} are an input of the U-Net (no "
+                "second, unconditional pass); sampler: diffusers' LCMScheduler, "
+                f"teacher grid of {d.solver_steps} DDIM steps",
+                f"- sample with `--steps {d.network_evaluations_per_image}`; the teacher's mean label-fidelity AUC: "
+                f"{teacher_auc}",
+            ],
+        )
+    ]
 
 
 def autoencoder_card(

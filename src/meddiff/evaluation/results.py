@@ -70,6 +70,19 @@ class LatentSummary(JsonResult):
 
 
 @dataclass(kw_only=True)
+class DistillationSummary(JsonResult):
+    """`meddiff distill`: what the student was distilled from, and how fast it samples."""
+
+    teacher: str
+    method: str
+    network_evaluations_per_image: int  # the student's steps: guidance is an input, not a second pass
+    teacher_network_evaluations_per_image: int  # the teacher at its run's sampler steps, guidance counted
+    solver_steps: int
+    guidance_range: list[float]
+    teacher_mean_fidelity_auc: float | None  # from the teacher run's metrics.json, where it measured one
+
+
+@dataclass(kw_only=True)
 class RunSummary(JsonResult):
     """`meddiff train`: the run's metrics.json and what its model card says."""
 
@@ -91,6 +104,7 @@ class RunSummary(JsonResult):
     fidelity: FidelityReport | None
     timings: dict[str, float]
     grids: dict[str, str]  # label (or "unconditional") -> PNG path
+    distillation: DistillationSummary | None = None  # students of `meddiff distill`
     loss_history: list[list[float]] = json_field(default_factory=list, saved=False)  # in training.json
 
 

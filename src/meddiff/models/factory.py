@@ -12,6 +12,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
@@ -123,6 +124,8 @@ def make_sampler(name: str, train_config, clip: bool = True):
     name = name.lower()
     if name in ("dpmsolver++", "dpm"):
         name = "dpm++"
+    if "original_inference_steps" in train_config:  # a distilled (consistency) student: only its own sampler fits
+        return LCMScheduler.from_config(train_config)
     if is_flow_schedule(train_config):
         return _flow_sampler(name, train_config)
     if name in ("dpm++", "dpm++3"):

@@ -36,7 +36,9 @@ class SamplingSettings(Options):
     guidance: float = option(
         2.0, "classifier-free guidance scale (1: conditional only; > 1 doubles the network evaluations)", minimum=0
     )
-    scheduler: SamplerName = option("dpm++", "sampler")
+    scheduler: SamplerName = option(
+        "dpm++", "sampler (flow models: euler, heun, dpm++, dpm++3, unipc; distilled models use their own)"
+    )
     seed: int = option(0, "base seed; image i gets its own seed from (seed, i), whatever the batch or shard")
     batch_size: int = option(64, "images per network batch", minimum=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(

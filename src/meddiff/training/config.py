@@ -57,6 +57,23 @@ class FinetuneConfig(Options):
 
 
 @dataclass
+class DistillConfig(Options):
+    """Few-step distillation of a trained model (method "distill"); see meddiff.training.methods.distill."""
+
+    teacher: str = option("", "distill: run directory (or pipeline folder) of the trained teacher")
+    steps: int = option(4, "distill: network evaluations per image the student is made for", minimum=1, maximum=8)
+    solver_steps: int = option(
+        50, "distill: points of the teacher's DDIM grid; each training step spans one interval", minimum=2
+    )
+    guidance_min: float = option(1.0, "distill: smallest guidance scale distilled into the student", minimum=0)
+    guidance_max: float = option(3.0, "distill: largest guidance scale distilled into the student", minimum=0)
+    guidance_dim: int = option(64, "distill: width of the student's guidance-scale embedding", minimum=2)
+    huber_c: float = option(
+        0.001, "distill: pseudo-Huber constant of the consistency loss (0: squared error)", minimum=0
+    )
+
+
+@dataclass
 class EvalConfig(Options):
     fidelity: bool = option(True, "train a real-image classifier and measure label fidelity of samples")
     fidelity_samples: int = option(256, "samples drawn for label fidelity", minimum=1)
@@ -134,6 +151,7 @@ class TrainConfig(Options):
     autoencoder: AutoencoderConfig = section(AutoencoderConfig, "the autoencoder (train-autoencoder)")
     eval: EvalConfig = section(EvalConfig, "evaluation after training")
     finetune: FinetuneConfig = section(FinetuneConfig, "fine-tuning a pretrained Stable Diffusion")
+    distill: DistillConfig = section(DistillConfig, "few-step distillation of a trained model (meddiff distill)")
     volume: VolumeModelConfig = section(
         VolumeModelConfig, "3D volume models (methods volume-autoencoder, volume-latent)"
     )

@@ -50,9 +50,14 @@ class LatentDiffusion(PixelDiffusion):
         return self.latents  # the images themselves are not read: their latents are stored
 
     def clean_samples(self, batch, generator):
-        mean, std = batch["mean"].float(), batch["std"].float()
-        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-        return (mean + std * noise) * self.scale
+        return sample_latents(batch, self.scale, generator)
 
     def vae(self):
         return self._vae
+
+
+def sample_latents(batch: dict, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents of a batch from the latent cache (KL: a fresh draw from each stored posterior)."""
+    mean, std = batch["mean"].float(), batch["std"].float()
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return (mean + std * noise) * scale

@@ -1,0 +1,241 @@
+"""Few-step distillation ("distill"): a student that samples in 1-8 network evaluations per image, learned from a
+trained meddiff teacher by latent-consistency distillation (LCM, Luo et al. 2023), guidance included.
+
+Each step draws a training image x0, a solver interval (t_lo, t_hi) of the teacher's `solver_steps`-point DDIM
+grid and a guidance scale w; noises x0 to x_hi; lets the frozen teacher take one guided DDIM step x_hi -> x_lo
+(a conditional and an unconditional pass); and trains the student so that its consistency function
+f(x, t, w) = c_skip(t) x + c_out(t) x0_hat(x, t, w) gives the same clean image from x_hi as from x_lo. The target
+f(x_lo) comes from the student itself with the gradient stopped (decay-0 target network, as improved consistency
+training recommends), so there is no second copy of the weights to keep.
+
+The student is the teacher's U-Net with a guidance-scale input (`time_cond_proj_dim`; its projection starts at
+zero, so step 0 is the teacher) and v-prediction (x0 = sqrt(a) x - sqrt(1-a) v stays well conditioned at the top
+of the cosine schedule, where epsilon-prediction divides by sqrt(a) ~ 5e-5). It is saved as an ordinary meddiff
+pipeline with diffusers' LCMScheduler, so `generate`, `serve`, `fidelity` and `evaluate` load it like any model."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import LCMScheduler, UNet2DConditionModel
+
+from meddiff.conditioning.labels import LabelCodec
+from meddiff.conditioning.text import PromptCache
+from meddiff.errors import MeddiffError
+from meddiff.models.factory import is_flow_schedule
+from meddiff.models.pipeline import guidance_embedding
+from meddiff.models.storage import PIPELINE_DIR, load_pipeline, save_pipeline
+from meddiff.training.latent_cache import encoded_latents
+from meddiff.training.methods.base import TrainingMethod, register_method
+from meddiff.training.methods.latent import sample_latents
+
+logger = logging.getLogger(__name__)
+
+DISTILL_FILE = "meddiff_distill.json"  # in the student's pipeline folder: teacher, steps, solver grid
+SIGMA_DATA = 0.5  # the consistency boundary condition's data scale (LCM's choice; diffusers' LCMScheduler uses it)
+TIMESTEP_SCALING = 10.0  # LCMScheduler's default: c_skip(t) ~ 1 only for the last few timesteps
+
+
+def distillable(pipe) -> None:
+    """One-line errors for teachers this method cannot distil."""
+    config = pipe.scheduler.config
+    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None or "original_inference_steps" in config:
+        raise MeddiffError("this model is already distilled; distil its teacher instead")
+    if is_flow_schedule(config):
+        raise MeddiffError(
+            "distil takes noise-schedule (epsilon or v-prediction) teachers; a flow-matching model already samples "
+            "in few steps: use --scheduler heun or dpm++ with --steps 4-8"
+        )
+    if not hasattr(pipe.scheduler, "alphas_cumprod") or config.get("prediction_type") not in (
+        "epsilon",
+        "v_prediction",
+    ):
+        raise MeddiffError(f"cannot distil a model with scheduler {type(pipe.scheduler).__name__}")
+    if not isinstance(pipe.unet, UNet2DConditionModel):
+        raise MeddiffError("distil takes 2D meddiff models (pixel or latent diffusion); this is not one")
+
+
+def consistency_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of the consistency boundary condition at integer timesteps t (f = x exactly at t = 0), the
+    same formula LCMScheduler applies when sampling."""
+    scaled = t.float() * TIMESTEP_SCALING
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
+    return c_skip, c_out
+
+
+def x0_and_eps(output: torch.Tensor, x: torch.Tensor, abar: torch.Tensor, prediction: str):
+    """A network output (epsilon or v) at x_t with cumulative alpha abar -> (x0 estimate, noise estimate)."""
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if prediction == "v_prediction":
+        return a * x - s * output, s * x + a * output
+    return (x - s * output) / a, output
+
+
+@register_method
+class ConsistencyDistillation(TrainingMethod):
+    name = "distill"
+    uses_ema = True
+
+    def __init__(self, config, dataset, accelerator=None):
+        super().__init__(config, dataset, accelerator)
+        d = config.distill
+        if not d.teacher:
+            raise MeddiffError("distillation needs a teacher: pass --model RUN_DIR (a run of `meddiff train`)")
+        if not 1 <= d.steps <= 8:
+            raise MeddiffError(f"--steps must be between 1 and 8 for a distilled sampler, got {d.steps}")
+        if d.guidance_max < d.guidance_min:
+            raise MeddiffError("distill.guidance_max must be at least distill.guidance_min")
+        self.teacher = load_pipeline(d.teacher)
+        distillable(self.teacher)
+        self.teacher.unet.requires_grad_(False).eval()
+        names = self.teacher.label_names
+        self.use_labels = self.teacher.supports_labels
+        self.use_text = self.teacher.supports_prompts
+        if self.use_labels and list(dataset.label_names) != list(names):
+            raise MeddiffError(
+                f"the teacher was trained on labels {names}; the data has {list(dataset.label_names)} "
+                "(distil on the teacher's training data)"
+            )
+        self.codec = LabelCodec(names if self.use_labels else [])
+        self.prompt_cache = PromptCache(self.teacher.tokenizer, self.teacher.text_encoder) if self.use_text else None
+        scheduler: Any = self.teacher.scheduler  # a DDPMScheduler (distillable() checked)
+        self.train_scheduler = scheduler
+        self.prediction = str(scheduler.config["prediction_type"])
+        self.abar = scheduler.alphas_cumprod.float()
+        total = int(self.train_scheduler.config["num_train_timesteps"])
+        self.skip = total // d.solver_steps
+        self.grid = torch.arange(1, d.solver_steps + 1) * self.skip - 1  # LCM's DDIM grid: skip-1, ..., total-1
+        self.latents = None
+        if self.teacher.is_latent:
+            vae: Any = self.teacher.vae
+            if vae.config.sample_size != dataset.resolution:
+                raise MeddiffError(
+                    f"the teacher's autoencoder works at {vae.config.sample_size} px but the data is loaded at "
+                    f"{dataset.resolution} px; use --resolution {vae.config.sample_size}"
+                )
+            self.latents = encoded_latents(vae, dataset, dataset.resolution, accelerator, tag="gray")
+            self.scale = float(vae.config.scaling_factor)
+            self.device_keys = ("mean", "std")
+        student_config = {**self.teacher.unet.config, "time_cond_proj_dim": d.guidance_dim}
+        self.student = UNet2DConditionModel.from_config(student_config)
+        missing, unexpected = self.student.load_state_dict(self.teacher.unet.state_dict(), strict=False)
+        assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+        torch.nn.init.zeros_(self.student.time_embedding.cond_proj.weight)  # step 0 answers like the teacher
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.student
+
+    def setup(self, accelerator) -> None:
+        self.teacher.to(accelerator.device)
+        self.abar = self.abar.to(accelerator.device)
+
+    def batch_source(self):
+        return self.latents if self.latents is not None else self.dataset
+
+    def clean_samples(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        if self.latents is not None:
+            return sample_latents(batch, self.scale, generator)
+        return batch["image"]
+
+    def conditions(self, batch: dict, device) -> tuple[dict, dict]:
+        """(conditional, null) keyword arguments of the U-Net for this batch."""
+        cond: dict = {"encoder_hidden_states": None, "class_labels": None}
+        null: dict = {"encoder_hidden_states": None, "class_labels": None}
+        if self.use_labels:
+            c = self.codec.encode(batch["labels"], batch["known"]).to(device)
+            cond["class_labels"], null["class_labels"] = c, torch.zeros_like(c)
+        if self.use_text:
+            assert self.prompt_cache is not None
+            prompts = [self.dataset.prompts[i] for i in batch["index"].tolist()]
+            cond["encoder_hidden_states"] = self.prompt_cache(prompts).to(device)
+            null["encoder_hidden_states"] = self.prompt_cache([""] * len(prompts)).to(device)
+        return cond, null
+
+    def consistency(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict, w_embedding: torch.Tensor):
+        """The student's clean-image estimate f(x, t, w)."""
+        out = model(x, t, timestep_cond=w_embedding, **cond).sample.float()
+        abar = self.abar[t.clamp(min=0)].view(-1, 1, 1, 1)
+        x0, _ = x0_and_eps(out, x.float(), abar, "v_prediction")
+        c_skip, c_out = consistency_scalings(t.clamp(min=0))
+        return c_skip.view(-1, 1, 1, 1) * x.float() + c_out.view(-1, 1, 1, 1) * x0
+
+    def loss(self, model, batch, generator):
+        d = self.config.distill
+        device = next(model.parameters()).device
+        x0 = self.clean_samples(batch, generator).to(device).float()
+        b = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        pick = torch.randint(0, len(self.grid), (b,), generator=generator)
+        t_hi = self.grid[pick].to(device)
+        t_lo = (t_hi - self.skip).clamp(min=0)
+        w = d.guidance_min + (d.guidance_max - d.guidance_min) * torch.rand(b, generator=generator)
+        w_embedding = guidance_embedding(w, d.guidance_dim).to(device)
+        abar_hi = self.abar[t_hi].view(-1, 1, 1, 1)
+        x_hi = abar_hi.sqrt() * x0 + (1 - abar_hi).sqrt() * noise
+        cond, null = self.conditions(batch, device)
+        with torch.no_grad():  # one guided DDIM step of the teacher
+            both = {k: (torch.cat([null[k], v]) if v is not None else None) for k, v in cond.items()}
+            out = self.teacher.unet(torch.cat([x_hi, x_hi]), torch.cat([t_hi, t_hi]), **both).sample.float()
+            x0_u, eps_u = x0_and_eps(out[:b], x_hi, abar_hi, self.prediction)
+            x0_c, eps_c = x0_and_eps(out[b:], x_hi, abar_hi, self.prediction)
+            scale = w.to(device).view(-1, 1, 1, 1)
+            x0_g, eps_g = x0_u + scale * (x0_c - x0_u), eps_u + scale * (eps_c - eps_u)
+            abar_lo = torch.where(t_hi - self.skip >= 0, self.abar[t_lo], torch.ones_like(self.abar[t_lo]))
+            abar_lo = abar_lo.view(-1, 1, 1, 1)
+            x_lo = abar_lo.sqrt() * x0_g + (1 - abar_lo).sqrt() * eps_g
+            target = self.consistency(model, x_lo, t_lo, cond, w_embedding)
+        prediction = self.consistency(model, x_hi, t_hi, cond, w_embedding)
+        diff = (prediction - target).pow(2)
+        if d.huber_c > 0:
+            per_pixel = (diff + d.huber_c**2).sqrt() - d.huber_c
+        else:
+            per_pixel = diff
+        return per_pixel.mean()
+
+    def student_scheduler(self) -> LCMScheduler:
+        accepted = inspect.signature(LCMScheduler.__init__).parameters
+        schedule = {k: v for k, v in self.train_scheduler.config.items() if k in accepted}
+        schedule.update(
+            prediction_type="v_prediction",
+            original_inference_steps=self.config.distill.solver_steps,
+            timestep_scaling=TIMESTEP_SCALING,
+            clip_sample=False,
+        )
+        return LCMScheduler(**schedule)
+
+    def export(self, model, out_dir: Path) -> Path:
+        teacher = self.teacher
+        folder = save_pipeline(
+            Path(out_dir) / PIPELINE_DIR,
+            model,
+            self.student_scheduler(),
+            teacher.label_names,
+            vae=teacher.vae if teacher.is_latent else None,
+            text_encoder=teacher.text_encoder,
+            tokenizer=teacher.tokenizer,
+        )
+        d = self.config.distill
+        note = {
+            "teacher": str(Path(d.teacher).resolve()),
+            "steps": d.steps,
+            "network_evaluations_per_image": d.steps,
+            "teacher_prediction": self.prediction,
+            "solver_steps": d.solver_steps,
+            "guidance_range": [d.guidance_min, d.guidance_max],
+            "method": "latent consistency distillation",
+        }
+        (folder / DISTILL_FILE).write_text(json.dumps(note, indent=2))
+        return folder
+
+
+def distilled_info(folder: str | Path) -> dict | None:
+    """What `meddiff distill` recorded about a student (None for other models)."""
+    path = Path(folder) / DISTILL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

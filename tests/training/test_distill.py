@@ -1,0 +1,186 @@
+"""Few-step distillation: the student starts as its teacher, the consistency pieces are right, `meddiff distill`
+gives a model that loads and samples everywhere a model does, in the promised number of network evaluations."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from meddiff.errors import MeddiffError
+from meddiff.models.factory import make_sampler
+from meddiff.models.pipeline import guidance_embedding
+from meddiff.models.storage import load_pipeline
+from meddiff.training.methods.distill import consistency_scalings, x0_and_eps
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_network_output_converts_back_to_x0_and_noise(prediction):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
+    abar = torch.tensor([0.9, 0.3, 0.01]).view(-1, 1, 1, 1)
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    output = eps if prediction == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    got_x0, got_eps = x0_and_eps(output, xt, abar, prediction)
+    torch.testing.assert_close(got_x0, x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_eps, eps, atol=1e-5, rtol=1e-5)
+
+
+def test_consistency_boundary_condition():
+    c_skip, c_out = consistency_scalings(torch.tensor([0, 19, 999]))
+    assert c_skip[0] == 1 and c_out[0] == 0  # f(x, 0) = x: the image itself
+    assert c_skip[2] < 1e-6 and abs(float(c_out[2]) - 1) < 1e-6  # at high noise f is the network's estimate
+    from diffusers import LCMScheduler
+
+    # the same formula the sampler applies (diffusers' LCMScheduler)
+    lcm = LCMScheduler(timestep_scaling=10.0)
+    for t in (0, 19, 999):
+        skip, out = lcm.get_scalings_for_boundary_condition_discrete(t)
+        s, o = consistency_scalings(torch.tensor([t]))
+        assert abs(float(skip) - float(s)) < 1e-6 and abs(float(out) - float(o)) < 1e-6
+
+
+def test_guidance_embedding_tells_scales_apart():
+    e = guidance_embedding(torch.tensor([1.0, 1.5, 3.0]), 64)
+    assert e.shape == (3, 64) and torch.isfinite(e).all()
+    assert (e[0] - e[1]).abs().max() > 0.1 and (e[1] - e[2]).abs().max() > 0.1
+    assert guidance_embedding(torch.tensor([2.0]), 7).shape == (1, 7)
+
+
+def _distill_config(teacher, out, **distill):
+    from meddiff.training.config import DistillConfig, TrainConfig
+
+    return TrainConfig(
+        data="phantom:?n=64&seed=3",
+        out=str(out),
+        method="distill",
+        resolution=32,
+        batch_size=8,
+        max_steps=2,
+        checkpoint_every=0,
+        lr_warmup_steps=1,
+        learning_rate=1e-4,
+        distill=DistillConfig(teacher=str(teacher), **distill),
+    )
+
+
+def test_student_starts_as_the_teacher(tiny_run):
+    """The guidance input's projection starts at zero: before training, the student's output is the teacher's,
+    whatever guidance scale it is given."""
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    config = _distill_config(tiny_run, "unused")
+    method = ConsistencyDistillation(config, load_dataset(config.data, 32))
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([999, 400])
+    labels = torch.zeros(2, 2 * len(method.codec.label_names))
+    with torch.no_grad():
+        teacher = method.teacher.unet(x, t, encoder_hidden_states=None, class_labels=labels).sample
+        for scale in (1.0, 3.0):
+            w = guidance_embedding(torch.full((2,), scale), config.distill.guidance_dim)
+            student = method.student(x, t, encoder_hidden_states=None, class_labels=labels, timestep_cond=w).sample
+            torch.testing.assert_close(student, teacher)
+    assert method.student.config.time_cond_proj_dim == config.distill.guidance_dim
+
+
+def test_distill_gives_a_model_that_samples_in_the_promised_evaluations(tiny_run, tmp_path):
+    from meddiff.sampling.generate import SamplingSettings, sample
+    from meddiff.training.loop import train
+    from meddiff.training.methods.distill import distilled_info
+
+    config = _distill_config(tiny_run, tmp_path, steps=2)
+    from meddiff.data.spec import load_dataset
+
+    result = train(config, load_dataset(config.data, 32), progress=False)
+    assert result.steps == 2
+    pipe = load_pipeline(tmp_path)  # a normal meddiff model
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.guidance_dim == 64
+    info = distilled_info(tmp_path / "pipeline")
+    assert info is not None and info["steps"] == 2 and info["teacher"].endswith(tiny_run.name)
+    for name in ("dpm++", "ddim"):  # whatever is asked for, a consistency student gets its own sampler
+        assert type(make_sampler(name, pipe.scheduler.config)).__name__ == "LCMScheduler"
+    rows = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    conditions = pipe.encode_labels([["Cardiomegaly"], ["Pleural Effusion"], []])
+    settings = SamplingSettings(steps=2, guidance=2.5, precision="fp32")
+    images = sample(pipe, conditions, settings, progress=False)
+    hook.remove()
+    assert images.shape == (3, 32, 32) and float(images.min()) >= 0 and float(images.max()) <= 1
+    assert rows == [3, 3]  # two evaluations per image, guidance included: no doubled batch
+    again = sample(pipe, conditions[:1], settings, progress=False)
+    assert abs(again[0] - images[0]).max() < 1e-5  # per-image seeds: the same image whatever the batch
+
+
+def test_distill_cli_writes_card_and_metrics(tiny_run, tmp_path):
+    from meddiff.cli import main
+
+    out = tmp_path / "fast"
+    main(
+        [
+            "-q",
+            "distill",
+            "--model",
+            str(tiny_run),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--no-eval",
+            "--eval.grid-per-label",
+            "2",
+        ]
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "distill" and metrics["distillation"]["network_evaluations_per_image"] == 1
+    assert metrics["distillation"]["teacher_network_evaluations_per_image"] == 40  # 20 steps x 2 (guidance)
+    assert metrics["data"] == "phantom:?n=64&seed=3"  # the teacher's data, from its config.yaml
+    card = (out / "README.md").read_text()
+    assert "## Distillation" in card and "1 network evaluations per image" in card and str(tiny_run) in card
+    assert (out / "samples" / "grid_cardiomegaly.png").is_file()
+
+
+@pytest.mark.parametrize("steps", ["0", "9"])
+def test_steps_outside_one_to_eight_is_one_line(tiny_run, tmp_path, steps, capsys):
+    from meddiff.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--model", str(tiny_run), "--out", str(tmp_path), "--steps", steps])
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert "distill.steps" in err.splitlines()[-1] and ("minimum 1" in err or "maximum 8" in err)
+
+
+def test_models_it_cannot_distil_are_refused(tiny_run, tmp_path):
+    from meddiff.data.spec import load_dataset
+    from meddiff.models.factory import ModelConfig
+    from meddiff.training.config import TrainConfig
+    from meddiff.training.loop import train
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    data = load_dataset("phantom:?n=64&seed=3", 32)
+    flow = TrainConfig(
+        data="phantom:?n=64&seed=3",
+        out=str(tmp_path / "flow"),
+        max_steps=1,
+        batch_size=8,
+        checkpoint_every=0,
+        model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1, objective="flow"),
+    )
+    train(flow, data, progress=False)
+    with pytest.raises(MeddiffError, match="flow-matching model already samples in few steps"):
+        ConsistencyDistillation(_distill_config(tmp_path / "flow", "unused"), data)
+    student = _distill_config(tiny_run, tmp_path / "student")
+    train(student, data, progress=False)
+    with pytest.raises(MeddiffError, match="already distilled"):
+        ConsistencyDistillation(_distill_config(tmp_path / "student", "unused"), data)
+    with pytest.raises(MeddiffError, match="does not exist"):
+        ConsistencyDistillation(_distill_config(tmp_path / "nowhere", "unused"), data)
+    other = copy.copy(data)
+    other.label_names = ["Normal", "Pneumonia"]  # not the teacher's findings
+    with pytest.raises(MeddiffError, match="the teacher was trained on labels"):
+        ConsistencyDistillation(_distill_config(tiny_run, "unused"), other)

@@ -34,6 +34,14 @@ def timed_seconds(loss_history: list, warmup: int, steps: int) -> float:
     return elapsed[warmup + steps] - elapsed[warmup]
 
 
+def count_evaluations(unet):
+    """A forward pre-hook counting the rows the U-Net evaluates: (list of batch sizes seen, hook handle). Rows
+    divided by images is the honest NFE per image: guidance's doubled batch and Heun's two passes count."""
+    rows: list[int] = []
+    handle = unet.register_forward_pre_hook(lambda module, inputs: rows.append(int(inputs[0].shape[0])))
+    return rows, handle
+
+
 def write_results(name: str, rows: list[dict], columns: list[str], out: str | None = None) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,9 @@ Without --model an untrained default-config model is timed (speed only). With --
 setting is also scored with the same real-trained (domain) classifier as `meddiff evaluate` on the same condition
 rows (drawn from the real held-out labels): label-fidelity AUC, and domain FID and KID against the real held-out
 split. FID is biased by sample count, so every setting uses the same count (`--ddpm-n` defaults to `--n` when
-scoring) and the FID of that many real training images is given as the floor."""
+scoring) and the FID of that many real training images is given as the floor. `nfe` counts the U-Net's evaluations
+per image (a guidance scale other than 1 doubles them). The few-step comparison (flow matching, distillation,
+1-4 NFE, several seeds with intervals) is bench/few_step.py."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def main() -> None:
 
     import torch
 
-    from common import write_results
+    from common import count_evaluations, write_results
     from meddiff.conditioning.labels import LabelCodec
     from meddiff.models.factory import ModelConfig, build_noise_scheduler, build_unet
     from meddiff.models.storage import load_pipeline, save_pipeline
@@ -93,10 +95,13 @@ def main() -> None:
             known = torch.ones_like(labels, dtype=torch.bool)
         settings = SamplingSettings(steps=steps, scheduler=name, guidance=args.guidance, batch_size=64)
         sample(pipe, codec.encode(labels[:2], known[:2]), SamplingSettings(steps=2, scheduler=name), progress=False)
+        evaluated, hook = count_evaluations(pipe.unet)
         t0 = time.perf_counter()
         images = sample(pipe, codec.encode(labels, known), settings, progress=False)
         dt = time.perf_counter() - t0
-        row = {"scheduler": name, "steps": steps, "n": n, "s_per_image": round(dt / n, 4)}
+        hook.remove()
+        nfe = round(sum(evaluated) / n, 2)  # guidance's unconditional pass counted
+        row = {"scheduler": name, "steps": steps, "nfe": nfe, "n": n, "s_per_image": round(dt / n, 4)}
         if fidelity:
             scaled = torch.from_numpy(images).unsqueeze(1) * 2 - 1
             probs = predict(fidelity[0], scaled)
@@ -109,7 +114,7 @@ def main() -> None:
             row["mean_fidelity_auc"] = round(sum(vals) / len(vals), 3) if vals else None
         rows.append(row)
         print(row, flush=True)
-    cols = ["scheduler", "steps", "n", "s_per_image"] + (
+    cols = ["scheduler", "steps", "nfe", "n", "s_per_image"] + (
         ["mean_fidelity_auc", "domain_fid", "fid_floor_same_n", "kid"] if fidelity else []
     )
     write_results("sampling", rows, cols, args.out)

@@ -447,3 +447,37 @@ def test_data_scale_bench_fits_memory_against_n_and_compares_workers(tmp_path):
     assert s["prepare_1_worker_img_per_s"] > 0 and s["prepare_2_workers_img_per_s"] > 0
     assert s["loader_2_workers_img_per_s_64px"] > 0 and s["train_img_per_s_64px"] > 0
     assert "fit_b_bytes_per_image" in s and "targets:" in proc.stdout
+
+
+@pytest.mark.slow  # trains three tiny models and samples every row family in a subprocess
+def test_few_step_bench_counts_evaluations_and_writes_json(tmp_path, phantom_dir):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("resolution: 32\nbatch_size: 8\nmodel:\n  block_out_channels: [16, 32]\n  layers_per_block: 1\n")
+    out = tmp_path / "f.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "few_step.py"),
+            "--quick",
+            "--quiet",
+            "--data",
+            f"phantom:{phantom_dir}",
+            "--config",
+            str(recipe),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"DDPM 1000", "DPM++ 4", "flow Heun 4", "distilled 2"}
+    # counted, not assumed: guidance 2 doubles the teacher's and the flow model's passes, Heun takes 2 per step
+    # except the last, the distilled student takes the guidance scale as an input
+    assert rows["DPM++ 4"]["nfe"] == 8 and rows["flow Heun 4"]["nfe"] == 14 and rows["distilled 2"]["nfe"] == 2
+    assert all(0 <= r["near_copy_rate"] <= 1 and r["domain_fid"] >= 0 and r["img_per_s"] > 0 for r in rows.values())
+    assert (tmp_path / "f.png").is_file()

@@ -102,7 +102,7 @@ def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler | FlowMatchEulerDis
     )
 
 
-SamplerName = Literal["dpm++", "dpm++3", "unipc", "euler", "heun", "ddim", "pndm", "ddpm"]
+SamplerName = Literal["dpm++", "dpm++3", "unipc", "euler", "heun", "ddim", "pndm", "ddpm", "lcm"]
 SAMPLERS: tuple[SamplerName, ...] = get_args(SamplerName)
 FLOW_SAMPLERS: tuple[SamplerName, ...] = ("euler", "heun", "dpm++", "dpm++3", "unipc")
 
@@ -126,6 +126,8 @@ def make_sampler(name: str, train_config, clip: bool = True):
         name = "dpm++"
     if "original_inference_steps" in train_config:  # a distilled (consistency) student: only its own sampler fits
         return LCMScheduler.from_config(train_config)
+    if name == "lcm":
+        raise MeddiffError("scheduler 'lcm' is for distilled models (meddiff distill); this model is not one")
     if is_flow_schedule(train_config):
         return _flow_sampler(name, train_config)
     if name in ("dpm++", "dpm++3"):

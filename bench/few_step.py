@@ -1,0 +1,294 @@
+"""Few-step sampling, measured honestly: network evaluations (NFE) against quality for the noise-schedule samplers,
+the flow-matching objective and a distilled student, all from the same data, recipe and training steps.
+
+    python bench/few_step.py [--data medmnist:../shared/data/pneumoniamnist.npz]
+        [--config configs/pneumoniamnist.yaml] [--train-steps 1000] [--distill-steps 500]
+        [--n 1000] [--seeds 0 1 2] [--ddpm-n 250] [--guidance 2] [--workdir runs/few_step] [--quick]
+
+Models (trained once, reused from --workdir): the teacher (the recipe as is: epsilon, Min-SNR), a flow-matching
+model (`model.objective: flow`, everything else equal) trained for the same steps, and a student distilled from
+the teacher (`meddiff distill`); training minutes are reported per row, the student's including its teacher's.
+
+Each row draws `--n` images per seed with the condition rows of the real held-out split (cycled), and reports:
+- NFE per image, counted by a hook on the U-Net (rows it saw / images), so guidance's second pass is counted;
+- s/image and img/s (batch 128, this machine's default precision);
+- label fidelity: the real-trained domain classifier's AUC on the generated images, mean over seeds, with a 95 %
+  bootstrap interval over condition rows;
+- domain FID and KID against the real held-out split (mean and range over seeds) next to the real train-vs-test
+  FID at the same count; precision and recall (k-NN manifolds, k = 5);
+- diversity: mean pairwise SSIM between generated images (real held-out images: the reference);
+- near-copy rate: share of generated images whose nearest training image (pixel correlation) is closer than the
+  99th percentile of held-out real images' nearest-training correlation.
+DDPM-1000 costs 2000 NFE per image at guidance 2: it runs on `--ddpm-n` images and the first seed only (marked).
+Results: bench/results/few_step.json, a table, and bench/results/few_step.png (NFE vs fidelity and FID)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = f"medmnist:{ROOT.parent / 'shared' / 'data' / 'pneumoniamnist.npz'}"
+
+# (row name, model, sampler, steps)
+ROWS = [
+    ("DDPM 1000", "teacher", "ddpm", 1000),
+    ("DPM++ 20", "teacher", "dpm++", 20),
+    ("DPM++ 10", "teacher", "dpm++", 10),
+    ("DPM++ 4", "teacher", "dpm++", 4),
+    ("DPM++ 2", "teacher", "dpm++", 2),
+    ("DPM++ 1", "teacher", "dpm++", 1),
+    ("UniPC 4", "teacher", "unipc", 4),
+    ("UniPC 10", "teacher", "unipc", 10),
+    ("DPM++ 3rd order 4", "teacher", "dpm++3", 4),
+    ("DPM++ 3rd order 10", "teacher", "dpm++3", 10),
+    ("flow Euler 4", "flow", "euler", 4),
+    ("flow Euler 10", "flow", "euler", 10),
+    ("flow Euler 20", "flow", "euler", 20),
+    ("flow Heun 4", "flow", "heun", 4),
+    ("flow Heun 10", "flow", "heun", 10),
+    ("flow DPM++ 4", "flow", "dpm++", 4),
+    ("distilled 1", "student", "lcm", 1),
+    ("distilled 2", "student", "lcm", 2),
+    ("distilled 4", "student", "lcm", 4),
+]
+
+
+def train_models(args, spec, train_data) -> dict[str, dict]:
+    """Teacher, flow model and student in --workdir (trained when missing); their training minutes and steps."""
+    from meddiff.training.config import load_config
+    from meddiff.training.loop import train
+
+    work = Path(args.workdir)
+    models: dict[str, dict] = {}
+    variants = {
+        "teacher": {},
+        "flow": {"model.objective": "flow"},
+        "student": {
+            "method": "distill",
+            "distill.teacher": str(work / "teacher"),
+            "distill.steps": 4,
+            "learning_rate": 1e-4,
+            "lr_warmup_steps": 50,
+        },
+    }
+    for name, sets in variants.items():
+        out = work / name
+        info_path = out / "bench_training.json"
+        if not info_path.is_file():
+            steps = args.distill_steps if name == "student" else args.train_steps
+            config = load_config(args.config, {}, {"data": args.data, "out": str(out), **sets})
+            config.max_steps, config.max_minutes, config.checkpoint_every = steps, None, 0
+            config.eval.fidelity = False
+            print(f"training {name}: {steps} steps", flush=True)
+            result = train(config, train_data, progress=not args.quiet)
+            info_path.write_text(json.dumps({"steps": result.steps, "minutes": round(result.train_seconds / 60, 2)}))
+        models[name] = json.loads(info_path.read_text())
+    models["student"]["minutes_with_teacher"] = round(models["student"]["minutes"] + models["teacher"]["minutes"], 2)
+    return models
+
+
+def near_copy_threshold(train_images, test_images) -> float:
+    from meddiff.evaluation.memorization import nearest
+
+    held, _ = nearest(test_images, train_images, center=True)
+    return float(_quantile(held, 0.99))
+
+
+def _quantile(values, q):
+    import numpy as np
+
+    return np.quantile(values, q)
+
+
+def evaluate_row(pipe, sampler, steps, n, seeds, guidance, ctx) -> dict:
+    import numpy as np
+    import torch
+
+    from common import count_evaluations
+    from meddiff.evaluation.classifier import predict
+    from meddiff.evaluation.distribution import fid, kid, prdc
+    from meddiff.evaluation.diversity import mean_pairwise_similarity
+    from meddiff.evaluation.downstream import bootstrap_auc
+    from meddiff.evaluation.features import embed
+    from meddiff.evaluation.memorization import nearest
+    from meddiff.sampling.generate import SamplingSettings, sample
+
+    test = ctx["test"]
+    rows_idx = torch.arange(n) % len(test)
+    labels, known = test.labels[rows_idx], test.known[rows_idx]
+    conditions = ctx["codec"].encode(labels, known)
+    probs, fids, kids, precision, recall, ssims, copies, seconds, nfe = [], [], [], [], [], [], [], 0.0, []
+    for seed in seeds:
+        settings = SamplingSettings(steps=steps, scheduler=sampler, guidance=guidance, seed=seed, batch_size=128)
+        sample(pipe, conditions[:2], SamplingSettings(steps=steps, scheduler=sampler), progress=False)  # warm
+        evaluated, hook = count_evaluations(pipe.unet)
+        t0 = time.perf_counter()
+        images = sample(pipe, conditions, settings, progress=False)
+        seconds += time.perf_counter() - t0
+        hook.remove()
+        nfe.append(sum(evaluated) / n)
+        scaled = torch.from_numpy(images).unsqueeze(1) * 2 - 1
+        probs.append(predict(ctx["classifier"], scaled))
+        features = embed(ctx["classifier"], scaled)
+        fids.append(fid(ctx["f_test"], features))
+        kids.append(kid(ctx["f_test"], features, subset_size=min(n, len(ctx["f_test"]), 500))[0])
+        pr = prdc(ctx["f_test"], features, k=min(5, n - 2))
+        precision.append(pr["precision"])
+        recall.append(pr["recall"])
+        ssims.append(mean_pairwise_similarity(images)[0])
+        best, _ = nearest(images, ctx["train_images"], center=True)
+        copies.append(float(np.mean(best > ctx["copy_threshold"])))
+    aucs = []
+    for j in range(labels.shape[1]):
+        keep = known[:, j].numpy().astype(bool)
+        y = labels[keep, j].numpy()
+        got = bootstrap_auc([p[keep, j] for p in probs], y)
+        if got is not None:
+            aucs.append(got)
+    fidelity = [float(np.mean([a[k] for a in aucs])) for k in range(3)] if aucs else [None] * 3
+    return {
+        "nfe": round(float(np.mean(nfe)), 2),
+        "n_per_seed": n,
+        "seeds": len(seeds),
+        "s_per_image": round(seconds / (n * len(seeds)), 4),
+        "img_per_s": round(n * len(seeds) / seconds, 1),
+        "fidelity_auc": round(fidelity[0], 4) if fidelity[0] is not None else None,
+        "fidelity_ci": [round(v, 4) for v in fidelity[1:]] if fidelity[1] is not None else None,
+        "domain_fid": round(float(np.mean(fids)), 3),
+        "fid_range": [round(min(fids), 3), round(max(fids), 3)],
+        "kid": round(float(np.mean(kids)), 5),
+        "precision": round(float(np.mean(precision)), 3),
+        "recall": round(float(np.mean(recall)), 3),
+        "diversity_ssim": round(float(np.mean(ssims)), 4),
+        "near_copy_rate": round(float(np.mean(copies)), 4),
+    }
+
+
+def plot(rows: list[dict], floor: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        families.setdefault(r["row"].rsplit(" ", 1)[0], []).append(r)
+    for family, rs in families.items():
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        x = [r["nfe"] for r in rs]
+        a.plot(x, [r["fidelity_auc"] for r in rs], "o-", label=family)
+        b.plot(x, [r["domain_fid"] for r in rs], "o-", label=family)
+    a.set(xscale="log", xlabel="network evaluations per image (guidance counted)", ylabel="label-fidelity AUC")
+    b.axhline(floor, color="grey", lw=0.8, ls=":", label="real train vs test")
+    b.set(xscale="log", yscale="log", xlabel="network evaluations per image", ylabel="domain FID (lower is better)")
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "pneumoniamnist.yaml"))
+    ap.add_argument("--train-steps", type=int, default=1000, help="teacher and flow model training steps")
+    ap.add_argument("--distill-steps", type=int, default=500)
+    ap.add_argument("--n", type=int, default=1000, help="images per row and seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--ddpm-n", type=int, default=250, help="images for DDPM-1000 (first seed only)")
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--epochs", type=int, default=10, help="epochs of the real-trained domain classifier")
+    ap.add_argument("--rows", nargs="+", default=None, help="only rows whose name starts with one of these")
+    ap.add_argument("--workdir", default=str(ROOT / "runs" / "few_step"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny models, few images, few rows")
+    args = ap.parse_args()
+    if args.quick:
+        args.train_steps, args.distill_steps, args.n, args.seeds, args.ddpm_n, args.epochs = 3, 2, 8, [0], 8, 1
+
+    import torch
+
+    from common import write_results
+    from meddiff.conditioning.labels import LabelCodec
+    from meddiff.data.spec import load_dataset, parse_spec
+    from meddiff.evaluation.distribution import fid
+    from meddiff.evaluation.features import domain_classifier, embed
+    from meddiff.logs import configure_logging
+    from meddiff.models.storage import load_pipeline
+    from meddiff.training.config import load_config
+
+    configure_logging()
+    spec = parse_spec(args.data)
+    resolution = load_config(args.config, {}, {"data": args.data}).resolution
+    train_data = load_dataset(spec, resolution)
+    test = load_dataset(spec.heldout(), resolution)
+    models = train_models(args, spec, train_data)
+    classifier = domain_classifier(train_data, str(spec), epochs=args.epochs, progress=False)
+    f_test = embed(classifier, test.images)
+    floor_rows = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(0))[: args.n]
+    floor = round(fid(f_test, embed(classifier, train_data.images[floor_rows])), 3)
+    train_images = (train_data.images[:].float().numpy()[:, 0] + 1) / 2  # a memory-mapped store reads here
+    test_images = (test.images[:].float().numpy()[:, 0] + 1) / 2
+    ctx = {
+        "test": test,
+        "classifier": classifier,
+        "f_test": f_test,
+        "codec": LabelCodec(list(train_data.label_names)),
+        "train_images": train_images,
+        "copy_threshold": near_copy_threshold(train_images, test_images),
+    }
+    print(f"FID of {len(floor_rows)} real training images vs held-out: {floor}", flush=True)
+    pipes = {name: load_pipeline(Path(args.workdir) / name) for name in ("teacher", "flow", "student")}
+    rows = []
+    selected = [r for r in ROWS if not args.rows or any(r[0].startswith(p) for p in args.rows)]
+    if args.quick:
+        selected = [r for r in selected if r[0] in ("DDPM 1000", "DPM++ 4", "flow Heun 4", "distilled 2")]
+    for name, model, sampler, steps in selected:
+        ddpm = steps >= 500
+        steps_run = 3 if (args.quick and ddpm) else steps
+        n, seeds = (args.ddpm_n, args.seeds[:1]) if ddpm else (args.n, args.seeds)
+        info = models[model]
+        row = {
+            "row": name,
+            "model": model,
+            "sampler": sampler,
+            "steps": steps_run,
+            "train_steps": info["steps"],
+            "train_minutes": info.get("minutes_with_teacher", info["minutes"]),
+            **evaluate_row(pipes[model], sampler, steps_run, n, seeds, args.guidance, ctx),
+            "fid_real_train_vs_test": floor,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    cols = [
+        "row",
+        "nfe",
+        "s_per_image",
+        "img_per_s",
+        "fidelity_auc",
+        "fidelity_ci",
+        "domain_fid",
+        "fid_range",
+        "kid",
+        "precision",
+        "recall",
+        "diversity_ssim",
+        "near_copy_rate",
+        "train_minutes",
+    ]
+    path = write_results("few_step", rows, cols, args.out)
+    plot(rows, floor, path.with_suffix(".png"))
+    print(f"curve: {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

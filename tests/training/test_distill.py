@@ -110,6 +110,13 @@ def test_distill_gives_a_model_that_samples_in_the_promised_evaluations(tiny_run
     assert rows == [3, 3]  # two evaluations per image, guidance included: no doubled batch
     again = sample(pipe, conditions[:1], settings, progress=False)
     assert abs(again[0] - images[0]).max() < 1e-5  # per-image seeds: the same image whatever the batch
+    # and plain diffusers loads the student too (the pipeline.py saved next to it)
+    from diffusers import DiffusionPipeline
+
+    folder = tmp_path / "pipeline"
+    plain = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True)
+    out = plain(conditions=plain.encode_labels([["Cardiomegaly"]]), num_inference_steps=2, guidance_scale=2.0).images
+    assert out.shape == (1, 32, 32, 1) and type(plain.scheduler).__name__ == "LCMScheduler"
 
 
 def test_distill_cli_writes_card_and_metrics(tiny_run, tmp_path):

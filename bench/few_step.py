@@ -19,6 +19,8 @@ Each row draws `--n` images per seed with the condition rows of the real held-ou
 - diversity: mean pairwise SSIM between generated images (real held-out images: the reference);
 - near-copy rate: share of generated images whose nearest training image (pixel correlation) is closer than the
   99th percentile of held-out real images' nearest-training correlation.
+Rows are appended to --workdir/rows.jsonl as they finish; a rerun with the same --n/--seeds/--ddpm-n/--guidance
+reuses them, so an interrupted run resumes where it stopped.
 DDPM-1000 costs 2000 NFE per image at guidance 2: it runs on `--ddpm-n` images and the first seed only (marked).
 Results: bench/results/few_step.json, a table, and bench/results/few_step.png (NFE vs fidelity and FID)."""
 
@@ -248,11 +250,26 @@ def main() -> None:
     }
     print(f"FID of {len(floor_rows)} real training images vs held-out: {floor}", flush=True)
     pipes = {name: load_pipeline(Path(args.workdir) / name) for name in ("teacher", "flow", "student")}
-    rows = []
     selected = [r for r in ROWS if not args.rows or any(r[0].startswith(p) for p in args.rows)]
     if args.quick:
         selected = [r for r in selected if r[0] in ("DDPM 1000", "DPM++ 4", "flow Heun 4", "distilled 2")]
-    for name, model, sampler, steps in selected:
+    # rows already measured with these settings (an interrupted run resumes); the acceptance rows run first
+    done_path = Path(args.workdir) / "rows.jsonl"
+    settings = {"n": args.n, "seeds": args.seeds, "ddpm_n": args.ddpm_n, "guidance": args.guidance, "quick": args.quick}
+    done = {}
+    if done_path.is_file():
+        for line in done_path.read_text().splitlines():
+            entry = json.loads(line)
+            if entry.get("settings") == settings:
+                done[entry["row"]["row"]] = entry["row"]
+    first = ("DDPM 1000", "distilled", "DPM++ 20", "flow Euler 4", "flow Heun 4")
+    order = sorted(selected, key=lambda r: next((i for i, p in enumerate(first) if r[0].startswith(p)), len(first)))
+    measured: dict[str, dict] = {}
+    for name, model, sampler, steps in order:
+        if name in done:
+            measured[name] = done[name]
+            print(f"{name}: measured before (resumed from {done_path})", flush=True)
+            continue
         ddpm = steps >= 500
         steps_run = 3 if (args.quick and ddpm) else steps
         n, seeds = (args.ddpm_n, args.seeds[:1]) if ddpm else (args.n, args.seeds)
@@ -267,8 +284,11 @@ def main() -> None:
             **evaluate_row(pipes[model], sampler, steps_run, n, seeds, args.guidance, ctx),
             "fid_real_train_vs_test": floor,
         }
-        rows.append(row)
+        measured[name] = row
+        with done_path.open("a") as f:
+            f.write(json.dumps({"settings": settings, "row": row}) + "\n")
         print(json.dumps(row), flush=True)
+    rows = [measured[r[0]] for r in selected]
     cols = [
         "row",
         "nfe",

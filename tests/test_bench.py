@@ -198,6 +198,23 @@ def test_time_to_quality_bench_resumes_between_marks(tmp_path):
 
 
 @pytest.mark.slow  # runs a benchmark script in a subprocess
+def test_time_to_quality_bench_marks_at_steps_and_reports_the_worst_label(tmp_path):
+    out = tmp_path / "s.json"
+    command = [sys.executable, str(BENCH / "time_to_quality.py"), "--data", "phantom:?n=96&seed=0"]
+    command += ["--steps", "6", "3", "--n", "16", "--epochs", "1", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    command += ["--set", "model.block_out_channels=[16,32]", "--set", "batch_size=8"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r["steps"] for r in data["rows"]] == [3, 6]  # exactly the marks, on any machine
+    assert "resumed from" in proc.stderr
+    for row in data["rows"]:
+        assert row["fidelity_min"] == min(row["fidelity_per_label"].values()) <= row["fidelity_auc"]
+    assert data["first_mark_reaching"]["unit"] == "steps"
+    assert (tmp_path / "w" / "default" / "snapshots" / "6steps" / "pipeline").is_dir()
+
+
+@pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_latent_throughput_bench_writes_json(tmp_path):
     out = tmp_path / "l.json"
     proc = subprocess.run(
@@ -454,27 +471,28 @@ def test_few_step_bench_counts_evaluations_and_writes_json(tmp_path, phantom_dir
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("resolution: 32\nbatch_size: 8\nmodel:\n  block_out_channels: [16, 32]\n  layers_per_block: 1\n")
     out = tmp_path / "f.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "few_step.py"),
-            "--quick",
-            "--quiet",
-            "--data",
-            f"phantom:{phantom_dir}",
-            "--config",
-            str(recipe),
-            "--workdir",
-            str(tmp_path / "w"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    command = [
+        sys.executable,
+        str(BENCH / "few_step.py"),
+        "--quick",
+        "--quiet",
+        "--data",
+        f"phantom:{phantom_dir}",
+        "--config",
+        str(recipe),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    # an interrupted or repeated run resumes: rows measured with the same settings are not sampled again
+    again = subprocess.run([*command, "--rows", "DPM++", "distilled"], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("measured before") == 2 and "training teacher" not in again.stdout
+    assert [r["row"] for r in json.loads(out.read_text())["rows"]] == ["DPM++ 4", "distilled 2"]
     assert set(rows) == {"DDPM 1000", "DPM++ 4", "flow Heun 4", "distilled 2"}
     # counted, not assumed: guidance 2 doubles the teacher's and the flow model's passes, Heun takes 2 per step
     # except the last, the distilled student takes the guidance scale as an input

@@ -321,7 +321,10 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
         "--minutes",
         type=_positive_float,
         default=None,
-        help="training budget (2D: default 8; --3d: fixed step counts unless given)",
+        help="a training time budget instead of the fixed step counts (results then depend on the machine's speed)",
+    )
+    de.add_argument(
+        "--steps", type=_positive_int, default=None, help="2D: training steps (default: meddiff.demo.DEMO_STEPS)"
     )
     de.add_argument("--n", type=_positive_int, default=3000, help="number of phantoms")
     de.add_argument("--seed", type=int, default=0)
@@ -805,12 +808,14 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from meddiff.demo import DEMO_MINUTES, run_demo, run_demo3d
+    from meddiff.demo import DEMO_STEPS, run_demo, run_demo3d
 
     if args.volumes:
+        if args.steps:
+            raise MeddiffError("demo --3d: --steps is for the 2D demo (the 3D one has fixed autoencoder and LDM steps)")
         run_demo3d(Path(args.out), minutes=args.minutes, seed=args.seed)
         return
-    run_demo(Path(args.out), minutes=args.minutes or DEMO_MINUTES, n=args.n, seed=args.seed)
+    run_demo(Path(args.out), minutes=args.minutes, n=args.n, seed=args.seed, steps=args.steps or DEMO_STEPS)
 
 
 def cmd_survival(args) -> None:

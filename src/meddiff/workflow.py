@@ -12,6 +12,7 @@ from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.spec import DatasetSpec, load_dataset, parse_spec
 from meddiff.devices import run_device
 from meddiff.errors import MeddiffError
+from meddiff.evaluation.budget import EvaluationPlan, plan_evaluation
 from meddiff.evaluation.cards import write_autoencoder_card, write_finetune_card, write_model_card
 from meddiff.evaluation.fidelity import default_prompts, label_fidelity, prompt_response
 from meddiff.evaluation.results import (
@@ -93,18 +94,22 @@ def report_run(
     assert result.pipeline_dir is not None  # the main process exported the model
     run_dir = Path(config.out)
     pipe = load_pipeline(result.pipeline_dir, device=run_device())  # grids and fidelity on the run's device
+    plan = _evaluation_plan(config, dataset, pipe, result, settings)
+    logger.info("evaluation: %s", plan.describe())
+    if plan.note:
+        logger.info("evaluation: %s", plan.note)
     t = time.perf_counter()
-    grids = label_grids(pipe, settings, config.eval.grid_per_label, run_dir / "samples")
+    grids = label_grids(pipe, settings, plan.grid_per_label, run_dir / "samples")
     timings["grids_s"] = time.perf_counter() - t
     fidelity: FidelityReport | None = None
-    if config.eval.fidelity and dataset.label_names and (pipe.supports_labels or pipe.supports_prompts):
+    if plan.fidelity_samples:
         t = time.perf_counter()
         heldout = load_dataset(spec.heldout(), config.resolution)
         fid = label_fidelity(
             pipe,
             dataset,
             heldout,
-            config.eval.fidelity_samples,
+            plan.fidelity_samples,
             settings,
             classifier_epochs=config.eval.classifier_epochs,
             seed=config.seed,
@@ -118,7 +123,7 @@ def report_run(
                 fid.classifier,
                 default_prompts(dataset.label_names),
                 dataset.label_names,
-                config.eval.prompt_samples,
+                plan.prompt_samples,
                 settings,
                 progress=progress,
                 heldout=heldout,
@@ -143,6 +148,7 @@ def report_run(
         prediction_type=_prediction(config),
         cond_dropout=config.cond_dropout,
         fidelity=fidelity,
+        evaluation_note=plan.note,
         timings={k: round(v, 1) for k, v in timings.items()},
         grids={k: str(v) for k, v in grids.items()},
         distillation=distillation,
@@ -151,6 +157,25 @@ def report_run(
     summary.write_json(run_dir / "metrics.json")
     write_model_card(run_dir, summary)
     return summary
+
+
+def _evaluation_plan(config: TrainConfig, dataset, pipe, result, settings: SamplingSettings) -> EvaluationPlan:
+    """Grids, fidelity and prompt-response sample sizes for this run: they scale with the run (evaluation/budget)."""
+    one_pass = settings.guidance == 1 or getattr(pipe.unet.config, "time_cond_proj_dim", None)  # guidance as input
+    return plan_evaluation(
+        steps=result.steps,
+        train_seconds=result.train_seconds,
+        train_images_per_second=result.images_per_second,
+        nfe=settings.steps * (1 if one_pass else 2),
+        grid_count=len(pipe.label_names or []) + 1,  # label_grids: one per label and an unconditional one
+        grid_per_label=config.eval.grid_per_label,
+        fidelity=bool(config.eval.fidelity and dataset.label_names and (pipe.supports_labels or pipe.supports_prompts)),
+        fidelity_samples=config.eval.fidelity_samples,
+        prompt_count=len(default_prompts(dataset.label_names)) if pipe.supports_prompts else 0,
+        prompt_samples=config.eval.prompt_samples,
+        min_steps=config.eval.min_steps,
+        time_share=config.eval.time_share,
+    )
 
 
 def _prediction(config: TrainConfig) -> str:

@@ -79,7 +79,7 @@ def test_text_model_report_has_prompt_response_with_real_reference(tmp_path):
         checkpoint_every=0,
         sample_steps=2,
         model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1),
-        eval=EvalConfig(fidelity_samples=8, classifier_epochs=1, grid_per_label=1, prompt_samples=2),
+        eval=EvalConfig(fidelity_samples=8, classifier_epochs=1, grid_per_label=1, prompt_samples=2, min_steps=0),
     )
     train_and_report(config, progress=False)
     response = json.loads((tmp_path / "metrics.json").read_text())["fidelity"]["prompt_response"]

@@ -21,10 +21,11 @@ def dataset_tags(spec: str) -> list[str]:
     return [DATASET_TAGS[kind]] if kind in DATASET_TAGS else []
 
 
-def _fidelity_lines(fidelity: FidelityReport | None) -> list[str]:
+def _fidelity_lines(fidelity: FidelityReport | None, note: str | None = None) -> list[str]:
     if fidelity is None:
-        return ["(not measured)"]
-    lines = [
+        return [f"({note})" if note else "(not measured)"]
+    lines = [f"Note: {note}.", ""] if note else []
+    lines += [
         "Label fidelity: ROC AUC of a classifier trained on real training images, on held-out real images "
         "and on generated images against the labels they were generated with "
         f"({fidelity.n_synthetic} generated, {fidelity.sampling}).",
@@ -131,7 +132,7 @@ def train_card(run_dir: Path, summary: RunSummary) -> CardContent:
                 ],
             ),
             *_distillation_sections(summary),
-            CardSection(title="Metrics", lines=_fidelity_lines(summary.fidelity)),
+            CardSection(title="Metrics", lines=_fidelity_lines(summary.fidelity, summary.evaluation_note)),
             CardSection(title="Use", lines=use),
         ],
     )

@@ -104,6 +104,7 @@ class RunSummary(JsonResult):
     fidelity: FidelityReport | None
     timings: dict[str, float]
     grids: dict[str, str]  # label (or "unconditional") -> PNG path
+    evaluation_note: str | None = None  # what evaluation skipped or reduced for a short run, and why
     distillation: DistillationSummary | None = None  # students of `meddiff distill`
     loss_history: list[list[float]] = json_field(default_factory=list, saved=False)  # in training.json
 

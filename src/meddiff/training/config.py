@@ -80,6 +80,15 @@ class EvalConfig(Options):
     classifier_epochs: int = option(8, "epochs of the fidelity classifier", minimum=1)
     grid_per_label: int = option(16, "images per label in the sample grid", minimum=1)
     prompt_samples: int = option(48, "text models: images per prompt for the prompt-response table", minimum=1)
+    min_steps: int = option(
+        200, "runs shorter than this get sample grids but no fidelity table (noted; 0: always measure)", minimum=0
+    )
+    time_share: float = option(
+        1.0,
+        "sampling after training may take at most this multiple of the training time (at least a minute): short "
+        "runs draw fewer images, noted (0: no limit)",
+        minimum=0,
+    )
 
 
 @dataclass

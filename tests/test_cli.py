@@ -75,6 +75,18 @@ def test_generate_errors(capsys, tmp_path, tiny_run):
     )
 
 
+def test_generate_balance_writes_equal_counts_per_label(tmp_path, tiny_run):
+    out = tmp_path / "bal"
+    command = ["generate", "--model", str(tiny_run), "--balance", "--per-condition", "2", "--out", str(out)]
+    assert main([*command, "--steps", "1"]) == 0
+    with open(out / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    names = ["No Finding", "Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Consolidation", "Edema"]
+    present = [[n for n in names if r.get(n) == "1.0"] for r in rows]
+    assert all(len(p) == 1 for p in present)  # each image: one label present, the others absent
+    assert sorted(p[0] for p in present) == sorted(names * 2)
+
+
 def test_generate_writes_images_and_manifest(tmp_path, tiny_run):
     out = tmp_path / "gen"
     assert (

@@ -233,6 +233,12 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     which.add_argument("--unconditional", action="store_true")
     which.add_argument("--conditions", help="CSV whose label columns (or prompt column) give one condition per row")
     which.add_argument("--prompt", help="free-text prompt (text-conditioned models)")
+    which.add_argument(
+        "--balance",
+        action="store_true",
+        help="the same number of images for every label (that label present, the others absent): a class-balanced "
+        "set for rare-class augmentation; --n N gives N / labels each",
+    )
     ge.add_argument(
         "--n",
         type=_positive_int,
@@ -314,6 +320,18 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     ev.add_argument("--seeds", type=_positive_int, default=3, help="downstream classifier seeds")
     ev.add_argument("--classifier-epochs", type=_positive_int, default=10)
     ev.add_argument("--max-images", type=_positive_int, default=None)
+    ev.add_argument(
+        "--protocols",
+        default="real,synthetic,real+synthetic",
+        help="downstream training sets, comma-separated: real, synthetic, real+synthetic, synthetic->real "
+        "(synthetic pretraining, real fine-tuning), real-reweighted (class-reweighting baseline); or 'all'",
+    )
+    ev.add_argument(
+        "--real-fractions",
+        default="",
+        help="also train on these stratified fractions of the real split, with and without the synthetic set "
+        "(e.g. 0.1,0.25)",
+    )
 
     de = sub.add_parser("demo", help="phantoms -> train -> generate -> label fidelity -> report.html")
     de.add_argument("--out", required=True)
@@ -652,8 +670,8 @@ def cmd_generate(args) -> None:
         shard = (rank, world)
     pipe = load_pipeline(args.model, device=run_device(args.device))
     codec = LabelCodec(pipe.label_names)
-    if args.labels is not None and not codec.label_names:
-        raise MeddiffError("this model is unconditional; use --unconditional")
+    if (args.labels is not None or args.balance) and not codec.label_names:
+        raise MeddiffError("this model has no labels; use --unconditional (or --prompt for a text model)")
     if args.prompt is not None and not pipe.supports_prompts:
         raise MeddiffError("this model is not text-conditioned; use --labels (or --unconditional)")
     settings = _sampling_settings(args)
@@ -669,6 +687,7 @@ def cmd_generate(args) -> None:
         unspecified=args.unspecified,
         uncertain=args.uncertain,
         prompt=args.prompt,
+        balance=args.balance,
     )
     result = generate_dataset(
         pipe, args.model, plan, settings, Path(args.out), args.format, shard, animate=args.animate
@@ -708,8 +727,8 @@ def _generate_volumes(args) -> None:
         raise MeddiffError("--shard and --animate are for 2D models")
     pipe = VolumePipeline.from_pretrained(args.model, device=run_device(args.device))
     codec = LabelCodec(pipe.label_names)
-    if args.labels is not None and not codec.label_names:
-        raise MeddiffError("this model is unconditional; use --unconditional")
+    if (args.labels is not None or args.balance) and not codec.label_names:
+        raise MeddiffError("this model has no labels; use --unconditional (or --prompt for a text model)")
     plan = make_plan(
         codec,
         labels_text=args.labels,
@@ -719,6 +738,7 @@ def _generate_volumes(args) -> None:
         per_condition=args.per_condition,
         unspecified=args.unspecified,
         uncertain=args.uncertain,
+        balance=args.balance,
     )
     settings = _sampling_settings(args)
     result = generate_volumes(
@@ -803,8 +823,24 @@ def cmd_evaluate(args) -> None:
         seeds=args.seeds,
         classifier_epochs=args.classifier_epochs,
         max_images=args.max_images,
+        protocols=_protocols(args.protocols),
+        fractions=_fractions(args.real_fractions),
     )
     print(f"report: {report}; metrics: {Path(args.out) / 'metrics.json'}")
+
+
+def _protocols(text: str) -> tuple[str, ...]:
+    from meddiff.evaluation.downstream import PROTOCOLS
+
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    return tuple(PROTOCOLS) if names == ("all",) else names
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError:
+        raise MeddiffError(f"--real-fractions wants numbers like 0.1,0.25, got {text!r}") from None
 
 
 def cmd_demo(args) -> None:

@@ -46,3 +46,116 @@ def test_combine_concatenates_images_labels_and_prompts():
     assert len(both) == 5 and both.label_names == ["A", "B"]
     assert both.labels[:, 0].tolist() == [1, 1, 1, 0, 0] and both.images[3:].abs().sum() == 0
     assert list(both.prompts) == ["real"] * 3 + ["synthetic"] * 2
+
+
+def _labelled(n, rare, size=16, seed=0, signal=0.0):
+    """n noise images; the first `rare` have label A (brighter by `signal`), all have label B's opposite of A."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, size, size, generator=g) * 2 - 1
+    labels = torch.zeros(n, 2)
+    labels[:rare, 0] = 1
+    labels[rare:, 1] = 1
+    images[:rare] += signal
+    return ImageLabelDataset(images.clamp(-1, 1), labels, torch.ones(n, 2, dtype=bool), ["A", "B"], multiclass=True)
+
+
+def test_real_fraction_is_stratified_and_keeps_a_rare_class():
+    from meddiff.evaluation.downstream import real_fraction
+
+    data = _labelled(200, rare=8)
+    part = real_fraction(data, 0.25)
+    assert int(part.labels[:, 0].sum()) == 2 and int(part.labels[:, 1].sum()) == 48 and part.multiclass
+    tiny = real_fraction(data, 0.01)
+    assert int(tiny.labels[:, 0].sum()) == 1  # at least one image of every combination
+    assert torch.equal(real_fraction(data, 0.25).images, part.images)  # seeded
+
+
+def test_label_pos_weight_is_negatives_over_positives_where_known():
+    from meddiff.evaluation.classifier import label_pos_weight
+
+    data = _labelled(100, rare=10)
+    data.known[:50, 1] = False  # B known on 50 images, all positive there: no negatives -> weight 1
+    assert label_pos_weight(data).tolist() == pytest.approx([9.0, 1.0])
+
+
+def test_class_reweighting_moves_the_best_constant_guess_for_a_rare_label_to_one_half():
+    from meddiff.evaluation.classifier import classification_loss, label_pos_weight
+
+    data = _labelled(160, rare=10)  # A: 1 in 16
+    weight = label_pos_weight(data)
+    grid = torch.linspace(-4, 4, 801)
+
+    def best(pos_weight):  # the constant logit for label A that minimises the loss
+        losses = [
+            classification_loss(g.expand(160, 1), data.labels[:, :1], data.known[:, :1], pos_weight) for g in grid
+        ]
+        return torch.sigmoid(grid[int(torch.stack(losses).argmin())]).item()
+
+    assert best(None) == pytest.approx(1 / 16, abs=0.01)  # unweighted: the prior, so a rare class is rarely called
+    assert best(weight[:1]) == pytest.approx(0.5, abs=0.01)  # reweighted: as if balanced
+    data.known[:80, 0] = False  # unknown entries do not count
+    manual = torch.nn.functional.binary_cross_entropy_with_logits(torch.zeros(80), data.labels[80:, 0])
+    assert classification_loss(torch.zeros(160, 1), data.labels[:, :1], data.known[:, :1]) == pytest.approx(
+        manual.item()
+    )
+
+
+def test_fine_tuning_continues_from_the_given_classifier():
+    from meddiff.evaluation.classifier import train_classifier
+
+    data = _labelled(64, rare=32, signal=0.5)
+    first = train_classifier(data, epochs=1, seed=0, device="cpu")
+    before = [p.detach().clone() for p in first.parameters()]
+    tuned = train_classifier(data, epochs=1, seed=1, device="cpu", init=first)
+    assert tuned is first and any(not torch.equal(a, b) for a, b in zip(before, tuned.parameters()))
+    other = ImageLabelDataset(data.images, data.labels[:, :1], data.known[:, :1], ["A"])
+    with pytest.raises(ValueError, match="number of labels"):
+        train_classifier(other, epochs=1, init=first, device="cpu")
+
+
+def test_downstream_protocols_and_real_fractions():
+    from meddiff.evaluation.downstream import PROTOCOLS, downstream
+
+    real, synthetic, test = (
+        _labelled(96, 24, signal=0.8),
+        _labelled(64, 32, seed=1, signal=0.8),
+        _labelled(64, 16, seed=2, signal=0.8),
+    )
+    out = downstream(real, synthetic, test, seeds=1, epochs=1, protocols=tuple(PROTOCOLS), fractions=(0.5,))
+    assert list(out) == [*PROTOCOLS, "real 50%", "real 50%+synthetic"]
+    assert out["synthetic->real"]["n_train"] == 96 and out["real 50%"]["n_train"] == 48
+    assert out["real 50%+synthetic"]["n_train"] == 48 + 64 and out["real+synthetic"]["n_train"] == 160
+    for name, entry in out.items():
+        assert entry["protocol"] and 0 <= entry["mean_auc"] <= 1, name
+        assert set(entry["recall"]) == {"A", "B"} and all(0 <= r <= 1 for r in entry["recall"].values())
+
+
+@pytest.mark.parametrize(
+    ("protocols", "fractions", "message"),
+    [(("real", "imagined"), (), "unknown downstream protocol 'imagined'"), (("real",), (1.0,), "outside (0, 1)")],
+)
+def test_bad_protocols_and_fractions_are_one_line_errors(protocols, fractions, message):
+    from meddiff.errors import MeddiffError
+    from meddiff.evaluation.downstream import check_protocols
+
+    with pytest.raises(MeddiffError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_protocols(protocols, fractions)
+
+
+def test_evaluate_refuses_an_unknown_protocol_before_reading_data(tmp_path, capsys):
+    from meddiff.cli import main
+
+    code = main(
+        [
+            "evaluate",
+            "--real",
+            "phantom:/nonexistent",
+            "--synthetic",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--protocols",
+            "real,bogus",
+        ]
+    )
+    assert code == 2 and "unknown downstream protocol 'bogus'" in capsys.readouterr().err

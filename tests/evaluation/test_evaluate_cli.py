@@ -42,14 +42,28 @@ def test_evaluate_writes_metrics_and_a_self_contained_report(tmp_path, tiny_run,
                 "2",
                 "--classifier-epochs",
                 "2",
+                "--protocols",
+                "all",
+                "--real-fractions",
+                "0.5",
             ]
         )
         == 0
     )
     m = json.loads((out / "metrics.json").read_text())
+    protocols = ["real", "synthetic", "real+synthetic", "synthetic->real", "real-reweighted"]
+    assert list(m["downstream"]) == [*protocols, "real 50%", "real 50%+synthetic"]
+    ds = m["downstream"]
+    assert (
+        ds["synthetic->real"]["n_train"] == ds["real"]["n_train"] and "fine-tuned" in ds["synthetic->real"]["protocol"]
+    )
+    assert ds["real 50%+synthetic"]["n_train"] == ds["real 50%"]["n_train"] + 24
+    assert all(0 <= v <= 1 for v in ds["real-reweighted"]["recall"].values() if v is not None)
+    page = (out / "report.html").read_text()
+    assert "Recall (sensitivity)" in page and "real 50%+synthetic (n=" in page
+
     d = m["distribution"]
     assert d["n_synthetic"] == 24 and d["fid_synthetic_vs_real_test"] > 0 and "std" in d["kid_synthetic_vs_real_test"]
-    assert set(m["downstream"]) == {"real", "synthetic", "real+synthetic"}
     assert m["downstream"]["real"]["seeds"] == 2
     assert 0 <= m["memorization"]["rate_flagged"] <= 1
     assert "Cardiomegaly" in m["label_fidelity"]["synthetic_auc"]

@@ -30,6 +30,17 @@ def test_repeat_cycles_rows_and_repeats_each():
     assert _repeat(4, 2, None) == [0, 1]
 
 
+def test_balance_gives_every_label_alone_in_equal_counts(codec):
+    plan = make_plan(codec, balance=True, n=7)
+    assert len(plan) == 7 and plan.source == "balanced over 3 labels" and plan.known.all()
+    keys = [plan.key(i, NAMES) for i in range(7)]
+    assert keys == ["Cardiomegaly", "Edema", "Pneumothorax"] * 2 + ["Cardiomegaly"]
+    each = make_plan(codec, balance=True, per_condition=4)
+    assert len(each) == 12 and each.labels.sum(0).tolist() == [4.0, 4.0, 4.0] and (each.labels.sum(1) == 1).all()
+    with pytest.raises(MeddiffError, match="--balance needs a label-conditioned model"):
+        make_plan(LabelCodec([]), balance=True, n=4)
+
+
 def test_labels_give_n_identical_conditions(codec):
     plan = make_plan(codec, labels_text="edema, Pneumothorax", n=5)
     assert len(plan) == 5 and plan.source == "labels edema, Pneumothorax"

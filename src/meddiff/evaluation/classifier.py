@@ -67,12 +67,19 @@ def train_classifier(
     lr: float = 2e-3,
     progress: bool = False,
     device=None,
+    init: LabelClassifier | None = None,
+    pos_weight: torch.Tensor | None = None,
 ) -> LabelClassifier:
     """Trained on `device` (default: the run's device, a GPU where there is one); augmentation and batch order come
-    from a CPU generator, so the result does not depend on the device's random streams."""
+    from a CPU generator, so the result does not depend on the device's random streams. `init`: a trained classifier
+    to go on training (fine-tuning; it is trained in place); `pos_weight`: per-label weight of positive examples
+    (class reweighting, see `label_pos_weight`)."""
     torch.manual_seed(seed)
     device = run_device(device)
-    model = LabelClassifier(len(dataset.label_names)).to(device)
+    if init is not None and init.head[-1].out_features != len(dataset.label_names):
+        raise ValueError("init classifier has another number of labels than the dataset")
+    model = (init if init is not None else LabelClassifier(len(dataset.label_names))).to(device)
+    weight = None if pos_weight is None else pos_weight.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * max(1, len(dataset) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
@@ -87,8 +94,7 @@ def train_classifier(
             known = dataset.known[idx].float().to(device)
             logits = model(x)
             target = dataset.labels[idx].to(device)
-            loss = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * known).sum()
-            loss = loss / known.sum().clamp(min=1)
+            loss = classification_loss(logits, target, known, weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -97,6 +103,23 @@ def train_classifier(
             bar.update(1)
     bar.close()
     return model.eval()
+
+
+def classification_loss(
+    logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor, pos_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Binary cross-entropy per label over the known entries only; `pos_weight` scales each label's positives."""
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pos_weight)
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def label_pos_weight(dataset: ImageLabelDataset, cap: float = 100.0) -> torch.Tensor:
+    """Per label: negatives / positives among the images where it is known (1 where a class is missing), capped."""
+    known = dataset.known.float()
+    pos = ((dataset.labels > 0.5).float() * known).sum(0)
+    neg = known.sum(0) - pos
+    weight = torch.where((pos > 0) & (neg > 0), neg / pos.clamp(min=1), torch.ones_like(pos))
+    return weight.clamp(max=cap)
 
 
 @torch.no_grad()

@@ -104,19 +104,20 @@ def write_eval_report(out: Path, m: EvaluationResult, art: EvaluationArtefacts) 
         return "n/a" if entry is None else f"{entry.auc:.3f} [{entry.ci95[0]:.3f}, {entry.ci95[1]:.3f}]"
 
     ds = m.downstream
-    down_rows = [[n, *(cell(ds[s].auc[n]) for s in ("real", "synthetic", "real+synthetic"))] for n in train.label_names]
+    sets = list(ds)
+    down_rows = [[n, *(cell(ds[s].auc.get(n)) for s in sets)] for n in train.label_names]
+    down_rows.append(["macro AUC", *(fmt(ds[s].mean_auc) for s in sets)])
+    recall_rows = [[n, *(fmt(ds[s].recall.get(n)) for s in sets)] for n in train.label_names]
+    first = ds[sets[0]]
     downstream = (
-        f"<p>The same classifier recipe trained on each set ({ds['real'].seeds} seeds), tested on the real "
+        f"<p>The same classifier recipe trained on each set ({first.seeds} seeds), tested on the real "
         "test split: AUC averaged over seeds [bootstrap 95 % interval].</p>"
-        + html_table(
-            [
-                "label",
-                f"real (n={ds['real'].n_train})",
-                f"synthetic (n={ds['synthetic'].n_train})",
-                f"real + synthetic (n={ds['real+synthetic'].n_train})",
-            ],
-            down_rows,
-        )
+        + html_table(["label", *(f"{s} (n={ds[s].n_train})" for s in sets)], down_rows)
+        + "<p>Recall (sensitivity) at probability 0.5, mean over seeds: where a rare class is found or missed.</p>"
+        + html_table(["label", *sets], recall_rows)
+        + "<ul>"
+        + "".join(f"<li><b>{s}</b>: {ds[s].protocol}</li>" for s in sets if ds[s].protocol)
+        + "</ul>"
     )
     div_rows = []
     for key, v in m.diversity.synthetic.items():

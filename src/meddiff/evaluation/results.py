@@ -177,11 +177,15 @@ class AucInterval(JsonResult):
 
 @dataclass(kw_only=True)
 class DownstreamResult(JsonResult):
-    """A classifier recipe trained on one set (real, synthetic, real+synthetic), tested on the real test split."""
+    """A classifier recipe trained on one set (real, synthetic, real+synthetic, or another protocol of
+    evaluation/downstream.py), tested on the real test split."""
 
     n_train: int
     seeds: int
     auc: dict[str, AucInterval | None]
+    recall: dict[str, float | None] = json_field(default_factory=dict)  # at probability 0.5, mean over seeds
+    mean_auc: float | None = None
+    protocol: str = ""
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,7 @@ from meddiff.errors import MeddiffError
 from meddiff.evaluation.classifier import per_label_auc, predict
 from meddiff.evaluation.distribution import fid, kid, prdc
 from meddiff.evaluation.diversity import diversity_by_condition
-from meddiff.evaluation.downstream import downstream
+from meddiff.evaluation.downstream import DEFAULT_PROTOCOLS, check_protocols, downstream
 from meddiff.evaluation.eval_report import EvaluationArtefacts, write_eval_report
 from meddiff.evaluation.features import InceptionFeatures, domain_classifier, embed, require_optional, xrv_features
 from meddiff.evaluation.memorization import audit
@@ -77,10 +77,13 @@ def evaluate(
     max_images: int | None = None,
     progress: bool = True,
     feature_weights: str | None = None,
+    protocols: tuple[str, ...] = DEFAULT_PROTOCOLS,
+    fractions: tuple[float, ...] = (),
 ) -> tuple[EvaluationResult, EvaluationArtefacts]:
     """features picks the network behind FID/KID/precision-recall and the UMAP; label fidelity, the memorization
     audit and downstream utility always use the domain classifier."""
     require_optional(features, feature_weights)
+    check_protocols(protocols, fractions)  # before anything is read or trained
     t0 = time.perf_counter()
     spec = parse_spec(real)
     syn_spec = synthetic_spec(synthetic)
@@ -134,7 +137,16 @@ def evaluate(
 
     diversity = Diversity(real_test=groups(test), synthetic=groups(syn))
     mem = audit(to01(syn.images), to01(train.images), f_syn, f_train, to01(test.images), f_test)
-    utility = downstream(train, syn, test, seeds=seeds, epochs=classifier_epochs, progress=progress)
+    utility = downstream(
+        train,
+        syn,
+        test,
+        seeds=seeds,
+        epochs=classifier_epochs,
+        progress=progress,
+        protocols=protocols,
+        fractions=fractions,
+    )
     metrics = EvaluationResult(
         real=str(spec),
         synthetic=syn_spec,

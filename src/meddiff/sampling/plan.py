@@ -1,5 +1,5 @@
-"""What to generate: one condition per image, from --labels, --unconditional, or a conditions CSV (a real
-dataset's label table, mirrored row by row, or a prompt column)."""
+"""What to generate: one condition per image, from --labels, --unconditional, --balance (every label alone, equal
+counts), or a conditions CSV (a real dataset's label table, mirrored row by row, or a prompt column)."""
 
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ def make_plan(
     unspecified: str = "absent",
     uncertain: str = "ignore",
     prompt: str | None = None,
+    balance: bool = False,
 ) -> GenerationPlan:
     k = len(codec.label_names)
     if conditions:
@@ -109,11 +110,18 @@ def make_plan(
         one, one_known = codec.parse(labels_text, unspecified)
         labels, known, prompts = one[None], one_known[None], [None]
         source = f"labels {labels_text}"
+    elif balance:  # every label alone, the others absent: equal counts per label when cycled
+        if not k:
+            raise MeddiffError("--balance needs a label-conditioned model")
+        labels, known, prompts = torch.eye(k), torch.ones(k, k, dtype=torch.bool), [None] * k
+        source = f"balanced over {k} labels"
     elif unconditional:
         labels, known, prompts = torch.zeros(1, k), torch.zeros(1, k, dtype=torch.bool), [None]
         source = "unconditional"
     else:
-        raise MeddiffError("say what to generate: --labels, --prompt, --unconditional or --conditions FILE.csv")
+        raise MeddiffError(
+            "say what to generate: --labels, --prompt, --unconditional, --balance or --conditions FILE.csv"
+        )
     if n is None and per_condition is None and not conditions:
         n = 16
     order = torch.tensor(_repeat(labels.shape[0], n, per_condition), dtype=torch.long)

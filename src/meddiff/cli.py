@@ -246,6 +246,9 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
         help="number of images (default 16; with --conditions: one per row, cycling the rows when larger)",
     )
     ge.add_argument("--per-condition", type=_positive_int, default=None, help="images per condition / CSV row")
+    ge.add_argument("--sex", default=None, help="F or M: models trained with demographics=sex")
+    ge.add_argument("--age", type=float, default=None, help="years: models trained with demographics=age")
+    ge.add_argument("--view", default=None, help="PA, AP or Lateral: models trained with demographics=view")
     ge.add_argument("--out", required=True)
     ge.add_argument(
         "--format",
@@ -689,6 +692,7 @@ def cmd_generate(args) -> None:
         prompt=args.prompt,
         balance=args.balance,
     )
+    plan = _with_demographics(plan, args, codec.label_names)
     result = generate_dataset(
         pipe, args.model, plan, settings, Path(args.out), args.format, shard, animate=args.animate
     )
@@ -740,6 +744,7 @@ def _generate_volumes(args) -> None:
         uncertain=args.uncertain,
         balance=args.balance,
     )
+    plan = _with_demographics(plan, args, codec.label_names)
     settings = _sampling_settings(args)
     result = generate_volumes(
         pipe,
@@ -827,6 +832,18 @@ def cmd_evaluate(args) -> None:
         fractions=_fractions(args.real_fractions),
     )
     print(f"report: {report}; metrics: {Path(args.out) / 'metrics.json'}")
+
+
+def _with_demographics(plan, args, names: list[str]):
+    """--sex / --age / --view on every image of the plan (checked against what the model was trained on)."""
+    if args.sex is None and args.age is None and args.view is None:
+        return plan
+    from meddiff.conditioning.demographics import condition_values
+    from meddiff.models.storage import training_label_counts
+    from meddiff.sampling.plan import with_attributes
+
+    counts = training_label_counts(args.model)
+    return with_attributes(plan, names, condition_values(names, args.sex, args.age, args.view, counts))
 
 
 def _protocols(text: str) -> tuple[str, ...]:

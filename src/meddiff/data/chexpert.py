@@ -19,6 +19,7 @@ from pathlib import Path
 
 from meddiff.data.chexpert_format import CHEXPERT_OBSERVATIONS, parse_value
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.data.demographics import demographic_labels
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import LabelPolicy, Record, RecordTable, parse_label_subset, split_by_patient
 from meddiff.data.registry import DatasetSpec, register
@@ -102,6 +103,7 @@ def filter_view(table: RecordTable, view: str) -> RecordTable:
     return table.filtered(lambda r: r.view == view.upper(), f"view={view}")
 
 
+@demographic_labels
 def index_chexpert(spec: DatasetSpec) -> RecordTable:
     root = Path(spec.path).expanduser()
     if not root.exists():

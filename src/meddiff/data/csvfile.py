@@ -15,6 +15,7 @@ from pathlib import Path
 from meddiff.data.chexpert import policy_from
 from meddiff.data.chexpert_format import parse_value
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.data.demographics import demographic_labels
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import Record, RecordTable, split_by_patient
 from meddiff.data.registry import DatasetSpec, register
@@ -41,7 +42,24 @@ OPTIONS = (
     + COMMON_OPTIONS
 )
 PATH_COLUMNS = ("Path", "path", "file", "filename", "image")
-NOT_LABELS = {"Sex", "Age", "Frontal/Lateral", "AP/PA", "seed", "steps", "guidance", "scheduler", "model", "prompt"}
+NOT_LABELS = {
+    *("Sex", "Age", "Frontal/Lateral", "AP/PA", "ViewPosition", "view", "View"),
+    *("seed", "steps", "guidance", "scheduler", "model", "prompt"),
+}
+
+
+def _age(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None  # an unreadable age is an unknown age
+
+
+def _view(row: dict[str, str]) -> str:
+    """CheXpert's Frontal/Lateral + AP/PA, or a plain view / ViewPosition column."""
+    if (row.get("Frontal/Lateral") or "").strip().lower() == "lateral":
+        return "LATERAL"
+    return (row.get("AP/PA") or row.get("ViewPosition") or row.get("view") or row.get("View") or "").strip().upper()
 
 
 def _is_label_column(rows: list[dict[str, str]], column: str) -> bool:
@@ -55,6 +73,7 @@ def _is_label_column(rows: list[dict[str, str]], column: str) -> bool:
     return seen
 
 
+@demographic_labels
 def index_csv(spec: DatasetSpec) -> RecordTable:
     path = Path(spec.path).expanduser()
     if not path.is_file():
@@ -110,7 +129,8 @@ def index_csv(spec: DatasetSpec) -> RecordTable:
                 text=text,
                 split=split,
                 sex=row.get("Sex", "") or "",
-                view=(row.get("AP/PA") or "").upper(),
+                age=_age(row.get("Age")),
+                view=_view(row),
             )
         )
     table = expand_volumes(RecordTable(records, labels, str(spec)), opts)

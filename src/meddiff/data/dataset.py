@@ -42,6 +42,11 @@ class ImageLabelDataset(torch.utils.data.Dataset):
             self.prompts = [self.prompt_for(i) for i in range(n)]
             self.prompts_from_labels = True
 
+    def positive_counts(self) -> dict[str, int]:
+        """Images with each label known-present."""
+        present = (self.labels > 0.5) & self.known
+        return {name: int(present[:, k].sum()) for k, name in enumerate(self.label_names)}
+
     def __len__(self) -> int:
         return self.images.shape[0]
 

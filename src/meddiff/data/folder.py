@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.data.demographics import demographic_labels
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import LabelPolicy, Record, RecordTable, split_by_patient
 from meddiff.data.registry import DatasetSpec, register
@@ -24,6 +25,7 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+@demographic_labels
 def index_folder(spec: DatasetSpec) -> RecordTable:
     root = Path(spec.path).expanduser()
     if not root.is_dir():

@@ -27,7 +27,7 @@ from meddiff.devices import usable_cores
 from meddiff.errors import MeddiffError
 
 logger = logging.getLogger(__name__)
-COMMON_OPTIONS = ("fit", "cache", "prompt_view", "prompt_demographics", "uncertain")
+COMMON_OPTIONS = ("fit", "cache", "prompt_view", "prompt_demographics", "uncertain", "demographics")
 
 
 def _flag(value: str | None, default: bool = False) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 from meddiff.data.chexpert import policy_from
 from meddiff.data.chexpert_format import CHEXPERT_OBSERVATIONS, parse_value
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.data.demographics import demographic_labels
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import Record, RecordTable, parse_label_subset
 from meddiff.data.registry import DatasetSpec, register
@@ -60,6 +61,7 @@ def report_text(path: Path) -> str | None:
     return None
 
 
+@demographic_labels
 def index_mimic(spec: DatasetSpec) -> RecordTable:
     root = Path(spec.path).expanduser()
     if not root.is_dir():

@@ -118,8 +118,20 @@ def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = 
     findings = {name: int(findings.get(name, 0)) for name in FINDINGS}
     findings[NO_FINDING] = int(not any(findings.values()))
     # independent streams so that adding a finding never changes the anatomy or acquisition
-    geo_rng, find_rng, acq_rng, tex_rng = (np.random.default_rng([seed, k]) for k in range(4))
+    geo_rng, find_rng, acq_rng, tex_rng, who_rng = (np.random.default_rng([seed, k]) for k in range(5))
     a = _Anatomy(geo_rng, bool(findings["Cardiomegaly"]))
+    # sex and age shape the anatomy (so that demographic conditioning is testable): women have breast shadows over
+    # the lower lung zones and a slightly narrower chest; with age the aortic knob unfolds (larger, denser) and the
+    # bones thin (less dense)
+    female = bool(who_rng.integers(0, 2))
+    age = int(who_rng.integers(18, 91))
+    ageing = (age - 18) / 72
+    view = "AP" if who_rng.random() < 0.3 else "PA"  # AP (bedside): the scapulae project over the upper lungs
+    if female:
+        a.half_width *= 0.94
+    a.dome_right += 0.10 * ageing  # older lungs: hyperinflated, lower and flatter domes
+    a.dome_left += 0.10 * ageing
+    a.dome_depth *= 1 - 0.5 * ageing
 
     # acquisition geometry: map image pixels back into the canonical frame
     angle = acq_rng.uniform(-4, 4) * np.pi / 180
@@ -152,7 +164,9 @@ def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = 
     hu = (np.cos(t) * hx + np.sin(t) * hy) / major
     hv = (-np.sin(t) * hx + np.cos(t) * hy) / minor
     heart = _soft((np.sqrt(hu**2 + hv**2) - 1.0) * minor, edge)
-    aortic_knob = _soft(np.hypot(x - (a.mediastinum * 0.6), y + 0.38) - 0.07, edge)
+    aortic_knob = (0.8 + 0.6 * ageing) * _soft(
+        np.hypot(x - (a.mediastinum * 0.6), y + 0.38) - (0.04 + 0.07 * ageing), edge
+    )
     mediastinum = aortic_knob  # the rest of the mediastinum is soft tissue where no lung is
 
     # lung markings: tapering vessels branching from each hilum
@@ -278,7 +292,22 @@ def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = 
     img = img - 0.36 * lung_all * (1 - heart)  # aerated lung is dark
     img = img + 0.12 * markings * marking_weight * lung_all
     img = img + 0.14 * heart + 0.10 * mediastinum
-    img = img + 0.10 * bones * body + 0.12 * spine * (1 - 0.5 * lung_all)
+    density = 1.3 - 0.7 * ageing
+    img = img + 0.10 * density * bones * body + 0.12 * density * spine * (1 - 0.5 * lung_all)
+    if view == "AP":
+        scapulae = np.zeros_like(x)
+        for s in (-1, 1):
+            sx, sy = s * (a.half_width - 0.06), a.apex + 0.34
+            scapulae = np.maximum(scapulae, _soft(np.hypot((x - sx) / 0.45, y - sy) - 0.30, 0.03))
+        masks["scapulae"] = scapulae * body
+        img = img + 0.15 * scapulae * body
+    if female:
+        breasts = np.zeros_like(x)
+        for s in (-1, 1):
+            bx, by = s * a.half_width * 0.58, a.dome(s) - 0.14
+            breasts = np.maximum(breasts, _soft(np.hypot((x - bx) / 1.15, y - by) - 0.26, 0.06))
+        masks["breast shadows"] = breasts * body
+        img = img + 0.18 * breasts * body
     img = img + 0.34 * opacity * (1 - 0.6 * heart)
     img = img - 0.10 * lucency
     if "pleural line" in masks:
@@ -301,9 +330,9 @@ def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = 
     masks = {k: v.astype(np.float32) for k, v in masks.items()}
     meta.update(
         {
-            "sex": ("Male", "Female")[int(acq_rng.integers(0, 2))],
-            "age": int(acq_rng.integers(18, 91)),
-            "view": ("PA", "AP")[int(acq_rng.random() < 0.3)],
+            "sex": "Female" if female else "Male",
+            "age": age,
+            "view": view,
         }
     )
     return Phantom(image=img, findings=findings, masks=masks, meta=meta)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from meddiff.data.chexpert import read_label_csv
 from meddiff.data.chexpert_format import write_label_table
 from meddiff.data.dataset import ImageLabelDataset, to_model_range
+from meddiff.data.demographics import demographic_labels, parse_attributes, present_labels, values_for
 from meddiff.data.io import resize, write_png
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.phantom import FINDINGS, MAX_SIZE, MIN_SIZE, NO_FINDING, render_phantom
@@ -85,20 +86,30 @@ def _phantom_csv(spec: DatasetSpec) -> Path:
     return csv_path
 
 
-def render_phantom_dataset(n: int, resolution: int, seed: int, progress: bool = False) -> ImageLabelDataset:
-    """Phantoms rendered straight into memory (no files)."""
+def render_phantom_dataset(
+    n: int, resolution: int, seed: int, progress: bool = False, attributes: tuple[str, ...] = ()
+) -> ImageLabelDataset:
+    """Phantoms rendered straight into memory (no files); `attributes` adds demographic labels (demographics=)."""
     size = min(max(resolution, MIN_SIZE), MAX_SIZE)
-    images, labels = [], []
+    images: list = []
+    labels: list[list[float]] = []
+    derived = []
     for i in tqdm(range(n), desc="phantoms", unit="img", disable=not progress):
         ph = render_phantom(seed * 1_000_003 + i, size)
         images.append(resize(ph.image, resolution))
-        labels.append([ph.findings[name] for name in PHANTOM_LABELS])
+        labels.append([float(ph.findings[name]) for name in PHANTOM_LABELS])
+        meta = ph.meta
+        derived.append(values_for(attributes, str(meta["sex"]), float(str(meta["age"])), str(meta["view"])))
+    names = list(PHANTOM_LABELS)
+    if attributes:
+        extra = present_labels(attributes, derived, "phantom")
+        labels = [row + [float(d[name] or 0.0) for name in extra] for row, d in zip(labels, derived)]
+        names += extra
     lab = torch.tensor(labels, dtype=torch.float32)
-    return ImageLabelDataset(
-        to_model_range(np.stack(images)), lab, torch.ones_like(lab, dtype=torch.bool), list(PHANTOM_LABELS)
-    )
+    return ImageLabelDataset(to_model_range(np.stack(images)), lab, torch.ones_like(lab, dtype=torch.bool), names)
 
 
+@demographic_labels
 def index_phantom(spec: DatasetSpec) -> RecordTable:
     return read_label_csv(_phantom_csv(spec), PHANTOM_LABELS, str(spec))
 
@@ -126,6 +137,9 @@ def load_phantom(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
         except ValueError:
             raise MeddiffError(f"{spec}: n and seed must be integers") from None
         return render_phantom_dataset(
-            n if split == "train" else max(n // 4, 1), resolution, seed if split == "train" else seed + 7919
+            n if split == "train" else max(n // 4, 1),
+            resolution,
+            seed if split == "train" else seed + 7919,
+            attributes=parse_attributes(spec.options.get("demographics")),
         )
     return plan_phantom(spec, resolution).materialize(str(spec))

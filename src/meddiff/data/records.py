@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meddiff.data.demographics import ALL_LABELS as DEMOGRAPHIC_LABELS
 from meddiff.errors import MeddiffError
 
 
@@ -67,7 +68,7 @@ class LabelPolicy:
             for k, name in enumerate(names):
                 v = rec.values.get(name)
                 if v is None:
-                    if self.blank == "zeros":
+                    if self.blank == "zeros" and name not in DEMOGRAPHIC_LABELS:  # a missing age is not "absent"
                         known[i, k] = True
                 elif v < 0:
                     if self.uncertain != "ignore":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from meddiff.evaluation.fairness import fairness_lines
 from meddiff.evaluation.report import fmt
 from meddiff.evaluation.results import AutoencoderReport, FidelityReport, RunSummary
 from meddiff.models.card import CardContent, CardSection, write_card
@@ -35,6 +36,14 @@ def _fidelity_lines(fidelity: FidelityReport | None, note: str | None = None) ->
     ]
     for name, value in fidelity.real_auc.items():
         lines.append(f"| {name} | {fmt(value)} | {fmt(fidelity.synthetic_auc[name])} |")
+    if fidelity.subgroups:
+        lines += [
+            "",
+            "Per demographic subgroup (fairness): the findings' mean AUC on real held-out and on generated images of "
+            "that subgroup, and FID between them (classifier features).",
+            "",
+            *fairness_lines(fidelity.subgroups),
+        ]
     response = fidelity.prompt_response
     if response:
         names = response.label_names

@@ -107,7 +107,7 @@ def write_eval_report(out: Path, m: EvaluationResult, art: EvaluationArtefacts) 
     sets = list(ds)
     down_rows = [[n, *(cell(ds[s].auc.get(n)) for s in sets)] for n in train.label_names]
     down_rows.append(["macro AUC", *(fmt(ds[s].mean_auc) for s in sets)])
-    recall_rows = [[n, *(fmt(ds[s].recall.get(n)) for s in sets)] for n in train.label_names]
+    recall_rows = [[n, *(fmt((ds[s].recall or {}).get(n)) for s in sets)] for n in train.label_names]
     first = ds[sets[0]]
     downstream = (
         f"<p>The same classifier recipe trained on each set ({first.seeds} seeds), tested on the real "

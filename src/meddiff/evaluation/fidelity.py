@@ -13,6 +13,7 @@ import torch
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.evaluation.classifier import per_label_auc, predict
+from meddiff.evaluation.fairness import fairness_table, subgroups
 from meddiff.evaluation.results import FidelityReport, PromptResponseReport
 from meddiff.models.pipeline import MedDiffusionPipeline
 from meddiff.sampling.generate import SamplingSettings, sample
@@ -30,6 +31,7 @@ class FidelityResult:
     labels: np.ndarray
     classifier: object = None  # the real-trained classifier (for further checks such as prompt_response)
     known: np.ndarray | None = None  # (N, K) which generation labels were specified
+    subgroups: dict | None = None  # fairness table (evaluation/fairness.py) for demographically conditioned models
 
     def report(self, prompt_response: PromptResponse | None = None) -> FidelityReport:
         """What is saved (fidelity.json; "fidelity" in a run's metrics.json)."""
@@ -48,6 +50,7 @@ class FidelityResult:
             sampling=self.settings,
             seconds=round(self.seconds, 1),
             prompt_response=prompt_response.report() if prompt_response is not None else None,
+            subgroups=self.subgroups,
         )
 
     def to_dict(self) -> dict:
@@ -74,20 +77,26 @@ def label_fidelity(
     t0 = time.perf_counter()
     # the same real-trained classifier as `meddiff evaluate`, cached by data spec: reruns and other models on the
     # same data do not train it again
-    from meddiff.evaluation.features import domain_classifier
+    from meddiff.evaluation.features import domain_classifier, embed
 
     classifier = domain_classifier(
         train, train.source or "unnamed", epochs=classifier_epochs, seed=seed, progress=progress, device=pipe.device
     )  # beside the model (--device)
     names = train.label_names
-    real_auc = per_label_auc(predict(classifier, heldout.images), heldout.labels.numpy(), heldout.known.numpy(), names)
+    real_probs = predict(classifier, heldout.images)
+    real_auc = per_label_auc(real_probs, heldout.labels.numpy(), heldout.known.numpy(), names)
     # condition rows mirror the held-out label distribution (co-occurrences included)
     rows = np.random.default_rng(seed).choice(len(heldout), size=n_samples, replace=n_samples > len(heldout))
     labels, known = heldout.labels[rows], heldout.known[rows]
     conditions = LabelCodec(names).encode(labels, known)
     images = sample(pipe, conditions, settings, progress=progress)
-    probs = predict(classifier, torch.from_numpy(images).unsqueeze(1) * 2 - 1)
+    scaled = torch.from_numpy(images).unsqueeze(1) * 2 - 1
+    probs = predict(classifier, scaled)
     synthetic_auc = per_label_auc(probs, labels.numpy(), known.numpy(), names)
+    table = None
+    if subgroups(names):  # demographic conditions: the same numbers per subgroup
+        real_side = (real_probs, heldout.labels.numpy(), heldout.known.numpy(), embed(classifier, heldout.images))
+        table = fairness_table(names, real_side, (probs, labels.numpy(), known.numpy(), embed(classifier, scaled)))
     return FidelityResult(
         real_auc,
         synthetic_auc,
@@ -99,6 +108,7 @@ def label_fidelity(
         labels.numpy(),
         classifier,
         known.numpy(),
+        table,
     )
 
 

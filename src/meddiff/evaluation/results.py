@@ -39,6 +39,7 @@ class FidelityReport(JsonResult):
     sampling: dict[str, Any]  # steps, guidance, scheduler
     seconds: float
     prompt_response: PromptResponseReport | None = json_field(None, omit_none=True)  # text-conditioned models
+    subgroups: dict[str, Any] | None = json_field(None, omit_none=True)  # demographic conditions: fairness table
 
 
 @dataclass(kw_only=True)
@@ -183,9 +184,10 @@ class DownstreamResult(JsonResult):
     n_train: int
     seeds: int
     auc: dict[str, AucInterval | None]
-    recall: dict[str, float | None] = json_field(default_factory=dict)  # at probability 0.5, mean over seeds
-    mean_auc: float | None = None
-    protocol: str = ""
+    # newer files (older metrics.json files read back without them)
+    recall: dict[str, float | None] | None = json_field(None, omit_none=True)  # at probability 0.5, seed mean
+    mean_auc: float | None = json_field(None, omit_none=True)
+    protocol: str | None = json_field(None, omit_none=True)
 
 
 @dataclass(kw_only=True)

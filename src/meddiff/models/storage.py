@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,20 +16,40 @@ from meddiff.models.stable_diffusion import load_stable_diffusion
 PIPELINE_DIR = "pipeline"
 ADAPTER_FILE = "meddiff_adapter.json"  # LoRA / textual-inversion exports: which base model they apply to
 ADAPTER_DIRS = ("lora", "textual_inversion")
+LABELS_FILE = "meddiff_labels.json"  # training positives per label (the ages / views a model has seen)
 
 
 def save_pipeline(
-    out_dir: Path, unet, scheduler, label_names: list[str], vae=None, text_encoder=None, tokenizer=None
+    out_dir: Path,
+    unet,
+    scheduler,
+    label_names: list[str],
+    vae=None,
+    text_encoder=None,
+    tokenizer=None,
+    label_counts: dict[str, int] | None = None,
 ) -> Path:
     """Write a diffusers pipeline folder (unet/, scheduler/, [vae/, text_encoder/, tokenizer/,] model_index.json)
-    plus pipeline.py so that plain diffusers can load it with custom_pipeline=<folder>. Weights are safetensors."""
+    plus pipeline.py so that plain diffusers can load it with custom_pipeline=<folder>. Weights are safetensors.
+    `label_counts`: training images with each label present (meddiff_labels.json; diffusers ignores it)."""
     out_dir = Path(out_dir)
     pipe = MedDiffusionPipeline(
         unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, label_names=label_names
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     shutil.copyfile(Path(__file__).with_name("pipeline.py"), out_dir / "pipeline.py")
+    if label_counts is not None:
+        (out_dir / LABELS_FILE).write_text(json.dumps({"training_positives": label_counts}, indent=2))
     return out_dir
+
+
+def training_label_counts(model_dir: str | Path) -> dict[str, int] | None:
+    """Training images with each label present, as saved with the pipeline (None for models saved without)."""
+    path = Path(model_dir).expanduser()
+    for candidate in (path / PIPELINE_DIR / LABELS_FILE, path / LABELS_FILE):
+        if candidate.is_file():
+            return json.loads(candidate.read_text()).get("training_positives")
+    return None
 
 
 def find_adapter(path: str | Path) -> Path | None:

@@ -11,6 +11,8 @@ import torch
 
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.chexpert_format import parse_value
+from meddiff.data.demographics import ALL_LABELS as DEMOGRAPHIC_LABELS
+from meddiff.data.demographics import GROUP_LABELS
 from meddiff.data.records import LabelPolicy, Record
 from meddiff.errors import MeddiffError
 
@@ -84,6 +86,32 @@ def read_conditions_csv(path: Path, codec: LabelCodec, uncertain: str) -> tuple[
     return torch.from_numpy(labels), torch.from_numpy(known), [r.text for r in records]
 
 
+def attribute_groups_known(labels: torch.Tensor, known: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """Demographic groups (sex / age / view) are never "absent": a group is known only where one of its labels is
+    asked for (e.g. --labels "Cardiomegaly,Age 60-79"); otherwise the whole group is left unspecified."""
+    known = known.clone()
+    for group in GROUP_LABELS.values():
+        columns = [j for j, name in enumerate(names) if name in group]
+        if not columns:
+            continue
+        asked = ((labels[:, columns] > 0.5) & known[:, columns]).any(dim=1)
+        for j in columns:
+            known[:, j] = asked
+    return known
+
+
+def with_attributes(plan: GenerationPlan, names: list[str], values: dict[str, float]) -> GenerationPlan:
+    """Every image of the plan with these demographic label values (from `condition_values`)."""
+    labels, known = plan.labels.clone(), plan.known.clone()
+    for name, value in values.items():
+        j = names.index(name)
+        labels[:, j], known[:, j] = value, True
+    said = [
+        ("female" if v > 0.5 else "male") if n == "Female" else n for n, v in values.items() if v > 0.5 or n == "Female"
+    ]
+    return GenerationPlan(labels, known, plan.prompts, f"{plan.source} ({', '.join(said)})")
+
+
 def make_plan(
     codec: LabelCodec,
     *,
@@ -110,11 +138,14 @@ def make_plan(
         one, one_known = codec.parse(labels_text, unspecified)
         labels, known, prompts = one[None], one_known[None], [None]
         source = f"labels {labels_text}"
-    elif balance:  # every label alone, the others absent: equal counts per label when cycled
-        if not k:
+    elif balance:  # every finding alone, the others absent: equal counts per label when cycled
+        findings = [j for j, name in enumerate(codec.label_names) if name not in DEMOGRAPHIC_LABELS]
+        if not findings:
             raise MeddiffError("--balance needs a label-conditioned model")
-        labels, known, prompts = torch.eye(k), torch.ones(k, k, dtype=torch.bool), [None] * k
-        source = f"balanced over {k} labels"
+        labels = torch.zeros(len(findings), k)
+        labels[torch.arange(len(findings)), torch.tensor(findings)] = 1.0
+        known, prompts = torch.ones(len(findings), k, dtype=torch.bool), [None] * len(findings)
+        source = f"balanced over {len(findings)} labels"
     elif unconditional:
         labels, known, prompts = torch.zeros(1, k), torch.zeros(1, k, dtype=torch.bool), [None]
         source = "unconditional"
@@ -124,5 +155,7 @@ def make_plan(
         )
     if n is None and per_condition is None and not conditions:
         n = 16
+    if not conditions:
+        known = attribute_groups_known(labels, known, codec.label_names)
     order = torch.tensor(_repeat(labels.shape[0], n, per_condition), dtype=torch.long)
     return GenerationPlan(labels[order], known[order], [prompts[i] for i in order.tolist()], source)

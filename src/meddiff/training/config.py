@@ -123,6 +123,13 @@ class TrainConfig(Options):
         minimum=0,
         maximum=1,
     )
+    attribute_dropout: float = option(
+        0.2,
+        "with demographic labels (sex / age / view): probability that each of them alone is left unspecified, so "
+        "that findings can be asked for with demographics open",
+        minimum=0,
+        maximum=1,
+    )
     snr_gamma: float | None = option(
         5.0, "Min-SNR loss weighting gamma; null or 0 for plain MSE", above=0, zero_is_none=True
     )

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 
+from meddiff.conditioning.demographics import AttributeGroups
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.conditioning.text import PromptCache, load_text_encoder, text_width
 from meddiff.errors import MeddiffError
@@ -39,6 +40,7 @@ class PixelDiffusion(TrainingMethod):
             )
         self.use_text = mode in ("text", "both")
         self.codec = LabelCodec(dataset.label_names if self.use_labels else [])
+        self.attribute_groups = AttributeGroups.of(self.codec.label_names)  # sex / age / view, when the data has them
         self.tokenizer = self.text_encoder = self.prompt_cache = None
         if self.use_text:
             self.tokenizer, self.text_encoder = load_text_encoder(config.text)
@@ -81,7 +83,8 @@ class PixelDiffusion(TrainingMethod):
         keep = torch.rand(b, generator=generator) >= self.config.cond_dropout
         kwargs: dict = {"encoder_hidden_states": None, "class_labels": None}
         if self.use_labels:
-            cond = self.codec.encode(batch["labels"], batch["known"])
+            known = self.attribute_groups.drop(batch["known"], self.config.attribute_dropout, generator)
+            cond = self.codec.encode(batch["labels"], known)
             kwargs["class_labels"] = (cond * keep.unsqueeze(1).to(cond.dtype)).to(device)
         if self.use_text:
             shuffle = self.config.text.shuffle_findings
@@ -165,4 +168,5 @@ class PixelDiffusion(TrainingMethod):
             vae=self.vae(),
             text_encoder=encoder,
             tokenizer=self.tokenizer,
+            label_counts=self.dataset.positive_counts() if names else None,
         )

@@ -528,3 +528,21 @@ def test_real_data_bench_reports_every_protocol(tmp_path, phantom_dir, synthetic
     )
     assert s["generator_steps"] == 4 and s["synthetic"] == synthetic and "patient" in s["split_note"]
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # renders 3,200 phantoms in a subprocess
+def test_privacy_gate_bench_reports_false_flags_and_recall_per_copy_type(tmp_path):
+    out = tmp_path / "p.json"
+    command = [sys.executable, str(BENCH / "privacy_gate.py"), "--datasets", "phantoms", "--positives", "40"]
+    proc = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["n_calibration"] == 600 and row["n_test_negatives"] == 600 and row["false_flag_rate"] <= 0.05
+    assert row["recall exact"] == 1.0 and set(row["recall_ci"]) == {
+        "exact",
+        "shift",
+        "rotation",
+        "gamma",
+        "noise",
+        "crop",
+    }

@@ -1,0 +1,294 @@
+"""A calibrated near-copy detector: several similarity tests fused so that the *combined* false-flag rate on new
+real images is the controlled quantity, with its recall measured on known copies of training images.
+
+Detectors (each: higher = closer to some training image):
+- pixel: the largest normalised correlation with a training image (mean-centred pixels);
+- tiles: the same, on the 2 x 2 tiles of the image, the smallest of the four tile correlations with the best whole-
+  image match's tiles (a copy matches everywhere; an image that merely shares the overall layout does not);
+- aligned: the nearest candidates (top `candidates` by pixel correlation) re-scored under small shifts and zooms
+  of the query (a bank of resampled versions): shifted or cropped copies line up again;
+- coarse: the pixel correlation after 2 x 2 average pooling (pixel noise averages out: noisy copies);
+- feature: the largest cosine similarity of features (the domain classifier's penultimate layer when given).
+
+Fusion: each score is turned into its rank among the calibration negatives (real held-out images the model never
+saw, which are by construction not copies), the fused score is the largest of those ranks, and the threshold is the
+(1 - alpha) quantile of the calibration negatives' fused scores. The false-flag rate is then measured on a separate
+test half of the held-out images, and recall on known positives built from reserved training images: exact copies
+and augmented copies (shift, rotation, gamma, noise, crop). Autoencoder round trips and model-made near-copies come
+with a model (issue 21); this module takes any extra positives as arrays.
+
+Images are (N, H, W) float arrays in [0, 1]. Nearest-neighbour search is blocked matrix products over the training
+set (memory ~ block x N_train)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meddiff.errors import MeddiffError
+
+COPY_TYPES = ("exact", "shift", "rotation", "gamma", "noise", "crop")
+
+
+def _unit(x: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), -1))).float()
+    t = t - t.mean(1, keepdim=True)
+    return t / t.norm(dim=1, keepdim=True).clamp(min=1e-8)
+
+
+def _coarse(x: np.ndarray) -> np.ndarray:
+    """2 x 2 average pooling: pixel noise averages out, anatomy stays (noisy copies line up again)."""
+    return F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(x)).float().unsqueeze(1), 2)[:, 0].numpy()
+
+
+def _tiles(x: np.ndarray) -> list[np.ndarray]:
+    h, w = x.shape[1] // 2, x.shape[2] // 2
+    return [x[:, i * h : (i + 1) * h, j * w : (j + 1) * w] for i in (0, 1) for j in (0, 1)]
+
+
+def alignment_bank(images: np.ndarray, max_shift: float = 0.125, zooms=(1.0, 1.06, 1.12)) -> torch.Tensor:
+    """(N, T, H*W) unit-normalised resampled versions of each image: shifts up to `max_shift` of the half-width
+    (in steps of about a pixel) at each zoom-out factor; grid_sample with border padding (no wrap-around)."""
+    x = torch.from_numpy(images).float().unsqueeze(1)
+    n, size = len(images), images.shape[-1]
+    steps = max(1, round(max_shift * size / 2))
+    offsets = [k * 2.0 / size for k in range(-steps, steps + 1)]
+    versions = []
+    for zoom in zooms:
+        for dy in offsets:
+            for dx in offsets:
+                theta = torch.tensor([[zoom, 0.0, dx], [0.0, zoom, dy]]).expand(n, 2, 3)
+                grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+                versions.append(F.grid_sample(x, grid, padding_mode="border", align_corners=False).flatten(1))
+    bank = torch.stack(versions, 1)
+    bank = bank - bank.mean(2, keepdim=True)
+    return bank / bank.norm(dim=2, keepdim=True).clamp(min=1e-8)
+
+
+@dataclass
+class ReferenceIndex:
+    """The training images (and optional features) queries are compared with. Derived from patient data: keep it
+    out of anything shared (never inside pipeline/ or a model card)."""
+
+    images: np.ndarray  # (N, H, W) in [0, 1]
+    features: np.ndarray | None = None  # (N, D)
+    block: int = 1024
+    candidates: int = 8  # nearest training images re-scored by the aligned detector
+    _pixels: torch.Tensor = field(init=False, repr=False)
+    _tiles: list[torch.Tensor] = field(init=False, repr=False)
+    _coarse: torch.Tensor = field(init=False, repr=False)
+    _features: torch.Tensor | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 3 or not len(self.images):
+            raise MeddiffError("the reference set must be a non-empty stack of 2D images")
+        self._pixels = _unit(self.images)
+        self._tiles = [_unit(t) for t in _tiles(self.images)]
+        self._coarse = _unit(_coarse(self.images))
+        self._features = None
+        if self.features is not None:
+            f = torch.from_numpy(self.features).float()
+            f = f - f.mean(0, keepdim=True)
+            self._features = f / f.norm(dim=1, keepdim=True).clamp(min=1e-8)
+
+    def scores(self, queries: np.ndarray, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """{detector: (N,) score} and 'match' (index of the nearest training image by pixels)."""
+        if queries.shape[1:] != self.images.shape[1:]:
+            raise MeddiffError(
+                f"images are {queries.shape[1]}x{queries.shape[2]} but the reference set is "
+                f"{self.images.shape[1]}x{self.images.shape[2]}; compare at one resolution"
+            )
+        q = _unit(queries)
+        qt = [_unit(t) for t in _tiles(queries)]
+        best, match, tiles = [], [], []
+        for i in range(0, len(q), self.block):
+            s = q[i : i + self.block] @ self._pixels.T
+            v, j = s.max(1)
+            best.append(v)
+            match.append(j)
+            tile = torch.stack([(qt[k][i : i + self.block] * self._tiles[k][j]).sum(1) for k in range(4)], 1)
+            tiles.append(tile.min(1).values)
+        out = {"pixel": torch.cat(best).numpy(), "tiles": torch.cat(tiles).numpy()}
+        out["aligned"] = self._aligned(queries, q)
+        qc = _unit(_coarse(queries))
+        out["coarse"] = torch.cat(
+            [(qc[i : i + self.block] @ self._coarse.T).max(1).values for i in range(0, len(qc), self.block)]
+        ).numpy()
+        if self._features is not None:
+            if features is None:
+                raise MeddiffError("the reference set has features: give the queries' features too")
+            f = torch.from_numpy(features).float()
+            mean = torch.from_numpy(self.features).float().mean(0, keepdim=True)  # type: ignore[arg-type]
+            f = f - mean
+            f = f / f.norm(dim=1, keepdim=True).clamp(min=1e-8)
+            out["feature"] = torch.cat(
+                [(f[i : i + self.block] @ self._features.T).max(1).values for i in range(0, len(f), self.block)]
+            ).numpy()
+        out["match"] = torch.cat(match).numpy()
+        return out
+
+    def _aligned_block(self, queries: np.ndarray, q: torch.Tensor) -> torch.Tensor:
+        k = min(self.candidates, len(self._pixels))
+        top = (q @ self._pixels.T).topk(k, dim=1).indices  # (B, k)
+        bank = alignment_bank(queries)  # (B, T, P)
+        candidates = self._pixels[top]  # (B, k, P)
+        return torch.einsum("btp,bkp->btk", bank, candidates).flatten(1).max(1).values
+
+    def _aligned(self, queries: np.ndarray, q: torch.Tensor) -> np.ndarray:
+        step = max(1, self.block // 16)  # the bank is ~75 versions per query
+        return torch.cat(
+            [self._aligned_block(queries[i : i + step], q[i : i + step]) for i in range(0, len(q), step)]
+        ).numpy()
+
+
+def augmented_copies(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
+    """Known positives: copies of `images` ((N, H, W) in [0, 1]) changed as acquisition would change them."""
+    if kind not in COPY_TYPES:
+        raise MeddiffError(f"unknown copy type {kind!r}; choose from {', '.join(COPY_TYPES)}")
+    rng = np.random.default_rng([seed, COPY_TYPES.index(kind)])
+    x = torch.from_numpy(images).float().unsqueeze(1)
+    n, size = len(images), images.shape[-1]
+    if kind == "exact":
+        out = x
+    elif kind in ("shift", "rotation", "crop"):
+        angle, scale, shift = torch.zeros(n), torch.ones(n), torch.zeros(n, 2)
+        if kind == "shift":  # whole pixels, up to 1/16 of the size, edges repeated (as a repositioned patient)
+            d = max(1, size // 16)
+            shift = torch.from_numpy(rng.integers(-d, d + 1, size=(n, 2)) * 2.0 / size).float()
+        elif kind == "rotation":
+            angle = torch.from_numpy(rng.uniform(-5, 5, n) * math.pi / 180).float()
+        else:  # crop 5-12 % and resize back
+            scale = torch.from_numpy(rng.uniform(0.88, 0.95, n)).float()
+        cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    elif kind == "gamma":
+        out = x.clamp(1e-6, 1) ** torch.from_numpy(rng.uniform(0.8, 1.25, (n, 1, 1, 1))).float()
+    else:  # noise
+        out = (x + torch.from_numpy(rng.normal(0, 0.03, x.shape)).float()).clamp(0, 1)
+    return out[:, 0].numpy()
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class Calibration:
+    """What the gate needs (no images): per detector the calibration negatives' median and spread (scaled median
+    absolute deviation), and the threshold on the fused score."""
+
+    alpha: float
+    detectors: list[str]
+    centre: dict[str, float]  # median score of the calibration negatives
+    spread: dict[str, float]  # 1.4826 x their median absolute deviation
+    threshold: float  # on the fused score
+    n_calibration: int
+
+    def fused(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """Largest standardised score over the detectors, (score - median) / spread: unbounded above, so a copy
+        beyond every negative keeps its distance."""
+        return np.max([(scores[d] - self.centre[d]) / self.spread[d] for d in self.detectors], axis=0)
+
+    def flags(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        return self.fused(scores) > self.threshold
+
+    def to_dict(self) -> dict:
+        return {
+            "alpha": self.alpha,
+            "detectors": self.detectors,
+            "centre": self.centre,
+            "spread": self.spread,
+            "threshold": self.threshold,
+            "n_calibration": self.n_calibration,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        return cls(
+            float(d["alpha"]),
+            list(d["detectors"]),
+            {k: float(v) for k, v in d["centre"].items()},
+            {k: float(v) for k, v in d["spread"].items()},
+            float(d["threshold"]),
+            int(d["n_calibration"]),
+        )
+
+
+def calibrate(
+    index: ReferenceIndex, negatives: np.ndarray, alpha: float = 0.01, features: np.ndarray | None = None
+) -> Calibration:
+    """Threshold the fused score at the (1 - alpha) quantile of `negatives` (real images that are not in the
+    reference set: the calibration half of a patient-disjoint held-out split), so that the combined false-flag rate
+    of new images is alpha."""
+    if not 0 < alpha < 0.5:
+        raise MeddiffError(f"alpha must be in (0, 0.5), got {alpha:g}")
+    if len(negatives) < math.ceil(1 / alpha):
+        raise MeddiffError(f"{len(negatives)} calibration images cannot resolve alpha {alpha:g}; give more")
+    scores = index.scores(negatives, features)
+    detectors = [d for d in ("pixel", "tiles", "aligned", "coarse", "feature") if d in scores]
+    centre = {d: float(np.median(scores[d])) for d in detectors}
+    # a stable scale (median absolute deviation): only the threshold below is a tail estimate
+    spread = {d: max(1.4826 * float(np.median(np.abs(scores[d] - centre[d]))), 1e-6) for d in detectors}
+    calibration = Calibration(alpha, detectors, centre, spread, 0.0, len(negatives))
+    calibration.threshold = float(np.quantile(calibration.fused(scores), 1 - alpha, method="higher"))
+    return calibration
+
+
+@dataclass
+class GateReport:
+    alpha: float
+    false_flag_rate: float  # on the test negatives
+    false_flag_interval: tuple[float, float]
+    n_test_negatives: int
+    recall: dict[str, float]
+    recall_interval: dict[str, tuple[float, float]]
+    n_positives: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return {
+            "alpha": self.alpha,
+            "false_flag_rate": self.false_flag_rate,
+            "false_flag_interval": list(self.false_flag_interval),
+            "n_test_negatives": self.n_test_negatives,
+            "recall": self.recall,
+            "recall_interval": {k: list(v) for k, v in self.recall_interval.items()},
+            "n_positives": self.n_positives,
+        }
+
+
+def measure(
+    calibration: Calibration,
+    index: ReferenceIndex,
+    test_negatives: np.ndarray,
+    positives: dict[str, np.ndarray],
+    negative_features: np.ndarray | None = None,
+    positive_features: dict[str, np.ndarray] | None = None,
+) -> GateReport:
+    """False-flag rate on test negatives and recall per copy type, each with a 95 % Wilson interval."""
+    flagged = calibration.flags(index.scores(test_negatives, negative_features))
+    recall, interval, counts = {}, {}, {}
+    for kind, images in positives.items():
+        hits = calibration.flags(index.scores(images, (positive_features or {}).get(kind)))
+        recall[kind] = float(hits.mean())
+        interval[kind] = wilson_interval(int(hits.sum()), len(hits))
+        counts[kind] = len(hits)
+    return GateReport(
+        calibration.alpha,
+        float(flagged.mean()),
+        wilson_interval(int(flagged.sum()), len(flagged)),
+        len(flagged),
+        recall,
+        interval,
+        counts,
+    )

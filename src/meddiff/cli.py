@@ -246,6 +246,13 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
         help="number of images (default 16; with --conditions: one per row, cycling the rows when larger)",
     )
     ge.add_argument("--per-condition", type=_positive_int, default=None, help="images per condition / CSV row")
+    ge.add_argument(
+        "--privacy-gate",
+        action="store_true",
+        help="check every image against the training images (needs `meddiff privacy calibrate`); flagged images "
+        "are drawn again, never written",
+    )
+    ge.add_argument("--max-retries", type=_positive_int, default=8, help="privacy gate: redraws per image")
     ge.add_argument("--sex", default=None, help="F or M: models trained with demographics=sex")
     ge.add_argument("--age", type=float, default=None, help="years: models trained with demographics=age")
     ge.add_argument("--view", default=None, help="PA, AP or Lateral: models trained with demographics=view")
@@ -335,6 +342,17 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
         help="also train on these stratified fractions of the real split, with and without the synthetic set "
         "(e.g. 0.1,0.25)",
     )
+
+    pv = sub.add_parser("privacy", help="privacy gate: calibrate the near-copy detector of a trained model")
+    pv_sub = pv.add_subparsers(dest="privacy_command", required=True)
+    pc = pv_sub.add_parser(
+        "calibrate",
+        help="calibrate on the held-out split and measure on known copies -> RUN/privacy/calibration.json",
+    )
+    pc.add_argument("--model", required=True, help="run directory")
+    pc.add_argument("--data", required=True, help="the model's training data spec (its held-out split calibrates)")
+    pc.add_argument("--alpha", type=float, default=0.01, help="false-flag rate of new images to hold")
+    pc.add_argument("--positives", type=_positive_int, default=500, help="known copies per copy type")
 
     de = sub.add_parser("demo", help="phantoms -> train -> generate -> label fidelity -> report.html")
     de.add_argument("--out", required=True)
@@ -693,9 +711,21 @@ def cmd_generate(args) -> None:
         balance=args.balance,
     )
     plan = _with_demographics(plan, args, codec.label_names)
+    gate = None
+    if args.privacy_gate:
+        from meddiff.evaluation.privacy_gate import load_gate
+        from meddiff.models.storage import resolve_model_dir
+
+        run_dir = resolve_model_dir(args.model)
+        gate = load_gate(run_dir.parent if run_dir.name == "pipeline" else run_dir, args.max_retries)
     result = generate_dataset(
-        pipe, args.model, plan, settings, Path(args.out), args.format, shard, animate=args.animate
+        pipe, args.model, plan, settings, Path(args.out), args.format, shard, animate=args.animate, gate=gate
     )
+    if gate is not None:
+        print(
+            f"privacy gate: {result.redrawn} image(s) drawn again, {result.rejected} rejected after "
+            f"{args.max_retries} retries (not written)"
+        )
     counts = ", ".join(f"{k}={v}" for k, v in sorted(result.per_condition.items(), key=lambda kv: -kv[1])[:12])
     print(
         f"generated {result.written} images ({result.skipped} already present) in {result.seconds:.1f} s, "
@@ -860,6 +890,22 @@ def _fractions(text: str) -> tuple[float, ...]:
         raise MeddiffError(f"--real-fractions wants numbers like 0.1,0.25, got {text!r}") from None
 
 
+def cmd_privacy(args) -> None:
+    from meddiff.evaluation.privacy_gate import calibrate_model
+    from meddiff.models.storage import load_pipeline, resolve_model_dir
+
+    folder = resolve_model_dir(args.model)
+    run_dir = folder.parent if folder.name == "pipeline" else folder
+    resolution = load_pipeline(args.model).image_size
+    note = calibrate_model(run_dir, args.data, resolution, args.alpha, args.positives)
+    m = note["measured"]
+    recall = ", ".join(f"{k} {v:.3f}" for k, v in m["recall"].items())
+    print(
+        f"calibrated (alpha {args.alpha:g}): false-flag rate on {m['n_test_negatives']} held-out images "
+        f"{m['false_flag_rate']:.4f}; recall per copy type: {recall}; {run_dir / 'privacy' / 'calibration.json'}"
+    )
+
+
 def cmd_demo(args) -> None:
     from meddiff.demo import DEMO_STEPS, run_demo, run_demo3d
 
@@ -933,6 +979,7 @@ COMMANDS = {
     "fidelity": cmd_fidelity,
     "evaluate": cmd_evaluate,
     "demo": cmd_demo,
+    "privacy": cmd_privacy,
 }
 
 

@@ -22,8 +22,11 @@ set (memory ~ block x N_train)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,7 +125,7 @@ class ReferenceIndex:
             if features is None:
                 raise MeddiffError("the reference set has features: give the queries' features too")
             f = torch.from_numpy(features).float()
-            mean = torch.from_numpy(self.features).float().mean(0, keepdim=True)  # type: ignore[arg-type]
+            mean = torch.from_numpy(self.features).float().mean(0, keepdim=True)
             f = f - mean
             f = f / f.norm(dim=1, keepdim=True).clamp(min=1e-8)
             out["feature"] = torch.cat(
@@ -236,7 +239,7 @@ def calibrate(
     if len(negatives) < math.ceil(1 / alpha):
         raise MeddiffError(f"{len(negatives)} calibration images cannot resolve alpha {alpha:g}; give more")
     scores = index.scores(negatives, features)
-    detectors = [d for d in ("pixel", "tiles", "aligned", "coarse", "feature") if d in scores]
+    detectors: list[str] = [d for d in ("pixel", "tiles", "aligned", "coarse", "feature") if d in scores]
     centre = {d: float(np.median(scores[d])) for d in detectors}
     # a stable scale (median absolute deviation): only the threshold below is a tail estimate
     spread = {d: max(1.4826 * float(np.median(np.abs(scores[d] - centre[d]))), 1e-6) for d in detectors}
@@ -291,4 +294,84 @@ def measure(
         recall,
         interval,
         counts,
+    )
+
+
+# ------------------------------------------------------------------------------------ stored with a model, export gate
+
+CALIBRATION_DIR = "privacy"  # in the run directory, never inside pipeline/ (nothing here goes to a model card)
+CALIBRATION_FILE = "calibration.json"
+
+
+def _images01(dataset) -> np.ndarray:
+    return ((dataset.images[:].numpy()[:, 0] + 1) / 2).astype(np.float32)
+
+
+def calibrate_model(
+    model_dir: str | Path, data: str, resolution: int, alpha: float = 0.01, positives: int = 500, seed: int = 0
+) -> dict:
+    """`meddiff privacy calibrate`: the detector for this model's training data, calibrated on the held-out split
+    (one random half; the other half measures the false-flag rate) and checked on known copies. Writes
+    RUN/privacy/calibration.json (numbers and the data spec only: no images) and returns it."""
+    from meddiff.data.spec import load_dataset, parse_spec
+
+    spec = parse_spec(data)
+    train, held = _images01(load_dataset(spec, resolution)), _images01(load_dataset(spec.heldout(), resolution))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(held))
+    cal, test = held[order[: len(held) // 2]], held[order[len(held) // 2 :]]
+    index = ReferenceIndex(train)
+    calibration = calibrate(index, cal, alpha)
+    sources = train[rng.choice(len(train), min(positives, len(train)), replace=False)]
+    report = measure(calibration, index, test, {kind: augmented_copies(sources, kind, seed) for kind in COPY_TYPES})
+    note = {
+        "data": str(spec),
+        "resolution": resolution,
+        "n_training_images": len(train),
+        "calibration": calibration.to_dict(),
+        "measured": report.to_dict(),
+    }
+    note["fingerprint"] = hashlib.sha1(json.dumps(note, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(model_dir).expanduser() / CALIBRATION_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CALIBRATION_FILE).write_text(json.dumps(note, indent=2))
+    return note
+
+
+@dataclass
+class ExportGate:
+    """What `generate --privacy-gate` checks each image with: the stored calibration and the training images it
+    was made for (read again from the data spec; they are never stored with the model)."""
+
+    calibration: Calibration
+    index: ReferenceIndex
+    fingerprint: str
+    max_retries: int = 8
+
+    def check(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(flagged, fused score) for (N, H, W) images in [0, 1]."""
+        fused = self.calibration.fused(self.index.scores(images))
+        return fused > self.calibration.threshold, fused
+
+
+def load_gate(model_dir: str | Path, max_retries: int = 8) -> ExportGate:
+    path = Path(model_dir).expanduser()
+    if path.name == "pipeline":
+        path = path.parent
+    note_path = path / CALIBRATION_DIR / CALIBRATION_FILE
+    if not note_path.is_file():
+        raise MeddiffError(
+            f"{path} has no privacy calibration; run `meddiff privacy calibrate --model {path} --data SPEC` first"
+        )
+    from meddiff.data.spec import load_dataset
+
+    note = json.loads(note_path.read_text())
+    train = _images01(load_dataset(note["data"], int(note["resolution"])))
+    if len(train) != note["n_training_images"]:
+        raise MeddiffError(
+            f"{note['data']} now holds {len(train)} training images, the calibration was made with "
+            f"{note['n_training_images']}; calibrate again"
+        )
+    return ExportGate(
+        Calibration.from_dict(note["calibration"]), ReferenceIndex(train), note["fingerprint"], max_retries
     )

@@ -79,12 +79,15 @@ def manifest_columns(label_names: list[str]) -> list[str]:
     return [*CHEXPERT_COLUMNS, *extra, *RUN_COLUMNS]
 
 
-def write_manifest(path: Path, rows: list[dict[str, object]], label_names: list[str]) -> Path:
+def write_manifest(
+    path: Path, rows: list[dict[str, object]], label_names: list[str], extra_columns: tuple[str, ...] = ()
+) -> Path:
     """Atomic write; columns: CheXpert's (Path, Sex, Age, Frontal/Lateral, AP/PA, the 14 observations), the model's
-    other label names, then prompt, seed, guidance, steps, scheduler, model."""
+    other label names, then prompt, seed, guidance, steps, scheduler, model (and `extra_columns`)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # shards may finish together
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=manifest_columns(label_names), extrasaction="ignore")
+        fields = [*manifest_columns(label_names), *extra_columns]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)

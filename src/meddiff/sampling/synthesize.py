@@ -61,10 +61,50 @@ class GenerationResult:
     seconds: float
     manifest: Path | None
     per_condition: dict[str, int]
+    redrawn: int = 0  # privacy gate: images drawn again because the first draw was flagged
+    rejected: int = 0  # privacy gate: images still flagged after every retry (not written)
 
     @property
     def images_per_second(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+GATE_COLUMNS = ("privacy_score", "privacy_retries")
+
+
+def retry_seed(base_seed: int, retry: int) -> int:
+    """The base seed of a privacy-gate redraw: image i's retry r uses image_seed(retry_seed(seed, r), i), a function
+    of (seed, i, r) only, so redraws do not depend on batch size, shard or an interruption."""
+    import numpy as np
+
+    if retry == 0:
+        return base_seed
+    return int(np.random.SeedSequence([int(base_seed) & 0xFFFFFFFF, retry, 7919]).generate_state(1)[0])
+
+
+class GateLog:
+    """Per image: its fused privacy score, retries and whether it was rejected (one JSON line each, appended as
+    images finish, per shard), so a resumed run knows what the gate decided."""
+
+    def __init__(self, out_dir: Path, shard: tuple[int, int]):
+        k, n = shard
+        self.path = out_dir / ("privacy_gate.jsonl" if n == 1 else f"privacy_gate.part-{k}-of-{n}.jsonl")
+        self.out_dir = out_dir
+        self.entries: dict[int, dict] = {}
+        for path in sorted(out_dir.glob("privacy_gate*.jsonl")):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.entries[int(entry["i"])] = entry
+
+    def add(self, i: int, score: float, retries: int, rejected: bool) -> None:
+        entry = {"i": i, "score": round(score, 4), "retries": retries, "rejected": rejected}
+        self.entries[i] = entry
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def rejected(self, i: int) -> bool:
+        return bool(self.entries.get(i, {}).get("rejected"))
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -87,7 +127,8 @@ def _check_state(out_dir: Path, state: dict) -> None:
             raise MeddiffError(
                 f"{out_dir} holds images from a different model ({old.get('model')}); use a new --out for this model"
             )
-        changed = [k for k in ("settings", "plan_fingerprint", "format", "n") if old.get(k) != state.get(k)]
+        keys = ("settings", "plan_fingerprint", "format", "n", "privacy_gate")
+        changed = [k for k in keys if old.get(k) != state.get(k)]
         if changed:
             raise MeddiffError(
                 f"{out_dir} holds a generation with other {', '.join(changed)}; "
@@ -99,8 +140,15 @@ def _check_state(out_dir: Path, state: dict) -> None:
 
 
 def manifest_row(
-    plan: GenerationPlan, i: int, names: list[str], fmt: str, settings: SamplingSettings, model_id: str
+    plan: GenerationPlan,
+    i: int,
+    names: list[str],
+    fmt: str,
+    settings: SamplingSettings,
+    model_id: str,
+    gate_entry: dict | None = None,
 ) -> dict[str, object]:
+    retries = int(gate_entry["retries"]) if gate_entry else 0
     row: dict[str, object] = {
         "Path": image_name(i, fmt),
         "Sex": "",
@@ -115,13 +163,15 @@ def manifest_row(
     row.update(
         {
             "prompt": plan.prompts[i] or "",
-            "seed": image_seed(settings.seed, i),
+            "seed": image_seed(retry_seed(settings.seed, retries), i),
             "guidance": settings.guidance,
             "steps": settings.steps,
             "scheduler": settings.scheduler,
             "model": model_id,
         }
     )
+    if gate_entry:
+        row.update({"privacy_score": gate_entry["score"], "privacy_retries": retries})
     return row
 
 
@@ -149,9 +199,13 @@ def generate_dataset(
     progress: bool = True,
     animate: bool = False,
     on_step=None,
+    gate=None,
 ) -> GenerationResult:
     """animate: also write animations/NNNNNN.gif, the denoising of every image made in this run.
-    on_step(done, total): called after every denoising step of this run (a progress bar of steps, e.g. a web page's)."""
+    on_step(done, total): called after every denoising step of this run (a progress bar of steps, e.g. a web page's).
+    gate: a privacy gate (evaluation.privacy_gate.ExportGate: `check(images) -> (flagged, score)`, `max_retries`,
+    `fingerprint`): flagged images are drawn again with retry seeds and never written; one still flagged after
+    `max_retries` is rejected and left out of the manifest."""
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}")
     if any(plan.prompts) and not pipe.supports_prompts:
@@ -177,6 +231,7 @@ def generate_dataset(
         "format": fmt,
         "n": len(plan),
         "label_names": names,
+        "privacy_gate": None if gate is None else {"calibration": gate.fingerprint, "max_retries": gate.max_retries},
     }
     k, n_shards = shard
     _check_state(out_dir, state)  # every shard checks; the state is written before any image
@@ -186,7 +241,9 @@ def generate_dataset(
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(out_dir / STATE_FILE)
     mine = [i for i in range(len(plan)) if i % n_shards == k]
-    todo = [i for i in mine if not (out_dir / image_name(i, fmt)).is_file()]
+    log = GateLog(out_dir, shard) if gate is not None else None
+    todo = [i for i in mine if not (out_dir / image_name(i, fmt)).is_file() and not (log and log.rejected(i))]
+    redrawn = rejected = 0
     codec = LabelCodec(names)
     uid_root = f"{fingerprint}:{plan.fingerprint()}:{settings.seed}"
     t0 = time.perf_counter()
@@ -218,21 +275,71 @@ def generate_dataset(
         if recorder is not None:
             for j, i in enumerate(batch):
                 recorder.save(j, out_dir / "animations" / f"{i:07d}.gif")
-        for i, image in zip(batch, images):
-            text = {"seed": str(image_seed(settings.seed, i)), "model": str(model_dir), "condition": plan.key(i, names)}
+        keep = [True] * len(batch)
+        if gate is not None and log is not None:
+            images, keep, counts = _gate_batch(gate, log, pipe, cond, prompts, batch, images, settings)
+            redrawn, rejected = redrawn + counts[0], rejected + counts[1]
+        for i, image, kept in zip(batch, images, keep):
+            if not kept:
+                continue
+            retries = int(log.entries[i]["retries"]) if log is not None else 0
+            seed = image_seed(retry_seed(settings.seed, retries), i)
+            text = {"seed": str(seed), "model": str(model_dir), "condition": plan.key(i, names)}
             write_image(out_dir, i, image, fmt, uid_root, text)
         bar.update(len(batch))
     bar.close()
     seconds = time.perf_counter() - t0
     model_id = str(model_dir)
-    rows = [manifest_row(plan, i, names, fmt, settings, model_id) for i in mine]
+    if log is not None:
+        log = GateLog(out_dir, shard)  # every shard's decisions, for the merged manifest
+
+    def rows_for(indices) -> list[dict[str, object]]:
+        entries = log.entries if log is not None else {}
+        return [
+            manifest_row(plan, i, names, fmt, settings, model_id, entries.get(i))
+            for i in indices
+            if not (log is not None and log.rejected(i))
+        ]
+
+    extra = GATE_COLUMNS if gate is not None else ()
+    rows = rows_for(mine)
     if n_shards > 1:
-        write_manifest(out_dir / f"manifest.part-{k}-of-{n_shards}.csv", rows, names)
+        write_manifest(out_dir / f"manifest.part-{k}-of-{n_shards}.csv", rows, names, extra)
     manifest = None
-    if all((out_dir / image_name(i, fmt)).is_file() for i in range(len(plan))):
-        all_rows = (
-            rows if n_shards == 1 else [manifest_row(plan, i, names, fmt, settings, model_id) for i in range(len(plan))]
-        )
-        manifest = write_manifest(out_dir / "manifest.csv", all_rows, names)
+    if all((out_dir / image_name(i, fmt)).is_file() or (log and log.rejected(i)) for i in range(len(plan))):
+        all_rows = rows if n_shards == 1 else rows_for(range(len(plan)))
+        manifest = write_manifest(out_dir / "manifest.csv", all_rows, names, extra)
     per_condition = dict(Counter(plan.key(i, names) for i in mine))
-    return GenerationResult(len(todo), len(mine) - len(todo), seconds, manifest, per_condition)
+    written = len(todo) - rejected
+    return GenerationResult(written, len(mine) - len(todo), seconds, manifest, per_condition, redrawn, rejected)
+
+
+def _gate_batch(gate, log: GateLog, pipe, cond, prompts, batch: list[int], images, settings: SamplingSettings):
+    """Check a batch with the privacy gate; redraw flagged images (retry seeds) up to gate.max_retries times.
+    Returns (images, keep flags, (redrawn, rejected)) and logs every image's decision."""
+    import dataclasses
+
+    import numpy as np
+
+    images = np.array(images, copy=True)
+    flagged, score = gate.check(images)
+    retries = np.zeros(len(batch), dtype=int)
+    redrawn = int(flagged.sum())
+    for retry in range(1, gate.max_retries + 1):
+        todo = np.flatnonzero(flagged)
+        if not len(todo):
+            break
+        again = sample(
+            pipe,
+            cond[torch.from_numpy(todo)],
+            dataclasses.replace(settings, seed=retry_seed(settings.seed, retry)),
+            indices=[batch[j] for j in todo],
+            progress=False,
+            prompts=[prompts[j] for j in todo] if any(prompts) else None,
+        )
+        new_flags, new_score = gate.check(again)
+        images[todo], score[todo], retries[todo] = again, new_score, retry
+        flagged[todo] = new_flags
+    for j, i in enumerate(batch):
+        log.add(i, float(score[j]), int(retries[j]), bool(flagged[j]))
+    return images, (~flagged).tolist(), (redrawn, int(flagged.sum()))

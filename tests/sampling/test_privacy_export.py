@@ -1,0 +1,104 @@
+"""`generate --privacy-gate`: flagged images are drawn again with seeds that depend only on (seed, image, retry),
+never written when still flagged, and the result does not depend on the batch size; `privacy calibrate` stores a
+calibration the gate reads; missing calibration or a moved dataset are one-line errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from meddiff.cli import main
+from meddiff.conditioning.labels import LabelCodec
+from meddiff.models.storage import load_pipeline
+from meddiff.sampling.generate import SamplingSettings, image_seed
+from meddiff.sampling.plan import make_plan
+from meddiff.sampling.synthesize import generate_dataset, retry_seed
+
+
+class FirstDrawFlagged:
+    """A stand-in gate: flags every image of its odd-numbered checks (first draws) and none of the even ones
+    (redraws); or every image always."""
+
+    fingerprint = "test-gate"
+
+    def __init__(self, max_retries=3, always=False):
+        self.max_retries, self.always, self.calls = max_retries, always, 0
+
+    def check(self, images):
+        self.calls += 1
+        flagged = np.ones(len(images), bool) if (self.always or self.calls % 2 == 1) else np.zeros(len(images), bool)
+        return flagged, np.where(flagged, 9.0, 0.5)
+
+
+def run(tiny_run, out, gate, batch_size=4, n=6):
+    pipe = load_pipeline(tiny_run)
+    plan = make_plan(LabelCodec(pipe.label_names), labels_text="Cardiomegaly", n=n)
+    settings = SamplingSettings(steps=2, seed=3, batch_size=batch_size)
+    return generate_dataset(pipe, tiny_run, plan, settings, out, progress=False, gate=gate)
+
+
+def test_flagged_images_are_redrawn_with_retry_seeds(tmp_path, tiny_run):
+    result = run(tiny_run, tmp_path / "a", FirstDrawFlagged())
+    assert result.redrawn == 6 and result.rejected == 0 and result.written == 6
+    rows = list(csv.DictReader(open(tmp_path / "a" / "manifest.csv")))
+    assert [r["privacy_retries"] for r in rows] == ["1"] * 6 and rows[0]["privacy_score"] == "0.5"
+    assert [int(r["seed"]) for r in rows] == [image_seed(retry_seed(3, 1), i) for i in range(6)]
+    state = json.loads((tmp_path / "a" / "generation.json").read_text())
+    assert state["privacy_gate"] == {"calibration": "test-gate", "max_retries": 3}
+    # the same images with another batch size (redraw seeds depend on the image, not the batch)
+    run(tiny_run, tmp_path / "b", FirstDrawFlagged(), batch_size=5)
+    for i in range(6):
+        a, b = (tmp_path / d / rows[i]["Path"] for d in ("a", "b"))
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_images_flagged_on_every_retry_are_never_written(tmp_path, tiny_run):
+    result = run(tiny_run, tmp_path / "r", FirstDrawFlagged(max_retries=2, always=True), n=3)
+    assert result.rejected == 3 and result.written == 0
+    assert not list((tmp_path / "r").glob("*.png"))
+    rows = list(csv.DictReader(open(tmp_path / "r" / "manifest.csv")))
+    assert rows == []  # complete: every image was decided, none exported
+    log = [json.loads(line) for line in (tmp_path / "r" / "privacy_gate.jsonl").read_text().splitlines()]
+    assert [e["rejected"] for e in log] == [True] * 3 and all(e["retries"] == 2 for e in log)
+    again = run(tiny_run, tmp_path / "r", FirstDrawFlagged(max_retries=2, always=True), n=3)
+    assert again.written == 0 and again.skipped == 3  # a rerun does not try the rejected images again
+
+
+def test_a_gated_folder_is_not_resumed_without_the_gate(tmp_path, tiny_run, capsys):
+    run(tiny_run, tmp_path / "g", FirstDrawFlagged(), n=2)
+    from meddiff.errors import MeddiffError
+
+    with pytest.raises(MeddiffError, match="other settings|other privacy_gate|holds a generation"):
+        run(tiny_run, tmp_path / "g", None, n=2)
+
+
+def test_calibrate_then_generate_through_the_cli(tmp_path, tiny_run, capsys):
+    data = "phantom:?n=160&seed=3"
+    assert (
+        main(["generate", "--model", str(tiny_run), "--unconditional", "--privacy-gate", "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "no privacy calibration; run `meddiff privacy calibrate" in capsys.readouterr().err
+    cal = ["privacy", "calibrate", "--model", str(tiny_run), "--data", data, "--alpha", "0.05", "--positives", "20"]
+    assert main(cal) == 0
+    printed = capsys.readouterr().out
+    assert "false-flag rate on 20 held-out images" in printed and "exact 1.000" in printed
+    note = json.loads((tiny_run / "privacy" / "calibration.json").read_text())
+    assert note["data"] == data and note["calibration"]["alpha"] == 0.05 and len(json.dumps(note)) < 4000  # no images
+    assert not (tiny_run / "pipeline" / "privacy").exists()  # never inside the shared pipeline folder
+    out = tmp_path / "gated"
+    args = ["generate", "--model", str(tiny_run), "--unconditional", "--n", "4", "--steps", "2"]
+    assert main([*args, "--privacy-gate", "--out", str(out)]) == 0
+    assert "privacy gate:" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert all(r["privacy_score"] != "" for r in rows)
+    # the gate catches a copy of a training image
+    from meddiff.data.spec import load_dataset
+    from meddiff.evaluation.privacy_gate import load_gate
+
+    gate = load_gate(tiny_run)
+    train = ((load_dataset(data, 32).images[:8].numpy()[:, 0] + 1) / 2).astype(np.float32)
+    flagged, _ = gate.check(train)
+    assert flagged.all()
+    (tiny_run / "privacy" / "calibration.json").unlink()  # the shared fixture stays as it was

@@ -160,6 +160,12 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--valid-fraction", type=float, default=0.2)
     ph.add_argument("--bit-depth", type=int, choices=(8, 16), default=None, help="2D phantoms: 8 (default) or 16")
+    ph.add_argument(
+        "--studies",
+        type=_positive_int,
+        default=1,
+        help="2D: studies per synthetic patient (same anatomy; privacy tests)",
+    )
     info = data_sub.add_parser(
         "inspect",
         help="counts per label/value, view, sex, age, sizes, and every problem (volume specs: cases, grid, "
@@ -425,7 +431,13 @@ def cmd_data(args) -> None:
         from meddiff.data.phantom_dataset import write_phantom_folder
 
         counts = write_phantom_folder(
-            Path(args.out), args.n or PHANTOM_N, args.size, args.seed, args.valid_fraction, args.bit_depth or 8
+            Path(args.out),
+            args.n or PHANTOM_N,
+            args.size,
+            args.seed,
+            args.valid_fraction,
+            args.bit_depth or 8,
+            studies=args.studies,
         )
         print(
             f"wrote {counts['train']} training and {counts['valid']} validation phantoms to {args.out} "

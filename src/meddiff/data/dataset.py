@@ -31,6 +31,7 @@ class ImageLabelDataset(torch.utils.data.Dataset):
     multiclass: bool = False  # exactly one label per image (e.g. normal vs pneumonia)
     prompts_from_labels: bool = False  # set when the prompts were built here from the labels (not free text)
     store_key: str = ""  # the prepared store the images are mapped from ("" in memory)
+    patients: Sequence[str] = ()  # patient id per image where the source has one (splits, privacy); () if none
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]

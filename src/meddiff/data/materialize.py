@@ -211,4 +211,5 @@ def materialize(
         multiclass=multiclass,
         prompts_from_labels=index.prompts_from_labels,
         store_key=key,
+        patients=list(index.patients) if any(index.patients) else [],
     )

@@ -108,8 +108,12 @@ def _lung_mask(x, y, a: _Anatomy, side: int, edge: float, shrink: float = 0.0):
     return _soft(inside, edge)
 
 
-def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = None) -> Phantom:
-    """Render one phantom. Deterministic in (seed, size, findings); geometry does not depend on size."""
+def render_phantom(
+    seed: int, size: int = 64, findings: dict[str, int] | None = None, patient: int | None = None
+) -> Phantom:
+    """Render one phantom. Deterministic in (seed, size, findings); geometry does not depend on size. `patient`: a
+    patient seed for repeat studies: the anatomy, sex and age come from it (the same person), while the findings,
+    acquisition and texture come from `seed` (another study)."""
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"phantom size must be between {MIN_SIZE} and {MAX_SIZE} px, got {size}")
     rng = np.random.default_rng(seed)
@@ -119,6 +123,8 @@ def render_phantom(seed: int, size: int = 64, findings: dict[str, int] | None = 
     findings[NO_FINDING] = int(not any(findings.values()))
     # independent streams so that adding a finding never changes the anatomy or acquisition
     geo_rng, find_rng, acq_rng, tex_rng, who_rng = (np.random.default_rng([seed, k]) for k in range(5))
+    if patient is not None:
+        geo_rng, who_rng = np.random.default_rng([patient, 0, 1]), np.random.default_rng([patient, 4, 1])
     a = _Anatomy(geo_rng, bool(findings["Cardiomegaly"]))
     # sex and age shape the anatomy (so that demographic conditioning is testable): women have breast shadows over
     # the lower lung zones and a slightly narrower chest; with age the aortic knob unfolds (larger, denser) and the

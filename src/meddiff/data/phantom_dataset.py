@@ -28,22 +28,43 @@ SPLIT_FILES = {"train": "train.csv", "valid": "valid.csv"}
 
 
 def write_phantom_folder(
-    out: Path, n: int, size: int, seed: int, valid_fraction: float = 0.2, bit_depth: int = 8, progress: bool = True
+    out: Path,
+    n: int,
+    size: int,
+    seed: int,
+    valid_fraction: float = 0.2,
+    bit_depth: int = 8,
+    progress: bool = True,
+    studies: int = 1,
 ) -> dict[str, int]:
-    """Render n phantoms into `out` (PNG + CheXpert-format CSVs). Returns image counts per split."""
+    """Render n phantoms into `out` (PNG + CheXpert-format CSVs). Returns image counts per split. `studies` > 1:
+    each synthetic patient has that many studies (same anatomy, sex and age; new findings and acquisition), named
+    `SPLIT/patientPPPPP_studyS.png` so that the patient id reaches the dataset; the validation split holds whole
+    patients (patient-disjoint), for re-identification and patient-level privacy tests."""
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise MeddiffError(f"--size must be between {MIN_SIZE} and {MAX_SIZE}, got {size}")
     if n < 2:
         raise MeddiffError("--n must be at least 2 (one training and one validation image)")
+    if studies < 1:
+        raise MeddiffError(f"--studies must be at least 1, got {studies}")
     out = Path(out)
     n_valid = max(1, int(round(n * valid_fraction)))
+    if studies > 1:  # whole patients in the validation split
+        n_valid = max(studies, int(round(n_valid / studies)) * studies)
+        if n_valid >= n:
+            raise MeddiffError(f"--n {n} with --studies {studies} leaves no training patient; raise --n")
     rows: dict[str, list[dict[str, object]]] = {"train": [], "valid": []}
     for split in rows:
         (out / split).mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(n), desc="phantoms", unit="img", disable=not progress):
         split = "valid" if i >= n - n_valid else "train"
-        ph = render_phantom(seed * 1_000_003 + i, size)
-        rel = f"{split}/phantom_{i:06d}.png"
+        if studies > 1:
+            patient, study = (n - 1 - i) // studies, (n - 1 - i) % studies  # counted from the end: whole valid patients
+            ph = render_phantom(seed * 1_000_003 + i, size, patient=seed * 1_000_003 + 500_000 + patient)
+            rel = f"{split}/patient{patient:05d}_study{study + 1}.png"
+        else:
+            ph = render_phantom(seed * 1_000_003 + i, size)
+            rel = f"{split}/phantom_{i:06d}.png"
         write_png(
             out / rel,
             ph.image,

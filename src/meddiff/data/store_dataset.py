@@ -55,4 +55,5 @@ def load_store(spec: DatasetSpec, resolution: int) -> ImageLabelDataset:
         multiclass=index.multiclass,
         prompts_from_labels=index.prompts_from_labels,
         store_key=store.key,
+        patients=list(index.patients) if any(index.patients) else [],
     )

@@ -307,6 +307,20 @@ def _images01(dataset) -> np.ndarray:
     return ((dataset.images[:].numpy()[:, 0] + 1) / 2).astype(np.float32)
 
 
+def split_halves(patients: list[str], n: int, seed: int = 0) -> tuple[np.ndarray, str]:
+    """(mask of the calibration half, how it was split): by patient where ids exist (no patient in both halves),
+    else by image."""
+    rng = np.random.default_rng(seed)
+    if patients and len(set(patients)) >= 2:
+        ids = sorted(set(patients))
+        chosen = set(rng.permutation(len(ids))[: len(ids) // 2].tolist())
+        lookup = {p: k in chosen for k, p in enumerate(ids)}
+        return np.array([lookup[p] for p in patients]), f"by patient ({len(ids)} patients)"
+    first = np.zeros(n, bool)
+    first[rng.permutation(n)[: n // 2]] = True
+    return first, "by image (the data carry no patient ids)"
+
+
 def calibrate_model(
     model_dir: str | Path, data: str, resolution: int, alpha: float = 0.01, positives: int = 500, seed: int = 0
 ) -> dict:
@@ -316,16 +330,18 @@ def calibrate_model(
     from meddiff.data.spec import load_dataset, parse_spec
 
     spec = parse_spec(data)
-    train, held = _images01(load_dataset(spec, resolution)), _images01(load_dataset(spec.heldout(), resolution))
+    heldout = load_dataset(spec.heldout(), resolution)
+    train, held = _images01(load_dataset(spec, resolution)), _images01(heldout)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(held))
-    cal, test = held[order[: len(held) // 2]], held[order[len(held) // 2 :]]
+    first, halves = split_halves(list(heldout.patients), len(held), seed)
+    cal, test = held[first], held[~first]
     index = ReferenceIndex(train)
     calibration = calibrate(index, cal, alpha)
     sources = train[rng.choice(len(train), min(positives, len(train)), replace=False)]
     report = measure(calibration, index, test, {kind: augmented_copies(sources, kind, seed) for kind in COPY_TYPES})
     note = {
         "data": str(spec),
+        "halves": halves,
         "resolution": resolution,
         "n_training_images": len(train),
         "calibration": calibration.to_dict(),

@@ -81,7 +81,19 @@ def test_student_starts_as_the_teacher(tiny_run):
             w = guidance_embedding(torch.full((2,), scale), config.distill.guidance_dim)
             student = method.student(x, t, encoder_hidden_states=None, class_labels=labels, timestep_cond=w).sample
             torch.testing.assert_close(student, teacher)
+            # and it is read as the teacher reads it: the same clean-image estimate (clipped to the pixel range)
+            estimate = method.consistency(
+                method.student, x, t, {"class_labels": labels, "encoder_hidden_states": None}, w
+            )
+            abar = method.abar[t].view(-1, 1, 1, 1)
+            x0, _ = x0_and_eps(teacher, x, abar, method.teacher.scheduler.config["prediction_type"])
+            c_skip, c_out = consistency_scalings(t)
+            expected = c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * x0.clamp(-1, 1)
+            torch.testing.assert_close(estimate, expected)
     assert method.student.config.time_cond_proj_dim == config.distill.guidance_dim
+    scheduler = method.student_scheduler()
+    assert scheduler.config.prediction_type == method.teacher.scheduler.config["prediction_type"]
+    assert scheduler.config.clip_sample and scheduler.config.clip_sample_range == 1.0
 
 
 def test_distill_gives_a_model_that_samples_in_the_promised_evaluations(tiny_run, tmp_path):

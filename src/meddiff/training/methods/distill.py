@@ -9,9 +9,12 @@ f(x_lo) comes from the student itself with the gradient stopped (decay-0 target 
 training recommends), so there is no second copy of the weights to keep.
 
 The student is the teacher's U-Net with a guidance-scale input (`time_cond_proj_dim`; its projection starts at
-zero, so step 0 is the teacher) and v-prediction (x0 = sqrt(a) x - sqrt(1-a) v stays well conditioned at the top
-of the cosine schedule, where epsilon-prediction divides by sqrt(a) ~ 5e-5). It is saved as an ordinary meddiff
-pipeline with diffusers' LCMScheduler, so `generate`, `serve`, `fidelity` and `evaluate` load it like any model."""
+zero) and the teacher's parametrisation (epsilon or v), so that at step 0 the student *is* the teacher. With
+epsilon, the clean-image estimate (x - sqrt(1-a) eps) / sqrt(a) divides by sqrt(a) ~ 1e-3 at the top of the cosine
+schedule; for pixel models it is clipped to the data range [-1, 1] in training exactly as LCMScheduler clips it when
+sampling (clip_sample). (A first version read the epsilon teacher's output as v: the student then had to relearn its
+output in a few hundred steps and sampled at chance label fidelity.) It is saved as an ordinary meddiff pipeline with
+diffusers' LCMScheduler, so `generate`, `serve`, `fidelity` and `evaluate` load it like any model."""
 
 from __future__ import annotations
 
@@ -108,6 +111,7 @@ class ConsistencyDistillation(TrainingMethod):
         self.train_scheduler = scheduler
         self.prediction = str(scheduler.config["prediction_type"])
         self.abar = scheduler.alphas_cumprod.float()
+        self.x0_clip = None if self.teacher.is_latent else 1.0  # pixels live in [-1, 1]; latents have no fixed range
         total = int(self.train_scheduler.config["num_train_timesteps"])
         self.skip = total // d.solver_steps
         self.grid = torch.arange(1, d.solver_steps + 1) * self.skip - 1  # LCM's DDIM grid: skip-1, ..., total-1
@@ -162,7 +166,9 @@ class ConsistencyDistillation(TrainingMethod):
         """The student's clean-image estimate f(x, t, w)."""
         out = model(x, t, timestep_cond=w_embedding, **cond).sample.float()
         abar = self.abar[t.clamp(min=0)].view(-1, 1, 1, 1)
-        x0, _ = x0_and_eps(out, x.float(), abar, "v_prediction")
+        x0, _ = x0_and_eps(out, x.float(), abar, self.prediction)
+        if self.x0_clip is not None:
+            x0 = x0.clamp(-self.x0_clip, self.x0_clip)
         c_skip, c_out = consistency_scalings(t.clamp(min=0))
         return c_skip.view(-1, 1, 1, 1) * x.float() + c_out.view(-1, 1, 1, 1) * x0
 
@@ -203,10 +209,11 @@ class ConsistencyDistillation(TrainingMethod):
         accepted = inspect.signature(LCMScheduler.__init__).parameters
         schedule = {k: v for k, v in self.train_scheduler.config.items() if k in accepted}
         schedule.update(
-            prediction_type="v_prediction",
+            prediction_type=self.prediction,
             original_inference_steps=self.config.distill.solver_steps,
             timestep_scaling=TIMESTEP_SCALING,
-            clip_sample=False,
+            clip_sample=self.x0_clip is not None,
+            clip_sample_range=self.x0_clip or 1.0,
         )
         return LCMScheduler(**schedule)
 

@@ -104,6 +104,7 @@ def test_a_model_trained_with_demographics_generates_to_order(tmp_path, capsys):
     assert main([*command, "--sex", "F", "--age", "72", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "manifest.csv")))
     assert [r["Female"] for r in rows] == ["1.0", "1.0"] and rows[0]["Age 60-79"] == "1.0"
+    assert rows[0]["Sex"] == "Female"  # CheXpert's own column too
     assert rows[0]["Edema"] == "1.0" and rows[0]["Age 18-39"] == "0.0"
     assert main([*command, "--age", "10", "--out", str(tmp_path / "g2")]) == 2
     assert "age 10 is outside the ages this model was trained on (18+)" in capsys.readouterr().err

@@ -158,6 +158,13 @@ def manifest_row(
     }
     for k, name in enumerate(names):
         row[name] = (f"{float(plan.labels[i, k] > 0.5):.1f}") if plan.known[i, k] else ""
+        present = bool(plan.known[i, k] and plan.labels[i, k] > 0.5)
+        if name == "Female" and plan.known[i, k]:  # demographic conditions fill CheXpert's own columns too
+            row["Sex"] = "Female" if present else "Male"
+        elif name in ("View PA", "View AP") and present:
+            row["AP/PA"] = name.removeprefix("View ")
+        elif name == "View Lateral" and present:
+            row["Frontal/Lateral"] = "Lateral"
     for name in CHEXPERT_OBSERVATIONS:
         row.setdefault(name, "")
     row.update(

@@ -910,6 +910,9 @@ def cmd_privacy(args) -> None:
     run_dir = folder.parent if folder.name == "pipeline" else folder
     resolution = load_pipeline(args.model).image_size
     note = calibrate_model(run_dir, args.data, resolution, args.alpha, args.positives)
+    from meddiff.models.card import update_privacy_section
+
+    update_privacy_section(run_dir)  # the model card states the calibration
     m = note["measured"]
     recall = ", ".join(f"{k} {v:.3f}" for k, v in m["recall"].items())
     print(

@@ -301,3 +301,35 @@ def test_every_command_writes_its_card_through_the_writer(tmp_path, phantom_dir)
     assert meta["base_model"] == str(base) and "lora" in meta["tags"] and "load_lora_weights" in text
     for folder in (ae, run, ft):
         assert "not for diagnosis" in (folder / "README.md").read_text()
+
+
+def test_every_card_has_a_privacy_section_that_calibration_fills_in(tmp_path):
+    import json
+
+    from meddiff.models.card import CardContent, update_privacy_section, write_card
+
+    card = write_card(CardContent(title="a model"), tmp_path)
+    text = card.read_text()
+    assert "## Privacy" in text and "Not audited" in text and "shows no training images" in text
+    assert text.index("## Privacy") < text.index("## Intended use")
+    note = {
+        "n_training_images": 300,
+        "halves": "by patient (40 patients)",
+        "calibration": {"alpha": 0.01, "detectors": ["pixel", "aligned"]},
+        "measured": {
+            "false_flag_rate": 0.008,
+            "false_flag_interval": [0.003, 0.02],
+            "n_test_negatives": 500,
+            "recall": {"exact": 1.0, "shift": 0.95},
+            "recall_interval": {"exact": [0.99, 1.0], "shift": [0.93, 0.97]},
+            "n_positives": {"exact": 500, "shift": 500},
+        },
+    }
+    (tmp_path / "privacy").mkdir()
+    (tmp_path / "privacy" / "calibration.json").write_text(json.dumps(note))
+    update_privacy_section(tmp_path)
+    text = card.read_text()
+    assert "Not audited" not in text and "measured 0.0080 [0.0030, 0.0200] on 500 new real images" in text
+    assert "shift 0.950 [0.930, 0.970]" in text and "misses some shift copies" in text
+    assert text.count("## Privacy") == 1 and text.count("## Intended use") == 1
+    assert update_privacy_section(tmp_path / "nowhere") is None

@@ -24,7 +24,7 @@ def dataset_tags(spec: str) -> list[str]:
 
 def _fidelity_lines(fidelity: FidelityReport | None, note: str | None = None) -> list[str]:
     if fidelity is None:
-        return [f"({note})" if note else "(not measured)"]
+        return ["(not measured)", *([f"Note: {note}."] if note else [])]
     lines = [f"Note: {note}.", ""] if note else []
     lines += [
         "Label fidelity: ROC AUC of a classifier trained on real training images, on held-out real images "

@@ -58,6 +58,72 @@ def intended_use(content: CardContent) -> CardSection:
     )
 
 
+PRIVACY_FILE = Path("privacy") / "calibration.json"  # written by `meddiff privacy calibrate` (run directory)
+
+
+def privacy_section(folder: Path | None) -> CardSection:
+    """The "Privacy" section every card has: the stored near-copy calibration in numbers, or that there is none.
+    No training image is ever shown in a card."""
+    import json
+
+    path = Path(folder) / PRIVACY_FILE if folder is not None else None
+    if path is None or not path.is_file():
+        return CardSection(
+            title="Privacy",
+            lines=[
+                "- Not audited: no near-copy calibration yet. `meddiff privacy calibrate --model RUN --data SPEC` "
+                "calibrates the detector on held-out images and measures it on known copies; `meddiff generate "
+                "--privacy-gate` then redraws any image it flags; `meddiff evaluate` audits a generated set.",
+                "- This card shows no training images.",
+            ],
+        )
+    note = json.loads(path.read_text())
+    m, c = note["measured"], note["calibration"]
+    lo, hi = m["false_flag_interval"]
+    recall = ", ".join(
+        f"{kind} {v:.3f} [{m['recall_interval'][kind][0]:.3f}, {m['recall_interval'][kind][1]:.3f}]"
+        for kind, v in m["recall"].items()
+    )
+    weak = [kind for kind, v in m["recall"].items() if v < 0.99]
+    verdict = (
+        "the gate catches every copy type measured at >= 99 %"
+        if not weak
+        else f"the gate misses some {', '.join(weak)} copies (recall < 99 %): treat its output accordingly"
+    )
+    return CardSection(
+        title="Privacy",
+        lines=[
+            f"- Near-copy detector calibrated on {note['n_training_images']} training images "
+            f"({note.get('halves', 'held-out halves')}); detectors: {', '.join(c['detectors'])}.",
+            f"- Combined false-flag rate held at alpha = {c['alpha']:g}: measured {m['false_flag_rate']:.4f} "
+            f"[{lo:.4f}, {hi:.4f}] on {m['n_test_negatives']} new real images.",
+            f"- Recall on known copies of training images ({next(iter(m['n_positives'].values()))} per type, 95 % "
+            f"intervals): {recall}.",
+            f"- Verdict: {verdict}. Generate with `--privacy-gate` to redraw flagged images.",
+            "- This card shows no training images; the calibration stores numbers only (privacy/calibration.json).",
+        ],
+    )
+
+
+def update_privacy_section(folder: Path) -> Path | None:
+    """Rewrite the Privacy section of FOLDER/README.md (after `meddiff privacy calibrate`); None without a card."""
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    section = privacy_section(folder)
+    block = "\n".join([f"## {section.title}", *section.lines, ""]) + "\n"
+    start = text.find("## Privacy\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + block + (text[end + 1 :] if end >= 0 else "")
+    else:
+        at = text.find("## Intended use")
+        text = text[:at] + block + text[at:] if at >= 0 else text + "\n" + block
+    path.write_text(text)
+    return path
+
+
 def metadata(content: CardContent) -> ModelCardData:
     tags = list(dict.fromkeys([*BASE_TAGS, *content.tags]))  # in order, without repeats
     return ModelCardData(
@@ -70,11 +136,11 @@ def metadata(content: CardContent) -> ModelCardData:
     )
 
 
-def render(content: CardContent) -> ModelCard:
+def render(content: CardContent, folder: Path | None = None) -> ModelCard:
     lines = [f"# {content.title}", "", f"> **{DISCLAIMER}**", ""]
     if content.summary:
         lines += [*content.summary, ""]
-    for section in [*content.sections, intended_use(content)]:
+    for section in [*content.sections, privacy_section(folder), intended_use(content)]:
         lines += [f"## {section.title}", *section.lines, ""]
     return ModelCard(f"---\n{metadata(content).to_yaml()}\n---\n\n" + "\n".join(lines))
 
@@ -82,5 +148,5 @@ def render(content: CardContent) -> ModelCard:
 def write_card(content: CardContent, folder: Path) -> Path:
     """FOLDER/README.md."""
     path = Path(folder) / CARD_FILE
-    render(content).save(path)
+    render(content, folder).save(path)
     return path

@@ -53,20 +53,27 @@ def _tiles(x: np.ndarray) -> list[np.ndarray]:
     return [x[:, i * h : (i + 1) * h, j * w : (j + 1) * w] for i in (0, 1) for j in (0, 1)]
 
 
-def alignment_bank(images: np.ndarray, max_shift: float = 0.125, zooms=(1.0, 1.06, 1.12)) -> torch.Tensor:
+def alignment_bank(
+    images: np.ndarray, max_shift: float = 0.125, zooms=(1.0, 1.05, 1.1, 1.15), angles=(-3.0, 0.0, 3.0)
+) -> torch.Tensor:
     """(N, T, H*W) unit-normalised resampled versions of each image: shifts up to `max_shift` of the half-width
-    (in steps of about a pixel) at each zoom-out factor; grid_sample with border padding (no wrap-around)."""
+    (in steps of about a pixel) at each zoom-out factor and small rotation (degrees); grid_sample with border
+    padding (no wrap-around)."""
     x = torch.from_numpy(images).float().unsqueeze(1)
     n, size = len(images), images.shape[-1]
-    steps = max(1, round(max_shift * size / 2))
+    steps = max(1, round(max_shift * size / 2)) if max_shift > 0 else 0
     offsets = [k * 2.0 / size for k in range(-steps, steps + 1)]
     versions = []
-    for zoom in zooms:
-        for dy in offsets:
-            for dx in offsets:
-                theta = torch.tensor([[zoom, 0.0, dx], [0.0, zoom, dy]]).expand(n, 2, 3)
-                grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-                versions.append(F.grid_sample(x, grid, padding_mode="border", align_corners=False).flatten(1))
+    for angle in angles:
+        c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        for zoom in zooms:
+            for dy in offsets:
+                for dx in offsets:
+                    if angle and (dx or dy):  # rotations only about the centre: the bank stays small
+                        continue
+                    theta = torch.tensor([[zoom * c, -zoom * s, dx], [zoom * s, zoom * c, dy]]).expand(n, 2, 3)
+                    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+                    versions.append(F.grid_sample(x, grid, padding_mode="border", align_corners=False).flatten(1))
     bank = torch.stack(versions, 1)
     bank = bank - bank.mean(2, keepdim=True)
     return bank / bank.norm(dim=2, keepdim=True).clamp(min=1e-8)
@@ -139,7 +146,14 @@ class ReferenceIndex:
         top = (q @ self._pixels.T).topk(k, dim=1).indices  # (B, k)
         bank = alignment_bank(queries)  # (B, T, P)
         candidates = self._pixels[top]  # (B, k, P)
-        return torch.einsum("btp,bkp->btk", bank, candidates).flatten(1).max(1).values
+        aligned = torch.einsum("btp,bkp->btk", bank, candidates).flatten(1).max(1).values
+        # a cropped copy is a zoomed-in original: zoom the candidates in (their full content, no padded border)
+        b, size = len(queries), self.images.shape[-1]
+        originals = self.images[top.flatten().numpy()]  # (B*k, H, W)
+        zoomed = alignment_bank(originals, max_shift=0.0, zooms=(0.86, 0.9, 0.94), angles=(0.0,))
+        zoomed = zoomed.view(b, k * zoomed.shape[1], size * size)
+        cropped = torch.einsum("bp,bzp->bz", q, zoomed).max(1).values
+        return torch.maximum(aligned, cropped)
 
     def _aligned(self, queries: np.ndarray, q: torch.Tensor) -> np.ndarray:
         step = max(1, self.block // 16)  # the bank is ~75 versions per query

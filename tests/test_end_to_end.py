@@ -18,7 +18,7 @@ def test_label_conditioned_generation_is_faithful(tmp_path):
         data=f"phantom:{data}",
         out=str(tmp_path / "run"),
         resolution=32,
-        max_steps=600,
+        max_steps=900,
         checkpoint_every=0,
         eval=EvalConfig(fidelity_samples=256, classifier_epochs=8, grid_per_label=8),
     )

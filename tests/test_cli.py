@@ -1,6 +1,7 @@
 """CLI behaviour, including one-line errors (no traceback) for bad input."""
 
 import csv
+import json
 import subprocess
 import sys
 

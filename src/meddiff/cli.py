@@ -726,10 +726,8 @@ def cmd_generate(args) -> None:
     gate = None
     if args.privacy_gate:
         from meddiff.evaluation.privacy_gate import load_gate
-        from meddiff.models.storage import resolve_model_dir
 
-        run_dir = resolve_model_dir(args.model)
-        gate = load_gate(run_dir.parent if run_dir.name == "pipeline" else run_dir, args.max_retries)
+        gate = load_gate(args.model, args.max_retries)
     result = generate_dataset(
         pipe, args.model, plan, settings, Path(args.out), args.format, shard, animate=args.animate, gate=gate
     )
@@ -904,14 +902,12 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 def cmd_privacy(args) -> None:
     from meddiff.evaluation.privacy_gate import calibrate_model
-    from meddiff.models.storage import load_pipeline, resolve_model_dir
+    from meddiff.models.card import update_privacy_section
+    from meddiff.models.storage import load_pipeline, run_directory
 
-    folder = resolve_model_dir(args.model)
-    run_dir = folder.parent if folder.name == "pipeline" else folder
+    run_dir = run_directory(args.model)
     resolution = load_pipeline(args.model).image_size
     note = calibrate_model(run_dir, args.data, resolution, args.alpha, args.positives)
-    from meddiff.models.card import update_privacy_section
-
     update_privacy_section(run_dir)  # the model card states the calibration
     m = note["measured"]
     recall = ", ".join(f"{k} {v:.3f}" for k, v in m["recall"].items())

@@ -22,6 +22,7 @@ from meddiff.evaluation.results import (
     LatentSummary,
     RunSummary,
 )
+from meddiff.models.factory import evaluations_per_image
 from meddiff.models.storage import load_pipeline
 from meddiff.sampling.generate import SamplingSettings, conditions_for, sample
 from meddiff.sampling.grid import save_grid, upscale_for
@@ -145,7 +146,7 @@ def report_run(
         train_minutes=result.train_seconds / 60,
         images_per_second=result.images_per_second,
         precision=result.precision,
-        prediction_type=_prediction(config),
+        prediction_type=_prediction(config, pipe),
         cond_dropout=config.cond_dropout,
         fidelity=fidelity,
         evaluation_note=plan.note,
@@ -161,12 +162,12 @@ def report_run(
 
 def _evaluation_plan(config: TrainConfig, dataset, pipe, result, settings: SamplingSettings) -> EvaluationPlan:
     """Grids, fidelity and prompt-response sample sizes for this run: they scale with the run (evaluation/budget)."""
-    one_pass = settings.guidance == 1 or getattr(pipe.unet.config, "time_cond_proj_dim", None)  # guidance as input
+    embedded = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None  # a student: guidance as input
     return plan_evaluation(
         steps=result.steps,
         train_seconds=result.train_seconds,
         train_images_per_second=result.images_per_second,
-        nfe=settings.steps * (1 if one_pass else 2),
+        nfe=evaluations_per_image(settings.scheduler, settings.steps, settings.guidance, embedded),
         grid_count=len(pipe.label_names or []) + 1,  # label_grids: one per label and an unconditional one
         grid_per_label=config.eval.grid_per_label,
         fidelity=bool(config.eval.fidelity and dataset.label_names and (pipe.supports_labels or pipe.supports_prompts)),
@@ -178,9 +179,9 @@ def _evaluation_plan(config: TrainConfig, dataset, pipe, result, settings: Sampl
     )
 
 
-def _prediction(config: TrainConfig) -> str:
-    if config.method == "distill":
-        return "v_prediction (consistency student)"
+def _prediction(config: TrainConfig, pipe) -> str:
+    if config.method == "distill":  # the student keeps its teacher's parametrisation
+        return f"{pipe.scheduler.config['prediction_type']} (consistency student)"
     return "flow" if config.model.objective == "flow" else config.model.prediction_type
 
 
@@ -190,7 +191,7 @@ def distill_and_report(config: TrainConfig, progress: bool = True) -> RunSummary
     the student's step count."""
     import json
 
-    from meddiff.models.storage import resolve_model_dir
+    from meddiff.models.storage import resolve_model_dir, run_directory
     from meddiff.training.config import load_config
 
     d = config.distill
@@ -199,7 +200,7 @@ def distill_and_report(config: TrainConfig, progress: bool = True) -> RunSummary
     if not d.teacher:
         raise MeddiffError("meddiff distill needs --model RUN_DIR (a run of `meddiff train`)")
     teacher_dir = resolve_model_dir(d.teacher)
-    run = teacher_dir.parent if teacher_dir.name == "pipeline" else teacher_dir
+    run = run_directory(d.teacher)
     teacher = load_config(run / "config.yaml", {}) if (run / "config.yaml").is_file() else None
     if not config.data:
         if teacher is None:
@@ -222,7 +223,7 @@ def distill_and_report(config: TrainConfig, progress: bool = True) -> RunSummary
         teacher=str(run),
         method="latent consistency distillation (LCM), decay-0 target",
         network_evaluations_per_image=d.steps,
-        teacher_network_evaluations_per_image=teacher_steps * (2 if teacher_guidance != 1 else 1),
+        teacher_network_evaluations_per_image=evaluations_per_image("dpm++", teacher_steps, teacher_guidance),
         solver_steps=d.solver_steps,
         guidance_range=[d.guidance_min, d.guidance_max],
         teacher_mean_fidelity_auc=teacher_auc,

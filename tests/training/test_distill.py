@@ -158,6 +158,7 @@ def test_distill_cli_writes_card_and_metrics(tiny_run, tmp_path):
     assert metrics["method"] == "distill" and metrics["distillation"]["network_evaluations_per_image"] == 1
     assert metrics["distillation"]["teacher_network_evaluations_per_image"] == 40  # 20 steps x 2 (guidance)
     assert metrics["data"] == "phantom:?n=64&seed=3"  # the teacher's data, from its config.yaml
+    assert metrics["prediction_type"] == "epsilon (consistency student)"  # its teacher's parametrisation
     card = (out / "README.md").read_text()
     assert "## Distillation" in card and "1 network evaluations per image" in card and str(tiny_run) in card
     assert (out / "samples" / "grid_cardiomegaly.png").is_file()

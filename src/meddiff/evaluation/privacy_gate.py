@@ -317,10 +317,6 @@ CALIBRATION_DIR = "privacy"  # in the run directory, never inside pipeline/ (not
 CALIBRATION_FILE = "calibration.json"
 
 
-def _images01(dataset) -> np.ndarray:
-    return ((dataset.images[:].numpy()[:, 0] + 1) / 2).astype(np.float32)
-
-
 def split_halves(patients: list[str], n: int, seed: int = 0) -> tuple[np.ndarray, str]:
     """(mask of the calibration half, how it was split): by patient where ids exist (no patient in both halves),
     else by image."""
@@ -342,10 +338,11 @@ def calibrate_model(
     (one random half; the other half measures the false-flag rate) and checked on known copies. Writes
     RUN/privacy/calibration.json (numbers and the data spec only: no images) and returns it."""
     from meddiff.data.spec import load_dataset, parse_spec
+    from meddiff.evaluation.suite import to01
 
     spec = parse_spec(data)
     heldout = load_dataset(spec.heldout(), resolution)
-    train, held = _images01(load_dataset(spec, resolution)), _images01(heldout)
+    train, held = to01(load_dataset(spec, resolution).images), to01(heldout.images)
     rng = np.random.default_rng(seed)
     first, halves = split_halves(list(heldout.patients), len(held), seed)
     cal, test = held[first], held[~first]
@@ -385,18 +382,19 @@ class ExportGate:
 
 
 def load_gate(model_dir: str | Path, max_retries: int = 8) -> ExportGate:
-    path = Path(model_dir).expanduser()
-    if path.name == "pipeline":
-        path = path.parent
+    from meddiff.models.storage import run_directory
+
+    path = run_directory(model_dir)
     note_path = path / CALIBRATION_DIR / CALIBRATION_FILE
     if not note_path.is_file():
         raise MeddiffError(
             f"{path} has no privacy calibration; run `meddiff privacy calibrate --model {path} --data SPEC` first"
         )
     from meddiff.data.spec import load_dataset
+    from meddiff.evaluation.suite import to01
 
     note = json.loads(note_path.read_text())
-    train = _images01(load_dataset(note["data"], int(note["resolution"])))
+    train = to01(load_dataset(note["data"], int(note["resolution"])).images)
     if len(train) != note["n_training_images"]:
         raise MeddiffError(
             f"{note['data']} now holds {len(train)} training images, the calibration was made with "

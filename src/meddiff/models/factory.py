@@ -117,6 +117,13 @@ def evaluations_per_step(name: str) -> int:
     return 2 if name.lower() == "heun" else 1
 
 
+def evaluations_per_image(sampler: str, steps: int, guidance: float, guidance_embedded: bool = False) -> int:
+    """Network evaluations one image costs: steps x evaluations_per_step, doubled by classifier-free guidance unless
+    the model takes the guidance scale as an input (a distilled student)."""
+    passes = 1 if guidance == 1 or guidance_embedded else 2
+    return steps * evaluations_per_step(sampler) * passes
+
+
 def make_sampler(name: str, train_config, clip: bool = True):
     """A sampling scheduler built from the training scheduler's config. `clip` keeps DDIM/DDPM's x0 estimate in
     the data range [-1, 1]: right for pixels, wrong for latents (pass False). A flow-matching model gets the flow

@@ -83,6 +83,13 @@ def resolve_model_dir(path: str | Path) -> Path:
     return candidate
 
 
+def run_directory(path: str | Path) -> Path:
+    """The run directory of a model given as its run directory or its pipeline folder (checked as resolve_model_dir
+    checks it): where config.yaml, metrics.json and privacy/ live."""
+    folder = resolve_model_dir(path)
+    return folder.parent if folder.name == PIPELINE_DIR else folder
+
+
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu") -> MedDiffusionPipeline:
     folder = resolve_model_dir(path)
     quiet_loading()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from meddiff.conditioning.demographics import AttributeGroups
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.data.chexpert_format import parse_value
 from meddiff.data.demographics import ALL_LABELS as DEMOGRAPHIC_LABELS
-from meddiff.data.demographics import GROUP_LABELS
 from meddiff.data.records import LabelPolicy, Record
 from meddiff.errors import MeddiffError
 
@@ -90,10 +90,8 @@ def attribute_groups_known(labels: torch.Tensor, known: torch.Tensor, names: lis
     """Demographic groups (sex / age / view) are never "absent": a group is known only where one of its labels is
     asked for (e.g. --labels "Cardiomegaly,Age 60-79"); otherwise the whole group is left unspecified."""
     known = known.clone()
-    for group in GROUP_LABELS.values():
-        columns = [j for j, name in enumerate(names) if name in group]
-        if not columns:
-            continue
+    for group in AttributeGroups.of(names).groups.values():
+        columns = list(group)
         asked = ((labels[:, columns] > 0.5) & known[:, columns]).any(dim=1)
         for j in columns:
             known[:, j] = asked

@@ -89,7 +89,6 @@ class GateLog:
     def __init__(self, out_dir: Path, shard: tuple[int, int]):
         k, n = shard
         self.path = out_dir / ("privacy_gate.jsonl" if n == 1 else f"privacy_gate.part-{k}-of-{n}.jsonl")
-        self.out_dir = out_dir
         self.entries: dict[int, dict] = {}
         for path in sorted(out_dir.glob("privacy_gate*.jsonl")):
             for line in path.read_text().splitlines():

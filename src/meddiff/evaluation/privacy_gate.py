@@ -37,10 +37,14 @@ from meddiff.errors import MeddiffError
 COPY_TYPES = ("exact", "shift", "rotation", "gamma", "noise", "crop")
 
 
-def _unit(x: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), -1))).float()
-    t = t - t.mean(1, keepdim=True)
+def _normalise(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp(min=1e-8)
+
+
+def _unit(x: np.ndarray) -> torch.Tensor:
+    """Flattened, mean-centred, unit-length rows: dot products are correlations."""
+    t = torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), -1))).float()
+    return _normalise(t - t.mean(1, keepdim=True))
 
 
 def _coarse(x: np.ndarray) -> np.ndarray:
@@ -92,6 +96,7 @@ class ReferenceIndex:
     _tiles: list[torch.Tensor] = field(init=False, repr=False)
     _coarse: torch.Tensor = field(init=False, repr=False)
     _features: torch.Tensor | None = field(init=False, repr=False)
+    _feature_mean: torch.Tensor | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 3 or not len(self.images):
@@ -99,11 +104,16 @@ class ReferenceIndex:
         self._pixels = _unit(self.images)
         self._tiles = [_unit(t) for t in _tiles(self.images)]
         self._coarse = _unit(_coarse(self.images))
-        self._features = None
+        self._features = self._feature_mean = None
         if self.features is not None:
             f = torch.from_numpy(self.features).float()
-            f = f - f.mean(0, keepdim=True)
-            self._features = f / f.norm(dim=1, keepdim=True).clamp(min=1e-8)
+            self._feature_mean = f.mean(0, keepdim=True)
+            self._features = _normalise(f - self._feature_mean)
+
+    def _nearest(self, q: torch.Tensor, reference: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarities, indices) of the k most similar references per query, in blocks of queries."""
+        parts = [(q[i : i + self.block] @ reference.T).topk(k, dim=1) for i in range(0, len(q), self.block)]
+        return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
     def scores(self, queries: np.ndarray, features: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """{detector: (N,) score} and 'match' (index of the nearest training image by pixels)."""
@@ -113,52 +123,41 @@ class ReferenceIndex:
                 f"{self.images.shape[1]}x{self.images.shape[2]}; compare at one resolution"
             )
         q = _unit(queries)
+        similarity, top = self._nearest(q, self._pixels, min(self.candidates, len(self._pixels)))
+        match = top[:, 0]
         qt = [_unit(t) for t in _tiles(queries)]
-        best, match, tiles = [], [], []
-        for i in range(0, len(q), self.block):
-            s = q[i : i + self.block] @ self._pixels.T
-            v, j = s.max(1)
-            best.append(v)
-            match.append(j)
-            tile = torch.stack([(qt[k][i : i + self.block] * self._tiles[k][j]).sum(1) for k in range(4)], 1)
-            tiles.append(tile.min(1).values)
-        out = {"pixel": torch.cat(best).numpy(), "tiles": torch.cat(tiles).numpy()}
-        out["aligned"] = self._aligned(queries, q)
-        qc = _unit(_coarse(queries))
-        out["coarse"] = torch.cat(
-            [(qc[i : i + self.block] @ self._coarse.T).max(1).values for i in range(0, len(qc), self.block)]
-        ).numpy()
-        if self._features is not None:
+        tiles = torch.stack([(qt[k] * self._tiles[k][match]).sum(1) for k in range(4)], 1).min(1).values
+        out = {"pixel": similarity[:, 0].numpy(), "tiles": tiles.numpy(), "aligned": self._aligned(queries, q, top)}
+        out["coarse"] = self._nearest(_unit(_coarse(queries)), self._coarse)[0][:, 0].numpy()
+        if self._features is not None and self._feature_mean is not None:
             if features is None:
                 raise MeddiffError("the reference set has features: give the queries' features too")
-            f = torch.from_numpy(features).float()
-            mean = torch.from_numpy(self.features).float().mean(0, keepdim=True)
-            f = f - mean
-            f = f / f.norm(dim=1, keepdim=True).clamp(min=1e-8)
-            out["feature"] = torch.cat(
-                [(f[i : i + self.block] @ self._features.T).max(1).values for i in range(0, len(f), self.block)]
-            ).numpy()
-        out["match"] = torch.cat(match).numpy()
+            f = _normalise(torch.from_numpy(features).float() - self._feature_mean)
+            out["feature"] = self._nearest(f, self._features)[0][:, 0].numpy()
+        out["match"] = match.numpy()
         return out
 
-    def _aligned_block(self, queries: np.ndarray, q: torch.Tensor) -> torch.Tensor:
-        k = min(self.candidates, len(self._pixels))
-        top = (q @ self._pixels.T).topk(k, dim=1).indices  # (B, k)
+    def _aligned_block(self, queries: np.ndarray, q: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """The best correlation of the query's shifted / zoomed / rotated versions with its `top` candidates, and
+        of the query with the candidates zoomed in (a cropped copy)."""
         bank = alignment_bank(queries)  # (B, T, P)
         candidates = self._pixels[top]  # (B, k, P)
         aligned = torch.einsum("btp,bkp->btk", bank, candidates).flatten(1).max(1).values
         # a cropped copy is a zoomed-in original: zoom the candidates in (their full content, no padded border)
-        b, size = len(queries), self.images.shape[-1]
+        b, k, size = len(queries), top.shape[1], self.images.shape[-1]
         originals = self.images[top.flatten().numpy()]  # (B*k, H, W)
         zoomed = alignment_bank(originals, max_shift=0.0, zooms=(0.86, 0.9, 0.94), angles=(0.0,))
         zoomed = zoomed.view(b, k * zoomed.shape[1], size * size)
         cropped = torch.einsum("bp,bzp->bz", q, zoomed).max(1).values
         return torch.maximum(aligned, cropped)
 
-    def _aligned(self, queries: np.ndarray, q: torch.Tensor) -> np.ndarray:
+    def _aligned(self, queries: np.ndarray, q: torch.Tensor, top: torch.Tensor) -> np.ndarray:
         step = max(1, self.block // 16)  # the bank is ~75 versions per query
         return torch.cat(
-            [self._aligned_block(queries[i : i + step], q[i : i + step]) for i in range(0, len(q), step)]
+            [
+                self._aligned_block(queries[i : i + step], q[i : i + step], top[i : i + step])
+                for i in range(0, len(q), step)
+            ]
         ).numpy()
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from meddiff.data.demographics import (
+    AGE_BINS,
     AGE_LABELS,
     GROUP_LABELS,
     SEX_LABEL,
@@ -54,9 +55,9 @@ class AttributeGroups:
 
 
 def _span(bins: list[str]) -> str:
-    low = bins[0].split()[1].split("-")[0].rstrip("+")
-    top = bins[-1].split()[1]
-    return f"{low}+" if top.endswith("+") else f"{low}-{top.split('-')[1]}"
+    """The ages the given bin labels cover, from AGE_BINS: '18+', '18-59'."""
+    low, high = AGE_BINS[AGE_LABELS.index(bins[0])][0], AGE_BINS[AGE_LABELS.index(bins[-1])][1]
+    return f"{low}+" if high is None else f"{low}-{high}"
 
 
 def condition_values(

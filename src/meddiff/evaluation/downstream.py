@@ -120,17 +120,19 @@ def downstream(
     def reweighted(s: int) -> LabelClassifier:
         return train_classifier(real_train, epochs=epochs, seed=s, pos_weight=label_pos_weight(real_train))
 
-    builders: dict[str, tuple[str, int, Trainer]] = {}
-    pooled = combine(real_train, synthetic)
-    named = {
-        "real": (len(real_train), plain(real_train)),
-        "synthetic": (len(synthetic), plain(synthetic)),
-        "real+synthetic": (len(pooled), plain(pooled)),
-        "synthetic->real": (len(real_train), pretrained),
-        "real-reweighted": (len(real_train), reweighted),
-    }
-    for name in protocols:
-        builders[name] = (PROTOCOLS[name], *named[name])
+    def training_set(name: str) -> tuple[int, Trainer]:
+        if name == "real+synthetic":
+            pooled = combine(real_train, synthetic)  # only when asked for: it copies both sets
+            return len(pooled), plain(pooled)
+        if name == "synthetic":
+            return len(synthetic), plain(synthetic)
+        return len(real_train), {
+            "real": plain(real_train),
+            "synthetic->real": pretrained,
+            "real-reweighted": reweighted,
+        }[name]
+
+    builders: dict[str, tuple[str, int, Trainer]] = {name: (PROTOCOLS[name], *training_set(name)) for name in protocols}
     for fraction in fractions:
         part = real_fraction(real_train, fraction)
         with_syn = combine(part, synthetic)

@@ -28,19 +28,17 @@ def load(name: str):
     import numpy as np
 
     from meddiff.data.spec import load_dataset
-
-    def to01(d):
-        return ((d.images[:].numpy()[:, 0] + 1) / 2).astype(np.float32)
+    from meddiff.evaluation.suite import to01
 
     if name == "pneumoniamnist":
         spec = f"medmnist:{PNEUMONIA}"
-        train = to01(load_dataset(spec, 28))
+        train = to01(load_dataset(spec, 28).images)
         held = np.concatenate(
-            [to01(load_dataset(f"{spec}?split=val", 28)), to01(load_dataset(f"{spec}?split=test", 28))]
+            [to01(load_dataset(f"{spec}?split=val", 28).images), to01(load_dataset(f"{spec}?split=test", 28).images)]
         )
         return train, held, 28
-    train = to01(load_dataset("phantom:?n=2000&seed=11", 32))
-    held = to01(load_dataset("phantom:?n=1200&seed=12", 32))  # other seeds: new synthetic patients
+    train = to01(load_dataset("phantom:?n=2000&seed=11", 32).images)
+    held = to01(load_dataset("phantom:?n=1200&seed=12", 32).images)  # other seeds: new synthetic patients
     return train, held, 32
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from meddiff.errors import MeddiffError
 
+logger = logging.getLogger(__name__)
 COPY_TYPES = ("exact", "shift", "rotation", "gamma", "noise", "crop")
 
 
@@ -346,8 +348,13 @@ def calibrate_model(
     first, halves = split_halves(list(heldout.patients), len(held), seed)
     cal, test = held[first], held[~first]
     index = ReferenceIndex(train)
+    logger.info(
+        "privacy calibrate: %d training images; calibrating on %d held-out images, testing on %d (%s)",
+        len(train), len(cal), len(test), halves,
+    )  # fmt: skip
     calibration = calibrate(index, cal, alpha)
     sources = train[rng.choice(len(train), min(positives, len(train)), replace=False)]
+    logger.info("privacy calibrate: %d known copies of each type: %s", len(sources), ", ".join(COPY_TYPES))
     report = measure(calibration, index, test, {kind: augmented_copies(sources, kind, seed) for kind in COPY_TYPES})
     note = {
         "data": str(spec),

@@ -359,6 +359,19 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     pc.add_argument("--data", required=True, help="the model's training data spec (its held-out split calibrates)")
     pc.add_argument("--alpha", type=float, default=0.01, help="false-flag rate of new images to hold")
     pc.add_argument("--positives", type=_positive_int, default=500, help="known copies per copy type")
+    pc.add_argument(
+        "--descriptor-steps",
+        type=int,
+        default=600,
+        help="training steps of the learned copy descriptor (a detector trained on the training images; 0: none)",
+    )
+    pc.add_argument(
+        "--model-strengths",
+        type=_strengths,
+        default="0.1,0.3,0.5",
+        help="model-made near-copies: training images noised this far into the schedule and denoised by the model "
+        "('none' to skip)",
+    )
 
     de = sub.add_parser("demo", help="phantoms -> train -> generate -> label fidelity -> report.html")
     de.add_argument("--out", required=True)
@@ -900,6 +913,18 @@ def _fractions(text: str) -> tuple[float, ...]:
         raise MeddiffError(f"--real-fractions wants numbers like 0.1,0.25, got {text!r}") from None
 
 
+def _strengths(text: str) -> tuple[float, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants numbers like 0.1,0.3, got {text!r}") from None
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"strengths are fractions of the schedule in (0, 1], got {text!r}")
+    return values
+
+
 def cmd_privacy(args) -> None:
     from meddiff.evaluation.privacy_gate import calibrate_model
     from meddiff.models.card import update_privacy_section
@@ -907,7 +932,18 @@ def cmd_privacy(args) -> None:
 
     run_dir = run_directory(args.model)
     resolution = load_pipeline(args.model).image_size
-    note = calibrate_model(run_dir, args.data, resolution, args.alpha, args.positives)
+    if args.descriptor_steps < 0:
+        raise MeddiffError(f"--descriptor-steps must be 0 or more, got {args.descriptor_steps}")
+    note = calibrate_model(
+        run_dir,
+        args.data,
+        resolution,
+        args.alpha,
+        args.positives,
+        descriptor_steps=args.descriptor_steps,
+        model_strengths=args.model_strengths,
+        progress=True,
+    )
     update_privacy_section(run_dir)  # the model card states the calibration
     m = note["measured"]
     recall = ", ".join(f"{k} {v:.3f}" for k, v in m["recall"].items())

@@ -77,6 +77,13 @@ def test_features_are_a_detector_when_given(phantoms):
         index.scores(held[:5])
 
 
+def test_held_out_duplicates_of_training_images_are_found(phantoms):
+    train, held = phantoms
+    mixed = np.concatenate([held[:30], train[[4, 9]], np.clip(train[[12]] + 1e-4, 0, 1)])
+    found = ReferenceIndex(train).duplicates(mixed)
+    assert found.tolist() == [False] * 30 + [True] * 3
+
+
 def test_bad_input_is_one_line(phantoms):
     train, held = phantoms
     index = ReferenceIndex(train)

@@ -6,7 +6,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from meddiff.errors import MeddiffError
-from meddiff.models.factory import ModelConfig, build_unet, make_sampler
+from meddiff.models.factory import ModelConfig, build_noise_scheduler, build_unet, make_sampler
 from meddiff.models.storage import load_pipeline, resolve_model_dir
 from meddiff.sampling.generate import SamplingSettings, sample
 
@@ -62,3 +62,38 @@ def test_unknown_scheduler_and_missing_model(tmp_path, tiny_run):
     (tmp_path / "partial" / "pipeline" / "model_index.json").write_text("{}")
     with pytest.raises(MeddiffError, match="incomplete: unet/config.json is missing"):
         resolve_model_dir(tmp_path / "partial")
+
+
+@pytest.mark.parametrize("name", ["dpm++", "ddpm", "unipc", "flow euler", "flow dpm++"])
+def test_image_to_image_starts_from_the_given_images(tiny_run, name):
+    """strength s runs the last ~s of the schedule from the noised images: at small s the output stays close to
+    them, at s = 1 it does not; the scheduler is left as a plain call expects it."""
+    pipe = load_pipeline(tiny_run)
+    train_config = pipe.scheduler.config
+    if name.startswith("flow "):  # the mechanics only: this U-Net was not trained for flow
+        train_config, name = build_noise_scheduler(ModelConfig(objective="flow")).config, name[5:]
+    pipe.scheduler = make_sampler(name, train_config)
+    cond = pipe.encode_labels([["Cardiomegaly"], ["Edema"]])
+    init = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    calls = []
+    pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+
+    def run(**kw):
+        calls.clear()
+        gens = [torch.Generator().manual_seed(k) for k in range(2)]
+        out = pipe(conditions=cond, num_inference_steps=10, generator=gens, output_type="pt", **kw).images
+        return out, len(calls)
+
+    def corr(a, b):
+        a, b = a.flatten(1) - a.flatten(1).mean(1, keepdim=True), b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+        return float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean())
+
+    plain, plain_calls = run()
+    near, near_calls = run(init_images=init, strength=0.2)
+    far, _ = run(init_images=init, strength=1.0)
+    assert near_calls == 2 and plain_calls == 10
+    assert corr(near, init) > 0.8 and corr(near, init) > corr(far, init) + 0.3
+    again, _ = run()
+    assert torch.allclose(plain, again, atol=1e-6)  # no begin index left behind
+    with pytest.raises(ValueError, match="strength"):
+        pipe(conditions=cond, init_images=init, strength=0.0)

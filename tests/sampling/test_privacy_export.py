@@ -4,12 +4,14 @@ calibration the gate reads; missing calibration or a moved dataset are one-line 
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from meddiff.cli import main
 from meddiff.conditioning.labels import LabelCodec
+from meddiff.errors import MeddiffError
 from meddiff.models.storage import load_pipeline
 from meddiff.sampling.generate import SamplingSettings, image_seed
 from meddiff.sampling.plan import make_plan
@@ -67,7 +69,6 @@ def test_images_flagged_on_every_retry_are_never_written(tmp_path, tiny_run):
 
 def test_a_gated_folder_is_not_resumed_without_the_gate(tmp_path, tiny_run, capsys):
     run(tiny_run, tmp_path / "g", FirstDrawFlagged(), n=2)
-    from meddiff.errors import MeddiffError
 
     with pytest.raises(MeddiffError, match="other settings|other privacy_gate|holds a generation"):
         run(tiny_run, tmp_path / "g", None, n=2)
@@ -81,11 +82,19 @@ def test_calibrate_then_generate_through_the_cli(tmp_path, tiny_run, capsys):
     )
     assert "no privacy calibration; run `meddiff privacy calibrate" in capsys.readouterr().err
     cal = ["privacy", "calibrate", "--model", str(tiny_run), "--data", data, "--alpha", "0.05", "--positives", "20"]
-    assert main(cal) == 0
+    with pytest.raises(SystemExit):  # argparse: usage and a one-line reason
+        main([*cal, "--model-strengths", "0.1,2"])
+    assert "strengths are fractions of the schedule" in capsys.readouterr().err
+    assert main([*cal, "--descriptor-steps", "20", "--model-strengths", "0.1,0.3"]) == 0
     printed = capsys.readouterr().out
     assert "false-flag rate on 20 held-out images" in printed and "exact 1.000" in printed
     note = json.loads((tiny_run / "privacy" / "calibration.json").read_text())
-    assert note["data"] == data and note["calibration"]["alpha"] == 0.05 and len(json.dumps(note)) < 4000  # no images
+    assert note["data"] == data and note["calibration"]["alpha"] == 0.05 and len(json.dumps(note)) < 6000  # no images
+    assert "descriptor" in note["calibration"]["detectors"] and note["descriptor"]["steps"] == 20
+    assert set(note["measured"]["recall"]) == {"exact", "shift", "rotation", "gamma", "noise", "crop", "model t=0.1",
+                                               "model t=0.3"}  # fmt: skip
+    assert note["heldout_duplicates"] == 0
+    assert (tiny_run / "privacy" / "descriptor.safetensors").is_file()
     assert not (tiny_run / "pipeline" / "privacy").exists()  # never inside the shared pipeline folder
     out = tmp_path / "gated"
     args = ["generate", "--model", str(tiny_run), "--unconditional", "--n", "4", "--steps", "2"]
@@ -101,4 +110,8 @@ def test_calibrate_then_generate_through_the_cli(tmp_path, tiny_run, capsys):
     train = ((load_dataset(data, 32).images[:8].numpy()[:, 0] + 1) / 2).astype(np.float32)
     flagged, _ = gate.check(train)
     assert flagged.all()
-    (tiny_run / "privacy" / "calibration.json").unlink()  # the shared fixture stays as it was
+    assert gate.index.descriptor is not None and "descriptor" in gate.index.scores(train[:2])
+    (tiny_run / "privacy" / "descriptor.safetensors").write_bytes(b"changed")
+    with pytest.raises(MeddiffError, match="not the descriptor this calibration was made with"):
+        load_gate(tiny_run)
+    shutil.rmtree(tiny_run / "privacy")  # the shared fixture stays as it was

@@ -8,14 +8,19 @@ Detectors (each: higher = closer to some training image):
 - aligned: the nearest candidates (top `candidates` by pixel correlation) re-scored under small shifts and zooms
   of the query (a bank of resampled versions): shifted or cropped copies line up again;
 - coarse: the pixel correlation after 2 x 2 average pooling (pixel noise averages out: noisy copies);
-- feature: the largest cosine similarity of features (the domain classifier's penultimate layer when given).
+- feature: the largest cosine similarity of features (the domain classifier's penultimate layer when given);
+- descriptor: the largest cosine similarity under a copy descriptor learned on the training images themselves
+  (meddiff.evaluation.copy_descriptor: invariant to re-acquisition, discriminative between images); its nearest
+  training images are also candidates of the aligned detector.
 
-Fusion: each score is turned into its rank among the calibration negatives (real held-out images the model never
-saw, which are by construction not copies), the fused score is the largest of those ranks, and the threshold is the
-(1 - alpha) quantile of the calibration negatives' fused scores. The false-flag rate is then measured on a separate
-test half of the held-out images, and recall on known positives built from reserved training images: exact copies
-and augmented copies (shift, rotation, gamma, noise, crop). Autoencoder round trips and model-made near-copies come
-with a model (issue 21); this module takes any extra positives as arrays.
+Fusion: each score is standardised by the calibration negatives' median and spread (real held-out images the model
+never saw, which are by construction not copies), the fused score is the largest standardised score, and the
+threshold is the (1 - alpha) quantile of the calibration negatives' fused scores. The false-flag rate is then
+measured on a separate test half of the held-out images, and recall on known positives built from reserved training
+images: exact copies, augmented copies (shift, rotation, gamma, noise, crop), and with a model the copies it makes
+itself (a training image noised to t and denoised by the model; the autoencoder round trip of latent models).
+Held-out images that duplicate a training image (a leak between the data's splits) are reported and left out of
+the negatives.
 
 Images are (N, H, W) float arrays in [0, 1]. Nearest-neighbour search is blocked matrix products over the training
 set (memory ~ block x N_train)."""
@@ -26,6 +31,8 @@ import hashlib
 import json
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +41,19 @@ import torch
 import torch.nn.functional as F
 
 from meddiff.errors import MeddiffError
+from meddiff.evaluation.copy_descriptor import (
+    WEIGHTS_FILE,
+    CopyDescriptorNet,
+    DescriptorSettings,
+    embed,
+    save_descriptor,
+    train_descriptor,
+)
 
 logger = logging.getLogger(__name__)
 COPY_TYPES = ("exact", "shift", "rotation", "gamma", "noise", "crop")
+DETECTORS = ("pixel", "tiles", "aligned", "coarse", "feature", "descriptor")
+DUPLICATE_CORRELATION = 0.999  # a held-out image this close to a training image is the same image (a split leak)
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
@@ -92,6 +109,7 @@ class ReferenceIndex:
 
     images: np.ndarray  # (N, H, W) in [0, 1]
     features: np.ndarray | None = None  # (N, D)
+    descriptor: CopyDescriptorNet | None = None  # a learned copy descriptor (meddiff.evaluation.copy_descriptor)
     block: int = 1024
     candidates: int = 8  # nearest training images re-scored by the aligned detector
     _pixels: torch.Tensor = field(init=False, repr=False)
@@ -99,6 +117,7 @@ class ReferenceIndex:
     _coarse: torch.Tensor = field(init=False, repr=False)
     _features: torch.Tensor | None = field(init=False, repr=False)
     _feature_mean: torch.Tensor | None = field(init=False, repr=False)
+    _descriptors: torch.Tensor | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 3 or not len(self.images):
@@ -111,6 +130,14 @@ class ReferenceIndex:
             f = torch.from_numpy(self.features).float()
             self._feature_mean = f.mean(0, keepdim=True)
             self._features = _normalise(f - self._feature_mean)
+        self._descriptors = None
+        if self.descriptor is not None:
+            self._descriptors = torch.from_numpy(embed(self.descriptor, self.images))
+
+    def duplicates(self, images: np.ndarray, correlation: float = DUPLICATE_CORRELATION) -> np.ndarray:
+        """Which images are (near-)exact duplicates of a training image (pixel correlation >= `correlation`): a
+        held-out image that duplicates a training image is a leak between the splits, not a negative."""
+        return self._nearest(_unit(images), self._pixels)[0][:, 0].numpy() >= correlation
 
     def _nearest(self, q: torch.Tensor, reference: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(similarities, indices) of the k most similar references per query, in blocks of queries."""
@@ -125,11 +152,20 @@ class ReferenceIndex:
                 f"{self.images.shape[1]}x{self.images.shape[2]}; compare at one resolution"
             )
         q = _unit(queries)
-        similarity, top = self._nearest(q, self._pixels, min(self.candidates, len(self._pixels)))
+        k = min(self.candidates, len(self._pixels))
+        similarity, top = self._nearest(q, self._pixels, k)
         match = top[:, 0]
+        out: dict[str, np.ndarray] = {}
+        if self.descriptor is not None and self._descriptors is not None:
+            # the descriptor also proposes candidates: a moved copy's original is often not among the nearest by
+            # pixels, but it is by descriptor, and the aligned detector then lines it up again
+            d = torch.from_numpy(embed(self.descriptor, queries))
+            nearest, by_descriptor = self._nearest(d, self._descriptors, k)
+            out["descriptor"] = nearest[:, 0].numpy()
+            top = torch.cat([top, by_descriptor], 1)
         qt = [_unit(t) for t in _tiles(queries)]
         tiles = torch.stack([(qt[k] * self._tiles[k][match]).sum(1) for k in range(4)], 1).min(1).values
-        out = {"pixel": similarity[:, 0].numpy(), "tiles": tiles.numpy(), "aligned": self._aligned(queries, q, top)}
+        out.update(pixel=similarity[:, 0].numpy(), tiles=tiles.numpy(), aligned=self._aligned(queries, q, top))
         out["coarse"] = self._nearest(_unit(_coarse(queries)), self._coarse)[0][:, 0].numpy()
         if self._features is not None and self._feature_mean is not None:
             if features is None:
@@ -254,7 +290,7 @@ def calibrate(
     if len(negatives) < math.ceil(1 / alpha):
         raise MeddiffError(f"{len(negatives)} calibration images cannot resolve alpha {alpha:g}; give more")
     scores = index.scores(negatives, features)
-    detectors: list[str] = [d for d in ("pixel", "tiles", "aligned", "coarse", "feature") if d in scores]
+    detectors: list[str] = [d for d in DETECTORS if d in scores]
     centre = {d: float(np.median(scores[d])) for d in detectors}
     # a stable scale (median absolute deviation): only the threshold below is a tail estimate
     spread = {d: max(1.4826 * float(np.median(np.abs(scores[d] - centre[d]))), 1e-6) for d in detectors}
@@ -332,41 +368,189 @@ def split_halves(patients: list[str], n: int, seed: int = 0) -> tuple[np.ndarray
     return first, "by image (the data carry no patient ids)"
 
 
+MODEL_STRENGTHS = (0.1, 0.3, 0.5)  # model-made near-copies: noised this far into the schedule, then denoised
+
+
+def model_copies(
+    model_dir: str | Path,
+    images: np.ndarray,
+    conditions: torch.Tensor | None,
+    strengths: tuple[float, ...] = MODEL_STRENGTHS,
+    seed: int = 0,
+    steps: int = 20,
+) -> dict[str, np.ndarray]:
+    """Known positives the audited model makes itself: each training image noised to t = strength of the schedule
+    and denoised by the model with its own conditions (DPM-Solver++, `steps` spacing, the run's guidance), plus the
+    autoencoder round trip for latent models. {copy type: (N, H, W) in [0, 1]}."""
+    from meddiff.models.storage import load_pipeline, run_directory
+    from meddiff.sampling.generate import SamplingSettings, sample
+
+    pipe = load_pipeline(model_dir)
+    if conditions is None or not pipe.supports_labels:
+        conditions = torch.zeros(len(images), 2 * len(pipe.label_names))
+    guidance = run_guidance(run_directory(model_dir))
+    settings = SamplingSettings(steps=steps, guidance=guidance, seed=seed, batch_size=64)
+    out = {}
+    for strength in strengths:
+        out[f"model t={strength:g}"] = sample(
+            pipe, conditions, settings, progress=False, init_images=images, strength=strength
+        )
+    if pipe.is_latent:
+        with torch.no_grad():
+            parts = []
+            for i in range(0, len(images), 64):
+                x = torch.from_numpy(np.ascontiguousarray(images[i : i + 64])).float().unsqueeze(1)
+                decoded = pipe.decode_latents(pipe.encode_images(x)).float() / 2 + 0.5
+                parts.append(decoded.clamp(0, 1)[:, 0].cpu().numpy())
+        out["autoencoder"] = np.concatenate(parts)
+    return out
+
+
+def run_guidance(run_dir: Path, default: float = 2.0) -> float:
+    """The guidance scale the run was trained and sampled with (its config.yaml), else `default`."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if path.is_file():
+        value = (yaml.safe_load(path.read_text()) or {}).get("guidance")
+        if isinstance(value, int | float):
+            return float(value)
+    return default
+
+
+@dataclass
+class DetectorAudit:
+    """A detector built for one training set, calibrated and measured (audit_detector)."""
+
+    calibration: Calibration
+    report: GateReport
+    index: ReferenceIndex
+    halves: str
+    heldout_duplicates: int
+    descriptor_settings: DescriptorSettings | None
+    seconds: dict[str, float]
+
+
+def audit_detector(
+    train: np.ndarray,
+    held: np.ndarray,
+    patients: list[str] | None = None,
+    alpha: float = 0.01,
+    positives: int = 500,
+    seed: int = 0,
+    descriptor_steps: int = 600,
+    model_dir: str | Path | None = None,
+    conditions: Callable[[np.ndarray], torch.Tensor | None] | None = None,
+    model_strengths: tuple[float, ...] = MODEL_STRENGTHS,
+    progress: bool = False,
+) -> DetectorAudit:
+    """Build the detector for `train` ((N, H, W) in [0, 1]): the copy descriptor (`descriptor_steps` > 0), the
+    reference index, the threshold from one half of `held` (by patient where `patients` are given) and the false-flag
+    rate on the other half, with held-out duplicates of training images left out; recall on `positives` known
+    copies of each type (augmented copies; with `model_dir` the model's own near-copies at `model_strengths`, their
+    conditions from `conditions(chosen training indices)`, and the autoencoder round trip of latent models)."""
+    clock, seconds = time.perf_counter(), {}
+    rng = np.random.default_rng(seed)
+    first, halves = split_halves(list(patients or []), len(held), seed)
+    logger.info(
+        "privacy calibrate: %d training images; %d held-out images split into calibration and test halves (%s)",
+        len(train), len(held), halves,
+    )  # fmt: skip
+    descriptor, settings = None, None
+    if descriptor_steps > 0:
+        settings = DescriptorSettings(steps=descriptor_steps, seed=seed)
+        logger.info("privacy calibrate: training the copy descriptor (%d steps)", descriptor_steps)
+        descriptor = train_descriptor(train, settings, progress=progress)
+        seconds["descriptor"] = time.perf_counter() - clock
+    index = ReferenceIndex(train, descriptor=descriptor)
+    leaked = index.duplicates(held)
+    if leaked.any():  # the same image on both sides of the split: not a negative; reported
+        logger.warning(
+            "privacy calibrate: %d held-out image(s) duplicate a training image (pixel correlation >= %g); they are "
+            "left out of the negatives (a leak between the data's splits)", int(leaked.sum()), DUPLICATE_CORRELATION,
+        )  # fmt: skip
+    cal, test = held[first & ~leaked], held[~first & ~leaked]
+    calibration = calibrate(index, cal, alpha)
+    chosen = rng.choice(len(train), min(positives, len(train)), replace=False)
+    sources = train[chosen]
+    known_copies = {kind: augmented_copies(sources, kind, seed) for kind in COPY_TYPES}
+    if model_dir is not None and model_strengths:
+        logger.info(
+            "privacy calibrate: model-made near-copies of %d training images at t = %s",
+            len(sources), ", ".join(f"{s:g}" for s in model_strengths),
+        )  # fmt: skip
+        t = time.perf_counter()
+        made = model_copies(model_dir, sources, conditions(chosen) if conditions else None, model_strengths, seed)
+        known_copies.update(made)
+        seconds["model copies"] = time.perf_counter() - t
+    logger.info("privacy calibrate: %d known copies of each type: %s", len(sources), ", ".join(known_copies))
+    report = measure(calibration, index, test, known_copies)
+    seconds["total"] = time.perf_counter() - clock
+    return DetectorAudit(calibration, report, index, halves, int(leaked.sum()), settings, seconds)
+
+
 def calibrate_model(
-    model_dir: str | Path, data: str, resolution: int, alpha: float = 0.01, positives: int = 500, seed: int = 0
+    model_dir: str | Path,
+    data: str,
+    resolution: int,
+    alpha: float = 0.01,
+    positives: int = 500,
+    seed: int = 0,
+    descriptor_steps: int = 600,
+    model_strengths: tuple[float, ...] = MODEL_STRENGTHS,
+    progress: bool = False,
 ) -> dict:
-    """`meddiff privacy calibrate`: the detector for this model's training data, calibrated on the held-out split
-    (one random half; the other half measures the false-flag rate) and checked on known copies. Writes
-    RUN/privacy/calibration.json (numbers and the data spec only: no images) and returns it."""
+    """`meddiff privacy calibrate`: audit_detector on the model's training data and its held-out split, with the
+    model's own near-copies (conditioned on the training images' labels). Writes RUN/privacy/calibration.json
+    (numbers and the data spec only: no images) and the descriptor's weights next to it; returns the note."""
+    from meddiff.conditioning.labels import LabelCodec
     from meddiff.data.spec import load_dataset, parse_spec
     from meddiff.evaluation.suite import to01
+    from meddiff.models.storage import load_pipeline
 
     spec = parse_spec(data)
     heldout = load_dataset(spec.heldout(), resolution)
-    train, held = to01(load_dataset(spec, resolution).images), to01(heldout.images)
-    rng = np.random.default_rng(seed)
-    first, halves = split_halves(list(heldout.patients), len(held), seed)
-    cal, test = held[first], held[~first]
-    index = ReferenceIndex(train)
-    logger.info(
-        "privacy calibrate: %d training images; calibrating on %d held-out images, testing on %d (%s)",
-        len(train), len(cal), len(test), halves,
-    )  # fmt: skip
-    calibration = calibrate(index, cal, alpha)
-    sources = train[rng.choice(len(train), min(positives, len(train)), replace=False)]
-    logger.info("privacy calibrate: %d known copies of each type: %s", len(sources), ", ".join(COPY_TYPES))
-    report = measure(calibration, index, test, {kind: augmented_copies(sources, kind, seed) for kind in COPY_TYPES})
-    note = {
-        "data": str(spec),
-        "halves": halves,
-        "resolution": resolution,
-        "n_training_images": len(train),
-        "calibration": calibration.to_dict(),
-        "measured": report.to_dict(),
-    }
-    note["fingerprint"] = hashlib.sha1(json.dumps(note, sort_keys=True).encode()).hexdigest()[:16]
+    dataset = load_dataset(spec, resolution)
+    names = load_pipeline(model_dir).label_names
+
+    def conditions(chosen: np.ndarray) -> torch.Tensor | None:  # the images' own labels, where the model has them
+        if list(dataset.label_names) != list(names):
+            return None
+        index = torch.from_numpy(chosen)
+        return LabelCodec(names).encode(dataset.labels[index], dataset.known[index])
+
+    audit = audit_detector(
+        to01(dataset.images),
+        to01(heldout.images),
+        list(heldout.patients),
+        alpha,
+        positives,
+        seed,
+        descriptor_steps,
+        model_dir,
+        conditions,
+        model_strengths,
+        progress,
+    )
     folder = Path(model_dir).expanduser() / CALIBRATION_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    note = {
+        "data": str(spec),
+        "halves": audit.halves,
+        "resolution": resolution,
+        "n_training_images": len(dataset),
+        "heldout_duplicates": audit.heldout_duplicates,
+        "calibration": audit.calibration.to_dict(),
+        "measured": audit.report.to_dict(),
+        "descriptor": None,
+        "seconds": {k: round(v, 1) for k, v in audit.seconds.items()},
+    }
+    if audit.index.descriptor is not None and audit.descriptor_settings is not None:
+        note["descriptor"] = save_descriptor(audit.index.descriptor, audit.descriptor_settings, folder)
+        note["descriptor_sha1"] = hashlib.sha1((folder / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+    note["fingerprint"] = hashlib.sha1(
+        json.dumps({k: v for k, v in note.items() if k != "seconds"}, sort_keys=True).encode()
+    ).hexdigest()[:16]
     (folder / CALIBRATION_FILE).write_text(json.dumps(note, indent=2))
     return note
 
@@ -400,6 +584,14 @@ def load_gate(model_dir: str | Path, max_retries: int = 8) -> ExportGate:
     from meddiff.evaluation.suite import to01
 
     note = json.loads(note_path.read_text())
+    descriptor = None
+    if note.get("descriptor"):
+        from meddiff.evaluation.copy_descriptor import load_descriptor
+
+        weights = path / CALIBRATION_DIR / WEIGHTS_FILE
+        if weights.is_file() and hashlib.sha1(weights.read_bytes()).hexdigest()[:16] != note.get("descriptor_sha1"):
+            raise MeddiffError(f"{weights} is not the descriptor this calibration was made with; calibrate again")
+        descriptor = load_descriptor(path / CALIBRATION_DIR, note["descriptor"])
     train = to01(load_dataset(note["data"], int(note["resolution"])).images)
     if len(train) != note["n_training_images"]:
         raise MeddiffError(
@@ -407,5 +599,8 @@ def load_gate(model_dir: str | Path, max_retries: int = 8) -> ExportGate:
             f"{note['n_training_images']}; calibrate again"
         )
     return ExportGate(
-        Calibration.from_dict(note["calibration"]), ReferenceIndex(train), note["fingerprint"], max_retries
+        Calibration.from_dict(note["calibration"]),
+        ReferenceIndex(train, descriptor=descriptor),
+        note["fingerprint"],
+        max_retries,
     )

@@ -98,9 +98,18 @@ def privacy_section(folder: Path | None) -> CardSection:
             f"- Combined false-flag rate held at alpha = {c['alpha']:g}: measured {m['false_flag_rate']:.4f} "
             f"[{lo:.4f}, {hi:.4f}] on {m['n_test_negatives']} new real images.",
             f"- Recall on known copies of training images ({next(iter(m['n_positives'].values()))} per type, 95 % "
-            f"intervals): {recall}.",
+            f"intervals; 'model t=' types are the model's own near-copies of training images noised to t): {recall}.",
+            *(
+                [
+                    f"- {note['heldout_duplicates']} held-out image(s) duplicate a training image (a leak between the "
+                    "data's splits); they were left out of the negatives."
+                ]
+                if note.get("heldout_duplicates")
+                else []
+            ),
             f"- Verdict: {verdict}. Generate with `--privacy-gate` to redraw flagged images.",
-            "- This card shows no training images; the calibration stores numbers only (privacy/calibration.json).",
+            "- This card shows no training images; the calibration stores numbers only (privacy/calibration.json); "
+            "the copy descriptor's weights, learned from the training images, stay private next to it.",
         ],
     )
 

@@ -160,6 +160,19 @@ class MedDiffusionPipeline(DiffusionPipeline):
             images = images.mean(dim=1, keepdim=True)
         return images
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """1-channel images in [0, 1] -> model space (scaled latents for latent models, [-1, 1] pixels otherwise)."""
+        x = images.to(device=self._execution_device, dtype=self.unet.dtype) * 2 - 1
+        if not self.is_latent:
+            return x
+        assert self.vae is not None
+        x = x.to(self.vae.dtype)
+        if self.vae.config.get("in_channels", 1) == 3 and x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        encoded = self.vae.encode(x)
+        z = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
+        return (z * self.vae.config["scaling_factor"]).to(self.unet.dtype)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -173,9 +186,15 @@ class MedDiffusionPipeline(DiffusionPipeline):
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step: Callable | None = None,
+        init_images: torch.Tensor | None = None,
+        strength: float = 1.0,
     ):
         """callback_on_step(index, timestep, sample) is called after every denoising step with the current
-        model-space sample (latents for latent models), e.g. to record a denoising animation."""
+        model-space sample (latents for latent models), e.g. to record a denoising animation.
+
+        init_images ((N, 1, H, W) in [0, 1]) with strength s in (0, 1]: start from those images noised to the
+        timestep a fraction s into the schedule and denoise from there (image-to-image; the privacy gate's
+        model-made near-copies). The schedule keeps its `num_inference_steps` spacing, so about s x that many run."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if prompt is not None and not self.supports_prompts:
@@ -187,6 +206,10 @@ class MedDiffusionPipeline(DiffusionPipeline):
                 num_images = len(prompt)
             else:
                 num_images = len(generator) if isinstance(generator, list) else 1
+        if init_images is not None:
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must be in (0, 1], got {strength:g}")
+            num_images = len(init_images)
         batch = num_images
         device, dtype = self._execution_device, self.unet.dtype
 
@@ -238,13 +261,17 @@ class MedDiffusionPipeline(DiffusionPipeline):
         else:
             sample = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = sample * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        timesteps = self.scheduler.timesteps
+        if init_images is None:
+            sample = sample * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        else:
+            sample, timesteps = self._noised(self.encode_images(init_images), sample, strength)
         scale_input = getattr(self.scheduler, "scale_model_input", None)
         # stochastic schedulers (DDPM, DDIM with eta) take the per-image generators; PNDM takes none
         step_kwargs = (
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+        for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([sample, sample]) if guided else sample
             if scale_input is not None:
                 model_in = scale_input(model_in, t)
@@ -265,3 +292,17 @@ class MedDiffusionPipeline(DiffusionPipeline):
         if not return_dict:
             return (result,)
         return ImagePipelineOutput(images=result)  # type: ignore[arg-type]  # diffusers' type omits output_type="pt"
+
+    def _noised(self, clean: torch.Tensor, noise: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean noised to the first kept timestep, the kept timesteps): the last ~strength of the schedule."""
+        timesteps = self.scheduler.timesteps
+        start = min(len(timesteps) - 1, max(0, round(len(timesteps) * (1 - strength))))
+        kept = timesteps[start:]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        first = kept[:1].repeat(len(clean))
+        if hasattr(self.scheduler, "add_noise"):
+            noised = self.scheduler.add_noise(clean, noise, first)
+        else:  # flow matching: x_t = (1 - sigma) x0 + sigma noise
+            noised = getattr(self.scheduler, "scale_noise")(clean, first, noise)  # noqa: B009  # not in Sampler
+        return noised.to(clean.dtype), kept

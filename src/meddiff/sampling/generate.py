@@ -74,10 +74,15 @@ def sample(
     progress: bool = True,
     prompts: Sequence[str | None] | None = None,
     callback=None,
+    init_images: np.ndarray | None = None,
+    strength: float = 1.0,
 ) -> np.ndarray:
     """conditions (N, 2K) and/or prompts (N) -> images (N, H, W) in [0, 1]. Row i is image number indices[i]
     (default i) and uses image_seed(settings.seed, indices[i]). A text model given only label conditions gets the
-    prompts built from them. callback(row_offset, step, timestep, sample) sees every denoising step."""
+    prompts built from them. callback(row_offset, step, timestep, sample) sees every denoising step.
+    init_images ((N, H, W) in [0, 1]) and strength: image-to-image from those images (MedDiffusionPipeline)."""
+    if init_images is not None and len(init_images) != len(conditions):
+        raise MeddiffError(f"{len(init_images)} start images for {len(conditions)} conditions")
     if settings.steps < 1:
         raise MeddiffError("--steps must be at least 1")
     if pipe.supports_prompts:
@@ -114,6 +119,10 @@ def sample(
             }
         if callback is not None:
             extra["callback_on_step"] = lambda i, t, x, _s=start: callback(_s, i, t, x)
+        if init_images is not None:
+            chunk = init_images[start : start + settings.batch_size]
+            extra["init_images"] = torch.from_numpy(np.ascontiguousarray(chunk)).float().unsqueeze(1)
+            extra["strength"] = strength
         with autocast(precision, device):
             images = pipe(
                 conditions=cond,

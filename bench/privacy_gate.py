@@ -1,14 +1,23 @@
 """The calibrated near-copy detector (meddiff.evaluation.privacy_gate), measured on known copies (issue 21).
 
-    python bench/privacy_gate.py [--alpha 0.01] [--positives 500] [--datasets pneumoniamnist phantoms]
+    python bench/privacy_gate.py [--alpha 0.01] [--positives 500] [--descriptor-steps 600]
+        [--datasets pneumoniamnist phantoms phantoms-demo] [--model pneumoniamnist=RUN ...]
 
-For each dataset: the training split is the reference set; the held-out images (PneumoniaMNIST: val + test, 1,148
-images; phantoms: 1,200 new ones) are split at random into a calibration half (threshold at the (1 - alpha) quantile
-of the fused score) and a test half (the measured false-flag rate); `--positives` training images per copy type are
-copied exactly or changed (shift, rotation, gamma, noise, crop) and must be flagged. Reported: false-flag rate and
-recall per copy type with 95 % Wilson intervals. Patient-disjoint halves need patient ids in the dataset (not yet
-carried: PneumoniaMNIST's held-out splits are patient-disjoint from training at the source, the two halves between
-themselves may share patients). Autoencoder and model-made near-copies are not measured yet.
+For each dataset: the training split is the reference set, and the copy descriptor is trained on it
+(`--descriptor-steps`, 0: pixel detectors only); the held-out images are split at random into a calibration half
+(threshold at the (1 - alpha) quantile of the fused score) and a test half (the measured false-flag rate), after
+held-out images that duplicate a training image (a leak between the splits: PneumoniaMNIST's val split holds 8) are
+counted and left out; `--positives` training images per copy type are copied exactly or changed (shift, rotation,
+gamma, noise, crop) and must be flagged. Where a model trained on that data is given (defaults below, used when they
+exist), its own near-copies are measured too: the same training images noised to t = 0.1 / 0.3 / 0.5 and denoised
+by the model with their own labels.
+
+- pneumoniamnist: 28 px; held-out = val + test (1,148 images); model: runs/few_step/teacher (bench/few_step.py);
+- phantoms: 32 px, 2,000 training phantoms, 1,200 new ones held out; no model;
+- phantoms-demo: the 2D demo's phantoms (runs/demo_run2/phantoms at 32 px: 2,400 training, 600 held out) and its
+  2,500-step model (runs/demo_run2/run, from `meddiff demo --out runs/demo_run2`).
+Patient-disjoint halves need patient ids (none here: PneumoniaMNIST's held-out splits are patient-disjoint from
+training at the source, the two halves between themselves may share patients).
 Results: bench/results/privacy_gate.json and a table."""
 
 from __future__ import annotations
@@ -22,59 +31,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parent.parent
 PNEUMONIA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
+MODELS = {
+    "pneumoniamnist": ROOT / "runs" / "few_step" / "teacher",
+    "phantoms-demo": ROOT / "runs" / "demo_run2" / "run",
+}
 
 
 def load(name: str):
+    """(training dataset, training images, held-out images, size); images (N, H, W) in [0, 1]."""
     import numpy as np
 
     from meddiff.data.spec import load_dataset
     from meddiff.evaluation.suite import to01
 
     if name == "pneumoniamnist":
-        spec = f"medmnist:{PNEUMONIA}"
-        train = to01(load_dataset(spec, 28).images)
-        held = np.concatenate(
-            [to01(load_dataset(f"{spec}?split=val", 28).images), to01(load_dataset(f"{spec}?split=test", 28).images)]
-        )
-        return train, held, 28
-    train = to01(load_dataset("phantom:?n=2000&seed=11", 32).images)
-    held = to01(load_dataset("phantom:?n=1200&seed=12", 32).images)  # other seeds: new synthetic patients
-    return train, held, 32
+        spec, size = f"medmnist:{PNEUMONIA}", 28
+        held = np.concatenate([to01(load_dataset(f"{spec}?split={s}", size).images) for s in ("val", "test")])
+    elif name == "phantoms-demo":
+        spec, size = f"phantom:{ROOT / 'runs' / 'demo_run2' / 'phantoms'}", 32
+        held = to01(load_dataset(f"{spec}?split=valid", size).images)
+    else:
+        spec, size = "phantom:?n=2000&seed=11", 32
+        held = to01(load_dataset("phantom:?n=1200&seed=12", size).images)  # other seeds: new synthetic patients
+    train = load_dataset(spec, size)
+    return train, to01(train.images), held, size
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--positives", type=int, default=500)
-    ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "phantoms"])
+    ap.add_argument("--descriptor-steps", type=int, default=600)
+    ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "phantoms", "phantoms-demo"])
+    ap.add_argument("--model", nargs="*", default=[], help="NAME=RUN: the model whose near-copies to measure")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    import numpy as np
-
     from common import write_results
-    from meddiff.evaluation.privacy_gate import COPY_TYPES, ReferenceIndex, augmented_copies, calibrate, measure
+    from meddiff.evaluation.privacy_gate import audit_detector, own_labels
+    from meddiff.logs import configure_logging
 
+    configure_logging()
+    models = {**MODELS, **{k: Path(v) for k, v in (m.split("=", 1) for m in args.model)}}
     rows = []
     for name in args.datasets:
         if name == "pneumoniamnist" and not PNEUMONIA.is_file():
             print(f"skipped {name}: {PNEUMONIA} not found", flush=True)
             continue
+        if name == "phantoms-demo" and not (ROOT / "runs" / "demo_run2" / "phantoms").is_dir():
+            print(f"skipped {name}: run `meddiff demo --out runs/demo_run2` first", flush=True)
+            continue
         t0 = time.perf_counter()
-        train, held, size = load(name)
-        rng = np.random.default_rng(0)
-        order = rng.permutation(len(held))
-        cal, test = held[order[: len(held) // 2]], held[order[len(held) // 2 :]]
-        index = ReferenceIndex(train)
-        calibration = calibrate(index, cal, args.alpha)
-        sources = train[rng.choice(len(train), min(args.positives, len(train)), replace=False)]
-        positives = {kind: augmented_copies(sources, kind) for kind in COPY_TYPES}
-        report = measure(calibration, index, test, positives)
+        dataset, train, held, size = load(name)
+        model = models.get(name)
+        model = model if model is not None and (model / "pipeline").is_dir() else None
+        audit = audit_detector(
+            train,
+            held,
+            alpha=args.alpha,
+            positives=args.positives,
+            descriptor_steps=args.descriptor_steps,
+            model_dir=model,
+            conditions=own_labels(dataset, model) if model else None,
+            progress=True,
+        )
+        report = audit.report
         row = {
             "dataset": name,
             "size": size,
             "n_train": len(train),
-            "n_calibration": len(cal),
+            "heldout_duplicates": audit.heldout_duplicates,
+            "n_calibration": audit.calibration.n_calibration,
             "n_test_negatives": report.n_test_negatives,
             "alpha": args.alpha,
             "false_flag_rate": round(report.false_flag_rate, 4),
@@ -82,12 +109,15 @@ def main() -> None:
             **{f"recall {k}": round(v, 3) for k, v in report.recall.items()},
             "recall_ci": {k: [round(a, 3), round(b, 3)] for k, (a, b) in report.recall_interval.items()},
             "positives_per_type": args.positives,
-            "detectors": calibration.detectors,
-            "seconds": round(time.perf_counter() - t0, 1),
+            "detectors": audit.calibration.detectors,
+            "descriptor_steps": args.descriptor_steps,
+            "model": str(model) if model else None,
+            "seconds": {k: round(v, 1) for k, v in audit.seconds.items()} | {"all": round(time.perf_counter() - t0)},
         }
         rows.append(row)
         print(row, flush=True)
-    cols = ["dataset", "n_test_negatives", "false_flag_rate", *(f"recall {k}" for k in COPY_TYPES), "seconds"]
+    kinds = list(dict.fromkeys(k for r in rows for k in r if k.startswith("recall ") and k != "recall_ci"))
+    cols = ["dataset", "heldout_duplicates", "n_test_negatives", "false_flag_rate", *kinds]
     write_results("privacy_gate", rows, cols, args.out)
 
 

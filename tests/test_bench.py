@@ -534,10 +534,12 @@ def test_real_data_bench_reports_every_protocol(tmp_path, phantom_dir, synthetic
 def test_privacy_gate_bench_reports_false_flags_and_recall_per_copy_type(tmp_path):
     out = tmp_path / "p.json"
     command = [sys.executable, str(BENCH / "privacy_gate.py"), "--datasets", "phantoms", "--positives", "40"]
+    command += ["--descriptor-steps", "30"]
     proc = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["n_calibration"] == 600 and row["n_test_negatives"] == 600 and row["false_flag_rate"] <= 0.05
+    assert row["heldout_duplicates"] == 0 and "descriptor" in row["detectors"] and row["model"] is None
     assert row["recall exact"] == 1.0 and set(row["recall_ci"]) == {
         "exact",
         "shift",

@@ -489,6 +489,23 @@ def audit_detector(
     return DetectorAudit(calibration, report, index, halves, int(leaked.sum()), settings, seconds)
 
 
+def own_labels(dataset, model_dir: str | Path) -> Callable[[np.ndarray], torch.Tensor | None]:
+    """conditions(chosen indices): the model's condition vectors for those training images' own labels (None
+    where the model does not take this dataset's labels: its near-copies are then unconditional)."""
+    from meddiff.conditioning.labels import LabelCodec
+    from meddiff.models.storage import load_pipeline
+
+    names = load_pipeline(model_dir).label_names
+
+    def conditions(chosen: np.ndarray) -> torch.Tensor | None:
+        if not names or list(dataset.label_names) != list(names):
+            return None
+        index = torch.from_numpy(chosen)
+        return LabelCodec(names).encode(dataset.labels[index], dataset.known[index])
+
+    return conditions
+
+
 def calibrate_model(
     model_dir: str | Path,
     data: str,
@@ -503,22 +520,12 @@ def calibrate_model(
     """`meddiff privacy calibrate`: audit_detector on the model's training data and its held-out split, with the
     model's own near-copies (conditioned on the training images' labels). Writes RUN/privacy/calibration.json
     (numbers and the data spec only: no images) and the descriptor's weights next to it; returns the note."""
-    from meddiff.conditioning.labels import LabelCodec
     from meddiff.data.spec import load_dataset, parse_spec
     from meddiff.evaluation.suite import to01
-    from meddiff.models.storage import load_pipeline
 
     spec = parse_spec(data)
     heldout = load_dataset(spec.heldout(), resolution)
     dataset = load_dataset(spec, resolution)
-    names = load_pipeline(model_dir).label_names
-
-    def conditions(chosen: np.ndarray) -> torch.Tensor | None:  # the images' own labels, where the model has them
-        if list(dataset.label_names) != list(names):
-            return None
-        index = torch.from_numpy(chosen)
-        return LabelCodec(names).encode(dataset.labels[index], dataset.known[index])
-
     audit = audit_detector(
         to01(dataset.images),
         to01(heldout.images),
@@ -528,7 +535,7 @@ def calibrate_model(
         seed,
         descriptor_steps,
         model_dir,
-        conditions,
+        own_labels(dataset, model_dir),
         model_strengths,
         progress,
     )

@@ -73,11 +73,26 @@ def _load_and_train(config: TrainConfig, progress: bool) -> tuple[DatasetSpec, A
     logger.info("data: %s", dataset.summary())
     timings["load_data_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    result = train(config, dataset, progress=progress)
+    result = train(config, dataset, progress=progress, checks=training_checks(config, spec, dataset))
     if not result.is_main_process:
         return None
     timings["train_s"] = time.perf_counter() - t
     return spec, dataset, result, timings
+
+
+def training_checks(config: TrainConfig, spec: DatasetSpec, dataset) -> list:
+    """The checks the loop runs during training: the memorisation monitor when `privacy.every` > 0 (built on the
+    main process; the others only keep its schedule)."""
+    if not config.privacy.every:
+        return []
+    from meddiff.devices import launch_rank
+    from meddiff.evaluation.privacy_monitor import NAME, PrivacyMonitor
+    from meddiff.training.checks import OnMainOnly
+
+    if launch_rank()[0] != 0:
+        return [OnMainOnly(NAME, config.privacy.every)]
+    heldout = load_dataset(spec.heldout(), config.resolution)
+    return [PrivacyMonitor(config.privacy, dataset, heldout, config.guidance, config.seed)]
 
 
 def report_run(

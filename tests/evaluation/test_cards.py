@@ -333,3 +333,16 @@ def test_every_card_has_a_privacy_section_that_calibration_fills_in(tmp_path):
     assert "shift 0.950 [0.930, 0.970]" in text and "misses some shift copies" in text
     assert text.count("## Privacy") == 1 and text.count("## Intended use") == 1
     assert update_privacy_section(tmp_path / "nowhere") is None
+    assert "Memorisation was not monitored" in text and "held-out image(s) duplicate" not in text
+    # the checks during training (training.json) and held-out duplicates are stated
+    note["heldout_duplicates"] = 8
+    (tmp_path / "privacy" / "calibration.json").write_text(json.dumps(note))
+    row = {"step": 500, "samples": 128, "alpha": 0.01, "copy_rate": 0.0, "copy_rate_low": 0.0, "copy_rate_high": 0.03}
+    late = {"step": 1000, "copy_rate": 0.2, "copy_rate_low": 0.14, "copy_rate_high": 0.28, "warning": "x"}
+    rows = [{**row, "training_images_hit": 0, "loss_gap": 0.002}, {**row, **late, "training_images_hit": 9}]
+    (tmp_path / "training.json").write_text(json.dumps({"checks": {"privacy": rows}}))
+    update_privacy_section(tmp_path)
+    text = card.read_text()
+    assert "Memorisation checks during training: 2 (steps 500-1000, 128 fixed-seed samples" in text
+    assert "copy rate 0.200 [0.140, 0.280], 9 training image(s) hit" in text and "warnings at steps 1000" in text
+    assert "8 held-out image(s) duplicate a training image" in text

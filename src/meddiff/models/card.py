@@ -61,9 +61,29 @@ def intended_use(content: CardContent) -> CardSection:
 PRIVACY_FILE = Path("privacy") / "calibration.json"  # written by `meddiff privacy calibrate` (run directory)
 
 
+def monitoring_lines(folder: Path | None) -> list[str]:
+    """What the memorisation checks during training (training.json, --privacy.every) found, as card lines."""
+    import json
+
+    path = Path(folder) / "training.json" if folder is not None else None
+    rows = json.loads(path.read_text()).get("checks", {}).get("privacy", []) if path and path.is_file() else []
+    if not rows:
+        return ["- Memorisation was not monitored during training (`--privacy.every N` checks samples every N steps)."]
+    last = rows[-1]
+    warned = [r["step"] for r in rows if r.get("warning")]
+    return [
+        f"- Memorisation checks during training: {len(rows)} (steps {rows[0]['step']}-{last['step']}, "
+        f"{last['samples']} fixed-seed samples each, detector false-flag rate {last['alpha']:g}); at the last one "
+        f"copy rate {last['copy_rate']:.3f} [{last['copy_rate_low']:.3f}, {last['copy_rate_high']:.3f}], "
+        f"{last['training_images_hit']} training image(s) hit, held-out minus training denoising loss "
+        f"{last.get('loss_gap', float('nan')):+.4f}; "
+        + (f"memorisation warnings at steps {', '.join(map(str, warned))}." if warned else "no memorisation warning.")
+    ]
+
+
 def privacy_section(folder: Path | None) -> CardSection:
-    """The "Privacy" section every card has: the stored near-copy calibration in numbers, or that there is none.
-    No training image is ever shown in a card."""
+    """The "Privacy" section every card has: the stored near-copy calibration in numbers, or that there is none;
+    the memorisation checks during training. No training image is ever shown in a card."""
     import json
 
     path = Path(folder) / PRIVACY_FILE if folder is not None else None
@@ -74,6 +94,7 @@ def privacy_section(folder: Path | None) -> CardSection:
                 "- Not audited: no near-copy calibration yet. `meddiff privacy calibrate --model RUN --data SPEC` "
                 "calibrates the detector on held-out images and measures it on known copies; `meddiff generate "
                 "--privacy-gate` then redraws any image it flags; `meddiff evaluate` audits a generated set.",
+                *monitoring_lines(folder),
                 "- This card shows no training images.",
             ],
         )
@@ -108,6 +129,7 @@ def privacy_section(folder: Path | None) -> CardSection:
                 else []
             ),
             f"- Verdict: {verdict}. Generate with `--privacy-gate` to redraw flagged images.",
+            *monitoring_lines(folder),
             "- This card shows no training images; the calibration stores numbers only (privacy/calibration.json); "
             "the copy descriptor's weights, learned from the training images, stay private next to it.",
         ],

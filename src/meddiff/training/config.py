@@ -92,6 +92,27 @@ class EvalConfig(Options):
 
 
 @dataclass
+class PrivacyMonitorConfig(Options):
+    every: int = option(
+        0, "steps between memorisation checks during training (0: none): samples from the EMA weights are compared "
+        "with the training images", minimum=0,
+    )  # fmt: skip
+    samples: int = option(128, "images sampled per check (fixed seeds and labels: checks are comparable)", minimum=8)
+    sample_steps: int = option(10, "sampler steps of those images", minimum=1)
+    alpha: float = option(
+        0.01,
+        "false-flag rate of the check's near-copy detector (calibrated on the held-out split)",
+        minimum=0.001,
+        maximum=0.2,
+    )
+    stop: bool = option(False, "stop training when the copy rate is significantly above alpha on two checks in a row")
+    loss_images: int = option(128, "training and held-out images of the denoising-loss gap", minimum=8)
+    compare_size: int = option(
+        64, "images are compared at most this size (memory of the training-image index)", minimum=16
+    )
+
+
+@dataclass
 class TrainConfig(Options):
     """Everything a training run reads; saved as RUN/config.yaml. Defaults < YAML (--config) < flags."""
 
@@ -166,6 +187,7 @@ class TrainConfig(Options):
     latent: LatentConfig = section(LatentConfig, "latent diffusion")
     autoencoder: AutoencoderConfig = section(AutoencoderConfig, "the autoencoder (train-autoencoder)")
     eval: EvalConfig = section(EvalConfig, "evaluation after training")
+    privacy: PrivacyMonitorConfig = section(PrivacyMonitorConfig, "memorisation checks during training")
     finetune: FinetuneConfig = section(FinetuneConfig, "fine-tuning a pretrained Stable Diffusion")
     distill: DistillConfig = section(DistillConfig, "few-step distillation of a trained model (meddiff distill)")
     volume: VolumeModelConfig = section(

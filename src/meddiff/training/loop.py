@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import TypedDict, cast
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, broadcast
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -39,6 +40,7 @@ from meddiff.models.factory import choose_attention, set_attention
 from meddiff.precision import enable_tf32, reset_accelerate_state, resolve_precision
 from meddiff.training.batches import StreamBatchSampler, batch_indices, make_loader, rank_batch_indices  # noqa: F401
 from meddiff.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from meddiff.training.checks import TrainingCheck
 from meddiff.training.config import TrainConfig
 from meddiff.training.methods import METHODS, TrainingMethod
 from meddiff.training.summary import TrainingSummary
@@ -54,6 +56,7 @@ class LoopState(TypedDict, total=False):
     samples: int  # images of the data stream consumed
     loss_history: list[list[float]]  # [step, loss, elapsed seconds]
     metrics_history: list  # [step, {name: value}]
+    checks: dict  # {check name: [its results in order]} (training checks, e.g. the memorisation monitor)
     method: dict  # the method's extra state (written into checkpoints only)
 
 
@@ -125,7 +128,49 @@ def make_optimizer(config: TrainConfig, params: list):
     raise MeddiffError(f"unknown optimizer {config.optimizer!r}; choose adamw or adamw8bit")
 
 
-def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True) -> TrainResult:
+def run_checks(
+    due: Sequence[TrainingCheck], state: LoopState, accelerator: Accelerator, trainee, method, ema, main: bool
+) -> bool:
+    """Run the due checks on the EMA weights as a sampling pipeline (main process), log what they return, and say
+    whether one asked to stop (the same answer on every process)."""
+    stop = False
+    if main:
+        model = accelerator.unwrap_model(trainee, keep_torch_compile=False)
+        if isinstance(model, LossModule):
+            model = model.model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if ema is not None:
+            ema.store(trainable)
+            ema.copy_to(trainable)
+        model.eval()
+        try:
+            pipe = method.sampling_pipeline(model)
+            for check in due:
+                history = state.setdefault("checks", {}).setdefault(check.name, [])
+                if pipe is None:
+                    continue
+                result = {"step": state["step"], **check(state["step"], pipe, method, history)}
+                history.append(result)
+                numbers = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+                accelerator.log({f"{check.name}/{k}": v for k, v in numbers.items() if k != "step"}, step=state["step"])
+                if result.get("warning"):
+                    logger.warning("%s at step %d: %s", check.name, state["step"], result["warning"])
+                stop = stop or bool(result.get("stop"))
+        finally:
+            if ema is not None:
+                ema.restore(trainable)
+            model.train()
+    if accelerator.num_processes > 1:
+        flag = broadcast(torch.tensor([float(stop)], device=accelerator.device), from_process=0)
+        stop = bool(flag.item())
+    return stop
+
+
+def train(
+    config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True, checks: Sequence[TrainingCheck] = ()
+) -> TrainResult:
+    """The one training loop. `checks` run every `check.every` steps on the EMA weights (main process; see
+    meddiff.training.checks); one that asks to stop ends training after that step (checkpointed)."""
     run_dir = Path(config.out)
     if config.method not in METHODS:
         raise MeddiffError(f"unknown training method {config.method!r}; known: {', '.join(METHODS)}")
@@ -283,10 +328,16 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
             per_step_s = (time.perf_counter() - t0) / (state["step"] - start_step)
             bar.total = min(config.max_steps, state["step"] + max(int(left / per_step_s), 0))
         bar.update(1)
-        if saving:
+        due = [c for c in checks if c.every > 0 and state["step"] % c.every == 0]
+        stop = bool(due) and run_checks(due, state, accelerator, trainee, method, ema, main)
+        if saving or stop:  # a stopped run keeps the state it stopped at
             save_checkpoint(
                 accelerator, ema, {**state, "method": method.extra_state()}, run_dir, config.checkpoints_keep
             )
+            saving = True
+        if stop:
+            logger.warning("training stopped at step %d by a check (--privacy.stop)", state["step"])
+            break
     del batches  # stops the loader's workers
     bar.close()
     train_seconds = state["elapsed"] - start_elapsed
@@ -330,6 +381,7 @@ def train(config: TrainConfig, dataset: ImageLabelDataset, progress: bool = True
         global_batch=config.batch_size * world,
         dataset=dataset.summary(),
         loss_history=state["loss_history"],
+        checks=state.get("checks", {}),
     )
     if main:
         summary.write(run_dir)

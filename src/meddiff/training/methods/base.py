@@ -49,6 +49,11 @@ class TrainingMethod(ABC):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """Scalar training loss for one batch. All randomness comes from `generator` (exact resume)."""
 
+    def sampling_pipeline(self, model: torch.nn.Module):
+        """The model as an in-memory sampling pipeline (for checks during training), or None where the method
+        makes no sampler (autoencoders)."""
+        return None
+
     @abstractmethod
     def export(self, model: torch.nn.Module, out_dir: Path) -> Path:
         """Write the trained model (already holding its EMA weights) in diffusers format; returns the folder."""

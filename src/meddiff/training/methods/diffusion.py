@@ -16,7 +16,7 @@ from meddiff.conditioning.labels import LabelCodec
 from meddiff.conditioning.text import PromptCache, load_text_encoder, text_width
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import build_noise_scheduler, build_unet
-from meddiff.models.pipeline import encode_prompt
+from meddiff.models.pipeline import MedDiffusionPipeline, encode_prompt
 from meddiff.models.storage import PIPELINE_DIR, save_pipeline
 from meddiff.training.methods.base import TrainingMethod, register_method
 
@@ -155,6 +155,24 @@ class PixelDiffusion(TrainingMethod):
 
     def vae(self):
         return None
+
+    def sampling_pipeline(self, model) -> MedDiffusionPipeline:
+        unet = model["unet"] if isinstance(model, torch.nn.ModuleDict) else model
+        encoder = model["text_encoder"] if isinstance(model, torch.nn.ModuleDict) else self.text_encoder
+        names = self.dataset.label_names if (self.use_labels or self.use_text) else []
+        vae = self.vae()
+        if vae is not None:
+            vae = vae.to(next(unet.parameters()).device)
+        pipe = MedDiffusionPipeline(
+            unet=unet,  # type: ignore[arg-type]  # the U-Net inside the trained module
+            scheduler=self.noise_scheduler,
+            vae=vae,
+            text_encoder=encoder,
+            tokenizer=self.tokenizer,
+            label_names=names,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def export(self, model, out_dir: Path) -> Path:
         unet = model["unet"] if isinstance(model, torch.nn.ModuleDict) else model

@@ -77,3 +77,22 @@ def test_bad_input_is_one_line():
         train_descriptor(np.zeros((8, 8, 8), np.float32))
     with pytest.raises(MeddiffError, match="at least 2 training images"):
         train_descriptor(np.zeros((1, 32, 32), np.float32))
+
+
+def blurred(images: np.ndarray) -> np.ndarray:
+    """A change the acquisition views never make (a strong 5 x 5 box blur), standing in for a model's re-drawing."""
+    x = torch.from_numpy(images).unsqueeze(1)
+    return torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)[:, 0].numpy()
+
+
+def test_partners_teach_the_descriptor_what_else_counts_as_the_same_image(phantoms, descriptor):
+    train, held = phantoms
+    taught = train_descriptor(train, SETTINGS, partners=blurred(train))
+    copies = blurred(train[:150])
+    aucs = {}
+    for name, net in (("plain", descriptor), ("taught", taught)):
+        index = ReferenceIndex(train, descriptor=net)
+        aucs[name] = auc(index.scores(copies)["descriptor"], index.scores(held)["descriptor"])
+    assert aucs["taught"] > aucs["plain"] + 0.05 and aucs["taught"] > 0.9, aucs
+    with pytest.raises(MeddiffError, match="partners must match"):
+        train_descriptor(train, SETTINGS, partners=train[:10])

@@ -99,11 +99,18 @@ def acquisition_views(x: torch.Tensor, generator: torch.Generator) -> torch.Tens
 
 
 def train_descriptor(
-    images: np.ndarray, settings: DescriptorSettings | None = None, progress: bool = False
+    images: np.ndarray,
+    settings: DescriptorSettings | None = None,
+    progress: bool = False,
+    partners: np.ndarray | None = None,
 ) -> CopyDescriptorNet:
     """Instance discrimination on (N, H, W) images in [0, 1]: symmetric InfoNCE between two random re-acquisitions
-    of each image in a batch. Deterministic for a seed (CPU)."""
+    of each image in a batch. `partners` (N, H, W), optional: another version of each image that must count as the
+    same image (the audited model's own near-copy of it: noised to some t and denoised); for half of a batch the
+    second view is made from the partner. Deterministic for a seed (CPU)."""
     settings = settings or DescriptorSettings()
+    if partners is not None and partners.shape != images.shape:
+        raise MeddiffError(f"partners must match the images' shape {images.shape}, got {partners.shape}")
     if images.ndim != 3 or len(images) < 2:
         raise MeddiffError("the copy descriptor needs at least 2 training images, as an (N, H, W) stack")
     if min(images.shape[1:]) < 16:
@@ -116,6 +123,7 @@ def train_descriptor(
         optimiser, settings.learning_rate, total_steps=settings.steps, pct_start=0.1
     )
     data = torch.from_numpy(np.ascontiguousarray(images)).float().unsqueeze(1)
+    other = None if partners is None else torch.from_numpy(np.ascontiguousarray(partners)).float().unsqueeze(1)
     batch = min(settings.batch_size, len(data))
     targets = torch.arange(batch)
     bar = None
@@ -129,7 +137,10 @@ def train_descriptor(
     for step in range(settings.steps):
         chosen = torch.randperm(len(data), generator=generator)[:batch]
         x = data[chosen]
-        a, b = net(acquisition_views(x, generator)), net(acquisition_views(x, generator))
+        y = x
+        if other is not None:  # half the pairs: the image and the model's near-copy of it
+            y = torch.where((torch.rand(len(x), generator=generator) < 0.5).view(-1, 1, 1, 1), other[chosen], x)
+        a, b = net(acquisition_views(x, generator)), net(acquisition_views(y, generator))
         logits = a @ b.T / settings.temperature
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         optimiser.zero_grad(set_to_none=True)

@@ -378,6 +378,7 @@ def model_copies(
     strengths: tuple[float, ...] = MODEL_STRENGTHS,
     seed: int = 0,
     steps: int = 20,
+    autoencoder: bool = True,
 ) -> dict[str, np.ndarray]:
     """Known positives the audited model makes itself: each training image noised to t = strength of the schedule
     and denoised by the model with its own conditions (DPM-Solver++, `steps` spacing, the run's guidance), plus the
@@ -395,7 +396,7 @@ def model_copies(
         out[f"model t={strength:g}"] = sample(
             pipe, conditions, settings, progress=False, init_images=images, strength=strength
         )
-    if pipe.is_latent:
+    if pipe.is_latent and autoencoder:
         with torch.no_grad():
             parts = []
             for i in range(0, len(images), 64):
@@ -404,6 +405,34 @@ def model_copies(
                 parts.append(decoded.clamp(0, 1)[:, 0].cpu().numpy())
         out["autoencoder"] = np.concatenate(parts)
     return out
+
+
+VIEW_STRENGTHS = (0.1, 0.2, 0.3, 0.4)  # model-made near-copies the descriptor learns to match (issue: up to t = 0.3)
+
+
+def model_partners(
+    model_dir: str | Path,
+    train: np.ndarray,
+    conditions: Callable[[np.ndarray], torch.Tensor | None] | None,
+    limit: int,
+    seed: int,
+) -> np.ndarray:
+    """A partner for each training image: for up to `limit` of them (at random) the model's near-copy at a strength
+    from VIEW_STRENGTHS (in turn), for the rest the image itself."""
+    rng = np.random.default_rng([seed, 17])
+    chosen = np.sort(rng.choice(len(train), min(limit, len(train)), replace=False))
+    partners = train.copy()
+    logger.info(
+        "privacy calibrate: the model's near-copies of %d training images (t = %s) for the copy descriptor",
+        len(chosen), ", ".join(f"{s:g}" for s in VIEW_STRENGTHS),
+    )  # fmt: skip
+    for k, strength in enumerate(VIEW_STRENGTHS):
+        group = chosen[k :: len(VIEW_STRENGTHS)]
+        if len(group):
+            cond = conditions(group) if conditions else None
+            made = model_copies(model_dir, train[group], cond, (strength,), seed, autoencoder=False)
+            partners[group] = made[f"model t={strength:g}"]
+    return partners
 
 
 def run_guidance(run_dir: Path, default: float = 2.0) -> float:
@@ -443,12 +472,15 @@ def audit_detector(
     conditions: Callable[[np.ndarray], torch.Tensor | None] | None = None,
     model_strengths: tuple[float, ...] = MODEL_STRENGTHS,
     progress: bool = False,
+    model_views: int = 4096,
 ) -> DetectorAudit:
     """Build the detector for `train` ((N, H, W) in [0, 1]): the copy descriptor (`descriptor_steps` > 0), the
     reference index, the threshold from one half of `held` (by patient where `patients` are given) and the false-flag
     rate on the other half, with held-out duplicates of training images left out; recall on `positives` known
     copies of each type (augmented copies; with `model_dir` the model's own near-copies at `model_strengths`, their
-    conditions from `conditions(chosen training indices)`, and the autoencoder round trip of latent models)."""
+    conditions from `conditions(chosen training indices)`, and the autoencoder round trip of latent models). With a
+    model, the descriptor also learns that the model's own near-copies of up to `model_views` training images (t in
+    VIEW_STRENGTHS, other seeds than the measured ones) are the same image."""
     clock, seconds = time.perf_counter(), {}
     rng = np.random.default_rng(seed)
     first, halves = split_halves(list(patients or []), len(held), seed)
@@ -458,10 +490,16 @@ def audit_detector(
     )  # fmt: skip
     descriptor, settings = None, None
     if descriptor_steps > 0:
+        partners = None
+        if model_dir is not None and model_views:
+            t = time.perf_counter()
+            partners = model_partners(model_dir, train, conditions, model_views, seed + 1)
+            seconds["model views"] = time.perf_counter() - t
         settings = DescriptorSettings(steps=descriptor_steps, seed=seed)
         logger.info("privacy calibrate: training the copy descriptor (%d steps)", descriptor_steps)
-        descriptor = train_descriptor(train, settings, progress=progress)
-        seconds["descriptor"] = time.perf_counter() - clock
+        t = time.perf_counter()
+        descriptor = train_descriptor(train, settings, progress=progress, partners=partners)
+        seconds["descriptor"] = time.perf_counter() - t
     index = ReferenceIndex(train, descriptor=descriptor)
     leaked = index.duplicates(held)
     if leaked.any():  # the same image on both sides of the split: not a negative; reported

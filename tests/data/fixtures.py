@@ -176,6 +176,7 @@ def dicom_file(
     intercept: float = 0.0,
     window: tuple[float, float] | None = None,
     frames: int = 1,
+    patient_id: str | None = None,
 ) -> Path:
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -188,6 +189,8 @@ def dicom_file(
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
+    if patient_id is not None:
+        ds.PatientID = patient_id
     arr = np.asarray(pixels, np.uint16)
     if frames > 1:
         arr = np.stack([arr] * frames)

@@ -87,3 +87,20 @@ def test_csv_with_dicom_and_nifti(tmp_path):
     ds = load_dataset(f"csv:{tmp_path / 't.csv'}?split=all&slices=1:5", 32)
     assert len(ds) == 1 + 4 and ds.skipped == 1
     assert "multi-frame" in ds.problems[0][1]
+
+
+def test_dicom_patient_ids_are_hashed_and_keep_patients_in_one_split(tmp_path):
+    px = (np.arange(32 * 32).reshape(32, 32) % 4000).astype(np.uint16)
+    for p in range(6):
+        for k in range(2):
+            dicom_file(
+                tmp_path / ("AD" if p % 2 else "NC") / f"p{p}_{k}.dcm", px + 10 * p + k, patient_id=f"MRN{p:04d}"
+            )
+    dicom_file(tmp_path / "NC" / "anonymous.dcm", px)  # no PatientID: keeps its path as the id
+    everything = load_dataset(f"folder:{tmp_path}?split=all", 32)
+    ids = list(everything.patients)
+    assert len(ids) == 13 and len(set(ids)) == 7
+    assert all(i.startswith("dicom-") and "MRN" not in i for i in ids if i != "NC/anonymous.dcm")
+    spec = f"folder:{tmp_path}?val_fraction=0&test_fraction=0.5&seed=3"
+    train, test = load_dataset(spec, 32), load_dataset(spec + "&split=test", 32)
+    assert len(train) + len(test) == 13 and not set(train.patients) & set(test.patients)

@@ -17,7 +17,7 @@ from meddiff.data.chexpert_format import parse_value
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.demographics import demographic_labels
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
-from meddiff.data.records import Record, RecordTable, split_by_patient
+from meddiff.data.records import Record, RecordTable, dicom_patient_ids, split_by_patient
 from meddiff.data.registry import DatasetSpec, register
 from meddiff.data.volumes import VOLUME_OPTIONS, expand_volumes
 from meddiff.errors import MeddiffError
@@ -133,7 +133,10 @@ def index_csv(spec: DatasetSpec) -> RecordTable:
                 view=_view(row),
             )
         )
-    table = expand_volumes(RecordTable(records, labels, str(spec)), opts)
+    table = RecordTable(records, labels, str(spec))
+    if not opts.get("patient_col"):  # DICOM files carry their own patient id
+        table = dicom_patient_ids(table)
+    table = expand_volumes(table, opts)
     split = opts.get("split", "train")
     if opts.get("split_col"):
         if opts["split_col"] not in columns:

@@ -12,7 +12,7 @@ from pathlib import Path
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.demographics import demographic_labels
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
-from meddiff.data.records import LabelPolicy, Record, RecordTable, split_by_patient
+from meddiff.data.records import LabelPolicy, Record, RecordTable, dicom_patient_ids, split_by_patient
 from meddiff.data.registry import DatasetSpec, register
 from meddiff.data.volumes import VOLUME_OPTIONS, expand_volumes
 from meddiff.errors import MeddiffError
@@ -59,7 +59,7 @@ def index_folder(spec: DatasetSpec) -> RecordTable:
             records.append(Record(path=path, values=values, patient=str(path.relative_to(base))))
     if not records:
         raise MeddiffError(f"no image files under {base} (looked in {', '.join(classes)})")
-    table = RecordTable(records, classes, str(spec))
+    table = dicom_patient_ids(RecordTable(records, classes, str(spec)))
     table = expand_volumes(table, spec.options)
     if not has_split_dirs and split != "all":
         try:

@@ -259,6 +259,12 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
         "are drawn again, never written",
     )
     ge.add_argument("--max-retries", type=_positive_int, default=8, help="privacy gate: redraws per image")
+    ge.add_argument(
+        "--allow-failed-audit",
+        action="store_true",
+        help="export a model whose privacy audit failed (or whose memorisation check warned); the override is "
+        "stamped into every file",
+    )
     ge.add_argument("--sex", default=None, help="F or M: models trained with demographics=sex")
     ge.add_argument("--age", type=float, default=None, help="years: models trained with demographics=age")
     ge.add_argument("--view", default=None, help="PA, AP or Lateral: models trained with demographics=view")
@@ -372,6 +378,15 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
         help="model-made near-copies: training images noised this far into the schedule and denoised by the model "
         "('none' to skip)",
     )
+
+    pa = pv_sub.add_parser(
+        "audit",
+        help="sample the model and count near-copies of training images with the calibrated detector -> "
+        "RUN/privacy/audit.json (a failed audit blocks exports without --allow-failed-audit)",
+    )
+    pa.add_argument("--model", required=True, help="run directory (calibrated with `meddiff privacy calibrate`)")
+    pa.add_argument("--n", type=_positive_int, default=512, help="images to sample")
+    pa.add_argument("--steps", type=_positive_int, default=20, help="sampler steps")
 
     de = sub.add_parser("demo", help="phantoms -> train -> generate -> label fidelity -> report.html")
     de.add_argument("--out", required=True)
@@ -736,13 +751,33 @@ def cmd_generate(args) -> None:
         balance=args.balance,
     )
     plan = _with_demographics(plan, args, codec.label_names)
+    from meddiff.evaluation.privacy_audit import failed_audit
+
+    stamp = None
+    reason = failed_audit(args.model)
+    if reason and not args.allow_failed_audit:
+        raise MeddiffError(
+            f"{args.model}: {reason}; it is not exported without --allow-failed-audit (stamped into every file)"
+        )
+    if reason:
+        print(f"warning: exporting with --allow-failed-audit: {reason}", file=sys.stderr)
+        stamp = {"privacy": f"PRIVACY AUDIT FAILED: {reason}; exported with --allow-failed-audit"}
     gate = None
     if args.privacy_gate:
         from meddiff.evaluation.privacy_gate import load_gate
 
         gate = load_gate(args.model, args.max_retries)
     result = generate_dataset(
-        pipe, args.model, plan, settings, Path(args.out), args.format, shard, animate=args.animate, gate=gate
+        pipe,
+        args.model,
+        plan,
+        settings,
+        Path(args.out),
+        args.format,
+        shard,
+        animate=args.animate,
+        gate=gate,
+        stamp=stamp,
     )
     if gate is not None:
         print(
@@ -931,6 +966,19 @@ def cmd_privacy(args) -> None:
     from meddiff.models.storage import load_pipeline, run_directory
 
     run_dir = run_directory(args.model)
+    if args.privacy_command == "audit":
+        from meddiff.evaluation.privacy_audit import audit_model
+
+        audit = audit_model(run_dir, args.n, args.steps)
+        update_privacy_section(run_dir)
+        lo, hi = audit["copy_rate_interval"]
+        print(
+            f"privacy audit {audit['verdict'].upper()}: {audit['copies']} of {audit['n']} samples flagged as "
+            f"near-copies (copy rate {audit['copy_rate']:.3f}, 95 % interval {lo:.3f}-{hi:.3f}, alpha "
+            f"{audit['alpha']:g}); {audit['training_images_hit']} training image(s) hit; "
+            f"{run_dir / 'privacy' / 'audit.json'}"
+        )
+        return
     resolution = load_pipeline(args.model).image_size
     if args.descriptor_steps < 0:
         raise MeddiffError(f"--descriptor-steps must be 0 or more, got {args.descriptor_steps}")

@@ -115,3 +115,48 @@ def test_calibrate_then_generate_through_the_cli(tmp_path, tiny_run, capsys):
     with pytest.raises(MeddiffError, match="not the descriptor this calibration was made with"):
         load_gate(tiny_run)
     shutil.rmtree(tiny_run / "privacy")  # the shared fixture stays as it was
+
+
+def test_audit_verdict_and_the_failed_audit_override(tmp_path, tiny_run, capsys, monkeypatch):
+    """`privacy audit` passes a model that draws new images and fails one that returns training images; a failed
+    audit (or a memorisation warning at the last training check) blocks `generate` unless --allow-failed-audit,
+    which is then stamped into every file."""
+    from PIL import Image
+
+    import meddiff.sampling.generate as generate
+    from meddiff.data.spec import load_dataset
+    from meddiff.evaluation.privacy_audit import failed_audit
+    from meddiff.models.card import privacy_section
+
+    data = "phantom:?n=160&seed=3"
+    cal = ["privacy", "calibrate", "--model", str(tiny_run), "--data", data, "--alpha", "0.05", "--positives", "20"]
+    training_json = (tiny_run / "training.json").read_text()
+    try:
+        assert main(["privacy", "audit", "--model", str(tiny_run), "--n", "8"]) == 2  # not calibrated yet
+        assert "no privacy calibration" in capsys.readouterr().err
+        assert main([*cal, "--descriptor-steps", "0", "--model-strengths", "none"]) == 0
+        assert main(["privacy", "audit", "--model", str(tiny_run), "--n", "16", "--steps", "2"]) == 0
+        assert "privacy audit PASS" in capsys.readouterr().out and failed_audit(tiny_run) is None
+        assert "Verdict: **PASS**" in "\n".join(privacy_section(tiny_run).lines)
+        train = ((load_dataset(data, 32).images[:16].numpy()[:, 0] + 1) / 2).astype(np.float32)
+        monkeypatch.setattr(generate, "sample", lambda *a, **k: train)  # a model that returns its training images
+        assert main(["privacy", "audit", "--model", str(tiny_run), "--n", "16"]) == 0
+        assert "privacy audit FAIL: 16 of 16" in capsys.readouterr().out
+        monkeypatch.undo()
+        assert "its privacy audit failed: 16 of 16 samples" in failed_audit(tiny_run)
+        args = ["generate", "--model", str(tiny_run), "--unconditional", "--n", "2", "--steps", "2"]
+        assert main([*args, "--out", str(tmp_path / "blocked")]) == 2
+        assert "not exported without --allow-failed-audit" in capsys.readouterr().err
+        assert main([*args, "--allow-failed-audit", "--out", str(tmp_path / "stamped")]) == 0
+        for png in (tmp_path / "stamped" / "images").glob("*.png"):
+            assert "PRIVACY AUDIT FAILED" in Image.open(png).text["privacy"]
+        state = json.loads((tmp_path / "stamped" / "generation.json").read_text())
+        assert "PRIVACY AUDIT FAILED" in state["stamp"]["privacy"]
+        # the memorisation check during training counts too
+        (tiny_run / "privacy" / "audit.json").unlink()
+        rows = [{"step": 2}, {"step": 4, "warning": "memorising"}]
+        (tiny_run / "training.json").write_text(json.dumps({**json.loads(training_json), "checks": {"privacy": rows}}))
+        assert "warned at its last check (step 4)" in failed_audit(tiny_run)
+    finally:
+        (tiny_run / "training.json").write_text(training_json)
+        shutil.rmtree(tiny_run / "privacy", ignore_errors=True)

@@ -81,6 +81,28 @@ def monitoring_lines(folder: Path | None) -> list[str]:
     ]
 
 
+def audit_lines(folder: Path | None) -> list[str]:
+    """The stored `meddiff privacy audit` (privacy/audit.json) as card lines."""
+    import json
+
+    path = Path(folder) / "privacy" / "audit.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return ["- Not audited: `meddiff privacy audit --model RUN` samples the model and counts near-copies."]
+    a = json.loads(path.read_text())
+    lo, hi = a["copy_rate_interval"]
+    return [
+        f"- Audit: {a['n']} samples, {a['copies']} flagged as near-copies (copy rate {a['copy_rate']:.3f}, 95 % "
+        f"interval [{lo:.3f}, {hi:.3f}], detector false-flag rate {a['alpha']:g}); {a['training_images_hit']} "
+        f"training image(s) hit ({a['share_of_training_images_hit']:.2%} of them); largest score "
+        f"{a['max_score']:.2f} (threshold {a['threshold']:.2f}). Verdict: **{a['verdict'].upper()}**"
+        + (
+            " (exports need `--allow-failed-audit`, which is stamped into every file)."
+            if a["verdict"] == "fail"
+            else "."
+        )
+    ]
+
+
 def privacy_section(folder: Path | None) -> CardSection:
     """The "Privacy" section every card has: the stored near-copy calibration in numbers, or that there is none;
     the memorisation checks during training. No training image is ever shown in a card."""
@@ -129,6 +151,7 @@ def privacy_section(folder: Path | None) -> CardSection:
                 else []
             ),
             f"- Verdict: {verdict}. Generate with `--privacy-gate` to redraw flagged images.",
+            *audit_lines(folder),
             *monitoring_lines(folder),
             "- This card shows no training images; the calibration stores numbers only (privacy/calibration.json); "
             "the copy descriptor's weights, learned from the training images, stay private next to it.",

@@ -206,12 +206,15 @@ def generate_dataset(
     animate: bool = False,
     on_step=None,
     gate=None,
+    stamp: dict[str, str] | None = None,
 ) -> GenerationResult:
     """animate: also write animations/NNNNNN.gif, the denoising of every image made in this run.
     on_step(done, total): called after every denoising step of this run (a progress bar of steps, e.g. a web page's).
     gate: a privacy gate (evaluation.privacy_gate.ExportGate: `check(images) -> (flagged, score)`, `max_retries`,
     `fingerprint`): flagged images are drawn again with retry seeds and never written; one still flagged after
-    `max_retries` is rejected and left out of the manifest."""
+    `max_retries` is rejected and left out of the manifest.
+    stamp: extra metadata written into every file (PNG text / DICOM ImageComments) and generation.json (e.g. the
+    override of a failed privacy audit)."""
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}")
     if any(plan.prompts) and not pipe.supports_prompts:
@@ -239,6 +242,8 @@ def generate_dataset(
         "label_names": names,
         "privacy_gate": None if gate is None else {"calibration": gate.fingerprint, "max_retries": gate.max_retries},
     }
+    if stamp:
+        state["stamp"] = dict(stamp)
     k, n_shards = shard
     _check_state(out_dir, state)  # every shard checks; the state is written before any image
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +295,7 @@ def generate_dataset(
                 continue
             retries = int(log.entries[i]["retries"]) if log is not None else 0
             seed = image_seed(retry_seed(settings.seed, retries), i)
-            text = {"seed": str(seed), "model": str(model_dir), "condition": plan.key(i, names)}
+            text = {"seed": str(seed), "model": str(model_dir), "condition": plan.key(i, names), **(stamp or {})}
             write_image(out_dir, i, image, fmt, uid_root, text)
         bar.update(len(batch))
     bar.close()

@@ -1,0 +1,106 @@
+"""`meddiff privacy audit`: does a trained model copy its training images? (issue 21)
+
+The model draws `n` images (fixed seeds; labels drawn from its training labels, so the audit sees what an export
+would), the calibrated detector of `meddiff privacy calibrate` checks each against the training images, and the audit
+records the copy rate with its 95 % Wilson interval, how many distinct training images were hit, and the largest
+score. A detector calibrated at alpha flags about alpha of any model's images, so the audit FAILS when the copy rate
+is significantly above alpha (the interval's lower bound above it). RUN/privacy/audit.json holds numbers only.
+
+A model whose audit failed, or whose memorisation check during training warned at its last check, is refused by
+`meddiff generate` unless `--allow-failed-audit` is given; the override is then stamped into every exported file
+(PNG text chunk / DICOM ImageComments) and generation.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meddiff.errors import MeddiffError
+
+logger = logging.getLogger(__name__)
+AUDIT_FILE = "audit.json"
+
+
+def audit_model(model_dir: str | Path, n: int = 512, steps: int = 20, seed: int = 12345) -> dict:
+    """Sample, check, write RUN/privacy/audit.json and return it (needs `meddiff privacy calibrate` first)."""
+    from meddiff.conditioning.labels import LabelCodec
+    from meddiff.data.spec import load_dataset
+    from meddiff.evaluation.privacy_gate import (
+        CALIBRATION_DIR,
+        CALIBRATION_FILE,
+        load_gate,
+        run_guidance,
+        wilson_interval,
+    )
+    from meddiff.models.storage import load_pipeline, run_directory
+    from meddiff.sampling.generate import SamplingSettings, sample
+
+    if n < 1:
+        raise MeddiffError(f"--n must be at least 1, got {n}")
+    run = run_directory(model_dir)
+    gate = load_gate(run)  # a one-line error without a calibration
+    note = json.loads((run / CALIBRATION_DIR / CALIBRATION_FILE).read_text())
+    pipe = load_pipeline(run)
+    names = list(pipe.label_names)
+    conditions = torch.zeros(n, 2 * len(names))
+    if names:
+        data = load_dataset(note["data"], int(note["resolution"]))
+        if list(data.label_names) == names:  # the training label mix
+            rows = torch.from_numpy(np.random.default_rng(seed).choice(len(data), n, replace=len(data) < n))
+            conditions = LabelCodec(names).encode(data.labels[rows], data.known[rows])
+    settings = SamplingSettings(steps=steps, guidance=run_guidance(run), seed=seed)
+    logger.info("privacy audit: %d images from %s (%d steps)", n, run, steps)
+    images = sample(pipe, conditions, settings, progress=True)
+    scores = gate.index.scores(images)
+    fused = gate.calibration.fused(scores)
+    flags = fused > gate.calibration.threshold
+    hits = int(flags.sum())
+    lo, hi = wilson_interval(hits, n)
+    alpha = gate.calibration.alpha
+    hit_images = len(set(scores["match"][flags].tolist()))
+    audit = {
+        "n": n,
+        "copies": hits,
+        "copy_rate": hits / n,
+        "copy_rate_interval": [lo, hi],
+        "training_images_hit": hit_images,
+        "share_of_training_images_hit": hit_images / len(gate.index.images),
+        "max_score": float(fused.max()),
+        "threshold": gate.calibration.threshold,
+        "alpha": alpha,
+        "calibration": gate.fingerprint,
+        "sampling": {"steps": steps, "guidance": settings.guidance, "seed": seed},
+        "verdict": "fail" if lo > alpha else "pass",
+    }
+    folder = run / CALIBRATION_DIR
+    (folder / AUDIT_FILE).write_text(json.dumps(audit, indent=2))
+    return audit
+
+
+def failed_audit(model_dir: str | Path) -> str | None:
+    """Why this model must not be exported without an override (its audit failed, or the memorisation check during
+    training warned at its last check), or None."""
+    from meddiff.evaluation.privacy_gate import CALIBRATION_DIR
+    from meddiff.models.storage import run_directory
+
+    run = run_directory(model_dir)
+    path = run / CALIBRATION_DIR / AUDIT_FILE
+    if path.is_file():
+        audit = json.loads(path.read_text())
+        if audit.get("verdict") == "fail":
+            lo, hi = audit["copy_rate_interval"]
+            return (
+                f"its privacy audit failed: {audit['copies']} of {audit['n']} samples are near-copies of training "
+                f"images (copy rate {audit['copy_rate']:.1%}, 95 % interval {lo:.1%}-{hi:.1%}, above alpha "
+                f"{audit['alpha']:g})"
+            )
+    training = run / "training.json"
+    if training.is_file():
+        rows = json.loads(training.read_text()).get("checks", {}).get("privacy", [])
+        if rows and rows[-1].get("warning"):
+            return f"the memorisation check during training warned at its last check (step {rows[-1]['step']})"
+    return None

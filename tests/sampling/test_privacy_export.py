@@ -160,3 +160,30 @@ def test_audit_verdict_and_the_failed_audit_override(tmp_path, tiny_run, capsys,
     finally:
         (tiny_run / "training.json").write_text(training_json)
         shutil.rmtree(tiny_run / "privacy", ignore_errors=True)
+
+
+class KilledOnCheck(FirstDrawFlagged):
+    """The stand-in gate, interrupted (as by a kill) at its `kill_at`-th check."""
+
+    def __init__(self, kill_at):
+        super().__init__()
+        self.kill_at = kill_at
+
+    def check(self, images):
+        if self.calls + 1 == self.kill_at:
+            raise KeyboardInterrupt
+        return super().check(images)
+
+
+def test_a_gated_export_killed_and_resumed_is_byte_identical(tmp_path, tiny_run):
+    run(tiny_run, tmp_path / "straight", FirstDrawFlagged(), batch_size=2, n=6)
+    with pytest.raises(KeyboardInterrupt):  # killed in the third batch's first check
+        run(tiny_run, tmp_path / "resumed", KilledOnCheck(kill_at=5), batch_size=2, n=6)
+    assert len(list((tmp_path / "resumed" / "images").glob("*.png"))) == 4
+    run(tiny_run, tmp_path / "resumed", FirstDrawFlagged(), batch_size=3, n=6)  # resumed with another batch size
+    straight = sorted((tmp_path / "straight" / "images").glob("*.png"))
+    assert len(straight) == 6
+    for a in straight:
+        assert a.read_bytes() == (tmp_path / "resumed" / "images" / a.name).read_bytes()
+    rows = list(csv.DictReader(open(tmp_path / "resumed" / "manifest.csv")))
+    assert [r["privacy_retries"] for r in rows] == ["1"] * 6

@@ -103,11 +103,14 @@ def train_descriptor(
     settings: DescriptorSettings | None = None,
     progress: bool = False,
     partners: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> CopyDescriptorNet:
     """Instance discrimination on (N, H, W) images in [0, 1]: symmetric InfoNCE between two random re-acquisitions
     of each image in a batch. `partners` (N, H, W), optional: another version of each image that must count as the
     same image (the audited model's own near-copy of it: noised to some t and denoised); for half of a batch the
-    second view is made from the partner. Deterministic for a seed (CPU)."""
+    second view is made from the partner. `groups` (N,), optional: a group id per image (a patient): then the pairs are
+    two different images of one group and a batch holds one pair per group (a re-identification network: it learns
+    what makes two studies the same patient). Deterministic for a seed (CPU)."""
     settings = settings or DescriptorSettings()
     if partners is not None and partners.shape != images.shape:
         raise MeddiffError(f"partners must match the images' shape {images.shape}, got {partners.shape}")
@@ -126,20 +129,40 @@ def train_descriptor(
     other = None if partners is None else torch.from_numpy(np.ascontiguousarray(partners)).float().unsqueeze(1)
     batch = min(settings.batch_size, len(data))
     targets = torch.arange(batch)
+    members = None
+    if groups is not None:
+        if len(groups) != len(images):
+            raise MeddiffError(f"groups must give one id per image ({len(images)}), got {len(groups)}")
+        _, inverse = np.unique(groups, return_inverse=True)
+        members = [torch.from_numpy(np.flatnonzero(inverse == g)) for g in range(inverse.max() + 1)]
+        members = [m for m in members if len(m) >= 2]
+        if len(members) < 2:
+            raise MeddiffError("re-identification needs at least 2 patients with 2 or more images each")
+        batch = min(batch, len(members))
+        targets = torch.arange(batch)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=settings.steps, desc="copy descriptor", unit="step")
+        bar = tqdm(
+            total=settings.steps, desc="re-identification" if groups is not None else "copy descriptor", unit="step"
+        )
     start = time.perf_counter()
     net.train()
     loss_value = float("nan")
     for step in range(settings.steps):
-        chosen = torch.randperm(len(data), generator=generator)[:batch]
-        x = data[chosen]
-        y = x
-        if other is not None:  # half the pairs: the image and the model's near-copy of it
-            y = torch.where((torch.rand(len(x), generator=generator) < 0.5).view(-1, 1, 1, 1), other[chosen], x)
+        if members is not None:  # one patient per row: two of its images
+            pairs = [
+                members[int(g)][torch.randperm(len(members[int(g)]), generator=generator)[:2]]
+                for g in torch.randperm(len(members), generator=generator)[:batch]
+            ]
+            x, y = data[torch.stack([p[0] for p in pairs])], data[torch.stack([p[1] for p in pairs])]
+        else:
+            chosen = torch.randperm(len(data), generator=generator)[:batch]
+            x = y = data[chosen]
+            if other is not None:  # half the pairs: the image and the model's near-copy of it
+                pick = (torch.rand(len(x), generator=generator) < 0.5).view(-1, 1, 1, 1)
+                y = torch.where(pick, other[chosen], x)
         a, b = net(acquisition_views(x, generator)), net(acquisition_views(y, generator))
         logits = a @ b.T / settings.temperature
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

@@ -527,6 +527,22 @@ def audit_detector(
     return DetectorAudit(calibration, report, index, halves, int(leaked.sum()), settings, seconds)
 
 
+def reidentification(dataset, heldout, steps: int, seed: int, progress: bool = False) -> dict:
+    """Where both splits have patients with several images: a re-identification network trained on the training
+    patients and measured on the held-out ones (meddiff.evaluation.reidentification); else why not."""
+    from meddiff.evaluation.reidentification import reid_metrics, repeat_patients, train_reid
+    from meddiff.evaluation.suite import to01
+
+    train_repeats = int(repeat_patients(list(dataset.patients)).sum())
+    held_repeats = int(repeat_patients(list(heldout.patients)).sum())
+    if steps <= 0 or train_repeats < 4 or held_repeats < 4:
+        return {"measured": False, "why": "no patients with several images in both splits (or no descriptor "
+                "steps): the copy descriptor stands in"}  # fmt: skip
+    logger.info("privacy calibrate: re-identification network on %d training images of repeat patients", train_repeats)
+    net = train_reid(to01(dataset.images), list(dataset.patients), DescriptorSettings(steps=steps, seed=seed), progress)
+    return {"measured": True, **reid_metrics(net, to01(heldout.images), list(heldout.patients)).to_dict()}
+
+
 def own_labels(dataset, model_dir: str | Path) -> Callable[[np.ndarray], torch.Tensor | None]:
     """conditions(chosen indices): the model's condition vectors for those training images' own labels (None
     where the model does not take this dataset's labels: its near-copies are then unconditional)."""
@@ -579,6 +595,7 @@ def calibrate_model(
     )
     folder = Path(model_dir).expanduser() / CALIBRATION_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    reid = reidentification(dataset, heldout, descriptor_steps, seed, progress)
     note = {
         "data": str(spec),
         "halves": audit.halves,
@@ -588,6 +605,7 @@ def calibrate_model(
         "calibration": audit.calibration.to_dict(),
         "measured": audit.report.to_dict(),
         "descriptor": None,
+        "reidentification": reid,
         "seconds": {k: round(v, 1) for k, v in audit.seconds.items()},
     }
     if audit.index.descriptor is not None and audit.descriptor_settings is not None:

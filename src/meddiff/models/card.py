@@ -81,6 +81,18 @@ def monitoring_lines(folder: Path | None) -> list[str]:
     ]
 
 
+def reid_lines(reid: dict | None) -> list[str]:
+    if not reid:
+        return []
+    if not reid.get("measured"):
+        return [f"- Re-identification not measured: {reid.get('why', 'no patient ids')}."]
+    return [
+        f"- Re-identification network (trained on the training patients): held-out same-patient pairs vs "
+        f"different-patient pairs AUC {reid['auc']:.3f}, true-positive rate {reid['tpr_at_1e3']:.3f} at a "
+        f"false-positive rate of 1e-3 ({reid['patients']} patients, {reid['images']} images)."
+    ]
+
+
 def audit_lines(folder: Path | None) -> list[str]:
     """The stored `meddiff privacy audit` (privacy/audit.json) as card lines."""
     import json
@@ -151,6 +163,7 @@ def privacy_section(folder: Path | None) -> CardSection:
                 else []
             ),
             f"- Verdict: {verdict}. Generate with `--privacy-gate` to redraw flagged images.",
+            *reid_lines(note.get("reidentification")),
             *audit_lines(folder),
             *monitoring_lines(folder),
             "- This card shows no training images; the calibration stores numbers only (privacy/calibration.json); "

@@ -99,7 +99,8 @@ def audit_lines(folder: Path | None) -> list[str]:
 
     path = Path(folder) / "privacy" / "audit.json" if folder is not None else None
     if path is None or not path.is_file():
-        return ["- Not audited: `meddiff privacy audit --model RUN` samples the model and counts near-copies."]
+        return ["- No audit of samples yet: `meddiff privacy audit --model RUN` samples the model and counts "
+                "near-copies."]  # fmt: skip
     a = json.loads(path.read_text())
     lo, hi = a["copy_rate_interval"]
     return [

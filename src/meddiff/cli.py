@@ -444,6 +444,11 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     if "serve" in config_flags:
         _add_serve_flags(se)
     se.add_argument(
+        "--allow-failed-audit",
+        action="store_true",
+        help="serve a model whose privacy audit failed; the override is stamped into every image and ZIP",
+    )
+    se.add_argument(
         "--device",
         default=None,
         help="cpu, cuda, cuda:N or mps (default: this process's GPU where there is one, else mps, else cpu)",
@@ -1058,7 +1063,15 @@ def cmd_serve(args) -> None:
 
     require_gradio()  # before loading the model: a missing extra fails in a second
     limits = ServeLimits(**given(args))
-    serve(args.model, args.host, args.port, limits, args.device, volume=_is_volume_model(args.model))
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        limits,
+        args.device,
+        volume=_is_volume_model(args.model),
+        allow_failed_audit=args.allow_failed_audit,
+    )
 
 
 COMMANDS = {

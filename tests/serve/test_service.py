@@ -155,3 +155,34 @@ def test_serve_cli_fails_in_one_line_without_a_model(tmp_path, capsys):
     assert err.startswith("meddiff: error:") and "does not exist" in err and len(err.splitlines()) == 1
     args = build_parser().parse_args(["serve", "--model", "m"])
     assert args.host == "127.0.0.1"  # localhost unless told otherwise
+
+
+def test_a_model_whose_privacy_audit_failed_is_served_only_with_the_override(tiny_run, tmp_path):
+    import json
+
+    audit = tiny_run / "privacy" / "audit.json"
+    audit.parent.mkdir(exist_ok=True)
+    failed = {
+        "verdict": "fail",
+        "copies": 9,
+        "n": 10,
+        "copy_rate": 0.9,
+        "copy_rate_interval": [0.6, 0.98],
+        "alpha": 0.01,
+    }
+    audit.write_text(json.dumps(failed))
+    try:
+        with pytest.raises(MeddiffError, match="privacy audit failed.*not served without --allow-failed-audit"):
+            ModelService(tiny_run, ServeLimits(max_images=2, max_steps=4))
+        service = ModelService(
+            tiny_run, ServeLimits(max_images=2, max_steps=4), work_dir=tmp_path, allow_failed_audit=True
+        )
+        result = service.generate(Request(findings=["Edema"], n=1, steps=2, seed=1))
+        from PIL import Image
+
+        with zipfile.ZipFile(result.zip_path) as zf:
+            stamped = Image.open(io.BytesIO(zf.read("images/0000000.png"))).text["privacy"]
+        assert stamped.startswith("PRIVACY AUDIT FAILED: its privacy audit failed: 9 of 10 samples")
+        service.close()
+    finally:
+        audit.unlink()

@@ -369,11 +369,14 @@ def serve(
     limits: ServeLimits | None = None,
     device: str | None = None,
     volume: bool = False,
+    allow_failed_audit: bool = False,
 ) -> None:
     """Load the model (a 3D volume model with volume=True) and serve its page until interrupted."""
     from meddiff.devices import run_device
 
-    service = open_service(model, limits, device=run_device(device), volume=volume)
+    service = open_service(
+        model, limits, device=run_device(device), volume=volume, allow_failed_audit=allow_failed_audit
+    )
     try:
         launch(service, host, port, block=True)
     finally:

@@ -192,8 +192,17 @@ class ModelService(_Workspace):
         limits: ServeLimits | None = None,
         device: str | torch.device = "cpu",
         work_dir: str | Path | None = None,
+        allow_failed_audit: bool = False,
     ):
+        from meddiff.evaluation.privacy_audit import failed_audit
+
         self.model_dir = resolve_model_dir(model_dir)
+        reason = failed_audit(self.model_dir)
+        if reason and not allow_failed_audit:
+            raise MeddiffError(f"{model_dir}: {reason}; it is not served without --allow-failed-audit")
+        self.stamp = None  # what every image of a failed-audit model carries
+        if reason:
+            self.stamp = {"privacy": f"PRIVACY AUDIT FAILED: {reason}; served with --allow-failed-audit"}
         self.pipe = load_pipeline(model_dir, device=device)
         super().__init__(limits, work_dir)
 
@@ -286,7 +295,10 @@ class ModelService(_Workspace):
         with self._lock:
             folder = self._new_folder()
             t0 = time.perf_counter()
-            generate_dataset(self.pipe, self.model_dir, plan, settings, folder, "png", progress=False, on_step=on_step)
+            generate_dataset(
+                self.pipe, self.model_dir, plan, settings, folder, "png", progress=False, on_step=on_step,
+                stamp=self.stamp,
+            )  # fmt: skip
             seconds = time.perf_counter() - t0
         images = np.stack([_read_png(folder / "images" / f"{i:07d}.png") for i in range(len(plan))])
         zip_path = self._pack(
@@ -428,11 +440,14 @@ def open_service(
     device: str | torch.device = "cpu",
     volume: bool = False,
     work_dir: str | Path | None = None,
+    allow_failed_audit: bool = False,
 ) -> ModelService | VolumeModelService:
     """The service of a 2D model, or with volume=True of a 3D volume model (the CLI decides which, as for
-    `meddiff generate`)."""
-    kind = VolumeModelService if volume else ModelService
-    return kind(model_dir, limits, device=device, work_dir=work_dir)
+    `meddiff generate`). A 2D model whose privacy audit failed is refused unless `allow_failed_audit` (then stamped
+    into every image)."""
+    if volume:
+        return VolumeModelService(model_dir, limits, device=device, work_dir=work_dir)
+    return ModelService(model_dir, limits, device=device, work_dir=work_dir, allow_failed_audit=allow_failed_audit)
 
 
 def _read_png(path: Path) -> np.ndarray:

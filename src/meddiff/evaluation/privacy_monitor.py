@@ -86,8 +86,11 @@ class PrivacyMonitor:
     def __call__(self, step: int, pipe, method, history: list[dict]) -> dict:
         from meddiff.sampling.generate import SamplingSettings, sample
 
+        # DDIM with the clean-image estimate clipped to the data range (pixel models): a memorising model's
+        # estimates overshoot, and DPM-Solver++ (unclipped) then diverges into saturated noise instead of the copies
+        # the check is looking for (measured: 0.42 vs 0.99 correlation with the nearest training image)
         settings = SamplingSettings(
-            steps=self.config.sample_steps, guidance=self.guidance, seed=self.seed, batch_size=64
+            steps=self.config.sample_steps, guidance=self.guidance, seed=self.seed, batch_size=64, scheduler="ddim"
         )
         images = sample(pipe, self._conditions(pipe), settings, progress=False)
         x = torch.from_numpy(images).unsqueeze(1)

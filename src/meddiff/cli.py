@@ -387,6 +387,12 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     pa.add_argument("--model", required=True, help="run directory (calibrated with `meddiff privacy calibrate`)")
     pa.add_argument("--n", type=_positive_int, default=512, help="images to sample")
     pa.add_argument("--steps", type=_positive_int, default=20, help="sampler steps")
+    pa.add_argument(
+        "--scheduler",
+        default="ddim",
+        choices=("ddim", "ddpm", "dpm++", "unipc", "euler", "heun", "lcm"),
+        help="sampler (default ddim: its clipped estimate shows a memorising model's copies, DPM-Solver++ may not)",
+    )
 
     de = sub.add_parser("demo", help="phantoms -> train -> generate -> label fidelity -> report.html")
     de.add_argument("--out", required=True)
@@ -974,7 +980,7 @@ def cmd_privacy(args) -> None:
     if args.privacy_command == "audit":
         from meddiff.evaluation.privacy_audit import audit_model
 
-        audit = audit_model(run_dir, args.n, args.steps)
+        audit = audit_model(run_dir, args.n, args.steps, scheduler=args.scheduler)
         update_privacy_section(run_dir)
         lo, hi = audit["copy_rate_interval"]
         print(

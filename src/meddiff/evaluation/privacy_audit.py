@@ -20,13 +20,18 @@ import numpy as np
 import torch
 
 from meddiff.errors import MeddiffError
+from meddiff.models.factory import SamplerName
 
 logger = logging.getLogger(__name__)
 AUDIT_FILE = "audit.json"
 
 
-def audit_model(model_dir: str | Path, n: int = 512, steps: int = 20, seed: int = 12345) -> dict:
-    """Sample, check, write RUN/privacy/audit.json and return it (needs `meddiff privacy calibrate` first)."""
+def audit_model(
+    model_dir: str | Path, n: int = 512, steps: int = 20, seed: int = 12345, scheduler: SamplerName = "ddim"
+) -> dict:
+    """Sample, check, write RUN/privacy/audit.json and return it (needs `meddiff privacy calibrate` first). DDIM by
+    default: its clipped clean-image estimate lets a memorising model show its copies, where DPM-Solver++ can
+    diverge into noise (meddiff.evaluation.privacy_monitor)."""
     from meddiff.conditioning.labels import LabelCodec
     from meddiff.data.spec import load_dataset
     from meddiff.evaluation.privacy_gate import (
@@ -52,7 +57,7 @@ def audit_model(model_dir: str | Path, n: int = 512, steps: int = 20, seed: int 
         if list(data.label_names) == names:  # the training label mix
             rows = torch.from_numpy(np.random.default_rng(seed).choice(len(data), n, replace=len(data) < n))
             conditions = LabelCodec(names).encode(data.labels[rows], data.known[rows])
-    settings = SamplingSettings(steps=steps, guidance=run_guidance(run), seed=seed)
+    settings = SamplingSettings(steps=steps, guidance=run_guidance(run), seed=seed, scheduler=scheduler)
     logger.info("privacy audit: %d images from %s (%d steps)", n, run, steps)
     images = sample(pipe, conditions, settings, progress=True)
     scores = gate.index.scores(images)
@@ -73,7 +78,7 @@ def audit_model(model_dir: str | Path, n: int = 512, steps: int = 20, seed: int 
         "threshold": gate.calibration.threshold,
         "alpha": alpha,
         "calibration": gate.fingerprint,
-        "sampling": {"steps": steps, "guidance": settings.guidance, "seed": seed},
+        "sampling": {"steps": steps, "guidance": settings.guidance, "seed": seed, "scheduler": scheduler},
         "verdict": "fail" if lo > alpha else "pass",
     }
     folder = run / CALIBRATION_DIR

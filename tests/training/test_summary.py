@@ -1,4 +1,4 @@
-"""The loop's TrainingSummary is what training.json holds, with the keys it has always had."""
+"""The loop's TrainingSummary is what training.json holds, with the keys it has always had (plus "checks")."""
 
 import json
 
@@ -18,6 +18,7 @@ TRAINING_JSON_KEYS = [
     "global_batch",
     "dataset",
     "loss_history",
+    "checks",  # added with the checks during training (empty without them)
 ]
 
 

@@ -548,3 +548,16 @@ def test_privacy_gate_bench_reports_false_flags_and_recall_per_copy_type(tmp_pat
         "noise",
         "crop",
     }
+
+
+@pytest.mark.slow  # a short training with two memorisation checks in a subprocess
+def test_privacy_monitor_bench_reports_the_curve(tmp_path):
+    out = tmp_path / "m.json"
+    command = [sys.executable, str(BENCH / "privacy_monitor.py"), "--train", "8", "--heldout", "100", "--steps", "4"]
+    command += ["--every", "2", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["step"] for r in result["rows"]] == [2, 4] and result["summary"]["training_images"] == 8
+    assert all(0 <= r["copy_rate"] <= 1 and len(r["copy_rate_ci"]) == 2 for r in result["rows"])
+    assert out.with_suffix(".png").stat().st_size > 1000

@@ -95,7 +95,7 @@ def main() -> None:
         return images
 
     synthesize.sample = sample_with_copies
-    out = Path(args.workdir) / f"gated-{args.n}"
+    out = Path(args.workdir) / f"gated-{args.n}-inject{args.inject:g}"  # a folder per setting: never resumed across
     t = time.perf_counter()
     result = synthesize.generate_dataset(pipe, run, plan, settings, out, gate=gate)
     generate_s = time.perf_counter() - t

@@ -389,9 +389,10 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     pa.add_argument("--steps", type=_positive_int, default=20, help="sampler steps")
     pa.add_argument(
         "--scheduler",
-        default="ddim",
+        default=None,
         choices=("ddim", "ddpm", "dpm++", "unipc", "euler", "heun", "lcm"),
-        help="sampler (default ddim: its clipped estimate shows a memorising model's copies, DPM-Solver++ may not)",
+        help="sampler (default ddim, euler for flow models: these show a memorising model's copies, DPM-Solver++ "
+        "may not)",
     )
 
     de = sub.add_parser("demo", help="phantoms -> train -> generate -> label fidelity -> report.html")

@@ -58,3 +58,14 @@ def test_compare_images_downsizes_in_blocks():
     assert out.shape == (5, 16, 16) and 0 <= out.min() and out.max() <= 1
     assert np.allclose(compare_images(x, 64)[:, 0, 0], (x[:, 0, 0, 0] + 1) / 2)
     assert privacy_monitor.NAME == "privacy"
+
+
+def test_the_checks_sample_with_a_sampler_that_shows_copies():
+    from meddiff.evaluation.privacy_monitor import revealing_sampler
+    from meddiff.models.factory import ModelConfig, build_noise_scheduler
+
+    class P:
+        def __init__(self, objective):
+            self.scheduler = build_noise_scheduler(ModelConfig(objective=objective))
+
+    assert revealing_sampler(P("diffusion")) == "ddim" and revealing_sampler(P("flow")) == "euler"

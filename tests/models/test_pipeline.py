@@ -64,7 +64,7 @@ def test_unknown_scheduler_and_missing_model(tmp_path, tiny_run):
         resolve_model_dir(tmp_path / "partial")
 
 
-@pytest.mark.parametrize("name", ["dpm++", "ddpm", "unipc", "flow euler", "flow dpm++"])
+@pytest.mark.parametrize("name", ["dpm++", "ddpm", "unipc", "pndm", "flow euler", "flow dpm++", "flow heun"])
 def test_image_to_image_starts_from_the_given_images(tiny_run, name):
     """strength s runs the last ~s of the schedule from the noised images: at small s the output stays close to
     them, at s = 1 it does not; the scheduler is left as a plain call expects it."""
@@ -91,7 +91,10 @@ def test_image_to_image_starts_from_the_given_images(tiny_run, name):
     plain, plain_calls = run()
     near, near_calls = run(init_images=init, strength=0.2)
     far, _ = run(init_images=init, strength=1.0)
-    assert near_calls == 2 and plain_calls == 10
+    if name in ("pndm", "heun"):  # warm-up / second-order passes: fewer calls, whole steps kept
+        assert 0 < near_calls < plain_calls / 3
+    else:
+        assert near_calls == 2 and plain_calls == 10
     assert corr(near, init) > 0.8 and corr(near, init) > corr(far, init) + 0.3
     again, _ = run()
     assert torch.allclose(plain, again, atol=1e-6)  # no begin index left behind

@@ -152,6 +152,13 @@ def test_audit_verdict_and_the_failed_audit_override(tmp_path, tiny_run, capsys,
             assert "PRIVACY AUDIT FAILED" in Image.open(png).text["privacy"]
         state = json.loads((tmp_path / "stamped" / "generation.json").read_text())
         assert "PRIVACY AUDIT FAILED" in state["stamp"]["privacy"]
+        # an audit of other weights (retrained since) no longer counts; a corrupt one is a one-line error
+        audit = json.loads((tiny_run / "privacy" / "audit.json").read_text())
+        (tiny_run / "privacy" / "audit.json").write_text(json.dumps({**audit, "model_fingerprint": "other weights"}))
+        assert failed_audit(tiny_run) is None
+        (tiny_run / "privacy" / "audit.json").write_text("{not json")
+        with pytest.raises(MeddiffError, match="is not valid JSON"):
+            failed_audit(tiny_run)
         # the memorisation check during training counts too
         (tiny_run / "privacy" / "audit.json").unlink()
         rows = [{"step": 2}, {"step": 4, "warning": "memorising"}]

@@ -88,3 +88,30 @@ def test_the_memorisation_monitor_reports_in_training_json(tmp_path):
     with pytest.raises(MeddiffError, match="needs at least 100 held-out images for alpha 0.01"):
         training_checks(cfg(tmp_path / "small", data=DATA, privacy=PrivacyMonitorConfig(every=2)), parse_spec(DATA),
                         load_dataset(DATA, 32))  # fmt: skip
+
+
+class AttentionSwitcher(Recorder):
+    """A check that, like sample() on a CPU with fast bf16, switches the U-Net to another attention kernel, and
+    records which kernel it found (the loop must have put the original back before the next check)."""
+
+    def __init__(self, every):
+        super().__init__(every)
+        self.found = []
+
+    def __call__(self, step, pipe, method, history):
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        processors = pipe.unet.attn_processors
+        assert processors  # this U-Net has attention
+        self.found.append({type(p).__name__ for p in processors.values()})
+        other = AttnProcessor2_0 if self.found[-1] == {"AttnProcessor"} else AttnProcessor
+        pipe.unet.set_attn_processor(other())
+        return super().__call__(step, pipe, method, history)
+
+
+def test_a_check_that_changes_the_attention_kernel_leaves_no_trace(tmp_path):
+    data = load_dataset(DATA, 32)
+    model = ModelConfig(block_out_channels=[16, 32], layers_per_block=1, attention_max_resolution=16)
+    switcher = AttentionSwitcher(every=2)
+    train(cfg(tmp_path / "switched", max_steps=4, model=model), data, progress=False, checks=[switcher])
+    assert len(switcher.found) == 2 and switcher.found[0] == switcher.found[1]

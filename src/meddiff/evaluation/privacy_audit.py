@@ -27,7 +27,7 @@ AUDIT_FILE = "audit.json"
 
 
 def audit_model(
-    model_dir: str | Path, n: int = 512, steps: int = 20, seed: int = 12345, scheduler: SamplerName = "ddim"
+    model_dir: str | Path, n: int = 512, steps: int = 20, seed: int = 12345, scheduler: SamplerName | None = None
 ) -> dict:
     """Sample, check, write RUN/privacy/audit.json and return it (needs `meddiff privacy calibrate` first). DDIM by
     default: its clipped clean-image estimate lets a memorising model show its copies, where DPM-Solver++ can
@@ -41,8 +41,10 @@ def audit_model(
         run_guidance,
         wilson_interval,
     )
+    from meddiff.evaluation.privacy_monitor import revealing_sampler
     from meddiff.models.storage import load_pipeline, run_directory
     from meddiff.sampling.generate import SamplingSettings, sample
+    from meddiff.sampling.synthesize import model_fingerprint
 
     if n < 1:
         raise MeddiffError(f"--n must be at least 1, got {n}")
@@ -57,6 +59,7 @@ def audit_model(
         if list(data.label_names) == names:  # the training label mix
             rows = torch.from_numpy(np.random.default_rng(seed).choice(len(data), n, replace=len(data) < n))
             conditions = LabelCodec(names).encode(data.labels[rows], data.known[rows])
+    scheduler = scheduler or revealing_sampler(pipe)
     settings = SamplingSettings(steps=steps, guidance=run_guidance(run), seed=seed, scheduler=scheduler)
     logger.info("privacy audit: %d images from %s (%d steps)", n, run, steps)
     images = sample(pipe, conditions, settings, progress=True)
@@ -78,6 +81,7 @@ def audit_model(
         "threshold": gate.calibration.threshold,
         "alpha": alpha,
         "calibration": gate.fingerprint,
+        "model_fingerprint": model_fingerprint(run),
         "sampling": {"steps": steps, "guidance": settings.guidance, "seed": seed, "scheduler": scheduler},
         "verdict": "fail" if lo > alpha else "pass",
     }
@@ -91,12 +95,17 @@ def failed_audit(model_dir: str | Path) -> str | None:
     training warned at its last check), or None."""
     from meddiff.evaluation.privacy_gate import CALIBRATION_DIR
     from meddiff.models.storage import run_directory
+    from meddiff.sampling.synthesize import model_fingerprint
 
     run = run_directory(model_dir)
     path = run / CALIBRATION_DIR / AUDIT_FILE
     if path.is_file():
-        audit = json.loads(path.read_text())
-        if audit.get("verdict") == "fail":
+        try:
+            audit = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise MeddiffError(f"{path} is not valid JSON; run `meddiff privacy audit --model {run}` again") from None
+        stale = audit.get("model_fingerprint") not in (None, model_fingerprint(run))  # the weights changed since
+        if audit.get("verdict") == "fail" and not stale:
             lo, hi = audit["copy_rate_interval"]
             return (
                 f"its privacy audit failed: {audit['copies']} of {audit['n']} samples are near-copies of training "

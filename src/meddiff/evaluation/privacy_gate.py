@@ -416,11 +416,14 @@ def model_partners(
     conditions: Callable[[np.ndarray], torch.Tensor | None] | None,
     limit: int,
     seed: int,
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
-    """A partner for each training image: for up to `limit` of them (at random) the model's near-copy at a strength
-    from VIEW_STRENGTHS (in turn), for the rest the image itself."""
+    """A partner for each training image: for up to `limit` of them (at random, never one in `exclude`: the sources
+    of the measured near-copies, so that their recall is out of sample) the model's near-copy at a strength from
+    VIEW_STRENGTHS (in turn), for the rest the image itself."""
     rng = np.random.default_rng([seed, 17])
-    chosen = np.sort(rng.choice(len(train), min(limit, len(train)), replace=False))
+    allowed = np.setdiff1d(np.arange(len(train)), exclude if exclude is not None else [])
+    chosen = np.sort(rng.choice(allowed, min(limit, len(allowed)), replace=False))
     partners = train.copy()
     logger.info(
         "privacy calibrate: the model's near-copies of %d training images (t = %s) for the copy descriptor",
@@ -488,12 +491,13 @@ def audit_detector(
         "privacy calibrate: %d training images; %d held-out images split into calibration and test halves (%s)",
         len(train), len(held), halves,
     )  # fmt: skip
+    chosen = rng.choice(len(train), min(positives, len(train)), replace=False)  # the sources of the known copies
     descriptor, settings = None, None
     if descriptor_steps > 0:
         partners = None
         if model_dir is not None and model_views:
             t = time.perf_counter()
-            partners = model_partners(model_dir, train, conditions, model_views, seed + 1)
+            partners = model_partners(model_dir, train, conditions, model_views, seed + 1, exclude=chosen)
             seconds["model views"] = time.perf_counter() - t
         settings = DescriptorSettings(steps=descriptor_steps, seed=seed)
         logger.info("privacy calibrate: training the copy descriptor (%d steps)", descriptor_steps)
@@ -509,7 +513,6 @@ def audit_detector(
         )  # fmt: skip
     cal, test = held[first & ~leaked], held[~first & ~leaked]
     calibration = calibrate(index, cal, alpha)
-    chosen = rng.choice(len(train), min(positives, len(train)), replace=False)
     sources = train[chosen]
     known_copies = {kind: augmented_copies(sources, kind, seed) for kind in COPY_TYPES}
     if model_dir is not None and model_strengths:

@@ -296,7 +296,9 @@ class MedDiffusionPipeline(DiffusionPipeline):
     def _noised(self, clean: torch.Tensor, noise: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean noised to the first kept timestep, the kept timesteps): the last ~strength of the schedule."""
         timesteps = self.scheduler.timesteps
-        start = min(len(timesteps) - 1, max(0, round(len(timesteps) * (1 - strength))))
+        order = int(getattr(self.scheduler, "order", 1))  # Heun / PNDM list some timesteps twice
+        steps = len(timesteps) // order
+        start = min(steps - 1, max(0, round(steps * (1 - strength)))) * order
         kept = timesteps[start:]
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)

@@ -133,7 +133,7 @@ def run_checks(
 ) -> bool:
     """Run the due checks on the EMA weights as a sampling pipeline (main process), log what they return, and say
     whether one asked to stop (the same answer on every process)."""
-    stop = False
+    stop, failure = False, None
     if main:
         model = accelerator.unwrap_model(trainee, keep_torch_compile=False)
         if isinstance(model, LossModule):
@@ -145,6 +145,8 @@ def run_checks(
         model.eval()
         try:
             pipe = method.sampling_pipeline(model)
+            if pipe is None:
+                logger.warning("checks during training skipped: the %s method makes no sampling pipeline", method.name)
             for check in due:
                 history = state.setdefault("checks", {}).setdefault(check.name, [])
                 if pipe is None:
@@ -156,13 +158,21 @@ def run_checks(
                 if result.get("warning"):
                     logger.warning("%s at step %d: %s", check.name, state["step"], result["warning"])
                 stop = stop or bool(result.get("stop"))
+        except Exception as exc:  # noqa: BLE001  # raised below on every process, not only here
+            failure = exc
         finally:
+            method.release_sampling_pipeline()
             if ema is not None:
                 ema.restore(trainable)
             model.train()
-    if accelerator.num_processes > 1:
-        flag = broadcast(torch.tensor([float(stop)], device=accelerator.device), from_process=0)
-        stop = bool(flag.item())
+    if accelerator.num_processes > 1:  # every process learns the outcome (no one waits for a process that failed)
+        code = 2.0 if failure is not None else float(stop)
+        code = float(broadcast(torch.tensor([code], device=accelerator.device), from_process=0).item())
+        if code == 2.0 and failure is None:
+            raise MeddiffError("a check during training failed on the main process (see its message)")
+        stop = code == 1.0
+    if failure is not None:
+        raise failure
     return stop
 
 

@@ -54,6 +54,9 @@ class TrainingMethod(ABC):
         makes no sampler (autoencoders)."""
         return None
 
+    def release_sampling_pipeline(self) -> None:
+        """Undo what sampling_pipeline() changed on the trained modules (devices, attention processors)."""
+
     @abstractmethod
     def export(self, model: torch.nn.Module, out_dir: Path) -> Path:
         """Write the trained model (already holding its EMA weights) in diffusers format; returns the folder."""

@@ -157,12 +157,18 @@ class PixelDiffusion(TrainingMethod):
         return None
 
     def sampling_pipeline(self, model) -> MedDiffusionPipeline:
+        """The pipeline on the U-Net's device (a frozen text encoder and the autoencoder are moved there for the
+        check); release_sampling_pipeline() puts them, and the U-Net's attention processors, back."""
         unet = model["unet"] if isinstance(model, torch.nn.ModuleDict) else model
         encoder = model["text_encoder"] if isinstance(model, torch.nn.ModuleDict) else self.text_encoder
         names = self.dataset.label_names if (self.use_labels or self.use_text) else []
         vae = self.vae()
-        if vae is not None:
-            vae = vae.to(next(unet.parameters()).device)
+        device = next(unet.parameters()).device
+        moved = [(m, next(m.parameters()).device) for m in (vae, encoder) if m is not None]
+        processors = dict(getattr(unet, "attn_processors", None) or {}) or None
+        self._restore = (moved, unet, processors)
+        for module, _ in moved:
+            module.to(device)
         pipe = MedDiffusionPipeline(
             unet=unet,  # type: ignore[arg-type]  # the U-Net inside the trained module
             scheduler=self.noise_scheduler,
@@ -173,6 +179,14 @@ class PixelDiffusion(TrainingMethod):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def release_sampling_pipeline(self) -> None:
+        moved, unet, processors = getattr(self, "_restore", ([], None, None))
+        for module, device in moved:
+            module.to(device)
+        if unet is not None and processors is not None:
+            unet.set_attn_processor(processors)  # sample() may have chosen another attention kernel
+        self._restore = ([], None, None)
 
     def export(self, model, out_dir: Path) -> Path:
         unet = model["unet"] if isinstance(model, torch.nn.ModuleDict) else model

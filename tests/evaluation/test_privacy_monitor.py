@@ -20,6 +20,11 @@ def data():
 class Pipe:
     label_names: list = []
 
+    def __init__(self):
+        from meddiff.models.factory import ModelConfig, build_noise_scheduler
+
+        self.scheduler = build_noise_scheduler(ModelConfig())
+
 
 def monitor_with(monkeypatch, data, images, stop=False, size=16):
     train, held = data

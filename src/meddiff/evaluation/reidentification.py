@@ -57,9 +57,10 @@ def train_reid(images: np.ndarray, patients, settings: DescriptorSettings | None
 def reid_metrics(net: CopyDescriptorNet, images: np.ndarray, patients) -> ReidReport:
     """Same-patient vs different-patient pair scores of (held-out) images: AUC and TPR at FPR 1e-3."""
     keep = repeat_patients(patients)
-    ids = np.asarray([str(p) for p in patients])[keep]
-    if len(set(ids)) < 2:
+    names = np.asarray([str(p) for p in patients])[keep]
+    if len(set(names)) < 2:
         raise MeddiffError("re-identification is measured on at least 2 patients with 2 or more images each")
+    ids = np.unique(names, return_inverse=True)[1]  # integers: the pair arrays below stay small
     z = torch.from_numpy(embed(net, images[keep]))
     similarity = (z @ z.T).numpy()
     upper = np.triu_indices(len(ids), k=1)
@@ -77,6 +78,6 @@ def reid_metrics(net: CopyDescriptorNet, images: np.ndarray, patients) -> ReidRe
         tpr_at_1e3=float((positives > threshold).mean()),
         same_pairs=int(same.sum()),
         different_pairs=int((~same).sum()),
-        patients=len(set(ids)),
+        patients=len(set(names)),
         images=int(keep.sum()),
     )

@@ -86,12 +86,13 @@ def training_checks(config: TrainConfig, spec: DatasetSpec, dataset) -> list:
     if not config.privacy.every:
         return []
     from meddiff.devices import launch_rank
-    from meddiff.evaluation.privacy_monitor import NAME, PrivacyMonitor
+    from meddiff.evaluation.privacy_monitor import NAME, PrivacyMonitor, check_heldout_size
     from meddiff.training.checks import OnMainOnly
 
+    heldout = load_dataset(spec.heldout(), config.resolution)
+    check_heldout_size(config.privacy, len(heldout))  # on every process: all stop together on bad input
     if launch_rank()[0] != 0:
         return [OnMainOnly(NAME, config.privacy.every)]
-    heldout = load_dataset(spec.heldout(), config.resolution)
     return [PrivacyMonitor(config.privacy, dataset, heldout, config.guidance, config.seed)]
 
 

@@ -42,6 +42,16 @@ def compare_images(images, size: int, block: int = 2048) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32)
 
 
+def check_heldout_size(config, n: int) -> None:
+    """The threshold is the (1 - alpha) quantile of the held-out images: at least 1 / alpha of them."""
+    n_alpha = int(np.ceil(1 / config.alpha))
+    if n < n_alpha:
+        raise MeddiffError(
+            f"the memorisation check needs at least {n_alpha} held-out images for alpha {config.alpha:g}; the "
+            f"held-out split has {n} (raise --privacy.alpha or turn the check off)"
+        )
+
+
 class PrivacyMonitor:
     """A training check (meddiff.training.checks.TrainingCheck) for diffusion methods."""
 
@@ -51,12 +61,7 @@ class PrivacyMonitor:
         """config: TrainConfig.privacy; dataset / heldout: the training and held-out ImageLabelDatasets."""
         self.config, self.guidance, self.seed = config, guidance, seed
         self.every = int(config.every)
-        n_alpha = int(np.ceil(1 / config.alpha))
-        if len(heldout) < n_alpha:
-            raise MeddiffError(
-                f"the memorisation check needs at least {n_alpha} held-out images for alpha {config.alpha:g}; the "
-                f"held-out split has {len(heldout)} (raise --privacy.alpha or turn the check off)"
-            )
+        check_heldout_size(config, len(heldout))
         size = min(int(config.compare_size), dataset.resolution)
         self.size = size
         self.index = ReferenceIndex(compare_images(dataset.images, size))

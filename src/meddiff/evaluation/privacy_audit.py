@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import SamplerName
@@ -32,15 +31,7 @@ def audit_model(
     """Sample, check, write RUN/privacy/audit.json and return it (needs `meddiff privacy calibrate` first). DDIM by
     default: its clipped clean-image estimate lets a memorising model show its copies, where DPM-Solver++ can
     diverge into noise (meddiff.evaluation.privacy_monitor)."""
-    from meddiff.conditioning.labels import LabelCodec
-    from meddiff.data.spec import load_dataset
-    from meddiff.evaluation.privacy_gate import (
-        CALIBRATION_DIR,
-        CALIBRATION_FILE,
-        load_gate,
-        run_guidance,
-        wilson_interval,
-    )
+    from meddiff.evaluation.privacy_gate import CALIBRATION_DIR, count_copies, label_conditions, load_gate, run_guidance
     from meddiff.evaluation.privacy_monitor import revealing_sampler
     from meddiff.models.storage import load_pipeline, run_directory
     from meddiff.sampling.generate import SamplingSettings, sample
@@ -50,40 +41,29 @@ def audit_model(
         raise MeddiffError(f"--n must be at least 1, got {n}")
     run = run_directory(model_dir)
     gate = load_gate(run)  # a one-line error without a calibration
-    note = json.loads((run / CALIBRATION_DIR / CALIBRATION_FILE).read_text())
     pipe = load_pipeline(run)
-    names = list(pipe.label_names)
-    conditions = torch.zeros(n, 2 * len(names))
-    if names:
-        data = load_dataset(note["data"], int(note["resolution"]))
-        if list(data.label_names) == names:  # the training label mix
-            rows = torch.from_numpy(np.random.default_rng(seed).choice(len(data), n, replace=len(data) < n))
-            conditions = LabelCodec(names).encode(data.labels[rows], data.known[rows])
+    data = gate.dataset  # the training label mix
+    rows = np.random.default_rng(seed).choice(len(data), n, replace=len(data) < n)
+    conditions = label_conditions(data, list(pipe.label_names), rows)
     scheduler = scheduler or revealing_sampler(pipe)
     settings = SamplingSettings(steps=steps, guidance=run_guidance(run), seed=seed, scheduler=scheduler)
     logger.info("privacy audit: %d images from %s (%d steps)", n, run, steps)
     images = sample(pipe, conditions, settings, progress=True)
-    scores = gate.index.scores(images)
-    fused = gate.calibration.fused(scores)
-    flags = fused > gate.calibration.threshold
-    hits = int(flags.sum())
-    lo, hi = wilson_interval(hits, n)
-    alpha = gate.calibration.alpha
-    hit_images = len(set(scores["match"][flags].tolist()))
+    count = count_copies(gate.calibration, gate.index, images)
     audit = {
         "n": n,
-        "copies": hits,
-        "copy_rate": hits / n,
-        "copy_rate_interval": [lo, hi],
-        "training_images_hit": hit_images,
-        "share_of_training_images_hit": hit_images / len(gate.index.images),
-        "max_score": float(fused.max()),
-        "threshold": gate.calibration.threshold,
-        "alpha": alpha,
+        "copies": count.copies,
+        "copy_rate": count.rate,
+        "copy_rate_interval": list(count.interval),
+        "training_images_hit": count.training_images_hit,
+        "share_of_training_images_hit": count.training_images_hit / len(gate.index.images),
+        "max_score": count.max_score,
+        "threshold": count.threshold,
+        "alpha": count.alpha,
         "calibration": gate.fingerprint,
         "model_fingerprint": model_fingerprint(run),
         "sampling": {"steps": steps, "guidance": settings.guidance, "seed": seed, "scheduler": scheduler},
-        "verdict": "fail" if lo > alpha else "pass",
+        "verdict": "fail" if count.above_alpha else "pass",
     }
     folder = run / CALIBRATION_DIR
     (folder / AUDIT_FILE).write_text(json.dumps(audit, indent=2))

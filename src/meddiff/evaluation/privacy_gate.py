@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -372,7 +373,8 @@ MODEL_STRENGTHS = (0.1, 0.3, 0.5)  # model-made near-copies: noised this far int
 
 
 def model_copies(
-    model_dir: str | Path,
+    pipe,
+    guidance: float,
     images: np.ndarray,
     conditions: torch.Tensor | None,
     strengths: tuple[float, ...] = MODEL_STRENGTHS,
@@ -381,15 +383,13 @@ def model_copies(
     autoencoder: bool = True,
 ) -> dict[str, np.ndarray]:
     """Known positives the audited model makes itself: each training image noised to t = strength of the schedule
-    and denoised by the model with its own conditions (DPM-Solver++, `steps` spacing, the run's guidance), plus the
-    autoencoder round trip for latent models. {copy type: (N, H, W) in [0, 1]}."""
-    from meddiff.models.storage import load_pipeline, run_directory
+    and denoised by the model (`pipe`, loaded once by the caller) with its own conditions (DPM-Solver++, `steps`
+    spacing, the run's `guidance`), plus the autoencoder round trip for latent models. {copy type: (N, H, W) in
+    [0, 1]}."""
     from meddiff.sampling.generate import SamplingSettings, sample
 
-    pipe = load_pipeline(model_dir)
     if conditions is None or not pipe.supports_labels:
         conditions = torch.zeros(len(images), 2 * len(pipe.label_names))
-    guidance = run_guidance(run_directory(model_dir))
     settings = SamplingSettings(steps=steps, guidance=guidance, seed=seed, batch_size=64)
     out = {}
     for strength in strengths:
@@ -411,7 +411,8 @@ VIEW_STRENGTHS = (0.1, 0.2, 0.3, 0.4)  # model-made near-copies the descriptor l
 
 
 def model_partners(
-    model_dir: str | Path,
+    pipe,
+    guidance: float,
     train: np.ndarray,
     conditions: Callable[[np.ndarray], torch.Tensor | None] | None,
     limit: int,
@@ -433,7 +434,7 @@ def model_partners(
         group = chosen[k :: len(VIEW_STRENGTHS)]
         if len(group):
             cond = conditions(group) if conditions else None
-            made = model_copies(model_dir, train[group], cond, (strength,), seed, autoencoder=False)
+            made = model_copies(pipe, guidance, train[group], cond, (strength,), seed, autoencoder=False)
             partners[group] = made[f"model t={strength:g}"]
     return partners
 
@@ -492,12 +493,17 @@ def audit_detector(
         len(train), len(held), halves,
     )  # fmt: skip
     chosen = rng.choice(len(train), min(positives, len(train)), replace=False)  # the sources of the known copies
+    pipe, guidance = None, 0.0
+    if model_dir is not None:  # loaded once for all the model's near-copies
+        from meddiff.models.storage import load_pipeline, run_directory
+
+        pipe, guidance = load_pipeline(model_dir), run_guidance(run_directory(model_dir))
     descriptor, settings = None, None
     if descriptor_steps > 0:
         partners = None
-        if model_dir is not None and model_views:
+        if pipe is not None and model_views:
             t = time.perf_counter()
-            partners = model_partners(model_dir, train, conditions, model_views, seed + 1, exclude=chosen)
+            partners = model_partners(pipe, guidance, train, conditions, model_views, seed + 1, exclude=chosen)
             seconds["model views"] = time.perf_counter() - t
         settings = DescriptorSettings(steps=descriptor_steps, seed=seed)
         logger.info("privacy calibrate: training the copy descriptor (%d steps)", descriptor_steps)
@@ -515,13 +521,14 @@ def audit_detector(
     calibration = calibrate(index, cal, alpha)
     sources = train[chosen]
     known_copies = {kind: augmented_copies(sources, kind, seed) for kind in COPY_TYPES}
-    if model_dir is not None and model_strengths:
+    if pipe is not None and model_strengths:
         logger.info(
             "privacy calibrate: model-made near-copies of %d training images at t = %s",
             len(sources), ", ".join(f"{s:g}" for s in model_strengths),
         )  # fmt: skip
         t = time.perf_counter()
-        made = model_copies(model_dir, sources, conditions(chosen) if conditions else None, model_strengths, seed)
+        cond = conditions(chosen) if conditions else None
+        made = model_copies(pipe, guidance, sources, cond, model_strengths, seed)
         known_copies.update(made)
         seconds["model copies"] = time.perf_counter() - t
     logger.info("privacy calibrate: %d known copies of each type: %s", len(sources), ", ".join(known_copies))
@@ -530,37 +537,80 @@ def audit_detector(
     return DetectorAudit(calibration, report, index, halves, int(leaked.sum()), settings, seconds)
 
 
-def reidentification(dataset, heldout, steps: int, seed: int, progress: bool = False) -> dict:
-    """Where both splits have patients with several images: a re-identification network trained on the training
-    patients and measured on the held-out ones (meddiff.evaluation.reidentification); else why not."""
+def reidentification(
+    train: np.ndarray, patients: list, held: np.ndarray, held_patients: list, steps: int, seed: int, progress=False
+) -> dict:
+    """Where both splits have patients with several images ((N, H, W) images in [0, 1] and a patient id each): a
+    re-identification network trained on the training patients and measured on the held-out ones
+    (meddiff.evaluation.reidentification); else why not."""
     from meddiff.evaluation.reidentification import reid_metrics, repeat_patients, train_reid
-    from meddiff.evaluation.suite import to01
 
-    train_repeats = int(repeat_patients(list(dataset.patients)).sum())
-    held_repeats = int(repeat_patients(list(heldout.patients)).sum())
+    train_repeats = int(repeat_patients(patients).sum())
+    held_repeats = int(repeat_patients(held_patients).sum())
     if steps <= 0 or train_repeats < 4 or held_repeats < 4:
         return {"measured": False, "why": "no patients with several images in both splits (or no descriptor "
                 "steps): the copy descriptor stands in"}  # fmt: skip
     logger.info("privacy calibrate: re-identification network on %d training images of repeat patients", train_repeats)
-    net = train_reid(to01(dataset.images), list(dataset.patients), DescriptorSettings(steps=steps, seed=seed), progress)
-    return {"measured": True, **reid_metrics(net, to01(heldout.images), list(heldout.patients)).to_dict()}
+    net = train_reid(train, patients, DescriptorSettings(steps=steps, seed=seed), progress)
+    return {"measured": True, **reid_metrics(net, held, held_patients).to_dict()}
 
 
-def own_labels(dataset, model_dir: str | Path) -> Callable[[np.ndarray], torch.Tensor | None]:
-    """conditions(chosen indices): the model's condition vectors for those training images' own labels (None
-    where the model does not take this dataset's labels: its near-copies are then unconditional)."""
+def label_conditions(dataset, names: list[str], rows) -> torch.Tensor:
+    """(len(rows), 2K) condition vectors, for a model with label `names`, of those training images' own labels;
+    zeros (unconditional) where the model does not take this dataset's labels."""
     from meddiff.conditioning.labels import LabelCodec
+
+    rows = torch.as_tensor(rows)
+    if not names or list(dataset.label_names) != list(names):
+        return torch.zeros(len(rows), 2 * len(names))
+    return LabelCodec(names).encode(dataset.labels[rows], dataset.known[rows])
+
+
+def own_labels(dataset, model_dir: str | Path) -> Callable[[np.ndarray], torch.Tensor]:
+    """conditions(chosen indices): label_conditions for the model in `model_dir`."""
     from meddiff.models.storage import load_pipeline
 
-    names = load_pipeline(model_dir).label_names
+    names = list(load_pipeline(model_dir).label_names)
+    return lambda chosen: label_conditions(dataset, names, chosen)
 
-    def conditions(chosen: np.ndarray) -> torch.Tensor | None:
-        if not names or list(dataset.label_names) != list(names):
-            return None
-        index = torch.from_numpy(chosen)
-        return LabelCodec(names).encode(dataset.labels[index], dataset.known[index])
 
-    return conditions
+@dataclass
+class CopyCount:
+    """How many of a set of generated images the calibrated detector flags as near-copies of training images."""
+
+    copies: int
+    n: int
+    interval: tuple[float, float]  # 95 % Wilson interval of the copy rate
+    training_images_hit: int  # distinct nearest training images (by pixels) of the flagged ones
+    max_score: float
+    alpha: float
+    threshold: float
+
+    @property
+    def rate(self) -> float:
+        return self.copies / self.n
+
+    @property
+    def above_alpha(self) -> bool:
+        """Significantly more copies than the detector's false-flag rate (the interval's lower bound above it)."""
+        return self.interval[0] > self.alpha
+
+
+def count_copies(calibration: Calibration, index: ReferenceIndex, images: np.ndarray) -> CopyCount:
+    """The audit's and the training-time check's count on (N, H, W) images in [0, 1]."""
+    scores = index.scores(images)
+    fused = calibration.fused(scores)
+    flags = fused > calibration.threshold
+    hits = int(flags.sum())
+    return CopyCount(
+        copies=hits,
+        n=len(flags),
+        interval=wilson_interval(hits, len(flags)),
+        training_images_hit=len(set(scores["match"][flags].tolist())),
+        max_score=float(fused.max()),
+        alpha=calibration.alpha,
+        threshold=calibration.threshold,
+    )
 
 
 def calibrate_model(
@@ -583,9 +633,10 @@ def calibrate_model(
     spec = parse_spec(data)
     heldout = load_dataset(spec.heldout(), resolution)
     dataset = load_dataset(spec, resolution)
+    train, held = to01(dataset.images), to01(heldout.images)
     audit = audit_detector(
-        to01(dataset.images),
-        to01(heldout.images),
+        train,
+        held,
         list(heldout.patients),
         alpha,
         positives,
@@ -598,7 +649,9 @@ def calibrate_model(
     )
     folder = Path(model_dir).expanduser() / CALIBRATION_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    reid = reidentification(dataset, heldout, descriptor_steps, seed, progress)
+    reid = reidentification(
+        train, list(dataset.patients), held, list(heldout.patients), descriptor_steps, seed, progress
+    )
     note = {
         "data": str(spec),
         "halves": audit.halves,
@@ -630,6 +683,7 @@ class ExportGate:
     index: ReferenceIndex
     fingerprint: str
     max_retries: int = 8
+    dataset: Any = None  # the training ImageLabelDataset the index was built from (its labels: the audit's label mix)
 
     def check(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(flagged, fused score) for (N, H, W) images in [0, 1]."""
@@ -658,7 +712,8 @@ def load_gate(model_dir: str | Path, max_retries: int = 8) -> ExportGate:
         if weights.is_file() and hashlib.sha1(weights.read_bytes()).hexdigest()[:16] != note.get("descriptor_sha1"):
             raise MeddiffError(f"{weights} is not the descriptor this calibration was made with; calibrate again")
         descriptor = load_descriptor(path / CALIBRATION_DIR, note["descriptor"])
-    train = to01(load_dataset(note["data"], int(note["resolution"])).images)
+    dataset = load_dataset(note["data"], int(note["resolution"]))
+    train = to01(dataset.images)
     if len(train) != note["n_training_images"]:
         raise MeddiffError(
             f"{note['data']} now holds {len(train)} training images, the calibration was made with "
@@ -669,4 +724,5 @@ def load_gate(model_dir: str | Path, max_retries: int = 8) -> ExportGate:
         ReferenceIndex(train, descriptor=descriptor),
         note["fingerprint"],
         max_retries,
+        dataset,
     )

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from meddiff.errors import MeddiffError
-from meddiff.evaluation.privacy_gate import ReferenceIndex, calibrate, wilson_interval
+from meddiff.evaluation.privacy_gate import ReferenceIndex, calibrate, count_copies, label_conditions
 from meddiff.models.factory import SamplerName, is_flow_schedule
 
 logger = logging.getLogger(__name__)
@@ -71,9 +71,8 @@ class PrivacyMonitor:
             logger.warning("memorisation check: %d held-out duplicate(s) of training images left out", leaked.sum())
         self.calibration = calibrate(self.index, negatives[~leaked], config.alpha)
         rng = np.random.default_rng(seed)
+        self.dataset = dataset
         self.rows = torch.from_numpy(rng.choice(len(dataset), config.samples, replace=len(dataset) < config.samples))
-        self.labels, self.known = dataset.labels[self.rows], dataset.known[self.rows]
-        self.label_names = list(dataset.label_names)
         k = min(config.loss_images, len(dataset), len(heldout))
         train_rows = torch.from_numpy(np.sort(rng.choice(len(dataset), k, replace=False)))
         held_rows = torch.from_numpy(np.sort(rng.choice(len(heldout), k, replace=False)))
@@ -84,14 +83,6 @@ class PrivacyMonitor:
             "%d held-out images at alpha %g); loss gap on %d + %d images",
             self.every, config.samples, size, len(dataset), len(heldout), config.alpha, k, k,
         )  # fmt: skip
-
-    def _conditions(self, pipe) -> torch.Tensor:
-        from meddiff.conditioning.labels import LabelCodec
-
-        names = list(pipe.label_names)
-        if names == self.label_names:
-            return LabelCodec(names).encode(self.labels, self.known)
-        return torch.zeros(len(self.labels), 2 * len(names))
 
     def __call__(self, step: int, pipe, method, history: list[dict]) -> dict:
         from meddiff.sampling.generate import SamplingSettings, sample
@@ -106,34 +97,30 @@ class PrivacyMonitor:
             batch_size=64,
             scheduler=revealing_sampler(pipe),
         )
-        images = sample(pipe, self._conditions(pipe), settings, progress=False)
+        conditions = label_conditions(self.dataset, list(pipe.label_names), self.rows)  # the training label mix
+        images = sample(pipe, conditions, settings, progress=False)
         x = torch.from_numpy(images).unsqueeze(1)
         if x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="area")
-        scores = self.index.scores(x[:, 0].numpy())
-        fused = self.calibration.fused(scores)
-        flags = fused > self.calibration.threshold
-        hits, n = int(flags.sum()), len(flags)
-        lo, hi = wilson_interval(hits, n)
-        alpha = self.calibration.alpha
+        count = count_copies(self.calibration, self.index, x[:, 0].numpy())
+        (lo, hi), alpha = count.interval, count.alpha
         result: dict = {
-            "copy_rate": hits / n,
+            "copy_rate": count.rate,
             "copy_rate_low": lo,
             "copy_rate_high": hi,
-            "training_images_hit": len(set(scores["match"][flags].tolist())),
-            "max_score": float(fused.max()),
-            "threshold": self.calibration.threshold,
+            "training_images_hit": count.training_images_hit,
+            "max_score": count.max_score,
+            "threshold": count.threshold,
             "alpha": alpha,
-            "samples": n,
+            "samples": count.n,
             **self.loss_gap(pipe, method),
+            "above_alpha": count.above_alpha,
         }
-        above = lo > alpha
-        result["above_alpha"] = above
-        if above and history and history[-1].get("above_alpha"):
+        if count.above_alpha and history and history[-1].get("above_alpha"):
             result["warning"] = (
-                f"{hits} of {n} samples ({hits / n:.1%}, 95 % interval {lo:.1%}-{hi:.1%}) are near-copies of "
-                f"{result['training_images_hit']} training image(s), above the detector's false-flag rate "
-                f"{alpha:.1%} on two checks in a row: the model is memorising"
+                f"{count.copies} of {count.n} samples ({count.rate:.1%}, 95 % interval {lo:.1%}-{hi:.1%}) are "
+                f"near-copies of {count.training_images_hit} training image(s), above the detector's false-flag "
+                f"rate {alpha:.1%} on two checks in a row: the model is memorising"
             )
             result["stop"] = bool(self.config.stop)
         return result

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict, cast
@@ -128,6 +128,50 @@ def make_optimizer(config: TrainConfig, params: list):
     raise MeddiffError(f"unknown optimizer {config.optimizer!r}; choose adamw or adamw8bit")
 
 
+def trained_module(accelerator: Accelerator, trainee) -> torch.nn.Module:
+    """The model being trained, unwrapped from accelerate (and from the LossModule of multi-process runs)."""
+    model = accelerator.unwrap_model(trainee, keep_torch_compile=False)
+    return model.model if isinstance(model, LossModule) else model
+
+
+@contextmanager
+def ema_weights(model: torch.nn.Module, ema):
+    """The model holds its EMA weights inside the block (the trained ones again after it)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]  # what the EMA tracks, in its order
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    try:
+        yield model
+    finally:
+        if ema is not None:
+            ema.restore(trainable)
+
+
+def _checks_on(model, due: Sequence[TrainingCheck], state: LoopState, accelerator: Accelerator, method) -> bool:
+    """The due checks on `model` (in eval mode, as a sampling pipeline; left as it was): whether one asked to stop."""
+    stop = False
+    model.eval()
+    try:
+        pipe = method.sampling_pipeline(model)
+        if pipe is None:
+            logger.warning("checks during training skipped: the %s method makes no sampling pipeline", method.name)
+            return False
+        for check in due:
+            history = state.setdefault("checks", {}).setdefault(check.name, [])
+            result = {"step": state["step"], **check(state["step"], pipe, method, history)}
+            history.append(result)
+            numbers = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            accelerator.log({f"{check.name}/{k}": v for k, v in numbers.items() if k != "step"}, step=state["step"])
+            if result.get("warning"):
+                logger.warning("%s at step %d: %s", check.name, state["step"], result["warning"])
+            stop = stop or bool(result.get("stop"))
+    finally:
+        method.release_sampling_pipeline()
+        model.train()
+    return stop
+
+
 def run_checks(
     due: Sequence[TrainingCheck], state: LoopState, accelerator: Accelerator, trainee, method, ema, main: bool
 ) -> bool:
@@ -135,36 +179,12 @@ def run_checks(
     whether one asked to stop (the same answer on every process)."""
     stop, failure = False, None
     if main:
-        model = accelerator.unwrap_model(trainee, keep_torch_compile=False)
-        if isinstance(model, LossModule):
-            model = model.model
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if ema is not None:
-            ema.store(trainable)
-            ema.copy_to(trainable)
-        model.eval()
+        model = trained_module(accelerator, trainee)
         try:
-            pipe = method.sampling_pipeline(model)
-            if pipe is None:
-                logger.warning("checks during training skipped: the %s method makes no sampling pipeline", method.name)
-            for check in due:
-                history = state.setdefault("checks", {}).setdefault(check.name, [])
-                if pipe is None:
-                    continue
-                result = {"step": state["step"], **check(state["step"], pipe, method, history)}
-                history.append(result)
-                numbers = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-                accelerator.log({f"{check.name}/{k}": v for k, v in numbers.items() if k != "step"}, step=state["step"])
-                if result.get("warning"):
-                    logger.warning("%s at step %d: %s", check.name, state["step"], result["warning"])
-                stop = stop or bool(result.get("stop"))
+            with ema_weights(model, ema):
+                stop = _checks_on(model, due, state, accelerator, method)
         except Exception as exc:  # noqa: BLE001  # raised below on every process, not only here
             failure = exc
-        finally:
-            method.release_sampling_pipeline()
-            if ema is not None:
-                ema.restore(trainable)
-            model.train()
     if accelerator.num_processes > 1:  # every process learns the outcome (no one waits for a process that failed)
         code = 2.0 if failure is not None else float(stop)
         code = float(broadcast(torch.tensor([code], device=accelerator.device), from_process=0).item())
@@ -364,9 +384,7 @@ def train(
     for tracker in accelerator.trackers:  # end_training() minus destroying the process group: the caller's
         tracker.finish()  # processes go on together (export barrier below, a next run in the same group)
 
-    unwrapped = accelerator.unwrap_model(trainee, keep_torch_compile=False)
-    if isinstance(unwrapped, LossModule):
-        unwrapped = unwrapped.model
+    unwrapped = trained_module(accelerator, trainee)
     rate = (
         steps_done * config.batch_size * world * max(int(config.gradient_accumulation), 1) / train_seconds
         if train_seconds > 0
@@ -374,13 +392,8 @@ def train(
     )
     pipeline_dir = None
     if main:
-        trainable = [p for p in unwrapped.parameters() if p.requires_grad]  # what the EMA tracks, in its order
-        if ema is not None:
-            ema.store(trainable)
-            ema.copy_to(trainable)
-        pipeline_dir = method.export(unwrapped, run_dir)
-        if ema is not None:
-            ema.restore(trainable)
+        with ema_weights(unwrapped, ema):
+            pipeline_dir = method.export(unwrapped, run_dir)
     summary = TrainingSummary(
         steps=state["step"],
         train_seconds_total=round(state["elapsed"], 1),

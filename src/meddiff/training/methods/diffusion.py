@@ -156,12 +156,17 @@ class PixelDiffusion(TrainingMethod):
     def vae(self):
         return None
 
-    def sampling_pipeline(self, model) -> MedDiffusionPipeline:
-        """The pipeline on the U-Net's device (a frozen text encoder and the autoencoder are moved there for the
-        check); release_sampling_pipeline() puts them, and the U-Net's attention processors, back."""
+    def _parts(self, model) -> tuple:
+        """(U-Net, text encoder or None, label names) of the trained model, as a pipeline holds them."""
         unet = model["unet"] if isinstance(model, torch.nn.ModuleDict) else model
         encoder = model["text_encoder"] if isinstance(model, torch.nn.ModuleDict) else self.text_encoder
         names = self.dataset.label_names if (self.use_labels or self.use_text) else []
+        return unet, encoder, names
+
+    def sampling_pipeline(self, model) -> MedDiffusionPipeline:
+        """The pipeline on the U-Net's device (a frozen text encoder and the autoencoder are moved there for the
+        check); release_sampling_pipeline() puts them, and the U-Net's attention processors, back."""
+        unet, encoder, names = self._parts(model)
         vae = self.vae()
         device = next(unet.parameters()).device
         moved = [(m, next(m.parameters()).device) for m in (vae, encoder) if m is not None]
@@ -170,7 +175,7 @@ class PixelDiffusion(TrainingMethod):
         for module, _ in moved:
             module.to(device)
         pipe = MedDiffusionPipeline(
-            unet=unet,  # type: ignore[arg-type]  # the U-Net inside the trained module
+            unet=unet,
             scheduler=self.noise_scheduler,
             vae=vae,
             text_encoder=encoder,
@@ -189,9 +194,7 @@ class PixelDiffusion(TrainingMethod):
         self._restore = ([], None, None)
 
     def export(self, model, out_dir: Path) -> Path:
-        unet = model["unet"] if isinstance(model, torch.nn.ModuleDict) else model
-        encoder = model["text_encoder"] if isinstance(model, torch.nn.ModuleDict) else self.text_encoder
-        names = self.dataset.label_names if (self.use_labels or self.use_text) else []
+        unet, encoder, names = self._parts(model)
         return save_pipeline(
             Path(out_dir) / PIPELINE_DIR,
             unet,

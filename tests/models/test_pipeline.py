@@ -100,3 +100,21 @@ def test_image_to_image_starts_from_the_given_images(tiny_run, name):
     assert torch.allclose(plain, again, atol=1e-6)  # no begin index left behind
     with pytest.raises(ValueError, match="strength"):
         pipe(conditions=cond, init_images=init, strength=0.0)
+
+
+def test_guidance_contrasts_against_the_null_inputs(tiny_run):
+    """Guidance scale 0 keeps only the unconditional prediction: the same images as sampling with the pipeline's
+    null inputs (all-zero label vectors), unguided."""
+    pipe = load_pipeline(tiny_run)
+    null = pipe.null_inputs(3)
+    assert null["class_labels"].shape == (3, 2 * len(pipe.label_names)) and not null["class_labels"].any()
+    assert null["encoder_hidden_states"] is None and "timestep_cond" not in null
+    cond = pipe.encode_labels([["Cardiomegaly"], ["Edema"], []])
+    g = torch.Generator().manual_seed(0)
+    only_null = pipe(conditions=cond, num_inference_steps=3, guidance_scale=0.0, generator=g).images
+    g = torch.Generator().manual_seed(0)
+    unguided = pipe(conditions=null["class_labels"], num_inference_steps=3, guidance_scale=1.0, generator=g).images
+    assert np.allclose(only_null, unguided, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    conditional = pipe(conditions=cond, num_inference_steps=3, guidance_scale=1.0, generator=g).images
+    assert not np.allclose(only_null, conditional, atol=1e-4)

@@ -20,9 +20,9 @@ import numpy as np
 
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import SamplerName
+from meddiff.models.privacy_records import AUDIT_FILE, PRIVACY_DIR, stored_audit, training_privacy_checks
 
 logger = logging.getLogger(__name__)
-AUDIT_FILE = "audit.json"
 
 
 def audit_model(
@@ -31,7 +31,7 @@ def audit_model(
     """Sample, check, write RUN/privacy/audit.json and return it (needs `meddiff privacy calibrate` first). DDIM by
     default: its clipped clean-image estimate lets a memorising model show its copies, where DPM-Solver++ can
     diverge into noise (meddiff.evaluation.privacy_monitor)."""
-    from meddiff.evaluation.privacy_gate import CALIBRATION_DIR, count_copies, label_conditions, load_gate, run_guidance
+    from meddiff.evaluation.privacy_gate import count_copies, label_conditions, load_gate, run_guidance
     from meddiff.evaluation.privacy_monitor import revealing_sampler
     from meddiff.models.storage import load_pipeline, run_directory
     from meddiff.sampling.generate import SamplingSettings, sample
@@ -65,7 +65,7 @@ def audit_model(
         "sampling": {"steps": steps, "guidance": settings.guidance, "seed": seed, "scheduler": scheduler},
         "verdict": "fail" if count.above_alpha else "pass",
     }
-    folder = run / CALIBRATION_DIR
+    folder = run / PRIVACY_DIR
     (folder / AUDIT_FILE).write_text(json.dumps(audit, indent=2))
     return audit
 
@@ -73,17 +73,12 @@ def audit_model(
 def failed_audit(model_dir: str | Path) -> str | None:
     """Why this model must not be exported without an override (its audit failed, or the memorisation check during
     training warned at its last check), or None."""
-    from meddiff.evaluation.privacy_gate import CALIBRATION_DIR
     from meddiff.models.storage import run_directory
     from meddiff.sampling.synthesize import model_fingerprint
 
     run = run_directory(model_dir)
-    path = run / CALIBRATION_DIR / AUDIT_FILE
-    if path.is_file():
-        try:
-            audit = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise MeddiffError(f"{path} is not valid JSON; run `meddiff privacy audit --model {run}` again") from None
+    audit = stored_audit(run)
+    if audit is not None:
         stale = audit.get("model_fingerprint") not in (None, model_fingerprint(run))  # the weights changed since
         if audit.get("verdict") == "fail" and not stale:
             lo, hi = audit["copy_rate_interval"]
@@ -92,9 +87,7 @@ def failed_audit(model_dir: str | Path) -> str | None:
                 f"images (copy rate {audit['copy_rate']:.1%}, 95 % interval {lo:.1%}-{hi:.1%}, above alpha "
                 f"{audit['alpha']:g})"
             )
-    training = run / "training.json"
-    if training.is_file():
-        rows = json.loads(training.read_text()).get("checks", {}).get("privacy", [])
-        if rows and rows[-1].get("warning"):
-            return f"the memorisation check during training warned at its last check (step {rows[-1]['step']})"
+    rows = training_privacy_checks(run)
+    if rows and rows[-1].get("warning"):
+        return f"the memorisation check during training warned at its last check (step {rows[-1]['step']})"
     return None

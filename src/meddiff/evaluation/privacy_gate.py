@@ -50,6 +50,7 @@ from meddiff.evaluation.copy_descriptor import (
     save_descriptor,
     train_descriptor,
 )
+from meddiff.models.privacy_records import CALIBRATION_FILE, PRIVACY_DIR, stored_calibration
 
 logger = logging.getLogger(__name__)
 COPY_TYPES = ("exact", "shift", "rotation", "gamma", "noise", "crop")
@@ -351,8 +352,7 @@ def measure(
 
 # ------------------------------------------------------------------------------------ stored with a model, export gate
 
-CALIBRATION_DIR = "privacy"  # in the run directory, never inside pipeline/ (nothing here goes to a model card)
-CALIBRATION_FILE = "calibration.json"
+CALIBRATION_DIR, CALIBRATION_FILE = PRIVACY_DIR, CALIBRATION_FILE  # RUN/privacy/: models.privacy_records
 
 
 def split_halves(patients: list[str], n: int, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -695,15 +695,14 @@ def load_gate(model_dir: str | Path, max_retries: int = 8) -> ExportGate:
     from meddiff.models.storage import run_directory
 
     path = run_directory(model_dir)
-    note_path = path / CALIBRATION_DIR / CALIBRATION_FILE
-    if not note_path.is_file():
+    note = stored_calibration(path)
+    if note is None:
         raise MeddiffError(
             f"{path} has no privacy calibration; run `meddiff privacy calibrate --model {path} --data SPEC` first"
         )
     from meddiff.data.spec import load_dataset
     from meddiff.evaluation.suite import to01
 
-    note = json.loads(note_path.read_text())
     descriptor = None
     if note.get("descriptor"):
         from meddiff.evaluation.copy_descriptor import load_descriptor

@@ -136,7 +136,7 @@ class PrivacyMonitor:
             generator = torch.Generator().manual_seed(self.seed + 7)
             for i in range(0, len(images), 64):
                 x0 = pipe.encode_images(((images[i : i + 64] + 1) / 2).to(device))
-                kwargs = null_conditions(pipe, len(x0), device)
+                kwargs = pipe.null_inputs(len(x0))
                 losses.append(method.denoising_loss(pipe.unet, x0, kwargs, generator).float().cpu())
             out[f"loss_{key}"] = float(torch.cat(losses).mean())
         out["loss_gap"] = out["loss_heldout"] - out["loss_train"]
@@ -147,19 +147,3 @@ def revealing_sampler(pipe) -> SamplerName:
     """The sampler under which a memorising model shows its copies: DDIM (clipped clean-image estimate) on a noise
     schedule, Euler on a flow-matching one (DDIM does not apply there)."""
     return "euler" if is_flow_schedule(pipe.scheduler.config) else "ddim"
-
-
-def null_conditions(pipe, n: int, device) -> dict:
-    """The unconditional inputs of the pipeline's U-Net (what classifier-free guidance contrasts against)."""
-    from meddiff.models.pipeline import encode_prompt
-
-    kwargs: dict = {"encoder_hidden_states": None, "class_labels": None}
-    if pipe.supports_labels:
-        kwargs["class_labels"] = torch.zeros(n, 2 * len(pipe.label_names), device=device, dtype=pipe.unet.dtype)
-    if pipe.supports_prompts:
-        kwargs["encoder_hidden_states"] = encode_prompt(pipe.tokenizer, pipe.text_encoder, [""] * n, device)
-    if pipe.guidance_dim is not None:
-        from meddiff.models.pipeline import guidance_embedding
-
-        kwargs["timestep_cond"] = guidance_embedding(torch.ones(n), pipe.guidance_dim).to(device)
-    return kwargs

@@ -174,6 +174,25 @@ class MedDiffusionPipeline(DiffusionPipeline):
         return (z * self.vae.config["scaling_factor"]).to(self.unet.dtype)
 
     @torch.no_grad()
+    def null_inputs(self, batch: int, negative_prompt: list | None = None) -> dict:
+        """The U-Net's unconditional inputs for `batch` images, what classifier-free guidance contrasts against:
+        all-zero label vectors, the empty (or the negative) prompt, and for a distilled student guidance scale 1."""
+        device, dtype = self._execution_device, self.unet.dtype
+        kwargs: dict = {"encoder_hidden_states": None, "class_labels": None}
+        if self.supports_labels:
+            kwargs["class_labels"] = torch.zeros(batch, 2 * len(self.label_names), device=device, dtype=dtype)
+        if self.supports_prompts:
+            assert self.text_encoder is not None
+            prompts = list(negative_prompt) if negative_prompt is not None else [""] * batch
+            kwargs["encoder_hidden_states"] = encode_prompt(self.tokenizer, self.text_encoder, prompts, device).to(
+                dtype
+            )
+        if self.guidance_dim is not None:
+            scale = torch.ones(batch)
+            kwargs["timestep_cond"] = guidance_embedding(scale, self.guidance_dim).to(device=device, dtype=dtype)
+        return kwargs
+
+    @torch.no_grad()
     def __call__(
         self,
         conditions: torch.Tensor | None = None,
@@ -213,39 +232,33 @@ class MedDiffusionPipeline(DiffusionPipeline):
         batch = num_images
         device, dtype = self._execution_device, self.unet.dtype
 
-        # conditional inputs, and the null inputs guidance contrasts against
+        # conditional inputs (the null inputs guidance contrasts against: null_inputs)
         cond_kwargs: dict = {"encoder_hidden_states": None, "class_labels": None}
-        null_kwargs: dict = {"encoder_hidden_states": None, "class_labels": None}
+        negatives: list | None = None  # the null prompts (None: the empty prompt)
         active = False
         if self.supports_labels:
             if conditions is None:
                 conditions = torch.zeros(batch, 2 * len(self.label_names))
             conditions = conditions.to(device=device, dtype=dtype)
             cond_kwargs["class_labels"] = conditions
-            null_kwargs["class_labels"] = torch.zeros_like(conditions)
             active = active or bool(conditions.abs().sum() > 0)
         if self.supports_prompts:
             prompt = list(prompt) if prompt is not None else [""] * batch
             if len(prompt) != batch:
                 raise ValueError(f"{len(prompt)} prompts for {batch} images")
-            if negative_prompt is None:
-                negative_prompt = [""] * batch
-            elif isinstance(negative_prompt, str):
-                negative_prompt = [negative_prompt] * batch
+            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt
             assert self.text_encoder is not None
             cond_kwargs["encoder_hidden_states"] = encode_prompt(self.tokenizer, self.text_encoder, prompt, device).to(
                 dtype
             )
-            null_kwargs["encoder_hidden_states"] = encode_prompt(
-                self.tokenizer, self.text_encoder, negative_prompt, device
-            ).to(dtype)
-            active = active or any(p for p in prompt) or any(p for p in negative_prompt)
+            active = active or any(p for p in prompt) or any(p for p in negatives or [])
         guidance_dim = self.guidance_dim
         guided = active and guidance_scale != 1.0 and guidance_dim is None
         if guidance_dim is not None:  # a distilled student: the scale is an input, one evaluation per step
             scale = torch.full((batch,), float(guidance_scale) if active else 1.0)
             cond_kwargs["timestep_cond"] = guidance_embedding(scale, guidance_dim).to(device=device, dtype=dtype)
         if guided:
+            null_kwargs = self.null_inputs(batch, negatives)
             model_kwargs = {
                 k: (torch.cat([null_kwargs[k], v]) if v is not None else None) for k, v in cond_kwargs.items()
             }

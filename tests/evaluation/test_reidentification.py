@@ -40,3 +40,24 @@ def test_bad_input_is_one_line(studies):
         reid_metrics(train_descriptor(train[:20], DescriptorSettings(steps=2)), held[:4], ["a"] * 4)
     with pytest.raises(MeddiffError, match="one id per image"):
         train_descriptor(train[:20], SETTINGS, groups=np.zeros(3))
+
+
+def test_pair_scores_are_exact_in_blocks_and_sampled_beyond_the_cap(studies):
+    """Blocked scoring equals scoring every pair at once; a sample of the different-patient pairs (large held-out
+    sets) gives nearly the same AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    from meddiff.evaluation.copy_descriptor import embed
+
+    train, _, held, held_ids = studies
+    net = train_descriptor(train[:64], DescriptorSettings(steps=3, batch_size=16, width=8, dim=16))
+    exact = reid_metrics(net, held, held_ids)
+    z = embed(net, held)
+    upper = np.triu_indices(len(held), k=1)
+    ids = np.asarray(held_ids)
+    same = ids[upper[0]] == ids[upper[1]]
+    assert not exact.negatives_sampled and exact.different_pairs == int((~same).sum())
+    assert exact.auc == pytest.approx(roc_auc_score(same, (z @ z.T)[upper]), abs=1e-6)
+    sampled = reid_metrics(net, held, held_ids, max_negative_pairs=3000)
+    assert sampled.negatives_sampled and sampled.different_pairs == exact.different_pairs
+    assert sampled.same_pairs == exact.same_pairs and abs(sampled.auc - exact.auc) < 0.03

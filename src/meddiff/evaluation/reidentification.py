@@ -14,7 +14,6 @@ import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from meddiff.errors import MeddiffError
 from meddiff.evaluation.copy_descriptor import CopyDescriptorNet, DescriptorSettings, embed, train_descriptor
@@ -30,6 +29,7 @@ class ReidReport:
     different_pairs: int
     patients: int
     images: int
+    negatives_sampled: bool = False  # different-patient pairs: a uniform sample of them (large held-out sets)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,30 +54,62 @@ def train_reid(images: np.ndarray, patients, settings: DescriptorSettings | None
     return train_descriptor(images[keep], settings, progress=progress, groups=ids)
 
 
-def reid_metrics(net: CopyDescriptorNet, images: np.ndarray, patients) -> ReidReport:
-    """Same-patient vs different-patient pair scores of (held-out) images: AUC and TPR at FPR 1e-3."""
+def reid_metrics(
+    net: CopyDescriptorNet, images: np.ndarray, patients, max_negative_pairs: int = 5_000_000, seed: int = 0
+) -> ReidReport:
+    """Same-patient vs different-patient pair scores of (held-out) images: AUC and TPR at FPR 1e-3.
+
+    Every same-patient pair is scored. Different-patient pairs are all scored while there are at most
+    `max_negative_pairs` of them; beyond that (about 3,000 images) a fixed-seed uniform sample of that many stands in
+    for them (`negatives_sampled`), so memory stays O(images + max_negative_pairs) at any held-out size."""
     keep = repeat_patients(patients)
     names = np.asarray([str(p) for p in patients])[keep]
     if len(set(names)) < 2:
         raise MeddiffError("re-identification is measured on at least 2 patients with 2 or more images each")
     ids = np.unique(names, return_inverse=True)[1]  # integers: the pair arrays below stay small
-    z = torch.from_numpy(embed(net, images[keep]))
-    similarity = (z @ z.T).numpy()
-    upper = np.triu_indices(len(ids), k=1)
-    scores = similarity[upper]
-    same = ids[upper[0]] == ids[upper[1]]
-    positives, negatives = scores[same], scores[~same]
-    order = np.sort(negatives)
+    z = embed(net, images[keep]).astype(np.float32)
+    n = len(ids)
+    positives = []
+    for patient in np.unique(ids):  # same-patient pairs: all of them, patient by patient
+        rows = np.flatnonzero(ids == patient)
+        block = z[rows] @ z[rows].T
+        positives.append(block[np.triu_indices(len(rows), k=1)])
+    pos = np.concatenate(positives)
+    same_pairs = len(pos)
+    different_pairs = n * (n - 1) // 2 - same_pairs
+    sampled = different_pairs > max_negative_pairs
+    if not sampled:
+        negatives = []
+        for start in range(0, n, 1024):  # row blocks of the upper triangle
+            stop = min(start + 1024, n)
+            block = z[start:stop] @ z.T
+            i, j = np.nonzero(np.arange(start, stop)[:, None] < np.arange(n)[None, :])
+            differ = ids[start + i] != ids[j]
+            negatives.append(block[i[differ], j[differ]])
+        neg = np.concatenate(negatives)
+    else:
+        rng = np.random.default_rng(seed)
+        chunks, have = [], 0
+        while have < max_negative_pairs:
+            i = rng.integers(0, n, 2 * (max_negative_pairs - have))
+            j = rng.integers(0, n, len(i))
+            ok = ids[i] != ids[j]
+            i, j = i[ok][: max_negative_pairs - have], j[ok][: max_negative_pairs - have]
+            chunks.append(np.einsum("nd,nd->n", z[i], z[j]))
+            have += len(i)
+        neg = np.concatenate(chunks)
+    order = np.sort(neg)
     # AUC by ranks (ties count half)
-    below = np.searchsorted(order, positives, side="left")
-    ties = np.searchsorted(order, positives, side="right") - below
-    auc = float((below + 0.5 * ties).sum() / (len(positives) * len(negatives)))
-    threshold = np.quantile(negatives, 1 - 1e-3, method="higher")
+    below = np.searchsorted(order, pos, side="left")
+    ties = np.searchsorted(order, pos, side="right") - below
+    auc = float((below + 0.5 * ties).sum() / (len(pos) * len(neg)))
+    threshold = np.quantile(neg, 1 - 1e-3, method="higher")
     return ReidReport(
         auc=auc,
-        tpr_at_1e3=float((positives > threshold).mean()),
-        same_pairs=int(same.sum()),
-        different_pairs=int((~same).sum()),
+        tpr_at_1e3=float((pos > threshold).mean()),
+        same_pairs=int(same_pairs),
+        different_pairs=int(different_pairs),
         patients=len(set(names)),
         images=int(keep.sum()),
+        negatives_sampled=bool(sampled),
     )

@@ -85,7 +85,8 @@ def reid_lines(reid: dict | None) -> list[str]:
     return [
         f"- Re-identification network (trained on the training patients): held-out same-patient pairs vs "
         f"different-patient pairs AUC {reid['auc']:.3f}, true-positive rate {reid['tpr_at_1e3']:.3f} at a "
-        f"false-positive rate of 1e-3 ({reid['patients']} patients, {reid['images']} images)."
+        f"false-positive rate of 1e-3 ({reid['patients']} patients, {reid['images']} images"
+        + ("; a uniform sample of the different-patient pairs)." if reid.get("negatives_sampled") else ").")
     ]
 
 

@@ -1,6 +1,8 @@
 """The calibrated near-copy detector: copies of training images are flagged, new images mostly are not, the
 combined false-flag rate is what the threshold controls, and bad input is one line."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from meddiff.evaluation.privacy_gate import (
     ReferenceIndex,
     augmented_copies,
     calibrate,
+    calibration_warnings,
     measure,
     wilson_interval,
 )
@@ -57,6 +60,12 @@ def test_the_gate_flags_copies_and_holds_the_false_flag_rate(phantoms):
     assert lo > 0.95 and hi == pytest.approx(1.0)
     again = Calibration.from_dict(calibration.to_dict())  # what is stored with a model: no images
     assert np.array_equal(again.flags(index.scores(test)), calibration.flags(index.scores(test)))
+    # 200 calibration images cannot set alpha 0.02 reliably (10 / alpha = 500 wanted): the calibration says so
+    (warning,) = calibration_warnings(calibration, report)
+    assert "rests on 200 calibration images, fewer than the 500" in warning
+    assert calibration_warnings(calibrate(index, cal, alpha=0.05), report) == []  # 200 >= 10 / 0.05
+    shaky = dataclasses.replace(report, false_flag_rate=0.2, false_flag_interval=(0.15, 0.26))
+    assert "significantly above alpha" in calibration_warnings(calibrate(index, cal, alpha=0.05), shaky)[0]
 
 
 def test_scores_match_the_nearest_training_image(phantoms):

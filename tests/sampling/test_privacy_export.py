@@ -94,6 +94,7 @@ def test_calibrate_then_generate_through_the_cli(tmp_path, tiny_run, capsys):
     assert set(note["measured"]["recall"]) == {"exact", "shift", "rotation", "gamma", "noise", "crop", "model t=0.1",
                                                "model t=0.3"}  # fmt: skip
     assert note["heldout_duplicates"] == 0
+    assert "calibration images, fewer than the 200 that alpha 0.05 needs" in note["warnings"][0]  # 10 / alpha
     assert (tiny_run / "privacy" / "descriptor.safetensors").is_file()
     assert not (tiny_run / "pipeline" / "privacy").exists()  # never inside the shared pipeline folder
     out = tmp_path / "gated"

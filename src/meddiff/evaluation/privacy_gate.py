@@ -667,11 +667,37 @@ def calibrate_model(
     if audit.index.descriptor is not None and audit.descriptor_settings is not None:
         note["descriptor"] = save_descriptor(audit.index.descriptor, audit.descriptor_settings, folder)
         note["descriptor_sha1"] = hashlib.sha1((folder / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+    note["warnings"] = calibration_warnings(audit.calibration, audit.report)
+    for warning in note["warnings"]:
+        logger.warning("privacy calibrate: %s", warning)
     note["fingerprint"] = hashlib.sha1(
         json.dumps({k: v for k, v in note.items() if k != "seconds"}, sort_keys=True).encode()
     ).hexdigest()[:16]
     (folder / CALIBRATION_FILE).write_text(json.dumps(note, indent=2))
     return note
+
+
+STURDY_NEGATIVES = 10  # calibration negatives per 1/alpha for a threshold that holds alpha without luck
+
+
+def calibration_warnings(calibration: Calibration, report: GateReport) -> list[str]:
+    """What makes a calibration's promise (false flags at alpha) shaky: a threshold set from fewer than
+    STURDY_NEGATIVES / alpha held-out images (the (1 - alpha) quantile then rests on a handful of them), and a
+    false-flag rate on the test half significantly above alpha (its 95 % interval entirely above)."""
+    alpha, warnings = calibration.alpha, []
+    need = math.ceil(STURDY_NEGATIVES / alpha)
+    if calibration.n_calibration < need:
+        warnings.append(
+            f"the threshold rests on {calibration.n_calibration} calibration images, fewer than the {need} that "
+            f"alpha {alpha:g} needs to be set reliably: give more held-out images or a larger alpha"
+        )
+    lo, hi = report.false_flag_interval
+    if lo > alpha:
+        warnings.append(
+            f"on new real images the detector flags {report.false_flag_rate:.2%} (95 % interval {lo:.2%}-{hi:.2%}), "
+            f"significantly above alpha {alpha:g}: the gate will redraw more genuine images than promised"
+        )
+    return warnings
 
 
 @dataclass

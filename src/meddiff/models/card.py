@@ -154,6 +154,7 @@ def privacy_section(folder: Path | None) -> CardSection:
                 if note.get("heldout_duplicates")
                 else []
             ),
+            *(f"- Calibration warning: {w}." for w in note.get("warnings", [])),
             f"- Verdict: {verdict}. Generate with `--privacy-gate` to redraw flagged images.",
             *reid_lines(note.get("reidentification")),
             *audit_lines(folder),

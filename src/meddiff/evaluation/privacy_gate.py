@@ -667,8 +667,9 @@ def calibrate_model(
     if audit.index.descriptor is not None and audit.descriptor_settings is not None:
         note["descriptor"] = save_descriptor(audit.index.descriptor, audit.descriptor_settings, folder)
         note["descriptor_sha1"] = hashlib.sha1((folder / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
-    note["warnings"] = calibration_warnings(audit.calibration, audit.report)
-    for warning in note["warnings"]:
+    warnings = calibration_warnings(audit.calibration, audit.report)
+    note["warnings"] = warnings
+    for warning in warnings:
         logger.warning("privacy calibrate: %s", warning)
     note["fingerprint"] = hashlib.sha1(
         json.dumps({k: v for k, v in note.items() if k != "seconds"}, sort_keys=True).encode()

@@ -346,3 +346,12 @@ def test_every_card_has_a_privacy_section_that_calibration_fills_in(tmp_path):
     assert "Memorisation checks during training: 2 (steps 500-1000, 128 fixed-seed samples" in text
     assert "copy rate 0.200 [0.140, 0.280], 9 training image(s) hit" in text and "warnings at steps 1000" in text
     assert "8 held-out image(s) duplicate a training image" in text
+    assert "Fusion: the largest standardised detector score." in text
+    fusion = {"weights": {"aligned": 0.9, "pixel_margin": 0.5}, "n_fit": {"negatives": 250, "copies": 2000}}
+    note["calibration"] |= {"n_calibration": 251, **fusion}
+    (tmp_path / "privacy" / "calibration.json").write_text(json.dumps(note))
+    update_privacy_section(tmp_path)
+    assert (
+        "Fusion: learned non-negative weights over aligned, pixel_margin (fitted on 2000 known copies of other "
+        "training images against 250 held-out images; threshold read from 251 more)" in card.read_text()
+    )

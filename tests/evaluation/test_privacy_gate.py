@@ -112,3 +112,38 @@ def test_wilson_interval():
     assert wilson_interval(0, 0) == (0.0, 1.0)
     lo, hi = wilson_interval(50, 100)
     assert lo < 0.5 < hi and hi - lo < 0.2
+
+
+def test_fit_fusion_keeps_weights_non_negative():
+    """A score that separates copies gets weight, an uninformative one little, one that runs the wrong way none."""
+    from meddiff.evaluation.privacy_gate import fit_fusion
+
+    rng = np.random.default_rng(0)
+    neg = rng.normal(size=(400, 3))
+    pos = rng.normal(size=(200, 3)) + np.array([3.0, 0.0, -3.0])
+    weights, bias = fit_fusion(neg, pos)
+    assert weights[0] > 1.0 and weights[1] < 0.2 and weights[2] == 0.0 and bias < 0
+
+
+def test_a_learned_fusion_holds_the_false_flag_rate_and_catches_changed_copies(phantoms):
+    """Fitted on known copies of some training images against half of the calibration negatives, thresholded on the
+    other half; measured on copies of other training images and on new images."""
+    train, held = phantoms
+    index = ReferenceIndex(train)
+    cal, test = held[:200], held[200:]
+    fit = {kind: augmented_copies(train[150:], kind, seed=9) for kind in COPY_TYPES}
+    learned = calibrate(index, cal, alpha=0.02, positives=fit)
+    plain = calibrate(index, cal, alpha=0.02)
+    assert plain.weights is None and learned.weights and all(w > 0 for w in learned.weights.values())
+    assert learned.n_calibration == 100 and learned.n_fit == {"negatives": 100, "copies": 6 * 150}
+    assert set(learned.weights) <= set(learned.centre)  # margins are standardised like the detectors
+    positives = {kind: augmented_copies(train[:150], kind) for kind in COPY_TYPES}
+    got, before = measure(learned, index, test, positives), measure(plain, index, test, positives)
+    assert got.false_flag_rate <= 0.06 and got.recall["exact"] == 1.0
+    changed = ("shift", "rotation", "noise", "crop")
+    assert np.mean([got.recall[k] for k in changed]) >= np.mean([before.recall[k] for k in changed]), (got, before)
+    again = Calibration.from_dict(learned.to_dict())  # stored with the model: numbers only
+    assert np.array_equal(again.flags(index.scores(test)), learned.flags(index.scores(test)))
+    assert learned.to_dict()["fusion"] == "learned" and plain.to_dict()["fusion"] == "max"
+    # too few negatives to spare half: the largest standardised score, as without copies
+    assert calibrate(index, cal[:60], alpha=0.02, positives=fit).weights is None

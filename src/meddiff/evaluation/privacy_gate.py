@@ -55,7 +55,24 @@ from meddiff.models.privacy_records import CALIBRATION_FILE, PRIVACY_DIR, stored
 logger = logging.getLogger(__name__)
 COPY_TYPES = ("exact", "shift", "rotation", "gamma", "noise", "crop")
 DETECTORS = ("pixel", "tiles", "aligned", "coarse", "feature", "descriptor")
+# how far the nearest training image stands out from the next nearest ones (a model's redrawing of one training image
+# has one clearly nearest neighbour, a new patient several about as near): features of the learned fusion only
+MARGINS = ("pixel_margin", "pixel_z", "descriptor_gap", "descriptor_margin", "descriptor_z")
 DUPLICATE_CORRELATION = 0.999  # a held-out image this close to a training image is the same image (a split leak)
+
+
+def _margins(name: str, nearest: torch.Tensor) -> dict[str, np.ndarray]:
+    """From the similarities of the k nearest training images (descending, k >= 3): the nearest's lead over the
+    second (gap), over the mean of the others (margin), and that lead in units of the others' spread (z)."""
+    if nearest.shape[1] < 3:
+        return {}
+    first, rest = nearest[:, 0], nearest[:, 1:]
+    lead = first - rest.mean(1)
+    return {
+        f"{name}_gap": (first - nearest[:, 1]).numpy(),
+        f"{name}_margin": lead.numpy(),
+        f"{name}_z": (lead / (rest.std(1) + 1e-6)).numpy(),
+    }
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
@@ -164,10 +181,12 @@ class ReferenceIndex:
             d = torch.from_numpy(embed(self.descriptor, queries))
             nearest, by_descriptor = self._nearest(d, self._descriptors, k)
             out["descriptor"] = nearest[:, 0].numpy()
+            out.update(_margins("descriptor", nearest))
             top = torch.cat([top, by_descriptor], 1)
         qt = [_unit(t) for t in _tiles(queries)]
         tiles = torch.stack([(qt[k] * self._tiles[k][match]).sum(1) for k in range(4)], 1).min(1).values
         out.update(pixel=similarity[:, 0].numpy(), tiles=tiles.numpy(), aligned=self._aligned(queries, q, top))
+        out.update(_margins("pixel", similarity))
         out["coarse"] = self._nearest(_unit(_coarse(queries)), self._coarse)[0][:, 0].numpy()
         if self._features is not None and self._feature_mean is not None:
             if features is None:
@@ -241,20 +260,31 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 @dataclass
 class Calibration:
-    """What the gate needs (no images): per detector the calibration negatives' median and spread (scaled median
-    absolute deviation), and the threshold on the fused score."""
+    """What the gate needs (no images): per score the calibration negatives' median and spread (scaled median
+    absolute deviation), the fusion (the largest standardised detector score, or learned non-negative weights over
+    the standardised detector and margin scores) and the threshold on the fused score."""
 
     alpha: float
     detectors: list[str]
     centre: dict[str, float]  # median score of the calibration negatives
     spread: dict[str, float]  # 1.4826 x their median absolute deviation
     threshold: float  # on the fused score
-    n_calibration: int
+    n_calibration: int  # the negatives the threshold was read from
+    weights: dict[str, float] | None = None  # learned fusion (fit_fusion); None: the largest standardised score
+    bias: float = 0.0
+    n_fit: dict[str, int] | None = None  # learned fusion: negatives and known copies it was fitted on
+
+    def standardised(self, scores: dict[str, np.ndarray], name: str) -> np.ndarray:
+        return (scores[name] - self.centre[name]) / self.spread[name]
 
     def fused(self, scores: dict[str, np.ndarray]) -> np.ndarray:
-        """Largest standardised score over the detectors, (score - median) / spread: unbounded above, so a copy
-        beyond every negative keeps its distance."""
-        return np.max([(scores[d] - self.centre[d]) / self.spread[d] for d in self.detectors], axis=0)
+        """Learned fusion: the weighted sum of the standardised scores (the log-odds of "copy"). Otherwise the
+        largest standardised score over the detectors, (score - median) / spread. Both are unbounded above and
+        never decrease when any score rises, so a copy beyond every negative keeps its distance."""
+        if self.weights is not None:
+            terms = [w * self.standardised(scores, d) for d, w in self.weights.items()]
+            return self.bias + np.sum(terms, axis=0) if terms else np.full(len(scores["pixel"]), self.bias)
+        return np.max([self.standardised(scores, d) for d in self.detectors], axis=0)
 
     def flags(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         return self.fused(scores) > self.threshold
@@ -267,6 +297,10 @@ class Calibration:
             "spread": self.spread,
             "threshold": self.threshold,
             "n_calibration": self.n_calibration,
+            "fusion": "learned" if self.weights is not None else "max",
+            "weights": self.weights,
+            "bias": self.bias,
+            "n_fit": self.n_fit,
         }
 
     @classmethod
@@ -278,27 +312,83 @@ class Calibration:
             {k: float(v) for k, v in d["spread"].items()},
             float(d["threshold"]),
             int(d["n_calibration"]),
+            {k: float(v) for k, v in d["weights"].items()} if d.get("weights") else None,
+            float(d.get("bias", 0.0)),
+            d.get("n_fit"),
         )
 
 
 def calibrate(
-    index: ReferenceIndex, negatives: np.ndarray, alpha: float = 0.01, features: np.ndarray | None = None
+    index: ReferenceIndex,
+    negatives: np.ndarray,
+    alpha: float = 0.01,
+    features: np.ndarray | None = None,
+    positives: dict[str, np.ndarray] | None = None,
+    positive_features: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
 ) -> Calibration:
     """Threshold the fused score at the (1 - alpha) quantile of `negatives` (real images that are not in the
     reference set: the calibration half of a patient-disjoint held-out split), so that the combined false-flag rate
-    of new images is alpha."""
+    of new images is alpha.
+
+    With `positives` (known copies of training images, {type: (N, H, W)}; never the ones recall is measured on) and
+    at least 2 / alpha negatives, the fusion is learned: non-negative logistic weights over the standardised detector
+    and margin scores, fitted on half of the negatives against the positives, and the threshold is read from the
+    other half (a fitted score is optimistic on the negatives it saw). Otherwise the fused score is the largest
+    standardised detector score."""
     if not 0 < alpha < 0.5:
         raise MeddiffError(f"alpha must be in (0, 0.5), got {alpha:g}")
     if len(negatives) < math.ceil(1 / alpha):
         raise MeddiffError(f"{len(negatives)} calibration images cannot resolve alpha {alpha:g}; give more")
     scores = index.scores(negatives, features)
     detectors: list[str] = [d for d in DETECTORS if d in scores]
-    centre = {d: float(np.median(scores[d])) for d in detectors}
+    names = detectors + [m for m in MARGINS if m in scores]
+    centre = {d: float(np.median(scores[d])) for d in names}
     # a stable scale (median absolute deviation): only the threshold below is a tail estimate
-    spread = {d: max(1.4826 * float(np.median(np.abs(scores[d] - centre[d]))), 1e-6) for d in detectors}
+    spread = {d: max(1.4826 * float(np.median(np.abs(scores[d] - centre[d]))), 1e-6) for d in names}
     calibration = Calibration(alpha, detectors, centre, spread, 0.0, len(negatives))
-    calibration.threshold = float(np.quantile(calibration.fused(scores), 1 - alpha, method="higher"))
+    rows = np.arange(len(negatives))
+    learn = bool(positives) and len(negatives) >= 2 * math.ceil(1 / alpha)
+    if positives and not learn:
+        logger.warning(
+            "privacy calibrate: %d calibration images are too few to learn the fusion at alpha %g (needs %d); the "
+            "largest standardised score is used", len(negatives), alpha, 2 * math.ceil(1 / alpha),
+        )  # fmt: skip
+    if learn and positives:
+        order = np.random.default_rng([seed, 29]).permutation(len(negatives))
+        fit, rows = order[: len(order) // 2], order[len(order) // 2 :]
+        known = [index.scores(images, (positive_features or {}).get(kind)) for kind, images in positives.items()]
+        x_neg = np.stack([calibration.standardised(scores, d)[fit] for d in names], 1)
+        x_pos = np.concatenate([np.stack([calibration.standardised(k, d) for d in names], 1) for k in known])
+        weights, calibration.bias = fit_fusion(x_neg, x_pos)
+        calibration.weights = {d: float(w) for d, w in zip(names, weights) if w > 0}
+        calibration.n_fit = {"negatives": len(fit), "copies": len(x_pos)}
+        calibration.n_calibration = len(rows)
+    fused = calibration.fused({k: v[rows] for k, v in scores.items()})
+    calibration.threshold = float(np.quantile(fused, 1 - alpha, method="higher"))
     return calibration
+
+
+def fit_fusion(negatives: np.ndarray, positives: np.ndarray, l2: float = 1e-2) -> tuple[np.ndarray, float]:
+    """Class-balanced logistic regression with non-negative weights (a copy that is more similar by every score never
+    scores lower) on (N, F) standardised scores: (weights, bias)."""
+    from scipy.optimize import minimize
+
+    x = np.concatenate([negatives, positives]).astype(np.float64)
+    y = np.r_[np.zeros(len(negatives)), np.ones(len(positives))]
+    share = np.where(y == 1, 0.5 / len(positives), 0.5 / len(negatives))
+    f = x.shape[1]
+
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = params[:f], params[f]
+        z = x @ w + b
+        residual = share * (1 / (1 + np.exp(-z)) - y)
+        value = float(np.sum(share * (np.logaddexp(0, z) - y * z)) + l2 * w @ w)
+        return value, np.r_[x.T @ residual + 2 * l2 * w, residual.sum()]
+
+    bounds = [(0.0, None)] * f + [(None, None)]
+    result = minimize(loss, np.zeros(f + 1), jac=True, method="L-BFGS-B", bounds=bounds)
+    return result.x[:f], float(result.x[f])
 
 
 @dataclass
@@ -477,6 +567,7 @@ def audit_detector(
     model_strengths: tuple[float, ...] = MODEL_STRENGTHS,
     progress: bool = False,
     model_views: int = 4096,
+    fusion_sources: int = 250,
 ) -> DetectorAudit:
     """Build the detector for `train` ((N, H, W) in [0, 1]): the copy descriptor (`descriptor_steps` > 0), the
     reference index, the threshold from one half of `held` (by patient where `patients` are given) and the false-flag
@@ -484,7 +575,9 @@ def audit_detector(
     copies of each type (augmented copies; with `model_dir` the model's own near-copies at `model_strengths`, their
     conditions from `conditions(chosen training indices)`, and the autoencoder round trip of latent models). With a
     model, the descriptor also learns that the model's own near-copies of up to `model_views` training images (t in
-    VIEW_STRENGTHS, other seeds than the measured ones) are the same image."""
+    VIEW_STRENGTHS, other seeds than the measured ones) are the same image. The fusion is learned (calibrate) from
+    known copies of `fusion_sources` further training images (0: no learned fusion): neither the measured sources nor
+    the descriptor's partners, so that the measured recall stays out of sample."""
     clock, seconds = time.perf_counter(), {}
     rng = np.random.default_rng(seed)
     first, halves = split_halves(list(patients or []), len(held), seed)
@@ -493,6 +586,8 @@ def audit_detector(
         len(train), len(held), halves,
     )  # fmt: skip
     chosen = rng.choice(len(train), min(positives, len(train)), replace=False)  # the sources of the known copies
+    rest = np.setdiff1d(np.arange(len(train)), chosen)
+    fusion_pool = rng.choice(rest, min(fusion_sources, len(rest)), replace=False)  # the learned fusion's copies
     pipe, guidance = None, 0.0
     if model_dir is not None:  # loaded once for all the model's near-copies
         from meddiff.models.storage import load_pipeline, run_directory
@@ -503,7 +598,9 @@ def audit_detector(
         partners = None
         if pipe is not None and model_views:
             t = time.perf_counter()
-            partners = model_partners(pipe, guidance, train, conditions, model_views, seed + 1, exclude=chosen)
+            partners = model_partners(
+                pipe, guidance, train, conditions, model_views, seed + 1, exclude=np.r_[chosen, fusion_pool]
+            )
             seconds["model views"] = time.perf_counter() - t
         settings = DescriptorSettings(steps=descriptor_steps, seed=seed)
         logger.info("privacy calibrate: training the copy descriptor (%d steps)", descriptor_steps)
@@ -518,23 +615,42 @@ def audit_detector(
             "left out of the negatives (a leak between the data's splits)", int(leaked.sum()), DUPLICATE_CORRELATION,
         )  # fmt: skip
     cal, test = held[first & ~leaked], held[~first & ~leaked]
-    calibration = calibrate(index, cal, alpha)
-    sources = train[chosen]
-    known_copies = {kind: augmented_copies(sources, kind, seed) for kind in COPY_TYPES}
+    fusion_copies = None
+    if len(fusion_pool):
+        t = time.perf_counter()
+        fusion_copies = known_copies_of(train, fusion_pool, seed + 101, pipe, guidance, conditions, model_strengths)
+        seconds["fusion copies"] = time.perf_counter() - t
+    calibration = calibrate(index, cal, alpha, positives=fusion_copies, seed=seed)
     if pipe is not None and model_strengths:
         logger.info(
             "privacy calibrate: model-made near-copies of %d training images at t = %s",
-            len(sources), ", ".join(f"{s:g}" for s in model_strengths),
+            len(chosen), ", ".join(f"{s:g}" for s in model_strengths),
         )  # fmt: skip
-        t = time.perf_counter()
-        cond = conditions(chosen) if conditions else None
-        made = model_copies(pipe, guidance, sources, cond, model_strengths, seed)
-        known_copies.update(made)
-        seconds["model copies"] = time.perf_counter() - t
-    logger.info("privacy calibrate: %d known copies of each type: %s", len(sources), ", ".join(known_copies))
+    t = time.perf_counter()
+    known_copies = known_copies_of(train, chosen, seed, pipe, guidance, conditions, model_strengths)
+    seconds["known copies"] = time.perf_counter() - t
+    logger.info("privacy calibrate: %d known copies of each type: %s", len(chosen), ", ".join(known_copies))
     report = measure(calibration, index, test, known_copies)
     seconds["total"] = time.perf_counter() - clock
     return DetectorAudit(calibration, report, index, halves, int(leaked.sum()), settings, seconds)
+
+
+def known_copies_of(
+    train: np.ndarray,
+    rows: np.ndarray,
+    seed: int,
+    pipe=None,
+    guidance: float = 0.0,
+    conditions: Callable[[np.ndarray], torch.Tensor | None] | None = None,
+    model_strengths: tuple[float, ...] = MODEL_STRENGTHS,
+) -> dict[str, np.ndarray]:
+    """Every known copy type of the training images `rows`: augmented copies, and with a model its own near-copies
+    (and autoencoder round trips)."""
+    copies = {kind: augmented_copies(train[rows], kind, seed) for kind in COPY_TYPES}
+    if pipe is not None and model_strengths:
+        cond = conditions(rows) if conditions else None
+        copies.update(model_copies(pipe, guidance, train[rows], cond, model_strengths, seed))
+    return copies
 
 
 def reidentification(

@@ -142,6 +142,14 @@ def privacy_section(folder: Path | None) -> CardSection:
         lines=[
             f"- Near-copy detector calibrated on {note['n_training_images']} training images "
             f"({note.get('halves', 'held-out halves')}); detectors: {', '.join(c['detectors'])}.",
+            (
+                f"- Fusion: learned non-negative weights over {', '.join(c['weights'])} (fitted on "
+                f"{c['n_fit']['copies']} known copies of other training images against {c['n_fit']['negatives']} "
+                f"held-out images; threshold read from {c['n_calibration']} more)."
+                if c.get("weights")
+                else "- Fusion: the largest standardised detector score"
+                + (f" (threshold from {c['n_calibration']} held-out images)." if "n_calibration" in c else ".")
+            ),
             f"- Combined false-flag rate held at alpha = {c['alpha']:g}: measured {m['false_flag_rate']:.4f} "
             f"[{lo:.4f}, {hi:.4f}] on {m['n_test_negatives']} new real images.",
             f"- Recall on known copies of training images ({next(iter(m['n_positives'].values()))} per type, 95 % "

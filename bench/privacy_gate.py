@@ -8,9 +8,10 @@ For each dataset: the training split is the reference set, and the copy descript
 (threshold at the (1 - alpha) quantile of the fused score) and a test half (the measured false-flag rate), after
 held-out images that duplicate a training image (a leak between the splits: PneumoniaMNIST's val split holds 8) are
 counted and left out; `--positives` training images per copy type are copied exactly or changed (shift, rotation,
-gamma, noise, crop) and must be flagged. Where a model trained on that data is given (defaults below, used when they
-exist), its own near-copies are measured too: the same training images noised to t = 0.1 / 0.3 / 0.5 and denoised
-by the model with their own labels.
+gamma, noise, crop) and must be flagged. The fusion of the detectors' scores is learned from known copies of
+`--fusion-sources` other training images (0: the largest standardised score). Where a model trained on that data
+is given (defaults below, used when they exist), its own near-copies are measured too: the same training images
+noised to t = 0.1 / 0.3 / 0.5 and denoised by the model with their own labels.
 
 - pneumoniamnist: 28 px; held-out = val + test (1,148 images); model: runs/few_step/teacher (bench/few_step.py);
 - phantoms: 32 px, 2,000 training phantoms, 1,200 new ones held out; no model;
@@ -62,6 +63,9 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--positives", type=int, default=500)
     ap.add_argument("--descriptor-steps", type=int, default=600)
+    ap.add_argument(
+        "--fusion-sources", type=int, default=250, help="training images whose known copies fit the fusion (0: max)"
+    )
     ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "phantoms", "phantoms-demo"])
     ap.add_argument("--model", nargs="*", default=[], help="NAME=RUN: the model whose near-copies to measure")
     ap.add_argument("--out", default=None)
@@ -94,6 +98,7 @@ def main() -> None:
             model_dir=model,
             conditions=own_labels(dataset, model) if model else None,
             progress=True,
+            fusion_sources=args.fusion_sources,
         )
         report = audit.report
         row = {
@@ -110,6 +115,9 @@ def main() -> None:
             "recall_ci": {k: [round(a, 3), round(b, 3)] for k, (a, b) in report.recall_interval.items()},
             "positives_per_type": args.positives,
             "detectors": audit.calibration.detectors,
+            "fusion": "learned" if audit.calibration.weights else "max",
+            "fusion_weights": {k: round(v, 3) for k, v in (audit.calibration.weights or {}).items()},
+            "fusion_fit": audit.calibration.n_fit,
             "descriptor_steps": args.descriptor_steps,
             "model": str(model) if model else None,
             "seconds": {k: round(v, 1) for k, v in audit.seconds.items()} | {"all": round(time.perf_counter() - t0)},

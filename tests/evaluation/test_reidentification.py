@@ -61,3 +61,48 @@ def test_pair_scores_are_exact_in_blocks_and_sampled_beyond_the_cap(studies):
     sampled = reid_metrics(net, held, held_ids, max_negative_pairs=3000)
     assert sampled.negatives_sampled and sampled.different_pairs == exact.different_pairs
     assert sampled.same_pairs == exact.same_pairs and abs(sampled.auc - exact.auc) < 0.03
+
+
+def test_held_back_studies_take_one_study_of_repeat_patients_only():
+    from meddiff.evaluation.privacy_gate import held_back_studies
+
+    patients = ["a", "a", "a", "b", "c", "c", "d"]
+    back = held_back_studies(patients, 10, seed=1)
+    assert sorted(patients[i] for i in back) == ["a", "c"] and len(set(back)) == 2
+    assert len(held_back_studies(patients, 1, seed=1)) == 1 and len(held_back_studies(["x", "y"], 5)) == 0
+
+
+@pytest.mark.slow
+def test_the_gate_scores_training_patients_with_the_reid_network(studies, tmp_path):
+    """With patient ids the gate gains a re-identification detector; another study of a training patient (held back
+    from the reference set) is measured as "same patient" and lies nearer its patient under the re-ID network than
+    under pixels; the network is stored with the calibration and checked when loaded."""
+    import hashlib
+
+    from sklearn.metrics import roc_auc_score
+
+    from meddiff.evaluation.copy_descriptor import DescriptorSettings, save_descriptor
+    from meddiff.evaluation.privacy_gate import REID_FILE, _stored_network, audit_detector, held_back_studies
+
+    train, train_ids, held, held_ids = studies
+    audit = audit_detector(
+        train, held, held_ids, alpha=0.05, positives=40, descriptor_steps=100, train_patients=train_ids,
+        fusion_sources=60,
+    )  # fmt: skip
+    assert audit.reid is not None and "reid" in audit.calibration.detectors
+    assert audit.report.n_positives["same patient"] == 40 and len(audit.index.images) == len(train) - 80
+    studies_back = train[held_back_studies(train_ids, 80, 0)[40:]]  # the measured half
+    pos, neg = audit.index.scores(studies_back), audit.index.scores(held)
+    y = np.r_[np.zeros(len(held)), np.ones(len(studies_back))]
+    auc = {d: roc_auc_score(y, np.r_[neg[d], pos[d]]) for d in ("pixel", "reid")}
+    assert auc["reid"] > 0.65 and auc["reid"] > auc["pixel"] + 0.05, auc
+    settings = DescriptorSettings(steps=100)
+    folder = tmp_path / "privacy"
+    note = {"reid_network": save_descriptor(audit.reid, settings, folder, REID_FILE)}
+    note["reid_sha1"] = hashlib.sha1((folder / REID_FILE).read_bytes()).hexdigest()[:16]
+    again = _stored_network(tmp_path, note, "reid_network", "reid_sha1", REID_FILE)
+    from meddiff.evaluation.copy_descriptor import embed
+
+    assert np.allclose(embed(again, held[:8]), embed(audit.reid, held[:8]), atol=1e-5)
+    with pytest.raises(MeddiffError, match="not the network this calibration was made with"):
+        _stored_network(tmp_path, {**note, "reid_sha1": "0" * 16}, "reid_network", "reid_sha1", REID_FILE)

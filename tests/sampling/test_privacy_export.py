@@ -113,7 +113,7 @@ def test_calibrate_then_generate_through_the_cli(tmp_path, tiny_run, capsys):
     assert flagged.all()
     assert gate.index.descriptor is not None and "descriptor" in gate.index.scores(train[:2])
     (tiny_run / "privacy" / "descriptor.safetensors").write_bytes(b"changed")
-    with pytest.raises(MeddiffError, match="not the descriptor this calibration was made with"):
+    with pytest.raises(MeddiffError, match="descriptor.safetensors is not the network this calibration was made with"):
         load_gate(tiny_run)
     shutil.rmtree(tiny_run / "privacy")  # the shared fixture stays as it was
 

@@ -196,20 +196,22 @@ def embed(net: CopyDescriptorNet, images: np.ndarray, batch: int = 512) -> np.nd
     return torch.cat(parts).numpy().astype(np.float32)
 
 
-def save_descriptor(net: CopyDescriptorNet, settings: DescriptorSettings, folder: str | Path) -> dict:
-    """Weights (safetensors) into `folder`; returns the settings to store next to them."""
+def save_descriptor(
+    net: CopyDescriptorNet, settings: DescriptorSettings, folder: str | Path, filename: str = WEIGHTS_FILE
+) -> dict:
+    """Weights (safetensors) into `folder`/`filename`; returns the settings to store next to them."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / filename))
     return asdict(settings)
 
 
-def load_descriptor(folder: str | Path, settings: dict) -> CopyDescriptorNet:
+def load_descriptor(folder: str | Path, settings: dict, filename: str = WEIGHTS_FILE) -> CopyDescriptorNet:
     from safetensors.torch import load_file
 
-    path = Path(folder) / WEIGHTS_FILE
+    path = Path(folder) / filename
     if not path.is_file():
         raise MeddiffError(f"{path} is missing; run `meddiff privacy calibrate` again")
     parsed = DescriptorSettings.from_dict(settings)

@@ -54,7 +54,8 @@ from meddiff.models.privacy_records import CALIBRATION_FILE, PRIVACY_DIR, stored
 
 logger = logging.getLogger(__name__)
 COPY_TYPES = ("exact", "shift", "rotation", "gamma", "noise", "crop")
-DETECTORS = ("pixel", "tiles", "aligned", "coarse", "feature", "descriptor")
+DETECTORS = ("pixel", "tiles", "aligned", "coarse", "feature", "descriptor", "reid")
+REID_FILE = "reid.safetensors"  # the re-identification network, next to the copy descriptor (private)
 # how far the nearest training image stands out from the next nearest ones (a model's redrawing of one training image
 # has one clearly nearest neighbour, a new patient several about as near): features of the learned fusion only
 MARGINS = ("pixel_margin", "pixel_z", "descriptor_gap", "descriptor_margin", "descriptor_z")
@@ -129,6 +130,7 @@ class ReferenceIndex:
     images: np.ndarray  # (N, H, W) in [0, 1]
     features: np.ndarray | None = None  # (N, D)
     descriptor: CopyDescriptorNet | None = None  # a learned copy descriptor (meddiff.evaluation.copy_descriptor)
+    reid: CopyDescriptorNet | None = None  # a re-identification network (meddiff.evaluation.reidentification)
     block: int = 1024
     candidates: int = 8  # nearest training images re-scored by the aligned detector
     _pixels: torch.Tensor = field(init=False, repr=False)
@@ -137,6 +139,7 @@ class ReferenceIndex:
     _features: torch.Tensor | None = field(init=False, repr=False)
     _feature_mean: torch.Tensor | None = field(init=False, repr=False)
     _descriptors: torch.Tensor | None = field(init=False, repr=False)
+    _reid: torch.Tensor | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 3 or not len(self.images):
@@ -152,6 +155,7 @@ class ReferenceIndex:
         self._descriptors = None
         if self.descriptor is not None:
             self._descriptors = torch.from_numpy(embed(self.descriptor, self.images))
+        self._reid = torch.from_numpy(embed(self.reid, self.images)) if self.reid is not None else None
 
     def duplicates(self, images: np.ndarray, correlation: float = DUPLICATE_CORRELATION) -> np.ndarray:
         """Which images are (near-)exact duplicates of a training image (pixel correlation >= `correlation`): a
@@ -183,6 +187,8 @@ class ReferenceIndex:
             out["descriptor"] = nearest[:, 0].numpy()
             out.update(_margins("descriptor", nearest))
             top = torch.cat([top, by_descriptor], 1)
+        if self.reid is not None and self._reid is not None:  # the most similar training patient's image
+            out["reid"] = self._nearest(torch.from_numpy(embed(self.reid, queries)), self._reid)[0][:, 0].numpy()
         qt = [_unit(t) for t in _tiles(queries)]
         tiles = torch.stack([(qt[k] * self._tiles[k][match]).sum(1) for k in range(4)], 1).min(1).values
         out.update(pixel=similarity[:, 0].numpy(), tiles=tiles.numpy(), aligned=self._aligned(queries, q, top))
@@ -359,24 +365,30 @@ def calibrate(
         fit, rows = order[: len(order) // 2], order[len(order) // 2 :]
         known = [index.scores(images, (positive_features or {}).get(kind)) for kind, images in positives.items()]
         x_neg = np.stack([calibration.standardised(scores, d)[fit] for d in names], 1)
-        x_pos = np.concatenate([np.stack([calibration.standardised(k, d) for d in names], 1) for k in known])
+        x_pos = [np.stack([calibration.standardised(k, d) for d in names], 1) for k in known]
         weights, calibration.bias = fit_fusion(x_neg, x_pos)
         calibration.weights = {d: float(w) for d, w in zip(names, weights) if w > 0}
-        calibration.n_fit = {"negatives": len(fit), "copies": len(x_pos)}
+        calibration.n_fit = {"negatives": len(fit), "copies": sum(len(x) for x in x_pos)}
         calibration.n_calibration = len(rows)
     fused = calibration.fused({k: v[rows] for k, v in scores.items()})
     calibration.threshold = float(np.quantile(fused, 1 - alpha, method="higher"))
     return calibration
 
 
-def fit_fusion(negatives: np.ndarray, positives: np.ndarray, l2: float = 1e-2) -> tuple[np.ndarray, float]:
+def fit_fusion(
+    negatives: np.ndarray, positives: np.ndarray | list[np.ndarray], l2: float = 1e-2
+) -> tuple[np.ndarray, float]:
     """Class-balanced logistic regression with non-negative weights (a copy that is more similar by every score never
-    scores lower) on (N, F) standardised scores: (weights, bias)."""
+    scores lower) on (N, F) standardised scores: (weights, bias). `positives` may be a list of groups (copy types),
+    each then weighs the same, however many copies it has."""
     from scipy.optimize import minimize
 
-    x = np.concatenate([negatives, positives]).astype(np.float64)
-    y = np.r_[np.zeros(len(negatives)), np.ones(len(positives))]
-    share = np.where(y == 1, 0.5 / len(positives), 0.5 / len(negatives))
+    groups = [positives] if isinstance(positives, np.ndarray) else [g for g in positives if len(g)]
+    x = np.concatenate([negatives, *groups]).astype(np.float64)
+    y = np.r_[np.zeros(len(negatives)), np.ones(sum(len(g) for g in groups))]
+    share = np.concatenate(
+        [np.full(len(negatives), 0.5 / len(negatives)), *(np.full(len(g), 0.5 / len(groups) / len(g)) for g in groups)]
+    )
     f = x.shape[1]
 
     def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
@@ -552,6 +564,7 @@ class DetectorAudit:
     heldout_duplicates: int
     descriptor_settings: DescriptorSettings | None
     seconds: dict[str, float]
+    reid: CopyDescriptorNet | None = None  # the re-identification detector's network (train_patients given)
 
 
 def audit_detector(
@@ -568,6 +581,7 @@ def audit_detector(
     progress: bool = False,
     model_views: int = 4096,
     fusion_sources: int = 250,
+    train_patients: list[str] | None = None,
 ) -> DetectorAudit:
     """Build the detector for `train` ((N, H, W) in [0, 1]): the copy descriptor (`descriptor_steps` > 0), the
     reference index, the threshold from one half of `held` (by patient where `patients` are given) and the false-flag
@@ -577,9 +591,28 @@ def audit_detector(
     model, the descriptor also learns that the model's own near-copies of up to `model_views` training images (t in
     VIEW_STRENGTHS, other seeds than the measured ones) are the same image. The fusion is learned (calibrate) from
     known copies of `fusion_sources` further training images (0: no learned fusion): neither the measured sources nor
-    the descriptor's partners, so that the measured recall stays out of sample."""
+    the descriptor's partners, so that the measured recall stays out of sample.
+
+    With `train_patients` (a patient id per training image) where patients have several images, a re-identification
+    network trained on them is a detector too (`reid`: the nearest training image under it). To measure it, one
+    study of each of up to 2 x `positives` repeat patients is held back from the reference set (held_back_studies):
+    half of them fit the fusion, half are the "same patient" positives (another study of a patient the reference
+    set holds)."""
     clock, seconds = time.perf_counter(), {}
     rng = np.random.default_rng(seed)
+    studies: dict[str, np.ndarray] = {}
+    if train_patients is not None and descriptor_steps > 0:
+        back = held_back_studies(train_patients, 2 * positives, seed)
+        if len(back) >= 4:  # the reference set is the rest; indices below are into it
+            keep = np.setdiff1d(np.arange(len(train)), back)
+            studies = {"fit": train[back[: len(back) // 2]], "measure": train[back[len(back) // 2 :]]}
+            train, train_patients = train[keep], [train_patients[i] for i in keep]
+            if conditions is not None:
+                conditions = _reindexed(conditions, keep)
+            logger.info(
+                "privacy calibrate: one study each of %d repeat patients held back as same-patient positives",
+                len(back),
+            )  # fmt: skip
     first, halves = split_halves(list(patients or []), len(held), seed)
     logger.info(
         "privacy calibrate: %d training images; %d held-out images split into calibration and test halves (%s)",
@@ -607,7 +640,16 @@ def audit_detector(
         t = time.perf_counter()
         descriptor = train_descriptor(train, settings, progress=progress, partners=partners)
         seconds["descriptor"] = time.perf_counter() - t
-    index = ReferenceIndex(train, descriptor=descriptor)
+    reid = None
+    if studies and train_patients is not None:
+        from meddiff.evaluation.reidentification import repeat_patients, train_reid
+
+        if repeat_patients(train_patients).sum() >= 4:
+            logger.info("privacy calibrate: training the re-identification network (%d steps)", descriptor_steps)
+            t = time.perf_counter()
+            reid = train_reid(train, train_patients, DescriptorSettings(steps=descriptor_steps, seed=seed), progress)
+            seconds["reid"] = time.perf_counter() - t
+    index = ReferenceIndex(train, descriptor=descriptor, reid=reid)
     leaked = index.duplicates(held)
     if leaked.any():  # the same image on both sides of the split: not a negative; reported
         logger.warning(
@@ -620,6 +662,8 @@ def audit_detector(
         t = time.perf_counter()
         fusion_copies = known_copies_of(train, fusion_pool, seed + 101, pipe, guidance, conditions, model_strengths)
         seconds["fusion copies"] = time.perf_counter() - t
+        if reid is not None:
+            fusion_copies["same patient"] = studies["fit"]
     calibration = calibrate(index, cal, alpha, positives=fusion_copies, seed=seed)
     if pipe is not None and model_strengths:
         logger.info(
@@ -629,10 +673,28 @@ def audit_detector(
     t = time.perf_counter()
     known_copies = known_copies_of(train, chosen, seed, pipe, guidance, conditions, model_strengths)
     seconds["known copies"] = time.perf_counter() - t
+    if reid is not None:
+        known_copies["same patient"] = studies["measure"]
     logger.info("privacy calibrate: %d known copies of each type: %s", len(chosen), ", ".join(known_copies))
     report = measure(calibration, index, test, known_copies)
     seconds["total"] = time.perf_counter() - clock
-    return DetectorAudit(calibration, report, index, halves, int(leaked.sum()), settings, seconds)
+    return DetectorAudit(calibration, report, index, halves, int(leaked.sum()), settings, seconds, reid)
+
+
+def held_back_studies(patients: list[str], limit: int, seed: int = 0) -> np.ndarray:
+    """Rows of one random study each of up to `limit` random patients with two or more (the others stay)."""
+    rng = np.random.default_rng([seed, 31])
+    rows: dict[str, list[int]] = {}
+    for i, p in enumerate(patients):
+        rows.setdefault(str(p), []).append(i)
+    repeat = sorted(p for p, r in rows.items() if len(r) >= 2)
+    picked = rng.permutation(len(repeat))[:limit]
+    return np.array([rows[repeat[k]][rng.integers(len(rows[repeat[k]]))] for k in picked], dtype=int)
+
+
+def _reindexed(conditions: Callable[[np.ndarray], torch.Tensor | None], keep: np.ndarray):
+    """conditions(rows of the full training set) -> the same for rows of the subset `keep`."""
+    return lambda rows: conditions(keep[np.asarray(rows)])
 
 
 def known_copies_of(
@@ -654,11 +716,18 @@ def known_copies_of(
 
 
 def reidentification(
-    train: np.ndarray, patients: list, held: np.ndarray, held_patients: list, steps: int, seed: int, progress=False
+    train: np.ndarray,
+    patients: list,
+    held: np.ndarray,
+    held_patients: list,
+    steps: int,
+    seed: int,
+    progress=False,
+    net: CopyDescriptorNet | None = None,
 ) -> dict:
     """Where both splits have patients with several images ((N, H, W) images in [0, 1] and a patient id each): a
-    re-identification network trained on the training patients and measured on the held-out ones
-    (meddiff.evaluation.reidentification); else why not."""
+    re-identification network trained on the training patients (or `net`, already trained: the gate's detector)
+    and measured on the held-out ones (meddiff.evaluation.reidentification); else why not."""
     from meddiff.evaluation.reidentification import reid_metrics, repeat_patients, train_reid
 
     train_repeats = int(repeat_patients(patients).sum())
@@ -666,8 +735,11 @@ def reidentification(
     if steps <= 0 or train_repeats < 4 or held_repeats < 4:
         return {"measured": False, "why": "no patients with several images in both splits (or no descriptor "
                 "steps): the copy descriptor stands in"}  # fmt: skip
-    logger.info("privacy calibrate: re-identification network on %d training images of repeat patients", train_repeats)
-    net = train_reid(train, patients, DescriptorSettings(steps=steps, seed=seed), progress)
+    if net is None:
+        logger.info(
+            "privacy calibrate: re-identification network on %d training images of repeat patients", train_repeats
+        )
+        net = train_reid(train, patients, DescriptorSettings(steps=steps, seed=seed), progress)
     return {"measured": True, **reid_metrics(net, held, held_patients).to_dict()}
 
 
@@ -762,11 +834,12 @@ def calibrate_model(
         own_labels(dataset, model_dir),
         model_strengths,
         progress,
+        train_patients=list(dataset.patients),
     )
     folder = Path(model_dir).expanduser() / CALIBRATION_DIR
     folder.mkdir(parents=True, exist_ok=True)
     reid = reidentification(
-        train, list(dataset.patients), held, list(heldout.patients), descriptor_steps, seed, progress
+        train, list(dataset.patients), held, list(heldout.patients), descriptor_steps, seed, progress, audit.reid
     )
     note = {
         "data": str(spec),
@@ -783,6 +856,11 @@ def calibrate_model(
     if audit.index.descriptor is not None and audit.descriptor_settings is not None:
         note["descriptor"] = save_descriptor(audit.index.descriptor, audit.descriptor_settings, folder)
         note["descriptor_sha1"] = hashlib.sha1((folder / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+    note["reid_network"] = None
+    (folder / REID_FILE).unlink(missing_ok=True)
+    if audit.reid is not None and audit.descriptor_settings is not None:
+        note["reid_network"] = save_descriptor(audit.reid, audit.descriptor_settings, folder, REID_FILE)
+        note["reid_sha1"] = hashlib.sha1((folder / REID_FILE).read_bytes()).hexdigest()[:16]
     warnings = calibration_warnings(audit.calibration, audit.report)
     note["warnings"] = warnings
     for warning in warnings:
@@ -846,14 +924,8 @@ def load_gate(model_dir: str | Path, max_retries: int = 8) -> ExportGate:
     from meddiff.data.spec import load_dataset
     from meddiff.evaluation.suite import to01
 
-    descriptor = None
-    if note.get("descriptor"):
-        from meddiff.evaluation.copy_descriptor import load_descriptor
-
-        weights = path / CALIBRATION_DIR / WEIGHTS_FILE
-        if weights.is_file() and hashlib.sha1(weights.read_bytes()).hexdigest()[:16] != note.get("descriptor_sha1"):
-            raise MeddiffError(f"{weights} is not the descriptor this calibration was made with; calibrate again")
-        descriptor = load_descriptor(path / CALIBRATION_DIR, note["descriptor"])
+    descriptor = _stored_network(path, note, "descriptor", "descriptor_sha1", WEIGHTS_FILE)
+    reid = _stored_network(path, note, "reid_network", "reid_sha1", REID_FILE)
     dataset = load_dataset(note["data"], int(note["resolution"]))
     train = to01(dataset.images)
     if len(train) != note["n_training_images"]:
@@ -863,8 +935,20 @@ def load_gate(model_dir: str | Path, max_retries: int = 8) -> ExportGate:
         )
     return ExportGate(
         Calibration.from_dict(note["calibration"]),
-        ReferenceIndex(train, descriptor=descriptor),
+        ReferenceIndex(train, descriptor=descriptor, reid=reid),
         note["fingerprint"],
         max_retries,
         dataset,
     )
+
+
+def _stored_network(run: Path, note: dict, key: str, sha_key: str, filename: str) -> CopyDescriptorNet | None:
+    """The copy descriptor or re-identification network a calibration was made with (checked by its sha1)."""
+    if not note.get(key):
+        return None
+    from meddiff.evaluation.copy_descriptor import load_descriptor
+
+    weights = run / CALIBRATION_DIR / filename
+    if weights.is_file() and hashlib.sha1(weights.read_bytes()).hexdigest()[:16] != note.get(sha_key):
+        raise MeddiffError(f"{weights} is not the network this calibration was made with; calibrate again")
+    return load_descriptor(run / CALIBRATION_DIR, note[key], filename)

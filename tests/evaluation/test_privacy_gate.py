@@ -141,7 +141,9 @@ def test_a_learned_fusion_holds_the_false_flag_rate_and_catches_changed_copies(p
     got, before = measure(learned, index, test, positives), measure(plain, index, test, positives)
     assert got.false_flag_rate <= 0.06 and got.recall["exact"] == 1.0
     changed = ("shift", "rotation", "noise", "crop")
-    assert np.mean([got.recall[k] for k in changed]) >= np.mean([before.recall[k] for k in changed]), (got, before)
+    # the fused score keeps the largest standardised detector score: what one detector sees plainly stays caught
+    assert all(got.recall[k] >= before.recall[k] - 0.02 for k in COPY_TYPES), (got.recall, before.recall)
+    assert np.mean([got.recall[k] for k in changed]) > np.mean([before.recall[k] for k in changed]) + 0.03
     again = Calibration.from_dict(learned.to_dict())  # stored with the model: numbers only
     assert np.array_equal(again.flags(index.scores(test)), learned.flags(index.scores(test)))
     assert learned.to_dict()["fusion"] == "learned" and plain.to_dict()["fusion"] == "max"

@@ -96,6 +96,42 @@ def test_student_starts_as_the_teacher(tiny_run):
     assert scheduler.config.clip_sample and scheduler.config.clip_sample_range == 1.0
 
 
+def test_an_ema_target_network_trails_the_student_and_resumes_exactly(tiny_run, tmp_path):
+    """target_decay > 0: the target starts as the student, moves by (1 - decay) towards it after each step, and is
+    saved with the checkpoint, so that a resumed run ends with the same student as an uninterrupted one."""
+    from accelerate import Accelerator
+
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.loop import train
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    config = _distill_config(tiny_run, "unused", target_decay=0.5)
+    method = ConsistencyDistillation(config, load_dataset(config.data, 32))
+    method.setup(Accelerator(cpu=True))
+    assert method.target is not None and method.target is not method.student
+    before = [p.detach().clone() for p in method.target.parameters()]
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(1.0)
+    method.after_step(method.student, {}, torch.Generator(), 1)
+    for old, new, s in zip(before, method.target.parameters(), method.student.parameters()):
+        torch.testing.assert_close(new, 0.5 * old + 0.5 * s)
+    assert ConsistencyDistillation(_distill_config(tiny_run, "unused"), method.dataset).target is None  # default
+
+    data = load_dataset(config.data, 32)
+    whole = _distill_config(tiny_run, tmp_path / "whole", target_decay=0.5)
+    whole.max_steps = 3
+    train(whole, data, progress=False)
+    part = _distill_config(tiny_run, tmp_path / "part", target_decay=0.5)
+    part.max_steps, part.checkpoint_every = 2, 1
+    train(part, data, progress=False)
+    part.max_steps, part.resume = 3, "latest"
+    train(part, data, progress=False)
+    a, b = load_pipeline(tmp_path / "whole").unet, load_pipeline(tmp_path / "part").unet
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, msg=name)
+
+
 def test_distill_gives_a_model_that_samples_in_the_promised_evaluations(tiny_run, tmp_path):
     from meddiff.sampling.generate import SamplingSettings, sample
     from meddiff.training.loop import train

@@ -278,19 +278,29 @@ class Calibration:
     n_calibration: int  # the negatives the threshold was read from
     weights: dict[str, float] | None = None  # learned fusion (fit_fusion); None: the largest standardised score
     bias: float = 0.0
+    combined_centre: float = 0.0  # the learned combination standardised like a detector (fit negatives' median, MAD)
+    combined_spread: float = 1.0
     n_fit: dict[str, int] | None = None  # learned fusion: negatives and known copies it was fitted on
 
     def standardised(self, scores: dict[str, np.ndarray], name: str) -> np.ndarray:
         return (scores[name] - self.centre[name]) / self.spread[name]
 
+    def combined(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The learned combination: the weighted sum of the standardised scores (the log-odds of "copy")."""
+        assert self.weights is not None
+        terms = [w * self.standardised(scores, d) for d, w in self.weights.items()]
+        return self.bias + np.sum(terms, axis=0) if terms else np.full(len(scores["pixel"]), self.bias)
+
     def fused(self, scores: dict[str, np.ndarray]) -> np.ndarray:
-        """Learned fusion: the weighted sum of the standardised scores (the log-odds of "copy"). Otherwise the
-        largest standardised score over the detectors, (score - median) / spread. Both are unbounded above and
-        never decrease when any score rises, so a copy beyond every negative keeps its distance."""
-        if self.weights is not None:
-            terms = [w * self.standardised(scores, d) for d, w in self.weights.items()]
-            return self.bias + np.sum(terms, axis=0) if terms else np.full(len(scores["pixel"]), self.bias)
-        return np.max([self.standardised(scores, d) for d in self.detectors], axis=0)
+        """The largest standardised score over the detectors, (score - median) / spread, and with a learned fusion
+        over them and the learned combination (standardised the same way): a copy that one detector sees plainly
+        stays flagged, and one that several see a little is flagged by the combination. Unbounded above and never
+        decreasing when any score rises, so a copy beyond every negative keeps its distance."""
+        largest = np.max([self.standardised(scores, d) for d in self.detectors], axis=0)
+        if self.weights is None:
+            return largest
+        combined = (self.combined(scores) - self.combined_centre) / self.combined_spread
+        return np.maximum(largest, combined)
 
     def flags(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         return self.fused(scores) > self.threshold
@@ -306,6 +316,8 @@ class Calibration:
             "fusion": "learned" if self.weights is not None else "max",
             "weights": self.weights,
             "bias": self.bias,
+            "combined_centre": self.combined_centre,
+            "combined_spread": self.combined_spread,
             "n_fit": self.n_fit,
         }
 
@@ -320,6 +332,8 @@ class Calibration:
             int(d["n_calibration"]),
             {k: float(v) for k, v in d["weights"].items()} if d.get("weights") else None,
             float(d.get("bias", 0.0)),
+            float(d.get("combined_centre", 0.0)),
+            float(d.get("combined_spread", 1.0)),
             d.get("n_fit"),
         )
 
@@ -338,10 +352,11 @@ def calibrate(
     of new images is alpha.
 
     With `positives` (known copies of training images, {type: (N, H, W)}; never the ones recall is measured on) and
-    at least 2 / alpha negatives, the fusion is learned: non-negative logistic weights over the standardised detector
-    and margin scores, fitted on half of the negatives against the positives, and the threshold is read from the
-    other half (a fitted score is optimistic on the negatives it saw). Otherwise the fused score is the largest
-    standardised detector score."""
+    at least 2 / alpha negatives, the fusion also learns a combination: non-negative logistic weights over the
+    standardised detector and margin scores, fitted on half of the negatives against the positives (each copy type
+    weighing the same); the fused score is then the largest of the standardised detector scores and the standardised
+    combination, and the threshold is read from the other half (a fitted score is optimistic on the negatives it
+    saw). Otherwise the fused score is the largest standardised detector score."""
     if not 0 < alpha < 0.5:
         raise MeddiffError(f"alpha must be in (0, 0.5), got {alpha:g}")
     if len(negatives) < math.ceil(1 / alpha):
@@ -368,6 +383,9 @@ def calibrate(
         x_pos = [np.stack([calibration.standardised(k, d) for d in names], 1) for k in known]
         weights, calibration.bias = fit_fusion(x_neg, x_pos)
         calibration.weights = {d: float(w) for d, w in zip(names, weights) if w > 0}
+        on_fit = calibration.combined({k: v[fit] for k, v in scores.items()})
+        calibration.combined_centre = float(np.median(on_fit))
+        calibration.combined_spread = max(1.4826 * float(np.median(np.abs(on_fit - calibration.combined_centre))), 1e-6)
         calibration.n_fit = {"negatives": len(fit), "copies": sum(len(x) for x in x_pos)}
         calibration.n_calibration = len(rows)
     fused = calibration.fused({k: v[rows] for k, v in scores.items()})

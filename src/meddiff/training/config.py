@@ -71,6 +71,13 @@ class DistillConfig(Options):
     huber_c: float = option(
         0.001, "distill: pseudo-Huber constant of the consistency loss (0: squared error)", minimum=0
     )
+    target_decay: float = option(
+        0.0,
+        "distill: EMA decay of the target network (0: the student itself with the gradient stopped, as improved "
+        "consistency training; LCM uses 0.95)",
+        minimum=0,
+        maximum=0.9999,
+    )
 
 
 @dataclass

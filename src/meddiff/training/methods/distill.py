@@ -5,8 +5,10 @@ Each step draws a training image x0, a solver interval (t_lo, t_hi) of the teach
 grid and a guidance scale w; noises x0 to x_hi; lets the frozen teacher take one guided DDIM step x_hi -> x_lo
 (a conditional and an unconditional pass); and trains the student so that its consistency function
 f(x, t, w) = c_skip(t) x + c_out(t) x0_hat(x, t, w) gives the same clean image from x_hi as from x_lo. The target
-f(x_lo) comes from the student itself with the gradient stopped (decay-0 target network, as improved consistency
-training recommends), so there is no second copy of the weights to keep.
+f(x_lo) comes by default from the student itself with the gradient stopped (decay-0 target network, as improved
+consistency training recommends), so there is no second copy of the weights to keep; `distill.target_decay` > 0
+keeps an exponential moving average of the student as the target network instead (LCM: 0.95), saved with each
+checkpoint.
 
 The student is the teacher's U-Net with a guidance-scale input (`time_cond_proj_dim`; its projection starts at
 zero) and the teacher's parametrisation (epsilon or v), so that at step 0 the student *is* the teacher. With
@@ -18,6 +20,7 @@ diffusers' LCMScheduler, so `generate`, `serve`, `fidelity` and `evaluate` load 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -131,6 +134,7 @@ class ConsistencyDistillation(TrainingMethod):
         missing, unexpected = self.student.load_state_dict(self.teacher.unet.state_dict(), strict=False)
         assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
         torch.nn.init.zeros_(self.student.time_embedding.cond_proj.weight)  # step 0 answers like the teacher
+        self.target: torch.nn.Module | None = None  # the EMA target network (target_decay > 0), made in setup()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -139,6 +143,19 @@ class ConsistencyDistillation(TrainingMethod):
     def setup(self, accelerator) -> None:
         self.teacher.to(accelerator.device)
         self.abar = self.abar.to(accelerator.device)
+        if self.config.distill.target_decay > 0:
+            target = copy.deepcopy(self.student).requires_grad_(False).eval()
+            # prepared so that accelerate places it and saves it with every checkpoint (exact resume); never trained
+            self.target = accelerator.prepare_model(target, evaluation_mode=True)
+
+    @torch.no_grad()
+    def after_step(self, model, batch, generator, step) -> None:
+        """Move the target network towards the student (target_decay > 0)."""
+        if self.target is None:
+            return
+        weight = 1.0 - self.config.distill.target_decay
+        for t, s in zip(self.target.parameters(), model.parameters()):
+            t.lerp_(s.detach().to(t.dtype), weight)
 
     def batch_source(self):
         return self.latents if self.latents is not None else self.dataset
@@ -196,7 +213,7 @@ class ConsistencyDistillation(TrainingMethod):
             abar_lo = torch.where(t_hi - self.skip >= 0, self.abar[t_lo], torch.ones_like(self.abar[t_lo]))
             abar_lo = abar_lo.view(-1, 1, 1, 1)
             x_lo = abar_lo.sqrt() * x0_g + (1 - abar_lo).sqrt() * eps_g
-            target = self.consistency(model, x_lo, t_lo, cond, w_embedding)
+            target = self.consistency(self.target or model, x_lo, t_lo, cond, w_embedding)
         prediction = self.consistency(model, x_hi, t_hi, cond, w_embedding)
         diff = (prediction - target).pow(2)
         if d.huber_c > 0:

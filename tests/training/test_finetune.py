@@ -160,6 +160,11 @@ def test_lora_exports_only_adapter_weights(runs):
     weights = load_file(str(runs["lora"] / "lora" / "pytorch_lora_weights.safetensors"))
     assert weights and all("lora" in k for k in weights)
     assert not (runs["lora"] / "pipeline").exists()
+    # the run, not its adapter folder, holds the privacy records (privacy/, training.json)
+    from meddiff.models.storage import run_directory
+
+    for method, adapter in (("lora", "lora"), ("textual-inversion", "textual_inversion")):
+        assert run_directory(runs[method]) == runs[method] == run_directory(runs[method] / adapter)
 
 
 def _sd_sample(pipe, prompt):

@@ -87,7 +87,12 @@ def run_directory(path: str | Path) -> Path:
     """The run directory of a model given as its run directory or its pipeline folder (checked as resolve_model_dir
     checks it): where config.yaml, metrics.json and privacy/ live."""
     folder = resolve_model_dir(path)
-    return folder.parent if folder.name == PIPELINE_DIR else folder
+    if folder.name == PIPELINE_DIR:
+        return folder.parent
+    # a fine-tuning run's adapter (RUN/lora, RUN/textual_inversion): its run holds the privacy records
+    if folder.name in ADAPTER_DIRS and (folder.parent / "config.yaml").is_file():
+        return folder.parent
+    return folder
 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu") -> MedDiffusionPipeline:

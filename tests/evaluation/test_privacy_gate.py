@@ -147,5 +147,16 @@ def test_a_learned_fusion_holds_the_false_flag_rate_and_catches_changed_copies(p
     again = Calibration.from_dict(learned.to_dict())  # stored with the model: numbers only
     assert np.array_equal(again.flags(index.scores(test)), learned.flags(index.scores(test)))
     assert learned.to_dict()["fusion"] == "learned" and plain.to_dict()["fusion"] == "max"
+    # a fit that gives no score any weight: the plain rule stays (and is stored as such)
+    from unittest import mock
+
+    with mock.patch("meddiff.evaluation.privacy_gate.fit_fusion", return_value=(np.zeros(32), 0.5)):
+        plain_again = calibrate(index, cal, alpha=0.02, positives=fit)
+    assert plain_again.weights is None and Calibration.from_dict(plain_again.to_dict()).weights is None
+    assert plain_again.to_dict()["fusion"] == "max"
+    # the learned weights carried to a grown reference set are standardised and thresholded there again
+    grown = ReferenceIndex(np.concatenate([train, held[:20]]))
+    moved = calibrate(grown, cal, alpha=0.02, fusion=learned)
+    assert moved.weights == learned.weights and moved.threshold != learned.threshold
     # too few negatives to spare half: the largest standardised score, as without copies
     assert calibrate(index, cal[:60], alpha=0.02, positives=fit).weights is None

@@ -346,6 +346,7 @@ def calibrate(
     positives: dict[str, np.ndarray] | None = None,
     positive_features: dict[str, np.ndarray] | None = None,
     seed: int = 0,
+    fusion: Calibration | None = None,
 ) -> Calibration:
     """Threshold the fused score at the (1 - alpha) quantile of `negatives` (real images that are not in the
     reference set: the calibration half of a patient-disjoint held-out split), so that the combined false-flag rate
@@ -356,7 +357,8 @@ def calibrate(
     standardised detector and margin scores, fitted on half of the negatives against the positives (each copy type
     weighing the same); the fused score is then the largest of the standardised detector scores and the standardised
     combination, and the threshold is read from the other half (a fitted score is optimistic on the negatives it
-    saw). Otherwise the fused score is the largest standardised detector score."""
+    saw). Otherwise the fused score is the largest standardised detector score. `fusion`: take the learned weights
+    of that calibration instead of fitting (the same reference set grown by images held back while measuring)."""
     if not 0 < alpha < 0.5:
         raise MeddiffError(f"alpha must be in (0, 0.5), got {alpha:g}")
     if len(negatives) < math.ceil(1 / alpha):
@@ -364,33 +366,44 @@ def calibrate(
     scores = index.scores(negatives, features)
     detectors: list[str] = [d for d in DETECTORS if d in scores]
     names = detectors + [m for m in MARGINS if m in scores]
-    centre = {d: float(np.median(scores[d])) for d in names}
-    # a stable scale (median absolute deviation): only the threshold below is a tail estimate
-    spread = {d: max(1.4826 * float(np.median(np.abs(scores[d] - centre[d]))), 1e-6) for d in names}
-    calibration = Calibration(alpha, detectors, centre, spread, 0.0, len(negatives))
-    rows = np.arange(len(negatives))
-    learn = bool(positives) and len(negatives) >= 2 * math.ceil(1 / alpha)
-    if positives and not learn:
+    enough = len(negatives) >= 2 * math.ceil(1 / alpha)
+    learned = fusion is not None and fusion.weights is not None
+    learn = (bool(positives) or learned) and enough
+    if (positives or learned) and not enough:
         logger.warning(
             "privacy calibrate: %d calibration images are too few to learn the fusion at alpha %g (needs %d); the "
             "largest standardised score is used", len(negatives), alpha, 2 * math.ceil(1 / alpha),
         )  # fmt: skip
-    if learn and positives:
+    fit = rows = np.arange(len(negatives))
+    if learn:  # standardised and fitted on one half, thresholded on the other
         order = np.random.default_rng([seed, 29]).permutation(len(negatives))
         fit, rows = order[: len(order) // 2], order[len(order) // 2 :]
-        known = [index.scores(images, (positive_features or {}).get(kind)) for kind, images in positives.items()]
-        x_neg = np.stack([calibration.standardised(scores, d)[fit] for d in names], 1)
-        x_pos = [np.stack([calibration.standardised(k, d) for d in names], 1) for k in known]
-        weights, calibration.bias = fit_fusion(x_neg, x_pos)
-        calibration.weights = {d: float(w) for d, w in zip(names, weights) if w > 0}
-        on_fit = calibration.combined({k: v[fit] for k, v in scores.items()})
-        calibration.combined_centre = float(np.median(on_fit))
-        calibration.combined_spread = max(1.4826 * float(np.median(np.abs(on_fit - calibration.combined_centre))), 1e-6)
-        calibration.n_fit = {"negatives": len(fit), "copies": sum(len(x) for x in x_pos)}
-        calibration.n_calibration = len(rows)
+    centre = {d: float(np.median(scores[d][fit])) for d in names}
+    # a stable scale (median absolute deviation): only the threshold below is a tail estimate
+    spread = {d: _mad(scores[d][fit], centre[d]) for d in names}
+    calibration = Calibration(alpha, detectors, centre, spread, 0.0, len(rows))
+    if learn:
+        if fusion is not None and fusion.weights is not None:  # the weights of an earlier fit, re-standardised here
+            calibration.weights, calibration.bias, calibration.n_fit = dict(fusion.weights), fusion.bias, fusion.n_fit
+        else:
+            known = [index.scores(x, (positive_features or {}).get(kind)) for kind, x in (positives or {}).items()]
+            x_neg = np.stack([calibration.standardised(scores, d)[fit] for d in names], 1)
+            x_pos = [np.stack([calibration.standardised(k, d) for d in names], 1) for k in known]
+            weights, calibration.bias = fit_fusion(x_neg, x_pos)
+            kept = {d: float(w) for d, w in zip(names, weights) if w > 0}
+            calibration.weights = kept or None  # all zero: the largest standardised score alone
+            calibration.n_fit = {"negatives": len(fit), "copies": sum(len(x) for x in x_pos)} if kept else None
+        if calibration.weights is not None:
+            on_fit = calibration.combined({k: v[fit] for k, v in scores.items()})
+            calibration.combined_centre = float(np.median(on_fit))
+            calibration.combined_spread = _mad(on_fit, calibration.combined_centre)
     fused = calibration.fused({k: v[rows] for k, v in scores.items()})
     calibration.threshold = float(np.quantile(fused, 1 - alpha, method="higher"))
     return calibration
+
+
+def _mad(values: np.ndarray, centre: float) -> float:
+    return max(1.4826 * float(np.median(np.abs(values - centre))), 1e-6)
 
 
 def fit_fusion(
@@ -400,6 +413,7 @@ def fit_fusion(
     scores lower) on (N, F) standardised scores: (weights, bias). `positives` may be a list of groups (copy types),
     each then weighs the same, however many copies it has."""
     from scipy.optimize import minimize
+    from scipy.special import expit
 
     groups = [positives] if isinstance(positives, np.ndarray) else [g for g in positives if len(g)]
     x = np.concatenate([negatives, *groups]).astype(np.float64)
@@ -412,7 +426,7 @@ def fit_fusion(
     def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = params[:f], params[f]
         z = x @ w + b
-        residual = share * (1 / (1 + np.exp(-z)) - y)
+        residual = share * (expit(z) - y)
         value = float(np.sum(share * (np.logaddexp(0, z) - y * z)) + l2 * w @ w)
         return value, np.r_[x.T @ residual + 2 * l2 * w, residual.sum()]
 
@@ -619,10 +633,14 @@ def audit_detector(
     clock, seconds = time.perf_counter(), {}
     rng = np.random.default_rng(seed)
     studies: dict[str, np.ndarray] = {}
+    full_train = train
     if train_patients is not None and descriptor_steps > 0:
+        from meddiff.evaluation.reidentification import repeat_patients
+
         back = held_back_studies(train_patients, 2 * positives, seed)
-        if len(back) >= 4:  # the reference set is the rest; indices below are into it
-            keep = np.setdiff1d(np.arange(len(train)), back)
+        keep = np.setdiff1d(np.arange(len(train)), back)
+        # the reference set is the rest (indices below are into it), where a re-ID network can still be trained
+        if len(back) >= 4 and repeat_patients([train_patients[i] for i in keep]).sum() >= 4:
             studies = {"fit": train[back[: len(back) // 2]], "measure": train[back[len(back) // 2 :]]}
             train, train_patients = train[keep], [train_patients[i] for i in keep]
             if conditions is not None:
@@ -660,15 +678,14 @@ def audit_detector(
         seconds["descriptor"] = time.perf_counter() - t
     reid = None
     if studies and train_patients is not None:
-        from meddiff.evaluation.reidentification import repeat_patients, train_reid
+        from meddiff.evaluation.reidentification import train_reid
 
-        if repeat_patients(train_patients).sum() >= 4:
-            logger.info("privacy calibrate: training the re-identification network (%d steps)", descriptor_steps)
-            t = time.perf_counter()
-            reid = train_reid(train, train_patients, DescriptorSettings(steps=descriptor_steps, seed=seed), progress)
-            seconds["reid"] = time.perf_counter() - t
+        logger.info("privacy calibrate: training the re-identification network (%d steps)", descriptor_steps)
+        t = time.perf_counter()
+        reid = train_reid(train, train_patients, DescriptorSettings(steps=descriptor_steps, seed=seed), progress)
+        seconds["reid"] = time.perf_counter() - t
     index = ReferenceIndex(train, descriptor=descriptor, reid=reid)
-    leaked = index.duplicates(held)
+    leaked = (ReferenceIndex(full_train) if studies else index).duplicates(held)  # against every training image
     if leaked.any():  # the same image on both sides of the split: not a negative; reported
         logger.warning(
             "privacy calibrate: %d held-out image(s) duplicate a training image (pixel correlation >= %g); they are "
@@ -695,6 +712,11 @@ def audit_detector(
         known_copies["same patient"] = studies["measure"]
     logger.info("privacy calibrate: %d known copies of each type: %s", len(chosen), ", ".join(known_copies))
     report = measure(calibration, index, test, known_copies)
+    if studies:  # the gate that runs holds every training image: standardise and threshold again on all of them
+        index = ReferenceIndex(full_train, descriptor=descriptor, reid=reid)
+        calibration = calibrate(index, cal, alpha, seed=seed, fusion=calibration)
+        full = measure(calibration, index, test, {})
+        report.false_flag_rate, report.false_flag_interval = full.false_flag_rate, full.false_flag_interval
     seconds["total"] = time.perf_counter() - clock
     return DetectorAudit(calibration, report, index, halves, int(leaked.sum()), settings, seconds, reid)
 
@@ -854,7 +876,9 @@ def calibrate_model(
         progress,
         train_patients=list(dataset.patients),
     )
-    folder = Path(model_dir).expanduser() / CALIBRATION_DIR
+    from meddiff.models.storage import run_directory
+
+    folder = run_directory(model_dir) / CALIBRATION_DIR
     folder.mkdir(parents=True, exist_ok=True)
     reid = reidentification(
         train, list(dataset.patients), held, list(heldout.patients), descriptor_steps, seed, progress, audit.reid

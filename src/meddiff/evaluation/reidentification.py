@@ -90,8 +90,8 @@ def reid_metrics(
     else:
         rng = np.random.default_rng(seed)
         chunks, have = [], 0
-        while have < max_negative_pairs:
-            i = rng.integers(0, n, 2 * (max_negative_pairs - have))
+        while have < max_negative_pairs:  # in chunks: memory ~ chunk x dim, not pairs x dim
+            i = rng.integers(0, n, min(2 * (max_negative_pairs - have), 1 << 18))
             j = rng.integers(0, n, len(i))
             ok = ids[i] != ids[j]
             i, j = i[ok][: max_negative_pairs - have], j[ok][: max_negative_pairs - have]

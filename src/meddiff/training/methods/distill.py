@@ -213,7 +213,7 @@ class ConsistencyDistillation(TrainingMethod):
             abar_lo = torch.where(t_hi - self.skip >= 0, self.abar[t_lo], torch.ones_like(self.abar[t_lo]))
             abar_lo = abar_lo.view(-1, 1, 1, 1)
             x_lo = abar_lo.sqrt() * x0_g + (1 - abar_lo).sqrt() * eps_g
-            target = self.consistency(self.target or model, x_lo, t_lo, cond, w_embedding)
+            target = self.consistency(self.target if self.target is not None else model, x_lo, t_lo, cond, w_embedding)
         prediction = self.consistency(model, x_hi, t_hi, cond, w_embedding)
         diff = (prediction - target).pow(2)
         if d.huber_c > 0:

@@ -186,3 +186,27 @@ def test_a_model_whose_privacy_audit_failed_is_served_only_with_the_override(tin
         service.close()
     finally:
         audit.unlink()
+
+
+def test_a_text_models_null_inputs_are_the_negative_or_empty_prompt(text_run):
+    """Guidance contrasts against the negative prompt (the empty one by default): at guidance 0 a text model draws
+    what the negative prompt alone gives."""
+    import numpy as np
+    import torch
+
+    from meddiff.models.pipeline import encode_prompt
+    from meddiff.models.storage import load_pipeline
+
+    pipe = load_pipeline(text_run)
+    empty, negative = pipe.null_inputs(2), pipe.null_inputs(2, ["noise", "noise"])
+    assert empty["class_labels"] is None
+    expected = encode_prompt(pipe.tokenizer, pipe.text_encoder, ["", ""], pipe.device)
+    torch.testing.assert_close(empty["encoder_hidden_states"], expected)
+    assert not torch.allclose(negative["encoder_hidden_states"], expected)
+
+    def draw(**kwargs):
+        g = torch.Generator().manual_seed(0)
+        return pipe(num_inference_steps=2, generator=g, **kwargs).images
+
+    only_negative = draw(prompt=["chest x-ray with edema"], negative_prompt="noise", guidance_scale=0.0)
+    assert np.allclose(only_negative, draw(prompt=["noise"], guidance_scale=1.0), atol=1e-5)

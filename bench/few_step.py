@@ -2,7 +2,7 @@
 the flow-matching objective and a distilled student, all from the same data, recipe and training steps.
 
     python bench/few_step.py [--data medmnist:../shared/data/pneumoniamnist.npz]
-        [--config configs/pneumoniamnist.yaml] [--train-steps 1000] [--distill-steps 500]
+        [--config configs/pneumoniamnist.yaml] [--train-steps 1000] [--distill-steps 1000]
         [--n 1000] [--seeds 0 1 2] [--ddpm-n 250] [--guidance 2] [--workdir runs/few_step] [--quick]
 
 Models (trained once, reused from --workdir): the teacher (the recipe as is: epsilon, Min-SNR), a flow-matching
@@ -78,6 +78,7 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
             "distill.steps": 4,
             "learning_rate": 1e-4,
             "lr_warmup_steps": 50,
+            "lr_schedule": "cosine",
         },
     }
     if "student" in needed:
@@ -210,7 +211,7 @@ def main() -> None:
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--config", default=str(ROOT / "configs" / "pneumoniamnist.yaml"))
     ap.add_argument("--train-steps", type=int, default=1000, help="teacher and flow model training steps")
-    ap.add_argument("--distill-steps", type=int, default=500)
+    ap.add_argument("--distill-steps", type=int, default=1000)
     ap.add_argument("--n", type=int, default=1000, help="images per row and seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ddpm-n", type=int, default=250, help="images for DDPM-1000 (first seed only)")

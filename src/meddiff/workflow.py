@@ -237,7 +237,8 @@ def distill_and_report(config: TrainConfig, progress: bool = True) -> RunSummary
     teacher_steps, teacher_guidance = (teacher.sample_steps, teacher.guidance) if teacher else (20, 2.0)
     distillation = DistillationSummary(
         teacher=str(run),
-        method="latent consistency distillation (LCM), decay-0 target",
+        method="latent consistency distillation (LCM), "
+        + ("decay-0 target" if d.target_decay == 0 else f"EMA target (decay {d.target_decay:g})"),
         network_evaluations_per_image=d.steps,
         teacher_network_evaluations_per_image=evaluations_per_image("dpm++", teacher_steps, teacher_guidance),
         solver_steps=d.solver_steps,

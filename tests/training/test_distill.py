@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import make_sampler
@@ -198,6 +199,9 @@ def test_distill_cli_writes_card_and_metrics(tiny_run, tmp_path):
     card = (out / "README.md").read_text()
     assert "## Distillation" in card and "1 network evaluations per image" in card and str(tiny_run) in card
     assert (out / "samples" / "grid_cardiomegaly.png").is_file()
+    run = yaml.safe_load((out / "config.yaml").read_text())  # the measured recipe: cosine-decayed learning rate
+    assert run["lr_schedule"] == "cosine" and run["learning_rate"] == 1e-4 and run["max_steps"] == 2
+    assert "decay-0 target" in metrics["distillation"]["method"]
 
 
 @pytest.mark.parametrize("steps", ["0", "9"])

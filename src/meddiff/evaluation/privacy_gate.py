@@ -278,12 +278,16 @@ class Calibration:
     n_calibration: int  # the negatives the threshold was read from
     weights: dict[str, float] | None = None  # learned fusion (fit_fusion); None: the largest standardised score
     bias: float = 0.0
-    combined_centre: float = 0.0  # the learned combination standardised like a detector (fit negatives' median, MAD)
+    combined_centre: float = 0.0  # (combination - centre) / spread: on the largest detector score's scale
     combined_spread: float = 1.0
     n_fit: dict[str, int] | None = None  # learned fusion: negatives and known copies it was fitted on
 
     def standardised(self, scores: dict[str, np.ndarray], name: str) -> np.ndarray:
         return (scores[name] - self.centre[name]) / self.spread[name]
+
+    def largest(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The largest standardised detector score."""
+        return np.max([self.standardised(scores, d) for d in self.detectors], axis=0)
 
     def combined(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         """The learned combination: the weighted sum of the standardised scores (the log-odds of "copy")."""
@@ -293,10 +297,10 @@ class Calibration:
 
     def fused(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         """The largest standardised score over the detectors, (score - median) / spread, and with a learned fusion
-        over them and the learned combination (standardised the same way): a copy that one detector sees plainly
+        over them and the learned combination (on the same scale): a copy that one detector sees plainly
         stays flagged, and one that several see a little is flagged by the combination. Unbounded above and never
         decreasing when any score rises, so a copy beyond every negative keeps its distance."""
-        largest = np.max([self.standardised(scores, d) for d in self.detectors], axis=0)
+        largest = self.largest(scores)
         if self.weights is None:
             return largest
         combined = (self.combined(scores) - self.combined_centre) / self.combined_spread
@@ -394,9 +398,16 @@ def calibrate(
             calibration.weights = kept or None  # all zero: the largest standardised score alone
             calibration.n_fit = {"negatives": len(fit), "copies": sum(len(x) for x in x_pos)} if kept else None
         if calibration.weights is not None:
-            on_fit = calibration.combined({k: v[fit] for k, v in scores.items()})
-            calibration.combined_centre = float(np.median(on_fit))
-            calibration.combined_spread = _mad(on_fit, calibration.combined_centre)
+            # put the combination on the largest detector score's scale: the same median and the same upper
+            # quantile on the fit half, so that neither term of the fused maximum dominates its tail
+            on_fit = {k: v[fit] for k, v in scores.items()}
+            combined, largest = calibration.combined(on_fit), calibration.largest(on_fit)
+            level = max(0.5, 1 - 5 * alpha)
+            c_mid, c_top = float(np.median(combined)), float(np.quantile(combined, level))
+            l_mid, l_top = float(np.median(largest)), float(np.quantile(largest, level))
+            scale = (c_top - c_mid) / (l_top - l_mid) if c_top > c_mid and l_top > l_mid else 1.0
+            calibration.combined_spread = scale
+            calibration.combined_centre = c_mid - l_mid * scale
     fused = calibration.fused({k: v[rows] for k, v in scores.items()})
     calibration.threshold = float(np.quantile(fused, 1 - alpha, method="higher"))
     return calibration

@@ -380,6 +380,13 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
         help="model-made near-copies: training images noised this far into the schedule and denoised by the model "
         "('none' to skip)",
     )
+    pc.add_argument(
+        "--fusion-sources",
+        type=int,
+        default=250,
+        help="training images (never the measured ones) whose known copies teach the detector how to combine its "
+        "scores (0: the largest standardised score alone)",
+    )
 
     pa = pv_sub.add_parser(
         "audit",
@@ -996,6 +1003,8 @@ def cmd_privacy(args) -> None:
     resolution = load_pipeline(args.model).image_size
     if args.descriptor_steps < 0:
         raise MeddiffError(f"--descriptor-steps must be 0 or more, got {args.descriptor_steps}")
+    if args.fusion_sources < 0:
+        raise MeddiffError(f"--fusion-sources must be 0 or more, got {args.fusion_sources}")
     note = calibrate_model(
         run_dir,
         args.data,
@@ -1005,6 +1014,7 @@ def cmd_privacy(args) -> None:
         descriptor_steps=args.descriptor_steps,
         model_strengths=args.model_strengths,
         progress=True,
+        fusion_sources=args.fusion_sources,
     )
     update_privacy_section(run_dir)  # the model card states the calibration
     m = note["measured"]

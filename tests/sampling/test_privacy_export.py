@@ -85,6 +85,8 @@ def test_calibrate_then_generate_through_the_cli(tmp_path, tiny_run, capsys):
     with pytest.raises(SystemExit):  # argparse: usage and a one-line reason
         main([*cal, "--model-strengths", "0.1,2"])
     assert "strengths are fractions of the schedule" in capsys.readouterr().err
+    assert main([*cal, "--fusion-sources", "-1"]) == 2
+    assert "--fusion-sources must be 0 or more" in capsys.readouterr().err
     assert main([*cal, "--descriptor-steps", "20", "--model-strengths", "0.1,0.3"]) == 0
     printed = capsys.readouterr().out
     assert "false-flag rate on 20 held-out images" in printed and "exact 1.000" in printed

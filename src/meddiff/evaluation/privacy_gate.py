@@ -862,6 +862,7 @@ def calibrate_model(
     descriptor_steps: int = 600,
     model_strengths: tuple[float, ...] = MODEL_STRENGTHS,
     progress: bool = False,
+    fusion_sources: int = 250,
 ) -> dict:
     """`meddiff privacy calibrate`: audit_detector on the model's training data and its held-out split, with the
     model's own near-copies (conditioned on the training images' labels). Writes RUN/privacy/calibration.json
@@ -886,6 +887,7 @@ def calibrate_model(
         model_strengths,
         progress,
         train_patients=list(dataset.patients),
+        fusion_sources=fusion_sources,
     )
     from meddiff.models.storage import run_directory
 

@@ -538,7 +538,9 @@ def test_privacy_gate_bench_reports_false_flags_and_recall_per_copy_type(tmp_pat
     proc = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["n_calibration"] == 600 and row["n_test_negatives"] == 600 and row["false_flag_rate"] <= 0.05
+    # the learned fusion is fitted on half of the 600 calibration images and thresholded on the other half
+    assert row["n_calibration"] == 300 and row["n_test_negatives"] == 600 and row["false_flag_rate"] <= 0.05
+    assert row["fusion"] == "learned" and row["fusion_fit"]["negatives"] == 300 and row["fusion_weights"]
     assert row["heldout_duplicates"] == 0 and "descriptor" in row["detectors"] and row["model"] is None
     assert row["recall exact"] == 1.0 and set(row["recall_ci"]) == {
         "exact",

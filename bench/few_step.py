@@ -3,7 +3,8 @@ the flow-matching objective and a distilled student, all from the same data, rec
 
     python bench/few_step.py [--data medmnist:../shared/data/pneumoniamnist.npz]
         [--config configs/pneumoniamnist.yaml] [--train-steps 1000] [--distill-steps 1000]
-        [--n 1000] [--seeds 0 1 2] [--ddpm-n 250] [--guidance 2] [--workdir runs/few_step] [--quick]
+        [--n 1000] [--seeds 0 1 2] [--ddpm-n 250] [--ddpm-seeds 0 1 2] [--guidance 2] [--workdir runs/few_step]
+        [--quick]
 
 Models (trained once, reused from --workdir): the teacher (the recipe as is: epsilon, Min-SNR), a flow-matching
 model (`model.objective: flow`, everything else equal) trained for the same steps, and a student distilled from
@@ -21,7 +22,9 @@ Each row draws `--n` images per seed with the condition rows of the real held-ou
   99th percentile of held-out real images' nearest-training correlation.
 Rows are appended to --workdir/rows.jsonl as they finish; a rerun with the same --n/--seeds/--ddpm-n/--guidance
 reuses them, so an interrupted run resumes where it stopped.
-DDPM-1000 costs 2000 NFE per image at guidance 2: it runs on `--ddpm-n` images and the first seed only (marked).
+DDPM-1000 costs 2000 NFE per image at guidance 2: it runs on `--ddpm-n` images and the first seed only unless
+`--ddpm-seeds` says otherwise; every row keeps each finished seed in --workdir/parts, so a long row resumes seed by
+seed (delete --workdir/parts and rows.jsonl after retraining a model).
 Results: bench/results/few_step.json, a table, and bench/results/few_step.png (NFE vs fidelity and FID)."""
 
 from __future__ import annotations
@@ -117,7 +120,9 @@ def _quantile(values, q):
     return np.quantile(values, q)
 
 
-def evaluate_row(pipe, sampler, steps, n, seeds, guidance, ctx) -> dict:
+def evaluate_row(pipe, sampler, steps, n, seeds, guidance, ctx, parts: Path | None = None) -> dict:
+    """One row's metrics over `seeds`. With `parts`, each seed's measurements are kept there when it finishes
+    (and reused), so a long row (DDPM-1000) resumes seed by seed."""
     import numpy as np
     import torch
 
@@ -136,7 +141,20 @@ def evaluate_row(pipe, sampler, steps, n, seeds, guidance, ctx) -> dict:
     conditions = ctx["codec"].encode(labels, known)
     probs, fids, kids, precision, recall, ssims, copies, seconds, nfe = [], [], [], [], [], [], [], 0.0, []
     for seed in seeds:
+        part = parts / f"seed{seed}.npz" if parts is not None else None
+        if part is not None and part.is_file():
+            kept = np.load(part)
+            probs.append(kept["probs"])
+            for values, key in ((fids, "fid"), (kids, "kid"), (precision, "precision"), (recall, "recall")):
+                values.append(float(kept[key]))
+            ssims.append(float(kept["ssim"]))
+            copies.append(float(kept["copies"]))
+            nfe.append(float(kept["nfe"]))
+            seconds += float(kept["seconds"])
+            print(f"  seed {seed}: measured before ({part})", flush=True)
+            continue
         settings = SamplingSettings(steps=steps, scheduler=sampler, guidance=guidance, seed=seed, batch_size=128)
+        started = seconds
         sample(pipe, conditions[:2], SamplingSettings(steps=steps, scheduler=sampler), progress=False)  # warm
         evaluated, hook = count_evaluations(pipe.unet)
         t0 = time.perf_counter()
@@ -155,6 +173,12 @@ def evaluate_row(pipe, sampler, steps, n, seeds, guidance, ctx) -> dict:
         ssims.append(mean_pairwise_similarity(images)[0])
         best, _ = nearest(images, ctx["train_images"], center=True)
         copies.append(float(np.mean(best > ctx["copy_threshold"])))
+        if part is not None:
+            part.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(
+                part, probs=probs[-1], fid=fids[-1], kid=kids[-1], precision=precision[-1], recall=recall[-1],
+                ssim=ssims[-1], copies=copies[-1], nfe=nfe[-1], seconds=seconds - started,
+            )  # fmt: skip
     aucs = []
     for j in range(labels.shape[1]):
         keep = known[:, j].numpy().astype(bool)
@@ -214,7 +238,10 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=1000)
     ap.add_argument("--n", type=int, default=1000, help="images per row and seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--ddpm-n", type=int, default=250, help="images for DDPM-1000 (first seed only)")
+    ap.add_argument("--ddpm-n", type=int, default=250, help="images per seed for DDPM-1000")
+    ap.add_argument(
+        "--ddpm-seeds", type=int, nargs="+", default=None, help="seeds for DDPM-1000 (default: the first of --seeds)"
+    )
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--epochs", type=int, default=10, help="epochs of the real-trained domain classifier")
     ap.add_argument("--rows", nargs="+", default=None, help="only rows whose name starts with one of these")
@@ -267,12 +294,19 @@ def main() -> None:
     # rows already measured with these settings (an interrupted run resumes); the acceptance rows run first
     done_path = Path(args.workdir) / "rows.jsonl"
     settings = {"n": args.n, "seeds": args.seeds, "ddpm_n": args.ddpm_n, "guidance": args.guidance, "quick": args.quick}
+    if args.ddpm_seeds is not None:
+        settings["ddpm_seeds"] = args.ddpm_seeds
     done = {}
     if done_path.is_file():
         for line in done_path.read_text().splitlines():
             entry = json.loads(line)
             if entry.get("settings") == settings:
                 done[entry["row"]["row"]] = entry["row"]
+
+    def parts_dir(name: str, n: int) -> Path:  # per-seed results of a row, kept until the row is complete
+        key = f"{name.replace(' ', '_')}-n{n}-g{args.guidance:g}" + ("-quick" if args.quick else "")
+        return Path(args.workdir) / "parts" / key
+
     first = ("DDPM 1000", "distilled", "DPM++ 20", "flow Euler 4", "flow Heun 4")
     order = sorted(selected, key=lambda r: next((i for i, p in enumerate(first) if r[0].startswith(p)), len(first)))
     measured: dict[str, dict] = {}
@@ -283,7 +317,7 @@ def main() -> None:
             continue
         ddpm = steps >= 500
         steps_run = 3 if (args.quick and ddpm) else steps
-        n, seeds = (args.ddpm_n, args.seeds[:1]) if ddpm else (args.n, args.seeds)
+        n, seeds = (args.ddpm_n, args.ddpm_seeds or args.seeds[:1]) if ddpm else (args.n, args.seeds)
         info = models[model]
         row = {
             "row": name,
@@ -292,7 +326,7 @@ def main() -> None:
             "steps": steps_run,
             "train_steps": info["steps"],
             "train_minutes": info.get("minutes_with_teacher", info["minutes"]),
-            **evaluate_row(pipes[model], sampler, steps_run, n, seeds, args.guidance, ctx),
+            **evaluate_row(pipes[model], sampler, steps_run, n, seeds, args.guidance, ctx, parts_dir(name, n)),
             "fid_real_train_vs_test": floor,
         }
         measured[name] = row

@@ -493,6 +493,10 @@ def test_few_step_bench_counts_evaluations_and_writes_json(tmp_path, phantom_dir
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("measured before") == 2 and "training teacher" not in again.stdout
     assert [r["row"] for r in json.loads(out.read_text())["rows"]] == ["DPM++ 4", "distilled 2"]
+    # and each finished seed of a row is kept, so even a row cut short resumes seed by seed
+    (tmp_path / "w" / "rows.jsonl").unlink()
+    parts = subprocess.run([*command, "--rows", "DPM++"], capture_output=True, text=True, timeout=900)
+    assert parts.returncode == 0 and "seed 0: measured before" in parts.stdout, parts.stderr[-2000:]
     assert set(rows) == {"DDPM 1000", "DPM++ 4", "flow Heun 4", "distilled 2"}
     # counted, not assumed: guidance 2 doubles the teacher's and the flow model's passes, Heun takes 2 per step
     # except the last, the distilled student takes the guidance scale as an input

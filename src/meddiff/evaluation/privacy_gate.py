@@ -55,6 +55,7 @@ from meddiff.models.privacy_records import CALIBRATION_FILE, PRIVACY_DIR, stored
 logger = logging.getLogger(__name__)
 COPY_TYPES = ("exact", "shift", "rotation", "gamma", "noise", "crop")
 DETECTORS = ("pixel", "tiles", "aligned", "coarse", "feature", "descriptor", "reid")
+LEARNED_FUSION_NEGATIVES = 4  # x 1/alpha calibration images to learn the fusion (half fit it, half threshold it)
 REID_FILE = "reid.safetensors"  # the re-identification network, next to the copy descriptor (private)
 # how far the nearest training image stands out from the next nearest ones (a model's redrawing of one training image
 # has one clearly nearest neighbour, a new patient several about as near): features of the learned fusion only
@@ -357,12 +358,14 @@ def calibrate(
     of new images is alpha.
 
     With `positives` (known copies of training images, {type: (N, H, W)}; never the ones recall is measured on) and
-    at least 2 / alpha negatives, the fusion also learns a combination: non-negative logistic weights over the
-    standardised detector and margin scores, fitted on half of the negatives against the positives (each copy type
-    weighing the same); the fused score is then the largest of the standardised detector scores and the standardised
-    combination, and the threshold is read from the other half (a fitted score is optimistic on the negatives it
-    saw). Otherwise the fused score is the largest standardised detector score. `fusion`: take the learned weights
-    of that calibration instead of fitting (the same reference set grown by images held back while measuring)."""
+    at least LEARNED_FUSION_NEGATIVES / alpha negatives (so that the threshold half still holds 2 / alpha: a
+    threshold read from fewer sits too high and costs recall), the fusion also learns a combination: non-negative
+    logistic weights over the standardised detector and margin scores, fitted on half of the negatives against the
+    positives (each copy type weighing the same). The fused score is then the largest of the standardised detector
+    scores and the combination (on their scale), and the threshold is read from the other half (a fitted score is
+    optimistic on the negatives it saw). Otherwise the fused score is the largest standardised detector score.
+    `fusion`: take the learned weights of that calibration instead of fitting (the same reference set grown by
+    images held back while measuring)."""
     if not 0 < alpha < 0.5:
         raise MeddiffError(f"alpha must be in (0, 0.5), got {alpha:g}")
     if len(negatives) < math.ceil(1 / alpha):
@@ -370,13 +373,14 @@ def calibrate(
     scores = index.scores(negatives, features)
     detectors: list[str] = [d for d in DETECTORS if d in scores]
     names = detectors + [m for m in MARGINS if m in scores]
-    enough = len(negatives) >= 2 * math.ceil(1 / alpha)
+    need = math.ceil(LEARNED_FUSION_NEGATIVES / alpha)
+    enough = len(negatives) >= need
     learned = fusion is not None and fusion.weights is not None
     learn = (bool(positives) or learned) and enough
     if (positives or learned) and not enough:
         logger.warning(
             "privacy calibrate: %d calibration images are too few to learn the fusion at alpha %g (needs %d); the "
-            "largest standardised score is used", len(negatives), alpha, 2 * math.ceil(1 / alpha),
+            "largest standardised score is used", len(negatives), alpha, need,
         )  # fmt: skip
     fit = rows = np.arange(len(negatives))
     if learn:  # standardised and fitted on one half, thresholded on the other

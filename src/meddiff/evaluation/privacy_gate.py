@@ -708,7 +708,13 @@ def audit_detector(
         )  # fmt: skip
     cal, test = held[first & ~leaked], held[~first & ~leaked]
     fusion_copies = None
-    if len(fusion_pool):
+    need = math.ceil(LEARNED_FUSION_NEGATIVES / alpha)
+    if len(fusion_pool) and len(cal) < need:
+        logger.warning(
+            "privacy calibrate: %d calibration images are too few to learn the fusion at alpha %g (needs %d); the "
+            "largest standardised score is used", len(cal), alpha, need,
+        )  # fmt: skip
+    elif len(fusion_pool):
         t = time.perf_counter()
         fusion_copies = known_copies_of(train, fusion_pool, seed + 101, pipe, guidance, conditions, model_strengths)
         seconds["fusion copies"] = time.perf_counter() - t

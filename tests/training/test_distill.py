@@ -133,6 +133,21 @@ def test_an_ema_target_network_trails_the_student_and_resumes_exactly(tiny_run, 
         torch.testing.assert_close(x, y, msg=name)
 
 
+def test_resuming_with_another_target_network_setting_is_one_line(tiny_run, tmp_path):
+    from meddiff.data.spec import load_dataset
+    from meddiff.errors import MeddiffError
+    from meddiff.training.loop import train
+
+    config = _distill_config(tiny_run, tmp_path)
+    config.max_steps, config.checkpoint_every = 1, 1
+    data = load_dataset(config.data, 32)
+    train(config, data, progress=False)
+    again = _distill_config(tiny_run, tmp_path, target_decay=0.5)
+    again.max_steps, again.resume = 2, "latest"
+    with pytest.raises(MeddiffError, match=r"holds 1 network\(s\), this run prepares 2; resume with the settings"):
+        train(again, data, progress=False)
+
+
 def test_distill_gives_a_model_that_samples_in_the_promised_evaluations(tiny_run, tmp_path):
     from meddiff.sampling.generate import SamplingSettings, sample
     from meddiff.training.loop import train

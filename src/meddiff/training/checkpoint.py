@@ -68,6 +68,13 @@ def save_checkpoint(accelerator, ema: EMAModel | None, state: dict, run_dir: Pat
 
 
 def load_checkpoint(accelerator, ema: EMAModel | None, path: Path) -> dict:
+    saved = len(list(Path(path).glob("model*.safetensors"))) + len(list(Path(path).glob("pytorch_model*.bin")))
+    prepared = len(getattr(accelerator, "_models", []))
+    if saved and prepared and saved != prepared:
+        raise MeddiffError(
+            f"checkpoint {path} holds {saved} network(s), this run prepares {prepared}; resume with the settings it "
+            "was saved with (e.g. --distill.target-decay, --autoencoder.adversarial-weight)"
+        )
     accelerator.load_state(str(path))
     if ema is None:
         return json.loads((path / "state.json").read_text())

@@ -137,11 +137,9 @@ def run(args) -> None:
         "scaling_factor": round(report.scaling_factor, 4),
         "workflow_heldout_psnr_dB": round(report.reconstruction.psnr, 2),  # the report's own (validation cases)
     }
-    path = write_results("brats_roundtrip", rows, COLUMNS, args.out)
-    data = json.loads(path.read_text())
-    data.update(summary=summary, loading=loading, recipe=args.recipe or "cpu64 preset", settings=settings)
-    data["settings"]["out"] = "(temporary)" if not args.keep_run else str(args.run_dir)
-    path.write_text(json.dumps(data, indent=2))
+    settings = {**settings, "out": "(temporary)" if not args.keep_run else str(args.run_dir)}
+    extra = {"summary": summary, "loading": loading, "recipe": args.recipe or "cpu64 preset", "settings": settings}
+    write_results("brats_roundtrip", rows, COLUMNS, args.out, extra=extra)
     load = ", ".join(f"{k} {v:.2f}" for k, v in summary["load_resample_s_per_case"].items())
     print(
         f"load+resample s/case: {load}; {summary['s_per_step']:.3f} s/step over {report.steps} steps "

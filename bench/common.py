@@ -42,10 +42,14 @@ def count_evaluations(unet):
     return rows, handle
 
 
-def write_results(name: str, rows: list[dict], columns: list[str], out: str | None = None) -> Path:
+def write_results(
+    name: str, rows: list[dict], columns: list[str], out: str | None = None, extra: dict | None = None
+) -> Path:
+    """RESULTS/NAME.json (or `out`): the benchmark's name, this machine, the rows and any `extra` keys (summary,
+    settings); prints the rows as a table."""
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": name, "machine": machine(), "rows": rows}, indent=2))
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(), "rows": rows, **(extra or {})}, indent=2))
     widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for r in rows:

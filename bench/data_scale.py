@@ -314,15 +314,13 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "resolution": args.resolution,
     }
-    path = write_results(
+    write_results(
         "data_scale",
         rows,
         ["images", "prepare_s", "prepare_img_per_s", "train_steps", "peak_rss_mb", "train_img_per_s"],
         args.out,
+        extra={"summary": summary},
     )
-    data = json.loads(path.read_text())
-    data["summary"] = summary
-    path.write_text(json.dumps(data, indent=2))
     for k, v in summary.items():
         print(f"{k}: {v}")
     print(

@@ -78,21 +78,20 @@ def main() -> None:
         for r in rows
     ]
     first = next((r for r in table if r["warning"]), None)
-    path = write_results(
-        "privacy_monitor",
-        table,
-        ["step", "copy_rate", "copy_rate_ci", "training_images_hit", "loss_gap", "warning"],
-        args.out,
-    )
-    payload = json.loads(path.read_text())
-    payload["summary"] = {
+    summary = {
         "training_images": args.train,
         "heldout_images": args.heldout,
         "first_warning_step": first["step"] if first else None,
         "copy_rate_at_first_warning": first["copy_rate"] if first else None,
         "seconds": round(seconds, 1),
     }
-    path.write_text(json.dumps(payload, indent=2))
+    write_results(
+        "privacy_monitor",
+        table,
+        ["step", "copy_rate", "copy_rate_ci", "training_images_hit", "loss_gap", "warning"],
+        args.out,
+        extra={"summary": summary},
+    )
     fig, left = plt.subplots(figsize=(7, 3.5))
     steps = [r["step"] for r in table]
     left.plot(steps, [r["copy_rate"] for r in table], "o-", color="tab:red", label="copy rate")
@@ -109,7 +108,7 @@ def main() -> None:
     fig.tight_layout()
     png = Path(args.out).with_suffix(".png") if args.out else RESULTS / "privacy_monitor.png"
     fig.savefig(png, dpi=110)
-    print(json.dumps(payload["summary"]), f"curve: {png}")
+    print(json.dumps(summary), f"curve: {png}")
 
 
 if __name__ == "__main__":

@@ -186,10 +186,9 @@ def main() -> None:
     }
     label_cols = [f"auc {name}" for name in real.label_names] + [f"recall {name}" for name in real.label_names]
     name = f"real_data-{args.dataset}" + ("-balance" if args.synthetic == "balance" else "")
-    path = write_results(name, rows, ["train_set", "n_train", "macro_auc", *label_cols], args.out)
-    payload = json.loads(path.read_text())
-    payload["summary"] = summary
-    path.write_text(json.dumps(payload, indent=2))
+    path = write_results(
+        name, rows, ["train_set", "n_train", "macro_auc", *label_cols], args.out, extra={"summary": summary}
+    )
     class_grid_png(run_dir, real, path.with_suffix(".png"))
     print(json.dumps(summary, indent=1))
     print(f"grids: {path.with_suffix('.png')}; report: {eval_dir / 'report.html'}")

@@ -216,21 +216,15 @@ def main() -> None:
         "synthetic_only_auc",
         "eval_seconds",
     ]
-    path = write_results(name, rows, cols, args.out)
-    import json
-
-    data = json.loads(path.read_text())
-    data.update(
-        {
-            "config": config.to_dict(),
-            "overrides": overrides,
-            "n_generated": args.n,
-            "sampler": "dpm++ 20 steps",
-            "first_mark_reaching": {"unit": unit, **first},
-            "targets": targets,
-        }
-    )
-    path.write_text(json.dumps(data, indent=2))
+    extra = {
+        "config": config.to_dict(),
+        "overrides": overrides,
+        "n_generated": args.n,
+        "sampler": "dpm++ 20 steps",
+        "first_mark_reaching": {"unit": unit, **first},
+        "targets": targets,
+    }
+    path = write_results(name, rows, cols, args.out, extra=extra)
     plot(rows, path.with_suffix(".png"), targets, unit)
     print(f"curves: {path.with_suffix('.png')}")
 

@@ -164,8 +164,8 @@ def main() -> None:
     ap.add_argument("--keep-cache", action="store_true", help="use $MEDDIFF_CACHE (load times are then cache hits)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.steps <= WARMUP + 1:
-        ap.error(f"--steps must be more than {WARMUP + 1} (the first {WARMUP} are warm-up, not timed)")
+    if args.steps <= WARMUP:
+        ap.error(f"--steps must be more than {WARMUP} (the first {WARMUP} are warm-up, not timed)")
     from meddiff.errors import MeddiffError
 
     if not Path(args.data).is_dir():

@@ -373,15 +373,8 @@ def calibrate(
     scores = index.scores(negatives, features)
     detectors: list[str] = [d for d in DETECTORS if d in scores]
     names = detectors + [m for m in MARGINS if m in scores]
-    need = math.ceil(LEARNED_FUSION_NEGATIVES / alpha)
-    enough = len(negatives) >= need
     learned = fusion is not None and fusion.weights is not None
-    learn = (bool(positives) or learned) and enough
-    if (positives or learned) and not enough:
-        logger.warning(
-            "privacy calibrate: %d calibration images are too few to learn the fusion at alpha %g (needs %d); the "
-            "largest standardised score is used", len(negatives), alpha, need,
-        )  # fmt: skip
+    learn = (bool(positives) or learned) and fusion_learnable(len(negatives), alpha)
     fit = rows = np.arange(len(negatives))
     if learn:  # standardised and fitted on one half, thresholded on the other
         order = np.random.default_rng([seed, 29]).permutation(len(negatives))
@@ -415,6 +408,18 @@ def calibrate(
     fused = calibration.fused({k: v[rows] for k, v in scores.items()})
     calibration.threshold = float(np.quantile(fused, 1 - alpha, method="higher"))
     return calibration
+
+
+def fusion_learnable(n_negatives: int, alpha: float) -> bool:
+    """Whether `n_negatives` calibration images are enough to learn the fusion at alpha (LEARNED_FUSION_NEGATIVES /
+    alpha); says so when they are not."""
+    need = math.ceil(LEARNED_FUSION_NEGATIVES / alpha)
+    if n_negatives < need:
+        logger.warning(
+            "privacy calibrate: %d calibration images are too few to learn the fusion at alpha %g (needs %d); the "
+            "largest standardised score is used", n_negatives, alpha, need,
+        )  # fmt: skip
+    return n_negatives >= need
 
 
 def _mad(values: np.ndarray, centre: float) -> float:
@@ -500,8 +505,6 @@ def measure(
 
 
 # ------------------------------------------------------------------------------------ stored with a model, export gate
-
-CALIBRATION_DIR, CALIBRATION_FILE = PRIVACY_DIR, CALIBRATION_FILE  # RUN/privacy/: models.privacy_records
 
 
 def split_halves(patients: list[str], n: int, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -700,7 +703,9 @@ def audit_detector(
         reid = train_reid(train, train_patients, DescriptorSettings(steps=descriptor_steps, seed=seed), progress)
         seconds["reid"] = time.perf_counter() - t
     index = ReferenceIndex(train, descriptor=descriptor, reid=reid)
-    leaked = (ReferenceIndex(full_train) if studies else index).duplicates(held)  # against every training image
+    # the gate that runs holds every training image (the held-back studies too)
+    full_index = ReferenceIndex(full_train, descriptor=descriptor, reid=reid) if studies else index
+    leaked = full_index.duplicates(held)
     if leaked.any():  # the same image on both sides of the split: not a negative; reported
         logger.warning(
             "privacy calibrate: %d held-out image(s) duplicate a training image (pixel correlation >= %g); they are "
@@ -708,13 +713,7 @@ def audit_detector(
         )  # fmt: skip
     cal, test = held[first & ~leaked], held[~first & ~leaked]
     fusion_copies = None
-    need = math.ceil(LEARNED_FUSION_NEGATIVES / alpha)
-    if len(fusion_pool) and len(cal) < need:
-        logger.warning(
-            "privacy calibrate: %d calibration images are too few to learn the fusion at alpha %g (needs %d); the "
-            "largest standardised score is used", len(cal), alpha, need,
-        )  # fmt: skip
-    elif len(fusion_pool):
+    if len(fusion_pool) and fusion_learnable(len(cal), alpha):  # copies only where calibrate can learn from them
         t = time.perf_counter()
         fusion_copies = known_copies_of(train, fusion_pool, seed + 101, pipe, guidance, conditions, model_strengths)
         seconds["fusion copies"] = time.perf_counter() - t
@@ -733,8 +732,8 @@ def audit_detector(
         known_copies["same patient"] = studies["measure"]
     logger.info("privacy calibrate: %d known copies of each type: %s", len(chosen), ", ".join(known_copies))
     report = measure(calibration, index, test, known_copies)
-    if studies:  # the gate that runs holds every training image: standardise and threshold again on all of them
-        index = ReferenceIndex(full_train, descriptor=descriptor, reid=reid)
+    if studies:  # standardise and threshold again on every training image, with the weights learned above
+        index = full_index
         calibration = calibrate(index, cal, alpha, seed=seed, fusion=calibration)
         full = measure(calibration, index, test, {})
         report.false_flag_rate, report.false_flag_interval = full.false_flag_rate, full.false_flag_interval
@@ -901,7 +900,7 @@ def calibrate_model(
     )
     from meddiff.models.storage import run_directory
 
-    folder = run_directory(model_dir) / CALIBRATION_DIR
+    folder = run_directory(model_dir) / PRIVACY_DIR
     folder.mkdir(parents=True, exist_ok=True)
     reid = reidentification(
         train, list(dataset.patients), held, list(heldout.patients), descriptor_steps, seed, progress, audit.reid
@@ -1013,7 +1012,7 @@ def _stored_network(run: Path, note: dict, key: str, sha_key: str, filename: str
         return None
     from meddiff.evaluation.copy_descriptor import load_descriptor
 
-    weights = run / CALIBRATION_DIR / filename
+    weights = run / PRIVACY_DIR / filename
     if weights.is_file() and hashlib.sha1(weights.read_bytes()).hexdigest()[:16] != note.get(sha_key):
         raise MeddiffError(f"{weights} is not the network this calibration was made with; calibrate again")
-    return load_descriptor(run / CALIBRATION_DIR, note[key], filename)
+    return load_descriptor(run / PRIVACY_DIR, note[key], filename)

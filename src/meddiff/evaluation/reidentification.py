@@ -70,8 +70,8 @@ def reid_metrics(
     z = embed(net, images[keep]).astype(np.float32)
     n = len(ids)
     positives = []
-    for patient in np.unique(ids):  # same-patient pairs: all of them, patient by patient
-        rows = np.flatnonzero(ids == patient)
+    by_patient = np.argsort(ids, kind="stable")
+    for rows in np.split(by_patient, np.flatnonzero(np.diff(ids[by_patient])) + 1):  # same-patient pairs, all
         block = z[rows] @ z[rows].T
         positives.append(block[np.triu_indices(len(rows), k=1)])
     pos = np.concatenate(positives)

@@ -40,7 +40,7 @@ DATASETS = {
     "alzheimer": {
         "data": f"folder:{SHARED / 'alzheimer-mri'}",
         "config": ROOT / "configs" / "alzheimer-mri-64.yaml",
-        "steps": 3000,
+        "steps": 1000,
         "note": "several slices per subject and no subject IDs: train/test are NOT patient-disjoint, AUCs are "
         "optimistic",
     },

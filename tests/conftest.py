@@ -42,8 +42,10 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    """Preprocessed-array cache in a temporary folder, never the user's ~/.cache."""
+    """Preprocessed-array cache and the patient-pseudonym key in temporary folders, never the user's ~/.cache or
+    ~/.config."""
     os.environ["MEDDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config"))
     yield
 
 

@@ -80,10 +80,12 @@ class LabelPolicy:
 
 def dicom_patient_ids(table: RecordTable) -> RecordTable:
     """DICOM files (by suffix, or no suffix and the DICM magic) get the PatientID of their header as patient id,
-    hashed (sha1, 16 hex digits: the id itself never reaches records, splits or stores), so splits and the privacy
+    as a keyed pseudonym (meddiff.data.pseudonyms: HMAC with this site's secret, so the id itself never reaches
+    records, splits or stores, and cannot be recovered by hashing candidate MRNs), so splits and the privacy
     calibration are patient-level. Files without a PatientID, or unreadable ones (counted later, when decoded), keep
     the id they had. Noted in the table."""
     from meddiff.data.io import DICOM_SUFFIXES, is_dicom
+    from meddiff.data.pseudonyms import pseudonym
 
     found = 0
     for record in table.records:
@@ -98,10 +100,10 @@ def dicom_patient_ids(table: RecordTable) -> RecordTable:
             continue
         patient_id = str(getattr(header, "PatientID", "") or "").strip()
         if patient_id:
-            record.patient = "dicom-" + hashlib.sha1(patient_id.encode()).hexdigest()[:16]
+            record.patient = pseudonym("dicom", patient_id)
             found += 1
     if found:
-        table.notes.append(f"patient ids from the DICOM PatientID (hashed): {found} files")
+        table.notes.append(f"patient ids from the DICOM PatientID (keyed pseudonyms): {found} files")
     return table
 
 

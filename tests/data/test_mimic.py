@@ -52,3 +52,58 @@ def test_missing_tables_and_columns(tmp_path, mimic):
         index_mimic(parse_spec(f"mimic:{tmp_path}"))
     with pytest.raises(MeddiffError, match="split= must be train, validate or test"):
         index_mimic(parse_spec(f"mimic:{mimic}?split=valid"))
+
+
+def _patients(path, rows):
+    import csv
+    import gzip
+
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"])
+        w.writerows(rows)
+    return path
+
+
+def test_demographics_join_mimic_iv_patients_with_age_at_the_study(tmp_path, mimic):
+    from meddiff.data.mimic import age_at_study
+
+    assert age_at_study(60, 2178, "21800101") == 62 and age_at_study(60, 2178, "") is None
+    table = _patients(
+        tmp_path / "patients.csv.gz",
+        # 11000011 is absent: its images' sex and age stay unknown, never "male" or "young"
+        [[10000032, "F", 60, 2178, "2014 - 2016", ""], [10000764, "M", 30, 2180, "2017 - 2019", ""],
+         [12000123, "M", 85, 2175, "2008 - 2010", ""]],
+    )  # fmt: skip
+    spec = f"mimic:{mimic}?labels=Cardiomegaly&demographics=sex,age,view&patients={table}"
+    index = index_mimic(parse_spec(spec))
+    assert any("sex and age from patients.csv.gz" in n for n in index.notes)
+    by_subject = {r.patient: r for r in index.records}
+    assert by_subject["10000032"].sex == "F" and by_subject["10000032"].age == 62
+    assert by_subject["12000123"].age == 90 and by_subject["11000011"].age is None
+    ds = load_dataset(spec, 32)
+    names = list(ds.label_names)
+    assert {"Female", "Age 60-79", "Age 18-39", "Age 80+", "View PA"} <= set(names)
+    for i, patient in enumerate(ds.patients):
+        female, old = names.index("Female"), names.index("Age 60-79")
+        if patient == "10000032":
+            assert ds.known[i, female] and ds.labels[i, female] == 1 and ds.labels[i, old] == 1
+        elif patient == "10000764":
+            assert ds.known[i, female] and ds.labels[i, female] == 0 and ds.labels[i, names.index("Age 18-39")] == 1
+        elif patient == "11000011":
+            assert not ds.known[i, female] and not ds.known[i, old]
+
+
+def test_demographics_without_a_patients_table_or_with_a_bad_one_is_one_line(tmp_path, mimic):
+    with pytest.raises(MeddiffError, match="MIMIC-CXR-JPG has no sex or age: add patients=FILE"):
+        index_mimic(parse_spec(f"mimic:{mimic}?demographics=sex"))
+    assert index_mimic(parse_spec(f"mimic:{mimic}?demographics=view")).records  # view needs no table
+    with pytest.raises(MeddiffError, match="does not exist"):
+        index_mimic(parse_spec(f"mimic:{mimic}?demographics=age&patients={tmp_path / 'nope.csv'}"))
+    bad = tmp_path / "bad.csv.gz"
+    _patients(bad, [[10000032, "F", "sixty", 2178, "", ""]])
+    with pytest.raises(MeddiffError, match="line 2: anchor_age 'sixty'"):
+        index_mimic(parse_spec(f"mimic:{mimic}?demographics=age&patients={bad}"))
+    (tmp_path / "cols.csv").write_text("subject_id,sex\n1,F\n")
+    with pytest.raises(MeddiffError, match="lacks column"):
+        index_mimic(parse_spec(f"mimic:{mimic}?demographics=age&patients={tmp_path / 'cols.csv'}"))

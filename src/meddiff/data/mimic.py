@@ -4,7 +4,9 @@
 Options: split=train|validate|test (official), labeler=chexpert|negbio, view=PA,AP (ViewPosition values or
 'all'), u=, blank=, labels=, prompts=labels|report (report: the impression section of
 files/pXX/pSUBJECT/sSTUDY.txt, else findings; falls back to labels where no report), reports=DIR (where the
-report tree lives, default ROOT), plus the common fit/cache/prompt options."""
+report tree lives, default ROOT), demographics=sex,age,view with patients=FILE (MIMIC-IV's `hosp/patients.csv(.gz)`:
+sex from `gender`, age at each study from `anchor_age` + the study's year - `anchor_year`, the date shift being the
+same in both releases; default ROOT/patients.csv(.gz) when present), plus the common fit/cache/prompt options."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from meddiff.data.registry import DatasetSpec, register
 from meddiff.errors import MeddiffError
 
 PREFIX = "mimic-cxr-2.0.0"
-OPTIONS = ("split", "labeler", "view", "u", "blank", "labels", "prompts", "reports") + COMMON_OPTIONS
+OPTIONS = ("split", "labeler", "view", "u", "blank", "labels", "prompts", "reports", "patients") + COMMON_OPTIONS
 
 
 def _open_table(root: Path, suffix: str) -> list[dict[str, str]]:
@@ -61,6 +63,50 @@ def report_text(path: Path) -> str | None:
     return None
 
 
+def _patients_file(root: Path, option: str | None) -> Path | None:
+    if option:
+        path = Path(option).expanduser()
+        if not path.is_file():
+            raise MeddiffError(f"patients={path} does not exist; point it at MIMIC-IV's hosp/patients.csv(.gz)")
+        return path
+    for path in (root / "patients.csv", root / "patients.csv.gz"):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_patients(path: Path) -> dict[str, tuple[str, float, int]]:
+    """MIMIC-IV patients table -> subject_id: (gender, anchor_age, anchor_year)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise MeddiffError(f"cannot read the patients table {path}: {e}") from None
+    needed = ("subject_id", "gender", "anchor_age", "anchor_year")
+    if rows and (missing := [c for c in needed if c not in rows[0]]):
+        raise MeddiffError(f"{path} lacks column(s) {', '.join(missing)}; expected MIMIC-IV's {', '.join(needed)}")
+    out = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            out[row["subject_id"].strip()] = (row["gender"].strip(), float(row["anchor_age"]), int(row["anchor_year"]))
+        except ValueError:
+            raise MeddiffError(
+                f"{path} line {line}: anchor_age {row['anchor_age']!r} / anchor_year {row['anchor_year']!r} are not "
+                "numbers"
+            ) from None
+    return out
+
+
+def age_at_study(anchor_age: float, anchor_year: int, study_date: str) -> float | None:
+    """MIMIC-IV's rule: the age in anchor_year is anchor_age; a study's (equally shifted) year adds the difference.
+    None when the study date is missing or malformed."""
+    date = (study_date or "").strip()
+    if len(date) < 4 or not date[:4].isdigit():
+        return None
+    return anchor_age + (int(date[:4]) - anchor_year)
+
+
 @demographic_labels
 def index_mimic(spec: DatasetSpec) -> RecordTable:
     root = Path(spec.path).expanduser()
@@ -92,9 +138,21 @@ def index_mimic(spec: DatasetSpec) -> RecordTable:
     views = spec.options.get("view", "PA,AP")
     wanted_views = None if views.lower() == "all" else {v.strip().upper() for v in views.split(",")}
     reports_root = Path(spec.options.get("reports", root)).expanduser()
+    wanted = {a.strip() for a in (spec.options.get("demographics") or "").split(",")}
+    patients_path = _patients_file(root, spec.options.get("patients"))
+    if wanted & {"sex", "age"} and patients_path is None:
+        raise MeddiffError(
+            "MIMIC-CXR-JPG has no sex or age: add patients=FILE (MIMIC-IV's hosp/patients.csv.gz) to use "
+            "demographics=sex/age, or keep demographics=view"
+        )
+    patients = read_patients(patients_path) if patients_path is not None else {}
     records = []
     for row in meta:
         subject, study, dicom = row["subject_id"], row["study_id"], row["dicom_id"]
+        gender, age = "", None
+        if subject.strip() in patients:
+            gender, anchor_age, anchor_year = patients[subject.strip()]
+            age = age_at_study(anchor_age, anchor_year, row.get("StudyDate", ""))
         folder = Path("files") / f"p{subject[:2]}" / f"p{subject}"
         text = report_text(reports_root / folder / f"s{study}.txt") if prompts == "report" else None
         records.append(
@@ -105,11 +163,16 @@ def index_mimic(spec: DatasetSpec) -> RecordTable:
                 study=study,
                 view=(row.get("ViewPosition") or "").upper(),
                 frontal=(row.get("ViewPosition") or "").upper() in ("PA", "AP"),
+                sex=gender,
+                age=age,
                 text=text,
                 split=split_of.get(dicom),
             )
         )
     table = RecordTable(records, names, str(spec))
+    if patients_path is not None:
+        matched = sum(r.patient in patients for r in records)
+        table.notes.append(f"sex and age from {patients_path.name}: {matched} of {len(records)} images' subjects found")
     table = table.filtered(lambda r: r.study in by_study, f"studies with {labeler} labels")
     table = table.filtered(lambda r: r.split == split, f"official split {split!r}")
     if wanted_views is not None:

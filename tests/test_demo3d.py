@@ -10,12 +10,12 @@ from meddiff.cli import main
 from meddiff.demo import add_side_label, run_demo3d
 
 
-def test_side_label_column(tmp_path):
+def test_side_and_size_label_columns(tmp_path):
     for name in ("train.csv", "valid.csv"):
         rows = [
-            {"path": "a", "Tumour": "1", "side": "left"},
-            {"path": "b", "Tumour": "1", "side": "right"},
-            {"path": "c", "Tumour": "0", "side": "none"},
+            {"path": "a", "Tumour": "1", "side": "left", "Tumour volume mL": "20.5"},
+            {"path": "b", "Tumour": "1", "side": "right", "Tumour volume mL": "6.1"},
+            {"path": "c", "Tumour": "0", "side": "none", "Tumour volume mL": "0"},
         ]
         with open(tmp_path / name, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -25,6 +25,7 @@ def test_side_label_column(tmp_path):
     add_side_label(tmp_path)  # idempotent
     rows = list(csv.DictReader(open(tmp_path / "train.csv")))
     assert [r["Left"] for r in rows] == ["1", "0", "0"]
+    assert [r["Large"] for r in rows] == ["1", "0", "0"]  # core >= LARGE_TUMOUR_ML (14.1 mL)
 
 
 @pytest.mark.slow

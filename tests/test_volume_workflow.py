@@ -128,3 +128,36 @@ def test_generate_dicom_series_and_bad_method(runs, capsys):
     bad = ["-q", "train", "--data", DATA, "--method", "volume-autoencoder", "--out", str(root / "bad")]
     assert main(bad) == 2
     assert "does not train on volumes here" in capsys.readouterr().err
+
+
+def test_tumour_fidelity_scores_the_requested_size_by_measurement():
+    """Large/small tumours rendered at known radii: the size AUC is 1 when the requested sizes are the drawn ones
+    and 0 when they are swapped; per-size means and errors against the real ones are reported."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from meddiff.data.phantom3d import LARGE_TUMOUR_ML, render_brain_phantom
+    from meddiff.workflow_volume import tumour_fidelity
+
+    cases = [(True, 11.0), (True, 19.0), (True, 12.0), (True, 18.0), (False, 15.0)]
+    phantoms = [render_brain_phantom(70 + i, 64, tumour=t, side="left", radius_mm=r) for i, (t, r) in enumerate(cases)]
+    assert [p.tumour_volume_ml >= LARGE_TUMOUR_ML for p in phantoms] == [False, True, False, True, False]
+    images = torch.stack([torch.from_numpy(p.image * 2 - 1)[None] for p in phantoms])
+    names = ["Tumour", "Left", "Large"]
+    labels = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.float32)
+    known = torch.ones_like(labels, dtype=torch.bool)
+    heldout = SimpleNamespace(images=images, labels=labels, known=known, label_names=names)
+    spacing = [phantoms[0].spacing] * 3
+    right = tumour_fidelity(images, labels, known, heldout, names, spacing)
+    assert right.size_auc == 1.0 and right.real_size_auc == 1.0
+    large, small = right.mean_volume_ml_by_size["large"], right.mean_volume_ml_by_size["small"]
+    assert large > 2 * small and large > LARGE_TUMOUR_ML > small
+    assert right.volume_error_ml_by_size == {"large": 0.0, "small": 0.0}  # the same volumes as the real ones
+    swapped = labels.clone()
+    swapped[:4, 2] = 1 - swapped[:4, 2]
+    wrong = tumour_fidelity(images, swapped, known, heldout, names, spacing)
+    assert wrong.size_auc == 0.0 and wrong.real_size_auc == 1.0
+    assert wrong.volume_error_ml_by_size["large"] == pytest.approx(large - small, abs=0.01)
+    plain = tumour_fidelity(images, labels[:, :2], known[:, :2], heldout, names[:2], spacing)
+    assert plain.size_auc is None and plain.mean_volume_ml_by_size is None  # no size label: no size rows

@@ -210,16 +210,21 @@ def demo3d_config(out: Path, data: str, size: int, seed: int) -> TrainConfig:
 
 
 def add_side_label(folder: Path) -> None:
-    """A binary `Left` column (tumour in the left hemisphere) in the phantom tables, so that side is a label."""
+    """Binary `Left` (tumour in the left hemisphere) and `Large` (tumour core >= LARGE_TUMOUR_ML) columns in the
+    phantom tables, so that side and size are labels."""
     import csv
+
+    from meddiff.data.phantom3d import LARGE_TUMOUR_ML
 
     for name in ("train.csv", "valid.csv"):
         path = folder / name
         rows = list(csv.DictReader(open(path, newline="")))
-        if not rows or "Left" in rows[0]:
+        if not rows or ("Left" in rows[0] and "Large" in rows[0]):
             continue
         for row in rows:
-            row["Left"] = str(int(row["Tumour"] == "1" and row["side"] == "left"))
+            tumour = row["Tumour"] == "1"
+            row["Left"] = str(int(tumour and row["side"] == "left"))
+            row["Large"] = str(int(tumour and float(row["Tumour volume mL"]) >= LARGE_TUMOUR_ML))
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()

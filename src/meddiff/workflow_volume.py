@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 VOLUME_KINDS = ("volumes", "phantom3d")
 # batch sizes for volume runs when neither the recipe nor a flag sets one (the 2D default of 32 does not fit)
 VOLUME_BATCH_SIZES = {"volume-autoencoder": 2, "volume-latent": 8}
-TUMOUR_LABEL, SIDE_LABEL = "Tumour", "Left"  # phantom labels: tumour present; tumour in the left hemisphere
+# phantom labels: tumour present; in the left hemisphere; core of at least phantom3d.LARGE_TUMOUR_ML
+TUMOUR_LABEL, SIDE_LABEL, SIZE_LABEL = "Tumour", "Left", "Large"
 
 
 def is_volume_data(data: str) -> bool:
@@ -288,6 +289,12 @@ class TumourFidelity(JsonResult):
     real_mean_volume_ml: float | None
     real_volume_error_ml: float | None  # |measured - true| core volume of the real tumours
     mean_volume_error_ml: float | None  # |mean measured synthetic - mean measured real| core volume of tumours
+    # with a size condition (the `Large` label): does the measured core volume follow the requested size?
+    size_auc: float | None = None  # measured volume separates tumours asked to be large from those asked small
+    real_size_auc: float | None = None
+    mean_volume_ml_by_size: dict[str, float | None] | None = None  # requested "large"/"small" -> mean measured mL
+    real_mean_volume_ml_by_size: dict[str, float | None] | None = None
+    volume_error_ml_by_size: dict[str, float | None] | None = None  # |synthetic - real| mean per requested size
     n_synthetic: int
     n_real: int
 
@@ -370,6 +377,20 @@ def _matching(dataset, labels: torch.Tensor, known: torch.Tensor) -> list[int]:
     return same.nonzero().flatten().tolist()
 
 
+def size_scores(found, tumour, large, known) -> tuple[float | None, dict[str, float | None]]:
+    """Among volumes with a tumour and a known size label: AUC of the measured core volume for large against small,
+    and the mean measured volume of each ({"large": mL, "small": mL}; None where there are none)."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = [(m.volume_ml, bool(b)) for m, t, b, k in zip(found, tumour, large, known) if bool(t) and bool(k)]
+    means: dict[str, float | None] = {}
+    for key, want in (("large", True), ("small", False)):
+        vols = [v for v, b in rows if b == want]
+        means[key] = round(float(np.mean(vols)), 3) if vols else None
+    both = len({b for _, b in rows}) == 2
+    return (float(roc_auc_score([b for _, b in rows], [v for v, _ in rows])) if both else None), means
+
+
 def tumour_fidelity(synthetic: torch.Tensor, labels: torch.Tensor, known, heldout, names, spacing) -> TumourFidelity:
     """Measure every synthetic and held-out real volume; compare with the labels they were generated (drawn) with."""
     from sklearn.metrics import roc_auc_score
@@ -378,6 +399,7 @@ def tumour_fidelity(synthetic: torch.Tensor, labels: torch.Tensor, known, heldou
 
     k_t = names.index(TUMOUR_LABEL)
     k_s = names.index(SIDE_LABEL) if SIDE_LABEL in names else None
+    k_l = names.index(SIZE_LABEL) if SIZE_LABEL in names and SIZE_LABEL in heldout.label_names else None
     voxel = tuple(float(s) for s in spacing)
 
     def measure(volumes) -> list:
@@ -405,6 +427,22 @@ def tumour_fidelity(synthetic: torch.Tensor, labels: torch.Tensor, known, heldou
         k_v = heldout.label_names.index("Tumour volume mL")
         diffs = [abs(m.volume_ml - float(real_labels[i, k_v])) for i, m in enumerate(real) if real_labels[i, k_t] > 0.5]
         error = float(np.mean(diffs)) if diffs else None
+    size: dict[str, Any] = {}
+    if k_l is not None:
+        k_lr = heldout.label_names.index(SIZE_LABEL)
+        synthetic_size = size_scores(found, labels[:, k_t] > 0.5, labels[:, k_l] > 0.5, known[:, k_l])
+        real_size = size_scores(real, real_labels[:, k_t] > 0.5, real_labels[:, k_lr] > 0.5, heldout.known[:, k_lr])
+        errors = {
+            key: abs(a - b) if a is not None and b is not None else None
+            for key, a, b in zip(("large", "small"), synthetic_size[1].values(), real_size[1].values())
+        }
+        size = {
+            "size_auc": synthetic_size[0],
+            "real_size_auc": real_size[0],
+            "mean_volume_ml_by_size": synthetic_size[1],
+            "real_mean_volume_ml_by_size": real_size[1],
+            "volume_error_ml_by_size": errors,
+        }
     return TumourFidelity(
         presence_auc=auc,
         presence_accuracy=accuracy,
@@ -415,6 +453,7 @@ def tumour_fidelity(synthetic: torch.Tensor, labels: torch.Tensor, known, heldou
         real_mean_volume_ml=r_ml,
         real_volume_error_ml=error,
         mean_volume_error_ml=abs(mean_ml - r_ml) if mean_ml is not None and r_ml is not None else None,
+        **size,
         n_synthetic=len(found),
         n_real=len(real),
     )
@@ -587,6 +626,25 @@ def classifier_html(c: VolumeClassifierScores) -> str:
     )
 
 
+def size_rows(tf: TumourFidelity) -> list[list[Any]]:
+    """Report rows of the size condition (none without one)."""
+    if tf.mean_volume_ml_by_size is None or tf.real_mean_volume_ml_by_size is None:
+        return []
+    return [
+        ["large vs small requested: AUC of the measured core volume", tf.size_auc, tf.real_size_auc],
+        [
+            "mean core volume, asked large, mL",
+            tf.mean_volume_ml_by_size["large"],
+            tf.real_mean_volume_ml_by_size["large"],
+        ],
+        [
+            "mean core volume, asked small, mL",
+            tf.mean_volume_ml_by_size["small"],
+            tf.real_mean_volume_ml_by_size["small"],
+        ],
+    ]
+
+
 def write_volume_report(run_dir: Path, summary: VolumeRunSummary, dataset, rows, synthetic, cond_names) -> Path:
     """RUN/report.html: real vs synthetic montages per condition, a slice slider, a sweep GIF, every metric."""
     spacing = summary.grid["spacing"]
@@ -645,6 +703,7 @@ def write_volume_report(run_dir: Path, summary: VolumeRunSummary, dataset, rows,
                         ["tumour present/absent AUC (core volume)", tf.presence_auc, tf.real_presence_auc],
                         ["side accuracy", tf.side_accuracy, tf.real_side_accuracy],
                         ["mean core volume of tumours, mL", tf.mean_volume_ml, tf.real_mean_volume_ml],
+                        *size_rows(tf),
                         ["volumes", tf.n_synthetic, tf.n_real],
                     ],
                 ),

@@ -230,6 +230,8 @@ def _mix(image: np.ndarray, value, weight: np.ndarray) -> np.ndarray:
     return image * (1 - weight) + value * weight
 
 
+# a 15 mm core radius, the middle of the phantoms' 10-20 mm: the `Large` size label of the demo is core >= this
+LARGE_TUMOUR_ML = round(4 / 3 * np.pi * 15.0**3 / 1000, 1)
 VOLUME_COLUMNS = ("path", "mask", "Tumour", "Tumour volume mL", "side", "patient_id")
 SPLIT_FILES = {"train": "train.csv", "valid": "valid.csv"}
 PHANTOM_DESCRIPTION = "meddiff synthetic brain phantom, NOT medical data"

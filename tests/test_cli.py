@@ -352,6 +352,33 @@ def test_finetune_method_defaults_sit_below_recipe_and_flags(monkeypatch, tmp_pa
     assert cfg.learning_rate == workflow.FINETUNE_LEARNING_RATES["textual-inversion"]
 
 
+def test_pixel_defaults_follow_the_image_size_below_recipe_and_flags(monkeypatch, tmp_path):
+    import meddiff.workflow as workflow
+    from meddiff.training.recipes import PIXEL_64, size_defaults
+
+    assert size_defaults(28, None) == ({}, None) and size_defaults(64, "latent") == ({}, None)
+    assert size_defaults(64, "pixel")[0] == PIXEL_64 and "latent model" in str(size_defaults(128, None)[1])
+    seen = []
+    monkeypatch.setattr(workflow, "train_and_report", lambda config: seen.append(config))
+    base = ["train", "--data", "phantom:?n=4", "--out", str(tmp_path / "run")]
+    assert main(base) == 0  # 32 px: the built-in (28 px) recipe
+    assert (seen[-1].model.block_out_channels, seen[-1].model.objective) == ([32, 64, 128], "diffusion")
+    assert main([*base, "--resolution", "64"]) == 0
+    m = seen[-1].model
+    assert (m.block_out_channels, m.layers_per_block, m.attention_max_resolution, m.objective) == (
+        [32, 64, 128, 128], 1, 16, "flow",
+    )  # fmt: skip
+    assert main([*base, "--resolution", "64", "--model.objective", "diffusion", "--model.layers-per-block", "2"]) == 0
+    assert (seen[-1].model.objective, seen[-1].model.layers_per_block) == ("diffusion", 2)  # flags win
+    assert seen[-1].model.block_out_channels == [32, 64, 128, 128]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("resolution: 64\n")
+    assert main([*base, "--config", str(recipe)]) == 0  # a recipe is taken as it is
+    assert (seen[-1].resolution, seen[-1].model.objective, seen[-1].model.block_out_channels) == (
+        64, "diffusion", [32, 64, 128],
+    )  # fmt: skip
+
+
 def test_commands_without_recipes_do_not_import_the_training_stack():
     """`meddiff env --check` must work when torch is broken: its parser builds no config flags."""
     code = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -698,6 +699,14 @@ def cmd_train(args) -> None:
                 f"{volume_summary.volumes}; report {Path(volume_config.out) / 'report.html'}"
             )
         return
+    if _base_config(args, settings) is None:  # no recipe: defaults that follow the image size, below the flags
+        from meddiff.training.recipes import size_defaults
+
+        defaults, note = size_defaults(int(settings.get("resolution") or 32), settings.get("method"))
+        for key, value in defaults.items():
+            settings.setdefault(key, value)
+        if note:
+            logging.getLogger(__name__).info("%s", note)
     config = _run_config(args, settings)
     if config.method == "autoencoder":
         raise MeddiffError("this config trains an autoencoder; use `meddiff train-autoencoder`")

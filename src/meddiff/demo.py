@@ -166,6 +166,7 @@ DEMO3D_SIZE, DEMO3D_N = 64, 48  # 64^3 phantoms: the tumour measurement is relia
 # Fixed step counts (not a time budget), so the demo's numbers are the same on every machine; `--minutes` asks
 # for a time budget instead. Sized so that everything fits DEMO3D_MINUTES on a 2-core CPU (issue 20's figures).
 DEMO3D_AE_STEPS, DEMO3D_LDM_STEPS = 400, 300
+DEMO3D_LABELS = "Tumour,Left"  # conditions; "Tumour,Left,Large" adds the size condition (add_side_label)
 DEMO3D_AE_LR = 2e-3  # measured on 64^3 phantoms, 300 steps: SSIM 0.30 at 1e-3, 0.54 at 2e-3
 
 
@@ -238,6 +239,7 @@ def run_demo3d(
     progress: bool = True,
     ae_steps: int = DEMO3D_AE_STEPS,
     ldm_steps: int = DEMO3D_LDM_STEPS,
+    labels: str = DEMO3D_LABELS,
 ) -> Path:
     """phantoms -> volume autoencoder -> latent diffusion -> volumes -> report, each stage timed. Fixed step
     counts unless `minutes` asks for a time budget. MEDDIFF_DEMO3D_SIZE / MEDDIFF_DEMO3D_N shrink it (tests)."""
@@ -260,7 +262,7 @@ def run_demo3d(
         logger.info("phantoms: %s", write_phantom_volumes(data_dir, n, size, seed, progress=progress))
     add_side_label(data_dir)
     timings["phantoms"] = time.perf_counter() - t
-    base = demo3d_config(out, f"phantom3d:{data_dir}?labels=Tumour,Left", size, seed)
+    base = demo3d_config(out, f"phantom3d:{data_dir}?labels={labels}", size, seed)
     if minutes:  # a time budget, when asked: training gets 65 % of what is left, 75 % of it for the autoencoder;
         # the rest: loading, encoding, sampling, measuring. Results then depend on the machine's speed.
         train_s = max(0.65 * (budget - (time.perf_counter() - t_all)), 6.0)

@@ -161,3 +161,22 @@ def test_tumour_fidelity_scores_the_requested_size_by_measurement():
     assert wrong.volume_error_ml_by_size["large"] == pytest.approx(large - small, abs=0.01)
     plain = tumour_fidelity(images, labels[:, :2], known[:, :2], heldout, names[:2], spacing)
     assert plain.size_auc is None and plain.mean_volume_ml_by_size is None  # no size label: no size rows
+
+
+@pytest.mark.slow  # a benchmark script in a subprocess
+def test_volume_sampling_bench_scores_each_guidance(runs, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, _, run = runs
+    out = tmp_path / "v.json"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "volume_sampling.py"
+    env = {**os.environ, "MEDDIFF_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(bench), "--run", str(run), "--guidance", "1", "3", "--steps", "2", "--per-condition", "2"]
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["guidance"], r["steps"], r["volumes"]) for r in rows] == [(1.0, 2, 4), (3.0, 2, 4)]
+    assert all(set(r["classifier_auc"]) == {"Tumour"} and "measured_presence_auc" in r for r in rows)

@@ -146,8 +146,12 @@ def main() -> None:
     n = args.n_synthetic or len(real)
     if args.synthetic == "balance":
         plan = make_plan(codec, balance=True, n=n)
-    else:  # the real training labels, row by row (cycled when n is larger)
-        order = torch.arange(n) % len(real)
+    else:  # the real training labels, row by row (cycled when n is larger; a random subset when smaller, so that
+        # the class mix stays the real one whatever order the files come in)
+        if n < len(real):
+            order = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]
+        else:
+            order = torch.arange(n) % len(real)
         plan = GenerationPlan(real.labels[order], real.known[order], [None] * n, "mirror of the real training labels")
     settings = SamplingSettings(steps=args.sample_steps, guidance=config.guidance, seed=0, batch_size=128)
     syn_dir = work / f"synthetic-{args.synthetic}-{n}-{steps}steps"

@@ -52,6 +52,7 @@ def main() -> None:
         _model_range,
         condition_rows,
         generate_condition_sets,
+        label_subset,
         tumour_fidelity,
     )
 
@@ -61,7 +62,7 @@ def main() -> None:
     spec, dataset, config = _load(config, "volume-latent")
     heldout = load_dataset(spec.heldout(), config.resolution)
     pipe = VolumePipeline.from_pretrained(run / "pipeline")
-    rows_in = condition_rows(dataset)
+    rows_in = condition_rows(dataset, list(pipe.label_names))
     real, real_heldout = _model_range(dataset.images), _model_range(heldout.images)
     names = list(pipe.label_names)
     rows = []
@@ -75,8 +76,8 @@ def main() -> None:
                     )
                 seconds = (time.perf_counter() - t) / len(synthetic)
                 scores = volume_classifier_scores(
-                    real, dataset.labels, dataset.known, list(dataset.label_names), synthetic, labels, known,
-                    real_heldout, heldout.labels, heldout.known, seed=config.seed,
+                    real, *label_subset(dataset, names), names, synthetic, labels, known,
+                    real_heldout, *label_subset(heldout, names), seed=config.seed,
                 )  # fmt: skip
                 row = {
                     "guidance": guidance,

@@ -82,7 +82,8 @@ def test_train_on_volumes_writes_metrics_and_report(runs):
     keys = {"slice_fid", "slice_fid_real", "consistency", "diversity", "memorization", "tumour", "timings"}
     assert keys <= set(metrics)
     assert set(metrics["slice_fid"]["planes"]) == {"axial", "coronal", "sagittal"}
-    assert metrics["conditions"] == {"Tumour + Tumour volume mL": 8, "none": 8}
+    # "Tumour volume mL" is a measurement (not 0/1): kept in the data, not a condition
+    assert metrics["label_names"] == ["Tumour"] and metrics["conditions"] == {"Tumour": 8, "none": 8}
     assert {"presence_auc", "real_presence_auc", "side_accuracy"} <= set(metrics["tumour"])
     assert {"train_s", "generate_s", "metrics_s", "feature_nets_s", "classifier_3d_s"} <= set(metrics["timings"])
     # feature nets trained on the real volumes: slices for the three-plane FID, a 3D classifier for 3D FID and AUC
@@ -174,7 +175,8 @@ def test_volume_sampling_bench_scores_each_guidance(runs, tmp_path):
     out = tmp_path / "v.json"
     bench = Path(__file__).resolve().parents[1] / "bench" / "volume_sampling.py"
     env = {**os.environ, "MEDDIFF_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(bench), "--run", str(run), "--guidance", "1", "3", "--steps", "2", "--per-condition", "2"]
+    cmd = [sys.executable, str(bench), "--run", str(run), "--guidance", "1", "3", "--steps", "2"]
+    cmd += ["--per-condition", "2"]
     proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]

@@ -348,13 +348,24 @@ class RandomConvFeatures:
         return torch.cat(parts, dim=1).numpy()
 
 
-def condition_rows(dataset, limit: int = 6) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """The label combinations of the training volumes, most frequent first: (name, labels (K,), known (K,))."""
-    names = list(dataset.label_names)
+def label_subset(dataset, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dataset's (labels, known) columns of `names` (a model's conditions: the dataset may hold measurements
+    besides them), in that order."""
+    cols = [list(dataset.label_names).index(n) for n in names]
+    return dataset.labels[:, cols], dataset.known[:, cols]
+
+
+def condition_rows(
+    dataset, names: list[str] | None = None, limit: int = 6
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The combinations of the labels `names` (default: all of the dataset's) among the training volumes, most
+    frequent first: (name, labels (K,), known (K,))."""
+    names = list(dataset.label_names) if names is None else list(names)
     if not names:
         return [("unconditional", torch.zeros(0), torch.zeros(0, dtype=torch.bool))]
+    labels_all, known_all = label_subset(dataset, names)
     keys: dict[tuple, int] = {}
-    for labels, known in zip((dataset.labels > 0.5).int().tolist(), dataset.known.int().tolist()):
+    for labels, known in zip((labels_all > 0.5).int().tolist(), known_all.int().tolist()):
         key = (tuple(labels), tuple(known))
         keys[key] = keys.get(key, 0) + 1
     rows = []
@@ -400,6 +411,9 @@ def tumour_fidelity(synthetic: torch.Tensor, labels: torch.Tensor, known, heldou
     k_t = names.index(TUMOUR_LABEL)
     k_s = names.index(SIDE_LABEL) if SIDE_LABEL in names else None
     k_l = names.index(SIZE_LABEL) if SIZE_LABEL in names and SIZE_LABEL in heldout.label_names else None
+    held_names = list(heldout.label_names)  # the held-out set's own columns (it may hold measurements besides)
+    h_t = held_names.index(TUMOUR_LABEL)
+    h_s = held_names.index(SIDE_LABEL) if SIDE_LABEL in held_names and k_s is not None else None
     voxel = tuple(float(s) for s in spacing)
 
     def measure(volumes) -> list:
@@ -414,24 +428,24 @@ def tumour_fidelity(synthetic: torch.Tensor, labels: torch.Tensor, known, heldou
         vols = [m.volume_ml for m, t in zip(found, y) if t]
         return auc, accuracy, side_acc, (float(np.mean(vols)) if vols else None)
 
-    def sides(lab, kn):
-        return [bool(lab[i, k_s]) if k_s is not None and kn[i, k_s] else None for i in range(len(lab))]
+    def sides(lab, kn, k):
+        return [bool(lab[i, k]) if k is not None and kn[i, k] else None for i in range(len(lab))]
 
     found = measure(synthetic)
-    auc, accuracy, side_acc, mean_ml = scores(found, labels[:, k_t] > 0.5, sides(labels, known))
+    auc, accuracy, side_acc, mean_ml = scores(found, labels[:, k_t] > 0.5, sides(labels, known, k_s))
     real = measure(_model_range(heldout.images))
     real_labels = heldout.labels
-    r_auc, _, r_side, r_ml = scores(real, real_labels[:, k_t] > 0.5, sides(real_labels, heldout.known))
+    r_auc, _, r_side, r_ml = scores(real, real_labels[:, h_t] > 0.5, sides(real_labels, heldout.known, h_s))
     error = None
-    if "Tumour volume mL" in heldout.label_names:
-        k_v = heldout.label_names.index("Tumour volume mL")
-        diffs = [abs(m.volume_ml - float(real_labels[i, k_v])) for i, m in enumerate(real) if real_labels[i, k_t] > 0.5]
+    if "Tumour volume mL" in held_names:
+        k_v = held_names.index("Tumour volume mL")
+        diffs = [abs(m.volume_ml - float(real_labels[i, k_v])) for i, m in enumerate(real) if real_labels[i, h_t] > 0.5]
         error = float(np.mean(diffs)) if diffs else None
     size: dict[str, Any] = {}
     if k_l is not None:
         k_lr = heldout.label_names.index(SIZE_LABEL)
         synthetic_size = size_scores(found, labels[:, k_t] > 0.5, labels[:, k_l] > 0.5, known[:, k_l])
-        real_size = size_scores(real, real_labels[:, k_t] > 0.5, real_labels[:, k_lr] > 0.5, heldout.known[:, k_lr])
+        real_size = size_scores(real, real_labels[:, h_t] > 0.5, real_labels[:, k_lr] > 0.5, heldout.known[:, k_lr])
         errors = {
             key: abs(a - b) if a is not None and b is not None else None
             for key, a, b in zip(("large", "small"), synthetic_size[1].values(), real_size[1].values())
@@ -513,7 +527,7 @@ def train_volume_and_report(
     timings["train_s"] = time.perf_counter() - t
     run_dir = Path(config.out)
     pipe = VolumePipeline.from_pretrained(result.pipeline_dir)
-    rows = condition_rows(dataset)
+    rows = condition_rows(dataset, list(pipe.label_names))
     t = time.perf_counter()
     synthetic, labels, known, cond_names = generate_condition_sets(
         pipe, rows, per_condition, run_dir / "volumes", config.seed, config.guidance, config.sample_steps
@@ -536,9 +550,10 @@ def train_volume_and_report(
     classifier = None
     if labelled and pipe.label_names:
         t = time.perf_counter()
+        names = list(pipe.label_names)  # the model's conditions: what the synthetic volumes are labelled with
         classifier = volume_classifier_scores(
-            real, dataset.labels, dataset.known, list(dataset.label_names), synthetic, labels, known,
-            real_heldout, heldout.labels, heldout.known, seed=config.seed, progress=progress,
+            real, *label_subset(dataset, names), names, synthetic, labels, known,
+            real_heldout, *label_subset(heldout, names), seed=config.seed, progress=progress,
         )  # fmt: skip
         timings["classifier_3d_s"] = time.perf_counter() - t
         logger.info("3D classifier: %s", classifier.to_dict())

@@ -35,3 +35,15 @@ def test_condition_dropout_rate():
     rate = float((dropped.abs().sum(1) == 0).float().mean())
     assert 0.08 < rate < 0.12
     assert torch.equal(codec.drop(cond, 0.0, torch.Generator()), cond)
+
+
+def test_condition_columns_keep_0_1_labels_and_leave_measurements_out():
+    import torch
+
+    from meddiff.conditioning.labels import condition_columns
+
+    names = ["Tumour", "Tumour volume mL", "Left", "Blank"]
+    labels = torch.tensor([[1, 20.5, 1, 0], [0, 0, 0, 0], [1, 6.1, 0, 7]], dtype=torch.float32)
+    known = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)  # Blank: never known
+    keep, measured = condition_columns(names, labels, known)
+    assert keep == [0, 2, 3] and measured == ["Tumour volume mL"]  # unknown values are not measurements

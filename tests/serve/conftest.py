@@ -27,7 +27,8 @@ def text_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def volume_run(tmp_path_factory):
     """A tiny 3D latent diffusion run on 16^3 brain phantoms (autoencoder and U-Net, two steps each; plumbing, not
-    quality): RUN/pipeline/volume_pipeline.json, labels Tumour and Tumour volume mL."""
+    quality): RUN/pipeline/volume_pipeline.json, conditioned on Tumour (the data's "Tumour volume mL" is a
+    measurement, no condition)."""
     from meddiff.data.spec import load_dataset
     from meddiff.models.volume import VolumeModelConfig
     from meddiff.models.volume_autoencoder import VolumeAutoencoderConfig

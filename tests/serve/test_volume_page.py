@@ -46,14 +46,14 @@ def _viewer_document(viewer: str) -> str:
 
 
 def test_the_page_offers_the_labels_and_shows_the_grid(service):
-    assert service.label_names == ["Tumour", "Tumour volume mL"]
+    assert service.label_names == ["Tumour"]  # "Tumour volume mL" is a measurement, not a 0/1 condition
     summary = service.summary()
-    assert "16 × 16 × 16 voxels at 13 × 13 × 13 mm" in summary and "Tumour volume mL" in summary
+    assert "16 × 16 × 16 voxels at 13 × 13 × 13 mm" in summary
     assert "not for diagnosis" in (service.model_card() or "").lower()
     config = build_app(service).config
     by_id = {c["props"].get("elem_id"): c for c in config["components"] if c.get("props", {}).get("elem_id")}
     choices = [value for _, value in by_id["labels"]["props"]["choices"]]
-    assert choices == ["Tumour", "Tumour volume mL"] and by_id["labels"]["type"] == "checkboxgroup"
+    assert choices == ["Tumour"] and by_id["labels"]["type"] == "checkboxgroup"
     assert by_id["steps"]["props"]["maximum"] == 10 and by_id["guidance"]["props"]["maximum"] == 5
     assert {"volume-viewer", "download-nifti", "download", "seed", "others"} <= set(by_id)
     assert "prompt" not in by_id and "scheduler" not in by_id  # volume models take labels only
@@ -83,7 +83,7 @@ def test_generate_shows_three_slice_sliders_and_a_nifti_on_the_training_grid(ser
         rows = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))
         assert "not for diagnosis" in zf.read("README.txt").decode()
     assert {"volumes/0000000.nii.gz", "manifest.csv", "README.txt"} <= names
-    assert len(rows) == 1 and rows[0]["Tumour"] == "1" and rows[0]["Tumour volume mL"] == "0"
+    assert len(rows) == 1 and rows[0]["Tumour"] == "1" and "Tumour volume mL" not in rows[0]
     assert (rows[0]["steps"], rows[0]["guidance"]) == ("2", "2.0")
 
 
@@ -124,7 +124,7 @@ def _r(**kw):
 @pytest.mark.parametrize(
     "request_, message",
     [
-        (_r(labels=["Tumour", "Dragon scales"]), "unknown label 'Dragon scales'; this model knows: Tumour, Tumour"),
+        (_r(labels=["Tumour", "Dragon scales"]), "unknown label 'Dragon scales'; this model knows: Tumour"),
         (_r(steps=11), "Steps must be a whole number from 1 to 10, got 11"),
         (_r(steps=None), "Steps is missing"),
         (_r(guidance=6), "Guidance scale must be from 0 to 5"),
@@ -148,9 +148,9 @@ def test_a_refused_request_is_a_one_line_message_and_writes_nothing(service):
 
 def test_label_choices_mean_what_generate_means(service):
     labels, known, *_ = service.check(_r(labels=["Tumour"]))
-    assert labels.tolist() == [[1.0, 0.0]] and known.all()  # others absent
+    assert labels.tolist() == [[1.0]] and known.all()
     labels, known, *_ = service.check(_r(labels=["Tumour"], others="unspecified"))
-    assert known.tolist() == [[True, False]]
+    assert labels.tolist() == [[1.0]] and known.tolist() == [[True]]
     labels, known, *_ = service.check(_r(labels=[]))
     assert labels.sum() == 0 and known.all()  # nothing checked: none of the labels
     _, known, *_ = service.check(_r(labels=[], others="unspecified"))

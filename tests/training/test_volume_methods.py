@@ -214,7 +214,8 @@ def test_the_loop_trains_volume_models_on_3d_phantoms(tmp_path, monkeypatch):
         TrainConfig(out=str(tmp_path / "ldm"), method="volume-latent", latent=latent, **common), dataset, progress=False
     )
     pipe = VolumePipeline.from_pretrained(result.run_dir)
-    assert pipe.label_names == dataset.label_names
+    # conditioned on the 0/1 labels; the measurement "Tumour volume mL" stays in the data only
+    assert dataset.label_names == ["Tumour", "Tumour volume mL"] and pipe.label_names == ["Tumour"]
     assert pipe.grid.shape == [16, 16, 16] and pipe.grid.spacing == list(dataset.spacing)
     volumes = pipe(pipe.encode_labels([[dataset.label_names[0]]]), num_inference_steps=2)
     assert volumes.shape == (1, 1, 16, 16, 16)

@@ -57,3 +57,19 @@ class LabelCodec:
             return cond
         keep = torch.rand(cond.shape[0], generator=generator) >= p
         return cond * keep.unsqueeze(1).to(cond.dtype)
+
+
+def condition_columns(names: list[str], labels: torch.Tensor, known: torch.Tensor) -> tuple[list[int], list[str]]:
+    """(indices of the label columns a model can be conditioned on, names of the others). A condition is 0 / 1 (the
+    class embedding sees value > 0.5): a column with other known values is a measurement (e.g. "Tumour volume mL"
+    from a mask), which as a condition would silently mean "value > 0.5"; it stays in the data for evaluation but is
+    no condition (binning it, as the 3D demo's `Large`, makes one)."""
+    keep: list[int] = []
+    measured: list[str] = []
+    for k, name in enumerate(names):
+        values = labels[known[:, k].bool(), k]
+        if bool(((values == 0) | (values == 1)).all()):
+            keep.append(k)
+        else:
+            measured.append(name)
+    return keep, measured

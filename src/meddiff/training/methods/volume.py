@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 from monai.networks.nets import PatchDiscriminator
 
+from meddiff.conditioning.labels import condition_columns
 from meddiff.data.store import raw_to_model_range
 from meddiff.errors import MeddiffError
 from meddiff.models.discriminator import discriminator_hinge_loss, generator_adversarial_loss
@@ -293,7 +294,20 @@ class VolumeLatentDiffusion(TrainingMethod):
                 "the volume autoencoder's scaling factor is 1.0 (not measured?); latents may be badly scaled"
             )
         self.cfg = volume_config(config, volume).unet
-        self.label_names = list(dataset.label_names) if config.conditioning == "labels" else []
+        self.label_columns: list[int] = []
+        if config.conditioning == "labels":
+            self.label_columns, measured = condition_columns(list(dataset.label_names), dataset.labels, dataset.known)
+            if measured:
+                logger.warning(
+                    "not conditioned on %s (values other than 0/1: a measurement, not a label); bin it into a 0/1 "
+                    "column, as the 3D demo's Large, to condition on it", ", ".join(measured),
+                )  # fmt: skip
+            if not self.label_columns:
+                raise MeddiffError(
+                    f"{dataset.source} has no 0/1 label to condition on ({', '.join(measured)} are measurements); "
+                    "add a binary column or use conditioning none"
+                )
+        self.label_names = [dataset.label_names[k] for k in self.label_columns]
         self._unet = VolumeUNet(self.cfg, latent_shape[0], len(self.label_names))
         self.noise_scheduler = build_volume_noise_scheduler(self.cfg)
         self.latents = encoded_latents(
@@ -325,7 +339,10 @@ class VolumeLatentDiffusion(TrainingMethod):
         return (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * self.scale
 
     def loss(self, model, batch, generator):
-        conditions = encode_condition(batch["labels"], batch["known"]) if self.label_names else None
+        conditions = None
+        if self.label_names:
+            cols = self.label_columns
+            conditions = encode_condition(batch["labels"][:, cols], batch["known"][:, cols])
         return latent_diffusion_loss(
             model,
             self.noise_scheduler,

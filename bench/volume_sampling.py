@@ -75,6 +75,8 @@ def main() -> None:
                         pipe, rows_in, args.per_condition, Path(tmp) / "volumes", seed, guidance, steps
                     )
                 seconds = (time.perf_counter() - t) / len(synthetic)
+                if not names:
+                    raise SystemExit(f"{run} is unconditional: there is no label fidelity to measure")
                 scores = volume_classifier_scores(
                     real, *label_subset(dataset, names), names, synthetic, labels, known,
                     real_heldout, *label_subset(heldout, names), seed=config.seed,

@@ -182,3 +182,27 @@ def test_volume_sampling_bench_scores_each_guidance(runs, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["guidance"], r["steps"], r["volumes"]) for r in rows] == [(1.0, 2, 4), (3.0, 2, 4)]
     assert all(set(r["classifier_auc"]) == {"Tumour"} and "measured_presence_auc" in r for r in rows)
+
+
+def test_condition_rows_and_their_real_volumes_use_the_model_columns_only():
+    """The data holds a measurement and more labels than the model is conditioned on: rows and matching volumes
+    come from the model's columns (a mismatch once raised a size error while writing the report)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from meddiff.errors import MeddiffError
+    from meddiff.workflow_volume import _matching, condition_rows, label_subset
+
+    labels = torch.tensor([[1, 20.5, 1], [1, 6.0, 0], [0, 0, 0], [1, 18.0, 1]], dtype=torch.float32)
+    data = SimpleNamespace(
+        labels=labels,
+        known=torch.ones_like(labels, dtype=torch.bool),
+        label_names=["Tumour", "Tumour volume mL", "Left"],
+    )
+    data.__len__ = lambda: 4
+    rows = condition_rows(data, ["Tumour", "Left"])
+    assert [r[0] for r in rows] == ["Tumour + Left", "Tumour", "none"]
+    assert [_matching(data, ["Tumour", "Left"], lab, kn) for _, lab, kn in rows] == [[0, 3], [1], [2]]
+    with pytest.raises(MeddiffError, match="lacks the model's label column"):
+        label_subset(data, ["Tumour", "Large"])

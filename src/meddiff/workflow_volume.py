@@ -351,16 +351,21 @@ class RandomConvFeatures:
 def label_subset(dataset, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The dataset's (labels, known) columns of `names` (a model's conditions: the dataset may hold measurements
     besides them), in that order."""
-    cols = [list(dataset.label_names).index(n) for n in names]
+    have = list(dataset.label_names)
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise MeddiffError(
+            f"{getattr(dataset, 'source', 'the data')} lacks the model's label column(s) {', '.join(missing)}; "
+            "give every split the same label columns (labels= in the data spec)"
+        )
+    cols = [have.index(n) for n in names]
     return dataset.labels[:, cols], dataset.known[:, cols]
 
 
-def condition_rows(
-    dataset, names: list[str] | None = None, limit: int = 6
-) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """The combinations of the labels `names` (default: all of the dataset's) among the training volumes, most
-    frequent first: (name, labels (K,), known (K,))."""
-    names = list(dataset.label_names) if names is None else list(names)
+def condition_rows(dataset, names: list[str], limit: int = 6) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The combinations of the model's labels `names` among the training volumes, most frequent first: (name,
+    labels (K,), known (K,))."""
+    names = list(names)
     if not names:
         return [("unconditional", torch.zeros(0), torch.zeros(0, dtype=torch.bool))]
     labels_all, known_all = label_subset(dataset, names)
@@ -381,10 +386,12 @@ def condition_rows(
     return rows
 
 
-def _matching(dataset, labels: torch.Tensor, known: torch.Tensor) -> list[int]:
+def _matching(dataset, names: list[str], labels: torch.Tensor, known: torch.Tensor) -> list[int]:
+    """The training volumes with this combination of the model's labels `names`."""
     if not len(labels):
         return list(range(len(dataset)))
-    same = ((dataset.labels > 0.5).float() == labels).all(1) & (dataset.known == known).all(1)
+    have, have_known = label_subset(dataset, names)
+    same = ((have > 0.5).float() == labels).all(1) & (have_known == known).all(1)
     return same.nonzero().flatten().tolist()
 
 
@@ -665,7 +672,7 @@ def write_volume_report(run_dir: Path, summary: VolumeRunSummary, dataset, rows,
     spacing = summary.grid["spacing"]
     montages = ""
     for name, lab, kn in rows:
-        real_idx = _matching(dataset, lab, kn)[:3]
+        real_idx = _matching(dataset, list(summary.label_names), lab, kn)[:3]
         mine = [i for i, c in enumerate(cond_names) if c == name][:3]
         png = real_vs_synthetic_png(
             [_model_range(dataset.images[i]) for i in real_idx], [synthetic[i] for i in mine], spacing=spacing

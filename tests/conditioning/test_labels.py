@@ -46,4 +46,4 @@ def test_condition_columns_keep_0_1_labels_and_leave_measurements_out():
     labels = torch.tensor([[1, 20.5, 1, 0], [0, 0, 0, 0], [1, 6.1, 0, 7]], dtype=torch.float32)
     known = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)  # Blank: never known
     keep, measured = condition_columns(names, labels, known)
-    assert keep == [0, 2, 3] and measured == ["Tumour volume mL"]  # unknown values are not measurements
+    assert keep == [0, 2] and measured == ["Tumour volume mL"]  # a never-known column is neither

@@ -154,7 +154,8 @@ def main() -> None:
             order = torch.arange(n) % len(real)
         plan = GenerationPlan(real.labels[order], real.known[order], [None] * n, "mirror of the real training labels")
     settings = SamplingSettings(steps=args.sample_steps, guidance=config.guidance, seed=0, batch_size=128)
-    syn_dir = work / f"synthetic-{args.synthetic}-{n}-{steps}steps"
+    subset = "-subset" if args.synthetic == "mirror" and n < len(real) else ""  # a random subset of the rows
+    syn_dir = work / f"synthetic-{args.synthetic}{subset}-{n}-{steps}steps"
     t = time.perf_counter()
     if not (syn_dir / "manifest.csv").is_file():
         generate_dataset(pipe, run_dir, plan, settings, syn_dir, progress=not args.quick)

@@ -371,6 +371,9 @@ def test_pixel_defaults_follow_the_image_size_below_recipe_and_flags(monkeypatch
     assert main([*base, "--resolution", "64", "--model.objective", "diffusion", "--model.layers-per-block", "2"]) == 0
     assert (seen[-1].model.objective, seen[-1].model.layers_per_block) == ("diffusion", 2)  # flags win
     assert seen[-1].model.block_out_channels == [32, 64, 128, 128]
+    assert main([*base, "--resolution", "64", "--model.prediction-type", "v_prediction"]) == 0
+    m = seen[-1].model  # a diffusion-only flag keeps the diffusion objective (flow would ignore it)
+    assert (m.objective, m.prediction_type, m.block_out_channels) == ("diffusion", "v_prediction", [32, 64, 128, 128])
     recipe = tmp_path / "r.yaml"
     recipe.write_text("resolution: 64\n")
     assert main([*base, "--config", str(recipe)]) == 0  # a recipe is taken as it is

@@ -702,7 +702,7 @@ def cmd_train(args) -> None:
     if _base_config(args, settings) is None:  # no recipe: defaults that follow the image size, below the flags
         from meddiff.training.recipes import size_defaults
 
-        defaults, note = size_defaults(int(settings.get("resolution") or 32), settings.get("method"))
+        defaults, note = size_defaults(int(settings.get("resolution") or 32), settings.get("method"), settings)
         for key, value in defaults.items():
             settings.setdefault(key, value)
         if note:

@@ -104,6 +104,12 @@ def test_demographics_without_a_patients_table_or_with_a_bad_one_is_one_line(tmp
     _patients(bad, [[10000032, "F", "sixty", 2178, "", ""]])
     with pytest.raises(MeddiffError, match="line 2: anchor_age 'sixty'"):
         index_mimic(parse_spec(f"mimic:{mimic}?demographics=age&patients={bad}"))
+    short = tmp_path / "short.csv"
+    short.write_text("subject_id,gender,anchor_age,anchor_year\n10000032,F\n")
+    with pytest.raises(MeddiffError, match="line 2: .*short"):
+        index_mimic(parse_spec(f"mimic:{mimic}?demographics=Age&patients={short}"))
+    with pytest.raises(MeddiffError, match="no sex or age"):
+        index_mimic(parse_spec(f"mimic:{mimic}?demographics=Sex"))
     (tmp_path / "cols.csv").write_text("subject_id,sex\n1,F\n")
     with pytest.raises(MeddiffError, match="lacks column"):
         index_mimic(parse_spec(f"mimic:{mimic}?demographics=age&patients={tmp_path / 'cols.csv'}"))

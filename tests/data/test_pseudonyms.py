@@ -48,3 +48,19 @@ def test_a_short_key_file_is_one_line_error(fresh):
     fresh.write_text("abc\n")
     with pytest.raises(MeddiffError, match="too short"):
         pseudonyms.pseudonym("dicom", "MRN0001")
+
+
+def test_a_racing_creator_keeps_the_first_key_and_leaves_no_temporary_files(fresh):
+    fresh.parent.mkdir(parents=True)
+    fresh.write_text("k" * 64 + "\n")  # another process won the race
+    pseudonyms._create_key(fresh)
+    assert fresh.read_text() == "k" * 64 + "\n" and sorted(p.name for p in fresh.parent.iterdir()) == ["patient.key"]
+    first = pseudonyms.key_fingerprint()
+    assert len(first) == 8 and "k" * 8 not in first
+
+
+def test_the_fingerprint_tells_keys_apart_without_revealing_them(monkeypatch):
+    monkeypatch.setenv(pseudonyms.KEY_ENV, "site-a-secret")
+    a = pseudonyms.key_fingerprint()
+    monkeypatch.setenv(pseudonyms.KEY_ENV, "site-b-secret")
+    assert a != pseudonyms.key_fingerprint() and "site" not in a

@@ -81,7 +81,7 @@ def read_patients(path: Path) -> dict[str, tuple[str, float, int]]:
     try:
         with opener(path, "rt", newline="") as f:
             rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, EOFError) as e:
+    except (OSError, UnicodeDecodeError, EOFError, csv.Error) as e:
         raise MeddiffError(f"cannot read the patients table {path}: {e}") from None
     needed = ("subject_id", "gender", "anchor_age", "anchor_year")
     if rows and (missing := [c for c in needed if c not in rows[0]]):
@@ -90,10 +90,10 @@ def read_patients(path: Path) -> dict[str, tuple[str, float, int]]:
     for line, row in enumerate(rows, start=2):
         try:
             out[row["subject_id"].strip()] = (row["gender"].strip(), float(row["anchor_age"]), int(row["anchor_year"]))
-        except ValueError:
+        except (ValueError, TypeError, AttributeError):  # not numbers, or a short row (DictReader fills None)
             raise MeddiffError(
-                f"{path} line {line}: anchor_age {row['anchor_age']!r} / anchor_year {row['anchor_year']!r} are not "
-                "numbers"
+                f"{path} line {line}: anchor_age {row.get('anchor_age')!r} / anchor_year {row.get('anchor_year')!r} "
+                "are not numbers (or the row is short)"
             ) from None
     return out
 
@@ -138,7 +138,7 @@ def index_mimic(spec: DatasetSpec) -> RecordTable:
     views = spec.options.get("view", "PA,AP")
     wanted_views = None if views.lower() == "all" else {v.strip().upper() for v in views.split(",")}
     reports_root = Path(spec.options.get("reports", root)).expanduser()
-    wanted = {a.strip() for a in (spec.options.get("demographics") or "").split(",")}
+    wanted = {a.strip().lower() for a in (spec.options.get("demographics") or "").split(",")}
     patients_path = _patients_file(root, spec.options.get("patients"))
     if wanted & {"sex", "age"} and patients_path is None:
         raise MeddiffError(

@@ -33,27 +33,47 @@ def key_file() -> Path:
 @lru_cache(maxsize=4)
 def _file_key(path: Path) -> bytes:
     if not path.is_file():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32) + "\n")
-            logger.warning(
-                "created the patient-pseudonym key %s (keep it private; set %s to the same value on another "
-                "machine to get the same patient ids and splits)", path, KEY_ENV,
-            )  # fmt: skip
-        except FileExistsError:  # another process created it first
-            pass
-        except OSError as e:
-            raise MeddiffError(
-                f"cannot create the patient-pseudonym key {path} ({e.strerror}); set {KEY_ENV} to a secret string"
-            ) from None
-    text = path.read_text().strip()
+        _create_key(path)
+    try:
+        text = path.read_text().strip()
+    except OSError as e:
+        raise MeddiffError(f"cannot read the patient-pseudonym key {path} ({e.strerror}); set {KEY_ENV}") from None
     if len(text) < 16:
         raise MeddiffError(
             f"the patient-pseudonym key {path} is too short (< 16 characters): delete it or set {KEY_ENV}"
         )
     return text.encode()
+
+
+def _create_key(path: Path) -> None:
+    """Write a random key next to `path` and link it into place: the file appears complete or not at all, and when
+    several processes race (accelerate launch) the first link wins and every process reads that key."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)
+            logger.warning(
+                "created the patient-pseudonym key %s (keep it private; set %s to the same value on another "
+                "machine to get the same patient ids and splits)", path, KEY_ENV,
+            )  # fmt: skip
+        except FileExistsError:  # another process linked its key first: that one is the key
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise MeddiffError(
+            f"cannot create the patient-pseudonym key {path} ({e.strerror}); set {KEY_ENV} to a secret string"
+        ) from None
+
+
+def key_fingerprint() -> str:
+    """8 hex digits that identify the key without revealing it (recorded in the data notes, so that two runs can
+    tell whether their patient ids, hence their splits, were made with the same key)."""
+    return hmac.new(patient_key(), b"meddiff key fingerprint", hashlib.sha256).hexdigest()[:8]
 
 
 def patient_key() -> bytes:

@@ -85,7 +85,7 @@ def dicom_patient_ids(table: RecordTable) -> RecordTable:
     calibration are patient-level. Files without a PatientID, or unreadable ones (counted later, when decoded), keep
     the id they had. Noted in the table."""
     from meddiff.data.io import DICOM_SUFFIXES, is_dicom
-    from meddiff.data.pseudonyms import pseudonym
+    from meddiff.data.pseudonyms import key_fingerprint, pseudonym
 
     found = 0
     for record in table.records:
@@ -103,7 +103,10 @@ def dicom_patient_ids(table: RecordTable) -> RecordTable:
             record.patient = pseudonym("dicom", patient_id)
             found += 1
     if found:
-        table.notes.append(f"patient ids from the DICOM PatientID (keyed pseudonyms): {found} files")
+        table.notes.append(
+            f"patient ids from the DICOM PatientID (keyed pseudonyms, key {key_fingerprint()}: splits follow the "
+            f"key): {found} files"
+        )
     return table
 
 

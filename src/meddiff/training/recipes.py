@@ -18,17 +18,26 @@ PIXEL_64: dict[str, Any] = {
     "model.objective": "flow",
 }
 LARGE_PIXEL = 96  # from here on, say that a latent model is the better choice
+# flags that only mean something under the diffusion objective: given one, the recipe keeps that objective
+DIFFUSION_ONLY = ("model.prediction_type", "model.beta_schedule", "model.num_train_timesteps")
 
 
-def size_defaults(resolution: int, method: str | None) -> tuple[dict[str, Any], str | None]:
+def size_defaults(
+    resolution: int, method: str | None, given: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], str | None]:
     """(settings, a sentence saying so) for a pixel run at `resolution` without a recipe; ({}, None) where the
-    built-in defaults apply."""
+    built-in defaults apply. `given`: the flags passed (a diffusion-only one keeps the diffusion objective)."""
     if method not in (None, "pixel") or resolution < 48:
         return {}, None
+    settings = dict(PIXEL_64)
+    objective = "flow objective"
+    if any(key in (given or {}) for key in DIFFUSION_ONLY):
+        del settings["model.objective"]
+        objective = "the diffusion objective your flags ask for"
     note = (
         f"{resolution} px without --config: the 64 px recipe (U-Net {PIXEL_64['model.block_out_channels']}, one "
-        "block per level, attention <= 16 px, flow objective); flags or --config override it"
+        f"block per level, attention <= 16 px, {objective}); flags or --config override it"
     )
     if resolution >= LARGE_PIXEL:
         note += f"; at {resolution} px a latent model trains far faster (--method latent --autoencoder AE_RUN)"
-    return dict(PIXEL_64), note
+    return settings, note

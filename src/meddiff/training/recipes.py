@@ -2,7 +2,7 @@
 
 The built-in defaults (TrainConfig, ModelConfig) are the 28-32 px recipe measured on PneumoniaMNIST. From 48 px up,
 a pixel model without a recipe gets the 64 px recipe measured on the brain MRI set (configs/alzheimer-mri-64.yaml,
-docs/benchmarks.md "Real data at 64 px"): one more U-Net level (the 64 px map needs a fourth downsampling to reach
+docs/benchmarks.md "Brain MRI at 64 px"): one more U-Net level (the 64 px map needs a fourth downsampling to reach
 the 8 px bottleneck the 28 px model has), one residual block per level (half the cost a step), attention from 16 px
 down, and the flow-matching objective (fewer steps to quality). Above 96 px pixel diffusion becomes slow on a CPU:
 a latent model is suggested (configs/pneumoniamnist-latent-64.yaml shows one). Flags and `--config` always win."""

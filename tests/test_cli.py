@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -390,3 +391,13 @@ def test_commands_without_recipes_do_not_import_the_training_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_the_64_px_default_recipe_is_the_shipped_brain_mri_recipe():
+    """PIXEL_64 and configs/alzheimer-mri-64.yaml say the same model: the default is what was measured."""
+    import yaml
+
+    from meddiff.training.recipes import PIXEL_64
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "alzheimer-mri-64.yaml").read_text())
+    assert {f"model.{k}": v for k, v in recipe["model"].items()} == PIXEL_64

@@ -61,10 +61,10 @@ class LabelCodec:
 
 def condition_columns(names: list[str], labels: torch.Tensor, known: torch.Tensor) -> tuple[list[int], list[str]]:
     """(indices of the label columns a model can be conditioned on, names of the measurements left out; columns never
-    known are left out too). A condition is 0 / 1 (the
-    class embedding sees value > 0.5): a column with other known values is a measurement (e.g. "Tumour volume mL"
-    from a mask), which as a condition would silently mean "value > 0.5"; it stays in the data for evaluation but is
-    no condition (binning it, as the 3D demo's `Large`, makes one)."""
+    known are left out too). A condition is 0 / 1 (the class embedding sees value > 0.5): a column with other known
+    values is a measurement (e.g. "Tumour volume mL" from a mask), which as a condition would silently mean
+    "value > 0.5"; it stays in the data for evaluation but is no condition (binning it, as the 3D demo's `Large`,
+    makes one)."""
     keep: list[int] = []
     measured: list[str] = []
     for k, name in enumerate(names):

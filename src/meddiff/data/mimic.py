@@ -18,7 +18,7 @@ from pathlib import Path
 from meddiff.data.chexpert import policy_from
 from meddiff.data.chexpert_format import CHEXPERT_OBSERVATIONS, parse_value
 from meddiff.data.dataset import ImageLabelDataset
-from meddiff.data.demographics import demographic_labels
+from meddiff.data.demographics import demographic_labels, parse_attributes
 from meddiff.data.materialize import COMMON_OPTIONS, MaterializePlan, Preprocess
 from meddiff.data.records import Record, RecordTable, parse_label_subset
 from meddiff.data.registry import DatasetSpec, register
@@ -28,12 +28,17 @@ PREFIX = "mimic-cxr-2.0.0"
 OPTIONS = ("split", "labeler", "view", "u", "blank", "labels", "prompts", "reports", "patients") + COMMON_OPTIONS
 
 
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a plain or gzipped CSV (the MIMIC releases ship both)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _open_table(root: Path, suffix: str) -> list[dict[str, str]]:
     for path in (root / f"{PREFIX}-{suffix}.csv", root / f"{PREFIX}-{suffix}.csv.gz"):
         if path.is_file():
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", newline="") as f:
-                return list(csv.DictReader(f))
+            return _read_csv(path)
     raise MeddiffError(f"{root} lacks {PREFIX}-{suffix}.csv(.gz); point mimic: at the MIMIC-CXR-JPG 2.0.0 folder")
 
 
@@ -77,10 +82,8 @@ def _patients_file(root: Path, option: str | None) -> Path | None:
 
 def read_patients(path: Path) -> dict[str, tuple[str, float, int]]:
     """MIMIC-IV patients table -> subject_id: (gender, anchor_age, anchor_year)."""
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = _read_csv(path)
     except (OSError, UnicodeDecodeError, EOFError, csv.Error) as e:
         raise MeddiffError(f"cannot read the patients table {path}: {e}") from None
     needed = ("subject_id", "gender", "anchor_age", "anchor_year")
@@ -138,9 +141,9 @@ def index_mimic(spec: DatasetSpec) -> RecordTable:
     views = spec.options.get("view", "PA,AP")
     wanted_views = None if views.lower() == "all" else {v.strip().upper() for v in views.split(",")}
     reports_root = Path(spec.options.get("reports", root)).expanduser()
-    wanted = {a.strip().lower() for a in (spec.options.get("demographics") or "").split(",")}
+    wanted = parse_attributes(spec.options.get("demographics"))
     patients_path = _patients_file(root, spec.options.get("patients"))
-    if wanted & {"sex", "age"} and patients_path is None:
+    if {"sex", "age"} & set(wanted) and patients_path is None:
         raise MeddiffError(
             "MIMIC-CXR-JPG has no sex or age: add patients=FILE (MIMIC-IV's hosp/patients.csv.gz) to use "
             "demographics=sex/age, or keep demographics=view"
@@ -150,8 +153,8 @@ def index_mimic(spec: DatasetSpec) -> RecordTable:
     for row in meta:
         subject, study, dicom = row["subject_id"], row["study_id"], row["dicom_id"]
         gender, age = "", None
-        if subject.strip() in patients:
-            gender, anchor_age, anchor_year = patients[subject.strip()]
+        if (known := patients.get(subject.strip())) is not None:
+            gender, anchor_age, anchor_year = known
             age = age_at_study(anchor_age, anchor_year, row.get("StudyDate", ""))
         folder = Path("files") / f"p{subject[:2]}" / f"p{subject}"
         text = report_text(reports_root / folder / f"s{study}.txt") if prompts == "report" else None
@@ -171,7 +174,7 @@ def index_mimic(spec: DatasetSpec) -> RecordTable:
         )
     table = RecordTable(records, names, str(spec))
     if patients_path is not None:
-        matched = sum(r.patient in patients for r in records)
+        matched = sum(r.patient.strip() in patients for r in records)  # keyed as looked up: stripped
         table.notes.append(f"sex and age from {patients_path.name}: {matched} of {len(records)} images' subjects found")
     table = table.filtered(lambda r: r.study in by_study, f"studies with {labeler} labels")
     table = table.filtered(lambda r: r.split == split, f"official split {split!r}")

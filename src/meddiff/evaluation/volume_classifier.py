@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import ResidualUnit
 from tqdm.auto import tqdm
 
+from meddiff.conditioning.labels import condition_columns
 from meddiff.data import cache
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.devices import run_device
@@ -35,13 +36,10 @@ from meddiff.results import JsonResult
 
 
 def binary_columns(labels: torch.Tensor, known: torch.Tensor) -> list[int]:
-    """Label columns whose known values are all 0 or 1 and take both values (a classifier can learn them)."""
-    out = []
-    for k in range(labels.shape[1]):
-        values = labels[known[:, k].bool(), k]
-        if len(values) and bool(((values == 0) | (values == 1)).all()) and 0 < int(values.sum()) < len(values):
-            out.append(k)
-    return out
+    """Label columns whose known values are all 0 or 1 (conditions: meddiff.conditioning.labels.condition_columns)
+    and take both values (a classifier can learn them)."""
+    zero_one, _ = condition_columns([str(k) for k in range(labels.shape[1])], labels, known)
+    return [k for k in zero_one if 0 < int(labels[known[:, k].bool(), k].sum()) < int(known[:, k].sum())]
 
 
 class VolumeClassifier(nn.Module):

@@ -17,6 +17,7 @@ class Inner(Options):
     kind: Literal["a", "b"] = option("a", "which kind")
     sizes: list[int] = option([1, 2], "sizes")
     flag: bool = option(False, "a switch")
+    levels: list[bool] = option([False, True], "a switch per level")
 
 
 @dataclass
@@ -125,3 +126,12 @@ def test_flag_values_are_checked_like_yaml():
     for argv in (["--steps", "0"], ["--steps", "x"], ["--inner.kind", "c"], ["--rate", "3"]):
         with pytest.raises(argparse.ArgumentError):
             parser.parse_args(argv)
+
+
+def test_list_of_bool_flags_read_words_not_truthiness():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Outer)
+    args = given(parser.parse_args(["--inner.levels", "false,FALSE,true,0,yes"]))
+    assert args == {"inner.levels": [False, False, True, False, True]}  # bool("false") would be True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--inner.levels", "false,maybe"])

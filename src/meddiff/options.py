@@ -192,6 +192,18 @@ def walk(cls: type, prefix: str = ""):
             yield f"{prefix}{f.name}", f, hint
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _item(kind: Any, text: str) -> Any:
+    """One list element from its text; booleans by word (bool("false") would be True), anything else: ValueError."""
+    if kind is bool:
+        if text.lower() not in BOOL_WORDS:
+            raise ValueError(text)
+        return BOOL_WORDS[text.lower()]
+    return kind(text)
+
+
 def _converter(key: str, hint: Any, meta: typing.Mapping[str, Any]):
     inner, nullable = _optional(hint)
 
@@ -201,7 +213,7 @@ def _converter(key: str, hint: Any, meta: typing.Mapping[str, Any]):
         try:
             if typing.get_origin(inner) is list:
                 item = typing.get_args(inner)[0]
-                value: Any = [item(part.strip()) for part in text.split(",") if part.strip()]
+                value: Any = [_item(item, part.strip()) for part in text.split(",") if part.strip()]
             elif typing.get_origin(inner) is Literal:
                 value = next((a for a in typing.get_args(inner) if str(a) == text), text)
             else:

@@ -73,6 +73,33 @@ def test_unet_conditioning_changes_the_prediction_and_zero_is_unconditional():
     assert (cond[0] - cond[1]).abs().max() > 1e-4  # tumour vs no tumour differ on the same noise
 
 
+def test_labels_reach_the_unet_through_the_timestep_embedding_too(tmp_path):
+    torch.manual_seed(0)
+    unet = VolumeUNet(TINY_UNET, 4, 2).eval()
+    x, t = torch.randn(1, 4, 4, 4, 4).expand(2, -1, -1, -1, -1), torch.tensor([500, 500])  # the same noise
+    tumour = torch.tensor([[1.0, 0, 1, 1], [0, 0, 1, 1]])
+    with torch.no_grad():
+        for p in unet.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for name, p in unet.net.named_parameters():  # cut the cross-attention path: only the embedding is left
+            if "attn2.to_k" in name or "attn2.to_v" in name:
+                p.zero_()
+        cond = unet(x, t, tumour)
+        assert (cond[0] - cond[1]).abs().max() > 1e-4
+        unet.net.class_embedding.weight.zero_()  # and without that one the labels change nothing
+        cond = unet(x, t, tumour)
+        assert torch.allclose(cond[0], cond[1], atol=1e-6)
+    # a model saved before the option existed (its config has no label_embedding) loads without that path
+    old = VolumeUNet(VolumeUNetConfig(**{**TINY_UNET.to_dict(), "label_embedding": False}), 4, 2)
+    folder = old.save_pretrained(tmp_path / "old")
+    meta = json.loads((folder / "config.json").read_text())
+    del meta["config"]["label_embedding"]
+    (folder / "config.json").write_text(json.dumps(meta))
+    loaded = VolumeUNet.from_pretrained(folder)
+    assert loaded.net.num_class_embeds is None and not loaded.config.label_embedding
+    assert VolumeUNet.from_pretrained(unet.save_pretrained(tmp_path / "new")).config.label_embedding
+
+
 def test_unconditional_unet_when_there_are_no_labels():
     unet = VolumeUNet(TINY_UNET, 4, 0)
     assert unet.condition_width == 0 and unet.net.with_conditioning is False

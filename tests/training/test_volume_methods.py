@@ -99,6 +99,25 @@ def test_random_crops_cut_one_seeded_cube_per_volume():
     assert random_crops(x, 0, torch.Generator()) is x and random_crops(x, 8, torch.Generator()) is x
 
 
+def test_focused_crops_reach_a_small_bright_finding():
+    x = -torch.ones(4, 1, 32, 32, 32)
+    x[:, :, 26:29, 3:6, 20:23] = 1.0  # a 3-voxel bright spot near a corner (what plain crops mostly miss)
+
+    def share_with_spot(focus: float) -> float:
+        g = torch.Generator().manual_seed(0)
+        crops = torch.cat([random_crops(x, 16, g, focus) for _ in range(25)])
+        return float((crops > 0).flatten(1).any(1).float().mean())
+
+    assert share_with_spot(1.0) == 1.0  # every focused crop holds the spot
+    assert share_with_spot(0.0) < 0.3
+    half = share_with_spot(0.5)
+    assert 0.4 < half < 0.95
+    a, b = (random_crops(x, 16, torch.Generator().manual_seed(1), 0.5) for _ in range(2))
+    assert torch.equal(a, b)  # seeded
+    flat = -torch.ones(1, 1, 16, 16, 16)  # a uniform volume: any crop, no error
+    assert random_crops(flat, 8, torch.Generator(), 1.0).shape == (1, 1, 8, 8, 8)
+
+
 def test_autoencoder_trains_on_crops_and_checks_them(volumes):
     crop = VolumeAutoencoderConfig(**{**TINY.autoencoder.to_dict(), "train_crop": 8, "adversarial_weight": 0.1})
     method = METHODS["volume-autoencoder"](TrainConfig(), volumes, volume=VolumeModelConfig(autoencoder=crop))

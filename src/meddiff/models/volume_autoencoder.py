@@ -56,6 +56,14 @@ class VolumeAutoencoderConfig(Options):
         "The convolutional autoencoder still encodes whole volumes; a 32^3 crop of a 64^3 volume costs 1/8 a step",
         minimum=0,
     )
+    crop_focus: float = option(
+        0.0,
+        "share of training crops placed around one of a volume's brightest voxels (its top 0.5 %) rather than "
+        "anywhere: a small bright finding (an enhancing tumour rim) otherwise reaches the autoencoder in few crops "
+        "and is smoothed away",
+        minimum=0,
+        maximum=1,
+    )
 
     def levels(self) -> int:
         """Channel levels the network uses."""

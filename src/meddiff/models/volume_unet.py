@@ -44,6 +44,11 @@ class VolumeUNetConfig(Options):
     )
     prediction_type: Literal["epsilon", "v_prediction"] = option("epsilon", "what the U-Net predicts")
     sampler: Literal["dpm++", "ddim", "ddpm"] = option("dpm++", "scheduler a saved pipeline samples with")
+    label_embedding: bool = option(
+        True,
+        "labels also enter through the timestep embedding (a linear map of the condition vector added to it, so "
+        "every residual block at every level sees them), not only through cross-attention at the attention levels",
+    )
 
 
 def check_unet_config(cfg: VolumeUNetConfig, num_labels: int) -> None:
@@ -67,7 +72,7 @@ def build_monai_unet(cfg: VolumeUNetConfig, latent_channels: int, num_labels: in
 
     check_unet_config(cfg, num_labels)
     conditioned = num_labels > 0
-    return DiffusionModelUNet(
+    net = DiffusionModelUNet(
         spatial_dims=3,
         in_channels=latent_channels,
         out_channels=latent_channels,
@@ -80,6 +85,10 @@ def build_monai_unet(cfg: VolumeUNetConfig, latent_channels: int, num_labels: in
         transformer_num_layers=cfg.transformer_layers,
         cross_attention_dim=2 * num_labels if conditioned else None,
     )
+    if conditioned and cfg.label_embedding:  # MONAI's class-embedding hook: emb += class_embedding(class_labels)
+        net.num_class_embeds = 2 * num_labels
+        net.class_embedding = torch.nn.Linear(2 * num_labels, 4 * cfg.channels[0])  # type: ignore[assignment]  # time_embed_dim
+    return net
 
 
 def build_volume_noise_scheduler(cfg: VolumeUNetConfig):
@@ -136,7 +145,8 @@ class VolumeUNet(torch.nn.Module):
                 f"{tuple(conditions.shape)}"
             )
         context = conditions.to(latents.device, latents.dtype).unsqueeze(1)  # one token per volume
-        return self.net(latents, timesteps.to(latents.device), context=context)
+        labels = context[:, 0] if self.net.num_class_embeds is not None else None  # the timestep-embedding path
+        return self.net(latents, timesteps.to(latents.device), context=context, class_labels=labels)
 
     def save_pretrained(self, folder: Path) -> Path:
         return save_module(
@@ -154,6 +164,7 @@ class VolumeUNet(torch.nn.Module):
     def from_pretrained(cls, folder: str | Path) -> VolumeUNet:
         folder = Path(folder).expanduser()
         meta = read_meta(folder, CLASS_NAME)
-        model = cls(build(VolumeUNetConfig, meta["config"]), int(meta["latent_channels"]), int(meta["num_labels"]))
+        saved = {"label_embedding": False, **meta["config"]}  # models saved before the option had no such path
+        model = cls(build(VolumeUNetConfig, saved), int(meta["latent_channels"]), int(meta["num_labels"]))
         load_weights(model, folder)
         return model.eval()

@@ -57,17 +57,40 @@ def autoencoder_loss(
     return rec + regulariser, recon, {"reconstruction": rec.detach(), "regulariser": regulariser.detach()}
 
 
-def random_crops(x: torch.Tensor, edge: int, generator: torch.Generator) -> torch.Tensor:
+FOCUS_QUANTILE = 0.995  # crop_focus: crops centred near voxels above this quantile of their volume
+
+
+def random_crops(x: torch.Tensor, edge: int, generator: torch.Generator, focus: float = 0.0) -> torch.Tensor:
     """One random edge^3 crop of each volume in (B, C, X, Y, Z) (offsets from the CPU generator); edge 0 or at least
-    the volume: the volumes themselves."""
+    the volume: the volumes themselves. With probability `focus` a crop is placed so that one of the volume's
+    brightest voxels (above its FOCUS_QUANTILE, summed over channels) lies in its middle half."""
     size = x.shape[2:]
     if not edge or edge >= min(size):
         return x
     crops = []
     for volume in x:
         o = [int(torch.randint(0, s - edge + 1, (1,), generator=generator)) for s in size]
+        if focus > 0 and float(torch.rand((), generator=generator)) < focus:
+            o = _focused_offset(volume, edge, generator)
         crops.append(volume[:, o[0] : o[0] + edge, o[1] : o[1] + edge, o[2] : o[2] + edge])
     return torch.stack(crops)
+
+
+def _focused_offset(volume: torch.Tensor, edge: int, generator: torch.Generator) -> list[int]:
+    """Crop offsets that put a random one of the volume's brightest voxels at a random place in the crop's middle
+    half (clamped to the volume)."""
+    intensity = volume.detach().float().sum(0)
+    flat = intensity.flatten()
+    k = max(int(FOCUS_QUANTILE * flat.numel()), 1)
+    level = flat.kthvalue(k).values
+    bright = torch.nonzero(intensity > level) if bool((intensity > level).any()) else torch.nonzero(intensity >= level)
+    centre = bright[int(torch.randint(0, len(bright), (1,), generator=generator))].tolist()
+    quarter = edge // 4
+    offsets = []
+    for c, s in zip(centre, intensity.shape, strict=True):
+        shift = int(torch.randint(quarter, edge - quarter + 1, (1,), generator=generator))
+        offsets.append(min(max(int(c) - shift, 0), s - edge))
+    return offsets
 
 
 def latent_diffusion_loss(
@@ -217,7 +240,7 @@ class VolumeAutoencoderTraining(TrainingMethod):
         return self.discriminator is not None and step >= self.cfg.adversarial_start
 
     def loss(self, model, batch, generator):
-        x = random_crops(batch["image"], self.cfg.train_crop, generator)
+        x = random_crops(batch["image"], self.cfg.train_crop, generator, self.cfg.crop_focus)
         total, recon, metrics = autoencoder_loss(model, x, generator, self.cfg.reconstruction_loss)
         if self._adversarial(int(batch.get("step", 0))):
             self.discriminator.requires_grad_(False)

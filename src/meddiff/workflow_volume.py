@@ -127,7 +127,7 @@ class VolumeAutoencoderReport(JsonResult):
 def round_trip(autoencoder: VolumeAutoencoder, x: torch.Tensor) -> torch.Tensor:
     """Decoded posterior means of volumes (B, C, X, Y, Z) in [-1, 1], on the autoencoder's device."""
     x = x.to(autoencoder.device)
-    return autoencoder.decode_latents(autoencoder.encode(x).latent_dist.mean * autoencoder.scaling_factor)
+    return autoencoder.decode_latents(autoencoder.to_model_latents(autoencoder.encode(x).latent_dist.mean))
 
 
 @torch.no_grad()

@@ -1,5 +1,7 @@
 """Training methods for 3D volumes: the autoencoder and latent diffusion steps, stored latents, exports."""
 
+import json
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from meddiff.models.volume_unet import VolumeUNet, VolumeUNetConfig, build_volum
 from meddiff.training.config import LatentConfig, TrainConfig
 from meddiff.training.latent_cache import LatentSource
 from meddiff.training.methods import METHODS
-from meddiff.training.methods.volume import latent_diffusion_loss, random_crops
+from meddiff.training.methods.volume import latent_diffusion_loss, model_range, random_crops
 
 TINY = VolumeModelConfig(
     size=16,
@@ -137,6 +139,48 @@ def test_autoencoder_export_measures_the_scaling_factor(autoencoder_run):
     loaded = VolumeAutoencoder.from_pretrained(folder.parent)  # the run directory works too
     assert loaded.in_channels == 2 and loaded.scaling_factor != 1.0 and loaded.scaling_factor > 0
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_latents_are_normalised_per_channel_and_decoded_back(tmp_path, autoencoder_run, volumes):
+    _, folder = autoencoder_run
+    ae = VolumeAutoencoder.from_pretrained(folder)
+    assert ae.latent_shift is not None and ae.latent_scale is not None and len(ae.latent_shift) == 4
+    x = model_range(volumes.images[:4])
+    moments = ae.encode(x).latent_dist
+    z = moments.mean + moments.std * torch.randn(moments.mean.shape, generator=torch.Generator().manual_seed(0))
+    seen = ae.to_model_latents(z)
+    per_channel = seen.transpose(0, 1).flatten(1)
+    assert per_channel.mean(1).abs().max() < 0.6 and (per_channel.std(1) - 1).abs().max() < 0.5
+    assert torch.allclose(ae.from_model_latents(seen), z, atol=1e-5)
+    # channels with different offsets and spreads all come out centred and unit-spread
+    ae.latent_shift, ae.latent_scale = [0.0, 3.0, -1.0, 0.5], [1.0, 0.1, 2.0, 4.0]
+    skew = torch.randn(2, 4, 3, 3, 3) / torch.tensor(ae.latent_scale).view(1, 4, 1, 1, 1)
+    skew = skew + torch.tensor(ae.latent_shift).view(1, 4, 1, 1, 1)
+    assert ae.to_model_latents(skew).transpose(0, 1).flatten(1).mean(1).abs().max() < 1.0
+    assert torch.allclose(ae.from_model_latents(ae.to_model_latents(skew)), skew, atol=1e-5)
+    # autoencoders saved before per-channel statistics fall back to the global scaling factor
+    old = ae.save_pretrained(tmp_path / "old")
+    meta = json.loads((old / "config.json").read_text())
+    del meta["latent_shift"], meta["latent_scale"]
+    (old / "config.json").write_text(json.dumps(meta))
+    legacy = VolumeAutoencoder.from_pretrained(old)
+    assert legacy.latent_shift is None and torch.allclose(legacy.to_model_latents(z), z * legacy.scaling_factor)
+    meta["latent_shift"], meta["latent_scale"] = [0.0], [1.0]
+    (old / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(MeddiffError, match="4 values"):
+        VolumeAutoencoder.from_pretrained(old)
+
+
+def test_latent_draw_mean_trains_on_the_posterior_mean(tmp_path, autoencoder_run, volumes):
+    ae_dir, _ = autoencoder_run
+    config = TrainConfig(out=str(tmp_path), latent=LatentConfig(autoencoder=str(ae_dir), draw="mean"))
+    method = METHODS["volume-latent"](config, volumes, volume=TINY)
+    batch = method.batch(torch.tensor([0, 1]), "cpu")
+    a, b = (method.clean_latents(batch, torch.Generator().manual_seed(s)) for s in (0, 1))
+    assert torch.equal(a, b) and torch.allclose(a, method.autoencoder.to_model_latents(batch["mean"].float()))
+    method.config = TrainConfig(out=str(tmp_path), latent=LatentConfig(autoencoder=str(ae_dir)))
+    a, b = (method.clean_latents(batch, torch.Generator().manual_seed(s)) for s in (0, 1))
+    assert not torch.equal(a, b)  # "sample": a fresh posterior draw each time
 
 
 def test_latent_diffusion_method_trains_on_stored_latents_and_exports(tmp_path, autoencoder_run, volumes):

@@ -56,6 +56,12 @@ class VolumeAutoencoderConfig(Options):
         "The convolutional autoencoder still encodes whole volumes; a 32^3 crop of a 64^3 volume costs 1/8 a step",
         minimum=0,
     )
+    latent_normalisation: Literal["channel", "global"] = option(
+        "channel",
+        "how latents are brought to zero mean and unit variance for the diffusion model: per latent channel "
+        "(measured shift and scale each; channels of a 3D autoencoder differ several-fold in spread and offset) or "
+        "one global scaling factor (as Stable Diffusion)",
+    )
     crop_focus: float = option(
         0.0,
         "share of training crops placed around one of a volume's brightest voxels (its top 0.5 %) rather than "
@@ -141,6 +147,9 @@ class VolumeAutoencoder(torch.nn.Module):
         self.config = config
         self.in_channels = int(in_channels)
         self.scaling_factor = float(scaling_factor)
+        # per-channel normalisation (latent_normalisation "channel"): model latents = (z - shift) * scale
+        self.latent_shift: list[float] | None = None
+        self.latent_scale: list[float] | None = None
         self.net: AutoencoderKL | VQVAE = build_monai_autoencoder(config, self.in_channels)
 
     @property
@@ -200,9 +209,26 @@ class VolumeAutoencoder(torch.nn.Module):
         z = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
         return self.net.decode(z), self.config.kl_weight * kl_divergence(mean, std)
 
+    def _channel_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.latent_shift is None or self.latent_scale is None:
+            return None
+        shape = (1, len(self.latent_shift), 1, 1, 1)
+        shift = torch.tensor(self.latent_shift, device=like.device, dtype=like.dtype).view(shape)
+        return shift, torch.tensor(self.latent_scale, device=like.device, dtype=like.dtype).view(shape)
+
+    def to_model_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, C, d, h, w) -> what the diffusion model sees: zero mean, unit variance per channel
+        (or the global scaling factor for autoencoders measured that way)."""
+        stats = self._channel_stats(z)
+        return z * self.scaling_factor if stats is None else (z - stats[0]) * stats[1]
+
+    def from_model_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        stats = self._channel_stats(latents)
+        return latents / self.scaling_factor if stats is None else latents / stats[1] + stats[0]
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (what the diffusion model samples) -> volumes, clamped to [-1, 1] (VQ: quantised first)."""
-        z = latents.to(self.device, self.dtype) / self.scaling_factor
+        """Model latents (what the diffusion model samples) -> volumes, clamped to [-1, 1] (VQ: quantised first)."""
+        z = self.from_model_latents(latents.to(self.device, self.dtype))
         volumes = self.net.decode_stage_2_outputs(z) if self.is_vq else self.net.decode(z)
         return volumes.clamp(-1.0, 1.0)
 
@@ -215,6 +241,8 @@ class VolumeAutoencoder(torch.nn.Module):
                 "config": self.config.to_dict(),
                 "in_channels": self.in_channels,
                 "scaling_factor": self.scaling_factor,
+                "latent_shift": self.latent_shift,
+                "latent_scale": self.latent_scale,
             },
         )
 
@@ -227,6 +255,13 @@ class VolumeAutoencoder(torch.nn.Module):
         model = cls(
             build(VolumeAutoencoderConfig, meta["config"]), int(meta["in_channels"]), float(meta["scaling_factor"])
         )
+        shift, scale = meta.get("latent_shift"), meta.get("latent_scale")  # absent in autoencoders saved before
+        if shift is not None and scale is not None:
+            if len(shift) != model.latent_channels or len(scale) != model.latent_channels:
+                raise MeddiffError(
+                    f"{folder}/config.json: latent_shift and latent_scale need {model.latent_channels} values each"
+                )
+            model.latent_shift, model.latent_scale = [float(v) for v in shift], [float(v) for v in scale]
         load_weights(model, folder)
         return model.requires_grad_(False).eval()
 
@@ -235,14 +270,23 @@ class VolumeAutoencoder(torch.nn.Module):
 def measure_volume_scaling_factor(
     autoencoder: VolumeAutoencoder, volumes: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 2
 ) -> float:
-    """1 / std of the latents the diffusion model will see (KL: posterior samples), so they have unit variance."""
+    """1 / std of the latents the diffusion model will see (KL: posterior samples), so they have unit variance.
+    With latent_normalisation "channel" it also sets the autoencoder's per-channel shift and scale."""
     samples = []
     for start in range(0, volumes.shape[0], batch_size):
         x = torch.as_tensor(volumes[start : start + batch_size]).to(autoencoder.device, autoencoder.dtype)
         moments = autoencoder.encode(x).latent_dist
         noise = torch.randn(moments.mean.shape, generator=generator).to(moments.mean.device)
         samples.append((moments.mean + moments.std * noise).float().cpu())
-    s = float(torch.cat(samples).std())
+    z = torch.cat(samples)
+    s = float(z.std())
     if not math.isfinite(s) or s <= 0:
         raise MeddiffError("the volume autoencoder's latents have zero or non-finite spread; it did not train")
+    if autoencoder.config.latent_normalisation == "channel":
+        per_channel = z.transpose(0, 1).flatten(1)
+        std = per_channel.std(dim=1)
+        if not bool(torch.isfinite(std).all()) or bool((std <= 0).any()):
+            raise MeddiffError("a latent channel of the volume autoencoder has zero or non-finite spread")
+        autoencoder.latent_shift = [float(v) for v in per_channel.mean(dim=1)]
+        autoencoder.latent_scale = [float(v) for v in 1.0 / std]
     return 1.0 / s

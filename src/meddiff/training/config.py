@@ -24,6 +24,11 @@ class LatentConfig(Options):
     autoencoder: str = option(
         "", "latent diffusion: run directory of `meddiff train-autoencoder` (or its autoencoder/ folder)"
     )
+    draw: Literal["sample", "mean"] = option(
+        "sample",
+        "KL latents the diffusion model learns: a fresh draw from each stored posterior every step (sample), or "
+        "the posterior mean (what the decoder's round trips use; a less noisy target for short runs)",
+    )
 
 
 @dataclass

@@ -162,7 +162,7 @@ class ConsistencyDistillation(TrainingMethod):
 
     def clean_samples(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         if self.latents is not None:
-            return sample_latents(batch, self.scale, generator)
+            return sample_latents(batch, self.scale, generator, self.config.latent.draw)
         return batch["image"]
 
     def conditions(self, batch: dict, device) -> tuple[dict, dict]:

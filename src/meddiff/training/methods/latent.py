@@ -50,14 +50,17 @@ class LatentDiffusion(PixelDiffusion):
         return self.latents  # the images themselves are not read: their latents are stored
 
     def clean_samples(self, batch, generator):
-        return sample_latents(batch, self.scale, generator)
+        return sample_latents(batch, self.scale, generator, self.config.latent.draw)
 
     def vae(self):
         return self._vae
 
 
-def sample_latents(batch: dict, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """Scaled latents of a batch from the latent cache (KL: a fresh draw from each stored posterior)."""
+def sample_latents(batch: dict, scale: float, generator: torch.Generator, draw: str = "sample") -> torch.Tensor:
+    """Scaled latents of a batch from the latent cache (KL: a fresh draw from each stored posterior; draw "mean":
+    the posterior mean)."""
     mean, std = batch["mean"].float(), batch["std"].float()
+    if draw == "mean":
+        return mean * scale
     noise = torch.randn(mean.shape, generator=generator).to(mean.device)
     return (mean + std * noise) * scale

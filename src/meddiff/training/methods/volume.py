@@ -359,7 +359,10 @@ class VolumeLatentDiffusion(TrainingMethod):
     def clean_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of this batch: a fresh posterior sample (VQ: the stored pre-quantisation latents)."""
         mean, std = batch["mean"].float(), batch["std"].float()
-        return (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * self.scale
+        if self.config.latent.draw == "mean":
+            return self.autoencoder.to_model_latents(mean)
+        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return self.autoencoder.to_model_latents(mean + std * noise)
 
     def loss(self, model, batch, generator):
         conditions = None

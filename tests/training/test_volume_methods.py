@@ -7,7 +7,11 @@ import torch
 
 from meddiff.errors import MeddiffError
 from meddiff.models.volume import VolumeModelConfig
-from meddiff.models.volume_autoencoder import VolumeAutoencoder, VolumeAutoencoderConfig
+from meddiff.models.volume_autoencoder import (
+    VolumeAutoencoder,
+    VolumeAutoencoderConfig,
+    measure_volume_scaling_factor,
+)
 from meddiff.models.volume_pipeline import VolumeGrid, VolumePipeline
 from meddiff.models.volume_unet import VolumeUNet, VolumeUNetConfig, build_volume_noise_scheduler
 from meddiff.training.config import LatentConfig, TrainConfig
@@ -144,6 +148,9 @@ def test_autoencoder_export_measures_the_scaling_factor(autoencoder_run):
 def test_latents_are_normalised_per_channel_and_decoded_back(tmp_path, autoencoder_run, volumes):
     _, folder = autoencoder_run
     ae = VolumeAutoencoder.from_pretrained(folder)
+    assert ae.latent_shift is None  # the default: one global scaling factor
+    ae.config.latent_normalisation = "channel"
+    measure_volume_scaling_factor(ae, model_range(volumes.images[:6]), torch.Generator().manual_seed(0))
     assert ae.latent_shift is not None and ae.latent_scale is not None and len(ae.latent_shift) == 4
     x = model_range(volumes.images[:4])
     moments = ae.encode(x).latent_dist

@@ -56,11 +56,11 @@ class VolumeAutoencoderConfig(Options):
         "The convolutional autoencoder still encodes whole volumes; a 32^3 crop of a 64^3 volume costs 1/8 a step",
         minimum=0,
     )
-    latent_normalisation: Literal["channel", "global"] = option(
-        "channel",
-        "how latents are brought to zero mean and unit variance for the diffusion model: per latent channel "
-        "(measured shift and scale each; channels of a 3D autoencoder differ several-fold in spread and offset) or "
-        "one global scaling factor (as Stable Diffusion)",
+    latent_normalisation: Literal["global", "channel"] = option(
+        "global",
+        "how latents are brought to unit variance for the diffusion model: one global scaling factor (as Stable "
+        "Diffusion) or per latent channel (a measured shift and scale each). On the demo's phantoms, per channel "
+        "gave a lower tumour AUC (0.49-0.54 vs 0.75-0.80, 900 latent steps), so global is the default",
     )
     crop_focus: float = option(
         0.0,

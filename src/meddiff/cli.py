@@ -588,11 +588,29 @@ def _base_config(args, settings: dict) -> Path | None:
     return None
 
 
+def _older_run_defaults(path: Path) -> dict:
+    """Settings that a config saved before an option existed implies: a volume U-Net without `label_embedding`
+    was built without that path (the option's default is now on), so resuming it must not add one."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # load_config reports a bad file
+    unet = (data.get("volume") or {}).get("unet") if isinstance(data, dict) else None
+    if isinstance(unet, dict) and "label_embedding" not in unet:
+        return {"volume.unet.label_embedding": False}
+    return {}
+
+
 def _run_config(args, settings: dict):
     """TrainConfig from defaults < the base YAML < `settings` (the flags given and what the command fixes)."""
     from meddiff.training.config import load_config
 
-    config = load_config(_base_config(args, settings), {}, settings)
+    base = _base_config(args, settings)
+    if settings.get("resume") and base is not None and not args.config:  # the run's own config.yaml
+        settings = {**_older_run_defaults(base), **settings}
+    config = load_config(base, {}, settings)
     if not config.data:
         raise MeddiffError("no training data: pass --data SPEC (e.g. phantom:DIR) or set data: in --config")
     if not config.out:

@@ -43,3 +43,47 @@ def test_resume_errors_are_one_line(tmp_path):
         find_checkpoint(tmp_path, str(incomplete))
     with pytest.raises(MeddiffError, match="not a meddiff checkpoint folder"):
         find_checkpoint(tmp_path, str(tmp_path / "nowhere"))
+
+
+def test_a_checkpoint_of_a_differently_built_network_is_a_one_line_error(tmp_path):
+    import torch
+    from accelerate import Accelerator
+
+    from meddiff.precision import reset_accelerate_state
+    from meddiff.training.checkpoint import load_checkpoint
+
+    reset_accelerate_state()
+    saver = Accelerator(cpu=True)
+    saver.prepare_model(torch.nn.Linear(2, 2))
+    saver.save_state(str(tmp_path / "ck"))
+    (tmp_path / "ck" / "state.json").write_text(json.dumps({"step": 1}))
+    reset_accelerate_state()
+    loader = Accelerator(cpu=True)
+    loader.prepare_model(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))  # other weight names
+    with pytest.raises(MeddiffError, match="does not fit the network") as err:
+        load_checkpoint(loader, None, tmp_path / "ck")
+    assert "\n" not in str(err.value)
+    reset_accelerate_state()
+
+
+def test_resuming_a_run_saved_before_label_embedding_keeps_it_off(tmp_path):
+    import argparse
+
+    import yaml
+
+    from meddiff.cli import _run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {"data": "phantom3d:?n=4&size=16", "out": str(run), "volume": {"unet": {"channels": [16, 32]}}}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    args = argparse.Namespace(config=None)
+    config = _run_config(args, {"resume": "latest", "out": str(run)})
+    assert config.volume is not None and config.volume.unet.label_embedding is False
+    saved["volume"]["unet"]["label_embedding"] = True  # a run saved since: its own setting
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert _run_config(args, {"resume": "latest", "out": str(run)}).volume.unet.label_embedding is True
+    explicit = {"resume": "latest", "out": str(run), "volume.unet.label_embedding": True}
+    saved["volume"]["unet"].pop("label_embedding")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert _run_config(args, explicit).volume.unet.label_embedding is True  # a flag still wins

@@ -211,3 +211,15 @@ def test_latent_text_training_resumes_exactly(tmp_path, autoencoders, data):
     for name in ("checkpoints/step-0000004/model.safetensors", "checkpoints/step-0000004/ema.safetensors"):
         a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_sample_latents_draws_from_the_posterior_or_takes_its_mean():
+    import torch
+
+    from meddiff.training.methods.latent import sample_latents
+
+    batch = {"mean": torch.full((2, 4, 3, 3), 2.0), "std": torch.full((2, 4, 3, 3), 0.5)}
+    mean = sample_latents(batch, 0.5, torch.Generator().manual_seed(0), "mean")
+    assert torch.equal(mean, torch.full((2, 4, 3, 3), 1.0))
+    a, b = (sample_latents(batch, 0.5, torch.Generator().manual_seed(s)) for s in (0, 1))
+    assert not torch.equal(a, b) and abs(float(a.mean()) - 1.0) < 0.2 and 0.1 < float(a.std()) < 0.4

@@ -75,7 +75,16 @@ def load_checkpoint(accelerator, ema: EMAModel | None, path: Path) -> dict:
             f"checkpoint {path} holds {saved} network(s), this run prepares {prepared}; resume with the settings it "
             "was saved with (e.g. --distill.target-decay, --autoencoder.adversarial-weight)"
         )
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as exc:  # a network built differently from the one saved (missing or unexpected weights)
+        if "state_dict" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        first = next((line.strip() for line in str(exc).splitlines() if "key" in line.lower()), str(exc)[:200])
+        raise MeddiffError(
+            f"checkpoint {path} does not fit the network this run builds ({first[:160]}); resume with the settings "
+            "it was saved with"
+        ) from None
     if ema is None:
         return json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "ema.safetensors"))

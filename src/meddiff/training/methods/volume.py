@@ -88,7 +88,7 @@ def _focused_offset(volume: torch.Tensor, edge: int, generator: torch.Generator)
     quarter = edge // 4
     offsets = []
     for c, s in zip(centre, intensity.shape, strict=True):
-        shift = int(torch.randint(quarter, edge - quarter + 1, (1,), generator=generator))
+        shift = int(torch.randint(quarter, max(edge - quarter, quarter + 1), (1,), generator=generator))
         offsets.append(min(max(int(c) - shift, 0), s - edge))
     return offsets
 
@@ -201,6 +201,8 @@ class VolumeAutoencoderTraining(TrainingMethod):
         if self.cfg.train_crop and self.cfg.train_crop < edge:
             self._model.latent_shape([self.cfg.train_crop] * 3)  # crops too must divide by the downsample factor
             edge = self.cfg.train_crop
+        elif self.cfg.crop_focus > 0:
+            logger.warning("crop_focus %g does nothing: whole volumes are trained (train_crop)", self.cfg.crop_focus)
         self.discriminator: Any = None  # a MONAI PatchDiscriminator when adversarial_weight > 0
         if self.cfg.adversarial_weight > 0:
             self.discriminator = PatchDiscriminator(

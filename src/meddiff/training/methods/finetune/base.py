@@ -127,8 +127,10 @@ class StableDiffusionFinetune(PixelDiffusion):
         return self._vae.config["latent_channels"], self.config.resolution // factor
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Scaled latents drawn from encoded moments."""
+        """Scaled latents drawn from encoded moments (latent.draw "mean": the posterior means)."""
         mean, std = mean.float(), std.float()
+        if self.config.latent.draw == "mean":
+            return mean * self.scale
         return (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * self.scale
 
     def _prompt_features(self, model, prompts: list[str], device) -> torch.Tensor:

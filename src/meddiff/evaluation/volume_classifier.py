@@ -79,6 +79,10 @@ def _augment3d(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x * gain + offset + 0.02 * torch.randn(x.shape, generator=generator)
 
 
+# epochs of the real-trained 3D classifier: at 30, the demo's 38 phantoms gave held-out AUCs from 0.5 to 1.0 by
+# seed and machine (tumour side 0.0 once); at 60 every seed tried reached 1.0 for tumour, side and size (24 s)
+CLASSIFIER_EPOCHS = 60
+
 def _key(kind: str, volumes: torch.Tensor, labels: torch.Tensor, recipe: dict) -> str:
     sample = volumes[:: max(1, len(volumes) // 16)].numpy().tobytes() + labels.numpy().tobytes()
     parts = {"classifier": kind, "shape": list(volumes.shape), "data": hashlib.sha1(sample).hexdigest(), **recipe}
@@ -89,7 +93,7 @@ def train_volume_classifier(
     volumes: torch.Tensor,
     labels: torch.Tensor,
     known: torch.Tensor,
-    epochs: int = 30,
+    epochs: int = CLASSIFIER_EPOCHS,
     batch_size: int = 4,
     lr: float = 2e-3,
     seed: int = 0,
@@ -182,7 +186,7 @@ def volume_classifier_scores(
     heldout_volumes=None,
     heldout_labels: torch.Tensor | None = None,
     heldout_known: torch.Tensor | None = None,
-    epochs: int = 30,
+    epochs: int = CLASSIFIER_EPOCHS,
     seed: int = 0,
     progress: bool = False,
     device=None,

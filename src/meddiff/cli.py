@@ -589,18 +589,20 @@ def _base_config(args, settings: dict) -> Path | None:
 
 
 def _older_run_defaults(path: Path) -> dict:
-    """Settings that a config saved before an option existed implies: a volume U-Net without `label_embedding`
-    was built without that path (the option's default is now on), so resuming it must not add one."""
+    """Settings that a run's config.yaml saved before an option existed implies (volume_unet.SAVED_WITHOUT: a U-Net
+    saved without `label_embedding` was built without that path, so resuming it must not add one)."""
     import yaml
+
+    from meddiff.models.volume_unet import SAVED_WITHOUT
 
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}  # load_config reports a bad file
     unet = (data.get("volume") or {}).get("unet") if isinstance(data, dict) else None
-    if isinstance(unet, dict) and "label_embedding" not in unet:
-        return {"volume.unet.label_embedding": False}
-    return {}
+    if not isinstance(unet, dict):
+        return {}
+    return {f"volume.unet.{key}": value for key, value in SAVED_WITHOUT.items() if key not in unet}
 
 
 def _run_config(args, settings: dict):

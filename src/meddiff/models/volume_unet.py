@@ -51,6 +51,10 @@ class VolumeUNetConfig(Options):
     )
 
 
+# options added after models and runs were saved with this config, and what their absence there means
+SAVED_WITHOUT = {"label_embedding": False}
+
+
 def check_unet_config(cfg: VolumeUNetConfig, num_labels: int) -> None:
     if len(cfg.attention_levels) != len(cfg.channels):
         raise MeddiffError(f"attention_levels {cfg.attention_levels} needs one entry per channel level {cfg.channels}")
@@ -164,7 +168,7 @@ class VolumeUNet(torch.nn.Module):
     def from_pretrained(cls, folder: str | Path) -> VolumeUNet:
         folder = Path(folder).expanduser()
         meta = read_meta(folder, CLASS_NAME)
-        saved = {"label_embedding": False, **meta["config"]}  # models saved before the option had no such path
+        saved = {**SAVED_WITHOUT, **meta["config"]}  # models saved before an option lack its path
         model = cls(build(VolumeUNetConfig, saved), int(meta["latent_channels"]), int(meta["num_labels"]))
         load_weights(model, folder)
         return model.eval()

@@ -244,3 +244,14 @@ def _encode_part(
 
 def _encode(vae, images: torch.Tensor, transform) -> tuple[torch.Tensor, torch.Tensor]:
     return encode_moments(vae, transform(images) if transform is not None else images, batch_size=len(images))
+
+
+def posterior_draw(
+    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, draw: str = "sample"
+) -> torch.Tensor:
+    """Unscaled KL latents from stored moments: a fresh draw (noise from the CPU generator), or with draw "mean" the
+    posterior mean (LatentConfig.draw)."""
+    mean = mean.float()
+    if draw == "mean":
+        return mean
+    return mean + std.float() * torch.randn(mean.shape, generator=generator).to(mean.device)

@@ -12,7 +12,7 @@ import torch
 
 from meddiff.errors import MeddiffError
 from meddiff.models.autoencoder import latent_size, load_autoencoder
-from meddiff.training.latent_cache import encoded_latents
+from meddiff.training.latent_cache import encoded_latents, posterior_draw
 from meddiff.training.methods.base import register_method
 from meddiff.training.methods.diffusion import PixelDiffusion
 
@@ -59,8 +59,4 @@ class LatentDiffusion(PixelDiffusion):
 def sample_latents(batch: dict, scale: float, generator: torch.Generator, draw: str = "sample") -> torch.Tensor:
     """Scaled latents of a batch from the latent cache (KL: a fresh draw from each stored posterior; draw "mean":
     the posterior mean)."""
-    mean, std = batch["mean"].float(), batch["std"].float()
-    if draw == "mean":
-        return mean * scale
-    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return (mean + std * noise) * scale
+    return posterior_draw(batch["mean"], batch["std"], generator, draw) * scale

@@ -41,7 +41,7 @@ from meddiff.models.volume_autoencoder import (
 )
 from meddiff.models.volume_pipeline import VolumeGrid, VolumePipeline
 from meddiff.models.volume_unet import VolumeUNet, build_volume_noise_scheduler, build_volume_sampler
-from meddiff.training.latent_cache import encoded_latents
+from meddiff.training.latent_cache import encoded_latents, posterior_draw
 from meddiff.training.methods.base import TrainingMethod, register_method
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ def _focused_offset(volume: torch.Tensor, edge: int, generator: torch.Generator)
     flat = intensity.flatten()
     k = max(int(FOCUS_QUANTILE * flat.numel()), 1)
     level = flat.kthvalue(k).values
-    bright = torch.nonzero(intensity > level) if bool((intensity > level).any()) else torch.nonzero(intensity >= level)
+    bright = torch.nonzero(intensity > level)
+    if len(bright) == 0:  # a flat top (e.g. a uniform volume): the voxels at the level
+        bright = torch.nonzero(intensity >= level)
     centre = bright[int(torch.randint(0, len(bright), (1,), generator=generator))].tolist()
     quarter = edge // 4
     offsets = []
@@ -344,10 +346,10 @@ class VolumeLatentDiffusion(TrainingMethod):
             tag="volume-" + "x".join(map(str, spatial)),  # the whole grid in the cache key
             batch_size=2,
         )
-        self.scale = float(self.autoencoder.scaling_factor)
-        if not math.isfinite(self.scale) or self.scale <= 0:
+        scale = float(self.autoencoder.scaling_factor)
+        if not math.isfinite(scale) or scale <= 0:
             raise MeddiffError(
-                f"the volume autoencoder in {config.latent.autoencoder} has scaling factor {self.scale}; "
+                f"the volume autoencoder in {config.latent.autoencoder} has scaling factor {scale}; "
                 "retrain it (its latents are degenerate)"
             )
 
@@ -360,11 +362,8 @@ class VolumeLatentDiffusion(TrainingMethod):
 
     def clean_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of this batch: a fresh posterior sample (VQ: the stored pre-quantisation latents)."""
-        mean, std = batch["mean"].float(), batch["std"].float()
-        if self.config.latent.draw == "mean":
-            return self.autoencoder.to_model_latents(mean)
-        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-        return self.autoencoder.to_model_latents(mean + std * noise)
+        z = posterior_draw(batch["mean"], batch["std"], generator, self.config.latent.draw)
+        return self.autoencoder.to_model_latents(z)
 
     def loss(self, model, batch, generator):
         conditions = None

@@ -23,7 +23,7 @@ from meddiff.errors import MeddiffError
 from meddiff.models.pipeline import MedDiffusionPipeline, encode_prompt
 from meddiff.models.stable_diffusion import load_stable_diffusion, to_rgb
 from meddiff.models.storage import ADAPTER_FILE, PIPELINE_DIR, save_pipeline
-from meddiff.training.latent_cache import encoded_latents
+from meddiff.training.latent_cache import encoded_latents, posterior_draw
 from meddiff.training.methods.base import TrainingMethod, register_method
 from meddiff.training.methods.diffusion import PixelDiffusion
 from meddiff.training.methods.finetune.registry import finetune_strategy
@@ -128,10 +128,7 @@ class StableDiffusionFinetune(PixelDiffusion):
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents drawn from encoded moments (latent.draw "mean": the posterior means)."""
-        mean, std = mean.float(), std.float()
-        if self.config.latent.draw == "mean":
-            return mean * self.scale
-        return (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * self.scale
+        return posterior_draw(mean, std, generator, self.config.latent.draw) * self.scale
 
     def _prompt_features(self, model, prompts: list[str], device) -> torch.Tensor:
         if self.prompt_cache is not None:

@@ -160,7 +160,7 @@ def main() -> None:
     if not (syn_dir / "manifest.csv").is_file():
         generate_dataset(pipe, run_dir, plan, settings, syn_dir, progress=not args.quick)
     generate_s = time.perf_counter() - t
-    eval_dir = work / f"evaluate-{args.synthetic}-{n}-{steps}steps"
+    eval_dir = work / f"evaluate-{args.synthetic}-{n}-{steps}steps-{args.seeds}x{args.epochs}"
     run_evaluation(
         data,
         str(syn_dir),

@@ -162,3 +162,25 @@ def test_vq_reconstruction_report_counts_codes(tmp_path, data):
         np.testing.assert_allclose(cell(0, col), originals[col], atol=1 / 255 + 1e-6)
         np.testing.assert_allclose(cell(1, col), recon[col], atol=1 / 255 + 1e-6)
         np.testing.assert_allclose(cell(2, col), np.clip(np.abs(originals[col] - recon[col]) * 4, 0, 1), atol=2 / 255)
+
+
+def test_report_on_a_held_out_set_larger_than_it_measures_spreads_over_every_class(tmp_path):
+    """A held-out split stored class by class and larger than max_images: the report measures images from every
+    class (not the first class only) and its grid shows only images it measured (was an IndexError)."""
+    from meddiff.data.dataset import ImageLabelDataset
+    from meddiff.evaluation.autoencoder_report import autoencoder_report, showcase_indices, spread_indices
+
+    n, r = 40, 32
+    images = torch.rand(n, 1, r, r) * 2 - 1
+    labels = torch.zeros(n, 2)
+    labels[:30, 0], labels[30:, 1] = 1, 1  # class A first, the rarer class B stored last
+    heldout = ImageLabelDataset(images, labels, torch.ones(n, 2, dtype=torch.bool), ["A", "B"], multiclass=True)
+    measured = spread_indices(n, 8)
+    assert len(measured) == 8 and measured[0] == 0 and measured[-1] == n - 1 and (np.diff(measured) > 0).all()
+    assert (spread_indices(5, 8) == np.arange(5)).all()
+    show = showcase_indices(heldout, among=measured.tolist())
+    assert set(show) <= set(measured.tolist()) and any(i >= 30 for i in show)
+    vae = build_autoencoder(AutoencoderConfig(kind="kl", downsample=4, **TINY), r)
+    report = autoencoder_report(vae, heldout, tmp_path, {"steps": 0}, max_images=8)
+    assert report["heldout_images"] == 8 and np.isfinite(report["psnr"])
+    assert (tmp_path / "reconstructions.png").is_file()

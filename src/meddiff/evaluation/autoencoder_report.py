@@ -4,7 +4,7 @@ a grid of originals above their reconstructions (chosen to show every finding), 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +35,26 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[np.nda
     return np.concatenate(out), (torch.cat(codes) if codes else None)
 
 
-def showcase_indices(data: ImageLabelDataset, per_label: int = 2, total: int = 12) -> list[int]:
-    """Images that together show every finding (and a normal one), for the reconstruction grid."""
+def showcase_indices(
+    data: ImageLabelDataset, per_label: int = 2, total: int = 12, among: Sequence[int] | None = None
+) -> list[int]:
+    """Images that together show every finding (and a normal one), for the reconstruction grid; `among`: the
+    indices to choose from (default: all), in their order."""
+    pool = list(range(len(data))) if among is None else [int(i) for i in among]
     chosen: list[int] = []
     for k in range(len(data.label_names)):
-        has = ((data.labels[:, k] > 0.5) & data.known[:, k]).nonzero().flatten().tolist()
+        has = [i for i in pool if data.known[i, k] and data.labels[i, k] > 0.5]
         chosen += [i for i in has if i not in chosen][:per_label]
-    chosen += [i for i in range(len(data)) if i not in chosen]
+    chosen += [i for i in pool if i not in chosen]
     return chosen[:total]
+
+
+def spread_indices(n_total: int, n: int) -> np.ndarray:
+    """n indices spread evenly over 0..n_total-1 (all of them when n >= n_total): a held-out split stored class
+    by class is then measured on every class, not on the first one only."""
+    if n >= n_total:
+        return np.arange(n_total)
+    return np.unique(np.linspace(0, n_total - 1, n).round().astype(np.int64))
 
 
 def autoencoder_report(
@@ -50,9 +62,11 @@ def autoencoder_report(
 ) -> AutoencoderReport:
     """training: an AutoencoderTraining (or any mapping with some of its keys), saved beside the report."""
     out_dir = Path(out_dir)
-    n = min(max_images, len(heldout))
-    originals = (heldout.images[:n, 0].numpy() + 1) / 2
-    recon, codes = reconstruct(vae, heldout.images[:n])
+    measured = spread_indices(len(heldout), max_images)
+    n = len(measured)
+    images = heldout.images[torch.from_numpy(measured)]
+    originals = (images[:, 0].numpy() + 1) / 2
+    recon, codes = reconstruct(vae, images)
     metrics = reconstruction_metrics(originals, recon)
     result = AutoencoderReport(
         heldout_images=n,
@@ -66,14 +80,22 @@ def autoencoder_report(
         counts = torch.bincount(codes, minlength=vae.config.num_vq_embeddings)
         result.codebook_used, result.codebook_size = int((counts > 0).sum()), int(counts.numel())
         result.perplexity = codebook_perplexity(counts)
-    show = showcase_indices(heldout)
+    show = showcase_indices(heldout, among=measured.tolist())
     names = [
         ", ".join(n for k, n in enumerate(heldout.label_names) if heldout.known[i, k] and heldout.labels[i, k] > 0.5)
         or "-"
         for i in show
     ]
     upscale = max(1, 96 // heldout.resolution)
-    pairs = np.concatenate([originals[show], recon[show], np.clip(np.abs(originals[show] - recon[show]) * 4, 0, 1)])
+    at = {int(i): row for row, i in enumerate(measured)}  # dataset index -> row of originals/recon
+    rows_shown = [at[i] for i in show]
+    pairs = np.concatenate(
+        [
+            originals[rows_shown],
+            recon[rows_shown],
+            np.clip(np.abs(originals[rows_shown] - recon[rows_shown]) * 4, 0, 1),
+        ]
+    )
     grid = grid_png_bytes(pairs, columns=len(show), upscale=upscale)
     (out_dir / "reconstructions.png").write_bytes(grid)
     (out_dir / "metrics.json").write_text(json.dumps({**result.to_dict(), "training": dict(training)}, indent=2))

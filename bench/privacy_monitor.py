@@ -1,12 +1,15 @@
 """A deliberately memorising run and the memorisation check during training (issue 21).
 
-    python bench/privacy_monitor.py [--train 32] [--heldout 128] [--steps 600] [--every 25] [--workdir runs/memorise]
+    python bench/privacy_monitor.py [--train 32] [--heldout 128] [--steps 600] [--every 25] [--descriptor-steps 0]
+        [--workdir runs/memorise]
 
 32 chest phantoms (32 px) are trained on far too long for their number (batch 32, lr 1e-3: every step sees every
 image), with `--privacy.every`: at each check 128 fixed-seed samples from the EMA weights are compared with the
 training images (threshold calibrated on 128 held-out phantoms at alpha = 0.01). Reported per check: the copy rate
 and its 95 % interval, the training images hit, the held-out minus training denoising loss, and at which step (and
-copy rate) the warning first fired. Results: bench/results/privacy_monitor.json, a table and a PNG of the curve."""
+copy rate) the warning first fired. `--descriptor-steps N`: the check also uses a copy descriptor trained for N steps
+on the training images (`--privacy.descriptor-steps`). Results: bench/results/privacy_monitor.json, a table and a
+PNG of the curve."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=128)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--descriptor-steps", type=int, default=0)
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "memorise"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -48,7 +52,8 @@ def main() -> None:
     n = args.train + args.heldout
     if not (data / "train.csv").is_file():
         write_phantom_folder(data, n=n, size=32, seed=3, valid_fraction=args.heldout / n, progress=False)
-    run = work / f"run-{args.steps}-every{args.every}"
+    descriptor = f"-descriptor{args.descriptor_steps}" if args.descriptor_steps else ""
+    run = work / f"run-{args.steps}-every{args.every}{descriptor}"
     settings = {
         "data": f"phantom:{data}",
         "out": str(run),
@@ -57,7 +62,7 @@ def main() -> None:
         "batch_size": 32,
         "learning_rate": 1e-3,
         "checkpoint_every": args.steps,
-        "privacy": {"every": args.every, "compare_size": 32},
+        "privacy": {"every": args.every, "compare_size": 32, "descriptor_steps": args.descriptor_steps},
         "eval": {"fidelity": False},
     }
     config = load_config(None, {}, settings)
@@ -83,6 +88,7 @@ def main() -> None:
         "heldout_images": args.heldout,
         "first_warning_step": first["step"] if first else None,
         "copy_rate_at_first_warning": first["copy_rate"] if first else None,
+        "descriptor_steps": args.descriptor_steps,
         "seconds": round(seconds, 1),
     }
     write_results(

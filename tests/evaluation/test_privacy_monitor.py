@@ -26,9 +26,11 @@ class Pipe:
         self.scheduler = build_noise_scheduler(ModelConfig())
 
 
-def monitor_with(monkeypatch, data, images, stop=False, size=16):
+def monitor_with(monkeypatch, data, images, stop=False, size=16, descriptor_steps=0):
     train, held = data
-    config = PrivacyMonitorConfig(every=10, samples=len(images), alpha=0.05, stop=stop, compare_size=size)
+    config = PrivacyMonitorConfig(
+        every=10, samples=len(images), alpha=0.05, stop=stop, compare_size=size, descriptor_steps=descriptor_steps
+    )
     monitor = PrivacyMonitor(config, train, held)
     monkeypatch.setattr(generate, "sample", lambda *a, **k: images)
     monkeypatch.setattr(PrivacyMonitor, "loss_gap", lambda self, pipe, method: {"loss_gap": 0.0})
@@ -74,3 +76,21 @@ def test_the_checks_sample_with_a_sampler_that_shows_copies():
             self.scheduler = build_noise_scheduler(ModelConfig(objective=objective))
 
     assert revealing_sampler(P("diffusion")) == "ddim" and revealing_sampler(P("flow")) == "euler"
+
+
+def test_with_a_copy_descriptor_moved_and_renoised_copies_are_caught_and_new_images_are_not(monkeypatch, data):
+    """privacy.descriptor_steps: the check trains the export gate's copy descriptor on the training images and fuses
+    it with the pixel detectors."""
+    from meddiff.evaluation.privacy_gate import augmented_copies
+
+    train, _ = data
+    originals = ((train.images[:30].numpy()[:, 0] + 1) / 2).astype(np.float32)
+    moved = np.concatenate([augmented_copies(originals[:15], "shift", 1), augmented_copies(originals[15:], "noise", 2)])
+    monitor = monitor_with(monkeypatch, data, moved, size=32, descriptor_steps=40)
+    assert monitor.index.descriptor is not None and "descriptor" in monitor.calibration.detectors
+    caught = monitor(10, Pipe(), None, [])
+    assert caught["copy_rate"] >= 0.8 and caught["above_alpha"] and caught["training_images_hit"] >= 20
+    new = ((load_dataset("phantom:?n=60&seed=9", 32).images.numpy()[:, 0] + 1) / 2).astype(np.float32)
+    monkeypatch.setattr(generate, "sample", lambda *a, **k: new)
+    assert monitor(20, Pipe(), None, [])["copy_rate"] <= 0.1
+    assert "descriptor" not in monitor_with(monkeypatch, data, new, size=32).calibration.detectors  # off by default

@@ -3,6 +3,7 @@ current EMA weights as a sampling pipeline; it draws a fixed set of images (fixe
 training labels, so checks are comparable) and reports
 
 - copy_rate: the share of them the near-copy detector flags (pixel detectors of meddiff.evaluation.privacy_gate,
+  and with `privacy.descriptor_steps` a copy descriptor learned on the training images, as the export gate's;
   calibrated once on the held-out split at false-flag rate alpha), with its 95 % Wilson interval;
 - training_images_hit: how many distinct training images the flagged ones copy;
 - max_score: the largest fused detector score;
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from meddiff.errors import MeddiffError
+from meddiff.evaluation.copy_descriptor import DescriptorSettings, train_descriptor
 from meddiff.evaluation.privacy_gate import ReferenceIndex, calibrate, count_copies, label_conditions
 from meddiff.models.factory import SamplerName, is_flow_schedule
 
@@ -64,7 +66,13 @@ class PrivacyMonitor:
         check_heldout_size(config, len(heldout))
         size = min(int(config.compare_size), dataset.resolution)
         self.size = size
-        self.index = ReferenceIndex(compare_images(dataset.images, size))
+        train_images = compare_images(dataset.images, size)
+        descriptor = None
+        if config.descriptor_steps:
+            logger.info("memorisation check: training its copy descriptor (%d steps)", config.descriptor_steps)
+            settings = DescriptorSettings(steps=int(config.descriptor_steps), seed=seed)
+            descriptor = train_descriptor(train_images, settings)
+        self.index = ReferenceIndex(train_images, descriptor=descriptor)
         negatives = compare_images(heldout.images, size)
         leaked = self.index.duplicates(negatives)  # a split leak, not a negative (as in privacy calibrate)
         if leaked.any():
@@ -80,8 +88,9 @@ class PrivacyMonitor:
         self.loss_held = torch.as_tensor(heldout.images[held_rows]).float()
         logger.info(
             "memorisation check every %d steps: %d images at %d px against %d training images (threshold calibrated on "
-            "%d held-out images at alpha %g); loss gap on %d + %d images",
-            self.every, config.samples, size, len(dataset), len(heldout), config.alpha, k, k,
+            "%d held-out images at alpha %g; detectors %s); loss gap on %d + %d images",
+            self.every, config.samples, size, len(dataset), len(heldout), config.alpha,
+            ", ".join(self.calibration.detectors), k, k,
         )  # fmt: skip
 
     def __call__(self, step: int, pipe, method, history: list[dict]) -> dict:

@@ -122,6 +122,11 @@ class PrivacyMonitorConfig(Options):
     compare_size: int = option(
         64, "images are compared at most this size (memory of the training-image index)", minimum=16
     )
+    descriptor_steps: int = option(
+        0, "also train a copy descriptor on the training images for this many steps before training and use it as "
+        "one more detector, as `meddiff privacy calibrate` does (finds shifted, cropped and re-noised copies; a few "
+        "CPU minutes at 28-64 px; 0: pixel detectors only)", minimum=0,
+    )  # fmt: skip
 
 
 @dataclass

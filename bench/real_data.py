@@ -4,16 +4,20 @@ class-reweighted real, and real fractions with and without synthetic images (iss
 
     python bench/real_data.py --dataset pneumoniamnist          # 28 px, configs/pneumoniamnist.yaml
     python bench/real_data.py --dataset alzheimer               # 64 px, configs/alzheimer-mri-64.yaml
+    python bench/real_data.py --dataset alzheimer-128           # 128 px latent: configs/alzheimer-mri-latent-128.yaml
+        [--autoencoder RUN]                                     # (its autoencoder trained first unless given)
         [--steps N] [--synthetic mirror|balance] [--n-synthetic N] [--seeds 3] [--epochs 10]
         [--fractions 0.1 0.25] [--workdir runs/real_data] [--quick]
 
 1. the generator: meddiff's training loop with the dataset's recipe for a fixed number of steps (steps, not minutes,
    so the result holds on any machine; reused from --workdir), then the usual report: sample grids per class and
-   per-class label fidelity (`meddiff train`'s metrics.json);
+   per-class label fidelity (`meddiff train`'s metrics.json); a latent recipe first trains its autoencoder
+   (`meddiff train-autoencoder` with the preset's autoencoder recipe) unless --autoencoder names one;
 2. the synthetic set (`meddiff generate`'s code): `mirror` draws one image per real training image with its label
    (the real class balance), `balance` draws the same number for every class (rare-class augmentation);
 3. `meddiff evaluate` with every downstream protocol and the real fractions (same classifier recipe, epochs and
-   seeds; AUC averaged over seeds with bootstrap 95 % intervals; recall at 0.5 per class).
+   seeds; AUC averaged over seeds with bootstrap 95 % intervals; recall at 0.5 per class). The 128 px preset
+   evaluates at 64 px (images resized): the same classifier as the 64 px rows, so the two generators compare directly.
 Results: bench/results/real_data-DATASET[-balance].json, a table, and a PNG of generated vs real images per class.
 The Alzheimer set has several slices per subject and no subject IDs: its train/test split is not patient-disjoint,
 so every AUC on it is optimistic (said in the JSON)."""
@@ -41,6 +45,15 @@ DATASETS = {
         "data": f"folder:{SHARED / 'alzheimer-mri'}",
         "config": ROOT / "configs" / "alzheimer-mri-64.yaml",
         "steps": 1000,
+        "note": "several slices per subject and no subject IDs: train/test are NOT patient-disjoint, AUCs are "
+        "optimistic",
+    },
+    "alzheimer-128": {
+        "data": f"folder:{SHARED / 'alzheimer-mri'}",
+        "config": ROOT / "configs" / "alzheimer-mri-latent-128.yaml",
+        "autoencoder_config": ROOT / "configs" / "alzheimer-mri-autoencoder-128.yaml",
+        "steps": 1000,
+        "evaluate_resolution": 64,
         "note": "several slices per subject and no subject IDs: train/test are NOT patient-disjoint, AUCs are "
         "optimistic",
     },
@@ -102,6 +115,9 @@ def main() -> None:
         choices=PROTOCOLS,
         help="downstream protocols (default: all; `real` is always run, it is the reference)",
     )
+    ap.add_argument(
+        "--autoencoder", default=None, help="latent presets: a trained autoencoder run to use (default: train one)"
+    )
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "real_data"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="smoke test: a few steps, few images, one seed")
@@ -123,7 +139,7 @@ def main() -> None:
     from meddiff.sampling.plan import GenerationPlan, make_plan
     from meddiff.sampling.synthesize import generate_dataset
     from meddiff.training.config import load_config
-    from meddiff.workflow import train_and_report
+    from meddiff.workflow import train_and_report, train_autoencoder_and_report
 
     configure_logging()
     data = args.data or preset["data"]
@@ -133,7 +149,19 @@ def main() -> None:
     config.max_steps, config.max_minutes = steps, None
     if args.quick:
         config.eval.min_steps, config.eval.fidelity_samples, config.eval.grid_per_label = 0, 32, 2
+        config.eval.classifier_epochs = 1
     t0 = time.perf_counter()
+    autoencoder_report = None
+    if "autoencoder_config" in preset:
+        ae_dir = Path(args.autoencoder) if args.autoencoder else work / "autoencoder"
+        if not (ae_dir / "metrics.json").is_file():
+            print(f"training the autoencoder into {ae_dir}", flush=True)
+            ae_config = load_config(str(preset["autoencoder_config"]), {}, {"data": data, "out": str(ae_dir)})
+            if args.quick:
+                ae_config.max_steps = 4
+            train_autoencoder_and_report(ae_config, progress=not args.quick)
+        config.latent.autoencoder = str(ae_dir)
+        autoencoder_report = json.loads((ae_dir / "metrics.json").read_text())
     if not (run_dir / "metrics.json").is_file():
         print(f"training the generator: {steps} steps", flush=True)
         train_and_report(config, progress=not args.quick)
@@ -165,7 +193,7 @@ def main() -> None:
         data,
         str(syn_dir),
         eval_dir,
-        resolution=config.resolution,
+        resolution=preset.get("evaluate_resolution", config.resolution),
         seeds=args.seeds,
         classifier_epochs=args.epochs,
         protocols=tuple(dict.fromkeys(["real", *args.protocols])),
@@ -201,6 +229,11 @@ def main() -> None:
         "synthetic": args.synthetic,
         "n_synthetic": n,
         "split_note": preset["note"],
+        "generator_resolution": config.resolution,
+        "evaluate_resolution": preset.get("evaluate_resolution", config.resolution),
+        "autoencoder": None
+        if autoencoder_report is None
+        else {k: autoencoder_report.get(k) for k in ("psnr", "ssim", "latent_shape", "heldout_images")},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     label_cols = [f"auc {name}" for name in real.label_names] + [f"recall {name}" for name in real.label_names]

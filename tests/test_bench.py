@@ -543,6 +543,22 @@ def test_real_data_bench_reports_every_protocol(tmp_path, phantom_dir, synthetic
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # trains a tiny autoencoder and latent generator at 128 px in a subprocess
+def test_real_data_bench_latent_preset_trains_its_autoencoder_and_evaluates_at_64_px(tmp_path, phantom_dir):
+    out, work = tmp_path / "r.json", tmp_path / "w"
+    command = [sys.executable, str(BENCH / "real_data.py"), "--quick", "--dataset", "alzheimer-128"]
+    command += ["--data", f"phantom:{phantom_dir}", "--workdir", str(work), "--out", str(out)]
+    command += ["--synthetic", "balance", "--protocols", "real+synthetic", "--fractions"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads(out.read_text())["summary"]
+    assert s["generator_resolution"] == 128 and s["evaluate_resolution"] == 64
+    assert s["autoencoder"]["latent_shape"] == [4, 32, 32] and s["autoencoder"]["psnr"] > 0
+    ae = work / "alzheimer-128" / "autoencoder"
+    assert (ae / "metrics.json").is_file() and (ae / "autoencoder").is_dir()
+    assert str(ae) in (work / "alzheimer-128" / "generator-4steps" / "config.yaml").read_text()
+
+
 @pytest.mark.slow  # renders 3,200 phantoms in a subprocess
 def test_privacy_gate_bench_reports_false_flags_and_recall_per_copy_type(tmp_path):
     out = tmp_path / "p.json"

@@ -4,6 +4,7 @@ gives a model that loads and samples everywhere a model does, in the promised nu
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -259,3 +260,105 @@ def test_models_it_cannot_distil_are_refused(tiny_run, tmp_path):
     other.label_names = ["Normal", "Pneumonia"]  # not the teacher's findings
     with pytest.raises(MeddiffError, match="the teacher was trained on labels"):
         ConsistencyDistillation(_distill_config(tiny_run, "unused"), other)
+
+
+def test_a_lora_student_starts_as_the_teacher_trains_only_its_adapters_and_exports_fused_and_alone(tiny_run, tmp_path):
+    """distill.lora_rank (LCM-LoRA): the student is the teacher's U-Net with LoRA adapters and no guidance input;
+    only the adapters learn; the export is a fused pipeline that samples in one evaluation per step at guidance 1,
+    and the adapter alone, which loaded over the teacher's U-Net gives the fused one's output."""
+    from diffusers import UNet2DConditionModel
+
+    from meddiff.data.spec import load_dataset
+    from meddiff.sampling.generate import SamplingSettings, sample
+    from meddiff.training.loop import train
+    from meddiff.training.methods.distill import ConsistencyDistillation, distilled_info
+
+    config = _distill_config(tiny_run, tmp_path / "lora", steps=2, lora_rank=4)
+    data = load_dataset(config.data, 32)
+    method = ConsistencyDistillation(config, data)
+    student, teacher = method.student, method.teacher.unet
+    assert student.config.time_cond_proj_dim is None
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("conv1" in n for n in trainable) and any("time_emb_proj" in n for n in trainable)
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    t, labels = torch.tensor([999, 400]), torch.zeros(2, 2 * len(method.codec.label_names))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            student(x, t, encoder_hidden_states=None, class_labels=labels).sample,
+            teacher(x, t, encoder_hidden_states=None, class_labels=labels).sample,
+        )
+    config.learning_rate = 1e-2  # so that two steps move the adapters visibly
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    train(config, data, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())  # the teacher never learns
+    pipe = load_pipeline(tmp_path / "lora")
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.guidance_dim is None
+    info = distilled_info(tmp_path / "lora" / "pipeline")
+    assert info["lora_rank"] == 4 and info["sampling_guidance"] == 1.0 and "LoRA" in info["method"]
+    assert not any("lora" in k for k in pipe.unet.state_dict())  # fused: a plain U-Net
+    rows = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    conditions = pipe.encode_labels([["Cardiomegaly"], []])
+    images = sample(pipe, conditions, SamplingSettings(steps=2, guidance=1.0, precision="fp32"), progress=False)
+    hook.remove()
+    assert images.shape == (2, 32, 32) and rows == [2, 2]  # one evaluation per image and step
+    with torch.no_grad():
+        fused = pipe.unet(x, t, encoder_hidden_states=None, class_labels=labels).sample
+        assert not torch.allclose(fused, teacher(x, t, encoder_hidden_states=None, class_labels=labels).sample)
+        plain = UNet2DConditionModel.from_pretrained(tiny_run / "pipeline" / "unet")
+        plain.load_lora_adapter(
+            tmp_path / "lora" / "lora", prefix="unet", weight_name="pytorch_lora_weights.safetensors"
+        )
+        adapted = plain(x, t, encoder_hidden_states=None, class_labels=labels).sample
+    torch.testing.assert_close(adapted, fused, atol=1e-4, rtol=1e-4)
+    saved = yaml.safe_load((tmp_path / "lora" / "config.yaml").read_text())
+    assert saved["distill"]["lora_rank"] == 4
+    assert (tmp_path / "lora" / "lora" / "scheduler" / "scheduler_config.json").is_file()
+
+
+@pytest.mark.slow  # builds a tiny Stable Diffusion and fine-tunes it first
+def test_lcm_lora_of_a_fine_tuned_stable_diffusion_samples_in_few_steps(tmp_path):
+    """The LCM-LoRA path for the model it is made for: a fine-tuned Stable Diffusion (RGB autoencoder, text
+    prompts) distilled with `meddiff distill --lora-rank`; the student loads in meddiff and, as an adapter over the
+    fine-tuned pipeline, in plain diffusers with LCMScheduler."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from meddiff.cli import main
+    from meddiff.data.spec import load_dataset
+    from meddiff.testing import build_tiny_stable_diffusion
+    from meddiff.training.config import FinetuneConfig, TrainConfig
+    from meddiff.training.loop import train
+
+    base = build_tiny_stable_diffusion(tmp_path / "sd")
+    data = "phantom:?n=8&seed=5"
+    tuned = tmp_path / "tuned"
+    ft = TrainConfig(
+        data=data, out=str(tuned), method="finetune", resolution=32, batch_size=4, max_steps=2, checkpoint_every=0,
+        lr_warmup_steps=1, precision="fp32", ema=False,
+        finetune=FinetuneConfig(pretrained=str(base), method="unet", validation_images=1),
+    )  # fmt: skip
+    train(ft, load_dataset(data, 32), progress=False)
+    out = tmp_path / "fast"
+    command = ["-q", "distill", "--model", str(tuned), "--out", str(out), "--steps", "2", "--lora-rank", "4"]
+    command += ["--max-steps", "2", "--batch-size", "4", "--no-eval", "--eval.grid-per-label", "1"]
+    main([*command, "--learning-rate", "0.01"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["distillation"]["network_evaluations_per_image"] == 2 and "LoRA" in metrics["distillation"]["method"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["guidance"] == 1.0
+    pipe = load_pipeline(out)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.vae.config.in_channels == 3
+    plain = StableDiffusionPipeline.from_pretrained(tuned / "pipeline", safety_checker=None)
+    plain.load_lora_weights(out / "lora")
+    plain.scheduler = LCMScheduler.from_pretrained(out / "lora", subfolder="scheduler")
+    image = plain("chest x-ray", num_inference_steps=2, guidance_scale=1.0, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    # the adapter over the fine-tuned U-Net is the student: the same output as meddiff's fused U-Net
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    states = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fused = pipe.unet(x, t, encoder_hidden_states=states).sample
+        adapted = plain.unet(x, t, encoder_hidden_states=states).sample
+        tuned_only = load_pipeline(tuned).unet(x, t, encoder_hidden_states=states).sample
+    torch.testing.assert_close(adapted, fused, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(fused, tuned_only, atol=1e-4)  # and the adapter did learn something

@@ -83,6 +83,13 @@ class DistillConfig(Options):
         minimum=0,
         maximum=0.9999,
     )
+    lora_rank: int = option(
+        0,
+        "distill: train LoRA adapters of this rank on the teacher's U-Net instead of a full student with a guidance "
+        "input (LCM-LoRA: a small adapter that makes the teacher, e.g. a fine-tuned Stable Diffusion, a few-step "
+        "sampler; it samples at guidance 1, one evaluation per step); 0: the full student",
+        minimum=0,
+    )
 
 
 @dataclass

@@ -16,7 +16,16 @@ epsilon, the clean-image estimate (x - sqrt(1-a) eps) / sqrt(a) divides by sqrt(
 schedule; for pixel models it is clipped to the data range [-1, 1] in training exactly as LCMScheduler clips it when
 sampling (clip_sample). (A first version read the epsilon teacher's output as v: the student then had to relearn its
 output in a few hundred steps and sampled at chance label fidelity.) It is saved as an ordinary meddiff pipeline with
-diffusers' LCMScheduler, so `generate`, `serve`, `fidelity` and `evaluate` load it like any model."""
+diffusers' LCMScheduler, so `generate`, `serve`, `fidelity` and `evaluate` load it like any model.
+
+With `distill.lora_rank` > 0 (LCM-LoRA, Luo et al. 2023) the student is instead the teacher's own U-Net with peft
+LoRA adapters (B = 0 at first, so it starts as the teacher) on its attention, feed-forward, convolution and time
+projections; only the adapters learn, and there is no guidance input: the teacher's guided steps (scales drawn from
+the guidance range) are distilled into the adapters, and the student samples at guidance 1, one evaluation per step.
+This is the practical choice for large teachers such as a fine-tuned Stable Diffusion (whose RGB autoencoder gets
+the 1-channel images as three equal channels): a few-MB adapter instead of a second 860M-parameter U-Net. The export
+is the fused pipeline (loads everywhere a meddiff model does) plus the adapter alone in lora/ (diffusers'
+`load_lora_weights` over the teacher, with LCMScheduler)."""
 
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ from meddiff.conditioning.text import PromptCache
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import is_flow_schedule
 from meddiff.models.pipeline import guidance_embedding
+from meddiff.models.stable_diffusion import to_rgb
 from meddiff.models.storage import PIPELINE_DIR, load_pipeline, save_pipeline
 from meddiff.training.latent_cache import encoded_latents
 from meddiff.training.methods.base import TrainingMethod, register_method
@@ -43,6 +53,12 @@ from meddiff.training.methods.latent import sample_latents
 logger = logging.getLogger(__name__)
 
 DISTILL_FILE = "meddiff_distill.json"  # in the student's pipeline folder: teacher, steps, solver grid
+LORA_DIR = "lora"  # LCM-LoRA students: the adapter alone, next to the fused pipeline
+# LCM-LoRA's adapter targets: attention, feed-forward, resnet convolutions and time projections, up/down samplers
+LCM_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]  # fmt: skip
 SIGMA_DATA = 0.5  # the consistency boundary condition's data scale (LCM's choice; diffusers' LCMScheduler uses it)
 TIMESTEP_SCALING = 10.0  # LCMScheduler's default: c_skip(t) ~ 1 only for the last few timesteps
 
@@ -126,14 +142,26 @@ class ConsistencyDistillation(TrainingMethod):
                     f"the teacher's autoencoder works at {vae.config.sample_size} px but the data is loaded at "
                     f"{dataset.resolution} px; use --resolution {vae.config.sample_size}"
                 )
-            self.latents = encoded_latents(vae, dataset, dataset.resolution, accelerator, tag="gray")
+            rgb = int(vae.config.in_channels) == 3  # a pretrained RGB autoencoder (a fine-tuned Stable Diffusion)
+            self.latents = encoded_latents(
+                vae,
+                dataset,
+                dataset.resolution,
+                accelerator,
+                transform=to_rgb if rgb else None,
+                tag="rgb3" if rgb else "gray",
+            )
             self.scale = float(vae.config.scaling_factor)
             self.device_keys = ("mean", "std")
-        student_config = {**self.teacher.unet.config, "time_cond_proj_dim": d.guidance_dim}
-        self.student = UNet2DConditionModel.from_config(student_config)
-        missing, unexpected = self.student.load_state_dict(self.teacher.unet.state_dict(), strict=False)
-        assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
-        torch.nn.init.zeros_(self.student.time_embedding.cond_proj.weight)  # step 0 answers like the teacher
+        self.lora_rank = int(d.lora_rank)
+        if self.lora_rank:
+            self.student = lora_student(self.teacher.unet, self.lora_rank)
+        else:
+            student_config = {**self.teacher.unet.config, "time_cond_proj_dim": d.guidance_dim}
+            self.student = UNet2DConditionModel.from_config(student_config)
+            missing, unexpected = self.student.load_state_dict(self.teacher.unet.state_dict(), strict=False)
+            assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+            torch.nn.init.zeros_(self.student.time_embedding.cond_proj.weight)  # step 0 answers like the teacher
         self.target: torch.nn.Module | None = None  # the EMA target network (target_decay > 0), made in setup()
 
     @property
@@ -180,8 +208,9 @@ class ConsistencyDistillation(TrainingMethod):
         return cond, null
 
     def consistency(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict, w_embedding: torch.Tensor):
-        """The student's clean-image estimate f(x, t, w)."""
-        out = model(x, t, timestep_cond=w_embedding, **cond).sample.float()
+        """The student's clean-image estimate f(x, t, w) (an LCM-LoRA student has no guidance input: f(x, t))."""
+        extra = {} if self.lora_rank else {"timestep_cond": w_embedding}
+        out = model(x, t, **extra, **cond).sample.float()
         abar = self.abar[t.clamp(min=0)].view(-1, 1, 1, 1)
         x0, _ = x0_and_eps(out, x.float(), abar, self.prediction)
         if self.x0_clip is not None:
@@ -236,9 +265,13 @@ class ConsistencyDistillation(TrainingMethod):
 
     def export(self, model, out_dir: Path) -> Path:
         teacher = self.teacher
+        unet = model
+        if self.lora_rank:  # the adapter alone (lora/), and the U-Net with it fused in for the pipeline
+            save_lora_adapter(model, Path(out_dir) / LORA_DIR, self.student_scheduler())
+            unet = fused_copy(model)
         folder = save_pipeline(
             Path(out_dir) / PIPELINE_DIR,
-            model,
+            unet,
             self.student_scheduler(),
             teacher.label_names,
             vae=teacher.vae if teacher.is_latent else None,
@@ -253,10 +286,52 @@ class ConsistencyDistillation(TrainingMethod):
             "teacher_prediction": self.prediction,
             "solver_steps": d.solver_steps,
             "guidance_range": [d.guidance_min, d.guidance_max],
-            "method": "latent consistency distillation",
+            "method": "latent consistency distillation" + (f" (LoRA rank {self.lora_rank})" if self.lora_rank else ""),
+            "lora_rank": self.lora_rank,
+            "sampling_guidance": 1.0 if self.lora_rank else "any scale in the guidance range, one evaluation per step",
         }
         (folder / DISTILL_FILE).write_text(json.dumps(note, indent=2))
         return folder
+
+
+def lora_student(teacher_unet: UNet2DConditionModel, rank: int) -> UNet2DConditionModel:
+    """A copy of the teacher's U-Net with trainable LoRA adapters (B = 0: it starts as the teacher) on the
+    LCM_LORA_TARGETS it has; everything else frozen."""
+    from peft import LoraConfig
+
+    student = UNet2DConditionModel.from_config(teacher_unet.config)
+    student.load_state_dict(teacher_unet.state_dict())
+    student.requires_grad_(False)
+    names = {name for name, _ in student.named_modules()}
+    targets = [t for t in LCM_LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+    alpha: Any = rank  # peft annotates an int
+    student.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=targets))
+    return student
+
+
+def fused_copy(model: torch.nn.Module) -> UNet2DConditionModel:
+    """A plain U-Net with the LoRA adapters of `model` fused into its weights (the training copy is left as it is)."""
+    unet: Any = copy.deepcopy(model)
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    return unet
+
+
+def save_lora_adapter(model: torch.nn.Module, folder: Path, scheduler: LCMScheduler) -> Path:
+    """The adapter alone in diffusers' LoRA format (pytorch_lora_weights.safetensors) with the LCMScheduler to
+    sample it with: `pipe.load_lora_weights(folder)`; `pipe.scheduler = LCMScheduler.from_pretrained(folder,
+    subfolder="scheduler")` over the teacher."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # peft's own key names (lora_A / lora_B), which diffusers reads back exactly; converted to the older diffusers
+    # names (lora.down / lora.up), the attention adapters of a mixed-target LoRA are dropped on loading (measured
+    # with diffusers 0.42 / peft 0.21: only the convolution and projection adapters came back)
+    layers = get_peft_model_state_dict(model)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    return folder
 
 
 def distilled_info(folder: str | Path) -> dict | None:

@@ -8,8 +8,10 @@ than the run's own report draws (issue 20: the demo's report measures 12 volumes
 For each (guidance, steps, seed): `per-condition` volumes of every label combination of the training volumes (the
 run's condition rows), scored by the real-trained 3D classifier (per-label AUC against the labels they were drawn
 with; the classifier is the run's, cached in MEDDIFF_CACHE) and, on phantoms, by the exact tumour measurement
-(presence AUC, side accuracy, and with a `Large` label the size AUC). Seconds per volume are this CPU's.
-Results: bench/results/volume_sampling.json and a table."""
+(presence AUC, side accuracy, and with a `Large` label the size AUC); and what guidance costs: slice FID (mean of
+the three planes, against the training volumes, as the run's report; real held-out vs training in the JSON) and
+diversity (mean pairwise 3D SSIM of the generated volumes; lower is more diverse; real held-out in the JSON).
+Seconds per volume are this CPU's. Results: bench/results/volume_sampling.json and a table."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 COLUMNS = [
     "guidance", "steps", "seed", "volumes", "s_per_volume", "classifier_auc", "measured_presence_auc", "side_accuracy",
-    "size_auc",
+    "size_auc", "slice_fid", "diversity_ssim3d",
 ]  # fmt: skip
 
 
@@ -43,6 +45,7 @@ def main() -> None:
     from common import write_results
     from meddiff.data.spec import load_dataset
     from meddiff.evaluation.volume_classifier import volume_classifier_scores
+    from meddiff.evaluation.volume_metrics import slice_distances, volume_diversity
     from meddiff.logs import configure_logging
     from meddiff.models.volume_pipeline import VolumePipeline
     from meddiff.training.config import load_config
@@ -53,6 +56,7 @@ def main() -> None:
         condition_rows,
         generate_condition_sets,
         label_subset,
+        real_feature_nets,
         tumour_fidelity,
     )
 
@@ -65,6 +69,10 @@ def main() -> None:
     rows_in = condition_rows(dataset, list(pipe.label_names))
     real, real_heldout = _model_range(dataset.images), _model_range(heldout.images)
     names = list(pipe.label_names)
+    features, _, _ = real_feature_nets(dataset, real, config.seed, 64, False)  # the run report's slice features
+    per_volume = 8
+    reference_fid = slice_distances(real, real_heldout, features, per_volume=per_volume, n_boot=0, seed=config.seed)
+    real_diversity = volume_diversity(real_heldout, real_heldout[:2], max_pairs=60, seed=config.seed).real
     rows = []
     for guidance in args.guidance:
         for steps in args.steps:
@@ -99,10 +107,17 @@ def main() -> None:
                         mean_volume_ml_by_size=tf.mean_volume_ml_by_size,
                         real_mean_volume_ml_by_size=tf.real_mean_volume_ml_by_size,
                     )
+                distances = slice_distances(
+                    real, synthetic, features, per_volume=per_volume, n_boot=0, seed=config.seed
+                )
+                row["slice_fid"] = round(distances.mean_fid, 2)
+                diversity = volume_diversity(real_heldout, synthetic, max_pairs=60, seed=config.seed)
+                row["diversity_ssim3d"] = round(diversity.synthetic, 3)
                 rows.append(row)
                 print(row, flush=True)
     del torch
-    write_results("volume_sampling", rows, COLUMNS, args.out, extra={"run": str(run)})
+    reference = {"slice_fid_real_heldout": round(reference_fid.mean_fid, 2), "diversity_real_heldout": real_diversity}
+    write_results("volume_sampling", rows, COLUMNS, args.out, extra={"run": str(run), **reference})
 
 
 if __name__ == "__main__":

@@ -182,6 +182,10 @@ def test_volume_sampling_bench_scores_each_guidance(runs, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["guidance"], r["steps"], r["volumes"]) for r in rows] == [(1.0, 2, 4), (3.0, 2, 4)]
     assert all(set(r["classifier_auc"]) == {"Tumour"} and "measured_presence_auc" in r for r in rows)
+    # what guidance costs: slice FID and 3D diversity per row, with the real held-out reference beside them
+    assert all(r["slice_fid"] >= 0 and -1 <= r["diversity_ssim3d"] <= 1 for r in rows)
+    saved = json.loads(out.read_text())
+    assert saved["slice_fid_real_heldout"] >= 0 and -1 <= saved["diversity_real_heldout"] <= 1
 
 
 def test_condition_rows_and_their_real_volumes_use_the_model_columns_only():

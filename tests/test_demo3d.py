@@ -64,4 +64,4 @@ def test_the_shipped_recipe_is_what_the_demo_trains(tmp_path):
     recipe = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo3d-cpu.yaml"), {}, {})
     trained = demo3d_config(tmp_path, "phantom3d:", 64, 0)
     assert recipe.volume == trained.volume
-    assert (recipe.guidance, recipe.sample_steps, recipe.cond_dropout) == (3.0, 12, 0.15)
+    assert (recipe.guidance, recipe.sample_steps, recipe.cond_dropout) == (8.0, 12, 0.15)

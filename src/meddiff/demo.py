@@ -206,7 +206,7 @@ def demo3d_config(out: Path, data: str, size: int, seed: int) -> TrainConfig:
         checkpoint_every=0,
         log_every=5,
         cond_dropout=0.15,
-        guidance=3.0,
+        guidance=8.0,  # measured on the demo's model (96 volumes): tumour presence AUC 0.76 at 3, 0.92 at 5, 0.99 at 8
         sample_steps=12,
         seed=seed,
         volume=volume,

@@ -144,24 +144,28 @@ def main() -> None:
     configure_logging()
     data = args.data or preset["data"]
     work = Path(args.workdir) / args.dataset
-    run_dir = work / f"generator-{steps}steps"
+    t0 = time.perf_counter()
+    autoencoder_report, ae_dir, ae_tag = None, None, ""
+    if "autoencoder_config" in preset:
+        ae_config = load_config(str(preset["autoencoder_config"]), {}, {"data": data})
+        if args.quick:
+            ae_config.max_steps = 4
+        # named by its step count (a --quick autoencoder is never taken for a full one) unless given
+        ae_dir = Path(args.autoencoder) if args.autoencoder else work / f"autoencoder-{ae_config.max_steps}steps"
+        if not (ae_dir / "metrics.json").is_file():
+            print(f"training the autoencoder into {ae_dir}", flush=True)
+            ae_config.out = str(ae_dir)
+            train_autoencoder_and_report(ae_config, progress=not args.quick)
+        autoencoder_report = json.loads((ae_dir / "metrics.json").read_text())
+        ae_tag = "-" + ae_dir.resolve().name  # the generator (and what is made from it) belongs to this autoencoder
+    run_dir = work / f"generator-{steps}steps{ae_tag}"
     config = load_config(str(args.config or preset["config"]), {}, {"data": data, "out": str(run_dir)})
     config.max_steps, config.max_minutes = steps, None
+    if ae_dir is not None:
+        config.latent.autoencoder = str(ae_dir)
     if args.quick:
         config.eval.min_steps, config.eval.fidelity_samples, config.eval.grid_per_label = 0, 32, 2
         config.eval.classifier_epochs = 1
-    t0 = time.perf_counter()
-    autoencoder_report = None
-    if "autoencoder_config" in preset:
-        ae_dir = Path(args.autoencoder) if args.autoencoder else work / "autoencoder"
-        if not (ae_dir / "metrics.json").is_file():
-            print(f"training the autoencoder into {ae_dir}", flush=True)
-            ae_config = load_config(str(preset["autoencoder_config"]), {}, {"data": data, "out": str(ae_dir)})
-            if args.quick:
-                ae_config.max_steps = 4
-            train_autoencoder_and_report(ae_config, progress=not args.quick)
-        config.latent.autoencoder = str(ae_dir)
-        autoencoder_report = json.loads((ae_dir / "metrics.json").read_text())
     if not (run_dir / "metrics.json").is_file():
         print(f"training the generator: {steps} steps", flush=True)
         train_and_report(config, progress=not args.quick)
@@ -183,12 +187,12 @@ def main() -> None:
         plan = GenerationPlan(real.labels[order], real.known[order], [None] * n, "mirror of the real training labels")
     settings = SamplingSettings(steps=args.sample_steps, guidance=config.guidance, seed=0, batch_size=128)
     subset = "-subset" if args.synthetic == "mirror" and n < len(real) else ""  # a random subset of the rows
-    syn_dir = work / f"synthetic-{args.synthetic}{subset}-{n}-{steps}steps"
+    syn_dir = work / f"synthetic-{args.synthetic}{subset}-{n}-{steps}steps{ae_tag}"
     t = time.perf_counter()
     if not (syn_dir / "manifest.csv").is_file():
         generate_dataset(pipe, run_dir, plan, settings, syn_dir, progress=not args.quick)
     generate_s = time.perf_counter() - t
-    eval_dir = work / f"evaluate-{args.synthetic}-{n}-{steps}steps-{args.seeds}x{args.epochs}"
+    eval_dir = work / f"evaluate-{args.synthetic}-{n}-{steps}steps{ae_tag}-{args.seeds}x{args.epochs}"
     run_evaluation(
         data,
         str(syn_dir),

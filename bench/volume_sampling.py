@@ -112,7 +112,7 @@ def main() -> None:
                 )
                 row["slice_fid"] = round(distances.mean_fid, 2)
                 diversity = volume_diversity(real_heldout, synthetic, max_pairs=60, seed=config.seed)
-                row["diversity_ssim3d"] = round(diversity.synthetic, 3)
+                row["diversity_ssim3d"] = None if diversity.synthetic is None else round(diversity.synthetic, 3)
                 rows.append(row)
                 print(row, flush=True)
     del torch

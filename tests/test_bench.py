@@ -554,9 +554,9 @@ def test_real_data_bench_latent_preset_trains_its_autoencoder_and_evaluates_at_6
     s = json.loads(out.read_text())["summary"]
     assert s["generator_resolution"] == 128 and s["evaluate_resolution"] == 64
     assert s["autoencoder"]["latent_shape"] == [4, 32, 32] and s["autoencoder"]["psnr"] > 0
-    ae = work / "alzheimer-128" / "autoencoder"
+    ae = work / "alzheimer-128" / "autoencoder-4steps"  # named by its steps: never taken for a full one
     assert (ae / "metrics.json").is_file() and (ae / "autoencoder").is_dir()
-    assert str(ae) in (work / "alzheimer-128" / "generator-4steps" / "config.yaml").read_text()
+    assert str(ae) in (work / "alzheimer-128" / "generator-4steps-autoencoder-4steps" / "config.yaml").read_text()
 
 
 @pytest.mark.slow  # renders 3,200 phantoms in a subprocess

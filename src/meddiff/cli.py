@@ -120,10 +120,16 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_settings(args):
+    """The sampling flags given; without --guidance, the model's own scale (its run's config.yaml: what it was
+    trained and reported with), else 2."""
+    from meddiff.models.storage import model_guidance
     from meddiff.options import given
     from meddiff.sampling.generate import SamplingSettings
 
-    return SamplingSettings(**given(args))
+    settings = given(args)
+    if "guidance" not in settings and getattr(args, "model", None):
+        settings["guidance"] = model_guidance(args.model)
+    return SamplingSettings(**settings)
 
 
 def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.ArgumentParser:

@@ -235,8 +235,6 @@ def distill_and_report(config: TrainConfig, progress: bool = True) -> RunSummary
         fidelity = json.loads((run / "metrics.json").read_text()).get("fidelity") or {}
         teacher_auc = fidelity.get("mean_synthetic_auc")
     teacher_steps, teacher_guidance = (teacher.sample_steps, teacher.guidance) if teacher else (20, 2.0)
-    if d.lora_rank:  # an LCM-LoRA student has its guidance distilled in and no guidance input: it samples at 1
-        config.guidance = 1.0
     distillation = DistillationSummary(
         teacher=str(run),
         method=(f"LCM-LoRA (rank {d.lora_rank}), " if d.lora_rank else "latent consistency distillation (LCM), ")

@@ -1,6 +1,7 @@
 """Few-step distillation: the student starts as its teacher, the consistency pieces are right, `meddiff distill`
 gives a model that loads and samples everywhere a model does, in the promised number of network evaluations."""
 
+import argparse
 import copy
 import json
 
@@ -289,9 +290,10 @@ def test_a_lora_student_starts_as_the_teacher_trains_only_its_adapters_and_expor
             teacher(x, t, encoder_hidden_states=None, class_labels=labels).sample,
         )
     config.learning_rate = 1e-2  # so that two steps move the adapters visibly
-    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    teacher_file = tiny_run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = teacher_file.read_bytes()
     train(config, data, progress=False)
-    assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())  # the teacher never learns
+    assert teacher_file.read_bytes() == before  # the teacher's weights on disk are untouched
     pipe = load_pipeline(tmp_path / "lora")
     assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.guidance_dim is None
     info = distilled_info(tmp_path / "lora" / "pipeline")
@@ -313,7 +315,20 @@ def test_a_lora_student_starts_as_the_teacher_trains_only_its_adapters_and_expor
         adapted = plain(x, t, encoder_hidden_states=None, class_labels=labels).sample
     torch.testing.assert_close(adapted, fused, atol=1e-4, rtol=1e-4)
     saved = yaml.safe_load((tmp_path / "lora" / "config.yaml").read_text())
-    assert saved["distill"]["lora_rank"] == 4
+    assert saved["distill"]["lora_rank"] == 4 and saved["guidance"] == 1.0
+    # so that sampling commands and the web page default to guidance 1 for it (its teacher: the run's 2)
+    from meddiff.cli import _sampling_settings
+    from meddiff.models.storage import model_guidance
+    from meddiff.serve.service import ModelService, Request
+
+    assert model_guidance(tmp_path / "lora") == model_guidance(tmp_path / "lora" / "pipeline") == 1.0
+    assert model_guidance(tiny_run) == 2.0 and model_guidance(tmp_path / "nowhere") == 2.0
+    args = argparse.Namespace(model=str(tmp_path / "lora"))
+    assert _sampling_settings(args).guidance == 1.0
+    service = ModelService(tmp_path / "lora", work_dir=tmp_path / "serve")
+    assert service.default_guidance == 1.0  # the page's slider starts there, and a request without one uses it
+    assert service.check(Request(findings=["Cardiomegaly"]))[1].guidance == 1.0
+    assert service.check(Request(findings=["Cardiomegaly"], guidance=2.5))[1].guidance == 2.5
     assert (tmp_path / "lora" / "lora" / "scheduler" / "scheduler_config.json").is_file()
 
 
@@ -362,3 +377,66 @@ def test_lcm_lora_of_a_fine_tuned_stable_diffusion_samples_in_few_steps(tmp_path
         tuned_only = load_pipeline(tuned).unet(x, t, encoder_hidden_states=states).sample
     torch.testing.assert_close(adapted, fused, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(fused, tuned_only, atol=1e-4)  # and the adapter did learn something
+
+
+def test_a_lora_student_resumes_exactly(tiny_run, tmp_path):
+    """An LCM-LoRA run interrupted after 2 of 3 steps and resumed ends with the same adapter (and fused U-Net) as an
+    uninterrupted one, with an EMA target network too (it moves only the adapters)."""
+    from safetensors.torch import load_file
+
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.loop import train
+
+    data = load_dataset("phantom:?n=64&seed=3", 32)
+    whole = _distill_config(tiny_run, tmp_path / "whole", lora_rank=4, target_decay=0.5)
+    whole.max_steps, whole.learning_rate = 3, 1e-2
+    train(whole, data, progress=False)
+    part = _distill_config(tiny_run, tmp_path / "part", lora_rank=4, target_decay=0.5)
+    part.max_steps, part.checkpoint_every, part.learning_rate = 2, 1, 1e-2
+    train(part, data, progress=False)
+    part.max_steps, part.resume = 3, "latest"
+    train(part, data, progress=False)
+    a = load_file(tmp_path / "whole" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "part" / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and any(x.abs().sum() > 0 for k, x in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    fused_a, fused_b = load_pipeline(tmp_path / "whole").unet, load_pipeline(tmp_path / "part").unet
+    for (name, x), (_, y) in zip(fused_a.state_dict().items(), fused_b.state_dict().items()):
+        torch.testing.assert_close(x, y, msg=name)
+
+
+@pytest.mark.slow  # builds a tiny Stable Diffusion and LoRA-fine-tunes it first
+def test_a_lora_fine_tuned_teacher_is_fused_before_distilling(tmp_path):
+    from meddiff.data.spec import load_dataset
+    from meddiff.testing import build_tiny_stable_diffusion
+    from meddiff.training.config import FinetuneConfig, TrainConfig
+    from meddiff.training.loop import train
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    base = build_tiny_stable_diffusion(tmp_path / "sd")
+    data = load_dataset("phantom:?n=8&seed=5", 32)
+    ft = TrainConfig(
+        data="phantom:?n=8&seed=5", out=str(tmp_path / "tuned"), method="finetune", resolution=32, batch_size=4,
+        max_steps=1, checkpoint_every=0, lr_warmup_steps=1, precision="fp32", ema=False,
+        finetune=FinetuneConfig(pretrained=str(base), method="lora", validation_images=1),
+    )  # fmt: skip
+    train(ft, data, progress=False)
+    for rank in (0, 4):
+        config = _distill_config(tmp_path / "tuned" / "lora", tmp_path / f"student{rank}", lora_rank=rank)
+        config.data, config.batch_size, config.max_steps = "phantom:?n=8&seed=5", 4, 1
+        method = ConsistencyDistillation(config, data)
+        assert not getattr(method.teacher.unet, "peft_config", None)  # the fine-tune's adapter is fused in
+        train(config, data, progress=False)
+        assert load_pipeline(tmp_path / f"student{rank}").vae.config.in_channels == 3
+
+
+def test_a_teacher_with_a_text_encoder_adapter_is_one_line():
+    from types import SimpleNamespace
+
+    from meddiff.training.methods.distill import fuse_adapters
+
+    pipe = SimpleNamespace(text_encoder=SimpleNamespace(peft_config={"default": None}), unet=SimpleNamespace())
+    with pytest.raises(MeddiffError, match="LoRA adapter on its text encoder"):
+        fuse_adapters(pipe)
+    fuse_adapters(SimpleNamespace(text_encoder=SimpleNamespace(), unet=SimpleNamespace()))  # nothing to fuse

@@ -232,3 +232,13 @@ def test_model_card_lines_say_how_to_load_each_export():
 def test_the_config_accepts_exactly_the_registered_strategies():
     choices = typing.get_args(typing.get_type_hints(FinetuneConfig)["method"])
     assert choices == FINETUNE_METHODS
+
+
+def test_lora_on_the_text_encoder_with_a_too_old_peft_is_one_line():
+    """transformers 5.x refuses peft < 0.22 for text-encoder adapters with a traceback; the strategy says so first."""
+    from meddiff.training.methods.finetune.lora import check_text_encoder_adapters
+
+    with pytest.raises(MeddiffError, match=r"needs peft >= 0\.22\.0 .*peft 0\.21\.2 is installed"):
+        check_text_encoder_adapters("0.21.2", "0.22.0")
+    check_text_encoder_adapters("0.22.0", "0.22.0")
+    check_text_encoder_adapters("0.23.1", "0.22.0")

@@ -593,14 +593,9 @@ def model_partners(
 
 def run_guidance(run_dir: Path, default: float = 2.0) -> float:
     """The guidance scale the run was trained and sampled with (its config.yaml), else `default`."""
-    import yaml
+    from meddiff.models.storage import model_guidance
 
-    path = Path(run_dir) / "config.yaml"
-    if path.is_file():
-        value = (yaml.safe_load(path.read_text()) or {}).get("guidance")
-        if isinstance(value, int | float):
-            return float(value)
-    return default
+    return model_guidance(run_dir, default)
 
 
 @dataclass

@@ -95,6 +95,27 @@ def run_directory(path: str | Path) -> Path:
     return folder
 
 
+def model_guidance(path: str | Path, default: float = 2.0) -> float:
+    """The guidance scale a model was trained and reported with (its run's config.yaml), else `default`: what
+    sampling uses when no scale is asked for. A 3D latent run samples best at a higher scale (the demo: 8), an
+    LCM-LoRA student has its guidance distilled in (1)."""
+    import yaml
+
+    folder = Path(path).expanduser()
+    runs = [folder]
+    if folder.name == PIPELINE_DIR or folder.name in ADAPTER_DIRS:
+        runs.append(folder.parent)
+    for run in runs:
+        config = run / "config.yaml"
+        if config.is_file():
+            try:
+                value = (yaml.safe_load(config.read_text()) or {}).get("guidance")
+            except yaml.YAMLError:
+                return default
+            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+    return default
+
+
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu") -> MedDiffusionPipeline:
     folder = resolve_model_dir(path)
     quiet_loading()

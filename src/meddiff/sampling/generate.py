@@ -34,7 +34,10 @@ class SamplingSettings(Options):
 
     steps: int = option(20, "denoising steps", minimum=1)
     guidance: float = option(
-        2.0, "classifier-free guidance scale (1: conditional only; > 1 doubles the network evaluations)", minimum=0
+        2.0,
+        "classifier-free guidance scale (1: conditional only; > 1 doubles the network evaluations); commands that "
+        "load a model default to the scale its run was trained and reported with (config.yaml)",
+        minimum=0,
     )
     scheduler: SamplerName = option(
         "dpm++", "sampler (flow models: euler, heun, dpm++, dpm++3, unipc; distilled models use their own)"

@@ -72,12 +72,12 @@ def _header(gr, service, title: str) -> None:
             gr.Markdown(card, elem_id="model-card")
 
 
-def _steps_and_guidance(gr, lim):
-    """The steps and guidance sliders of both pages, bounded by the service limits."""
+def _steps_and_guidance(gr, lim, default_guidance: float = 2.0):
+    """The steps and guidance sliders of both pages, bounded by the service limits; guidance starts at the model's
+    own scale."""
     steps = gr.Slider(1, lim.max_steps, value=min(20, lim.max_steps), step=1, label="Steps", elem_id="steps")
-    guidance = gr.Slider(
-        0, lim.max_guidance, value=min(2.0, lim.max_guidance), step=0.1, label="Guidance scale", elem_id="guidance"
-    )
+    start = min(default_guidance, lim.max_guidance)
+    guidance = gr.Slider(0, lim.max_guidance, value=start, step=0.1, label="Guidance scale", elem_id="guidance")
     return steps, guidance
 
 
@@ -121,7 +121,7 @@ def build_app(service: ModelService | VolumeModelService):
                     label="Number of images",
                     elem_id="n-images",
                 )
-                steps, guidance = _steps_and_guidance(gr, lim)
+                steps, guidance = _steps_and_guidance(gr, lim, service.default_guidance)
                 scheduler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="Scheduler", elem_id="scheduler")
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -276,7 +276,7 @@ def build_volume_app(service: VolumeModelService):
                     info="absent: a volume with exactly the checked labels "
                     "(nothing checked: none of them); unspecified: the model decides",
                 )
-                steps, guidance = _steps_and_guidance(gr, lim)
+                steps, guidance = _steps_and_guidance(gr, lim, service.default_guidance)
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):

@@ -27,7 +27,7 @@ from meddiff.conditioning.labels import LabelCodec
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import SAMPLERS
 from meddiff.models.pipeline import encode_condition
-from meddiff.models.storage import load_pipeline, resolve_model_dir
+from meddiff.models.storage import load_pipeline, model_guidance, resolve_model_dir
 from meddiff.models.volume_pipeline import PIPELINE_FILE, VolumePipeline
 from meddiff.options import Options, option
 from meddiff.sampling.export import SYNTHETIC_NOTE
@@ -68,7 +68,7 @@ class Request:
     others: str = "absent"  # unchecked findings: "absent" (an image with exactly these) or "unspecified"
     n: float | None = 4
     steps: float | None = 20
-    guidance: float | None = 2.0
+    guidance: float | None = None  # None: the model's own scale (ModelService.default_guidance)
     scheduler: str | None = "dpm++"
     seed: float | None = 0
     negative_prompt: str | None = ""
@@ -89,7 +89,7 @@ class VolumeRequest:
     labels: list[str] = field(default_factory=list)
     others: str = "absent"  # unchecked labels: "absent" (a volume with exactly these) or "unspecified"
     steps: float | None = 20
-    guidance: float | None = 2.0
+    guidance: float | None = None  # None: the model's own scale (VolumeModelService.default_guidance)
     seed: float | None = 0
 
 
@@ -204,6 +204,7 @@ class ModelService(_Workspace):
         if reason:
             self.stamp = {"privacy": f"PRIVACY AUDIT FAILED: {reason}; served with --allow-failed-audit"}
         self.pipe = load_pipeline(model_dir, device=device)
+        self.default_guidance = model_guidance(self.model_dir)  # what the run was trained and reported with
         super().__init__(limits, work_dir)
 
     # what the page shows --------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class ModelService(_Workspace):
         n = _whole(request.n, "Number of images", 1, lim.max_images)
         steps = _whole(request.steps, "Steps", 1, lim.max_steps)
         seed = _whole(request.seed, "Seed", 0, MAX_SEED)
-        guidance = _guidance(request.guidance, lim.max_guidance)
+        guidance = _guidance(self.default_guidance if request.guidance is None else request.guidance, lim.max_guidance)
         scheduler = (request.scheduler or "").lower()
         if scheduler not in SAMPLERS:
             raise RequestError(f"unknown scheduler {request.scheduler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -330,6 +331,7 @@ class VolumeModelService(_Workspace):
             )
         self.model_dir = folder / "pipeline" if (folder / "pipeline" / PIPELINE_FILE).is_file() else folder
         self.pipe = VolumePipeline.from_pretrained(self.model_dir, device=device)
+        self.default_guidance = model_guidance(self.model_dir)
         super().__init__(limits, work_dir)
 
     @property
@@ -355,7 +357,7 @@ class VolumeModelService(_Workspace):
         lim = self.limits
         steps = _whole(request.steps, "Steps", 1, lim.max_steps)
         seed = _whole(request.seed, "Seed", 0, MAX_SEED)
-        guidance = _guidance(request.guidance, lim.max_guidance)
+        guidance = _guidance(self.default_guidance if request.guidance is None else request.guidance, lim.max_guidance)
         checked = [str(name).strip() for name in (request.labels or []) if str(name).strip()]
         if checked and not self.label_names:
             raise RequestError("this model is unconditional: it takes no labels")

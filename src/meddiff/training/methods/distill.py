@@ -115,6 +115,7 @@ class ConsistencyDistillation(TrainingMethod):
             raise MeddiffError("distill.guidance_max must be at least distill.guidance_min")
         self.teacher = load_pipeline(d.teacher)
         distillable(self.teacher)
+        fuse_adapters(self.teacher)
         self.teacher.unet.requires_grad_(False).eval()
         names = self.teacher.label_names
         self.use_labels = self.teacher.supports_labels
@@ -156,6 +157,9 @@ class ConsistencyDistillation(TrainingMethod):
         self.lora_rank = int(d.lora_rank)
         if self.lora_rank:
             self.student = lora_student(self.teacher.unet, self.lora_rank)
+            # its guidance is distilled in and it has no guidance input: it samples at 1 (saved in config.yaml, so
+            # that generate, fidelity and serve default to it)
+            config.guidance = 1.0
         else:
             student_config = {**self.teacher.unet.config, "time_cond_proj_dim": d.guidance_dim}
             self.student = UNet2DConditionModel.from_config(student_config)
@@ -183,7 +187,8 @@ class ConsistencyDistillation(TrainingMethod):
             return
         weight = 1.0 - self.config.distill.target_decay
         for t, s in zip(self.target.parameters(), model.parameters()):
-            t.lerp_(s.detach().to(t.dtype), weight)
+            if s.requires_grad:  # frozen weights (an LCM-LoRA student's base) are the same in both
+                t.lerp_(s.detach().to(t.dtype), weight)
 
     def batch_source(self):
         return self.latents if self.latents is not None else self.dataset
@@ -292,6 +297,19 @@ class ConsistencyDistillation(TrainingMethod):
         }
         (folder / DISTILL_FILE).write_text(json.dumps(note, indent=2))
         return folder
+
+
+def fuse_adapters(pipe) -> None:
+    """A teacher loaded as base model + LoRA adapter (a `meddiff finetune --method lora` run) gets the adapter fused
+    into its U-Net, so that students copy plain weights; an adapter on the text encoder is refused in one line."""
+    if getattr(pipe.text_encoder, "peft_config", None):
+        raise MeddiffError(
+            "the teacher has a LoRA adapter on its text encoder, which distillation cannot carry over; fine-tune "
+            "without --lora-text-encoder (or fully) and distil that"
+        )
+    if getattr(pipe.unet, "peft_config", None):
+        pipe.unet.fuse_lora(lora_scale=1.0)
+        pipe.unet.unload_lora()
 
 
 def lora_student(teacher_unet: UNet2DConditionModel, rank: int) -> UNet2DConditionModel:

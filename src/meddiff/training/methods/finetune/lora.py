@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from meddiff.errors import MeddiffError
 from meddiff.training.methods.finetune.strategy import (
     FinetuneRun,
     FinetuneStrategy,
@@ -21,9 +22,35 @@ TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
+def check_text_encoder_adapters(peft_version: str | None = None, needed: str | None = None) -> None:
+    """LoRA on the text encoder goes through transformers' PEFT integration, which refuses peft releases older
+    than its MIN_PEFT_VERSION (transformers 5.x: 0.22) with a traceback: say so in one line before anything loads.
+    The arguments default to the installed peft and what the installed transformers needs."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if needed is None:
+        try:
+            from transformers.integrations.peft import MIN_PEFT_VERSION
+        except ImportError:  # older transformers: no such gate
+            return
+        needed = str(MIN_PEFT_VERSION)
+    peft_version = peft_version or version("peft")
+    if Version(peft_version) < Version(needed):
+        raise MeddiffError(
+            f"--lora-text-encoder needs peft >= {needed} with the installed transformers (peft {peft_version} is "
+            "installed): upgrade peft, or train LoRA on the U-Net only"
+        )
+
+
 class LoraFinetune(FinetuneStrategy):
     name = "lora"
     default_learning_rate = 1e-4
+
+    def check(self) -> None:
+        if self.ft.lora_text_encoder:
+            check_text_encoder_adapters()
 
     @property
     def text_encoder_learns(self) -> bool:

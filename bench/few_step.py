@@ -8,7 +8,9 @@ the flow-matching objective and a distilled student, all from the same data, rec
 
 Models (trained once, reused from --workdir): the teacher (the recipe as is: epsilon, Min-SNR), a flow-matching
 model (`model.objective: flow`, everything else equal) trained for the same steps, and a student distilled from
-the teacher (`meddiff distill`); training minutes are reported per row, the student's including its teacher's.
+the teacher (`meddiff distill`), and for the LCM-LoRA rows an adapter student (`meddiff distill --lora-rank 16`,
+sampled at guidance 1, its guidance distilled in); training minutes are reported per row, a student's including its
+teacher's.
 
 Each row draws `--n` images per seed with the condition rows of the real held-out split (cycled), and reports:
 - NFE per image, counted by a hook on the U-Net (rows it saw / images), so guidance's second pass is counted;
@@ -61,7 +63,10 @@ ROWS = [
     ("distilled 1", "student", "lcm", 1),
     ("distilled 2", "student", "lcm", 2),
     ("distilled 4", "student", "lcm", 4),
+    ("LCM-LoRA 2", "lora_student", "lcm", 2),  # `meddiff distill --lora-rank 16`: sampled at guidance 1 (distilled in)
+    ("LCM-LoRA 4", "lora_student", "lcm", 4),
 ]
+LORA_RANK = 16
 
 
 def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
@@ -83,8 +88,17 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
             "lr_warmup_steps": 50,
             "lr_schedule": "cosine",
         },
+        "lora_student": {
+            "method": "distill",
+            "distill.teacher": str(work / "teacher"),
+            "distill.steps": 4,
+            "distill.lora_rank": LORA_RANK,
+            "learning_rate": 5e-4,  # only the adapters learn (LCM-LoRA's usual rate is above a full student's)
+            "lr_warmup_steps": 50,
+            "lr_schedule": "cosine",
+        },
     }
-    if "student" in needed:
+    if needed & {"student", "lora_student"}:
         needed = needed | {"teacher"}
     for name, sets in variants.items():
         if name not in needed:
@@ -92,7 +106,7 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
         out = work / name
         info_path = out / "bench_training.json"
         if not info_path.is_file():
-            steps = args.distill_steps if name == "student" else args.train_steps
+            steps = args.distill_steps if name in ("student", "lora_student") else args.train_steps
             config = load_config(args.config, {}, {"data": args.data, "out": str(out), **sets})
             config.max_steps, config.max_minutes, config.checkpoint_every = steps, None, 0
             config.eval.fidelity = False
@@ -100,10 +114,9 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
             result = train(config, train_data, progress=not args.quiet)
             info_path.write_text(json.dumps({"steps": result.steps, "minutes": round(result.train_seconds / 60, 2)}))
         models[name] = json.loads(info_path.read_text())
-    if "student" in models:
-        models["student"]["minutes_with_teacher"] = round(
-            models["student"]["minutes"] + models["teacher"]["minutes"], 2
-        )
+    for name in ("student", "lora_student"):
+        if name in models:
+            models[name]["minutes_with_teacher"] = round(models[name]["minutes"] + models["teacher"]["minutes"], 2)
     return models
 
 
@@ -326,7 +339,17 @@ def main() -> None:
             "steps": steps_run,
             "train_steps": info["steps"],
             "train_minutes": info.get("minutes_with_teacher", info["minutes"]),
-            **evaluate_row(pipes[model], sampler, steps_run, n, seeds, args.guidance, ctx, parts_dir(name, n)),
+            # an LCM-LoRA student has the guidance distilled in and no guidance input: it samples at 1
+            **evaluate_row(
+                pipes[model],
+                sampler,
+                steps_run,
+                n,
+                seeds,
+                1.0 if model == "lora_student" else args.guidance,
+                ctx,
+                parts_dir(name, n),
+            ),  # fmt: skip
             "fid_real_train_vs_test": floor,
         }
         measured[name] = row

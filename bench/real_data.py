@@ -167,6 +167,8 @@ def main() -> None:
         config.eval.min_steps, config.eval.fidelity_samples, config.eval.grid_per_label = 0, 32, 2
         config.eval.classifier_epochs = 1
     if not (run_dir / "metrics.json").is_file():
+        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+            config.resume = "latest"  # an interrupted generator (or its report) carries on from its last checkpoint
         print(f"training the generator: {steps} steps", flush=True)
         train_and_report(config, progress=not args.quick)
     metrics = json.loads((run_dir / "metrics.json").read_text())

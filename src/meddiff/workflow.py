@@ -121,10 +121,11 @@ def report_run(
     fidelity: FidelityReport | None = None
     if plan.fidelity_samples:
         t = time.perf_counter()
-        heldout = load_dataset(spec.heldout(), config.resolution)
+        size = min(config.resolution, config.eval.classifier_size or config.resolution)
+        heldout = load_dataset(spec.heldout(), size)
         fid = label_fidelity(
             pipe,
-            dataset,
+            dataset if size == config.resolution else load_dataset(spec, size),
             heldout,
             plan.fidelity_samples,
             settings,

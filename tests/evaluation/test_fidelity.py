@@ -144,3 +144,39 @@ def test_fidelity_prompt_on_a_label_model_is_one_line(tiny_run, tmp_path, capsys
         == 2
     )
     assert "needs a text-conditioned model" in capsys.readouterr().err
+
+
+def test_a_smaller_classifier_size_measures_downsized_samples(tmp_path, monkeypatch):
+    """eval.classifier_size: the fidelity classifier is trained on real images at that size and the generated ones
+    (label fidelity and the prompt-response table) are downsized to it."""
+    import json
+
+    import meddiff.evaluation.features as features
+    from meddiff.evaluation.fidelity import at_size
+    from meddiff.models.factory import ModelConfig
+    from meddiff.training.config import EvalConfig, TrainConfig
+    from meddiff.workflow import train_and_report
+
+    x = __import__("torch").rand(3, 1, 32, 32)
+    assert at_size(x, 32) is x and tuple(at_size(x, 16).shape) == (3, 1, 16, 16)
+    assert float(at_size(x, 16)[0, 0, 0, 0]) == pytest.approx(float(x[0, 0, :2, :2].mean()), abs=1e-6)
+    seen, real = [], features.domain_classifier
+
+    def recording(train, *args, **kwargs):
+        seen.append(train.resolution)
+        return real(train, *args, **kwargs)
+
+    monkeypatch.setattr(features, "domain_classifier", recording)
+    config = TrainConfig(
+        data="phantom:?n=160&seed=3", out=str(tmp_path), conditioning="text", resolution=32, batch_size=8,
+        max_steps=2, checkpoint_every=0, sample_steps=2,
+        model=ModelConfig(block_out_channels=[16, 32], layers_per_block=1),
+        eval=EvalConfig(
+            fidelity_samples=8, classifier_epochs=1, grid_per_label=1, prompt_samples=2, min_steps=0,
+            classifier_size=16,
+        ),
+    )  # fmt: skip
+    train_and_report(config, progress=False)
+    assert seen == [16]
+    fidelity = json.loads((tmp_path / "metrics.json").read_text())["fidelity"]
+    assert fidelity["prompt_response"]["positive_rate"] and fidelity["synthetic_auc"]

@@ -64,6 +64,14 @@ class FidelityResult:
         return "\n".join(lines)
 
 
+def at_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 1, R, R) images -> (N, 1, size, size) by area averaging when the classifier works at a smaller size
+    (eval.classifier_size), unchanged otherwise."""
+    if images.shape[-1] == size:
+        return images
+    return torch.nn.functional.interpolate(images.float(), size=(size, size), mode="area")
+
+
 def label_fidelity(
     pipe: MedDiffusionPipeline,
     train: ImageLabelDataset,
@@ -90,7 +98,7 @@ def label_fidelity(
     labels, known = heldout.labels[rows], heldout.known[rows]
     conditions = LabelCodec(names).encode(labels, known)
     images = sample(pipe, conditions, settings, progress=progress)
-    scaled = torch.from_numpy(images).unsqueeze(1) * 2 - 1
+    scaled = at_size(torch.from_numpy(images).unsqueeze(1) * 2 - 1, train.resolution)
     probs = predict(classifier, scaled)
     synthetic_auc = per_label_auc(probs, labels.numpy(), known.numpy(), names)
     table = None
@@ -215,7 +223,9 @@ def prompt_response(
     all_prompts = [p for p in prompts for _ in range(n_per_prompt)]
     conditions = torch.zeros(len(all_prompts), 2 * len(pipe.label_names))
     images = sample(pipe, conditions, settings, prompts=all_prompts, progress=progress)
-    probs = predict(classifier, torch.from_numpy(images).unsqueeze(1) * 2 - 1).reshape(len(prompts), n_per_prompt, -1)
+    size = heldout.resolution if heldout is not None else images.shape[-1]
+    generated = at_size(torch.from_numpy(images).unsqueeze(1) * 2 - 1, size)
+    probs = predict(classifier, generated).reshape(len(prompts), n_per_prompt, -1)
     real_rate, real_count = None, None
     if heldout is not None:
         real_probs = predict(classifier, heldout.images)

@@ -97,6 +97,10 @@ class EvalConfig(Options):
     fidelity: bool = option(True, "train a real-image classifier and measure label fidelity of samples")
     fidelity_samples: int = option(256, "samples drawn for label fidelity", minimum=1)
     classifier_epochs: int = option(8, "epochs of the fidelity classifier", minimum=1)
+    classifier_size: int = option(
+        0, "the fidelity classifier works at most at this size: real images are loaded and generated ones downsized "
+        "to it (a 128 px classifier costs a CPU 4x a 64 px one; 0: the model's resolution)", minimum=0,
+    )  # fmt: skip
     grid_per_label: int = option(16, "images per label in the sample grid", minimum=1)
     prompt_samples: int = option(48, "text models: images per prompt for the prompt-response table", minimum=1)
     min_steps: int = option(

@@ -242,3 +242,6 @@ def test_lora_on_the_text_encoder_with_a_too_old_peft_is_one_line():
         check_text_encoder_adapters("0.21.2", "0.22.0")
     check_text_encoder_adapters("0.22.0", "0.22.0")
     check_text_encoder_adapters("0.23.1", "0.22.0")
+    check_text_encoder_adapters("0.22.0.dev0", "0.22.0")  # a development release of the needed one counts
+    with pytest.raises(MeddiffError):
+        check_text_encoder_adapters("0.9.0", "0.22.0")  # compared as numbers, not as text

@@ -26,9 +26,12 @@ def check_text_encoder_adapters(peft_version: str | None = None, needed: str | N
     """LoRA on the text encoder goes through transformers' PEFT integration, which refuses peft releases older
     than its MIN_PEFT_VERSION (transformers 5.x: 0.22) with a traceback: say so in one line before anything loads.
     The arguments default to the installed peft and what the installed transformers needs."""
+    import re
     from importlib.metadata import version
 
-    from packaging.version import Version
+    def release(text: str) -> tuple[int, ...]:  # "0.22.0.dev0" -> (0, 22, 0)
+        found = re.match(r"\d+(?:\.\d+)*", text.strip())
+        return tuple(int(part) for part in found.group(0).split(".")) if found else (0,)
 
     if needed is None:
         try:
@@ -37,7 +40,7 @@ def check_text_encoder_adapters(peft_version: str | None = None, needed: str | N
             return
         needed = str(MIN_PEFT_VERSION)
     peft_version = peft_version or version("peft")
-    if Version(peft_version) < Version(needed):
+    if release(peft_version) < release(needed):
         raise MeddiffError(
             f"--lora-text-encoder needs peft >= {needed} with the installed transformers (peft {peft_version} is "
             "installed): upgrade peft, or train LoRA on the U-Net only"

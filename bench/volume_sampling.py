@@ -45,7 +45,7 @@ def main() -> None:
     from common import write_results
     from meddiff.data.spec import load_dataset
     from meddiff.evaluation.volume_classifier import volume_classifier_scores
-    from meddiff.evaluation.volume_metrics import slice_distances, volume_diversity
+    from meddiff.evaluation.volume_metrics import pairwise_similarity, slice_distances
     from meddiff.logs import configure_logging
     from meddiff.models.volume_pipeline import VolumePipeline
     from meddiff.training.config import load_config
@@ -72,7 +72,7 @@ def main() -> None:
     features, _, _ = real_feature_nets(dataset, real, config.seed, 64, False)  # the run report's slice features
     per_volume = 8
     reference_fid = slice_distances(real, real_heldout, features, per_volume=per_volume, n_boot=0, seed=config.seed)
-    real_diversity = volume_diversity(real_heldout, real_heldout[:2], max_pairs=60, seed=config.seed).real
+    real_diversity = pairwise_similarity(real_heldout, max_pairs=60, seed=config.seed)[0]  # as the run's report
     rows = []
     for guidance in args.guidance:
         for steps in args.steps:
@@ -111,8 +111,8 @@ def main() -> None:
                     real, synthetic, features, per_volume=per_volume, n_boot=0, seed=config.seed
                 )
                 row["slice_fid"] = round(distances.mean_fid, 2)
-                diversity = volume_diversity(real_heldout, synthetic, max_pairs=60, seed=config.seed)
-                row["diversity_ssim3d"] = None if diversity.synthetic is None else round(diversity.synthetic, 3)
+                diversity = pairwise_similarity(synthetic, max_pairs=60, seed=config.seed)[0]
+                row["diversity_ssim3d"] = None if diversity is None else round(diversity, 3)
                 rows.append(row)
                 print(row, flush=True)
     del torch

@@ -31,9 +31,9 @@ def audit_model(
     """Sample, check, write RUN/privacy/audit.json and return it (needs `meddiff privacy calibrate` first). DDIM by
     default: its clipped clean-image estimate lets a memorising model show its copies, where DPM-Solver++ can
     diverge into noise (meddiff.evaluation.privacy_monitor)."""
-    from meddiff.evaluation.privacy_gate import count_copies, label_conditions, load_gate, run_guidance
+    from meddiff.evaluation.privacy_gate import count_copies, label_conditions, load_gate
     from meddiff.evaluation.privacy_monitor import revealing_sampler
-    from meddiff.models.storage import load_pipeline, run_directory
+    from meddiff.models.storage import load_pipeline, model_guidance, run_directory
     from meddiff.sampling.generate import SamplingSettings, sample
     from meddiff.sampling.synthesize import model_fingerprint
 
@@ -46,7 +46,7 @@ def audit_model(
     rows = np.random.default_rng(seed).choice(len(data), n, replace=len(data) < n)
     conditions = label_conditions(data, list(pipe.label_names), rows)
     scheduler = scheduler or revealing_sampler(pipe)
-    settings = SamplingSettings(steps=steps, guidance=run_guidance(run), seed=seed, scheduler=scheduler)
+    settings = SamplingSettings(steps=steps, guidance=model_guidance(run), seed=seed, scheduler=scheduler)
     logger.info("privacy audit: %d images from %s (%d steps)", n, run, steps)
     images = sample(pipe, conditions, settings, progress=True)
     count = count_copies(gate.calibration, gate.index, images)

@@ -591,13 +591,6 @@ def model_partners(
     return partners
 
 
-def run_guidance(run_dir: Path, default: float = 2.0) -> float:
-    """The guidance scale the run was trained and sampled with (its config.yaml), else `default`."""
-    from meddiff.models.storage import model_guidance
-
-    return model_guidance(run_dir, default)
-
-
 @dataclass
 class DetectorAudit:
     """A detector built for one training set, calibrated and measured (audit_detector)."""
@@ -672,9 +665,9 @@ def audit_detector(
     fusion_pool = rng.choice(rest, min(fusion_sources, len(rest)), replace=False)  # the learned fusion's copies
     pipe, guidance = None, 0.0
     if model_dir is not None:  # loaded once for all the model's near-copies
-        from meddiff.models.storage import load_pipeline, run_directory
+        from meddiff.models.storage import load_pipeline, model_guidance, run_directory
 
-        pipe, guidance = load_pipeline(model_dir), run_guidance(run_directory(model_dir))
+        pipe, guidance = load_pipeline(model_dir), model_guidance(run_directory(model_dir))
     descriptor, settings = None, None
     if descriptor_steps > 0:
         partners = None

@@ -134,12 +134,17 @@ class _Workspace:
     pipe: Any  # the loaded pipeline (2D or volume), set by the subclass before this __init__
 
     def __init__(self, limits: ServeLimits | None, work_dir: str | Path | None):
+        self.default_guidance = model_guidance(self.model_dir)  # what the run was trained and reported with
         self.codec = LabelCodec(self.label_names)
         self.limits = limits or ServeLimits()
         self.work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="meddiff-serve-"))
         self.work.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._count = 0
+
+    def _guidance(self, value) -> float:
+        """A request's guidance scale, checked; none given: the model's own (default_guidance)."""
+        return _guidance(self.default_guidance if value is None else value, self.limits.max_guidance)
 
     @property
     def label_names(self) -> list[str]:
@@ -204,7 +209,6 @@ class ModelService(_Workspace):
         if reason:
             self.stamp = {"privacy": f"PRIVACY AUDIT FAILED: {reason}; served with --allow-failed-audit"}
         self.pipe = load_pipeline(model_dir, device=device)
-        self.default_guidance = model_guidance(self.model_dir)  # what the run was trained and reported with
         super().__init__(limits, work_dir)
 
     # what the page shows --------------------------------------------------------------------------------------
@@ -243,7 +247,7 @@ class ModelService(_Workspace):
         n = _whole(request.n, "Number of images", 1, lim.max_images)
         steps = _whole(request.steps, "Steps", 1, lim.max_steps)
         seed = _whole(request.seed, "Seed", 0, MAX_SEED)
-        guidance = _guidance(self.default_guidance if request.guidance is None else request.guidance, lim.max_guidance)
+        guidance = self._guidance(request.guidance)
         scheduler = (request.scheduler or "").lower()
         if scheduler not in SAMPLERS:
             raise RequestError(f"unknown scheduler {request.scheduler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -331,7 +335,6 @@ class VolumeModelService(_Workspace):
             )
         self.model_dir = folder / "pipeline" if (folder / "pipeline" / PIPELINE_FILE).is_file() else folder
         self.pipe = VolumePipeline.from_pretrained(self.model_dir, device=device)
-        self.default_guidance = model_guidance(self.model_dir)
         super().__init__(limits, work_dir)
 
     @property
@@ -357,7 +360,7 @@ class VolumeModelService(_Workspace):
         lim = self.limits
         steps = _whole(request.steps, "Steps", 1, lim.max_steps)
         seed = _whole(request.seed, "Seed", 0, MAX_SEED)
-        guidance = _guidance(self.default_guidance if request.guidance is None else request.guidance, lim.max_guidance)
+        guidance = self._guidance(request.guidance)
         checked = [str(name).strip() for name in (request.labels or []) if str(name).strip()]
         if checked and not self.label_names:
             raise RequestError("this model is unconditional: it takes no labels")

@@ -308,8 +308,13 @@ def fuse_adapters(pipe) -> None:
             "without --lora-text-encoder (or fully) and distil that"
         )
     if getattr(pipe.unet, "peft_config", None):
-        pipe.unet.fuse_lora(lora_scale=1.0)
-        pipe.unet.unload_lora()
+        fuse_lora_into(pipe.unet)
+
+
+def fuse_lora_into(unet: Any) -> None:
+    """Fold a U-Net's LoRA adapters into its weights and remove them (a plain U-Net afterwards)."""
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
 
 
 def lora_student(teacher_unet: UNet2DConditionModel, rank: int) -> UNet2DConditionModel:
@@ -330,8 +335,7 @@ def lora_student(teacher_unet: UNet2DConditionModel, rank: int) -> UNet2DConditi
 def fused_copy(model: torch.nn.Module) -> UNet2DConditionModel:
     """A plain U-Net with the LoRA adapters of `model` fused into its weights (the training copy is left as it is)."""
     unet: Any = copy.deepcopy(model)
-    unet.fuse_lora(lora_scale=1.0)
-    unet.unload_lora()
+    fuse_lora_into(unet)
     return unet
 
 

@@ -98,6 +98,8 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
             "lr_schedule": "cosine",
         },
     }
+    for key, value in args.student_set:  # a distillation variant: these settings on both students
+        variants["student"][key] = variants["lora_student"][key] = value
     if needed & {"student", "lora_student"}:
         needed = needed | {"teacher"}
     for name, sets in variants.items():
@@ -255,6 +257,14 @@ def main() -> None:
     ap.add_argument(
         "--ddpm-seeds", type=int, nargs="+", default=None, help="seeds for DDPM-1000 (default: the first of --seeds)"
     )
+    ap.add_argument(
+        "--student-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config settings for the distilled students, e.g. distill.solver_steps=20 (use a new --workdir with "
+        "the teacher linked in: a trained student is reused)",
+    )
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--epochs", type=int, default=10, help="epochs of the real-trained domain classifier")
     ap.add_argument("--rows", nargs="+", default=None, help="only rows whose name starts with one of these")
@@ -263,6 +273,12 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny models, few images, few rows")
     args = ap.parse_args()
+    bad = [item for item in args.student_set if "=" not in item]
+    if bad:
+        ap.error(f"--student-set takes KEY=VALUE, got {bad[0]!r}")
+    import yaml
+
+    args.student_set = [(k, yaml.safe_load(v)) for k, v in (item.split("=", 1) for item in args.student_set)]
     if args.quick:
         args.train_steps, args.distill_steps, args.n, args.seeds, args.ddpm_n, args.epochs = 3, 2, 8, [0], 8, 1
 

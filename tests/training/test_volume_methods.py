@@ -242,6 +242,35 @@ def test_condition_dropout_gives_the_null_condition():
     assert not torch.equal(loss(c, 0.0), loss(None, 0.0))
 
 
+def test_noise_offset_shifts_each_volume_and_channel_of_the_noise():
+    """With noise_offset the noised latents at the top of the schedule carry a per-volume, per-channel constant
+    (what lets a model learn channel means), and the loss's noise target carries the same constant."""
+    seen: dict[str, torch.Tensor] = {}
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, conditions):
+            seen["x"] = x.detach()
+            return x * self.w
+
+    scheduler = build_volume_noise_scheduler(TINY.unet)
+    z = torch.zeros(64, 4, 6, 6, 6)
+
+    def channel_mean_spread(offset: float) -> float:
+        latent_diffusion_loss(Spy(), scheduler, z, None, torch.Generator().manual_seed(0), 0.0, None, offset)
+        return float(seen["x"].mean(dim=(2, 3, 4)).std())
+
+    plain, offset = channel_mean_spread(0.0), channel_mean_spread(0.5)
+    assert plain < 0.1  # the mean of 216 unit normals: ~0.07
+    assert offset > 0.3  # ~0.5 from the offset (times sqrt(1 - abar) ~ 1 for most timesteps)
+    # the loss is the same function of the model output: an all-zero output gives the noise's mean square
+    loss = latent_diffusion_loss(Spy(), scheduler, z, None, torch.Generator().manual_seed(0), 0.0, None, 0.5)
+    assert 1.1 < float(loss) < 1.5  # 1 + 0.5^2
+
+
 def test_tiny_latent_diffusion_overfit_lowers_the_loss():
     """Two dozen steps on 4 fixed tiny latents: the loss on fixed noise draws goes down."""
     torch.manual_seed(0)

@@ -103,11 +103,18 @@ def latent_diffusion_loss(
     generator: torch.Generator,
     cond_dropout: float = 0.0,
     snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
 ) -> torch.Tensor:
     """Mean loss of predicting the noise (or v) of scaled latents (B, C, d, h, w) at random timesteps. Each
-    volume's condition is replaced by the zero (null) condition with probability `cond_dropout`."""
+    volume's condition is replaced by the zero (null) condition with probability `cond_dropout`. `noise_offset`
+    adds a per-volume, per-channel constant to the noise: the noised latents' channel means then no longer give
+    away the clean ones' at the top of the schedule, so the model learns them from the condition (without it,
+    sampling from zero-mean noise keeps each channel's mean near zero: volumes too bright or too dark)."""
     device, b = latents.device, latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    noise = torch.randn(latents.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1, 1), generator=generator)
+    noise = noise.to(device, latents.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
     keep = (torch.rand(b, generator=generator) >= cond_dropout).to(torch.float32)
     if conditions is not None:
@@ -378,6 +385,7 @@ class VolumeLatentDiffusion(TrainingMethod):
             generator,
             self.config.cond_dropout,
             self.config.snr_gamma,
+            self.config.noise_offset,
         )
 
     def export(self, model, out_dir: Path) -> Path:

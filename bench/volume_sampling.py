@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 COLUMNS = [
     "guidance", "steps", "seed", "volumes", "s_per_volume", "classifier_auc", "measured_presence_auc", "side_accuracy",
-    "size_auc", "slice_fid", "diversity_ssim3d",
+    "size_auc", "mean_volume_ml", "real_mean_volume_ml", "slice_fid", "diversity_ssim3d",
 ]  # fmt: skip
 
 
@@ -104,6 +104,10 @@ def main() -> None:
                         measured_presence_auc=tf.presence_auc,
                         side_accuracy=tf.side_accuracy,
                         size_auc=tf.size_auc,
+                        mean_volume_ml=None if tf.mean_volume_ml is None else round(tf.mean_volume_ml, 1),
+                        real_mean_volume_ml=None
+                        if tf.real_mean_volume_ml is None
+                        else round(tf.real_mean_volume_ml, 1),
                         mean_volume_ml_by_size=tf.mean_volume_ml_by_size,
                         real_mean_volume_ml_by_size=tf.real_mean_volume_ml_by_size,
                     )

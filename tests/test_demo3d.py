@@ -65,3 +65,6 @@ def test_the_shipped_recipe_is_what_the_demo_trains(tmp_path):
     trained = demo3d_config(tmp_path, "phantom3d:", 64, 0)
     assert recipe.volume == trained.volume
     assert (recipe.guidance, recipe.sample_steps, recipe.cond_dropout) == (8.0, 12, 0.15)
+    keys = ("guidance", "sample_steps", "cond_dropout", "noise_offset", "learning_rate")
+    assert {k: getattr(recipe, k) for k in keys} == {k: getattr(trained, k) for k in keys}
+    assert trained.noise_offset == 0.1

@@ -137,6 +137,20 @@ def test_autoencoder_trains_on_crops_and_checks_them(volumes):
         METHODS["volume-autoencoder"](TrainConfig(), volumes, volume=VolumeModelConfig(autoencoder=odd))
 
 
+def test_autoencoder_trains_its_last_steps_on_whole_volumes(volumes):
+    """whole_volume_steps: crops until max_steps - N, whole volumes from there (what it will encode later)."""
+    cfg = VolumeAutoencoderConfig(**{**TINY.autoencoder.to_dict(), "train_crop": 8, "adversarial_weight": 0.1,
+                                     "whole_volume_steps": 2})  # fmt: skip
+    method = METHODS["volume-autoencoder"](TrainConfig(max_steps=5), volumes, volume=VolumeModelConfig(autoencoder=cfg))
+    whole = tuple(volumes.images.shape[2:])
+    seen = []
+    for step in range(5):
+        batch = {**method.batch(torch.tensor([0, 1]), "cpu"), "step": step}
+        method.loss(method.model, batch, torch.Generator().manual_seed(step))
+        seen.append(tuple(method._recon.shape[2:]))
+    assert seen == [(8, 8, 8)] * 3 + [whole] * 2
+
+
 def test_autoencoder_export_measures_the_scaling_factor(autoencoder_run):
     _, folder = autoencoder_run
     assert folder.name == "volume_autoencoder" and (folder / "model.safetensors").is_file()

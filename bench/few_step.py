@@ -107,6 +107,11 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
             continue
         out = work / name
         info_path = out / "bench_training.json"
+        if info_path.is_file():  # a trained model is reused only with the settings it was trained with
+            recorded = json.loads(info_path.read_text()).get("settings")  # None: before settings were recorded
+            variant = name in ("student", "lora_student") and bool(args.student_set)
+            if (recorded is not None and recorded != sets) or (recorded is None and variant):
+                raise SystemExit(f"{out} was trained with other settings than {sets}; use a new --workdir")
         if not info_path.is_file():
             steps = args.distill_steps if name in ("student", "lora_student") else args.train_steps
             config = load_config(args.config, {}, {"data": args.data, "out": str(out), **sets})
@@ -114,7 +119,8 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
             config.eval.fidelity = False
             print(f"training {name}: {steps} steps", flush=True)
             result = train(config, train_data, progress=not args.quiet)
-            info_path.write_text(json.dumps({"steps": result.steps, "minutes": round(result.train_seconds / 60, 2)}))
+            minutes = round(result.train_seconds / 60, 2)
+            info_path.write_text(json.dumps({"steps": result.steps, "minutes": minutes, "settings": sets}))
         models[name] = json.loads(info_path.read_text())
     for name in ("student", "lora_student"):
         if name in models:
@@ -325,6 +331,8 @@ def main() -> None:
     settings = {"n": args.n, "seeds": args.seeds, "ddpm_n": args.ddpm_n, "guidance": args.guidance, "quick": args.quick}
     if args.ddpm_seeds is not None:
         settings["ddpm_seeds"] = args.ddpm_seeds
+    if args.student_set:
+        settings["student_set"] = dict(args.student_set)
     done = {}
     if done_path.is_file():
         for line in done_path.read_text().splitlines():
@@ -389,7 +397,7 @@ def main() -> None:
         "near_copy_rate",
         "train_minutes",
     ]
-    path = write_results("few_step", rows, cols, args.out)
+    path = write_results("few_step", rows, cols, args.out, extra={"student_set": dict(args.student_set)})
     plot(rows, floor, path.with_suffix(".png"))
     print(f"curve: {path.with_suffix('.png')}")
 

@@ -137,20 +137,6 @@ def test_autoencoder_trains_on_crops_and_checks_them(volumes):
         METHODS["volume-autoencoder"](TrainConfig(), volumes, volume=VolumeModelConfig(autoencoder=odd))
 
 
-def test_autoencoder_trains_its_last_steps_on_whole_volumes(volumes):
-    """whole_volume_steps: crops until max_steps - N, whole volumes from there (what it will encode later)."""
-    cfg = VolumeAutoencoderConfig(**{**TINY.autoencoder.to_dict(), "train_crop": 8, "adversarial_weight": 0.1,
-                                     "whole_volume_steps": 2})  # fmt: skip
-    method = METHODS["volume-autoencoder"](TrainConfig(max_steps=5), volumes, volume=VolumeModelConfig(autoencoder=cfg))
-    whole = tuple(volumes.images.shape[2:])
-    seen = []
-    for step in range(5):
-        batch = {**method.batch(torch.tensor([0, 1]), "cpu"), "step": step}
-        method.loss(method.model, batch, torch.Generator().manual_seed(step))
-        seen.append(tuple(method._recon.shape[2:]))
-    assert seen == [(8, 8, 8)] * 3 + [whole] * 2
-
-
 def test_autoencoder_export_measures_the_scaling_factor(autoencoder_run):
     _, folder = autoencoder_run
     assert folder.name == "volume_autoencoder" and (folder / "model.safetensors").is_file()
@@ -256,33 +242,37 @@ def test_condition_dropout_gives_the_null_condition():
     assert not torch.equal(loss(c, 0.0), loss(None, 0.0))
 
 
-def test_noise_offset_shifts_each_volume_and_channel_of_the_noise():
-    """With noise_offset the noised latents at the top of the schedule carry a per-volume, per-channel constant
-    (what lets a model learn channel means), and the loss's noise target carries the same constant."""
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_noise_offset_shifts_each_volume_and_channel_of_the_noise(prediction_type):
+    """With noise_offset the noised latents carry a per-volume, per-channel constant (what lets a model learn the
+    channel means), and the target is the same offset noise: an oracle that recovers the noise from the noised
+    input and the clean latents scores zero loss, with or without the offset."""
     seen: dict[str, torch.Tensor] = {}
+    config = VolumeUNetConfig(**{**TINY.unet.to_dict(), "prediction_type": prediction_type})
+    scheduler = build_volume_noise_scheduler(config)
+    abar = scheduler.alphas_cumprod
+    z = torch.randn(64, 4, 6, 6, 6, generator=torch.Generator().manual_seed(5)) + 1.5
 
-    class Spy(torch.nn.Module):
+    class Oracle(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
 
         def forward(self, x, t, conditions):
-            seen["x"] = x.detach()
-            return x * self.w
+            a = abar[t].view(-1, 1, 1, 1, 1)
+            noise = (x - a.sqrt() * z) / (1 - a).sqrt()
+            seen["noise"] = noise.detach()
+            out = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z
+            return out + 0 * self.w
 
-    scheduler = build_volume_noise_scheduler(TINY.unet)
-    z = torch.zeros(64, 4, 6, 6, 6)
+    def run(offset: float) -> tuple[float, float]:
+        loss = latent_diffusion_loss(Oracle(), scheduler, z, None, torch.Generator().manual_seed(0), 0.0, None, offset)
+        return float(loss), float(seen["noise"].mean(dim=(2, 3, 4)).std())  # spread of the noise's channel means
 
-    def channel_mean_spread(offset: float) -> float:
-        latent_diffusion_loss(Spy(), scheduler, z, None, torch.Generator().manual_seed(0), 0.0, None, offset)
-        return float(seen["x"].mean(dim=(2, 3, 4)).std())
-
-    plain, offset = channel_mean_spread(0.0), channel_mean_spread(0.5)
-    assert plain < 0.1  # the mean of 216 unit normals: ~0.07
-    assert offset > 0.3  # ~0.5 from the offset (times sqrt(1 - abar) ~ 1 for most timesteps)
-    # the loss is the same function of the model output: an all-zero output gives the noise's mean square
-    loss = latent_diffusion_loss(Spy(), scheduler, z, None, torch.Generator().manual_seed(0), 0.0, None, 0.5)
-    assert 1.1 < float(loss) < 1.5  # 1 + 0.5^2
+    plain_loss, plain_spread = run(0.0)
+    offset_loss, offset_spread = run(0.5)
+    assert plain_loss < 1e-8 and offset_loss < 1e-8  # the target is exactly the noise in the input
+    assert offset_spread > plain_spread + 0.2  # the offset moves whole channels (+0.5 std), not single voxels
 
 
 def test_tiny_latent_diffusion_overfit_lowers_the_loss():

@@ -70,13 +70,6 @@ class VolumeAutoencoderConfig(Options):
         minimum=0,
         maximum=1,
     )
-    whole_volume_steps: int = option(
-        0,
-        "with train_crop: the last this many optimizer steps train on whole volumes. The networks' GroupNorm "
-        "statistics then come from what they encode and decode later (whole volumes); trained on crops only, the "
-        "demo's autoencoder decoded whole volumes with a mean bias of -0.11 inside the head that crops did not show",
-        minimum=0,
-    )
 
     def levels(self) -> int:
         """Channel levels the network uses."""

@@ -212,12 +212,6 @@ class VolumeAutoencoderTraining(TrainingMethod):
             edge = self.cfg.train_crop
         elif self.cfg.crop_focus > 0:
             logger.warning("crop_focus %g does nothing: whole volumes are trained (train_crop)", self.cfg.crop_focus)
-        if self.cfg.whole_volume_steps and getattr(config, "max_minutes", None):
-            logger.warning(
-                "whole_volume_steps counts back from max_steps (%d); a time budget may stop training before",
-                config.max_steps,
-            )
-        self.crops_until = config.max_steps - self.cfg.whole_volume_steps  # from this step on: whole volumes
         self.discriminator: Any = None  # a MONAI PatchDiscriminator when adversarial_weight > 0
         if self.cfg.adversarial_weight > 0:
             self.discriminator = PatchDiscriminator(
@@ -257,11 +251,9 @@ class VolumeAutoencoderTraining(TrainingMethod):
         return self.discriminator is not None and step >= self.cfg.adversarial_start
 
     def loss(self, model, batch, generator):
-        step = int(batch.get("step", 0))
-        crop = self.cfg.train_crop if not self.cfg.whole_volume_steps or step < self.crops_until else 0
-        x = random_crops(batch["image"], crop, generator, self.cfg.crop_focus)
+        x = random_crops(batch["image"], self.cfg.train_crop, generator, self.cfg.crop_focus)
         total, recon, metrics = autoencoder_loss(model, x, generator, self.cfg.reconstruction_loss)
-        if self._adversarial(step):
+        if self._adversarial(int(batch.get("step", 0))):
             self.discriminator.requires_grad_(False)
             adversarial = generator_adversarial_loss(self._logits(recon))
             self.discriminator.requires_grad_(True)

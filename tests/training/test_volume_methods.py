@@ -1,5 +1,6 @@
 """Training methods for 3D volumes: the autoencoder and latent diffusion steps, stored latents, exports."""
 
+import dataclasses
 import json
 
 import pytest
@@ -206,6 +207,31 @@ def test_latent_diffusion_method_trains_on_stored_latents_and_exports(tmp_path, 
     assert pipe.label_names == ["tumour", "left"] and pipe.grid == volumes.grid and pipe.trained_on == "random:0"
     out = pipe(pipe.encode_labels([["tumour"]]), num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 2, 16, 16, 16)
+
+
+def test_latent_channel_means_and_the_noise_offset_advice(tmp_path, autoencoder_run, volumes, caplog, monkeypatch):
+    from meddiff.training.methods.volume import latent_channel_means, noise_offset_advice
+
+    ae_dir, _ = autoencoder_run
+    config = TrainConfig(out=str(tmp_path), latent=LatentConfig(autoencoder=str(ae_dir)))
+    method = METHODS["volume-latent"](config, volumes, volume=TINY)
+    means = latent_channel_means(method.latents, method.autoencoder)
+    with torch.no_grad():  # the same from the volumes themselves: posterior means, scaled, averaged per channel
+        x = model_range(volumes.images[: len(volumes)])
+        z = method.autoencoder.to_model_latents(method.autoencoder.encode(x).latent_dist.mean)
+    assert means.shape == (4,) and torch.allclose(means, z.mean(dim=(0, 2, 3, 4)), atol=2e-3)
+    demo = torch.tensor([0.01, 1.15, -0.26, 0.65])  # the 3D demo's latents, which sampled too bright without it
+    advice = noise_offset_advice(demo, 0.0)
+    assert advice is not None and "1.15" in advice and "--noise-offset" in advice
+    assert noise_offset_advice(demo, 0.1) is None  # trained with an offset: nothing to say
+    assert noise_offset_advice(torch.tensor([0.05, -0.1, 0.2, 0.0]), 0.0) is None  # near zero-mean channels
+    # the method says it when it applies (channel means far from zero, no offset) and not otherwise
+    monkeypatch.setattr("meddiff.training.methods.volume.latent_channel_means", lambda latents, ae: demo)
+    for offset, warned in ((0.0, True), (0.1, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="meddiff"):
+            METHODS["volume-latent"](dataclasses.replace(config, noise_offset=offset), volumes, volume=TINY)
+        assert any("noise_offset is 0" in r.getMessage() for r in caplog.records) == warned
 
 
 def test_latent_diffusion_method_errors(tmp_path, autoencoder_run, volumes):

@@ -497,6 +497,10 @@ def test_few_step_bench_counts_evaluations_and_writes_json(tmp_path, phantom_dir
     (tmp_path / "w" / "rows.jsonl").unlink()
     parts = subprocess.run([*command, "--rows", "DPM++"], capture_output=True, text=True, timeout=900)
     assert parts.returncode == 0 and "seed 0: measured before" in parts.stdout, parts.stderr[-2000:]
+    # a distillation variant never reuses a student trained with other settings: one line, not a stale row
+    variant = [*command, "--rows", "distilled", "--student-set", "distill.solver_steps=10"]
+    refused = subprocess.run(variant, capture_output=True, text=True, timeout=900)
+    assert refused.returncode != 0 and "other settings" in refused.stderr and "Traceback" not in refused.stderr
     assert set(rows) == {"DDPM 1000", "DPM++ 4", "flow Heun 4", "distilled 2"}
     # counted, not assumed: guidance 2 doubles the teacher's and the flow model's passes, Heun takes 2 per step
     # except the last, the distilled student takes the guidance scale as an input

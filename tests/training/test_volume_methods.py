@@ -293,7 +293,7 @@ def test_noise_offset_shifts_each_volume_and_channel_of_the_noise(prediction_typ
 
     def run(offset: float) -> tuple[float, float]:
         loss = latent_diffusion_loss(Oracle(), scheduler, z, None, torch.Generator().manual_seed(0), 0.0, None, offset)
-        return float(loss), float(seen["noise"].mean(dim=(2, 3, 4)).std())  # spread of the noise's channel means
+        return float(loss.detach()), float(seen["noise"].mean(dim=(2, 3, 4)).std())  # spread of the channel means
 
     plain_loss, plain_spread = run(0.0)
     offset_loss, offset_spread = run(0.5)

@@ -138,6 +138,29 @@ def test_autoencoder_trains_on_crops_and_checks_them(volumes):
         METHODS["volume-autoencoder"](TrainConfig(), volumes, volume=VolumeModelConfig(autoencoder=odd))
 
 
+def test_bright_weight_counts_each_volumes_brightest_voxels_more():
+    from meddiff.training.methods.volume import autoencoder_loss, bright_voxel_weights
+
+    x = -torch.ones(2, 1, 10, 10, 10)
+    x[0, 0, :1] = 1.0  # volume 0: a bright slab of 100 voxels (10 %)
+    x[1, 0, 2, 2, 2:7] = 0.5  # volume 1: a thin bright line of 5 voxels (0.5 %), at another level
+    w = bright_voxel_weights(x, 9.0)
+    assert set(w.unique().tolist()) == {1.0, 10.0}
+    assert bool((w[1][x[1] > 0] == 10.0).all())  # the thin line is the top of its own volume, whatever its level
+    assert int((w[0] == 10.0).sum()) <= 100  # at most what is above the volume's 99th percentile (ties excluded)
+
+    class Blur(torch.nn.Module):  # an "autoencoder" that returns everything at the background level: loses the line
+        def round_trip(self, v, generator):
+            return -torch.ones_like(v), torch.zeros(())
+
+    plain = autoencoder_loss(Blur(), x[1:], torch.Generator(), "mse")[0]
+    weighted = autoencoder_loss(Blur(), x[1:], torch.Generator(), "mse", bright_weight=9.0)[0]
+    # the same 5 lost voxels (error 1.5^2 each) weigh 10x: the loss rises from 11.25/1000 to 112.5/1045
+    assert torch.isclose(plain, torch.tensor(5 * 2.25 / 1000)) and torch.isclose(
+        weighted, torch.tensor(50 * 2.25 / 1045)
+    )
+
+
 def test_autoencoder_export_measures_the_scaling_factor(autoencoder_run):
     _, folder = autoencoder_run
     assert folder.name == "volume_autoencoder" and (folder / "model.safetensors").is_file()

@@ -47,13 +47,35 @@ from meddiff.training.methods.base import TrainingMethod, register_method
 logger = logging.getLogger(__name__)
 
 
+BRIGHT_QUANTILE = 0.99  # bright_weight: voxels above this quantile of their volume (per channel) weigh more
+
+
+def bright_voxel_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """1 for every voxel, 1 + `weight` for those above BRIGHT_QUANTILE of their own volume and channel."""
+    flat = x.detach().float().flatten(2)  # (B, C, voxels)
+    k = max(int(round(BRIGHT_QUANTILE * flat.shape[-1])), 1)
+    level = flat.kthvalue(k, dim=-1).values.view(*x.shape[:2], *([1] * (x.ndim - 2)))
+    return 1.0 + weight * (x.detach().float() > level).float()
+
+
 def autoencoder_loss(
-    autoencoder: VolumeAutoencoder, x: torch.Tensor, generator: torch.Generator, reconstruction: str = "l1"
+    autoencoder: VolumeAutoencoder,
+    x: torch.Tensor,
+    generator: torch.Generator,
+    reconstruction: str = "l1",
+    bright_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(loss, reconstruction, metrics) of one batch: voxel L1/MSE + the KL term (or VQ commitment loss)."""
+    """(loss, reconstruction, metrics) of one batch: voxel L1/MSE + the KL term (or VQ commitment loss). With
+    `bright_weight` the voxel loss is a weighted mean in which each volume's brightest 1 % count 1 + bright_weight
+    times (a thin bright finding, such as an enhancing tumour rim, is otherwise smoothed away)."""
     recon, regulariser = autoencoder.round_trip(x, generator)
     recon = recon.float()
-    rec = F.l1_loss(recon, x.float()) if reconstruction == "l1" else F.mse_loss(recon, x.float())
+    error = (recon - x.float()).abs() if reconstruction == "l1" else (recon - x.float()) ** 2
+    if bright_weight > 0:
+        weights = bright_voxel_weights(x, bright_weight)
+        rec = (weights * error).sum() / weights.sum()
+    else:
+        rec = error.mean()
     return rec + regulariser, recon, {"reconstruction": rec.detach(), "regulariser": regulariser.detach()}
 
 
@@ -278,7 +300,9 @@ class VolumeAutoencoderTraining(TrainingMethod):
 
     def loss(self, model, batch, generator):
         x = random_crops(batch["image"], self.cfg.train_crop, generator, self.cfg.crop_focus)
-        total, recon, metrics = autoencoder_loss(model, x, generator, self.cfg.reconstruction_loss)
+        total, recon, metrics = autoencoder_loss(
+            model, x, generator, self.cfg.reconstruction_loss, self.cfg.bright_weight
+        )
         if self._adversarial(int(batch.get("step", 0))):
             self.discriminator.requires_grad_(False)
             adversarial = generator_adversarial_loss(self._logits(recon))

@@ -208,8 +208,8 @@ def demo3d_config(out: Path, data: str, size: int, seed: int) -> TrainConfig:
         log_every=5,
         cond_dropout=0.15,
         noise_offset=0.1,  # without: sampled latents kept channel means near 0 (the data's are up to 1.15), so the
-        # volumes came out too bright, tumours measured 10x too large (230 vs 23.5 mL) and slice FID 20; with: 13 mL,
-        # slice FID 0.9 (docs/training.md#3d-volumes)
+        # volumes came out too bright, tumours measured 10x too large (230 vs 23.5 mL) and slice FID 20; with it and
+        # the autoencoder's bright_weight: 24-29 mL, slice FID 2.8-3.0 (docs/training.md#3d-volumes)
         guidance=8.0,  # on the demo's model (96 volumes): tumour presence AUC 0.69 at 3, 0.88 at 5, 0.98 at 8
         sample_steps=12,
         seed=seed,

@@ -147,7 +147,9 @@ def test_bright_weight_counts_each_volumes_brightest_voxels_more():
     w = bright_voxel_weights(x, 9.0)
     assert set(w.unique().tolist()) == {1.0, 10.0}
     assert bool((w[1][x[1] > 0] == 10.0).all())  # the thin line is the top of its own volume, whatever its level
-    assert int((w[0] == 10.0).sum()) <= 100  # at most what is above the volume's 99th percentile (ties excluded)
+    assert int((w[0] == 10.0).sum()) == 100  # a saturated top (10 % at the maximum) is weighted as a whole
+    two = torch.stack([x[1, 0], 100.0 * x[1, 0] + 3.0]).unsqueeze(0)  # 2 channels on different scales
+    assert torch.equal(bright_voxel_weights(two, 9.0)[0, 1], w[1, 0])  # each channel against its own level
 
     class Blur(torch.nn.Module):  # an "autoencoder" that returns everything at the background level: loses the line
         def round_trip(self, v, generator):
@@ -250,10 +252,14 @@ def test_latent_channel_means_and_the_noise_offset_advice(tmp_path, autoencoder_
     assert noise_offset_advice(torch.tensor([0.05, -0.1, 0.2, 0.0]), 0.0) is None  # near zero-mean channels
     # the method says it when it applies (channel means far from zero, no offset) and not otherwise
     monkeypatch.setattr("meddiff.training.methods.volume.latent_channel_means", lambda latents, ae: demo)
-    for offset, warned in ((0.0, True), (0.1, False)):
+    cosine = VolumeModelConfig(
+        autoencoder=TINY.autoencoder,
+        unet=VolumeUNetConfig(**{**TINY.unet.to_dict(), "beta_schedule": "squaredcos_cap_v2"}),
+    )  # keeps no signal at the last timestep: the channel means cannot leak, nothing to advise
+    for offset, volume, warned in ((0.0, TINY, True), (0.1, TINY, False), (0.0, cosine, False)):
         caplog.clear()
         with caplog.at_level("WARNING", logger="meddiff"):
-            METHODS["volume-latent"](dataclasses.replace(config, noise_offset=offset), volumes, volume=TINY)
+            METHODS["volume-latent"](dataclasses.replace(config, noise_offset=offset), volumes, volume=volume)
         assert any("noise_offset is 0" in r.getMessage() for r in caplog.records) == warned
 
 

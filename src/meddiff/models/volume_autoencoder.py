@@ -44,9 +44,10 @@ class VolumeAutoencoderConfig(Options):
     reconstruction_loss: Literal["l1", "mse"] = option("l1", "voxel reconstruction loss")
     bright_weight: float = option(
         0.0,
-        "extra weight of each training volume's brightest 1 % of voxels (per channel) in the reconstruction loss "
-        "(weight 1 + this). On the 3D demo's phantoms, 10 made every held-out round trip keep its tumour rim (presence "
-        "AUC 1.0 and cores of 25-28 mL against 23.5 real, in two runs) where the plain MSE kept 9-16 mL (AUC 0.7-1.0)",
+        "extra weight of the brightest 1 % of voxels of each training crop (the volume when not cropped; per "
+        "channel) in the reconstruction loss (weight 1 + this). On the 3D demo's phantoms, 10 made every held-out "
+        "round trip keep its tumour rim (presence AUC 1.0 and cores of 25-28 mL against 23.5 real, in two runs) "
+        "where the plain MSE kept 9-16 mL (AUC 0.7-1.0)",
         minimum=0,
     )
     adversarial_weight: float = option(

@@ -47,15 +47,21 @@ from meddiff.training.methods.base import TrainingMethod, register_method
 logger = logging.getLogger(__name__)
 
 
-BRIGHT_QUANTILE = 0.99  # bright_weight: voxels above this quantile of their volume (per channel) weigh more
+BRIGHT_QUANTILE = 0.99  # bright_weight: voxels above this quantile of their crop (per channel) weigh more
 
 
 def bright_voxel_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
-    """1 for every voxel, 1 + `weight` for those above BRIGHT_QUANTILE of their own volume and channel."""
-    flat = x.detach().float().flatten(2)  # (B, C, voxels)
+    """1 for every voxel, 1 + `weight` for those above BRIGHT_QUANTILE of their own crop (or volume) and channel.
+    A saturated top (1 % or more of the voxels at the maximum, e.g. a clipped CT window) is weighted as a whole."""
+    values = x.detach().float()
+    flat = values.flatten(2)  # (B, C, voxels)
     k = max(int(round(BRIGHT_QUANTILE * flat.shape[-1])), 1)
-    level = flat.kthvalue(k, dim=-1).values.view(*x.shape[:2], *([1] * (x.ndim - 2)))
-    return 1.0 + weight * (x.detach().float() > level).float()
+    shape = (*x.shape[:2], *([1] * (x.ndim - 2)))
+    level = flat.kthvalue(k, dim=-1).values.view(shape)
+    bright = values > level
+    flat_top = ~bright.flatten(2).any(dim=-1).view(shape) & (level > flat.amin(dim=-1).view(shape))
+    bright = bright | (flat_top & (values >= level))
+    return 1.0 + weight * bright.float()
 
 
 def autoencoder_loss(
@@ -66,8 +72,9 @@ def autoencoder_loss(
     bright_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(loss, reconstruction, metrics) of one batch: voxel L1/MSE + the KL term (or VQ commitment loss). With
-    `bright_weight` the voxel loss is a weighted mean in which each volume's brightest 1 % count 1 + bright_weight
-    times (a thin bright finding, such as an enhancing tumour rim, is otherwise smoothed away)."""
+    `bright_weight` the voxel loss is a weighted mean in which the brightest 1 % of each crop (the volume itself when
+    not cropped) count 1 + bright_weight times (a thin bright finding, such as an enhancing tumour rim, is otherwise
+    smoothed away)."""
     recon, regulariser = autoencoder.round_trip(x, generator)
     recon = recon.float()
     error = (recon - x.float()).abs() if reconstruction == "l1" else (recon - x.float()) ** 2
@@ -409,9 +416,11 @@ class VolumeLatentDiffusion(TrainingMethod):
                 f"the volume autoencoder in {config.latent.autoencoder} has scaling factor {scale}; "
                 "retrain it (its latents are degenerate)"
             )
-        advice = noise_offset_advice(latent_channel_means(self.latents, self.autoencoder), config.noise_offset)
-        if advice:
-            logger.warning(advice)
+        leaky = float(self.noise_scheduler.alphas_cumprod[-1].sqrt()) > 1e-3  # signal left at the last timestep
+        if leaky and (accelerator is None or accelerator.is_main_process):  # cosine schedules keep ~0: no advice
+            advice = noise_offset_advice(latent_channel_means(self.latents, self.autoencoder), config.noise_offset)
+            if advice:
+                logger.warning(advice)
 
     @property
     def model(self):

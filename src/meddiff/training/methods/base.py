@@ -100,6 +100,18 @@ class TrainingMethod(ABC):
 METHODS: dict[str, type[TrainingMethod]] = {}
 
 
+def training_noise(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator, offset: float = 0.0
+) -> torch.Tensor:
+    """Gaussian noise of `shape` (B, C, ...) on the CPU generator; with `offset`, plus a constant per sample and
+    channel (offset noise: the noised input's channel means no longer give the clean ones away, so a model can learn
+    brightness, or latent channel means, from its condition)."""
+    noise = torch.randn(tuple(shape), generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn((shape[0], shape[1], *([1] * (len(shape) - 2))), generator=generator)
+    return noise
+
+
 def register_method(cls: type[TrainingMethod]) -> type[TrainingMethod]:
     METHODS[cls.name] = cls
     return cls

@@ -18,7 +18,7 @@ from meddiff.errors import MeddiffError
 from meddiff.models.factory import build_noise_scheduler, build_unet
 from meddiff.models.pipeline import MedDiffusionPipeline, encode_prompt
 from meddiff.models.storage import PIPELINE_DIR, save_pipeline
-from meddiff.training.methods.base import TrainingMethod, register_method
+from meddiff.training.methods.base import TrainingMethod, register_method, training_noise
 
 CONDITIONINGS = ("labels", "text", "both", "none")
 
@@ -109,10 +109,7 @@ class PixelDiffusion(TrainingMethod):
         """Per-sample loss of predicting the noise (or v) of x0 at a random timestep, Min-SNR weighted when
         configured; `noise_offset` adds a per-channel constant to the noise (brighter/darker images learnable)."""
         device, b = x0.device, x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator)
-        if self.config.noise_offset:
-            noise = noise + self.config.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=generator)
-        noise = noise.to(device)
+        noise = training_noise(x0.shape, generator, self.config.noise_offset).to(device)
         if self.config.model.objective == "flow":
             return self.flow_loss(unet, x0, noise, kwargs, generator)
         scheduler = self.noise_scheduler

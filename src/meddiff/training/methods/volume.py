@@ -42,7 +42,7 @@ from meddiff.models.volume_autoencoder import (
 from meddiff.models.volume_pipeline import VolumeGrid, VolumePipeline
 from meddiff.models.volume_unet import VolumeUNet, build_volume_noise_scheduler, build_volume_sampler
 from meddiff.training.latent_cache import encoded_latents, posterior_draw
-from meddiff.training.methods.base import TrainingMethod, register_method
+from meddiff.training.methods.base import TrainingMethod, register_method, training_noise
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +141,7 @@ def latent_diffusion_loss(
     away the clean ones' at the top of the schedule, so the model learns them from the condition (without it,
     sampling from zero-mean noise keeps each channel's mean near zero: volumes too bright or too dark)."""
     device, b = latents.device, latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1, 1), generator=generator)
-    noise = noise.to(device, latents.dtype)
+    noise = training_noise(latents.shape, generator, noise_offset).to(device, latents.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
     keep = (torch.rand(b, generator=generator) >= cond_dropout).to(torch.float32)
     if conditions is not None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from meddiff.devices import machine_description
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -19,6 +21,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        "description": machine_description(),
         "cuda": torch.cuda.is_available(),
     }
 

@@ -29,6 +29,7 @@ def test_demo_writes_a_self_contained_report(tmp_path):
     assert "synthetic AUC" in page and "Timings" in page
     summary = json.loads((tmp_path / "demo.json").read_text())
     assert summary["steps"] == 6 and summary["schedule"] == "6 fixed training steps"
+    assert " thread" in summary["machine"] and summary["machine"].split(" (")[0] in page  # which CPU it ran on
     assert summary["timings_s"]["total"] > 0 and 0 <= summary["min_synthetic_auc"] <= 1
     assert set(summary["fidelity"]["synthetic_auc"]) >= {"Cardiomegaly", "Pleural Effusion"}
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()

@@ -43,7 +43,7 @@ def test_demo_3d_runs_end_to_end(tmp_path, monkeypatch):
     assert numbers["label_fidelity"]["n_synthetic"] == 12
     assert "mean" in numbers["slice_fid"] and "rate_flagged" in numbers["memorization"]
     page = (tmp_path / "demo" / "report.html").read_text()
-    assert "data:image/png" in page and "Timings" in page
+    assert "data:image/png" in page and "Timings" in page and f"On {numbers['machine']}" in page
     assert (tmp_path / "demo" / "run" / "volumes" / "manifest.csv").is_file()
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from meddiff.devices import launch_rank, misplaced_components, run_device, same_device
+from meddiff.devices import cpu_model, launch_rank, machine_description, misplaced_components, run_device, same_device
 from meddiff.errors import MeddiffError
 
 
@@ -66,3 +66,16 @@ def test_finetune_validation_pipeline_has_every_component_on_the_run_device(tmp_
         pipe = method._pipeline(method.model)
         assert misplaced_components(pipe, method.device) == []
         assert next(method.text_encoder.parameters()).device == method.device
+
+
+def test_machine_description_names_the_cpu_its_kernels_and_threads(monkeypatch):
+    from meddiff import precision
+
+    model = cpu_model()
+    assert model and model != "unknown CPU"
+    for fast, words in ((True, "fast bf16"), (False, "no fast bf16")):
+        monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        line = machine_description("cpu")
+        assert line.startswith(model) and f"{words})" in line and ("no fast" in line) != fast, line
+        assert f"{torch.get_num_threads()} thread" in line
+        assert torch.backends.cpu.get_cpu_capability() in line  # AVX2 / AVX512 / ...: what sets CPU speed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 from meddiff.data.phantom_dataset import write_phantom_folder
 from meddiff.data.spec import load_dataset
+from meddiff.devices import machine_description
 from meddiff.evaluation.report import figure, fmt, html_page, html_table, loss_curve_png
 from meddiff.sampling.grid import grid_png_bytes, upscale_for
 from meddiff.training.config import EvalConfig, TrainConfig
@@ -92,6 +94,7 @@ def run_demo(
                 "steps": summary["steps"],
                 "images_per_second": summary["images_per_second"],
                 "precision": summary["precision"],
+                "machine": machine_description(),
             },
             indent=2,
         )
@@ -138,6 +141,7 @@ def write_demo_report(
         f"<p>{summary['dataset']}</p><p>{summary['steps']} steps ({schedule or 'as configured'}), batch "
         f"{summary['batch_size']}, "
         f"{summary['images_per_second']:.1f} img/s, precision {summary['precision']}, "
+        f"on {html.escape(machine_description())}, "
         f"{summary['parameters'] / 1e6:.2f} M parameters.</p>" + figure("loss", loss_curve_png(summary["loss_history"]))
     )
     timing_html = html_table(["stage", "seconds"], [[k, round(v, 1)] for k, v in timings.items()])
@@ -323,6 +327,7 @@ def _sig(value: float) -> float:
 def demo3d_numbers(ae, summary, timings: dict[str, float]) -> dict[str, Any]:
     fid, ref, m = summary.slice_fid, summary.slice_fid_real, summary.memorization
     return {
+        "machine": machine_description(),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "autoencoder": {
             "steps": ae.steps,
@@ -379,7 +384,11 @@ def write_demo3d_report(path: Path, numbers: dict[str, Any], out: Path) -> Path:
         [
             ("Real (left) and synthetic (right) volumes per label combination", montages),
             ("Numbers", html_table(["measure", "value"], rows)),
-            ("Timings", html_table(["stage", "seconds"], [[k, v] for k, v in numbers["timings_s"].items()])),
+            (
+                "Timings",
+                f"<p>On {html.escape(numbers['machine'])}.</p>"
+                + html_table(["stage", "seconds"], [[k, v] for k, v in numbers["timings_s"].items()]),
+            ),
             (
                 "More",
                 "<p>Full reports: <a href='run/report.html'>latent diffusion</a>, "

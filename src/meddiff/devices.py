@@ -84,3 +84,35 @@ def misplaced_components(pipe_or_module, device: torch.device | str) -> list[str
         tensors = list(module.named_parameters()) + list(module.named_buffers())
         wrong += [f"{name}.{key}" if name else key for key, t in tensors if not same_device(t.device, device)]
     return wrong
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what `platform` knows)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_description(device: torch.device | str | None = None) -> str:
+    """One line naming the hardware a result was measured on, so that timings from different machines can be told
+    apart: the GPU model(s), or for the CPU its model, the kernel level torch dispatches to (AVX2, AVX512, ...),
+    whether it has fast bf16 (AMX / AVX512-BF16) and the threads torch uses."""
+    from meddiff.precision import cpu_has_fast_bf16
+
+    kind = torch.device(device).type if device is not None else run_device().type
+    if kind == "cuda":
+        count = torch.cuda.device_count()
+        return f"{torch.cuda.get_device_name()}" + (f" x{count}" if count > 1 else "")
+    if kind == "mps":
+        return "Apple GPU (mps)"
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "unknown"
+    bf16 = "fast bf16" if cpu_has_fast_bf16() else "no fast bf16"
+    threads = torch.get_num_threads()
+    return f"{cpu_model()} ({capability} kernels, {bf16}), {threads} thread{'s' if threads != 1 else ''}"

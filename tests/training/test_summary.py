@@ -1,8 +1,12 @@
-"""The loop's TrainingSummary is what training.json holds, with the keys it has always had (plus "checks")."""
+"""The loop's TrainingSummary is what training.json holds: the keys it has always had, plus "checks" and
+"machine"."""
 
 import json
 
+import torch
+
 from meddiff.data.spec import load_dataset
+from meddiff.devices import machine_description
 from meddiff.models.factory import ModelConfig
 from meddiff.training.config import TrainConfig
 from meddiff.training.loop import train
@@ -18,6 +22,7 @@ TRAINING_JSON_KEYS = [
     "global_batch",
     "dataset",
     "loss_history",
+    "machine",  # added so that speeds from different machines can be told apart
     "checks",  # added with the checks during training (empty without them)
 ]
 
@@ -42,3 +47,4 @@ def test_loop_returns_the_summary_it_writes(tmp_path):
     assert summary.parameters == result.parameters > 0 and summary.precision == result.precision
     assert [row[0] for row in summary.loss_history] == [1, 2] and summary.dataset == raw["dataset"]
     assert summary["train_seconds_total"] == raw["train_seconds_total"]  # dict-style reads still work
+    assert summary.machine == machine_description("cpu") and f"{torch.get_num_threads()} thread" in summary.machine

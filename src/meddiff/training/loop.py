@@ -34,7 +34,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from meddiff.data.dataset import ImageLabelDataset
-from meddiff.devices import launch_rank
+from meddiff.devices import launch_rank, machine_description
 from meddiff.errors import MeddiffError
 from meddiff.models.factory import choose_attention, set_attention
 from meddiff.precision import enable_tf32, reset_accelerate_state, resolve_precision
@@ -404,6 +404,7 @@ def train(
         global_batch=config.batch_size * world,
         dataset=dataset.summary(),
         loss_history=state["loss_history"],
+        machine=machine_description(accelerator.device),
         checks=state.get("checks", {}),
     )
     if main:

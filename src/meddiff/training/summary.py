@@ -25,6 +25,7 @@ class TrainingSummary(JsonResult):
     global_batch: int
     dataset: str
     loss_history: list[list[float]] = json_field(default_factory=list)  # [step, loss, elapsed seconds]
+    machine: str = ""  # meddiff.devices.machine_description(): what the speed was measured on
     checks: dict[str, list[dict]] = json_field(default_factory=dict)  # per training check, its results in order
 
     def write(self, run_dir: Path) -> Path:

@@ -54,6 +54,28 @@ def test_checkpoints_are_pruned_and_time_budget_stops(tmp_path, data):
     assert result.loss_history and result.loss_history[0][0] == 1
 
 
+def test_a_long_run_is_announced_with_its_estimate_and_the_time_budget_option(tmp_path, data, monkeypatch, caplog):
+    from meddiff.training import loop
+
+    assert loop.long_run_notice(20, 60.0, 100, "a CPU") is None  # 300 s left: short
+    notice = loop.long_run_notice(20, 60.0, 2480, "a slow CPU")  # 3 s a step, 2 h left
+    assert notice is not None and "2480 more steps at 3.00 s a step on a slow CPU: about 2.1 hours" in notice
+    assert "--max-minutes" in notice and "--minutes" in notice
+    assert "about 40 minutes" in (loop.long_run_notice(10, 10.0, 2400, "x") or "")
+    assert loop.long_run_notice(0, 0.0, 100, "x") is None
+    # in the loop: announced once, after ESTIMATE_AFTER_STEPS timed steps, only without a time budget
+    monkeypatch.setattr(loop, "ESTIMATE_AFTER_STEPS", 3)
+    monkeypatch.setattr(loop, "LONG_RUN_S", 0.0)
+    with caplog.at_level("WARNING", logger="meddiff.training.loop"):
+        train(cfg(tmp_path / "fixed", max_steps=5), data, progress=False)
+    said = [r.getMessage() for r in caplog.records if "more steps at" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("2 more steps at") and " thread" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="meddiff.training.loop"):
+        train(cfg(tmp_path / "budget", max_steps=5, max_minutes=10), data, progress=False)
+    assert not [r for r in caplog.records if "more steps at" in r.getMessage()]
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path, data):
     with pytest.raises(MeddiffError, match="no checkpoint"):
         train(cfg(tmp_path, max_steps=2, resume="latest"), data, progress=False)

@@ -46,6 +46,24 @@ from meddiff.training.methods import METHODS, TrainingMethod
 from meddiff.training.summary import TrainingSummary
 
 logger = logging.getLogger(__name__)
+ESTIMATE_AFTER_STEPS = 20  # steps timed before the run's length is estimated (the first ones include warm-up)
+LONG_RUN_S = 30 * 60  # a run without a time budget projected to take longer than this is announced
+
+
+def long_run_notice(steps_timed: int, seconds: float, steps_left: int, machine: str) -> str | None:
+    """What to tell the user when the steps still to do will take long on this machine (fixed step counts, such as
+    the demo's, make the result the same everywhere but the wait machine-dependent); None for a short run."""
+    if steps_timed <= 0 or seconds <= 0:
+        return None
+    per_step = seconds / steps_timed
+    left = per_step * steps_left
+    if left <= LONG_RUN_S:
+        return None
+    hours = f"{left / 3600:.1f} hours" if left >= 5400 else f"{left / 60:.0f} minutes"
+    return (
+        f"{steps_left} more steps at {per_step:.2f} s a step on {machine}: about {hours}; a time budget "
+        "(train --max-minutes M, demo --minutes M) ends sooner, with results that then depend on this machine's speed"
+    )
 
 
 class LoopState(TypedDict, total=False):
@@ -353,6 +371,15 @@ def train(
             if metrics:
                 state.setdefault("metrics_history", []).append([state["step"], metrics])
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}", refresh=False)
+        if main and not math.isfinite(budget) and state["step"] - start_step == ESTIMATE_AFTER_STEPS:
+            notice = long_run_notice(
+                ESTIMATE_AFTER_STEPS,
+                time.perf_counter() - t0,
+                config.max_steps - state["step"],
+                machine_description(accelerator.device),
+            )
+            if notice:
+                logger.warning(notice)
         left = budget - state["elapsed"]
         if math.isfinite(left):  # with a time budget, the bar's total (and so its ETA) is what fits in it
             per_step_s = (time.perf_counter() - t0) / (state["step"] - start_step)

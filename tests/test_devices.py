@@ -69,12 +69,12 @@ def test_finetune_validation_pipeline_has_every_component_on_the_run_device(tmp_
 
 
 def test_machine_description_names_the_cpu_its_kernels_and_threads(monkeypatch):
-    from meddiff import precision
+    from meddiff import devices
 
     model = cpu_model()
     assert model and model != "unknown CPU"
     for fast, words in ((True, "fast bf16"), (False, "no fast bf16")):
-        monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda fast=fast: fast)
         line = machine_description("cpu")
         assert line.startswith(model) and f"{words})" in line and ("no fast" in line) != fast, line
         assert f"{torch.get_num_threads()} thread" in line

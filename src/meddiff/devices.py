@@ -10,6 +10,8 @@ evaluate, serve), so that every model and pipeline of a run sits on the same dev
 from __future__ import annotations
 
 import os
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -86,10 +88,19 @@ def misplaced_components(pipe_or_module, device: torch.device | str) -> list[str
     return wrong
 
 
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """A CPU with bf16 units (AMX or AVX512-BF16): where bf16 autocast pays (meddiff.precision)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what `platform` knows)."""
     import platform
-    from pathlib import Path
 
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -104,8 +115,6 @@ def machine_description(device: torch.device | str | None = None) -> str:
     """One line naming the hardware a result was measured on, so that timings from different machines can be told
     apart: the GPU model(s), or for the CPU its model, the kernel level torch dispatches to (AVX2, AVX512, ...),
     whether it has fast bf16 (AMX / AVX512-BF16) and the threads torch uses."""
-    from meddiff.precision import cpu_has_fast_bf16
-
     kind = torch.device(device).type if device is not None else run_device().type
     if kind == "cuda":
         count = torch.cuda.device_count()

@@ -10,23 +10,12 @@ prepared optimizer steps through the scaler and skips steps whose gradients over
 
 from __future__ import annotations
 
-from functools import lru_cache
-from pathlib import Path
-
 import torch
 
+from meddiff.devices import cpu_has_fast_bf16  # noqa: F401 (a hardware fact; precision's users import it here)
 from meddiff.errors import MeddiffError
 
 ACCELERATE_NAMES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-@lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def mps_supports_bf16() -> bool:

@@ -79,3 +79,23 @@ def test_machine_description_names_the_cpu_its_kernels_and_threads(monkeypatch):
         assert line.startswith(model) and f"{words})" in line and ("no fast" in line) != fast, line
         assert f"{torch.get_num_threads()} thread" in line
         assert torch.backends.cpu.get_cpu_capability() in line  # AVX2 / AVX512 / ...: what sets CPU speed
+
+
+def test_a_brand_only_cpu_name_gets_its_family_and_model():
+    from meddiff.devices import cpu_model_from_cpuinfo
+
+    block = "processor\t: {n}\ncpu family\t: {f}\nmodel\t\t: {m}\nmodel name\t: {name}\nflags\t\t: avx2\n"
+    # a VM that shows only the brand: Zen 1 (family 23) and Zen 4 (family 25) must not read the same
+    two = block.format(n=0, f=23, m=1, name="AMD EPYC") + "\n" + block.format(n=1, f=25, m=17, name="other")
+    assert cpu_model_from_cpuinfo(two) == "AMD EPYC family 23 model 1"
+    assert cpu_model_from_cpuinfo(block.format(n=0, f=25, m=17, name="AMD EPYC")) == "AMD EPYC family 25 model 17"
+    full = "Intel(R) Xeon(R) Platinum 8480+"  # a full model name is kept as it is
+    assert cpu_model_from_cpuinfo(block.format(n=0, f=6, m=143, name=full)) == full
+    assert cpu_model_from_cpuinfo("processor\t: 0\n") == ""  # no model name (e.g. some ARM kernels)
+
+
+def test_machine_description_names_the_gpu_of_the_device_it_is_given(monkeypatch):
+    names = {0: "GPU zero", 1: "GPU one"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: names[torch.device(d).index or 0])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert machine_description("cuda:1") == "GPU one" and machine_description("cuda:0") == "GPU zero"

@@ -99,27 +99,38 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what `platform` knows)."""
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what `platform` knows). A virtual machine may show only a
+    brand ("AMD EPYC"), which several generations share: then the CPU family and model numbers are added."""
     import platform
 
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+        text = ""
+    return cpu_model_from_cpuinfo(text) or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_model_from_cpuinfo(text: str) -> str:
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    name = fields.get("model name", "")
+    if name and not any(c.isdigit() for c in name) and fields.get("cpu family") and fields.get("model"):
+        name += f" family {fields['cpu family']} model {fields['model']}"
+    return name
 
 
 def machine_description(device: torch.device | str | None = None) -> str:
     """One line naming the hardware a result was measured on, so that timings from different machines can be told
-    apart: the GPU model(s), or for the CPU its model, the kernel level torch dispatches to (AVX2, AVX512, ...),
-    whether it has fast bf16 (AMX / AVX512-BF16) and the threads torch uses."""
-    kind = torch.device(device).type if device is not None else run_device().type
-    if kind == "cuda":
-        count = torch.cuda.device_count()
-        return f"{torch.cuda.get_device_name()}" + (f" x{count}" if count > 1 else "")
-    if kind == "mps":
+    apart: the GPU model (of `device`: this process's GPU), or for the CPU its model, the kernel level torch
+    dispatches to (AVX2, AVX512, ...), whether it has fast bf16 (AMX / AVX512-BF16) and the threads torch uses."""
+    dev = torch.device(device) if device is not None else run_device()
+    if dev.type == "cuda":  # this process's GPU (training.json's `processes` says how many took part)
+        return torch.cuda.get_device_name(dev)
+    if dev.type == "mps":
         return "Apple GPU (mps)"
     capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "unknown"
     bf16 = "fast bf16" if cpu_has_fast_bf16() else "no fast bf16"

@@ -55,6 +55,7 @@ def test_checkpoints_are_pruned_and_time_budget_stops(tmp_path, data):
 
 
 def test_a_long_run_is_announced_with_its_estimate_and_the_time_budget_option(tmp_path, data, monkeypatch, caplog):
+    from meddiff.devices import machine_description, run_device
     from meddiff.training import loop
 
     assert loop.long_run_notice(20, 60.0, 100, "a CPU") is None  # 300 s left: short
@@ -63,13 +64,31 @@ def test_a_long_run_is_announced_with_its_estimate_and_the_time_budget_option(tm
     assert "--max-minutes" in notice and "--minutes" in notice
     assert "about 40 minutes" in (loop.long_run_notice(10, 10.0, 2400, "x") or "")
     assert loop.long_run_notice(0, 0.0, 100, "x") is None
-    # in the loop: announced once, after ESTIMATE_AFTER_STEPS timed steps, only without a time budget
-    monkeypatch.setattr(loop, "ESTIMATE_AFTER_STEPS", 3)
+    # in the loop: announced once, after WARMUP_STEPS untimed and ESTIMATE_AFTER_STEPS timed steps, only without
+    # a time budget
+    monkeypatch.setattr(loop, "WARMUP_STEPS", 1)
+    monkeypatch.setattr(loop, "ESTIMATE_AFTER_STEPS", 2)
     monkeypatch.setattr(loop, "LONG_RUN_S", 0.0)
+    timed = []
+    real_long_run_notice = loop.long_run_notice
+
+    def spy(steps_timed, seconds, steps_left, machine):
+        timed.append((steps_timed, seconds))
+        return real_long_run_notice(steps_timed, seconds, steps_left, machine)
+
+    monkeypatch.setattr(loop, "long_run_notice", spy)
+    clock = iter([100.0, 106.0])  # the synchronised clock read after warm-up step 1 and after timed step 3
+    monkeypatch.setattr(loop, "synced_clock", lambda on: next(clock))
     with caplog.at_level("WARNING", logger="meddiff.training.loop"):
         train(cfg(tmp_path / "fixed", max_steps=5), data, progress=False)
+    # the two timed steps (2 and 3) are all the estimate saw: not the start-up or step 1
+    assert timed == [(2, 6.0)]
     said = [r.getMessage() for r in caplog.records if "more steps at" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith("2 more steps at") and " thread" in said[0]
+    assert (
+        len(said) == 1
+        and said[0].startswith("2 more steps at 3.00 s a step")
+        and f" on {machine_description(run_device())}:" in said[0]
+    )
     caplog.clear()
     with caplog.at_level("WARNING", logger="meddiff.training.loop"):
         train(cfg(tmp_path / "budget", max_steps=5, max_minutes=10), data, progress=False)

@@ -6,7 +6,7 @@ import json
 import torch
 
 from meddiff.data.spec import load_dataset
-from meddiff.devices import machine_description
+from meddiff.devices import machine_description, run_device
 from meddiff.models.factory import ModelConfig
 from meddiff.training.config import TrainConfig
 from meddiff.training.loop import train
@@ -47,4 +47,24 @@ def test_loop_returns_the_summary_it_writes(tmp_path):
     assert summary.parameters == result.parameters > 0 and summary.precision == result.precision
     assert [row[0] for row in summary.loss_history] == [1, 2] and summary.dataset == raw["dataset"]
     assert summary["train_seconds_total"] == raw["train_seconds_total"]  # dict-style reads still work
-    assert summary.machine == machine_description("cpu") and f"{torch.get_num_threads()} thread" in summary.machine
+    assert summary.machine == machine_description(run_device())  # the training device, named as it is
+    if run_device().type == "cpu":
+        assert f"{torch.get_num_threads()} thread" in summary.machine
+
+
+def test_a_training_json_from_before_machine_and_checks_still_reads(tmp_path):
+    old = {
+        "steps": 3,
+        "train_seconds_total": 1.5,
+        "images_per_second": 8.0,
+        "precision": "fp32",
+        "parameters": 1000,
+        "processes": 1,
+        "global_batch": 4,
+        "dataset": "phantom:?n=16",
+        "loss_history": [[1, 0.5, 0.5]],
+    }
+    (tmp_path / "training.json").write_text(json.dumps(old))
+    summary = TrainingSummary.read(tmp_path)
+    assert summary.steps == 3 and summary.loss_history == [[1, 0.5, 0.5]]
+    assert summary.machine == "" and summary.checks == {}  # not recorded then: empty, never a guess

@@ -46,7 +46,8 @@ from meddiff.training.methods import METHODS, TrainingMethod
 from meddiff.training.summary import TrainingSummary
 
 logger = logging.getLogger(__name__)
-ESTIMATE_AFTER_STEPS = 20  # steps timed before the run's length is estimated (the first ones include warm-up)
+WARMUP_STEPS = 5  # steps not timed for the run-length estimate (loader start-up, first-call kernel selection)
+ESTIMATE_AFTER_STEPS = 20  # steps timed after the warm-up before the run's length is estimated
 LONG_RUN_S = 30 * 60  # a run without a time budget projected to take longer than this is announced
 
 
@@ -64,6 +65,13 @@ def long_run_notice(steps_timed: int, seconds: float, steps_left: int, machine: 
         f"{steps_left} more steps at {per_step:.2f} s a step on {machine}: about {hours}; a time budget "
         "(train --max-minutes M, demo --minutes M) ends sooner, with results that then depend on this machine's speed"
     )
+
+
+def synced_clock(on: torch.Tensor) -> float:
+    """The time once the work queued on `on`'s device has finished (a GPU runs ahead of the host)."""
+    if on.device.type == "cuda":
+        torch.cuda.synchronize(on.device)
+    return time.perf_counter()
 
 
 class LoopState(TypedDict, total=False):
@@ -318,6 +326,7 @@ def train(
         dynamic_ncols=True,
     )
     running = None
+    estimate_t0 = t0
     trainee.train()
     while state["step"] < config.max_steps and state["elapsed"] < budget:
         step = state["step"]
@@ -371,15 +380,19 @@ def train(
             if metrics:
                 state.setdefault("metrics_history", []).append([state["step"], metrics])
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}", refresh=False)
-        if main and not math.isfinite(budget) and state["step"] - start_step == ESTIMATE_AFTER_STEPS:
-            notice = long_run_notice(
-                ESTIMATE_AFTER_STEPS,
-                time.perf_counter() - t0,
-                config.max_steps - state["step"],
-                machine_description(accelerator.device),
-            )
-            if notice:
-                logger.warning(notice)
+        if main and not math.isfinite(budget):
+            done = state["step"] - start_step
+            if done == WARMUP_STEPS:
+                estimate_t0 = synced_clock(loss)
+            elif done == WARMUP_STEPS + ESTIMATE_AFTER_STEPS:
+                notice = long_run_notice(
+                    ESTIMATE_AFTER_STEPS,
+                    synced_clock(loss) - estimate_t0,
+                    config.max_steps - state["step"],
+                    machine_description(accelerator.device),
+                )
+                if notice:
+                    logger.warning(notice)
         left = budget - state["elapsed"]
         if math.isfinite(left):  # with a time budget, the bar's total (and so its ETA) is what fits in it
             per_step_s = (time.perf_counter() - t0) / (state["step"] - start_step)

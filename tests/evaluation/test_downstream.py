@@ -27,6 +27,28 @@ def test_auc_is_averaged_over_seeds_and_the_interval_brackets_it():
     assert bootstrap_auc(noisy, y, n_boot=200, seed=0) == (full, lo, hi)  # seeded
 
 
+def test_rank_auc_and_the_interval_are_sklearn_s_on_every_resample():
+    """The vectorised AUC is roc_auc_score's, ties included, and the interval is the one one-call-per-resample
+    scoring gives (same resample stream)."""
+    from sklearn.metrics import roc_auc_score
+
+    from meddiff.evaluation.downstream import rank_auc
+
+    rng = np.random.default_rng(1)
+    y = rng.random(60) < 0.3
+    probs = [np.round(y * 0.3 + rng.random(60), 1) for _ in range(3)]  # rounded: many ties
+    assert rank_auc(y, np.stack(probs)) == pytest.approx([roc_auc_score(y, p) for p in probs], abs=1e-12)
+    full, lo, hi = bootstrap_auc(probs, y, n_boot=100, seed=4)
+    draws = np.random.default_rng(4)
+    boots = []
+    for _ in range(100):
+        i = draws.integers(0, 60, 60)
+        if 0 < y[i].sum() < 60:
+            boots.append(np.mean([roc_auc_score(y[i], p[i]) for p in probs]))
+    assert full == pytest.approx(np.mean([roc_auc_score(y, p) for p in probs]), abs=1e-12)
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(boots, [2.5, 97.5])), abs=1e-12)
+
+
 def test_a_missing_class_gives_none():
     assert bootstrap_auc([np.array([0.2, 0.4])], np.array([True, True])) is None
     assert bootstrap_auc([np.array([0.2, 0.4])], np.array([False, False])) is None

@@ -12,7 +12,8 @@
    diffusers' classic one on CPU in bf16; SDPA for comparison), attention at a higher resolution, and
    torch.compile (with --compile; minutes of compile time). Achieved FLOP/s and the fraction of the measured
    matmul peak are given for each.
-4. Where time goes: torch.profiler over `--profile-steps` training steps of the default (bf16) run, grouped into
+4. Where time goes: torch.profiler over `--profile-steps` training steps of the default run (precision
+   auto: bf16 with fast bf16, else fp32), grouped into
    convolution, matmul/attention, normalisation, element-wise, optimizer and other; top operators listed.
 Results: bench/results/speedups.json, a table, and bench/results/speedups-profile.txt."""
 
@@ -121,16 +122,25 @@ def flops_per_image(resolution: int, batch: int, overrides: dict | None = None) 
     return counter.get_total_flops() / batch
 
 
-def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 20) -> float:
+def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of an n x n matmul, timed over about `seconds` (at least 2 products). Where the dtype has no fast
+    kernels (bf16 without AVX512-BF16/AMX is ~20x slower than fp32) n is halved until one product takes under a
+    second, so that the peak takes seconds, not minutes."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        t0 = time.perf_counter()
+        a @ b  # warm-up, and a first estimate of one product
+        if time.perf_counter() - t0 < 1.0 or n <= 256:
+            break
+        n //= 2
+    a @ b
+    repeats, t0 = 0, time.perf_counter()
+    while repeats < 2 or time.perf_counter() - t0 < seconds:
         a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
+        repeats += 1
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
@@ -152,8 +162,8 @@ def cpu_limits() -> dict:
 
 
 def profile(resolution: int, batch: int, steps: int) -> dict:
-    """Profile `steps` training steps of the default bf16 run (after 3 warm-up steps) through the loop's own
-    after_step hook."""
+    """Profile `steps` training steps of the default run (precision auto: bf16 where the CPU has fast bf16, else fp32)
+    after 3 warm-up steps, through the loop's own after_step hook."""
     from torch.profiler import ProfilerActivity, schedule
     from torch.profiler import profile as torch_profile
 
@@ -175,7 +185,7 @@ def profile(resolution: int, batch: int, steps: int) -> dict:
     cls.after_step = after_step
     try:
         with tempfile.TemporaryDirectory() as tmp, prof:
-            train(make_config(tmp, resolution, batch, 3 + steps, {"precision": "bf16"}), data, progress=False)
+            result = train(make_config(tmp, resolution, batch, 3 + steps, {"precision": "auto"}), data, progress=False)
     finally:
         cls.after_step = original
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
@@ -187,6 +197,7 @@ def profile(resolution: int, batch: int, steps: int) -> dict:
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
     return {
         "steps": steps,
+        "precision": {"no": "fp32"}.get(result.precision, result.precision),  # accelerate calls fp32 "no"
         "aten_self_cpu_ms_per_step": round(total / 1e3 / steps, 1),
         "share": {k: round(v / total, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
         "top_ops": [
@@ -260,7 +271,7 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     prof = profile(args.resolution, args.batch_size, args.profile_steps)
-    print("time by category (bf16, aten self CPU time):", prof["share"], flush=True)
+    print(f"time by category ({prof['precision']}, aten self CPU time):", prof["share"], flush=True)
     out_path = write_results(
         "speedups",
         rows,

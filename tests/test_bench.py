@@ -149,7 +149,13 @@ def test_speedups_bench_counts_flops_and_profiles(tmp_path):
     # the default 28 px U-Net costs a few hundred MFLOP per training image; attention at 14 px adds to it
     assert 0.05 < data["gflops_per_training_image"] < 5
     assert rows["bf16 attention <=16 px"]["gflops_per_image"] > rows["fp32"]["gflops_per_image"]
-    assert all(0 < r["of_matmul_peak"] < 1.5 and r["img_per_s"] > 0 for r in rows.values())
+    assert all(r["of_matmul_peak"] > 0 and r["img_per_s"] > 0 for r in rows.values())
+    from meddiff.devices import cpu_has_fast_bf16
+
+    # against a peak measured in the same dtype; without bf16 units the bf16 matmul is emulated (~20x slower than
+    # fp32) while oneDNN's bf16 convolutions are not, so only fp32 (and bf16 on a bf16 CPU) is bounded
+    bounded = [r for name, r in rows.items() if "bf16" not in name or cpu_has_fast_bf16()]
+    assert bounded and all(r["of_matmul_peak"] < 1.5 for r in bounded), rows
     limits = data["cpu_limits"]
     assert limits["matmul_fp32_gflops"] > 0 and limits["matmul_bf16_gflops"] > 0
     shares = data["profile"]["share"]

@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--descriptor-steps", type=int, default=0)
+    ap.add_argument("--samples", type=int, default=128, help="images sampled per check")
+    ap.add_argument("--sample-steps", type=int, default=10, help="sampler steps of those images")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "memorise"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -53,7 +55,8 @@ def main() -> None:
     if not (data / "train.csv").is_file():
         write_phantom_folder(data, n=n, size=32, seed=3, valid_fraction=args.heldout / n, progress=False)
     descriptor = f"-descriptor{args.descriptor_steps}" if args.descriptor_steps else ""
-    run = work / f"run-{args.steps}-every{args.every}{descriptor}"
+    sampling = "" if (args.samples, args.sample_steps) == (128, 10) else f"-samples{args.samples}x{args.sample_steps}"
+    run = work / f"run-{args.steps}-every{args.every}{descriptor}{sampling}"
     settings = {
         "data": f"phantom:{data}",
         "out": str(run),
@@ -62,7 +65,13 @@ def main() -> None:
         "batch_size": 32,
         "learning_rate": 1e-3,
         "checkpoint_every": args.steps,
-        "privacy": {"every": args.every, "compare_size": 32, "descriptor_steps": args.descriptor_steps},
+        "privacy": {
+            "every": args.every,
+            "compare_size": 32,
+            "descriptor_steps": args.descriptor_steps,
+            "samples": args.samples,
+            "sample_steps": args.sample_steps,
+        },
         "eval": {"fidelity": False},
     }
     config = load_config(None, {}, settings)
@@ -89,6 +98,7 @@ def main() -> None:
         "first_warning_step": first["step"] if first else None,
         "copy_rate_at_first_warning": first["copy_rate"] if first else None,
         "descriptor_steps": args.descriptor_steps,
+        "samples_per_check": args.samples,
         "seconds": round(seconds, 1),
     }
     write_results(

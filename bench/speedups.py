@@ -122,10 +122,10 @@ def flops_per_image(resolution: int, batch: int, overrides: dict | None = None) 
     return counter.get_total_flops() / batch
 
 
-def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> float:
+def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> tuple[float, int]:
     """FLOP/s of an n x n matmul, timed over about `seconds` (at least 2 products). Where the dtype has no fast
     kernels (bf16 without AVX512-BF16/AMX is ~20x slower than fp32) n is halved until one product takes under a
-    second, so that the peak takes seconds, not minutes."""
+    second, so that the peak takes seconds, not minutes. Returns (FLOP/s, the n measured)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -141,7 +141,7 @@ def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> float:
     while repeats < 2 or time.perf_counter() - t0 < seconds:
         a @ b
         repeats += 1
-    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0), n
 
 
 def cpu_limits() -> dict:
@@ -156,8 +156,9 @@ def cpu_limits() -> dict:
     if ghz:
         out["theoretical_fp32_gflops"] = round(cores * ghz * (64 if out["avx512f"] else 32), 1)
         out["theoretical_bf16_gflops"] = round(cores * ghz * (1024 if out["amx_bf16"] else 64), 1)
-    out["matmul_fp32_gflops"] = round(matmul_peak("fp32") / 1e9, 1)
-    out["matmul_bf16_gflops"] = round(matmul_peak("bf16") / 1e9, 1)
+    for dtype in ("fp32", "bf16"):
+        flops, n = matmul_peak(dtype)
+        out[f"matmul_{dtype}_gflops"], out[f"matmul_{dtype}_n"] = round(flops / 1e9, 1), n
     return out
 
 

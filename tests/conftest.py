@@ -3,6 +3,16 @@ from pathlib import Path
 
 import pytest
 
+
+def _cores() -> int:
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )  # macOS: no affinity
+
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the cores are shared out, one share a worker
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // _workers))  # before torch starts
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -72,10 +82,32 @@ def tiny_run_b(tmp_path_factory):
     return out
 
 
+MAX_WORKERS = 4  # each worker holds torch and its models (about 1 GiB); more rarely pays on the tests' small tensors
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core up to MAX_WORKERS; conftest then gives each worker its
+    share of the cores as torch threads (2 cores: 2 workers of 1 thread, about 1.45x the throughput of one process of
+    2 threads on the small tensors tests use)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # the user's count (xdist reads it)
+    return max(1, min(MAX_WORKERS, _cores()))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: skipped (with the reason shown) on machines without it."""
+    """Tests marked `extended` run only when asked for: by any `-m` expression (`-m extended`, `-m ''`) or by naming
+    the test (`tests/test_bench.py::test_peer_bench...`). Tests marked `gpu` need CUDA: skipped (with the reason
+    shown) on machines without it."""
     import torch
 
+    if not config.option.markexpr:
+        named = [a.split("[")[0] for a in config.args if "::" in a]
+        wanted = lambda item: any(Path(a).as_posix().endswith(item.nodeid.split("[")[0]) for a in named)  # noqa: E731
+        dropped = [item for item in items if "extended" in item.keywords and not wanted(item)]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if item not in dropped]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs these on one)")

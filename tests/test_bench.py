@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+RUN = {"capture_output": True, "text": True}
 
 
 @pytest.mark.slow  # runs a benchmark script in a subprocess
@@ -86,6 +87,23 @@ def test_sampling_bench_writes_json(tmp_path, tiny_run, phantom_dir):
     assert all(0 <= r["mean_fidelity_auc"] <= 1 for r in rows if r["mean_fidelity_auc"] is not None)
 
 
+@pytest.mark.parametrize(
+    "script, options",
+    [
+        ("peers.py", ["--peers", "--resolutions", "--steps", "--out"]),
+        ("latent_throughput.py", ["--factors", "--kinds", "--conditioning", "--precision", "--out"]),
+        ("data_scale.py", ["--quick", "--work", "--out"]),
+    ],
+)
+def test_extended_lane_bench_scripts_start_and_list_their_options(script, options):
+    """The default lane's check of the three benchmark scripts whose runs are in the extended lane: each starts
+    (its imports resolve) and parses its options; `pytest -m extended` runs them."""
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(option in proc.stdout for option in options), proc.stdout
+
+
+@pytest.mark.extended  # MONAI's tutorial recipe as a peer: minutes on a slow CPU
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_peer_bench_sizes_peers_to_meddiff_and_writes_json(tmp_path):
     out = tmp_path / "p.json"
@@ -158,6 +176,7 @@ def test_speedups_bench_counts_flops_and_profiles(tmp_path):
     assert bounded and all(r["of_matmul_peak"] < 1.5 for r in bounded), rows
     limits = data["cpu_limits"]
     assert limits["matmul_fp32_gflops"] > 0 and limits["matmul_bf16_gflops"] > 0
+    assert 256 <= limits["matmul_bf16_n"] <= limits["matmul_fp32_n"] <= 2048  # the matrix size each peak used
     shares = data["profile"]["share"]
     assert abs(sum(shares.values()) - 1) < 0.01 and shares.get("convolution", 0) > 0
     assert (out.parent / "e-profile.txt").read_text().strip()
@@ -220,6 +239,7 @@ def test_time_to_quality_bench_marks_at_steps_and_reports_the_worst_label(tmp_pa
     assert (tmp_path / "w" / "default" / "snapshots" / "6steps" / "pipeline").is_dir()
 
 
+@pytest.mark.extended  # several latent trainings: minutes on a slow CPU
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_latent_throughput_bench_writes_json(tmp_path):
     out = tmp_path / "l.json"
@@ -453,6 +473,7 @@ def test_latent_cache_bench_second_run_encodes_nothing(tmp_path):
     assert "saved" in proc.stdout and "results:" in proc.stdout
 
 
+@pytest.mark.extended  # prepares and trains at two dataset sizes: about 4 minutes on a slow CPU
 @pytest.mark.slow  # runs a benchmark script in a subprocess
 def test_data_scale_bench_fits_memory_against_n_and_compares_workers(tmp_path):
     out = tmp_path / "ds.json"
@@ -553,6 +574,7 @@ def test_real_data_bench_reports_every_protocol(tmp_path, phantom_dir, synthetic
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+@pytest.mark.extended  # about 5 minutes on a slow CPU
 @pytest.mark.slow  # trains a tiny autoencoder and latent generator at 128 px in a subprocess
 def test_real_data_bench_latent_preset_trains_its_autoencoder_and_evaluates_at_64_px(tmp_path, phantom_dir):
     out, work = tmp_path / "r.json", tmp_path / "w"
@@ -595,10 +617,11 @@ def test_privacy_gate_bench_reports_false_flags_and_recall_per_copy_type(tmp_pat
 def test_privacy_monitor_bench_reports_the_curve(tmp_path):
     out = tmp_path / "m.json"
     command = [sys.executable, str(BENCH / "privacy_monitor.py"), "--train", "8", "--heldout", "100", "--steps", "4"]
-    command += ["--every", "2", "--workdir", str(tmp_path / "work"), "--out", str(out)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    command += ["--every", "2", "--samples", "16", "--sample-steps", "4"]
+    proc = subprocess.run([*command, "--workdir", str(tmp_path / "work"), "--out", str(out)], **RUN, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["step"] for r in result["rows"]] == [2, 4] and result["summary"]["training_images"] == 8
+    assert result["summary"]["samples_per_check"] == 16
     assert all(0 <= r["copy_rate"] <= 1 and len(r["copy_rate_ci"]) == 2 for r in result["rows"])
     assert out.with_suffix(".png").stat().st_size > 1000

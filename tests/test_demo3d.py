@@ -44,6 +44,7 @@ def test_demo_3d_runs_end_to_end(tmp_path, monkeypatch):
     assert "mean" in numbers["slice_fid"] and "rate_flagged" in numbers["memorization"]
     page = (tmp_path / "demo" / "report.html").read_text()
     assert "data:image/png" in page and "Timings" in page and f"On {numbers['machine']}" in page
+    assert numbers["machine"] == json.loads((tmp_path / "demo" / "run" / "training.json").read_text())["machine"] != ""
     assert (tmp_path / "demo" / "run" / "volumes" / "manifest.csv").is_file()
 
 

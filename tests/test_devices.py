@@ -91,6 +91,8 @@ def test_a_brand_only_cpu_name_gets_its_family_and_model():
     assert cpu_model_from_cpuinfo(block.format(n=0, f=25, m=17, name="AMD EPYC")) == "AMD EPYC family 25 model 17"
     full = "Intel(R) Xeon(R) Platinum 8480+"  # a full model name is kept as it is
     assert cpu_model_from_cpuinfo(block.format(n=0, f=6, m=143, name=full)) == full
+    gcp = "Intel(R) Xeon(R) CPU @ 2.20GHz"  # a cloud VM's name: only the clock has digits
+    assert cpu_model_from_cpuinfo(block.format(n=0, f=6, m=85, name=gcp)) == f"{gcp} family 6 model 85"
     assert cpu_model_from_cpuinfo("processor\t: 0\n") == ""  # no model name (e.g. some ARM kernels)
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from meddiff.data.phantom_dataset import write_phantom_folder
 from meddiff.data.spec import load_dataset
-from meddiff.devices import machine_description
 from meddiff.evaluation.report import figure, fmt, html_page, html_table, loss_curve_png
 from meddiff.sampling.grid import grid_png_bytes, upscale_for
 from meddiff.training.config import EvalConfig, TrainConfig
+from meddiff.training.summary import TrainingSummary
 from meddiff.workflow import train_and_report
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def run_demo(
         "total": total_s,
     }
     real = load_dataset(config.data, config.resolution)
-    report = write_demo_report(out / "report.html", summary, timings, real_examples(real, 8), schedule)
+    machine = TrainingSummary.read(Path(config.out)).machine  # what the loop recorded for the training device
+    report = write_demo_report(out / "report.html", summary, timings, real_examples(real, 8), schedule, machine)
     fidelity = summary["fidelity"]
     synthetic = [v for v in (fidelity or {}).get("synthetic_auc", {}).values() if v is not None]
     (out / "demo.json").write_text(
@@ -94,7 +95,7 @@ def run_demo(
                 "steps": summary["steps"],
                 "images_per_second": summary["images_per_second"],
                 "precision": summary["precision"],
-                "machine": machine_description(),
+                "machine": machine,
             },
             indent=2,
         )
@@ -117,7 +118,12 @@ def real_examples(dataset, n: int) -> dict[str, bytes]:
 
 
 def write_demo_report(
-    path: Path, summary: Mapping[str, Any], timings: dict[str, float], real: dict[str, bytes], schedule: str = ""
+    path: Path,
+    summary: Mapping[str, Any],
+    timings: dict[str, float],
+    real: dict[str, bytes],
+    schedule: str = "",
+    machine: str = "",
 ) -> Path:
     rows = []
     for name, p in summary["grids"].items():
@@ -141,7 +147,7 @@ def write_demo_report(
         f"<p>{summary['dataset']}</p><p>{summary['steps']} steps ({schedule or 'as configured'}), batch "
         f"{summary['batch_size']}, "
         f"{summary['images_per_second']:.1f} img/s, precision {summary['precision']}, "
-        f"on {html.escape(machine_description())}, "
+        f"on {html.escape(machine or 'this machine')}, "
         f"{summary['parameters'] / 1e6:.2f} M parameters.</p>" + figure("loss", loss_curve_png(summary["loss_history"]))
     )
     timing_html = html_table(["stage", "seconds"], [[k, round(v, 1)] for k, v in timings.items()])
@@ -312,7 +318,7 @@ def run_demo3d(
     for key, value in summary.timings.items():
         timings[f"  {key.removesuffix('_s').replace('_', ' ')}"] = value
     timings["total"] = time.perf_counter() - t_all
-    numbers = demo3d_numbers(ae, summary, timings)
+    numbers = demo3d_numbers(ae, summary, timings, TrainingSummary.read(out / "run").machine)
     numbers["schedule"] = f"{budget / 60:g}-minute time budget" if minutes else "fixed step counts"
     (out / "demo.json").write_text(json.dumps(numbers, indent=2))
     report = write_demo3d_report(out / "report.html", numbers, out)
@@ -324,10 +330,10 @@ def _sig(value: float) -> float:
     return float(f"{value:.4g}")  # random-conv FIDs are small numbers: keep 4 significant digits
 
 
-def demo3d_numbers(ae, summary, timings: dict[str, float]) -> dict[str, Any]:
+def demo3d_numbers(ae, summary, timings: dict[str, float], machine: str) -> dict[str, Any]:
     fid, ref, m = summary.slice_fid, summary.slice_fid_real, summary.memorization
     return {
-        "machine": machine_description(),
+        "machine": machine,  # the latent diffusion run's training.json
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "autoencoder": {
             "steps": ae.steps,

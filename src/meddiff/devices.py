@@ -10,6 +10,7 @@ evaluate, serve), so that every model and pipeline of a run sits on the same dev
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def cpu_model_from_cpuinfo(text: str) -> str:
         key, _, value = line.partition(":")
         fields.setdefault(key.strip().lower(), value.strip())
     name = fields.get("model name", "")
-    if name and not any(c.isdigit() for c in name) and fields.get("cpu family") and fields.get("model"):
+    model_part = re.sub(r"\s*@\s*[\d.]+\s*GHz\s*$", "", name)  # a clock speed does not tell CPU models apart
+    if name and not any(c.isdigit() for c in model_part) and fields.get("cpu family") and fields.get("model"):
         name += f" family {fields['cpu family']} model {fields['model']}"
     return name
 

@@ -237,3 +237,24 @@ def test_many_shards_keep_few_descriptors_and_read_the_same(tmp_path, monkeypatc
     direct = load_dataset(f"folder:{src}?split=all&cache=0", 16).images[:]
     assert torch.equal(store.images[:], direct)
     assert images.shape == (24, 1, 16, 16) and pickle.loads(pickle.dumps(store.images)).shape == store.images.shape
+
+
+def test_a_script_without_a_main_guard_gets_the_hint_instead_of_a_hang(tmp_path):
+    """Decoding workers are spawned, which imports the user's script again: without `if __name__ == "__main__":`
+    each worker would prepare the store too and wait for the lock its parent holds. The script ends, with the
+    hint."""
+    src = _class_folder(tmp_path / "src", n=16, corrupt=0)
+    script = tmp_path / "prepare_it.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from meddiff.data.prepare import prepare\n"
+        "from meddiff.errors import MeddiffError\n"
+        "try:\n"
+        f"    prepare('folder:{src}?split=all', Path({str(tmp_path / 'store')!r}), 32, workers=2, progress=False)\n"
+        "except MeddiffError as exc:\n"
+        "    raise SystemExit(f'error: {exc}')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and 'if __name__ == "__main__":' in last, proc.stderr[-2000:]

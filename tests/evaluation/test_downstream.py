@@ -49,6 +49,30 @@ def test_rank_auc_and_the_interval_are_sklearn_s_on_every_resample():
     assert (lo, hi) == pytest.approx(tuple(np.percentile(boots, [2.5, 97.5])), abs=1e-12)
 
 
+def test_a_large_test_set_is_scored_in_chunks_with_the_same_interval():
+    """Many images: the resamples are scored a chunk at a time (bounded memory), with the same result."""
+    from meddiff.evaluation.downstream import rank_auc
+
+    rng = np.random.default_rng(2)
+    y = rng.random(20_000) < 0.2
+    probs = [y * 0.2 + rng.random(20_000) for _ in range(3)]  # 3 seeds x 20k: chunks of 69 resamples
+    full, lo, hi = bootstrap_auc(probs, y, n_boot=150, seed=1)
+    draws = np.random.default_rng(1)
+    boots = [
+        rank_auc(y[i], np.stack([p[i] for p in probs])).mean()
+        for i in (draws.integers(0, 20_000, 20_000) for _ in range(150))
+    ]
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(boots, [2.5, 97.5])), abs=1e-12)
+    assert lo < full < hi
+
+
+def test_nan_scores_are_a_one_line_error():
+    from meddiff.errors import MeddiffError
+
+    with pytest.raises(MeddiffError, match="NaN"):
+        bootstrap_auc([np.array([0.2, np.nan, 0.5])], np.array([True, False, True]))
+
+
 def test_a_missing_class_gives_none():
     assert bootstrap_auc([np.array([0.2, 0.4])], np.array([True, True])) is None
     assert bootstrap_auc([np.array([0.2, 0.4])], np.array([False, False])) is None

@@ -72,6 +72,7 @@ def test_held_back_studies_take_one_study_of_repeat_patients_only():
     assert len(held_back_studies(patients, 1, seed=1)) == 1 and len(held_back_studies(["x", "y"], 5)) == 0
 
 
+@pytest.mark.extended  # trains the copy descriptor and the re-ID network: about 5 minutes on a slow CPU
 @pytest.mark.slow
 def test_the_gate_scores_training_patients_with_the_reid_network(studies, tmp_path):
     """With patient ids the gate gains a re-identification detector; another study of a training patient (held back

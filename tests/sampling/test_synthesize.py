@@ -20,6 +20,12 @@ def hashes(folder):
     return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted((folder / "images").iterdir())}
 
 
+def pixels(folder):
+    from PIL import Image
+
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((folder / "images").iterdir())}
+
+
 def rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -68,7 +74,13 @@ def test_batch_size_does_not_change_images(pipe, tiny_run, tmp_path):
     plan = make_plan(LabelCodec(pipe.label_names), labels_text="Cardiomegaly", n=6)
     run(pipe, tiny_run, tmp_path / "b1", plan, batch=1)
     run(pipe, tiny_run, tmp_path / "b16", plan, batch=16)
-    assert hashes(tmp_path / "b1") == hashes(tmp_path / "b16")
+    one, sixteen = pixels(tmp_path / "b1"), pixels(tmp_path / "b16")
+    assert one.keys() == sixteen.keys() and len(one) == 6
+    for name in one:  # the same image up to float rounding (a batch's kernels may sum in another order)
+        a, b = one[name], sixteen[name]
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= np.iinfo(a.dtype).max // 255, name
+        assert (a != b).mean() < 0.01, name
 
 
 def test_kill_and_resume_gives_the_identical_set(pipe, tiny_run, tmp_path, monkeypatch):
@@ -213,6 +225,7 @@ def test_multi_process_launch_shards_by_rank(tiny_run, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port: other tests may launch at the same time (pytest-xdist)
         "--nproc-per-node",
         "2",
         "-m",

@@ -23,7 +23,8 @@ PROBE = Path(__file__).with_name("ddp_probe.py")
 
 
 def torchrun(*args, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args]
+    # --standalone: a free port, as other tests may launch at the same time (pytest-xdist workers)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     )

@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,6 +405,12 @@ def _check_free_space(folder: Path, n: int, resolution: int) -> None:
         )
 
 
+MAIN_GUARD_HINT = (
+    'a Python script that prepares data must keep its code under `if __name__ == "__main__":` '
+    "(decoding workers are started by importing the script again)"
+)
+
+
 def write_store(
     folder: Path,
     key: str,
@@ -418,12 +425,17 @@ def write_store(
     """Decode `items` (path, slice, axis) into a store at `folder` (atomically, resumably). `index_fn(keep)` builds
     the StoreIndex of the kept records (positions into `items`); `meta` is stored as is (spec, source...)."""
     folder = Path(folder)
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # a decoding worker (spawned) re-ran the user's script: it would wait for the lock its parent holds, forever
+        raise MeddiffError(f"{MAIN_GUARD_HINT}; this is such a worker starting the script again")
     with file_lock(folder.parent / f".{folder.name}.lock", str(folder)):
         done = open_store(folder, key)
         if done is not None:  # another process finished it while we waited
             return done
         try:
             return _write_unlocked(folder, key, items, resolution, fit, meta, index_fn, workers, progress)
+        except BrokenProcessPool:
+            raise MeddiffError(f"a decoding worker stopped (out of memory?); {MAIN_GUARD_HINT}") from None
         except OSError as exc:
             raise _disk_error(exc, folder) from None
 

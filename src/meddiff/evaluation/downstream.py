@@ -82,13 +82,21 @@ def bootstrap_auc(probs_per_seed: list[np.ndarray], y: np.ndarray, n_boot: int =
     if not 0 < y.sum() < len(y):
         return None
     probs = np.stack([np.asarray(p, dtype=np.float64) for p in probs_per_seed])  # (seeds, n)
+    if not np.isfinite(probs).all():
+        raise MeddiffError("a classifier gave NaN or infinite scores (diverged training?); no AUC can be computed")
     full = float(rank_auc(y, probs).mean())
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(y), len(y)) for _ in range(n_boot)]
     idx = np.array([i for i in draws if 0 < y[i].sum() < len(i)], dtype=np.int64).reshape(-1, len(y))
     if not len(idx):
         return full, full, full
-    boots = rank_auc(y[idx][:, None, :], probs[:, idx].transpose(1, 0, 2)).mean(-1)  # (resamples,): seed mean
+    chunk = max(1, 2**22 // (len(probs) * len(y)))  # resamples scored at once: ~32 MiB of float64 ranks
+    boots = np.concatenate(  # (resamples,): the mean over seeds
+        [
+            rank_auc(y[part][:, None, :], probs[:, part].transpose(1, 0, 2)).mean(-1)
+            for part in np.split(idx, range(chunk, len(idx), chunk))
+        ]
+    )
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return full, float(lo), float(hi)
 

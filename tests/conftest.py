@@ -97,7 +97,8 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `extended` run only when asked for: by any `-m` expression (`-m extended`, `-m ''`) or by naming
-    the test (`tests/test_bench.py::test_peer_bench...`). Tests marked `gpu` need CUDA: skipped (with the reason
+    the test (`tests/test_bench.py::test_peer_bench...`). Tests marked `run_first` are moved to the front. Tests
+    marked `gpu` need CUDA: skipped (with the reason
     shown) on machines without it."""
     import torch
 
@@ -108,6 +109,10 @@ def pytest_collection_modifyitems(config, items):
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = [item for item in items if item not in dropped]
+    # the longest tests start first: on parallel workers a 20-minute test started late is the whole suite's tail
+    first = [item for item in items if "run_first" in item.keywords]
+    if first:
+        items[:] = first + [item for item in items if "run_first" not in item.keywords]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs these on one)")

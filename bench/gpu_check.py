@@ -441,7 +441,7 @@ class Driver:
         t = time.time()
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"],
+                [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-n", "0", "-p", "no:cacheprovider"],
                 capture_output=True,
                 text=True,
                 timeout=timeout,

@@ -96,19 +96,21 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `extended` run only when asked for: by any `-m` expression (`-m extended`, `-m ''`) or by naming
-    the test (`tests/test_bench.py::test_peer_bench...`). Tests marked `run_first` are moved to the front. Tests
-    marked `gpu` need CUDA: skipped (with the reason
-    shown) on machines without it."""
+    """Tests marked `extended` run only when asked for: by a non-empty `-m` expression (`-m extended`,
+    `-m "slow or not slow"`) or by naming the test from the repository root (`tests/test_bench.py::test_peer_bench...`).
+    Tests marked `run_first` are moved to the front. Tests marked `gpu` need CUDA: skipped (with the reason shown) on
+    machines without it."""
     import torch
 
     if not config.option.markexpr:
         named = [a.split("[")[0] for a in config.args if "::" in a]
         wanted = lambda item: any(Path(a).as_posix().endswith(item.nodeid.split("[")[0]) for a in named)  # noqa: E731
-        dropped = [item for item in items if "extended" in item.keywords and not wanted(item)]
+        kept, dropped = [], []
+        for item in items:
+            (dropped if "extended" in item.keywords and not wanted(item) else kept).append(item)
         if dropped:
             config.hook.pytest_deselected(items=dropped)
-            items[:] = [item for item in items if item not in dropped]
+            items[:] = kept
     # the longest tests start first: on parallel workers a 20-minute test started late is the whole suite's tail
     first = [item for item in items if "run_first" in item.keywords]
     if first:

@@ -69,11 +69,8 @@ def long_run_notice(steps_timed: int, seconds: float, steps_left: int, machine: 
 
 def synced_clock(on: torch.Tensor) -> float:
     """The time once the work queued on `on`'s device has finished (a GPU runs ahead of the host)."""
-    if on.device.type != "cpu":
-        if hasattr(torch, "accelerator"):  # cuda, mps, xpu, ... alike
-            torch.accelerator.synchronize(on.device)
-        elif on.device.type == "cuda":
-            torch.cuda.synchronize(on.device)
+    if on.device.type != "cpu":  # cuda, mps, xpu, ... alike
+        torch.accelerator.synchronize(on.device)
     return time.perf_counter()
 
 

@@ -55,7 +55,15 @@ def _isolated_cache(tmp_path_factory):
     """Preprocessed-array cache and the patient-pseudonym key in temporary folders, never the user's ~/.cache or
     ~/.config."""
     os.environ["MEDDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config"))
+    config = tmp_path_factory.mktemp("config")
+    os.environ["XDG_CONFIG_HOME"] = str(config)
+    # A fixed key, not a random one: pseudonymised patient ids (and so the patient-level splits of tests that read
+    # DICOM PatientIDs) are the same on every machine. A random key once left a 7-patient test split empty on CI.
+    os.environ.pop("MEDDIFF_PATIENT_KEY", None)
+    key = config / "meddiff" / "patient.key"
+    key.parent.mkdir(parents=True)
+    key.write_text("meddiff-test-suite-patient-key-0123456789\n")
+    key.chmod(0o600)
     yield
 
 

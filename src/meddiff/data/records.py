@@ -129,6 +129,14 @@ def split_by_patient(
             return "val"
         return "train"
 
+    kept = [r for r in table.records if which(r) == split]
+    if table.records and not kept:
+        patients = len({r.patient or str(r.path) for r in table.records})
+        raise MeddiffError(
+            f"{table.source}: the patient split {split!r} is empty ({len(table.records)} images of {patients} "
+            f"patients; each patient falls in a split by a hash, so few patients can leave a split empty): use "
+            f"another seed= or a larger fraction"
+        )
     return table.filtered(lambda r: which(r) == split, f"patient split {split!r}")
 
 

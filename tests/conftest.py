@@ -105,14 +105,16 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `extended` run only when asked for: by a non-empty `-m` expression (`-m extended`,
-    `-m "slow or not slow"`) or by naming the test from the repository root (`tests/test_bench.py::test_peer_bench...`).
+    `-m "slow or not slow"`) or by naming the test (`tests/test_bench.py::test_peer_bench...`, from any folder).
     Tests marked `run_first` are moved to the front. Tests marked `gpu` need CUDA: skipped (with the reason shown) on
     machines without it."""
     import torch
 
     if not config.option.markexpr:
-        named = [a.split("[")[0] for a in config.args if "::" in a]
-        wanted = lambda item: any(Path(a).as_posix().endswith(item.nodeid.split("[")[0]) for a in named)  # noqa: E731
+        here = Path(config.invocation_params.dir)
+        parts = [a.partition("::") for a in config.args if "::" in a]
+        named = {((here / file).resolve(), test.split("[")[0]) for file, _, test in parts}
+        wanted = lambda item: (item.path.resolve(), item.nodeid.partition("::")[2].split("[")[0]) in named  # noqa: E731
         kept, dropped = [], []
         for item in items:
             (dropped if "extended" in item.keywords and not wanted(item) else kept).append(item)

@@ -77,7 +77,8 @@ def rank_auc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 def bootstrap_auc(probs_per_seed: list[np.ndarray], y: np.ndarray, n_boot: int = 500, seed: int = 0):
     """(mean over seeds of AUC, lower, upper) for one label; None where a class is missing. The resamples are
-    drawn one by one (the stream the percentile interval has always used) and scored together."""
+    drawn one by one (the stream the percentile interval has always used) and scored a bounded chunk at a time, so
+    memory stays ~32 MiB for any test-set size."""
     y = np.asarray(y)
     if not 0 < y.sum() < len(y):
         return None
@@ -86,17 +87,26 @@ def bootstrap_auc(probs_per_seed: list[np.ndarray], y: np.ndarray, n_boot: int =
         raise MeddiffError("a classifier gave NaN or infinite scores (diverged training?); no AUC can be computed")
     full = float(rank_auc(y, probs).mean())
     rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(y), len(y)) for _ in range(n_boot)]
-    idx = np.array([i for i in draws if 0 < y[i].sum() < len(i)], dtype=np.int64).reshape(-1, len(y))
-    if not len(idx):
+    chunk = max(1, 2**22 // (len(probs) * len(y)))  # resamples held and scored at once: ~32 MiB of float64 ranks
+    scored: list[np.ndarray] = []  # per chunk, (resamples,): the mean AUC over seeds
+    pending: list[np.ndarray] = []
+
+    def score() -> None:
+        part = np.stack(pending)
+        scored.append(rank_auc(y[part][:, None, :], probs[:, part].transpose(1, 0, 2)).mean(-1))
+        pending.clear()
+
+    for _ in range(n_boot):
+        draw = rng.integers(0, len(y), len(y))
+        if 0 < y[draw].sum() < len(draw):  # a resample with one class has no AUC: left out
+            pending.append(draw)
+            if len(pending) == chunk:
+                score()
+    if pending:
+        score()
+    if not scored:
         return full, full, full
-    chunk = max(1, 2**22 // (len(probs) * len(y)))  # resamples scored at once: ~32 MiB of float64 ranks
-    boots = np.concatenate(  # (resamples,): the mean over seeds
-        [
-            rank_auc(y[part][:, None, :], probs[:, part].transpose(1, 0, 2)).mean(-1)
-            for part in np.split(idx, range(chunk, len(idx), chunk))
-        ]
-    )
+    boots = np.concatenate(scored)
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return full, float(lo), float(hi)
 

@@ -24,6 +24,7 @@ TRAINING_JSON_KEYS = [
     "loss_history",
     "machine",  # added so that speeds from different machines can be told apart
     "checks",  # added with the checks during training (empty without them)
+    "differential_privacy",  # added with DP-SGD (null without it)
 ]
 
 
@@ -48,6 +49,7 @@ def test_loop_returns_the_summary_it_writes(tmp_path):
     assert [row[0] for row in summary.loss_history] == [1, 2] and summary.dataset == raw["dataset"]
     assert summary["train_seconds_total"] == raw["train_seconds_total"]  # dict-style reads still work
     assert summary.machine == machine_description(run_device())  # the training device, named as it is
+    assert raw["differential_privacy"] is None and summary.differential_privacy is None
     if run_device().type == "cpu":
         assert f"{torch.get_num_threads()} thread" in summary.machine
 

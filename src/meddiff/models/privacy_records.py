@@ -43,3 +43,10 @@ def training_privacy_checks(run: str | Path) -> list[dict]:
     data = _read(Path(run) / "training.json", "it is written at the end of training")
     checks = (data or {}).get("checks", {})
     return list(checks.get("privacy", [])) if isinstance(checks, dict) else []
+
+
+def training_dp(run: str | Path) -> dict | None:
+    """The differential-privacy record of a DP-SGD run (training.json), or None for a run trained without DP."""
+    data = _read(Path(run) / "training.json", "it is written at the end of training")
+    record = (data or {}).get("differential_privacy")
+    return record if isinstance(record, dict) else None

@@ -81,7 +81,7 @@ def auto_workers(source, device_type: str) -> int:
     return int(min(8 if device_type == "cuda" else 2, max(cores - 1, 1)))
 
 
-def make_loader(source, sampler: StreamBatchSampler, device: torch.device, workers: int | None = None) -> DataLoader:
+def make_loader(source, sampler: Sampler[list[int]], device: torch.device, workers: int | None = None) -> DataLoader:
     """A DataLoader over `source` (a dataset with __getitems__(indices) -> dict of tensors) in the sampler's order."""
     workers = auto_workers(source, device.type) if workers is None else workers
     return DataLoader(

@@ -14,6 +14,7 @@ from meddiff.models.autoencoder import AutoencoderConfig
 from meddiff.models.factory import ModelConfig
 from meddiff.models.volume import VolumeModelConfig
 from meddiff.options import Options, build, option, section
+from meddiff.training.differential_privacy import DPConfig
 
 FinetuneMethod = Literal["unet", "unet+text", "text", "dreambooth", "lora", "textual-inversion"]
 LR_SCHEDULES = Literal["constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -216,6 +217,7 @@ class TrainConfig(Options):
     autoencoder: AutoencoderConfig = section(AutoencoderConfig, "the autoencoder (train-autoencoder)")
     eval: EvalConfig = section(EvalConfig, "evaluation after training")
     privacy: PrivacyMonitorConfig = section(PrivacyMonitorConfig, "memorisation checks during training")
+    dp: DPConfig = section(DPConfig, "differentially private training (DP-SGD, per patient where ids exist)")
     finetune: FinetuneConfig = section(FinetuneConfig, "fine-tuning a pretrained Stable Diffusion")
     distill: DistillConfig = section(DistillConfig, "few-step distillation of a trained model (meddiff distill)")
     volume: VolumeModelConfig = section(

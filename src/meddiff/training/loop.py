@@ -42,6 +42,7 @@ from meddiff.training.batches import StreamBatchSampler, batch_indices, make_loa
 from meddiff.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from meddiff.training.checks import TrainingCheck
 from meddiff.training.config import TrainConfig
+from meddiff.training.differential_privacy import PrivateTraining, check_dp_run
 from meddiff.training.methods import METHODS, TrainingMethod
 from meddiff.training.summary import TrainingSummary
 
@@ -84,6 +85,7 @@ class LoopState(TypedDict, total=False):
     metrics_history: list  # [step, {name: value}]
     checks: dict  # {check name: [its results in order]} (training checks, e.g. the memorisation monitor)
     method: dict  # the method's extra state (written into checkpoints only)
+    dp: list  # DP-SGD runs: [noise multiplier, sample rate, steps] per stretch of training (the accountant's input)
 
 
 @dataclass
@@ -263,6 +265,14 @@ def train(
             set_attention(model, kind)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
+    private = None  # DP-SGD (--dp.*): Poisson batches by patient, per-sample clipping and noise
+    if config.dp.enabled:
+        check_dp_run(config, world, method, precision)
+        source_len = len(method.batch_source())
+        private = PrivateTraining(
+            config.dp, dataset.patients, source_len, config.batch_size, config.max_steps, config.seed
+        )
+        optimizer = private.attach(model, optimizer, accelerator.device)
     lr_scheduler = get_scheduler(
         config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps
     )
@@ -295,6 +305,13 @@ def train(
         state = cast(LoopState, load_checkpoint(accelerator, ema, resume_from))
         method.load_extra_state(state.pop("method", {}))
         logger.info("resumed from %s at step %s", resume_from, state["step"])
+    if private is not None:  # the noise for the steps to come, given what earlier stretches of the run spent
+        private.start(state.get("dp", []), state["step"])
+        state["dp"] = private.history
+        logger.info(
+            "differential privacy: %d %ss, sample rate %.4g, noise multiplier %.3f, clip %g, delta %.2g",
+            private.units, private.unit, private.rate, private.noise_multiplier, config.dp.clip, private.delta,
+        )  # fmt: skip
     if main:
         config.save(run_dir / "config.yaml")
     accelerator.init_trackers("meddiff")
@@ -306,14 +323,18 @@ def train(
     # where the data stream stands: checkpoints record it, so another process count or batch size continues it
     state.setdefault("samples", start_step * per_step)
     source = method.batch_source()
-    sampler = StreamBatchSampler(
-        len(source),
-        config.batch_size,
-        config.seed,
-        state["samples"],
-        (config.max_steps - start_step) * accumulate,
-        rank,
-        world,
+    sampler = (
+        private.sampler(start_step, config.max_steps - start_step)
+        if private is not None
+        else StreamBatchSampler(
+            len(source),
+            config.batch_size,
+            config.seed,
+            state["samples"],
+            (config.max_steps - start_step) * accumulate,
+            rank,
+            world,
+        )
     )
     batches = iter(make_loader(source, sampler, accelerator.device, config.loader_workers))
     t0 = time.perf_counter()
@@ -336,6 +357,11 @@ def train(
             batch = method.to_device(next(batches), accelerator.device)
             batch["step"] = step
             generator = step_generator(config.seed, seq, rank)
+            if private is not None:
+                private.before_step(step)
+                if len(batch["index"]) == 0:  # a Poisson sample may draw nobody: the update is noise alone
+                    private.empty_batch()
+                    continue
             # gradients are synchronised once per step, on its last micro-batch
             sync = accelerator.no_sync(trainee) if world > 1 and micro < accumulate - 1 else nullcontext()
             with sync:
@@ -343,15 +369,18 @@ def train(
                     micro_loss = compute_loss(batch, generator) / accumulate
                 accelerator.backward(micro_loss)
             loss = loss + micro_loss.detach().float()
-        if config.max_grad_norm:
+        if config.max_grad_norm and private is None:  # DP clips each patient's gradient instead
             accelerator.clip_grad_norm_(trainee.parameters(), config.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        method.after_step(model, batch, generator, step)
+        if private is None or len(batch["index"]):
+            method.after_step(model, batch, generator, step)
         if ema is not None:
             ema.step([p for p in model.parameters() if p.requires_grad])
         state["step"] = step + 1
+        if private is not None:
+            private.step_done()
         state["samples"] += per_step
         local_elapsed = start_elapsed + time.perf_counter() - t0
         saving = bool(config.checkpoint_every) and state["step"] % config.checkpoint_every == 0
@@ -446,6 +475,7 @@ def train(
         loss_history=state["loss_history"],
         machine=machine_description(accelerator.device),
         checks=state.get("checks", {}),
+        differential_privacy=private.report(state["step"]) if private is not None else None,
     )
     if main:
         summary.write(run_dir)

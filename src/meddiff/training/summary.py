@@ -27,6 +27,8 @@ class TrainingSummary(JsonResult):
     loss_history: list[list[float]] = json_field(default_factory=list)  # [step, loss, elapsed seconds]
     machine: str = ""  # meddiff.devices.machine_description(): what the speed was measured on
     checks: dict[str, list[dict]] = json_field(default_factory=dict)  # per training check, its results in order
+    # DP-SGD runs: epsilon spent, delta, unit, noise, clip, sample rate (meddiff.training.differential_privacy)
+    differential_privacy: dict | None = None
 
     def write(self, run_dir: Path) -> Path:
         return self.write_json(Path(run_dir) / TRAINING_JSON, indent=None)

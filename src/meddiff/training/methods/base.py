@@ -22,6 +22,8 @@ class TrainingMethod(ABC):
     uses_ema: bool = True  # the loop keeps an EMA of the trainable parameters and exports it
     is_main_process: bool = True  # set by the loop; only the main process writes files (validation grids...)
     device_keys: tuple[str, ...] = ("image",)  # batch entries the loop copies to the accelerator
+    # DP-SGD (--dp.*) needs a loss that is a mean of independent per-image terms, every image from the data
+    supports_dp: bool = False
 
     def __init__(self, config: TrainConfig, dataset: ImageLabelDataset, accelerator=None):
         self.config = config

@@ -26,6 +26,7 @@ CONDITIONINGS = ("labels", "text", "both", "none")
 @register_method
 class PixelDiffusion(TrainingMethod):
     name = "pixel"
+    supports_dp = True  # the loss is the mean of per-image denoising losses
 
     def __init__(self, config, dataset, accelerator=None):
         super().__init__(config, dataset, accelerator)

@@ -110,6 +110,12 @@ class StableDiffusionFinetune(PixelDiffusion):
         self.scale = float(self._vae.config["scaling_factor"])
 
     @property
+    def supports_dp(self) -> bool:  # type: ignore[override]  # a class attribute in the base
+        """DP-SGD for the U-Net and LoRA strategies; DreamBooth mixes generated class images into each batch and
+        the text strategies' embedding tables make per-sample gradients of vocabulary size."""
+        return self.config.finetune.method in ("unet", "lora")
+
+    @property
     def autoencoder(self) -> torch.nn.Module:
         """The frozen pretrained autoencoder (VAE)."""
         return self._vae

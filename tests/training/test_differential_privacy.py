@@ -159,7 +159,13 @@ def test_a_dp_run_trains_per_patient_resumes_exactly_and_states_its_guarantee(tm
         train(cfg(tmp_path / "split", max_steps=9, resume="latest", dp=DPConfig(epsilon=0.5)), data, progress=False)
 
 
-def test_a_resumed_dp_run_draws_the_same_batches_and_noise(tmp_path, data):
+def test_a_resumed_dp_run_draws_the_same_batches_and_noise(tmp_path, data, monkeypatch):
+    """Given the run's key (restored from the checkpoint on resume; fixed here so that the uninterrupted run can be
+    compared), the resumed run trains the same weights."""
+    import meddiff.training.differential_privacy as dpmod
+
+    keys = iter(["ab" * 16, "ab" * 16, "cd" * 16])  # straight, split, and a fresh key the resume must replace
+    monkeypatch.setattr(dpmod.secrets, "token_hex", lambda n: next(keys))
     fixed = DPConfig(noise_multiplier=1.2)
     train(cfg(tmp_path / "straight", max_steps=6, dp=fixed), data, progress=False)
     train(cfg(tmp_path / "split", max_steps=3, dp=fixed), data, progress=False)
@@ -185,6 +191,34 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(tmp_path, data, monkeypatch
     assert all(torch.isfinite(v).all() for v in w.values())
 
 
+def test_the_noise_of_a_step_has_std_noise_multiplier_times_clip_over_the_expected_batch():
+    """An empty step with SGD at lr 1: the update is the noise alone, N(0, (sigma C / B)^2) per weight."""
+    model = torch.nn.Linear(200, 100, bias=False)
+    private = PrivateTraining(DPConfig(noise_multiplier=2.0, clip=0.5), [], 400, 8, 10, seed=0)
+    opt = private.attach(model, torch.optim.SGD(model.parameters(), lr=1.0), torch.device("cpu"))
+    w0 = model.weight.detach().clone()
+    private.before_step(0)
+    private.empty_batch()
+    opt.step()
+    update = (w0 - model.weight.detach()).flatten()
+    assert abs(float(update.mean())) < 0.01 * 0.125 * 5
+    assert float(update.std()) == pytest.approx(2.0 * 0.5 / 8, rel=0.03)  # 20,000 draws: ~0.5 % spread
+
+
+def test_the_draws_are_secret_two_runs_with_one_config_differ_and_the_key_stays_in_checkpoints(tmp_path, data):
+    fixed = DPConfig(noise_multiplier=1.0)
+    for name in ("a", "b"):
+        train(cfg(tmp_path / name, max_steps=2, dp=fixed), data, progress=False)
+    a = load_file(tmp_path / "a" / "checkpoints/step-0000002/model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints/step-0000002/model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # same seed, other secret: other batches and noise
+    key = json.loads(next((tmp_path / "a" / "checkpoints").glob("*/state.json")).read_text())["dp_key"]
+    assert len(key) == 32
+    for path in (tmp_path / "a").rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".txt") and path.name != "state.json":
+            assert key not in path.read_text(errors="ignore"), path
+
+
 @pytest.mark.parametrize(
     "dp, extra, message",
     [
@@ -193,10 +227,16 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(tmp_path, data, monkeypatch
         (DPConfig(epsilon=2), {"batch_size": 24}, "must be below the number of patients"),
         (DPConfig(epsilon=2), {"gradient_accumulation": 2}, "gradient_accumulation must be 1"),
         (DPConfig(epsilon=2), {"method": "autoencoder"}, "not supported for the 'autoencoder' method"),
+        (DPConfig(epsilon=2), {"privacy": {"every": 2, "stop": True}}, "privacy.stop is refused"),
+        (DPConfig(epsilon=2), {"text": {"train_encoder": True}}, "text.train-encoder is not supported"),
     ],
 )
 def test_what_dp_cannot_do_is_one_line(tmp_path, data, dp, extra, message):
     use = dataclasses.replace(data, patients=()) if extra.pop("no_ids", False) else data
+    if "privacy" in extra or "text" in extra:  # nested sections through the config loader
+        from meddiff.training.config import PrivacyMonitorConfig, TextConfig
+
+        extra = {k: (PrivacyMonitorConfig if k == "privacy" else TextConfig)(**v) for k, v in extra.items()}
     with pytest.raises(MeddiffError, match=message) as err:
         train(cfg(tmp_path / "bad", max_steps=2, dp=dp, **extra), use, progress=False)
     assert "\n" not in str(err.value)

@@ -86,14 +86,15 @@ def dp_lines(folder: Path | None) -> list[str]:
     per = (
         "per patient (each step takes at most one image of a patient)"
         if dp["unit"] == "patient"
-        else "per image (a patient with k images is protected only at about k times this epsilon)"
+        else "per image (a patient with k images has only the much weaker group-privacy bound: about k times this "
+        "epsilon with a delta that grows exponentially in k)"
     )
     return [
         f"- Differentially private training (DP-SGD): ({eps}, {dp['delta']:.2g})-DP {per}, over {dp['units']} "
         f"{dp['unit']}s; {dp['steps']} steps at sample rate {dp['sample_rate']:.4g}, noise multiplier "
         f"{dp['noise_multiplier']:.3g}, clip {dp['clip']:g}, {dp['accountant'].upper()} accountant. The guarantee "
-        "covers the diffusion model's weights only: not an autoencoder trained on the same patients, nor the label "
-        "counts stored with the pipeline."
+        "covers the diffusion model's weights only: not an autoencoder trained on the same patients, the label "
+        "counts stored with the pipeline, or the training loss and memorisation numbers logged during training."
     ]
 
 

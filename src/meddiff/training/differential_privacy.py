@@ -11,7 +11,14 @@ What is protected, and how:
   the expected batch size (opacus' DPOptimizer). The loop's global gradient clipping is replaced by this.
 - The accountant (opacus RDP or PRV) turns (noise multiplier, q, steps, delta) into epsilon; with a target epsilon
   the noise is calibrated for `max_steps`, and a run stopped earlier (time budget, a check) spent less, as reported.
-- The sample of step s and its noise are functions of (seed, s): a resumed run continues the same mechanism.
+- The sample of step s and its noise are functions of (a secret random key of the run, s). The key is made when the
+  run starts and kept only in its checkpoints (never in config.yaml, training.json or the pipeline): someone who
+  knows the config's seed cannot replay the draws, and a resumed run continues the same mechanism. The noise comes
+  from torch's generator seeded from that key (not a cryptographic generator; opacus' secure mode, which needs
+  torchcsprng, is not offered).
+- The logged training loss (training.json, tensorboard) and the memorisation checks' numbers are computed from the
+  data without noise: they are outside the guarantee, so do not publish them with the model. `--privacy.stop`
+  (a data-dependent stop) is refused.
 
 Not covered: an autoencoder trained on the same patients (latent models: train it on other data, or accept that it
 is not private), label counts written into the pipeline, and anything computed from the data outside the loop
@@ -19,7 +26,9 @@ is not private), label counts written into the pipeline, and anything computed f
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,7 +60,6 @@ class DPConfig(Options):
     accountant: Literal["rdp", "prv"] = option(
         "rdp", "privacy accountant: rdp (Renyi DP) or prv (privacy random variables; tighter)"
     )
-    secure_noise: bool = option(False, "cryptographically secure noise (opacus secure_mode; slower)")
 
     @property
     def enabled(self) -> bool:
@@ -88,7 +96,7 @@ def privacy_units(patients, n: int, unit: str) -> tuple[str, np.ndarray, np.ndar
 
 def poisson_batch(members: np.ndarray, starts: np.ndarray, rate: float, seed: int, step: int) -> list[int]:
     """Step `step`'s batch: each unit drawn with probability `rate`, one of its images taken uniformly."""
-    rng = np.random.default_rng([int(seed), NOISE_SEED, int(step)])
+    rng = np.random.default_rng([int(seed) % 2**64, int(seed) >> 64, NOISE_SEED, int(step)])
     units = len(starts) - 1
     drawn = np.flatnonzero(rng.random(units) < rate)
     sizes = starts[drawn + 1] - starts[drawn]
@@ -195,18 +203,28 @@ class PrivateTraining:
         self.noise_multiplier = 0.0
         self.optimizer: Any = None
         self._hooks: Any = None
+        self.key = secrets.token_hex(16)  # the run's secret: replaced by a checkpoint's in start()
         self.start([], 0)
 
-    def start(self, history: list, step: int) -> None:
+    @property
+    def secret_seed(self) -> int:
+        """The run's draws come from this (key and config seed), never from the config's seed alone."""
+        return int(hashlib.sha256(f"{self.key}:{self.seed}".encode()).hexdigest()[:32], 16)
+
+    def start(self, history: list, step: int, key: str | None = None) -> None:
         """Continue from a checkpoint's DP history at `step` (a fresh run: [], 0), with this run's noise: fixed, or
         calibrated so that the whole run, earlier stretches included, spends the target epsilon at max_steps.
         Steps a checkpoint trained without DP count as unbounded epsilon."""
+        if key:
+            self.key = key
         history = [list(h) for h in history]
         covered = sum(int(h[2]) for h in history)
         if step > covered:  # trained without DP before
             history.append([0.0, self.rate, step - covered])
         if self.cfg.noise_multiplier > 0:
             sigma = float(self.cfg.noise_multiplier)
+        elif step >= self.max_steps and history:  # nothing left to train: keep the last noise (no calibration)
+            sigma = float(history[-1][0])
         else:
             sigma = calibrate_noise(
                 history, self.rate, self.max_steps - step, self.cfg.epsilon, self.delta, self.cfg.accountant
@@ -220,7 +238,7 @@ class PrivateTraining:
         self.history[-1][2] += 1
 
     def sampler(self, start_step: int, count: int) -> PoissonBatchSampler:
-        return PoissonBatchSampler(self.members, self.starts, self.rate, self.seed, start_step, count)
+        return PoissonBatchSampler(self.members, self.starts, self.rate, self.secret_seed, start_step, count)
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
         """Per-sample-gradient hooks on `model`'s trainable modules (the method's loss calls the modules as
@@ -243,14 +261,14 @@ class PrivateTraining:
             expected_batch_size=self.batch_size,
             loss_reduction="mean",
             generator=torch.Generator(device=device),
-            secure_mode=self.cfg.secure_noise,
         )
         return self.optimizer
 
     def before_step(self, step: int) -> None:
-        """The step's noise stream, by (seed, step): a resumed run adds the noise an uninterrupted one would."""
-        if self.optimizer is not None and not self.cfg.secure_noise:
-            self.optimizer.generator.manual_seed(int(self.seed) * 1_000_003 + int(step) + NOISE_SEED * 7919)
+        """The step's noise stream, by (secret key, step): a resumed run adds the noise an uninterrupted one would."""
+        if self.optimizer is not None:
+            digest = hashlib.sha256(f"{self.key}:{self.seed}:noise:{int(step)}".encode()).digest()
+            self.optimizer.generator.manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
 
     def empty_batch(self) -> None:
         """No unit was drawn this step: the update is noise alone (what the accountant assumes)."""
@@ -272,7 +290,6 @@ class PrivateTraining:
             "steps": int(steps),
             "history": [[round(float(s), 5), q, int(n)] for s, q, n in self.history if int(n) > 0],
             "accountant": self.cfg.accountant,
-            "secure_noise": self.cfg.secure_noise,
         }
 
 
@@ -284,6 +301,15 @@ def check_dp_run(config, world: int, method, precision: str) -> None:
         raise MeddiffError("differential privacy: gradient_accumulation must be 1 (raise batch_size instead)")
     if config.compile:
         raise MeddiffError("differential privacy: --compile is not supported (per-sample-gradient hooks)")
+    if config.privacy.every and config.privacy.stop:
+        raise MeddiffError(
+            "differential privacy: --privacy.stop is refused (stopping on comparisons with training images is a "
+            "data-dependent release outside the guarantee); keep --privacy.every for monitoring only"
+        )
+    if config.text.train_encoder:
+        raise MeddiffError("differential privacy: --text.train-encoder is not supported (keep the text encoder frozen)")
+    if config.finetune.gradient_checkpointing:
+        raise MeddiffError("differential privacy: --finetune.gradient-checkpointing is not supported (opacus hooks)")
     if precision == "fp16":
         raise MeddiffError("differential privacy: fp16 is not supported (no loss scaling with per-sample clipping)")
     if not getattr(method, "supports_dp", False):

@@ -86,6 +86,7 @@ class LoopState(TypedDict, total=False):
     checks: dict  # {check name: [its results in order]} (training checks, e.g. the memorisation monitor)
     method: dict  # the method's extra state (written into checkpoints only)
     dp: list  # DP-SGD runs: [noise multiplier, sample rate, steps] per stretch of training (the accountant's input)
+    dp_key: str  # DP-SGD runs: the secret the Poisson samples and the noise are drawn from (checkpoints only)
 
 
 @dataclass
@@ -306,8 +307,8 @@ def train(
         method.load_extra_state(state.pop("method", {}))
         logger.info("resumed from %s at step %s", resume_from, state["step"])
     if private is not None:  # the noise for the steps to come, given what earlier stretches of the run spent
-        private.start(state.get("dp", []), state["step"])
-        state["dp"] = private.history
+        private.start(state.get("dp", []), state["step"], state.get("dp_key"))
+        state["dp"], state["dp_key"] = private.history, private.key  # the key: in checkpoints only
         logger.info(
             "differential privacy: %d %ss, sample rate %.4g, noise multiplier %.3f, clip %g, delta %.2g",
             private.units, private.unit, private.rate, private.noise_multiplier, config.dp.clip, private.delta,
@@ -374,8 +375,7 @@ def train(
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if private is None or len(batch["index"]):
-            method.after_step(model, batch, generator, step)
+        method.after_step(model, batch, generator, step)
         if ema is not None:
             ema.step([p for p in model.parameters() if p.requires_grad])
         state["step"] = step + 1

@@ -129,7 +129,7 @@ def split_by_patient(
             return "val"
         return "train"
 
-    kept = [r for r in table.records if which(r) == split]
+    kept = {id(r) for r in table.records if which(r) == split}  # each record hashed once
     if table.records and not kept:
         patients = len({r.patient or str(r.path) for r in table.records})
         raise MeddiffError(
@@ -137,7 +137,7 @@ def split_by_patient(
             f"patients; each patient falls in a split by a hash, so few patients can leave a split empty): use "
             f"another seed= or a larger fraction"
         )
-    return table.filtered(lambda r: which(r) == split, f"patient split {split!r}")
+    return table.filtered(lambda r: id(r) in kept, f"patient split {split!r}")
 
 
 def parse_label_subset(text: str | None, available: list[str]) -> list[str]:

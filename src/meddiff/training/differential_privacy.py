@@ -147,11 +147,11 @@ def calibrate_noise(history, rate: float, steps: int, target: float, delta: floa
     def eps(sigma: float) -> float:
         return history_epsilon([*history, (sigma, rate, steps)], delta, accountant)
 
-    if history_epsilon(history, delta, accountant) >= target:
+    spent = history_epsilon(history, delta, accountant)
+    if spent >= target:
         raise MeddiffError(
-            f"differential privacy: the steps already trained spent epsilon "
-            f"{history_epsilon(history, delta, accountant):.3g} of the target {target:g}; nothing is left for more "
-            "steps (raise --dp.epsilon or start a new run)"
+            f"differential privacy: the steps already trained spent epsilon {spent:.3g} of the target {target:g}; "
+            "nothing is left for more steps (raise --dp.epsilon or start a new run)"
         )
     hi = 1.0
     while eps(hi) > target:  # a noise that is enough
@@ -203,8 +203,8 @@ class PrivateTraining:
         self.noise_multiplier = 0.0
         self.optimizer: Any = None
         self._hooks: Any = None
-        self.key = secrets.token_hex(16)  # the run's secret: replaced by a checkpoint's in start()
-        self.start([], 0)
+        self.key = secrets.token_hex(16)  # the run's secret: a resumed run's start() restores its checkpoint's
+        self.start([], 0)  # a fresh run's noise (the loop calls start() again only when it resumes)
 
     @property
     def secret_seed(self) -> int:

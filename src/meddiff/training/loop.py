@@ -306,8 +306,9 @@ def train(
         state = cast(LoopState, load_checkpoint(accelerator, ema, resume_from))
         method.load_extra_state(state.pop("method", {}))
         logger.info("resumed from %s at step %s", resume_from, state["step"])
-    if private is not None:  # the noise for the steps to come, given what earlier stretches of the run spent
-        private.start(state.get("dp", []), state["step"], state.get("dp_key"))
+    if private is not None:
+        if resume_from is not None:  # the key, and the noise for the steps to come given what was spent before
+            private.start(state.get("dp", []), state["step"], state.get("dp_key"))
         state["dp"], state["dp_key"] = private.history, private.key  # the key: in checkpoints only
         logger.info(
             "differential privacy: %d %ss, sample rate %.4g, noise multiplier %.3f, clip %g, delta %.2g",

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "meddiff"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 #: imported only where an optional extra or a user's own install is asked for, each failing in one line without it
-OPTIONAL = {"radiomics", "SimpleITK", "gradio", "lpips", "torchxrayvision", "torchvision", "bitsandbytes"}
+OPTIONAL = {"radiomics", "SimpleITK", "gradio", "lpips", "torchxrayvision", "torchvision", "bitsandbytes", "opacus"}
 
 
 def _normal(name: str) -> str:

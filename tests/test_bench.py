@@ -625,3 +625,22 @@ def test_privacy_monitor_bench_reports_the_curve(tmp_path):
     assert result["summary"]["samples_per_check"] == 16
     assert all(0 <= r["copy_rate"] <= 1 and len(r["copy_rate_ci"]) == 2 for r in result["rows"])
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # runs a benchmark script in a subprocess
+def test_dp_quality_bench_trains_each_row_and_reports_its_epsilon(tmp_path):
+    pytest.importorskip("opacus")
+    out = tmp_path / "dp.json"
+    command = [sys.executable, str(BENCH / "dp_quality.py"), "--data", "phantom:?n=96&seed=0", "--steps", "3"]
+    command += ["--rows", "none", "eps=10,k=2", "sigma=1", "--n", "16", "--epochs", "1", "--out", str(out)]
+    command += ["--workdir", str(tmp_path / "w"), "--set", "model.block_out_channels=[16,32]", "--set", "batch_size=8"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["none"]["epsilon"] is None and rows["none"]["noise_multiplier"] == 0.0
+    assert 9 < rows["eps=10,k=2"]["epsilon"] <= 10 and rows["eps=10,k=2"]["multiplicity"] == 2
+    assert rows["sigma=1"]["noise_multiplier"] == 1.0 and rows["sigma=1"]["epsilon"] > 0  # epsilon reported
+    assert all(r["steps"] == 3 and 0 <= r["fidelity_auc"] <= 1 and r["unit"] in ("image", "-") for r in rows.values())
+    assert out.with_suffix(".png").stat().st_size > 1000
+    bad = subprocess.run([*command[:2], "--rows", "k=2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "needs eps=E or sigma=S" in bad.stderr

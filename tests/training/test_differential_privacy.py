@@ -109,6 +109,48 @@ def test_each_patients_gradient_is_clipped_before_the_mean():
     assert float(grads[0].norm()) > 0.5 > float(grads[1].norm())  # one clipped, one not
 
 
+def test_with_noise_multiplicity_each_image_comes_k_times_and_its_rows_are_averaged_before_clipping():
+    """--dp.multiplicity K: a drawn image is K consecutive rows (K time/noise draws); its per-sample gradient is the
+    mean of its rows' gradients, clipped once: the update is as with K = 1, with that mean as the image's gradient."""
+    patients = [f"P{i % 50}" for i in range(200)]
+    _, members, starts = privacy_units(patients, 200, "auto")
+    one = poisson_batch(members, starts, 0.2, seed=3, step=7)
+    three = poisson_batch(members, starts, 0.2, seed=3, step=7, multiplicity=3)
+    assert three == [i for i in one for _ in range(3)]  # the same draw, each image 3 times in a row
+
+    torch.manual_seed(1)
+    model = torch.nn.Linear(4, 1, bias=False)
+    private = PrivateTraining(DPConfig(noise_multiplier=1e-9, clip=0.5, multiplicity=3), [], 40, 4, 10, seed=0)
+    opt = private.attach(model, torch.optim.SGD(model.parameters(), lr=1.0), torch.device("cpu"))
+    x = torch.randn(6, 4) * torch.tensor([[10.0], [10.0], [10.0], [0.01], [0.02], [0.03]])  # image A x3, B x3
+    w0 = model.weight.detach().clone()
+    (model(x) ** 2).squeeze(1).mean().backward()
+    private.merge_multiplicity()
+    assert model.weight.grad_sample.shape == (2, 1, 4)  # one gradient per drawn image
+    opt.step()
+    rows = 2 * (x @ w0.T) * x  # per-row gradients
+    per_image = rows.reshape(2, 3, 4).mean(1)
+    clipped = per_image * torch.clamp(0.5 / per_image.norm(dim=1, keepdim=True), max=1.0)
+    assert torch.allclose(w0 - model.weight.detach(), clipped.sum(0, keepdim=True) / 4, atol=1e-6)
+    assert float(per_image[0].norm()) > 0.5 > float(per_image[1].norm())
+    assert private.report(0)["multiplicity"] == 3
+
+
+def test_a_dp_run_with_noise_multiplicity_trains_and_states_it(tmp_path, data):
+    dp = DPConfig(epsilon=8.0, multiplicity=2)
+    result = train(cfg(tmp_path / "k2", max_steps=3, dp=dp), data, progress=False)
+    report = json.loads((tmp_path / "k2" / "training.json").read_text())["differential_privacy"]
+    assert report["multiplicity"] == 2 and report["steps"] == 3 and 0 < report["epsilon"] <= 8.0
+    # the accountant does not see K: the same epsilon and noise as K = 1 (K costs compute, not privacy)
+    plain = PrivateTraining(DPConfig(epsilon=8.0), data.patients, len(data), 6, 3, seed=0)
+    assert report["noise_multiplier"] == pytest.approx(plain.noise_multiplier, rel=1e-4)
+    from meddiff.models.card import privacy_section
+    from meddiff.models.storage import load_pipeline
+
+    assert "2 noise draws per image averaged before clipping" in " ".join(privacy_section(tmp_path / "k2").lines)
+    assert all(torch.isfinite(p).all() for p in load_pipeline(result.pipeline_dir).unet.parameters())
+
+
 def test_noise_is_calibrated_to_the_target_epsilon_and_epsilon_grows_with_steps():
     private = PrivateTraining(DPConfig(epsilon=4.0), [], 1000, 20, 500, seed=0)
     assert private.delta == pytest.approx(1e-5) and private.rate == pytest.approx(0.02)

@@ -92,7 +92,13 @@ def dp_lines(folder: Path | None) -> list[str]:
     return [
         f"- Differentially private training (DP-SGD): ({eps}, {dp['delta']:.2g})-DP {per}, over {dp['units']} "
         f"{dp['unit']}s; {dp['steps']} steps at sample rate {dp['sample_rate']:.4g}, noise multiplier "
-        f"{dp['noise_multiplier']:.3g}, clip {dp['clip']:g}, {dp['accountant'].upper()} accountant. The guarantee "
+        f"{dp['noise_multiplier']:.3g}, clip {dp['clip']:g}, {dp['accountant'].upper()} accountant"
+        + (
+            f", {dp['multiplicity']} noise draws per image averaged before clipping"
+            if int(dp.get("multiplicity", 1)) > 1
+            else ""
+        )
+        + ". The guarantee "
         "covers the diffusion model's weights only: not an autoencoder trained on the same patients, the label "
         "counts stored with the pipeline, or the training loss and memorisation numbers logged during training."
     ]

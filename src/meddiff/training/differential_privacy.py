@@ -9,6 +9,9 @@ What is protected, and how:
 - Per-sample gradients come from opacus' hooks on the trained modules (the method's loss runs unchanged); each is
   clipped to `--dp.clip`, summed, Gaussian noise of std noise_multiplier x clip is added, and the sum is divided by
   the expected batch size (opacus' DPOptimizer). The loop's global gradient clipping is replaced by this.
+- `--dp.multiplicity K` (noise multiplicity, as in Dockhorn et al.'s DPDM): each drawn image is trained on K
+  (time, noise) draws in K rows whose gradients are averaged before clipping. The image still adds one clipped
+  gradient, so epsilon is unchanged; the diffusion loss's variance falls, for K times the compute.
 - The accountant (opacus RDP or PRV) turns (noise multiplier, q, steps, delta) into epsilon; with a target epsilon
   the noise is calibrated for `max_steps`, and a run stopped earlier (time budget, a check) spent less, as reported.
 - The sample of step s and its noise are functions of (a secret random key of the run, s). The key is made when the
@@ -60,6 +63,11 @@ class DPConfig(Options):
     accountant: Literal["rdp", "prv"] = option(
         "rdp", "privacy accountant: rdp (Renyi DP) or prv (privacy random variables; tighter)"
     )
+    multiplicity: int = option(
+        1, "differential privacy: each drawn image is trained on K (time, noise) draws whose gradients are averaged "
+        "before clipping (noise multiplicity: less variance at the same epsilon, K times the compute)",
+        minimum=1, maximum=64,
+    )  # fmt: skip
 
     @property
     def enabled(self) -> bool:
@@ -94,30 +102,43 @@ def privacy_units(patients, n: int, unit: str) -> tuple[str, np.ndarray, np.ndar
     return "patient", members, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
-def poisson_batch(members: np.ndarray, starts: np.ndarray, rate: float, seed: int, step: int) -> list[int]:
-    """Step `step`'s batch: each unit drawn with probability `rate`, one of its images taken uniformly."""
+def poisson_batch(
+    members: np.ndarray, starts: np.ndarray, rate: float, seed: int, step: int, multiplicity: int = 1
+) -> list[int]:
+    """Step `step`'s batch: each unit drawn with probability `rate`, one of its images taken uniformly; each index
+    repeated `multiplicity` times in a row (its rows' gradients are averaged before clipping: merge_multiplicity)."""
     rng = np.random.default_rng([int(seed) % 2**64, int(seed) >> 64, NOISE_SEED, int(step)])
     units = len(starts) - 1
     drawn = np.flatnonzero(rng.random(units) < rate)
     sizes = starts[drawn + 1] - starts[drawn]
     pick = starts[drawn] + np.floor(rng.random(len(drawn)) * sizes).astype(np.int64)
-    return members[pick].tolist()
+    return np.repeat(members[pick], int(multiplicity)).tolist()
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
     """The batches of steps start .. start+count-1 (see poisson_batch); empty batches are yielded as []."""
 
-    def __init__(self, members: np.ndarray, starts: np.ndarray, rate: float, seed: int, start: int, count: int):
+    def __init__(
+        self,
+        members: np.ndarray,
+        starts: np.ndarray,
+        rate: float,
+        seed: int,
+        start: int,
+        count: int,
+        multiplicity: int = 1,
+    ):
         self.members, self.starts, self.rate, self.seed, self.start, self.count = (
             members, starts, rate, seed, start, count,
         )  # fmt: skip
+        self.multiplicity = int(multiplicity)
 
     def __len__(self) -> int:
         return self.count
 
     def __iter__(self):
         for k in range(self.count):
-            yield poisson_batch(self.members, self.starts, self.rate, self.seed, self.start + k)
+            yield poisson_batch(self.members, self.starts, self.rate, self.seed, self.start + k, self.multiplicity)
 
 
 def epsilon_spent(noise_multiplier: float, rate: float, steps: int, delta: float, accountant: str) -> float:
@@ -238,7 +259,9 @@ class PrivateTraining:
         self.history[-1][2] += 1
 
     def sampler(self, start_step: int, count: int) -> PoissonBatchSampler:
-        return PoissonBatchSampler(self.members, self.starts, self.rate, self.secret_seed, start_step, count)
+        return PoissonBatchSampler(
+            self.members, self.starts, self.rate, self.secret_seed, start_step, count, self.cfg.multiplicity
+        )
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
         """Per-sample-gradient hooks on `model`'s trainable modules (the method's loss calls the modules as
@@ -270,6 +293,24 @@ class PrivateTraining:
             digest = hashlib.sha256(f"{self.key}:{self.seed}:noise:{int(step)}".encode()).digest()
             self.optimizer.generator.manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
 
+    def merge_multiplicity(self) -> None:
+        """Each drawn image came as K consecutive rows (K = --dp.multiplicity): its per-sample gradient is the mean
+        of theirs, so clipping, the noise and the accountant see one gradient per drawn unit, as without K."""
+        k = int(self.cfg.multiplicity)
+        if k == 1:
+            return
+        for p in self.optimizer.params:
+            g = getattr(p, "grad_sample", None)
+            if g is None:
+                continue
+            g = torch.cat(g) if isinstance(g, list) else g
+            if g.shape[0] % k:
+                raise MeddiffError(
+                    f"differential privacy: {g.shape[0]} per-sample gradients are not a multiple of --dp.multiplicity "
+                    f"{k} (the method must keep one row per loaded image)"
+                )
+            p.grad_sample = g.reshape(g.shape[0] // k, k, *g.shape[1:]).mean(dim=1)
+
     def empty_batch(self) -> None:
         """No unit was drawn this step: the update is noise alone (what the accountant assumes)."""
         for p in self.optimizer.params:
@@ -290,6 +331,7 @@ class PrivateTraining:
             "steps": int(steps),
             "history": [[round(float(s), 5), q, int(n)] for s, q, n in self.history if int(n) > 0],
             "accountant": self.cfg.accountant,
+            "multiplicity": int(self.cfg.multiplicity),
         }
 
 

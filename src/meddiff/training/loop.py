@@ -373,6 +373,8 @@ def train(
             loss = loss + micro_loss.detach().float()
         if config.max_grad_norm and private is None:  # DP clips each patient's gradient instead
             accelerator.clip_grad_norm_(trainee.parameters(), config.max_grad_norm)
+        if private is not None:
+            private.merge_multiplicity()  # one gradient per drawn patient before the DP optimizer clips
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)

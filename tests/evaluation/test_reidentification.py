@@ -72,6 +72,31 @@ def test_held_back_studies_take_one_study_of_repeat_patients_only():
     assert len(held_back_studies(patients, 1, seed=1)) == 1 and len(held_back_studies(["x", "y"], 5)) == 0
 
 
+def test_the_reid_network_is_stored_with_the_calibration_and_checked_when_loaded(studies, tmp_path):
+    """The default lane's check of the storage path the extended gate test covers with a fully trained network."""
+    import hashlib
+
+    from meddiff.evaluation.copy_descriptor import embed, save_descriptor
+    from meddiff.evaluation.privacy_gate import PRIVACY_DIR, REID_FILE, _stored_network
+
+    train, train_ids, held, _ = studies
+    first = sorted(set(train_ids))[:12]
+    pick = [i for i, p in enumerate(train_ids) if p in first]
+    settings = DescriptorSettings(steps=3, batch_size=16, width=8, dim=16)
+    net = train_reid(train[pick], [train_ids[i] for i in pick], settings)
+    folder = tmp_path / PRIVACY_DIR
+    note = {"reid_network": save_descriptor(net, settings, folder, REID_FILE)}
+    note["reid_sha1"] = hashlib.sha1((folder / REID_FILE).read_bytes()).hexdigest()[:16]
+    again = _stored_network(tmp_path, note, "reid_network", "reid_sha1", REID_FILE)
+    assert again is not None and np.allclose(embed(again, held[:8]), embed(net, held[:8]), atol=1e-5)
+    assert _stored_network(tmp_path, {}, "reid_network", "reid_sha1", REID_FILE) is None  # calibrated without ids
+    with pytest.raises(MeddiffError, match="not the network this calibration was made with"):
+        _stored_network(tmp_path, {**note, "reid_sha1": "0" * 16}, "reid_network", "reid_sha1", REID_FILE)
+    (folder / REID_FILE).unlink()
+    with pytest.raises(MeddiffError, match="is missing; run `meddiff privacy calibrate` again"):
+        _stored_network(tmp_path, note, "reid_network", "reid_sha1", REID_FILE)
+
+
 @pytest.mark.extended  # trains the copy descriptor and the re-ID network: about 5 minutes on a slow CPU
 @pytest.mark.slow
 def test_the_gate_scores_training_patients_with_the_reid_network(studies, tmp_path):

@@ -12,13 +12,15 @@ steps; conditions drawn from the real test labels):
 - `eps=E[,k=K][,clip=C]`: DP-SGD calibrated to spend E by the last step (delta = min(1e-5, 0.1 / units)), K noise
   draws per image averaged before clipping (noise multiplicity), per-sample clip C;
 - `sigma=S[,k=K]`: a fixed noise multiplier instead (epsilon reported).
-Rows whose pipeline exists are only scored again. The privacy unit is the patient where the data has patient ids,
-else the image (PneumoniaMNIST has none: per image). Results: bench/results/dp_quality.json, a table and a PNG
-(fidelity and FID against epsilon)."""
+Rows whose pipeline exists are only scored again, if they were trained with the same data, config and steps
+(bench_recipe.json in the row's folder; otherwise --fresh). The privacy unit is the patient where the data has
+patient ids, else the image (PneumoniaMNIST has none: per image). Results: bench/results/dp_quality.json, a table
+and a PNG (fidelity and FID against epsilon)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -31,7 +33,8 @@ from time_to_quality import DEFAULT_DATA, ROOT, evaluate_snapshot, parse_sets  #
 
 
 def parse_row(text: str) -> dict:
-    """'none' | 'eps=10,k=4,clip=1' | 'sigma=1.2' -> the DP overrides of that row."""
+    """'none' | 'eps=10,k=4,clip=1' | 'sigma=1.2' -> the DP overrides of that row, checked at once (a bad row
+    must not stop the bench hours later)."""
     if text == "none":
         return {}
     keys = {"eps": "epsilon", "sigma": "noise_multiplier", "k": "multiplicity", "clip": "clip"}
@@ -40,9 +43,21 @@ def parse_row(text: str) -> dict:
         key, sep, value = part.partition("=")
         if not sep or key not in keys:
             raise SystemExit(f"--rows: {part!r} in {text!r} is not eps=E, sigma=S, k=K or clip=C")
-        out[keys[key]] = int(value) if key == "k" else float(value)
-    if "epsilon" not in out and "noise_multiplier" not in out:
-        raise SystemExit(f"--rows: {text!r} needs eps=E or sigma=S (or is 'none')")
+        try:
+            out[keys[key]] = int(value) if key == "k" else float(value)
+        except ValueError:
+            raise SystemExit(f"--rows: {part!r} in {text!r} is not a number") from None
+        if out[keys[key]] <= 0:
+            raise SystemExit(f"--rows: {part!r} in {text!r} must be above 0 (use 'none' for the run without DP)")
+    if ("epsilon" in out) == ("noise_multiplier" in out):
+        raise SystemExit(f"--rows: {text!r} needs eps=E or sigma=S, not both (or is 'none')")
+    from meddiff.errors import MeddiffError
+    from meddiff.training.differential_privacy import DPConfig
+
+    try:
+        DPConfig(**out)
+    except (MeddiffError, ValueError) as e:
+        raise SystemExit(f"--rows: {text!r}: {e}") from None
     return out
 
 
@@ -81,7 +96,7 @@ def main() -> None:
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--config", default=str(ROOT / "configs" / "pneumoniamnist.yaml"))
     ap.add_argument("--steps", type=int, default=500, help="optimizer steps of every row")
-    ap.add_argument("--rows", nargs="+", default=["none", "eps=10", "eps=10,k=4", "eps=1,k=4"])
+    ap.add_argument("--rows", nargs="+", default=["none", "eps=10", "eps=1", "eps=10,k=2"])
     ap.add_argument("--n", type=int, default=1000, help="generated images per row")
     ap.add_argument("--epochs", type=int, default=10, help="classifier epochs (real-trained and synthetic-trained)")
     ap.add_argument("--guidance", type=float, default=None, help="sampling guidance (default: the config's)")
@@ -101,7 +116,6 @@ def main() -> None:
     from meddiff.logs import configure_logging
     from meddiff.models.storage import load_pipeline
     from meddiff.training.config import load_config
-    from meddiff.training.differential_privacy import DPConfig
     from meddiff.training.loop import train as train_loop
 
     configure_logging()
@@ -109,13 +123,7 @@ def main() -> None:
     overrides = {"data": args.data, **parse_sets(args.set)}
     base = load_config(args.config, {"data": args.data}, parse_sets(args.set))
     guidance = base.guidance if args.guidance is None else args.guidance
-    train = load_dataset(spec, base.resolution)
-    test = load_dataset(spec.heldout(), base.resolution)
-    classifier = domain_classifier(train, str(spec), epochs=args.epochs, progress=False)
-    fid_floor = round(fid(embed(classifier, test.images), embed(classifier, train.images)), 3)
-    print(f"{len(train)} train / {len(test)} test images; FID(real train, real test) = {fid_floor}", flush=True)
-
-    rows = []
+    runs = []  # (row, its folder, its config, its recipe), all checked before any data is loaded
     for text, dp in plans:
         run_dir = Path(args.workdir) / text.replace(",", "_").replace("=", "")
         if args.fresh and run_dir.exists():
@@ -123,11 +131,31 @@ def main() -> None:
         config = load_config(args.config, {"data": args.data}, parse_sets(args.set))
         config.out, config.max_steps, config.max_minutes = str(run_dir), args.steps, None
         config.checkpoint_every = 0
-        config.dp = DPConfig(**dp)
+        # the row's DP settings over the config's (--set dp.accountant=prv, dp.delta, ... still apply)
+        config.dp = dataclasses.replace(config.dp, **{"epsilon": 0.0, "noise_multiplier": 0.0, "multiplicity": 1, **dp})
+        recipe = json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k != "out"}))  # data included
+        recipe_file = run_dir / "bench_recipe.json"
+        if (run_dir / "pipeline").is_dir():  # trained before: only scored again, if it is this recipe
+            if not recipe_file.is_file() or json.loads(recipe_file.read_text()) != recipe:
+                raise SystemExit(
+                    f"{run_dir} was trained with another recipe (data, config, --set or --steps); "
+                    "use --fresh or another --workdir"
+                )
+        runs.append((text, run_dir, config, recipe))
+
+    train = load_dataset(spec, base.resolution)
+    test = load_dataset(spec.heldout(), base.resolution)
+    classifier = domain_classifier(train, str(spec), epochs=args.epochs, progress=False)
+    fid_floor = round(fid(embed(classifier, test.images), embed(classifier, train.images)), 3)
+    print(f"{len(train)} train / {len(test)} test images; FID(real train, real test) = {fid_floor}", flush=True)
+
+    rows = []
+    for text, run_dir, config, recipe in runs:
         if not (run_dir / "pipeline").is_dir():
             t0 = time.perf_counter()
             train_loop(config, train, progress=True)
             print(f"{text}: trained in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+            (run_dir / "bench_recipe.json").write_text(json.dumps(recipe, indent=1))
         info = json.loads((run_dir / "training.json").read_text())
         report = info.get("differential_privacy") or {}
         pipe = load_pipeline(run_dir)

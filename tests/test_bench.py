@@ -642,5 +642,15 @@ def test_dp_quality_bench_trains_each_row_and_reports_its_epsilon(tmp_path):
     assert rows["sigma=1"]["noise_multiplier"] == 1.0 and rows["sigma=1"]["epsilon"] > 0  # epsilon reported
     assert all(r["steps"] == 3 and 0 <= r["fidelity_auc"] <= 1 and r["unit"] in ("image", "-") for r in rows.values())
     assert out.with_suffix(".png").stat().st_size > 1000
-    bad = subprocess.run([*command[:2], "--rows", "k=2"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "needs eps=E or sigma=S" in bad.stderr
+    other = [*command[:5], "4", *command[6:]]  # another --steps in the same workdir: refused at once, not mixed
+    changed = subprocess.run(other, capture_output=True, text=True, timeout=900)
+    assert changed.returncode != 0 and "trained with another recipe" in changed.stderr
+    for row, message in [
+        ("k=2", "needs eps=E or sigma=S"),
+        ("eps=1,sigma=1", "not both"),
+        ("eps=0", "must be above 0"),
+        ("eps=abc", "not a number"),
+        ("eps=1,k=100", "multiplicity"),
+    ]:
+        bad = subprocess.run([*command[:2], "--rows", row], capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and message in bad.stderr, (row, bad.stderr[-500:])

@@ -125,7 +125,11 @@ def test_with_noise_multiplicity_each_image_comes_k_times_and_its_rows_are_avera
     x = torch.randn(6, 4) * torch.tensor([[10.0], [10.0], [10.0], [0.01], [0.02], [0.03]])  # image A x3, B x3
     w0 = model.weight.detach().clone()
     (model(x) ** 2).squeeze(1).mean().backward()
-    private.merge_multiplicity()
+    with pytest.raises(MeddiffError, match="6 per-sample gradients for 9 loaded rows"):
+        private.merge_multiplicity(9)  # a method that changed the row count: one line, nothing mixed
+    with pytest.raises(MeddiffError, match="4 loaded rows are not a multiple of --dp.multiplicity 3"):
+        private.merge_multiplicity(4)
+    private.merge_multiplicity(6)
     assert model.weight.grad_sample.shape == (2, 1, 4)  # one gradient per drawn image
     opt.step()
     rows = 2 * (x @ w0.T) * x  # per-row gradients
@@ -149,6 +153,8 @@ def test_a_dp_run_with_noise_multiplicity_trains_and_states_it(tmp_path, data):
 
     assert "2 noise draws per image averaged before clipping" in " ".join(privacy_section(tmp_path / "k2").lines)
     assert all(torch.isfinite(p).all() for p in load_pipeline(result.pipeline_dir).unet.parameters())
+    with pytest.raises(MeddiffError, match="--dp.multiplicity needs differential privacy"):
+        train(cfg(tmp_path / "nodp", max_steps=1, dp=DPConfig(multiplicity=2)), data, progress=False)
 
 
 def test_noise_is_calibrated_to_the_target_epsilon_and_epsilon_grows_with_steps():

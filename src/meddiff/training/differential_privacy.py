@@ -293,23 +293,25 @@ class PrivateTraining:
             digest = hashlib.sha256(f"{self.key}:{self.seed}:noise:{int(step)}".encode()).digest()
             self.optimizer.generator.manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
 
-    def merge_multiplicity(self) -> None:
-        """Each drawn image came as K consecutive rows (K = --dp.multiplicity): its per-sample gradient is the mean
-        of theirs, so clipping, the noise and the accountant see one gradient per drawn unit, as without K."""
+    def merge_multiplicity(self, rows: int) -> None:
+        """The step loaded `rows` = K x drawn rows, each drawn image K times in a row (K = --dp.multiplicity): an
+        image's per-sample gradient becomes the mean of its rows', so clipping, the noise and the accountant see one
+        gradient per drawn unit, as without K. Checks that every trained parameter has one per-sample gradient per
+        loaded row (a method that added or dropped rows would mix images)."""
         k = int(self.cfg.multiplicity)
-        if k == 1:
-            return
+        if rows % k:
+            raise MeddiffError(f"differential privacy: {rows} loaded rows are not a multiple of --dp.multiplicity {k}")
         for p in self.optimizer.params:
             g = getattr(p, "grad_sample", None)
             if g is None:
                 continue
             g = torch.cat(g) if isinstance(g, list) else g
-            if g.shape[0] % k:
+            if g.shape[0] != rows:
                 raise MeddiffError(
-                    f"differential privacy: {g.shape[0]} per-sample gradients are not a multiple of --dp.multiplicity "
-                    f"{k} (the method must keep one row per loaded image)"
+                    f"differential privacy: {g.shape[0]} per-sample gradients for {rows} loaded rows (the method "
+                    "must keep one loss row per loaded image)"
                 )
-            p.grad_sample = g.reshape(g.shape[0] // k, k, *g.shape[1:]).mean(dim=1)
+            p.grad_sample = g.reshape(rows // k, k, *g.shape[1:]).mean(dim=1) if k > 1 else g
 
     def empty_batch(self) -> None:
         """No unit was drawn this step: the update is noise alone (what the accountant assumes)."""

@@ -274,6 +274,10 @@ def train(
             config.dp, dataset.patients, source_len, config.batch_size, config.max_steps, config.seed
         )
         optimizer = private.attach(model, optimizer, accelerator.device)
+    elif config.dp.multiplicity > 1:
+        raise MeddiffError(
+            "--dp.multiplicity needs differential privacy: add --dp.epsilon E or --dp.noise-multiplier S"
+        )
     lr_scheduler = get_scheduler(
         config.lr_schedule, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps
     )
@@ -311,8 +315,10 @@ def train(
             private.start(state.get("dp", []), state["step"], state.get("dp_key"))
         state["dp"], state["dp_key"] = private.history, private.key  # the key: in checkpoints only
         logger.info(
-            "differential privacy: %d %ss, sample rate %.4g, noise multiplier %.3f, clip %g, delta %.2g",
+            "differential privacy: %d %ss, sample rate %.4g, noise multiplier %.3f, clip %g, delta %.2g, %d draw(s) "
+            "per image",
             private.units, private.unit, private.rate, private.noise_multiplier, config.dp.clip, private.delta,
+            config.dp.multiplicity,
         )  # fmt: skip
     if main:
         config.save(run_dir / "config.yaml")
@@ -374,7 +380,7 @@ def train(
         if config.max_grad_norm and private is None:  # DP clips each patient's gradient instead
             accelerator.clip_grad_norm_(trainee.parameters(), config.max_grad_norm)
         if private is not None:
-            private.merge_multiplicity()  # one gradient per drawn patient before the DP optimizer clips
+            private.merge_multiplicity(len(batch["index"]))  # K rows -> one gradient per drawn patient, then clipping
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -457,8 +463,9 @@ def train(
         tracker.finish()  # processes go on together (export barrier below, a next run in the same group)
 
     unwrapped = trained_module(accelerator, trainee)
-    rate = (
-        steps_done * config.batch_size * world * max(int(config.gradient_accumulation), 1) / train_seconds
+    rows = config.dp.multiplicity if private is not None else 1  # DP noise multiplicity: K rows per drawn image
+    rate = (  # images through the network a second (what the evaluation planner reads as this machine's speed)
+        steps_done * config.batch_size * world * max(int(config.gradient_accumulation), 1) * rows / train_seconds
         if train_seconds > 0
         else 0.0
     )

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from meddiff.data.dataset import ImageLabelDataset
+from meddiff.errors import MeddiffError
 from meddiff.evaluation.downstream import bootstrap_auc, combine
 
 
@@ -174,6 +175,19 @@ def test_downstream_protocols_and_real_fractions():
     for name, entry in out.items():
         assert entry["protocol"] and 0 <= entry["mean_auc"] <= 1, name
         assert set(entry["recall"]) == {"A", "B"} and all(0 <= r <= 1 for r in entry["recall"].values())
+
+
+def test_a_diverged_classifier_stops_the_protocols_at_once(monkeypatch):
+    """NaN scores from the first classifier: one line naming the training set and seed, and nothing more is trained."""
+    import meddiff.evaluation.downstream as ds
+
+    trained = []
+    monkeypatch.setattr(ds, "train_classifier", lambda data, **kw: trained.append(len(data)) or object())
+    monkeypatch.setattr(ds, "predict", lambda model, images: np.full((len(images), 2), np.nan, dtype=np.float32))
+    real, synthetic, test = _labelled(32, 8), _labelled(16, 8, seed=1), _labelled(16, 4, seed=2)
+    with pytest.raises(MeddiffError, match=r"trained on 'real' \(seed 0\) gave NaN or infinite scores"):
+        ds.downstream(real, synthetic, test, seeds=3, epochs=1, protocols=("real", "synthetic"))
+    assert trained == [32]
 
 
 @pytest.mark.parametrize(

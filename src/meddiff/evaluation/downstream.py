@@ -181,7 +181,13 @@ def downstream(
         probs = []
         for s in range(seeds):
             bar.set_postfix(train_set=name, seed=s)
-            probs.append(predict(build(s), test.images))
+            p = predict(build(s), test.images)
+            if not np.isfinite(p).all():  # at once, not after the other seeds and sets have trained
+                raise MeddiffError(
+                    f"the classifier trained on {name!r} (seed {s}) gave NaN or infinite scores (diverged training?); "
+                    "no AUC can be computed"
+                )
+            probs.append(p)
             bar.update(1)
         out[name] = {"protocol": protocol, "n_train": n_train, "seeds": seeds, **score(probs, test)}
     bar.close()

@@ -82,7 +82,7 @@ def plot(rows: list[dict], path: Path) -> None:
         b.axhline(r["domain_fid"], color="k", lw=0.8, label="no DP")
     if rows:
         b.axhline(rows[0]["fid_real_train_vs_test"], color="grey", lw=0.8, ls=":", label="real train vs test")
-    a.set(xlabel="epsilon (log)", ylabel="AUC on real test labels", xscale="log", ylim=(0.4, 1.0))
+    a.set(xlabel="epsilon (log)", ylabel="AUC on real test labels", xscale="log", ylim=(0.0, 1.0))
     b.set(xlabel="epsilon (log)", ylabel="domain FID vs real test (lower is better)", xscale="log", yscale="log")
     a.legend(fontsize=7)
     b.legend(fontsize=7)

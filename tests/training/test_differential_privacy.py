@@ -306,6 +306,40 @@ def test_dp_options_reach_the_config_from_the_command_line():
         load_config(None, {"dp.unit": "hospital"})
 
 
+def test_a_dp_run_can_start_from_a_model_trained_on_other_data(tmp_path, data):
+    """--init-from: the U-Net starts from another run's weights (e.g. public data), the DP run then trains from
+    there, and its report and card say that the starting model's data is outside the guarantee."""
+    from meddiff.models.card import privacy_section
+    from meddiff.models.storage import load_pipeline
+    from meddiff.training.methods import METHODS
+
+    public = train(cfg(tmp_path / "public", max_steps=3, dp=DPConfig()), data, progress=False)
+    start = load_pipeline(public.pipeline_dir).unet.state_dict()
+    private_cfg = cfg(tmp_path / "private", max_steps=2, init_from=str(tmp_path / "public"))
+    method = METHODS["pixel"](private_cfg, data)
+    method.initialise_from(private_cfg.init_from)
+    assert all(torch.equal(v, start[k]) for k, v in method.model.state_dict().items())  # every weight, EMA's
+    train(private_cfg, data, progress=False)
+    dp = json.loads((tmp_path / "private" / "training.json").read_text())["differential_privacy"]
+    assert dp["init_from"] == str(tmp_path / "public") and 0 < dp["epsilon"] <= 8.0
+    lines = " ".join(privacy_section(tmp_path / "private").lines)
+    assert f"started from the weights of {tmp_path / 'public'}" in lines and "outside this guarantee" in lines
+    # another model, other labels, no model: one line each, before any training
+    other = cfg(tmp_path / "x", init_from=str(tmp_path / "public"), model=ModelConfig(block_out_channels=[8, 16]))
+    with pytest.raises(MeddiffError, match="its U-Net is not this run's model"):
+        train(other, data, progress=False)
+    relabelled = dataclasses.replace(data, label_names=list(reversed(data.label_names)))
+    with pytest.raises(MeddiffError, match="its labels .* are not this run's"):
+        METHODS["pixel"](private_cfg, relabelled).initialise_from(private_cfg.init_from)
+    with pytest.raises(MeddiffError, match="does not exist"):
+        train(cfg(tmp_path / "y", init_from=str(tmp_path / "nothing")), data, progress=False)
+    from meddiff.training.methods.finetune.base import StableDiffusionFinetune
+
+    finetune = StableDiffusionFinetune.__new__(StableDiffusionFinetune)  # fine-tuning starts from --pretrained
+    with pytest.raises(MeddiffError, match="--init-from is for pixel and latent diffusion"):
+        finetune.initialise_from(str(tmp_path / "public"))
+
+
 def test_lora_fine_tuning_of_stable_diffusion_trains_privately(tmp_path):
     """DP-SGD on LoRA adapters (the frozen U-Net gets no per-sample gradients): a tiny Stable Diffusion, a
     per-patient guarantee, adapters exported; DreamBooth (generated class images in the batch) is refused."""

@@ -101,6 +101,12 @@ def dp_lines(folder: Path | None) -> list[str]:
         + ". The guarantee "
         "covers the diffusion model's weights only: not an autoencoder trained on the same patients, the label "
         "counts stored with the pipeline, or the training loss and memorisation numbers logged during training."
+        + (
+            f" Training started from the weights of {dp['init_from']}: the data that model was trained on is "
+            "outside this guarantee (it must not include these patients)."
+            if dp.get("init_from")
+            else ""
+        )
     ]
 
 

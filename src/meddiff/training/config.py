@@ -211,6 +211,10 @@ class TrainConfig(Options):
     sample_steps: int = option(20, "sampler steps for the grids and fidelity after training", minimum=1)
     guidance: float = option(2.0, "classifier-free guidance scale for the grids and fidelity", minimum=0)
     resume: str | None = option(None, "'latest' or a checkpoint folder")
+    init_from: str | None = option(
+        None, "start from another run's trained U-Net (same model and labels; e.g. trained on public data, then "
+        "fine-tuned here with DP); steps, optimizer and EMA start fresh"
+    )  # fmt: skip
     model: ModelConfig = section(ModelConfig, "the denoising U-Net and its noise schedule")
     text: TextConfig = section(TextConfig, "text conditioning")
     latent: LatentConfig = section(LatentConfig, "latent diffusion")

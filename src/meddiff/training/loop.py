@@ -257,6 +257,9 @@ def train(
     method: TrainingMethod = METHODS[config.method](config, dataset, accelerator)
     method.is_main_process = main
     ddp.find_unused_parameters = bool(method.has_unused_parameters)  # read when the model is prepared below
+    if config.init_from and resume_from is None:  # a resumed run's checkpoint already holds the weights
+        method.initialise_from(config.init_from)
+        logger.info("initialised the model from %s", config.init_from)
     model = method.model
     if config.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's overloads omit it
@@ -485,7 +488,9 @@ def train(
         loss_history=state["loss_history"],
         machine=machine_description(accelerator.device),
         checks=state.get("checks", {}),
-        differential_privacy=private.report(state["step"]) if private is not None else None,
+        differential_privacy=(
+            {**private.report(state["step"]), "init_from": config.init_from} if private is not None else None
+        ),
     )
     if main:
         summary.write(run_dir)

@@ -14,6 +14,7 @@ import torch
 
 from meddiff.data.dataset import ImageLabelDataset
 from meddiff.data.store import raw_to_model_range
+from meddiff.errors import MeddiffError
 from meddiff.training.config import TrainConfig
 
 
@@ -65,6 +66,13 @@ class TrainingMethod(ABC):
 
     def setup(self, accelerator) -> None:
         """Prepare auxiliary modules/optimizers with `accelerator` (they are then checkpointed with the run)."""
+
+    def initialise_from(self, path: str) -> None:
+        """Start from another run's trained weights (`--init-from`); methods that cannot say so in one line."""
+        raise MeddiffError(
+            f"--init-from is for pixel and latent diffusion (this run trains {self.name!r}); "
+            "fine-tuning starts from --pretrained"
+        )
 
     def batch_source(self):
         """What the loader reads: a dataset whose __getitems__(indices) returns one batch as a dict of CPU tensors

@@ -63,6 +63,28 @@ class PixelDiffusion(TrainingMethod):
         else:
             self._model = self._unet
 
+    def initialise_from(self, path: str) -> None:
+        """The U-Net starts from the EMA weights of the pipeline at `path` (a run or its pipeline folder), e.g. a
+        model trained on public data that this run fine-tunes (with DP: that data is outside the guarantee). It must
+        be the same model: architecture, resolution and labels in the same order."""
+        from meddiff.models.storage import load_pipeline
+
+        pipe = load_pipeline(path)
+        names = list(getattr(pipe, "label_names", []) or [])
+        if names != list(self.codec.label_names):
+            raise MeddiffError(
+                f"--init-from {path}: its labels {names} are not this run's {list(self.codec.label_names)} "
+                "(the class embedding would mean other findings)"
+            )
+        try:
+            self._unet.load_state_dict(pipe.unet.state_dict())
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)[:200]
+            raise MeddiffError(
+                f"--init-from {path}: its U-Net is not this run's model ({first[:200]}); use the same model "
+                "settings and resolution"
+            ) from None
+
     @property
     def has_unused_parameters(self) -> bool:  # a trained BERT-style encoder: its pooler gets no gradient
         return self.use_text and self.config.text.train_encoder

@@ -100,6 +100,9 @@ class StableDiffusionFinetune(PixelDiffusion):
     def has_unused_parameters(self) -> bool:  # a trained text encoder has parameters the loss never reaches
         return self.strategy.text_encoder_learns
 
+    def initialise_from(self, path: str) -> None:  # fine-tuning starts from --pretrained, not from a run
+        TrainingMethod.initialise_from(self, path)
+
     # data ------------------------------------------------------------------------------------------------------
     def _encode_training_images(self) -> None:
         """Encoded once on the accelerator into the latent cache (three equal channels into the RGB autoencoder);

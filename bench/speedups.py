@@ -72,7 +72,7 @@ def make_config(tmp: str, resolution: int, batch: int, steps: int, overrides: di
     return cfg
 
 
-def run_variant(name: str, resolution: int, batch: int, steps: int, warmup: int) -> dict:
+def run_variant(name: str, resolution: int, batch: int, steps: int, warmup: int, images: int = 512) -> dict:
     import torch
 
     from common import peak_rss_mb, timed_seconds
@@ -81,7 +81,7 @@ def run_variant(name: str, resolution: int, batch: int, steps: int, warmup: int)
 
     overrides = VARIANTS[name]
     batch = overrides.get("batch_size", batch)
-    data = load_dataset("phantom:?n=512&seed=0", resolution)
+    data = load_dataset(f"phantom:?n={images}&seed=0", resolution)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = make_config(tmp, resolution, batch, warmup + steps, overrides)
         t0 = time.perf_counter()
@@ -124,18 +124,22 @@ def flops_per_image(resolution: int, batch: int, overrides: dict | None = None) 
 
 def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> tuple[float, int]:
     """FLOP/s of an n x n matmul, timed over about `seconds` (at least 2 products). Where the dtype has no fast
-    kernels (bf16 without AVX512-BF16/AMX is ~20x slower than fp32) n is halved until one product takes under a
-    second, so that the peak takes seconds, not minutes. Returns (FLOP/s, the n measured)."""
+    kernels (bf16 without AVX512-BF16/AMX is ~20x slower than fp32, and slower still per FLOP at large n) the size
+    grows from 256 only while one product is predicted (n^3) to take under a second, so that the peak takes
+    seconds, not minutes. Returns (FLOP/s, the n measured)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    size = 256
     while True:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up
         t0 = time.perf_counter()
-        a @ b  # warm-up, and a first estimate of one product
-        if time.perf_counter() - t0 < 1.0 or n <= 256:
+        a @ b
+        if size >= n or (time.perf_counter() - t0) * 8 > 1.0:
             break
-        n //= 2
+        size *= 2
+    n = size
     a @ b
     repeats, t0 = 0, time.perf_counter()
     while repeats < 2 or time.perf_counter() - t0 < seconds:
@@ -162,7 +166,7 @@ def cpu_limits() -> dict:
     return out
 
 
-def profile(resolution: int, batch: int, steps: int) -> dict:
+def profile(resolution: int, batch: int, steps: int, images: int = 512) -> dict:
     """Profile `steps` training steps of the default run (precision auto: bf16 where the CPU has fast bf16, else fp32)
     after 3 warm-up steps, through the loop's own after_step hook."""
     from torch.profiler import ProfilerActivity, schedule
@@ -172,7 +176,7 @@ def profile(resolution: int, batch: int, steps: int) -> dict:
     from meddiff.training.loop import train
     from meddiff.training.methods import METHODS
 
-    data = load_dataset("phantom:?n=512&seed=0", resolution)
+    data = load_dataset(f"phantom:?n={images}&seed=0", resolution)
     prof = torch_profile(
         activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=3, active=steps), acc_events=True
     )
@@ -223,11 +227,16 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="include torch.compile (minutes of compile time)")
     ap.add_argument("--variants", nargs="+", default=None, help="a subset of: " + "; ".join(VARIANTS))
     ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument(
+        "--images", type=int, default=512, help="phantom images each run trains on (fewer: a quicker start)"
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.single:
-        print(json.dumps(run_variant(args.single, args.resolution, args.batch_size, args.steps, args.warmup)))
+        print(
+            json.dumps(run_variant(args.single, args.resolution, args.batch_size, args.steps, args.warmup, args.images))
+        )
         return
 
     from common import write_results
@@ -254,6 +263,8 @@ def main() -> None:
                 str(args.steps),
                 "--warmup",
                 str(args.warmup),
+                "--images",
+                str(args.images),
             ],
             capture_output=True,
             text=True,
@@ -271,7 +282,7 @@ def main() -> None:
         row["of_matmul_peak"] = round(achieved / peak, 3)
         rows.append(row)
         print(row, flush=True)
-    prof = profile(args.resolution, args.batch_size, args.profile_steps)
+    prof = profile(args.resolution, args.batch_size, args.profile_steps, args.images)
     print(f"time by category ({prof['precision']}, aten self CPU time):", prof["share"], flush=True)
     out_path = write_results(
         "speedups",

@@ -152,8 +152,18 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 @pytest.mark.slow
 def test_train_command_writes_a_complete_run(tmp_path, phantom_dir):
     run = tmp_path / "run"
+    small_grids = ("--eval.grid-per-label", "2", "--sample-steps", "4")  # the default grids: most of the time
     code, out, err = run_cli(
-        "train", "--data", f"phantom:{phantom_dir}", "--out", str(run), "--max-steps", "6", "--batch-size", "8"
+        "train",
+        "--data",
+        f"phantom:{phantom_dir}",
+        "--out",
+        str(run),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "8",
+        *small_grids,
     )
     assert code == 0, err
     for name in (

@@ -446,6 +446,7 @@ def build_parser(config_flags: tuple[str, ...] = CONFIG_COMMANDS) -> argparse.Ar
     sv.add_argument("--repeats", type=_positive_int, default=3)
     sv.add_argument("--seed", type=int, default=0)
     sv.add_argument("--workers", type=_positive_int, default=1, help="processes extracting features")
+    sv.add_argument("--forest-trees", type=_positive_int, default=300, help="trees of the random forest model")
     sv.add_argument("--resection", default="all", help="all, or GTR to keep gross-total resections only")
 
     en = sub.add_parser(
@@ -1092,6 +1093,7 @@ def cmd_survival(args) -> None:
         repeats=args.repeats,
         seed=args.seed,
         workers=args.workers,
+        forest_trees=args.forest_trees,
         resection=args.resection,
     )
     report = run_survival(config)

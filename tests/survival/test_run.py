@@ -20,7 +20,7 @@ def report(tmp_path_factory):
     lines[1] = lines[1].rsplit(",", 2)[0] + ",ALIVE (361 days later),GTR"  # one censored case
     (root / "survival_info.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path_factory.mktemp("survival_out")
-    config = SurvivalConfig(data=str(root), out=str(out), repeats=2)
+    config = SurvivalConfig(data=str(root), out=str(out), repeats=2, forest_trees=100)
     return run_survival(config, progress=False), out, root
 
 
@@ -69,9 +69,8 @@ def test_modality_rows_use_their_own_intensity_features():
     assert modality_columns(names, None).all()
 
 
-@pytest.mark.slow  # the fast lane (-m 'not slow') skips it; see CONTRIBUTING.md
-def test_bad_options_are_one_line(report, tmp_path):
-    _, _, root = report
+def test_bad_options_are_one_line(tmp_path):
+    root = write_synthetic_brats(tmp_path / "brats", n=6, size=20, seed=0)
     with pytest.raises(MeddiffError, match="unknown model"):
         run_survival(SurvivalConfig(data=str(root), out=str(tmp_path), models=("deep",)), progress=False)
     with pytest.raises(MeddiffError, match="cannot read filter threshold"):

@@ -68,7 +68,7 @@ def parse_rule(text: str) -> FilterRule:
 
 def spearman_columns(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Spearman rho of every column of X with y (ties averaged); 0 for constant columns."""
-    rx = np.apply_along_axis(rankdata, 0, X)
+    rx = rankdata(X, axis=0)
     ry = rankdata(y)
     rx = rx - rx.mean(axis=0)
     ry = ry - ry.mean()
@@ -96,14 +96,14 @@ class SpearmanFilter(TransformerMixin, BaseEstimator):
         return X[:, self.keep_] if self.keep_.any() else np.zeros((X.shape[0], 1))
 
 
-def make_regressor(name: str, seed: int = 0):
+def make_regressor(name: str, seed: int = 0, trees: int = 300):
     if name == "linear":
         return LinearRegression()
     if name == "ridge":
         return Ridge(alpha=10.0)
     if name == "forest":
         return RandomForestRegressor(
-            n_estimators=300, min_samples_leaf=3, max_features=0.33, random_state=seed, n_jobs=1
+            n_estimators=trees, min_samples_leaf=3, max_features=0.33, random_state=seed, n_jobs=1
         )
     if name == "gbm":
         return GradientBoostingRegressor(
@@ -112,13 +112,13 @@ def make_regressor(name: str, seed: int = 0):
     raise MeddiffError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
-def make_pipeline(rule: FilterRule, model: str, seed: int = 0) -> Pipeline:
+def make_pipeline(rule: FilterRule, model: str, seed: int = 0, trees: int = 300) -> Pipeline:
     return Pipeline(
         [
             ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
             ("filter", SpearmanFilter(rule)),
             ("scale", StandardScaler()),
-            ("model", make_regressor(model, seed)),
+            ("model", make_regressor(model, seed, trees)),
         ]
     )
 
@@ -156,9 +156,17 @@ class CVResult:
 
 
 def cross_validate(
-    X: np.ndarray, y: np.ndarray, rule: FilterRule, model: str, folds: int = 5, repeats: int = 3, seed: int = 0
+    X: np.ndarray,
+    y: np.ndarray,
+    rule: FilterRule,
+    model: str,
+    folds: int = 5,
+    repeats: int = 3,
+    seed: int = 0,
+    trees: int = 300,
 ) -> CVResult:
-    """Repeated k-fold: every fit (imputer, filter, scaler, regressor) sees the training folds only."""
+    """Repeated k-fold: every fit (imputer, filter, scaler, regressor) sees the training folds only. `trees`: the
+    random forest's size."""
     n = len(y)
     if n < max(folds, 4):
         raise MeddiffError(f"{n} usable cases are too few for {folds}-fold cross-validation")
@@ -166,7 +174,7 @@ def cross_validate(
     for r in range(repeats):
         predictions = np.zeros(n)
         for train_idx, test_idx in KFold(folds, shuffle=True, random_state=seed + r).split(X):
-            pipe = clone(make_pipeline(rule, model, seed + r)).fit(X[train_idx], y[train_idx])
+            pipe = clone(make_pipeline(rule, model, seed + r, trees)).fit(X[train_idx], y[train_idx])
             predictions[test_idx] = pipe.predict(X[test_idx])
             kept.append(int(pipe.named_steps["filter"].keep_.sum()))
         per_repeat.append(survival_metrics(y, predictions))

@@ -45,6 +45,7 @@ class SurvivalConfig:
     repeats: int = 3
     seed: int = 0
     workers: int = 1
+    forest_trees: int = 300  # the random forest's size (fewer: quicker, noisier)
     resection: str = "all"  # "all", or e.g. "GTR" to keep only gross-total resections (the challenge's subset)
     extra: dict = field(default_factory=dict)
 
@@ -107,7 +108,7 @@ def run_survival(config: SurvivalConfig, progress: bool = True) -> dict:
         for model in config.models:
             threshold_rows.append(
                 _row(
-                    cross_validate(X, y, rule, model, config.folds, config.repeats, config.seed),
+                    cross_validate(X, y, rule, model, config.folds, config.repeats, config.seed, config.forest_trees),
                     "+".join(config.modalities),
                 )
             )
@@ -115,7 +116,9 @@ def run_survival(config: SurvivalConfig, progress: bool = True) -> dict:
     for modality in [*config.modalities, None] if len(config.modalities) > 1 else [None]:
         cols = modality_columns(names, modality)
         for model in config.models:
-            result = cross_validate(X[:, cols], y, modality_rule, model, config.folds, config.repeats, config.seed)
+            result = cross_validate(
+                X[:, cols], y, modality_rule, model, config.folds, config.repeats, config.seed, config.forest_trees
+            )
             modality_rows.append(
                 _row(
                     result, modality.upper() if modality else "all: " + ", ".join(m.upper() for m in config.modalities)

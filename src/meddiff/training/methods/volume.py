@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
-from monai.networks.nets import PatchDiscriminator
 
 from meddiff.conditioning.labels import condition_columns
 from meddiff.data.store import raw_to_model_range
@@ -266,6 +265,8 @@ class VolumeAutoencoderTraining(TrainingMethod):
             logger.warning("crop_focus %g does nothing: whole volumes are trained (train_crop)", self.cfg.crop_focus)
         self.discriminator: Any = None  # a MONAI PatchDiscriminator when adversarial_weight > 0
         if self.cfg.adversarial_weight > 0:
+            from monai.networks.nets import PatchDiscriminator  # here: MONAI takes seconds to import
+
             self.discriminator = PatchDiscriminator(
                 spatial_dims=3,
                 channels=self.cfg.discriminator_channels,

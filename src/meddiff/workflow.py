@@ -170,6 +170,7 @@ def report_run(
         timings={k: round(v, 1) for k, v in timings.items()},
         grids={k: str(v) for k, v in grids.items()},
         distillation=distillation,
+        init_from=config.init_from,
         loss_history=result.loss_history,
     )
     summary.write_json(run_dir / "metrics.json")

@@ -99,6 +99,11 @@ def test_train_card(tmp_path):
     ):
         assert field in text, field
     assert "not for diagnosis" in text.lower() and "Prompt response" not in text
+    assert "--init-from" not in text
+    started = _run_summary()
+    started.init_from = "runs/public"  # --init-from: the card names the model it started from
+    _, text = _card(write_model_card(tmp_path / "started", started))
+    assert "- started from the trained U-Net of `runs/public` (`--init-from`)" in text
 
 
 def test_text_latent_train_card_has_prompts_and_loads_as_stable_diffusion(tmp_path):

@@ -138,6 +138,14 @@ def train_card(run_dir: Path, summary: RunSummary) -> CardContent:
                     f"{summary.images_per_second:.1f} img/s, precision {summary.precision}",
                     f"- prediction: {summary.prediction_type}; classifier-free guidance dropout {summary.cond_dropout}",
                     f"- conditioning: {summary.conditioning}{space}",
+                    *(
+                        [
+                            f"- started from the trained U-Net of `{summary.init_from}` (`--init-from`): what that "
+                            "model learned, from its own training data, is part of this model too"
+                        ]
+                        if summary.init_from
+                        else []
+                    ),
                 ],
             ),
             *_distillation_sections(summary),

@@ -107,6 +107,7 @@ class RunSummary(JsonResult):
     grids: dict[str, str]  # label (or "unconditional") -> PNG path
     evaluation_note: str | None = None  # what evaluation skipped or reduced for a short run, and why
     distillation: DistillationSummary | None = None  # students of `meddiff distill`
+    init_from: str | None = None  # the run whose trained U-Net this one started from (--init-from)
     loss_history: list[list[float]] = json_field(default_factory=list, saved=False)  # in training.json
 
 

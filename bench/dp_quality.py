@@ -3,7 +3,7 @@ generated images, against epsilon, with the same recipe, data, seed and step cou
 
     python bench/dp_quality.py [--data medmnist:../shared/data/pneumoniamnist.npz]
         [--config configs/pneumoniamnist.yaml] [--steps 500] [--rows none eps=10 eps=10,k=4 ...]
-        [--n 1000] [--set key=value ...] [--workdir runs/dp_quality]
+        [--n 1000] [--set key=value ...] [--workdir runs/dp_quality] [--public-fraction 0.5]
 
 Each row trains one model from scratch with meddiff's loop (`--dp.epsilon`, `--dp.multiplicity`), then is scored
 exactly as bench/time_to_quality.py scores a mark (the real-trained domain classifier, cached; DPM-Solver++ 20
@@ -12,6 +12,12 @@ steps; conditions drawn from the real test labels):
 - `eps=E[,k=K][,clip=C]`: DP-SGD calibrated to spend E by the last step (delta = min(1e-5, 0.1 / units)), K noise
   draws per image averaged before clipping (noise multiplicity), per-sample clip C;
 - `sigma=S[,k=K]`: a fixed noise multiplier instead (epsilon reported).
+Public pretraining, then DP fine-tuning (`--public-fraction F`): the training split is divided at random (seed 0; by
+patient where the data has patient ids, so that no patient is in both) into a public part (F) and a private part;
+- `public`: no DP, trained on the public part only (the reference for what the public data alone gives);
+- every other row trains on the private part, and `...,init=public` starts it from the `public` row's model
+  (`--init-from`; the `public` row is trained first, added when not listed): DP from scratch on the private part
+  against DP fine-tuning of a public model, with epsilon spent on the private part only.
 Rows whose pipeline exists are only scored again, if they were trained with the same data, config and steps
 (bench_recipe.json in the row's folder; otherwise --fresh). The privacy unit is the patient where the data has
 patient ids, else the image (PneumoniaMNIST has none: per image). Results: bench/results/dp_quality.json, a table
@@ -32,17 +38,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from time_to_quality import DEFAULT_DATA, ROOT, evaluate_snapshot, parse_sets  # noqa: E402
 
 
-def parse_row(text: str) -> dict:
-    """'none' | 'eps=10,k=4,clip=1' | 'sigma=1.2' -> the DP overrides of that row, checked at once (a bad row
+@dataclasses.dataclass
+class Row:
+    text: str  # as given in --rows
+    dp: dict  # DPConfig overrides ({} without DP)
+    public: bool = False  # the `public` row: no DP, on the public part
+    init: bool = False  # starts from the `public` row's model
+
+
+def parse_row(text: str) -> Row:
+    """'none' | 'public' | 'eps=10,k=4,clip=1[,init=public]' | 'sigma=1.2' -> that row, checked at once (a bad row
     must not stop the bench hours later)."""
-    if text == "none":
-        return {}
+    if text in ("none", "public"):
+        return Row(text, {}, public=text == "public")
     keys = {"eps": "epsilon", "sigma": "noise_multiplier", "k": "multiplicity", "clip": "clip"}
     out: dict = {}
+    init = False
     for part in text.split(","):
         key, sep, value = part.partition("=")
+        if key == "init" and value == "public":
+            init = True
+            continue
         if not sep or key not in keys:
-            raise SystemExit(f"--rows: {part!r} in {text!r} is not eps=E, sigma=S, k=K or clip=C")
+            raise SystemExit(f"--rows: {part!r} in {text!r} is not eps=E, sigma=S, k=K, clip=C or init=public")
         try:
             out[keys[key]] = int(value) if key == "k" else float(value)
         except ValueError:
@@ -58,7 +76,39 @@ def parse_row(text: str) -> dict:
         DPConfig(**out)
     except (MeddiffError, ValueError) as e:
         raise SystemExit(f"--rows: {text!r}: {e}") from None
-    return out
+    return Row(text, out, init=init)
+
+
+def plan_rows(texts: list[str], public_fraction: float) -> list[Row]:
+    """The rows in training order: the `public` row first where a row starts from it (added when not listed)."""
+    if not 0 <= public_fraction < 1:
+        raise SystemExit(f"--public-fraction must be from 0 to below 1, got {public_fraction}")
+    rows = [parse_row(t) for t in texts]
+    if any(r.init for r in rows) and not any(r.public for r in rows):
+        rows.insert(0, parse_row("public"))
+    if public_fraction == 0 and any(r.public for r in rows):
+        raise SystemExit("--rows: `public` and init=public need --public-fraction F (the public part of the data)")
+    return sorted(rows, key=lambda r: not r.public)  # stable: the public row first, the others as given
+
+
+def split_public(train, fraction: float, seed: int = 0):
+    """(public indices, private indices, how): a random `fraction` of the patients (of the images where the data
+    has no patient ids) is public."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if train.patients:
+        ids = sorted(set(train.patients))
+        public_ids = set(rng.permutation(ids)[: max(1, round(fraction * len(ids)))].tolist())
+        public = np.array([p in public_ids for p in train.patients])
+        how = f"by patient ({len(public_ids)} of {len(ids)} patients public)"
+    else:
+        public = np.zeros(len(train), bool)
+        public[rng.permutation(len(train))[: max(1, round(fraction * len(train)))]] = True
+        how = "by image (the data carry no patient ids)"
+    if public.all() or not public.any():
+        raise SystemExit(f"--public-fraction {fraction} leaves one part empty ({len(train)} images)")
+    return np.flatnonzero(public), np.flatnonzero(~public), how
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -70,16 +120,20 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     private = [r for r in rows if r["epsilon"] is not None]
     reference = [r for r in rows if r["epsilon"] is None]
-    for k in sorted({r["multiplicity"] for r in private}):
-        rs = sorted((r for r in private if r["multiplicity"] == k), key=lambda r: r["epsilon"])
+    for k, init in sorted({(r["multiplicity"], bool(r["init_from"])) for r in private}):
+        rs = sorted(
+            (r for r in private if (r["multiplicity"], bool(r["init_from"])) == (k, init)), key=lambda r: r["epsilon"]
+        )
         x = [r["epsilon"] for r in rs]
-        a.plot(x, [r["fidelity_auc"] for r in rs], "o-", label=f"DP, {k} draw(s)/image: label fidelity")
-        a.plot(x, [r["synthetic_only_auc"] for r in rs], "s--", label=f"DP, {k} draw(s)/image: synthetic-only")
-        b.plot(x, [r["domain_fid"] for r in rs], "o-", label=f"DP, {k} draw(s)/image")
-    for r in reference:
-        a.axhline(r["fidelity_auc"], color="k", lw=0.8, label="no DP: label fidelity")
-        a.axhline(r["synthetic_only_auc"], color="k", lw=0.8, ls="--", label="no DP: synthetic-only")
-        b.axhline(r["domain_fid"], color="k", lw=0.8, label="no DP")
+        name = f"DP{' from the public model' if init else ''}, {k} draw(s)/image"
+        a.plot(x, [r["fidelity_auc"] for r in rs], "o-", label=f"{name}: label fidelity")
+        a.plot(x, [r["synthetic_only_auc"] for r in rs], "s--", label=f"{name}: synthetic-only")
+        b.plot(x, [r["domain_fid"] for r in rs], "o-", label=name)
+    for r, color in zip(reference, ("k", "tab:green", "tab:purple", "tab:brown")):
+        name = "no DP" if r["row"] == "none" else f"no DP ({r['row']})"
+        a.axhline(r["fidelity_auc"], color=color, lw=0.8, label=f"{name}: label fidelity")
+        a.axhline(r["synthetic_only_auc"], color=color, lw=0.8, ls="--", label=f"{name}: synthetic-only")
+        b.axhline(r["domain_fid"], color=color, lw=0.8, label=name)
     if rows:
         b.axhline(rows[0]["fid_real_train_vs_test"], color="grey", lw=0.8, ls=":", label="real train vs test")
     a.set(xlabel="epsilon (log)", ylabel="AUC on real test labels", xscale="log", ylim=(0.0, 1.0))
@@ -103,9 +157,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (all rows)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "dp_quality"))
     ap.add_argument("--fresh", action="store_true", help="retrain rows that were trained before")
+    ap.add_argument(
+        "--public-fraction", type=float, default=0.0, help="public part of the training data (rows public, init=public)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    plans = [(text, parse_row(text)) for text in args.rows]
+    plans = plan_rows(args.rows, args.public_fraction)
 
     import torch
 
@@ -124,16 +181,24 @@ def main() -> None:
     base = load_config(args.config, {"data": args.data}, parse_sets(args.set))
     guidance = base.guidance if args.guidance is None else args.guidance
     runs = []  # (row, its folder, its config, its recipe), all checked before any data is loaded
-    for text, dp in plans:
-        run_dir = Path(args.workdir) / text.replace(",", "_").replace("=", "")
+    folder = lambda text: Path(args.workdir) / text.replace(",", "_").replace("=", "")  # noqa: E731
+    for plan in plans:
+        run_dir = folder(plan.text)
         if args.fresh and run_dir.exists():
             shutil.rmtree(run_dir)
         config = load_config(args.config, {"data": args.data}, parse_sets(args.set))
         config.out, config.max_steps, config.max_minutes = str(run_dir), args.steps, None
         config.checkpoint_every = 0
+        config.init_from = str(folder("public")) if plan.init else None
         # the row's DP settings over the config's (--set dp.accountant=prv, dp.delta, ... still apply)
-        config.dp = dataclasses.replace(config.dp, **{"epsilon": 0.0, "noise_multiplier": 0.0, "multiplicity": 1, **dp})
-        recipe = json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k != "out"}))  # data included
+        config.dp = dataclasses.replace(
+            config.dp, **{"epsilon": 0.0, "noise_multiplier": 0.0, "multiplicity": 1, **plan.dp}
+        )
+        part = "all" if args.public_fraction == 0 else "public" if plan.public else "private"
+        recipe = {k: v for k, v in config.to_dict().items() if k != "out"}  # data and init_from included
+        recipe = json.loads(
+            json.dumps({**recipe, "bench_data": {"part": part, "public_fraction": args.public_fraction}})
+        )
         recipe_file = run_dir / "bench_recipe.json"
         if (run_dir / "pipeline").is_dir():  # trained before: only scored again, if it is this recipe
             if not recipe_file.is_file() or json.loads(recipe_file.read_text()) != recipe:
@@ -141,19 +206,25 @@ def main() -> None:
                     f"{run_dir} was trained with another recipe (data, config, --set or --steps); "
                     "use --fresh or another --workdir"
                 )
-        runs.append((text, run_dir, config, recipe))
+        runs.append((plan, part, run_dir, config, recipe))
 
     train = load_dataset(spec, base.resolution)
     test = load_dataset(spec.heldout(), base.resolution)
     classifier = domain_classifier(train, str(spec), epochs=args.epochs, progress=False)
     fid_floor = round(fid(embed(classifier, test.images), embed(classifier, train.images)), 3)
     print(f"{len(train)} train / {len(test)} test images; FID(real train, real test) = {fid_floor}", flush=True)
+    parts, split = {"all": train}, None
+    if args.public_fraction:
+        public, private, split = split_public(train, args.public_fraction)
+        parts |= {"public": train.subset(public), "private": train.subset(private)}
+        print(f"public part {len(public)} images, private part {len(private)}, split {split}", flush=True)
 
     rows = []
-    for text, run_dir, config, recipe in runs:
+    for plan, part, run_dir, config, recipe in runs:
+        text = plan.text
         if not (run_dir / "pipeline").is_dir():
             t0 = time.perf_counter()
-            train_loop(config, train, progress=True)
+            train_loop(config, parts[part], progress=True)
             print(f"{text}: trained in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
             (run_dir / "bench_recipe.json").write_text(json.dumps(recipe, indent=1))
         info = json.loads((run_dir / "training.json").read_text())
@@ -168,6 +239,9 @@ def main() -> None:
             "noise_multiplier": report.get("noise_multiplier", 0.0),
             "multiplicity": report.get("multiplicity", 1),
             "clip": report.get("clip"),
+            "trained_on": part,
+            "n_train": len(parts[part]),
+            "init_from": "public" if plan.init else None,
             "steps": info["steps"],
             "batch_size": config.batch_size,
             "train_minutes": round(info["train_seconds_total"] / 60, 2),
@@ -185,6 +259,8 @@ def main() -> None:
         "unit",
         "noise_multiplier",
         "multiplicity",
+        "trained_on",
+        "init_from",
         "steps",
         "seconds_per_step",
         "fidelity_auc",
@@ -195,6 +271,7 @@ def main() -> None:
         "synthetic_only_auc",
     ]
     extra = {"config": base.to_dict(), "overrides": overrides, "n_generated": args.n, "sampler": "dpm++ 20 steps"}
+    extra |= {"public_fraction": args.public_fraction, "public_split": split}
     path = write_results("dp_quality", rows, cols, args.out, extra=extra)
     plot(rows, path.with_suffix(".png"))
     print(f"curves: {path.with_suffix('.png')}")

@@ -595,17 +595,18 @@ def test_real_data_bench_latent_preset_trains_its_autoencoder_and_evaluates_at_6
     assert str(ae) in (work / "alzheimer-128" / "generator-4steps-autoencoder-4steps" / "config.yaml").read_text()
 
 
-@pytest.mark.slow  # renders 3,200 phantoms in a subprocess
+@pytest.mark.slow  # renders 1,400 phantoms in a subprocess
 def test_privacy_gate_bench_reports_false_flags_and_recall_per_copy_type(tmp_path):
     out = tmp_path / "p.json"
     command = [sys.executable, str(BENCH / "privacy_gate.py"), "--datasets", "phantoms", "--positives", "40"]
-    command += ["--descriptor-steps", "30"]
+    command += ["--descriptor-steps", "30", "--phantoms", "600", "800", "--fusion-sources", "100"]
     proc = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
-    # the learned fusion is fitted on half of the 600 calibration images and thresholded on the other half
-    assert row["n_calibration"] == 300 and row["n_test_negatives"] == 600 and row["false_flag_rate"] <= 0.05
-    assert row["fusion"] == "learned" and row["fusion_fit"]["negatives"] == 300 and row["fusion_weights"]
+    # 800 held out: 400 to calibrate (the learned fusion is fitted on half, thresholded on the other) and 400 to test
+    assert row["n_train"] == 600 and row["n_calibration"] == 200 and row["n_test_negatives"] == 400
+    assert row["false_flag_rate"] <= 0.05
+    assert row["fusion"] == "learned" and row["fusion_fit"]["negatives"] == 200 and row["fusion_weights"]
     assert row["heldout_duplicates"] == 0 and "descriptor" in row["detectors"] and row["model"] is None
     assert row["recall exact"] == 1.0 and set(row["recall_ci"]) == {
         "exact",
@@ -636,25 +637,68 @@ def test_dp_quality_bench_trains_each_row_and_reports_its_epsilon(tmp_path):
     pytest.importorskip("opacus")
     out = tmp_path / "dp.json"
     command = [sys.executable, str(BENCH / "dp_quality.py"), "--data", "phantom:?n=96&seed=0", "--steps", "3"]
-    command += ["--rows", "none", "eps=10,k=2", "sigma=1", "--n", "16", "--epochs", "1", "--out", str(out)]
+    # a public part (no DP) and DP rows on the private part, one of them fine-tuning the public row's model
+    command += [
+        "--rows",
+        "eps=10,k=2,init=public",
+        "sigma=1",
+        "--public-fraction",
+        "0.25",
+        "--n",
+        "16",
+        "--epochs",
+        "1",
+    ]
     command += ["--workdir", str(tmp_path / "w"), "--set", "model.block_out_channels=[16,32]", "--set", "batch_size=8"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["none"]["epsilon"] is None and rows["none"]["noise_multiplier"] == 0.0
-    assert 9 < rows["eps=10,k=2"]["epsilon"] <= 10 and rows["eps=10,k=2"]["multiplicity"] == 2
+    result = json.loads(out.read_text())
+    assert [r["row"] for r in result["rows"]] == ["public", "eps=10,k=2,init=public", "sigma=1"]  # public first
+    rows = {r["row"]: r for r in result["rows"]}
+    assert rows["public"]["epsilon"] is None and rows["public"]["noise_multiplier"] == 0.0
+    assert rows["public"]["trained_on"] == "public" and rows["public"]["n_train"] == 24  # 25 % of 96 training images
+    tuned = rows["eps=10,k=2,init=public"]
+    assert 9 < tuned["epsilon"] <= 10 and tuned["multiplicity"] == 2 and tuned["init_from"] == "public"
+    assert tuned["trained_on"] == "private" and tuned["n_train"] == 72 and "by image" in result["public_split"]
+    training = json.loads((tmp_path / "w" / "eps10_k2_initpublic" / "training.json").read_text())
+    assert training["differential_privacy"]["init_from"] == str(tmp_path / "w" / "public")
+    assert training["differential_privacy"]["units"] == 72  # epsilon is spent on the private part only
     assert rows["sigma=1"]["noise_multiplier"] == 1.0 and rows["sigma=1"]["epsilon"] > 0  # epsilon reported
+    assert rows["sigma=1"]["init_from"] is None and rows["sigma=1"]["trained_on"] == "private"
     assert all(r["steps"] == 3 and 0 <= r["fidelity_auc"] <= 1 and r["unit"] in ("image", "-") for r in rows.values())
     assert out.with_suffix(".png").stat().st_size > 1000
     other = [*command[:5], "4", *command[6:]]  # another --steps in the same workdir: refused at once, not mixed
     changed = subprocess.run(other, capture_output=True, text=True, timeout=900)
     assert changed.returncode != 0 and "trained with another recipe" in changed.stderr
-    for row, message in [
-        ("k=2", "needs eps=E or sigma=S"),
-        ("eps=1,sigma=1", "not both"),
-        ("eps=0", "must be above 0"),
-        ("eps=abc", "not a number"),
-        ("eps=1,k=100", "multiplicity"),
+
+
+def test_dp_quality_rows_are_checked_before_anything_trains():
+    sys.path.insert(0, str(BENCH))
+    from dp_quality import plan_rows, split_public
+
+    for rows, fraction, message in [
+        (["k=2"], 0, "needs eps=E or sigma=S"),
+        (["eps=1,sigma=1"], 0, "not both"),
+        (["eps=0"], 0, "must be above 0"),
+        (["eps=abc"], 0, "not a number"),
+        (["eps=1,k=100"], 0, "multiplicity"),
+        (["public"], 0, "need --public-fraction"),
+        (["eps=1,init=public"], 0, "need --public-fraction"),
+        (["eps=1,init=private"], 0.5, "or init=public"),
+        (["none"], 1.0, "from 0 to below 1"),
     ]:
-        bad = subprocess.run([*command[:2], "--rows", row], capture_output=True, text=True, timeout=120)
-        assert bad.returncode != 0 and message in bad.stderr, (row, bad.stderr[-500:])
+        with pytest.raises(SystemExit, match=message):
+            plan_rows(rows, fraction)
+    plans = plan_rows(["none", "eps=1,init=public", "sigma=2"], 0.5)  # the public row is added, and trained first
+    assert [p.text for p in plans] == ["public", "none", "eps=1,init=public", "sigma=2"]
+    assert plans[2].init and plans[2].dp == {"epsilon": 1.0} and plans[0].public and not plans[1].public
+
+    class Data:  # a patient's images all fall on one side
+        patients = [f"p{i // 3}" for i in range(30)]
+
+        def __len__(self):
+            return 30
+
+    public, private, how = split_public(Data(), 0.3)
+    assert len(public) == 9 and len(private) == 21 and how == "by patient (3 of 10 patients public)"
+    assert not {Data.patients[i] for i in public} & {Data.patients[i] for i in private}

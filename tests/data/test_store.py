@@ -188,6 +188,24 @@ def test_mapped_images_index_like_a_tensor_and_pickle_as_paths(tmp_path):
     batch = ds.__getitems__([0, 7, 3])
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 1, 16, 16)
     assert batch["index"].tolist() == [0, 7, 3]
+    part = ds.subset([7, 2])  # a split (e.g. public / private): floats in memory, labels and prompts follow
+    assert torch.equal(part.images, full[[7, 2]]) and part.labels.tolist() == ds.labels[[7, 2]].tolist()
+    assert (
+        part.prompts == [ds.prompts[7], ds.prompts[2]] and part.store_key == "" and part.label_names == ds.label_names
+    )
+    assert part.__getitems__([1])["image"].dtype == torch.float32  # the loader takes in-memory floats as they are
+    with pytest.raises(IndexError, match="within 0..9"):
+        ds.subset([10])
+
+
+def test_subset_keeps_patient_ids():
+    from meddiff.data.dataset import ImageLabelDataset
+
+    labels = torch.tensor([[0.0], [1.0], [0.0], [1.0], [1.0], [0.0]])
+    ds = ImageLabelDataset(torch.zeros(6, 1, 8, 8), labels, torch.ones(6, 1, dtype=torch.bool), ["Edema"])
+    ds.patients = ["p0", "p0", "p1", "p2", "p2", "p3"]
+    part = ds.subset(torch.tensor([5, 0, 5]))
+    assert list(part.patients) == ["p3", "p0", "p3"] and part.labels[:, 0].tolist() == [0, 0, 0]
 
 
 def test_workers_write_jpeg_shards_in_place_and_mixed_shards_are_copied(tmp_path):

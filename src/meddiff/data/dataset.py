@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -69,6 +69,23 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         else:
             image = self.images[idx]
         return {"index": idx, "image": image, "labels": self.labels[idx], "known": self.known[idx]}
+
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageLabelDataset:
+        """The images at `indices`, in that order, with their labels, prompts and patient ids, as floats in memory
+        (for splits of small sets, e.g. a public part and a private part; a store's memory maps are not kept)."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"subset indices must be within 0..{len(self) - 1}")
+        rows = idx.tolist()
+        return replace(
+            self,
+            images=torch.as_tensor(self.images[idx], dtype=torch.float32),
+            labels=self.labels[idx],
+            known=self.known[idx],
+            prompts=[self.prompts[i] for i in rows],
+            patients=[self.patients[i] for i in rows] if self.patients else (),
+            store_key="",
+        )
 
     def fingerprint(self) -> str:
         """What identifies these images (the store key, or a hash of in-memory pixels): keys derived caches."""

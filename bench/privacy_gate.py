@@ -14,7 +14,7 @@ is given (defaults below, used when they exist), its own near-copies are measure
 noised to t = 0.1 / 0.3 / 0.5 and denoised by the model with their own labels.
 
 - pneumoniamnist: 28 px; held-out = val + test (1,148 images); model: runs/few_step/teacher (bench/few_step.py);
-- phantoms: 32 px, 2,000 training phantoms, 1,200 new ones held out; no model;
+- phantoms: 32 px, 2,000 training phantoms, 1,200 new ones held out (`--phantoms TRAIN HELD`); no model;
 - phantoms-demo: the 2D demo's phantoms (runs/demo_run2/phantoms at 32 px: 2,400 training, 600 held out) and its
   2,500-step model (runs/demo_run2/run, from `meddiff demo --out runs/demo_run2`).
 Patient-disjoint halves need patient ids (none here: PneumoniaMNIST's held-out splits are patient-disjoint from
@@ -38,8 +38,9 @@ MODELS = {
 }
 
 
-def load(name: str):
-    """(training dataset, training images, held-out images, size); images (N, H, W) in [0, 1]."""
+def load(name: str, phantoms: tuple[int, int] = (2000, 1200)):
+    """(training dataset, training images, held-out images, size); images (N, H, W) in [0, 1]. `phantoms`: how many
+    training and held-out images the phantoms dataset renders."""
     import numpy as np
 
     from meddiff.data.spec import load_dataset
@@ -52,8 +53,8 @@ def load(name: str):
         spec, size = f"phantom:{ROOT / 'runs' / 'demo_run2' / 'phantoms'}", 32
         held = to01(load_dataset(f"{spec}?split=valid", size).images)
     else:
-        spec, size = "phantom:?n=2000&seed=11", 32
-        held = to01(load_dataset("phantom:?n=1200&seed=12", size).images)  # other seeds: new synthetic patients
+        spec, size = f"phantom:?n={phantoms[0]}&seed=11", 32
+        held = to01(load_dataset(f"phantom:?n={phantoms[1]}&seed=12", size).images)  # another seed: new patients
     train = load_dataset(spec, size)
     return train, to01(train.images), held, size
 
@@ -68,6 +69,9 @@ def main() -> None:
     )
     ap.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "phantoms", "phantoms-demo"])
     ap.add_argument("--model", nargs="*", default=[], help="NAME=RUN: the model whose near-copies to measure")
+    ap.add_argument(
+        "--phantoms", type=int, nargs=2, default=[2000, 1200], metavar=("TRAIN", "HELD"), help="the phantoms' sizes"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -86,7 +90,7 @@ def main() -> None:
             print(f"skipped {name}: run `meddiff demo --out runs/demo_run2` first", flush=True)
             continue
         t0 = time.perf_counter()
-        dataset, train, held, size = load(name)
+        dataset, train, held, size = load(name, tuple(args.phantoms))
         model = models.get(name)
         model = model if model is not None and (model / "pipeline").is_dir() else None
         audit = audit_detector(

@@ -93,10 +93,11 @@ def test_sampling_bench_writes_json(tmp_path, tiny_run, phantom_dir):
         ("peers.py", ["--peers", "--resolutions", "--steps", "--out"]),
         ("latent_throughput.py", ["--factors", "--kinds", "--conditioning", "--precision", "--out"]),
         ("data_scale.py", ["--quick", "--work", "--out"]),
+        ("privacy_monitor.py", ["--train", "--heldout", "--steps", "--every", "--samples", "--workdir", "--out"]),
     ],
 )
 def test_extended_lane_bench_scripts_start_and_list_their_options(script, options):
-    """The default lane's check of the three benchmark scripts whose runs are in the extended lane: each starts
+    """The default lane's check of the benchmark scripts whose runs are in the extended lane: each starts
     (its imports resolve) and parses its options; `pytest -m extended` runs them."""
     proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -541,7 +542,7 @@ def test_few_step_bench_counts_evaluations_and_writes_json(tmp_path, phantom_dir
 
 
 @pytest.mark.slow  # trains a tiny generator, generates, and runs every downstream protocol in a subprocess
-@pytest.mark.parametrize("synthetic", ["mirror", "balance"])
+@pytest.mark.parametrize("synthetic", ["mirror", pytest.param("balance", marks=pytest.mark.extended)])
 def test_real_data_bench_reports_every_protocol(tmp_path, phantom_dir, synthetic):
     out = tmp_path / "r.json"
     command = [sys.executable, str(BENCH / "real_data.py"), "--quick", "--data", f"phantom:{phantom_dir}"]
@@ -618,6 +619,7 @@ def test_privacy_gate_bench_reports_false_flags_and_recall_per_copy_type(tmp_pat
     }
 
 
+@pytest.mark.extended  # 1.5 minutes on a slow CPU; the monitor itself: tests/evaluation/test_privacy_monitor.py
 @pytest.mark.slow  # a short training with two memorisation checks in a subprocess
 def test_privacy_monitor_bench_reports_the_curve(tmp_path):
     out = tmp_path / "m.json"

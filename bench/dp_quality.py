@@ -130,7 +130,11 @@ def plot(rows: list[dict], path: Path) -> None:
         a.plot(x, [r["synthetic_only_auc"] for r in rs], "s--", label=f"{name}: synthetic-only")
         b.plot(x, [r["domain_fid"] for r in rs], "o-", label=name)
     for r, color in zip(reference, ("k", "tab:green", "tab:purple", "tab:brown")):
-        name = "no DP" if r["row"] == "none" else f"no DP ({r['row']})"
+        name = (
+            "no DP"
+            if r["row"] == "none" and r["trained_on"] == "all"
+            else f"no DP ({r['row']}, {r['trained_on']} data)"
+        )
         a.axhline(r["fidelity_auc"], color=color, lw=0.8, label=f"{name}: label fidelity")
         a.axhline(r["synthetic_only_auc"], color=color, lw=0.8, ls="--", label=f"{name}: synthetic-only")
         b.axhline(r["domain_fid"], color=color, lw=0.8, label=name)
@@ -181,24 +185,33 @@ def main() -> None:
     base = load_config(args.config, {"data": args.data}, parse_sets(args.set))
     guidance = base.guidance if args.guidance is None else args.guidance
     runs = []  # (row, its folder, its config, its recipe), all checked before any data is loaded
-    folder = lambda text: Path(args.workdir) / text.replace(",", "_").replace("=", "")  # noqa: E731
+
+    def folder(plan: Row) -> Path:  # rows on the private part have their own folders (not a full-data row's)
+        prefix = "private_" if args.public_fraction and not plan.public else ""
+        return Path(args.workdir) / (prefix + plan.text.replace(",", "_").replace("=", ""))
+
+    public_recipe = None  # an init=public row is tied to the public row's whole recipe, not only its folder
     for plan in plans:
-        run_dir = folder(plan.text)
+        run_dir = folder(plan)
         if args.fresh and run_dir.exists():
             shutil.rmtree(run_dir)
         config = load_config(args.config, {"data": args.data}, parse_sets(args.set))
         config.out, config.max_steps, config.max_minutes = str(run_dir), args.steps, None
         config.checkpoint_every = 0
-        config.init_from = str(folder("public")) if plan.init else None
+        config.init_from = str(folder(parse_row("public"))) if plan.init else None
         # the row's DP settings over the config's (--set dp.accountant=prv, dp.delta, ... still apply)
         config.dp = dataclasses.replace(
             config.dp, **{"epsilon": 0.0, "noise_multiplier": 0.0, "multiplicity": 1, **plan.dp}
         )
         part = "all" if args.public_fraction == 0 else "public" if plan.public else "private"
         recipe = {k: v for k, v in config.to_dict().items() if k != "out"}  # data and init_from included
-        recipe = json.loads(
-            json.dumps({**recipe, "bench_data": {"part": part, "public_fraction": args.public_fraction}})
-        )
+        if args.public_fraction:  # (full-data rows keep the recipe they had before this option existed)
+            recipe["bench_data"] = {"part": part, "public_fraction": args.public_fraction}
+            if plan.init:
+                recipe["bench_data"]["public_recipe"] = public_recipe
+        recipe = json.loads(json.dumps(recipe))
+        if plan.public:
+            public_recipe = recipe
         recipe_file = run_dir / "bench_recipe.json"
         if (run_dir / "pipeline").is_dir():  # trained before: only scored again, if it is this recipe
             if not recipe_file.is_file() or json.loads(recipe_file.read_text()) != recipe:

@@ -124,13 +124,13 @@ def flops_per_image(resolution: int, batch: int, overrides: dict | None = None) 
 
 def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> tuple[float, int]:
     """FLOP/s of an n x n matmul, timed over about `seconds` (at least 2 products). Where the dtype has no fast
-    kernels (bf16 without AVX512-BF16/AMX is ~20x slower than fp32, and slower still per FLOP at large n) the size
-    grows from 256 only while one product is predicted (n^3) to take under a second, so that the peak takes
-    seconds, not minutes. Returns (FLOP/s, the n measured)."""
+    kernels (bf16 without AVX512-BF16/AMX is ~20x slower than fp32, and slower still per FLOP at large n) a large
+    product would take minutes, so for every dtype the size grows from 256 (doubling, at most n) only while one
+    product is predicted (n^3) to take under a second. Returns (FLOP/s, the n measured)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    size = 256
+    size = min(256, n)
     while True:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         a @ b  # warm-up
@@ -138,7 +138,7 @@ def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 1.0) -> tuple[f
         a @ b
         if size >= n or (time.perf_counter() - t0) * 8 > 1.0:
             break
-        size *= 2
+        size = min(2 * size, n)
     n = size
     a @ b
     repeats, t0 = 0, time.perf_counter()

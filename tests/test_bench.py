@@ -652,7 +652,8 @@ def test_dp_quality_bench_trains_each_row_and_reports_its_epsilon(tmp_path):
         "1",
     ]
     command += ["--workdir", str(tmp_path / "w"), "--set", "model.block_out_channels=[16,32]", "--set", "batch_size=8"]
-    proc = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=900)
+    command += ["--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["row"] for r in result["rows"]] == ["public", "eps=10,k=2,init=public", "sigma=1"]  # public first
@@ -662,7 +663,7 @@ def test_dp_quality_bench_trains_each_row_and_reports_its_epsilon(tmp_path):
     tuned = rows["eps=10,k=2,init=public"]
     assert 9 < tuned["epsilon"] <= 10 and tuned["multiplicity"] == 2 and tuned["init_from"] == "public"
     assert tuned["trained_on"] == "private" and tuned["n_train"] == 72 and "by image" in result["public_split"]
-    training = json.loads((tmp_path / "w" / "eps10_k2_initpublic" / "training.json").read_text())
+    training = json.loads((tmp_path / "w" / "private_eps10_k2_initpublic" / "training.json").read_text())
     assert training["differential_privacy"]["init_from"] == str(tmp_path / "w" / "public")
     assert training["differential_privacy"]["units"] == 72  # epsilon is spent on the private part only
     assert rows["sigma=1"]["noise_multiplier"] == 1.0 and rows["sigma=1"]["epsilon"] > 0  # epsilon reported
@@ -694,6 +695,8 @@ def test_dp_quality_rows_are_checked_before_anything_trains():
     plans = plan_rows(["none", "eps=1,init=public", "sigma=2"], 0.5)  # the public row is added, and trained first
     assert [p.text for p in plans] == ["public", "none", "eps=1,init=public", "sigma=2"]
     assert plans[2].init and plans[2].dp == {"epsilon": 1.0} and plans[0].public and not plans[1].public
+    with pytest.raises(SystemExit, match="leaves one part empty"):
+        split_public(type("Two", (), {"patients": ["a", "a"], "__len__": lambda self: 2})(), 0.5)
 
     class Data:  # a patient's images all fall on one side
         patients = [f"p{i // 3}" for i in range(30)]

@@ -206,6 +206,14 @@ def test_subset_keeps_patient_ids():
     ds.patients = ["p0", "p0", "p1", "p2", "p2", "p3"]
     part = ds.subset(torch.tensor([5, 0, 5]))
     assert list(part.patients) == ["p3", "p0", "p3"] and part.labels[:, 0].tolist() == [0, 0, 0]
+    other = ds.subset([4, 1])
+    assert (
+        list(other.patients) == ["p2", "p0"]
+        and other.labels[:, 0].tolist() == [1, 1]
+        and other.prompts == [ds.prompts[4], ds.prompts[1]]
+    )
+    with pytest.raises(TypeError, match="not a mask"):
+        ds.subset(np.ones(6, bool))
 
 
 def test_workers_write_jpeg_shards_in_place_and_mixed_shards_are_copied(tmp_path):

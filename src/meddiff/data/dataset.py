@@ -73,7 +73,10 @@ class ImageLabelDataset(torch.utils.data.Dataset):
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageLabelDataset:
         """The images at `indices`, in that order, with their labels, prompts and patient ids, as floats in memory
         (for splits of small sets, e.g. a public part and a private part; a store's memory maps are not kept)."""
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        positions = np.asarray(indices)
+        if positions.dtype == bool:
+            raise TypeError("subset takes indices, not a mask (np.flatnonzero(mask) gives them)")
+        idx = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise IndexError(f"subset indices must be within 0..{len(self) - 1}")
         rows = idx.tolist()
@@ -85,6 +88,8 @@ class ImageLabelDataset(torch.utils.data.Dataset):
             prompts=[self.prompts[i] for i in rows],
             patients=[self.patients[i] for i in rows] if self.patients else (),
             store_key="",
+            skipped=0,  # the files skipped while loading belong to the whole set
+            problems=[],
         )
 
     def fingerprint(self) -> str:

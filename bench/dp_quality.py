@@ -93,21 +93,21 @@ def plan_rows(texts: list[str], public_fraction: float) -> list[Row]:
 
 def split_public(train, fraction: float, seed: int = 0):
     """(public indices, private indices, how): a random `fraction` of the patients (of the images where the data
-    has no patient ids) is public."""
+    has no patient ids) is public; the privacy gate's split (`split_parts`)."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    if train.patients:
-        ids = sorted(set(train.patients))
-        public_ids = set(rng.permutation(ids)[: max(1, round(fraction * len(ids)))].tolist())
-        public = np.array([p in public_ids for p in train.patients])
-        how = f"by patient ({len(public_ids)} of {len(ids)} patients public)"
-    else:
-        public = np.zeros(len(train), bool)
-        public[rng.permutation(len(train))[: max(1, round(fraction * len(train)))]] = True
-        how = "by image (the data carry no patient ids)"
+    from meddiff.evaluation.privacy_gate import split_parts
+
+    patients = list(train.patients)
+    if len(set(patients)) == 1:  # split_parts would split one patient's images between the parts
+        raise SystemExit(f"--public-fraction {fraction} leaves one part empty (one patient)")
+    public, how = split_parts(patients, len(train), seed, fraction)
     if public.all() or not public.any():
         raise SystemExit(f"--public-fraction {fraction} leaves one part empty ({len(train)} images)")
+    if patients:
+        how = (
+            f"by patient ({len({patients[i] for i in np.flatnonzero(public)})} of {len(set(patients))} patients public)"
+        )
     return np.flatnonzero(public), np.flatnonzero(~public), how
 
 

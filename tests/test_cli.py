@@ -152,19 +152,9 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 @pytest.mark.slow
 def test_train_command_writes_a_complete_run(tmp_path, phantom_dir):
     run = tmp_path / "run"
+    train = ("train", "--data", f"phantom:{phantom_dir}", "--out", str(run), "--batch-size", "8")
     small_grids = ("--eval.grid-per-label", "2", "--sample-steps", "4")  # the default grids: most of the time
-    code, out, err = run_cli(
-        "train",
-        "--data",
-        f"phantom:{phantom_dir}",
-        "--out",
-        str(run),
-        "--max-steps",
-        "6",
-        "--batch-size",
-        "8",
-        *small_grids,
-    )
+    code, out, err = run_cli(*train, "--max-steps", "6", *small_grids)
     assert code == 0, err
     for name in (
         "pipeline/model_index.json",
@@ -183,20 +173,7 @@ def test_train_command_writes_a_complete_run(tmp_path, phantom_dir):
     assert "(not measured)" in card and "6 training steps is too short to judge" in card
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["fidelity"] is None and "eval.min_steps 200" in metrics["evaluation_note"]
-    code, out, err = run_cli(
-        "train",
-        "--data",
-        f"phantom:{phantom_dir}",
-        "--out",
-        str(run),
-        "--max-steps",
-        "8",
-        "--batch-size",
-        "8",
-        "--resume",
-        "latest",
-        "--no-eval",
-    )
+    code, out, err = run_cli(*train, "--max-steps", "8", "--resume", "latest", "--no-eval")
     assert code == 0 and "resumed from" in err and "step 6" in err, err  # logged: stderr
 
 

@@ -41,11 +41,11 @@ def test_phantom_folders_with_studies_keep_patients_whole(tmp_path):
 
 
 def test_calibration_halves_split_by_patient():
-    from meddiff.evaluation.privacy_gate import split_halves
+    from meddiff.evaluation.privacy_gate import split_parts
 
     patients = [f"p{i // 3}" for i in range(30)]
-    first, how = split_halves(patients, 30)
+    first, how = split_parts(patients, 30)
     assert how == "by patient (10 patients)" and first.sum() == 15
     assert not {patients[i] for i in np.flatnonzero(first)} & {patients[i] for i in np.flatnonzero(~first)}
-    first, how = split_halves([], 10)
+    first, how = split_parts([], 10)
     assert how.startswith("by image") and first.sum() == 5

@@ -507,17 +507,17 @@ def measure(
 # ------------------------------------------------------------------------------------ stored with a model, export gate
 
 
-def split_halves(patients: list[str], n: int, seed: int = 0) -> tuple[np.ndarray, str]:
-    """(mask of the calibration half, how it was split): by patient where ids exist (no patient in both halves),
-    else by image."""
+def split_parts(patients: list[str], n: int, seed: int = 0, fraction: float = 0.5) -> tuple[np.ndarray, str]:
+    """(mask of the first part, how it was split): a random `fraction` (rounded down) of the patients where ids
+    exist (no patient in both parts; the calibration half of the gate), else of the n images."""
     rng = np.random.default_rng(seed)
     if patients and len(set(patients)) >= 2:
         ids = sorted(set(patients))
-        chosen = set(rng.permutation(len(ids))[: len(ids) // 2].tolist())
+        chosen = set(rng.permutation(len(ids))[: int(fraction * len(ids))].tolist())
         lookup = {p: k in chosen for k, p in enumerate(ids)}
         return np.array([lookup[p] for p in patients]), f"by patient ({len(ids)} patients)"
     first = np.zeros(n, bool)
-    first[rng.permutation(n)[: n // 2]] = True
+    first[rng.permutation(n)[: int(fraction * n)]] = True
     return first, "by image (the data carry no patient ids)"
 
 
@@ -655,7 +655,7 @@ def audit_detector(
                 "privacy calibrate: one study each of %d repeat patients held back as same-patient positives",
                 len(back),
             )  # fmt: skip
-    first, halves = split_halves(list(patients or []), len(held), seed)
+    first, halves = split_parts(list(patients or []), len(held), seed)
     logger.info(
         "privacy calibrate: %d training images; %d held-out images split into calibration and test halves (%s)",
         len(train), len(held), halves,

@@ -9,8 +9,9 @@ the flow-matching objective and a distilled student, all from the same data, rec
 Models (trained once, reused from --workdir): the teacher (the recipe as is: epsilon, Min-SNR), a flow-matching
 model (`model.objective: flow`, everything else equal) trained for the same steps, and a student distilled from
 the teacher (`meddiff distill`), and for the LCM-LoRA rows an adapter student (`meddiff distill --lora-rank 16`,
-sampled at guidance 1, its guidance distilled in); training minutes are reported per row, a student's including its
-teacher's.
+sampled at guidance 1, its guidance distilled in), and for the phased rows phased-consistency students
+(`meddiff distill --distill.consistency phased --steps 2|4`, deterministic DDIM on their own grid); training
+minutes are reported per row, a student's including its teacher's.
 
 Each row draws `--n` images per seed with the condition rows of the real held-out split (cycled), and reports:
 - NFE per image, counted by a hook on the U-Net (rows it saw / images), so guidance's second pass is counted;
@@ -63,6 +64,13 @@ ROWS = [
     ("distilled 1", "student", "lcm", 1),
     ("distilled 2", "student", "lcm", 2),
     ("distilled 4", "student", "lcm", 4),
+    (
+        "phased 2",
+        "phased2",
+        "ddim",
+        2,
+    ),  # phased consistency students (--distill.consistency phased), one per step count
+    ("phased 4", "phased4", "ddim", 4),
     ("LCM-LoRA 2", "lora_student", "lcm", 2),  # `meddiff distill --lora-rank 16`: sampled at guidance 1 (distilled in)
     ("LCM-LoRA 4", "lora_student", "lcm", 4),
 ]
@@ -98,9 +106,13 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
             "lr_schedule": "cosine",
         },
     }
-    for key, value in args.student_set:  # a distillation variant: these settings on both students
-        variants["student"][key] = variants["lora_student"][key] = value
-    if needed & {"student", "lora_student"}:
+    for phases in (2, 4):
+        variants[f"phased{phases}"] = {**variants["student"], "distill.consistency": "phased", "distill.steps": phases}
+    students = {"student", "lora_student", "phased2", "phased4"}
+    for key, value in args.student_set:  # a distillation variant: these settings on every student
+        for name in students:
+            variants[name][key] = value
+    if needed & students:
         needed = needed | {"teacher"}
     for name, sets in variants.items():
         if name not in needed:
@@ -109,11 +121,11 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
         info_path = out / "bench_training.json"
         if info_path.is_file():  # a trained model is reused only with the settings it was trained with
             recorded = json.loads(info_path.read_text()).get("settings")  # None: before settings were recorded
-            variant = name in ("student", "lora_student") and bool(args.student_set)
+            variant = name in students and bool(args.student_set)
             if (recorded is not None and recorded != sets) or (recorded is None and variant):
                 raise SystemExit(f"{out} was trained with other settings than {sets}; use a new --workdir")
         if not info_path.is_file():
-            steps = args.distill_steps if name in ("student", "lora_student") else args.train_steps
+            steps = args.distill_steps if name in students else args.train_steps
             config = load_config(args.config, {}, {"data": args.data, "out": str(out), **sets})
             config.max_steps, config.max_minutes, config.checkpoint_every = steps, None, 0
             config.eval.fidelity = False
@@ -122,7 +134,7 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
             minutes = round(result.train_seconds / 60, 2)
             info_path.write_text(json.dumps({"steps": result.steps, "minutes": minutes, "settings": sets}))
         models[name] = json.loads(info_path.read_text())
-    for name in ("student", "lora_student"):
+    for name in sorted(students):
         if name in models:
             models[name]["minutes_with_teacher"] = round(models[name]["minutes"] + models["teacher"]["minutes"], 2)
     return models
@@ -306,7 +318,7 @@ def main() -> None:
     test = load_dataset(spec.heldout(), resolution)
     selected = [r for r in ROWS if not args.rows or any(r[0].startswith(p) for p in args.rows)]
     if args.quick:
-        selected = [r for r in selected if r[0] in ("DDPM 1000", "DPM++ 4", "flow Heun 4", "distilled 2")]
+        selected = [r for r in selected if r[0] in ("DDPM 1000", "DPM++ 4", "flow Heun 4", "distilled 2", "phased 2")]
     if not selected:
         raise SystemExit(f"no row starts with any of {args.rows}; rows: {', '.join(r[0] for r in ROWS)}")
     models = train_models(args, spec, train_data, {r[1] for r in selected})
@@ -344,7 +356,7 @@ def main() -> None:
         key = f"{name.replace(' ', '_')}-n{n}-g{args.guidance:g}" + ("-quick" if args.quick else "")
         return Path(args.workdir) / "parts" / key
 
-    first = ("DDPM 1000", "distilled", "DPM++ 20", "flow Euler 4", "flow Heun 4")
+    first = ("DDPM 1000", "distilled", "phased", "DPM++ 20", "flow Euler 4", "flow Heun 4")
     order = sorted(selected, key=lambda r: next((i for i, p in enumerate(first) if r[0].startswith(p)), len(first)))
     measured: dict[str, dict] = {}
     for name, model, sampler, steps in order:

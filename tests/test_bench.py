@@ -533,7 +533,8 @@ def test_few_step_bench_counts_evaluations_and_writes_json(tmp_path, phantom_dir
     variant = [*command, "--rows", "distilled", "--student-set", "distill.solver_steps=10"]
     refused = subprocess.run(variant, capture_output=True, text=True, timeout=900)
     assert refused.returncode != 0 and "other settings" in refused.stderr and "Traceback" not in refused.stderr
-    assert set(rows) == {"DDPM 1000", "DPM++ 4", "flow Heun 4", "distilled 2"}
+    assert set(rows) == {"DDPM 1000", "DPM++ 4", "flow Heun 4", "distilled 2", "phased 2"}
+    assert rows["phased 2"]["nfe"] == 2  # the phased student: its own 2-step DDIM grid, guidance embedded
     # counted, not assumed: guidance 2 doubles the teacher's and the flow model's passes, Heun takes 2 per step
     # except the last, the distilled student takes the guidance scale as an input
     assert rows["DPM++ 4"]["nfe"] == 8 and rows["flow Heun 4"]["nfe"] == 14 and rows["distilled 2"]["nfe"] == 2

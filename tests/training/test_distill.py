@@ -185,6 +185,88 @@ def test_distill_gives_a_model_that_samples_in_the_promised_evaluations(tiny_run
     assert out.shape == (1, 32, 32, 1) and type(plain.scheduler).__name__ == "LCMScheduler"
 
 
+def test_phase_grid_is_the_students_own_ddim_grid():
+    from diffusers import DDIMScheduler
+
+    from meddiff.training.methods.distill import phase_grid
+
+    sampler = DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=True)
+    starts, ends = phase_grid(sampler, 4, 1000)
+    assert starts.tolist() == [999, 749, 499, 249] and ends.tolist() == [749, 499, 249, -1]  # -1: the clean image
+    starts, ends = phase_grid(sampler, 1, 1000)
+    assert starts.tolist() == [999] and ends.tolist() == [-1]
+    starts, ends = phase_grid(sampler, 3, 1000)
+    assert ends[:-1].tolist() == starts[1:].tolist() and ends[-1] < starts[-1]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_a_phased_student_is_trained_on_the_jumps_its_ddim_sampler_takes(tiny_run, prediction):
+    """The phased consistency function f(x, t -> end) is exactly what the saved DDIMScheduler's step computes from
+    the same network output, for every phase (so training and sampling agree), and a teacher step that reaches the
+    phase's end is its own target."""
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    config = _distill_config(tiny_run, "unused", consistency="phased", steps=4)
+    method = ConsistencyDistillation(config, load_dataset(config.data, 32))
+    method.prediction = prediction
+    method.teacher.scheduler.register_to_config(prediction_type=prediction)
+    sampler = method.student_scheduler()
+    assert type(sampler).__name__ == "DDIMScheduler" and sampler.config.prediction_type == prediction
+    assert 749 in method.grid.tolist() and 19 in method.grid.tolist()  # phase starts are training points
+    sampler.set_timesteps(4)
+    g = torch.Generator().manual_seed(2)
+    labels = torch.zeros(1, 2 * len(method.codec.label_names))
+    cond = {"class_labels": labels, "encoder_hidden_states": None}
+    w = guidance_embedding(torch.full((1,), 2.0), config.distill.guidance_dim)
+    with torch.no_grad():
+        for start, end in zip(method.phase_starts.tolist(), method.phase_ends.tolist()):
+            x = torch.randn(1, 1, 32, 32, generator=g)
+            t = torch.tensor([start])
+            got = method.consistency(method.student, x, t, cond, w, torch.tensor([end]))
+            out = method.student(x, t, timestep_cond=w, **cond).sample
+            expected = sampler.step(out, start, x).prev_sample
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # the loss is finite and trains the student (the guidance input included)
+    method.student.zero_grad()
+    loss = method.loss(method.student, method.batch(torch.arange(8), "cpu"), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert method.student.time_embedding.cond_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_phased_student_samples_deterministically_in_its_steps(tiny_run, tmp_path):
+    from meddiff.data.spec import load_dataset
+    from meddiff.sampling.generate import SamplingSettings, sample
+    from meddiff.training.loop import train
+    from meddiff.training.methods.distill import distilled_info
+
+    config = _distill_config(tiny_run, tmp_path, consistency="phased", steps=2)
+    train(config, load_dataset(config.data, 32), progress=False)
+    pipe = load_pipeline(tmp_path)
+    assert pipe.phased_steps == 2 and pipe.guidance_dim == 64
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.timestep_spacing == "trailing"
+    info = distilled_info(tmp_path / "pipeline")
+    assert info is not None and info["consistency"] == "phased" and "phased" in info["method"]
+    for name in ("dpm++", "lcm", "ddpm"):  # whatever is asked for, the student keeps its own DDIM grid
+        chosen = make_sampler(name, pipe.scheduler.config, phased=True)
+        assert type(chosen).__name__ == "DDIMScheduler" and chosen.config.timestep_spacing == "trailing"
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape[0], int(args[1]))))
+    conditions = pipe.encode_labels([["Cardiomegaly"], []])
+    settings = SamplingSettings(steps=2, guidance=2.0, precision="fp32", scheduler="dpm++")
+    images = sample(pipe, conditions, settings, progress=False)
+    hook.remove()
+    assert seen == [(2, 999), (2, 499)]  # two evaluations per image at the phase starts, guidance embedded
+    assert images.shape == (2, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
+    again = sample(pipe, conditions, SamplingSettings(steps=2, guidance=2.0, precision="fp32", seed=0), progress=False)
+    assert np.abs(again - images).max() < 1e-5  # deterministic: the same seeds give the same images
+    with pytest.raises(MeddiffError, match="already distilled"):
+        from meddiff.training.methods.distill import distillable
+
+        distillable(pipe)
+
+
 def test_distill_cli_writes_card_and_metrics(tiny_run, tmp_path):
     from meddiff.cli import main
 
@@ -219,6 +301,23 @@ def test_distill_cli_writes_card_and_metrics(tiny_run, tmp_path):
     run = yaml.safe_load((out / "config.yaml").read_text())  # the measured recipe: cosine-decayed learning rate
     assert run["lr_schedule"] == "cosine" and run["learning_rate"] == 1e-4 and run["max_steps"] == 2
     assert "decay-0 target" in metrics["distillation"]["method"]
+    assert "LCMScheduler" in card and metrics["distillation"]["sampler"] == "LCMScheduler"
+
+
+def test_distill_cli_makes_a_phased_student_and_says_so(tiny_run, tmp_path):
+    from meddiff.cli import main
+
+    out = tmp_path / "phased"
+    main(
+        ["-q", "distill", "--model", str(tiny_run), "--out", str(out), "--steps", "2", "--consistency", "phased"]
+        + ["--max-steps", "1", "--batch-size", "8", "--no-eval", "--eval.grid-per-label", "1"]
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "phased consistency" in metrics["distillation"]["method"] and "2 phases" in metrics["distillation"]["method"]
+    assert metrics["distillation"]["sampler"].startswith("DDIMScheduler")
+    card = (out / "README.md").read_text()
+    assert "DDIMScheduler (eta 0, trailing timesteps)" in card and "--steps 2" in card
+    assert load_pipeline(out).phased_steps == 2
 
 
 @pytest.mark.parametrize("steps", ["0", "9"])

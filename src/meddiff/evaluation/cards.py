@@ -167,7 +167,7 @@ def _distillation_sections(summary: RunSummary) -> list[CardSection]:
                 f"- student of `{d.teacher}` ({d.method}), {d.network_evaluations_per_image} network evaluations per "
                 f"image; the teacher needs {d.teacher_network_evaluations_per_image} at its run's settings",
                 f"- guidance scales {d.guidance_range[0]}-{d.guidance_range[1]} are an input of the U-Net (no "
-                "second, unconditional pass); sampler: diffusers' LCMScheduler, "
+                f"second, unconditional pass); sampler: diffusers' {d.sampler}, "
                 f"teacher grid of {d.solver_steps} DDIM steps",
                 f"- sample with `--steps {d.network_evaluations_per_image}`; the teacher's mean label-fidelity AUC: "
                 f"{teacher_auc}",

@@ -81,6 +81,7 @@ class DistillationSummary(JsonResult):
     solver_steps: int
     guidance_range: list[float]
     teacher_mean_fidelity_auc: float | None  # from the teacher run's metrics.json, where it measured one
+    sampler: str = "LCMScheduler"  # the diffusers scheduler the student samples with
 
 
 @dataclass(kw_only=True)

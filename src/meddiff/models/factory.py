@@ -124,13 +124,16 @@ def evaluations_per_image(sampler: str, steps: int, guidance: float, guidance_em
     return steps * evaluations_per_step(sampler) * passes
 
 
-def make_sampler(name: str, train_config, clip: bool = True):
+def make_sampler(name: str, train_config, clip: bool = True, phased: bool = False):
     """A sampling scheduler built from the training scheduler's config. `clip` keeps DDIM/DDPM's x0 estimate in
     the data range [-1, 1]: right for pixels, wrong for latents (pass False). A flow-matching model gets the flow
-    form of each sampler (diffusers' FlowMatch Euler/Heun, DPM-Solver++ and UniPC on flow sigmas)."""
+    form of each sampler (diffusers' FlowMatch Euler/Heun, DPM-Solver++ and UniPC on flow sigmas). Distilled
+    students keep their own: LCM, or for a `phased` student its saved DDIM scheduler (trailing grid, eta 0)."""
     name = name.lower()
     if name in ("dpmsolver++", "dpm"):
         name = "dpm++"
+    if phased:
+        return DDIMScheduler.from_config(train_config)
     if "original_inference_steps" in train_config:  # a distilled (consistency) student: only its own sampler fits
         return LCMScheduler.from_config(train_config)
     if name == "lcm":

@@ -102,14 +102,21 @@ class MedDiffusionPipeline(DiffusionPipeline):
         text_encoder=None,
         tokenizer=None,
         label_names: list | None = None,
+        phased_steps: int = 0,
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-        self.register_to_config(label_names=list(label_names or []))
+        self.register_to_config(label_names=list(label_names or []), phased_steps=int(phased_steps))
 
     @property
     def label_names(self) -> list:
         return list(self.config["label_names"] or [])
+
+    @property
+    def phased_steps(self) -> int:
+        """A phased-consistency student (`meddiff distill --distill.consistency phased`): the steps it samples in,
+        with its own DDIM scheduler; 0 for every other model."""
+        return int(self.config.get("phased_steps") or 0)
 
     @property
     def supports_labels(self) -> bool:

@@ -28,13 +28,22 @@ def save_pipeline(
     text_encoder=None,
     tokenizer=None,
     label_counts: dict[str, int] | None = None,
+    phased_steps: int = 0,
 ) -> Path:
     """Write a diffusers pipeline folder (unet/, scheduler/, [vae/, text_encoder/, tokenizer/,] model_index.json)
     plus pipeline.py so that plain diffusers can load it with custom_pipeline=<folder>. Weights are safetensors.
-    `label_counts`: training images with each label present (meddiff_labels.json; diffusers ignores it)."""
+    `label_counts`: training images with each label present (meddiff_labels.json; diffusers ignores it).
+    `phased_steps`: a phased-consistency student's step count (its saved DDIM scheduler is the only sampler that
+    fits it)."""
     out_dir = Path(out_dir)
     pipe = MedDiffusionPipeline(
-        unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, label_names=label_names
+        unet=unet,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        label_names=label_names,
+        phased_steps=phased_steps,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     shutil.copyfile(Path(__file__).with_name("pipeline.py"), out_dir / "pipeline.py")

@@ -5,6 +5,7 @@ comes out whatever the batch size or however the work is split across processes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,6 +21,8 @@ from meddiff.models.factory import SamplerName, choose_attention, make_sampler, 
 from meddiff.models.pipeline import MedDiffusionPipeline
 from meddiff.options import Options, option
 from meddiff.precision import autocast, resolve_precision
+
+logger = logging.getLogger(__name__)
 
 
 def image_seed(base_seed: int, index: int) -> int:
@@ -93,7 +96,13 @@ def sample(
         prompts = [p if p else d for p, d in zip(prompts or [None] * len(conditions), derived)]
     elif prompts is not None and any(prompts):
         raise MeddiffError("this model is not text-conditioned; it takes labels, not prompts")
-    pipe.scheduler = make_sampler(settings.scheduler, pipe.scheduler.config, clip=not pipe.is_latent)
+    phased = pipe.phased_steps
+    if phased and settings.steps != phased and getattr(pipe, "_phased_warned", None) != settings.steps:
+        logger.warning("this student was distilled for %d steps (phased); sampling it in %d", phased, settings.steps)
+        pipe._phased_warned = settings.steps  # once per pipeline and step count
+    pipe.scheduler = make_sampler(
+        settings.scheduler, pipe.scheduler.config, clip=not pipe.is_latent, phased=bool(phased)
+    )
     precision = resolve_precision(settings.precision, pipe.device)  # for the device the pipeline is on
     device = pipe.device.type
     if choose_attention("auto", pipe.unet, device, precision) == "classic":  # faster on CPU in bf16 (measured)

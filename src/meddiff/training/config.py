@@ -71,6 +71,12 @@ class DistillConfig(Options):
     solver_steps: int = option(
         50, "distill: points of the teacher's DDIM grid; each training step spans one interval", minimum=2
     )
+    consistency: Literal["lcm", "phased"] = option(
+        "lcm",
+        "distill: lcm (one consistency function to the clean image, fresh noise between steps; samples at any step "
+        "count) or phased (the trajectory cut into --steps phases at the student's DDIM grid, consistency within "
+        "each phase, deterministic DDIM sampling in exactly --steps evaluations: phased consistency models)",
+    )
     guidance_min: float = option(1.0, "distill: smallest guidance scale distilled into the student", minimum=0)
     guidance_max: float = option(3.0, "distill: largest guidance scale distilled into the student", minimum=0)
     guidance_dim: int = option(64, "distill: width of the student's guidance-scale embedding", minimum=2)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import LCMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, LCMScheduler, UNet2DConditionModel
 
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.conditioning.text import PromptCache
@@ -66,7 +66,11 @@ TIMESTEP_SCALING = 10.0  # LCMScheduler's default: c_skip(t) ~ 1 only for the la
 def distillable(pipe) -> None:
     """One-line errors for teachers this method cannot distil."""
     config = pipe.scheduler.config
-    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None or "original_inference_steps" in config:
+    if (
+        getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+        or "original_inference_steps" in config
+        or pipe.phased_steps
+    ):
         raise MeddiffError("this model is already distilled; distil its teacher instead")
     if is_flow_schedule(config):
         raise MeddiffError(
@@ -80,6 +84,16 @@ def distillable(pipe) -> None:
         raise MeddiffError(f"cannot distil a model with scheduler {type(pipe.scheduler).__name__}")
     if not isinstance(pipe.unet, UNet2DConditionModel):
         raise MeddiffError("distil takes 2D meddiff models (pixel or latent diffusion); this is not one")
+
+
+def phase_grid(sampler: Any, steps: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, ends) of the phases of a phased student: the timesteps its DDIM sampler evaluates at `steps` steps,
+    and where each of its steps lands (the next start; after the last, what DDIM's step rule gives, -1 for the clean
+    image)."""
+    sampler.set_timesteps(steps)
+    starts = sampler.timesteps.long()
+    last = starts[-1:] - total // steps
+    return starts, torch.cat([starts[1:], last.clamp(min=-1)])
 
 
 def consistency_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +149,11 @@ class ConsistencyDistillation(TrainingMethod):
         total = int(self.train_scheduler.config["num_train_timesteps"])
         self.skip = total // d.solver_steps
         self.grid = torch.arange(1, d.solver_steps + 1) * self.skip - 1  # LCM's DDIM grid: skip-1, ..., total-1
+        self.phased = d.consistency == "phased"
+        if self.phased:  # the student's own sampling grid cuts the trajectory into d.steps phases
+            self.phase_starts, self.phase_ends = phase_grid(self.student_scheduler(), d.steps, total)
+            # training points: the teacher's grid and every phase start (the points the sampler feeds the student)
+            self.grid = torch.unique(torch.cat([self.grid, self.phase_starts]))
         self.latents = None
         if self.teacher.is_latent:
             vae: Any = self.teacher.vae
@@ -212,16 +231,28 @@ class ConsistencyDistillation(TrainingMethod):
             null["encoder_hidden_states"] = self.prompt_cache([""] * len(prompts)).to(device)
         return cond, null
 
-    def consistency(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict, w_embedding: torch.Tensor):
-        """The student's clean-image estimate f(x, t, w) (an LCM-LoRA student has no guidance input: f(x, t))."""
+    def consistency(
+        self, model, x: torch.Tensor, t: torch.Tensor, cond: dict, w_embedding: torch.Tensor, end=None
+    ) -> torch.Tensor:
+        """The student's clean-image estimate f(x, t, w) (an LCM-LoRA student has no guidance input: f(x, t)); for a
+        phased student (`end` given) its DDIM jump from x at t to the end of the phase, as its sampler takes it."""
         extra = {} if self.lora_rank else {"timestep_cond": w_embedding}
-        out = model(x, t, **extra, **cond).sample.float()
+        out = model(x, t.clamp(min=0), **extra, **cond).sample.float()
         abar = self.abar[t.clamp(min=0)].view(-1, 1, 1, 1)
-        x0, _ = x0_and_eps(out, x.float(), abar, self.prediction)
+        x0, eps = x0_and_eps(out, x.float(), abar, self.prediction)
         if self.x0_clip is not None:
             x0 = x0.clamp(-self.x0_clip, self.x0_clip)
+        if end is not None:  # DDIMScheduler.step (eta 0): the clipped x0 estimate and the unclipped noise estimate
+            abar_end = self.abar_at(end)
+            return abar_end.sqrt() * x0 + (1 - abar_end).sqrt() * eps
         c_skip, c_out = consistency_scalings(t.clamp(min=0))
         return c_skip.view(-1, 1, 1, 1) * x.float() + c_out.view(-1, 1, 1, 1) * x0
+
+    def abar_at(self, t: torch.Tensor) -> torch.Tensor:
+        """Cumulative alpha at timesteps t, 1 at t < 0 (the clean image: DDIM's final step, set_alpha_to_one)."""
+        return torch.where(t >= 0, self.abar[t.clamp(min=0)], torch.ones_like(t, dtype=self.abar.dtype)).view(
+            -1, 1, 1, 1
+        )
 
     def loss(self, model, batch, generator):
         d = self.config.distill
@@ -231,7 +262,13 @@ class ConsistencyDistillation(TrainingMethod):
         noise = torch.randn(x0.shape, generator=generator).to(device)
         pick = torch.randint(0, len(self.grid), (b,), generator=generator)
         t_hi = self.grid[pick].to(device)
-        t_lo = (t_hi - self.skip).clamp(min=0)
+        end = None
+        if self.phased:  # the phase t_hi lies in ends at `end`; the teacher's step stops there at the latest
+            ends = self.phase_ends.to(device)
+            end = ends[(ends.view(1, -1) >= t_hi.view(-1, 1)).sum(1)]  # ends descend: the first one below t_hi
+            t_lo = torch.maximum(t_hi - self.skip, end)
+        else:
+            t_lo = (t_hi - self.skip).clamp(min=0)
         w = d.guidance_min + (d.guidance_max - d.guidance_min) * torch.rand(b, generator=generator)
         w_embedding = guidance_embedding(w, d.guidance_dim).to(device)
         abar_hi = self.abar[t_hi].view(-1, 1, 1, 1)
@@ -244,11 +281,17 @@ class ConsistencyDistillation(TrainingMethod):
             x0_c, eps_c = x0_and_eps(out[b:], x_hi, abar_hi, self.prediction)
             scale = w.to(device).view(-1, 1, 1, 1)
             x0_g, eps_g = x0_u + scale * (x0_c - x0_u), eps_u + scale * (eps_c - eps_u)
-            abar_lo = torch.where(t_hi - self.skip >= 0, self.abar[t_lo], torch.ones_like(self.abar[t_lo]))
-            abar_lo = abar_lo.view(-1, 1, 1, 1)
+            if self.phased:
+                abar_lo = self.abar_at(t_lo)
+            else:
+                abar_lo = torch.where(t_hi - self.skip >= 0, self.abar[t_lo], torch.ones_like(self.abar[t_lo]))
+                abar_lo = abar_lo.view(-1, 1, 1, 1)
             x_lo = abar_lo.sqrt() * x0_g + (1 - abar_lo).sqrt() * eps_g
-            target = self.consistency(self.target if self.target is not None else model, x_lo, t_lo, cond, w_embedding)
-        prediction = self.consistency(model, x_hi, t_hi, cond, w_embedding)
+            net = self.target if self.target is not None else model
+            target = self.consistency(net, x_lo, t_lo, cond, w_embedding, end)
+            if end is not None:  # a teacher step that reached the phase's end is the target itself
+                target = torch.where((t_lo == end).view(-1, 1, 1, 1), x_lo, target)
+        prediction = self.consistency(model, x_hi, t_hi, cond, w_embedding, end)
         diff = (prediction - target).pow(2)
         if d.huber_c > 0:
             per_pixel = (diff + d.huber_c**2).sqrt() - d.huber_c
@@ -256,7 +299,21 @@ class ConsistencyDistillation(TrainingMethod):
             per_pixel = diff
         return per_pixel.mean()
 
-    def student_scheduler(self) -> LCMScheduler:
+    def student_scheduler(self) -> LCMScheduler | DDIMScheduler:
+        """How the student samples: LCMScheduler, or for a phased student DDIM (eta 0) on a trailing grid, whose
+        d.steps timesteps are the phases' starts and whose last step ends at the clean image."""
+        if self.config.distill.consistency == "phased":
+            accepted = inspect.signature(DDIMScheduler.__init__).parameters
+            schedule = {k: v for k, v in self.train_scheduler.config.items() if k in accepted}
+            schedule.update(
+                prediction_type=self.prediction,
+                timestep_spacing="trailing",
+                steps_offset=0,
+                set_alpha_to_one=True,
+                clip_sample=self.x0_clip is not None,
+                clip_sample_range=self.x0_clip or 1.0,
+            )
+            return DDIMScheduler(**schedule)
         accepted = inspect.signature(LCMScheduler.__init__).parameters
         schedule = {k: v for k, v in self.train_scheduler.config.items() if k in accepted}
         schedule.update(
@@ -282,6 +339,7 @@ class ConsistencyDistillation(TrainingMethod):
             vae=teacher.vae if teacher.is_latent else None,
             text_encoder=teacher.text_encoder,
             tokenizer=teacher.tokenizer,
+            phased_steps=self.config.distill.steps if self.phased else 0,
         )
         d = self.config.distill
         note = {
@@ -291,7 +349,10 @@ class ConsistencyDistillation(TrainingMethod):
             "teacher_prediction": self.prediction,
             "solver_steps": d.solver_steps,
             "guidance_range": [d.guidance_min, d.guidance_max],
-            "method": "latent consistency distillation" + (f" (LoRA rank {self.lora_rank})" if self.lora_rank else ""),
+            "method": ("phased consistency distillation" if self.phased else "latent consistency distillation")
+            + (f" (LoRA rank {self.lora_rank})" if self.lora_rank else ""),
+            "consistency": d.consistency,
+            "sampler": "DDIM (eta 0), trailing timesteps" if self.phased else "LCM",
             "lora_rank": self.lora_rank,
             "sampling_guidance": 1.0 if self.lora_rank else "any scale in the guidance range, one evaluation per step",
         }
@@ -339,7 +400,7 @@ def fused_copy(model: torch.nn.Module) -> UNet2DConditionModel:
     return unet
 
 
-def save_lora_adapter(model: torch.nn.Module, folder: Path, scheduler: LCMScheduler) -> Path:
+def save_lora_adapter(model: torch.nn.Module, folder: Path, scheduler: LCMScheduler | DDIMScheduler) -> Path:
     """The adapter alone in diffusers' LoRA format (pytorch_lora_weights.safetensors) with the LCMScheduler to
     sample it with: `pipe.load_lora_weights(folder)`; `pipe.scheduler = LCMScheduler.from_pretrained(folder,
     subfolder="scheduler")` over the teacher."""

@@ -193,13 +193,35 @@ def test_channels_last_trains_the_same_model_and_exports_plain_weights(tmp_path,
     assert unet.conv_in.weight.is_contiguous()
 
 
-@pytest.mark.slow
-def test_compile_option_trains_and_exports_uncompiled_weights(tmp_path, data):
+def _compiled_training(tmp_path, data):
     tiny = ModelConfig(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, attention_head_dim=8)
     result = train(cfg(tmp_path, max_steps=2, precision="fp32", compile=True, model=tiny), data, progress=False)
     weights = load_file(tmp_path / "pipeline/unet/diffusion_pytorch_model.safetensors")
     assert result.steps == 2 and not any(k.startswith("_orig_mod") for k in weights)
     assert "conv_in.weight" in weights
+
+
+def test_compile_option_trains_and_exports_uncompiled_weights(tmp_path, data, monkeypatch):
+    """--compile wraps the model in torch.compile (dynamo); the export unwraps it. Dynamo's eager backend here, so
+    that the test checks the wrapping, not inductor's minutes of code generation (the extended test below)."""
+    import torch
+
+    real = torch.compile
+    seen = []
+
+    def eager(model=None, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real(model, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager)
+    _compiled_training(tmp_path, data)
+    assert seen and seen[0] == "inductor"  # what --compile asks for
+
+
+@pytest.mark.slow
+@pytest.mark.extended  # inductor compiles for about 80 s on 2 cores
+def test_compile_option_with_inductor_trains_and_exports_uncompiled_weights(tmp_path, data):
+    _compiled_training(tmp_path, data)
 
 
 def test_speed_options_in_cli_reach_the_config(tmp_path):

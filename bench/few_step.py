@@ -51,6 +51,7 @@ ROWS = [
     ("DPM++ 4", "teacher", "dpm++", 4),
     ("DPM++ 2", "teacher", "dpm++", 2),
     ("DPM++ 1", "teacher", "dpm++", 1),
+    ("DDIM 4", "teacher", "ddim", 4),  # deterministic, as a phased student samples (the teacher: guidance doubles it)
     ("UniPC 4", "teacher", "unipc", 4),
     ("UniPC 10", "teacher", "unipc", 10),
     ("DPM++ 3rd order 4", "teacher", "dpm++3", 4),

@@ -235,6 +235,25 @@ def test_a_phased_student_is_trained_on_the_jumps_its_ddim_sampler_takes(tiny_ru
     assert method.student.time_embedding.cond_proj.weight.grad.abs().sum() > 0
 
 
+def test_phase_loss_clean_weighs_early_phases_in_clean_image_units(tiny_run):
+    """phase_loss clean divides both phase-end images by the signal scale at the phase's end: the same loss as
+    noisy in the last phase (it ends at the clean image), a larger one in the first (its end is mostly noise)."""
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    losses = {}
+    for phase_loss in ("noisy", "clean"):
+        config = _distill_config(tiny_run, "unused", consistency="phased", steps=4, phase_loss=phase_loss)
+        method = ConsistencyDistillation(config, load_dataset(config.data, 32))
+        batch = method.batch(torch.arange(4), "cpu")
+        for point in (19, 999):  # in the last phase (ends at -1) and in the first (ends at 749)
+            method.grid = torch.tensor([point])
+            with torch.no_grad():
+                losses[phase_loss, point] = float(method.loss(method.student, batch, torch.Generator().manual_seed(0)))
+    assert losses["clean", 19] == pytest.approx(losses["noisy", 19], rel=1e-5)
+    assert losses["clean", 999] > 1.5 * losses["noisy", 999]
+
+
 def test_a_phased_student_samples_deterministically_in_its_steps(tiny_run, tmp_path):
     from meddiff.data.spec import load_dataset
     from meddiff.sampling.generate import SamplingSettings, sample

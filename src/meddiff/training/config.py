@@ -77,6 +77,11 @@ class DistillConfig(Options):
         "count) or phased (the trajectory cut into --steps phases at the student's DDIM grid, consistency within "
         "each phase, deterministic DDIM sampling in exactly --steps evaluations: phased consistency models)",
     )
+    phase_loss: Literal["noisy", "clean"] = option(
+        "noisy",
+        "distill, phased: compare the phase-end images as they are (noisy) or divided by the signal scale at the "
+        "phase's end, in clean-image units (clean: early phases weigh as much as the last)",
+    )
     guidance_min: float = option(1.0, "distill: smallest guidance scale distilled into the student", minimum=0)
     guidance_max: float = option(3.0, "distill: largest guidance scale distilled into the student", minimum=0)
     guidance_dim: int = option(64, "distill: width of the student's guidance-scale embedding", minimum=2)

@@ -292,6 +292,9 @@ class ConsistencyDistillation(TrainingMethod):
             if end is not None:  # a teacher step that reached the phase's end is the target itself
                 target = torch.where((t_lo == end).view(-1, 1, 1, 1), x_lo, target)
         prediction = self.consistency(model, x_hi, t_hi, cond, w_embedding, end)
+        if end is not None and d.phase_loss == "clean":  # the phase ends' images compared in clean-image units
+            scale = self.abar_at(end).sqrt()
+            prediction, target = prediction / scale, target / scale
         diff = (prediction - target).pow(2)
         if d.huber_c > 0:
             per_pixel = (diff + d.huber_c**2).sqrt() - d.huber_c

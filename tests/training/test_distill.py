@@ -195,26 +195,28 @@ def test_phase_grid_is_the_students_own_ddim_grid():
     assert starts.tolist() == [999, 749, 499, 249] and ends.tolist() == [749, 499, 249, -1]  # -1: the clean image
     starts, ends = phase_grid(sampler, 1, 1000)
     assert starts.tolist() == [999] and ends.tolist() == [-1]
-    starts, ends = phase_grid(sampler, 3, 1000)
-    assert ends[:-1].tolist() == starts[1:].tolist() and ends[-1] < starts[-1]
+    starts, ends = phase_grid(sampler, 3, 1000)  # where DDIMScheduler.step lands: 333, not the next start 332
+    assert starts.tolist() == [999, 666, 332] and ends.tolist() == [666, 333, -1]
+    starts, ends = phase_grid(sampler, 6, 1000)
+    assert ends[-1] == 0  # 6 does not divide 1000: DDIM's last step ends at timestep 0
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_a_phased_student_is_trained_on_the_jumps_its_ddim_sampler_takes(tiny_run, prediction):
+@pytest.mark.parametrize("prediction,steps", [("epsilon", 4), ("v_prediction", 4), ("epsilon", 3), ("v_prediction", 7)])
+def test_a_phased_student_is_trained_on_the_jumps_its_ddim_sampler_takes(tiny_run, prediction, steps):
     """The phased consistency function f(x, t -> end) is exactly what the saved DDIMScheduler's step computes from
     the same network output, for every phase (so training and sampling agree), and a teacher step that reaches the
     phase's end is its own target."""
     from meddiff.data.spec import load_dataset
     from meddiff.training.methods.distill import ConsistencyDistillation
 
-    config = _distill_config(tiny_run, "unused", consistency="phased", steps=4)
+    config = _distill_config(tiny_run, "unused", consistency="phased", steps=steps)
     method = ConsistencyDistillation(config, load_dataset(config.data, 32))
     method.prediction = prediction
     method.teacher.scheduler.register_to_config(prediction_type=prediction)
     sampler = method.student_scheduler()
     assert type(sampler).__name__ == "DDIMScheduler" and sampler.config.prediction_type == prediction
-    assert 749 in method.grid.tolist() and 19 in method.grid.tolist()  # phase starts are training points
-    sampler.set_timesteps(4)
+    assert set(method.phase_starts.tolist()) <= set(method.grid.tolist())  # phase starts are training points
+    sampler.set_timesteps(steps)
     g = torch.Generator().manual_seed(2)
     labels = torch.zeros(1, 2 * len(method.codec.label_names))
     cond = {"class_labels": labels, "encoder_hidden_states": None}
@@ -227,6 +229,13 @@ def test_a_phased_student_is_trained_on_the_jumps_its_ddim_sampler_takes(tiny_ru
             out = method.student(x, t, timestep_cond=w, **cond).sample
             expected = sampler.step(out, start, x).prev_sample
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        # every training point's phase ends where the sampler's step from that phase's start lands
+        t_hi = method.grid
+        starts = method.phase_starts
+        end = method.phase_ends[(starts.view(1, -1) >= t_hi.view(-1, 1)).sum(1) - 1]
+        for t, e in zip(t_hi.tolist(), end.tolist()):
+            start = min(s for s in starts.tolist() if s >= t)  # the phase t lies in
+            assert e == max(start - 1000 // steps, -1) and e < t
     # the loss is finite and trains the student (the guidance input included)
     method.student.zero_grad()
     loss = method.loss(method.student, method.batch(torch.arange(8), "cpu"), torch.Generator().manual_seed(0))
@@ -278,8 +287,12 @@ def test_a_phased_student_samples_deterministically_in_its_steps(tiny_run, tmp_p
     hook.remove()
     assert seen == [(2, 999), (2, 499)]  # two evaluations per image at the phase starts, guidance embedded
     assert images.shape == (2, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
-    again = sample(pipe, conditions, SamplingSettings(steps=2, guidance=2.0, precision="fp32", seed=0), progress=False)
-    assert np.abs(again - images).max() < 1e-5  # deterministic: the same seeds give the same images
+    # asked for another step count (generate's default 20), it still samples in its own two
+    seen.clear()
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape[0], int(args[1]))))
+    again = sample(pipe, conditions, SamplingSettings(steps=20, guidance=2.0, precision="fp32"), progress=False)
+    hook.remove()
+    assert seen == [(2, 999), (2, 499)] and np.abs(again - images).max() < 1e-5
     with pytest.raises(MeddiffError, match="already distilled"):
         from meddiff.training.methods.distill import distillable
 

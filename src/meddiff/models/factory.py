@@ -155,8 +155,10 @@ def make_sampler(name: str, train_config, clip: bool = True, phased: bool = Fals
         raise MeddiffError(
             "scheduler 'heun' is for flow-matching models (objective flow); for this model use dpm++, unipc or euler"
         )
-    if name == "ddim":
-        return DDIMScheduler.from_config(train_config, clip_sample=clip, set_alpha_to_one=True)
+    if name == "ddim":  # trailing: the first step starts at the last timestep (pure noise), whatever the step count
+        return DDIMScheduler.from_config(
+            train_config, clip_sample=clip, set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=0
+        )
     if name == "pndm":
         return PNDMScheduler.from_config(train_config, skip_prk_steps=True)
     if name == "ddpm":

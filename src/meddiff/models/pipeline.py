@@ -206,7 +206,7 @@ class MedDiffusionPipeline(DiffusionPipeline):
         prompt: str | list | None = None,
         negative_prompt: str | list | None = None,
         num_images: int | None = None,
-        num_inference_steps: int = 20,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 2.0,
         generator: torch.Generator | list | None = None,
         output_type: str = "np",
@@ -220,7 +220,10 @@ class MedDiffusionPipeline(DiffusionPipeline):
 
         init_images ((N, 1, H, W) in [0, 1]) with strength s in (0, 1]: start from those images noised to the
         timestep a fraction s into the schedule and denoise from there (image-to-image; the privacy gate's
-        model-made near-copies). The schedule keeps its `num_inference_steps` spacing, so about s x that many run."""
+        model-made near-copies). The schedule keeps its `num_inference_steps` spacing, so about s x that many run.
+        num_inference_steps defaults to a phased student's own step count, else 20."""
+        if num_inference_steps is None:
+            num_inference_steps = self.phased_steps or 20
         if isinstance(prompt, str):
             prompt = [prompt]
         if prompt is not None and not self.supports_prompts:

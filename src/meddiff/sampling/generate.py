@@ -5,6 +5,7 @@ comes out whatever the batch size or however the work is split across processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,9 +98,11 @@ def sample(
     elif prompts is not None and any(prompts):
         raise MeddiffError("this model is not text-conditioned; it takes labels, not prompts")
     phased = pipe.phased_steps
-    if phased and settings.steps != phased and getattr(pipe, "_phased_warned", None) != settings.steps:
-        logger.warning("this student was distilled for %d steps (phased); sampling it in %d", phased, settings.steps)
-        pipe._phased_warned = settings.steps  # once per pipeline and step count
+    if phased and settings.steps != phased:  # a phased student knows only its own grid: it samples in its steps
+        if getattr(pipe, "_phased_told", None) != settings.steps:
+            logger.info("a phased student samples in its own %d steps (asked for %d)", phased, settings.steps)
+            pipe._phased_told = settings.steps  # once per pipeline and step count
+        settings = dataclasses.replace(settings, steps=phased)
     pipe.scheduler = make_sampler(
         settings.scheduler, pipe.scheduler.config, clip=not pipe.is_latent, phased=bool(phased)
     )

@@ -88,12 +88,11 @@ def distillable(pipe) -> None:
 
 def phase_grid(sampler: Any, steps: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(starts, ends) of the phases of a phased student: the timesteps its DDIM sampler evaluates at `steps` steps,
-    and where each of its steps lands (the next start; after the last, what DDIM's step rule gives, -1 for the clean
-    image)."""
+    and where DDIMScheduler.step lands from each (start - total // steps: the next start when `steps` divides
+    `total`, one timestep off it otherwise; -1, the clean image, or 0 after the last)."""
     sampler.set_timesteps(steps)
     starts = sampler.timesteps.long()
-    last = starts[-1:] - total // steps
-    return starts, torch.cat([starts[1:], last.clamp(min=-1)])
+    return starts, (starts - total // steps).clamp(min=-1)
 
 
 def consistency_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,8 +263,8 @@ class ConsistencyDistillation(TrainingMethod):
         t_hi = self.grid[pick].to(device)
         end = None
         if self.phased:  # the phase t_hi lies in ends at `end`; the teacher's step stops there at the latest
-            ends = self.phase_ends.to(device)
-            end = ends[(ends.view(1, -1) >= t_hi.view(-1, 1)).sum(1)]  # ends descend: the first one below t_hi
+            starts = self.phase_starts.to(device)  # descending: t_hi's phase is the last start at or above it
+            end = self.phase_ends.to(device)[(starts.view(1, -1) >= t_hi.view(-1, 1)).sum(1) - 1]
             t_lo = torch.maximum(t_hi - self.skip, end)
         else:
             t_lo = (t_hi - self.skip).clamp(min=0)
@@ -304,7 +303,7 @@ class ConsistencyDistillation(TrainingMethod):
 
     def student_scheduler(self) -> LCMScheduler | DDIMScheduler:
         """How the student samples: LCMScheduler, or for a phased student DDIM (eta 0) on a trailing grid, whose
-        d.steps timesteps are the phases' starts and whose last step ends at the clean image."""
+        d.steps timesteps are the phases' starts (phase_grid says where each step lands)."""
         if self.config.distill.consistency == "phased":
             accepted = inspect.signature(DDIMScheduler.__init__).parameters
             schedule = {k: v for k, v in self.train_scheduler.config.items() if k in accepted}
@@ -404,9 +403,9 @@ def fused_copy(model: torch.nn.Module) -> UNet2DConditionModel:
 
 
 def save_lora_adapter(model: torch.nn.Module, folder: Path, scheduler: LCMScheduler | DDIMScheduler) -> Path:
-    """The adapter alone in diffusers' LoRA format (pytorch_lora_weights.safetensors) with the LCMScheduler to
-    sample it with: `pipe.load_lora_weights(folder)`; `pipe.scheduler = LCMScheduler.from_pretrained(folder,
-    subfolder="scheduler")` over the teacher."""
+    """The adapter alone in diffusers' LoRA format (pytorch_lora_weights.safetensors) with the scheduler to sample it
+    with: `pipe.load_lora_weights(folder)`; `pipe.scheduler = LCMScheduler.from_pretrained(folder,
+    subfolder="scheduler")` over the teacher (DDIMScheduler for a phased student)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 

@@ -65,12 +65,8 @@ ROWS = [
     ("distilled 1", "student", "lcm", 1),
     ("distilled 2", "student", "lcm", 2),
     ("distilled 4", "student", "lcm", 4),
-    (
-        "phased 2",
-        "phased2",
-        "ddim",
-        2,
-    ),  # phased consistency students (--distill.consistency phased), one per step count
+    # phased consistency students (--distill.consistency phased), one per step count
+    ("phased 2", "phased2", "ddim", 2),
     ("phased 4", "phased4", "ddim", 4),
     ("LCM-LoRA 2", "lora_student", "lcm", 2),  # `meddiff distill --lora-rank 16`: sampled at guidance 1 (distilled in)
     ("LCM-LoRA 4", "lora_student", "lcm", 4),
@@ -109,7 +105,7 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
     }
     for phases in (2, 4):
         variants[f"phased{phases}"] = {**variants["student"], "distill.consistency": "phased", "distill.steps": phases}
-    students = {"student", "lora_student", "phased2", "phased4"}
+    students = {name for name, sets in variants.items() if sets.get("method") == "distill"}
     for key, value in args.student_set:  # a distillation variant: these settings on every student
         for name in students:
             variants[name][key] = value

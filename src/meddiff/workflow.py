@@ -211,6 +211,7 @@ def distill_and_report(config: TrainConfig, progress: bool = True) -> RunSummary
 
     from meddiff.models.storage import resolve_model_dir, run_directory
     from meddiff.training.config import load_config
+    from meddiff.training.methods.distill import distillation_method, student_sampler_name
 
     d = config.distill
     if not 1 <= d.steps <= 8:
@@ -239,17 +240,9 @@ def distill_and_report(config: TrainConfig, progress: bool = True) -> RunSummary
     teacher_steps, teacher_guidance = (teacher.sample_steps, teacher.guidance) if teacher else (20, 2.0)
     distillation = DistillationSummary(
         teacher=str(run),
-        method=(
-            f"{'phased consistency (PCM)' if d.consistency == 'phased' else 'LCM'}-LoRA (rank {d.lora_rank}), "
-            if d.lora_rank
-            else (
-                f"phased consistency distillation (PCM, {d.steps} phases), "
-                if d.consistency == "phased"
-                else "latent consistency distillation (LCM), "
-            )
-        )
+        method=f"{distillation_method(d.consistency, d.steps, d.lora_rank)}, "
         + ("decay-0 target" if d.target_decay == 0 else f"EMA target (decay {d.target_decay:g})"),
-        sampler="DDIMScheduler (eta 0, trailing timesteps)" if d.consistency == "phased" else "LCMScheduler",
+        sampler=student_sampler_name(d.consistency),
         network_evaluations_per_image=d.steps,
         teacher_network_evaluations_per_image=evaluations_per_image("dpm++", teacher_steps, teacher_guidance),
         solver_steps=d.solver_steps,

@@ -42,7 +42,7 @@ from diffusers import DDIMScheduler, LCMScheduler, UNet2DConditionModel
 from meddiff.conditioning.labels import LabelCodec
 from meddiff.conditioning.text import PromptCache
 from meddiff.errors import MeddiffError
-from meddiff.models.factory import is_flow_schedule
+from meddiff.models.factory import is_flow_schedule, make_sampler
 from meddiff.models.pipeline import guidance_embedding
 from meddiff.models.stable_diffusion import to_rgb
 from meddiff.models.storage import PIPELINE_DIR, load_pipeline, save_pipeline
@@ -84,6 +84,21 @@ def distillable(pipe) -> None:
         raise MeddiffError(f"cannot distil a model with scheduler {type(pipe.scheduler).__name__}")
     if not isinstance(pipe.unet, UNet2DConditionModel):
         raise MeddiffError("distil takes 2D meddiff models (pixel or latent diffusion); this is not one")
+
+
+def student_sampler_name(consistency: str) -> str:
+    """The diffusers scheduler a student samples with (named in its card, metrics.json and meddiff_distill.json)."""
+    return "DDIMScheduler (eta 0, trailing timesteps)" if consistency == "phased" else "LCMScheduler"
+
+
+def distillation_method(consistency: str, steps: int, lora_rank: int) -> str:
+    """What the student is, in words: LCM or phased consistency, whole U-Net or LoRA adapters."""
+    phased = consistency == "phased"
+    if lora_rank:
+        return f"{'PCM' if phased else 'LCM'}-LoRA (rank {lora_rank})"
+    return (
+        f"phased consistency distillation (PCM, {steps} phases)" if phased else "latent consistency distillation (LCM)"
+    )
 
 
 def phase_grid(sampler: Any, steps: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,13 +276,12 @@ class ConsistencyDistillation(TrainingMethod):
         noise = torch.randn(x0.shape, generator=generator).to(device)
         pick = torch.randint(0, len(self.grid), (b,), generator=generator)
         t_hi = self.grid[pick].to(device)
+        t_lo = t_hi - self.skip  # -1: the clean image (consistency() reads t < 0 as 0, where f(x) = x)
         end = None
         if self.phased:  # the phase t_hi lies in ends at `end`; the teacher's step stops there at the latest
             starts = self.phase_starts.to(device)  # descending: t_hi's phase is the last start at or above it
             end = self.phase_ends.to(device)[(starts.view(1, -1) >= t_hi.view(-1, 1)).sum(1) - 1]
-            t_lo = torch.maximum(t_hi - self.skip, end)
-        else:
-            t_lo = (t_hi - self.skip).clamp(min=0)
+            t_lo = torch.maximum(t_lo, end)
         w = d.guidance_min + (d.guidance_max - d.guidance_min) * torch.rand(b, generator=generator)
         w_embedding = guidance_embedding(w, d.guidance_dim).to(device)
         abar_hi = self.abar[t_hi].view(-1, 1, 1, 1)
@@ -280,11 +294,7 @@ class ConsistencyDistillation(TrainingMethod):
             x0_c, eps_c = x0_and_eps(out[b:], x_hi, abar_hi, self.prediction)
             scale = w.to(device).view(-1, 1, 1, 1)
             x0_g, eps_g = x0_u + scale * (x0_c - x0_u), eps_u + scale * (eps_c - eps_u)
-            if self.phased:
-                abar_lo = self.abar_at(t_lo)
-            else:
-                abar_lo = torch.where(t_hi - self.skip >= 0, self.abar[t_lo], torch.ones_like(self.abar[t_lo]))
-                abar_lo = abar_lo.view(-1, 1, 1, 1)
+            abar_lo = self.abar_at(t_lo)
             x_lo = abar_lo.sqrt() * x0_g + (1 - abar_lo).sqrt() * eps_g
             net = self.target if self.target is not None else model
             target = self.consistency(net, x_lo, t_lo, cond, w_embedding, end)
@@ -304,18 +314,8 @@ class ConsistencyDistillation(TrainingMethod):
     def student_scheduler(self) -> LCMScheduler | DDIMScheduler:
         """How the student samples: LCMScheduler, or for a phased student DDIM (eta 0) on a trailing grid, whose
         d.steps timesteps are the phases' starts (phase_grid says where each step lands)."""
-        if self.config.distill.consistency == "phased":
-            accepted = inspect.signature(DDIMScheduler.__init__).parameters
-            schedule = {k: v for k, v in self.train_scheduler.config.items() if k in accepted}
-            schedule.update(
-                prediction_type=self.prediction,
-                timestep_spacing="trailing",
-                steps_offset=0,
-                set_alpha_to_one=True,
-                clip_sample=self.x0_clip is not None,
-                clip_sample_range=self.x0_clip or 1.0,
-            )
-            return DDIMScheduler(**schedule)
+        if self.config.distill.consistency == "phased":  # meddiff's DDIM sampler of the teacher's schedule
+            return make_sampler("ddim", self.train_scheduler.config, clip=self.x0_clip is not None)
         accepted = inspect.signature(LCMScheduler.__init__).parameters
         schedule = {k: v for k, v in self.train_scheduler.config.items() if k in accepted}
         schedule.update(
@@ -351,10 +351,9 @@ class ConsistencyDistillation(TrainingMethod):
             "teacher_prediction": self.prediction,
             "solver_steps": d.solver_steps,
             "guidance_range": [d.guidance_min, d.guidance_max],
-            "method": ("phased consistency distillation" if self.phased else "latent consistency distillation")
-            + (f" (LoRA rank {self.lora_rank})" if self.lora_rank else ""),
+            "method": distillation_method(d.consistency, d.steps, self.lora_rank),
             "consistency": d.consistency,
-            "sampler": "DDIM (eta 0), trailing timesteps" if self.phased else "LCM",
+            "sampler": student_sampler_name(d.consistency),
             "lora_rank": self.lora_rank,
             "sampling_guidance": 1.0 if self.lora_rank else "any scale in the guidance range, one evaluation per step",
         }

@@ -209,13 +209,14 @@ def evaluate_row(pipe, sampler, steps, n, seeds, guidance, ctx, parts: Path | No
                 part, probs=probs[-1], fid=fids[-1], kid=kids[-1], precision=precision[-1], recall=recall[-1],
                 ssim=ssims[-1], copies=copies[-1], nfe=nfe[-1], seconds=seconds - started,
             )  # fmt: skip
-    aucs = []
-    for j in range(labels.shape[1]):
+    aucs, per_label = [], {}
+    for j, name in enumerate(ctx["codec"].label_names):
         keep = known[:, j].numpy().astype(bool)
         y = labels[keep, j].numpy()
         got = bootstrap_auc([p[keep, j] for p in probs], y)
         if got is not None:
             aucs.append(got)
+            per_label[name] = round(float(got[0]), 4)
     fidelity = [float(np.mean([a[k] for a in aucs])) for k in range(3)] if aucs else [None] * 3
     return {
         "nfe": round(float(np.mean(nfe)), 2),
@@ -225,6 +226,7 @@ def evaluate_row(pipe, sampler, steps, n, seeds, guidance, ctx, parts: Path | No
         "img_per_s": round(n * len(seeds) / seconds, 1),
         "fidelity_auc": round(fidelity[0], 4) if fidelity[0] is not None else None,
         "fidelity_ci": [round(v, 4) for v in fidelity[1:]] if fidelity[1] is not None else None,
+        "fidelity_per_label": per_label,  # which findings a row loses
         "domain_fid": round(float(np.mean(fids)), 3),
         "fid_range": [round(min(fids), 3), round(max(fids), 3)],
         "kid": round(float(np.mean(kids)), 5),

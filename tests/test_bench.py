@@ -539,6 +539,10 @@ def test_few_step_bench_counts_evaluations_and_writes_json(tmp_path, phantom_dir
     # except the last, the distilled student takes the guidance scale as an input
     assert rows["DPM++ 4"]["nfe"] == 8 and rows["flow Heun 4"]["nfe"] == 14 and rows["distilled 2"]["nfe"] == 2
     assert all(0 <= r["near_copy_rate"] <= 1 and r["domain_fid"] >= 0 and r["img_per_s"] > 0 for r in rows.values())
+    for r in rows.values():  # the mean fidelity is the mean of the findings scored
+        per = r["fidelity_per_label"]
+        assert all(0 <= v <= 1 for v in per.values()) and (r["fidelity_auc"] is None) == (not per)
+        assert not per or r["fidelity_auc"] == pytest.approx(sum(per.values()) / len(per), abs=1e-3)
     assert (tmp_path / "f.png").is_file()
 
 

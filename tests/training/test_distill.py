@@ -97,6 +97,10 @@ def test_student_starts_as_the_teacher(tiny_run):
     scheduler = method.student_scheduler()
     assert scheduler.config.prediction_type == method.teacher.scheduler.config["prediction_type"]
     assert scheduler.config.clip_sample and scheduler.config.clip_sample_range == 1.0
+    # LCM's teacher steps: one solver interval down the uniform grid, the last to the clean image
+    every = torch.arange(len(method.grid))
+    assert method.teacher_step_to(every).tolist() == (method.grid - method.skip).tolist()
+    assert method.teacher_step_to(every)[0] == -1
 
 
 def test_an_ema_target_network_trails_the_student_and_resumes_exactly(tiny_run, tmp_path):
@@ -201,20 +205,27 @@ def test_phase_grid_is_the_students_own_ddim_grid():
     assert ends[-1] == 0  # 6 does not divide 1000: DDIM's last step ends at timestep 0
 
 
-@pytest.mark.parametrize("prediction,steps", [("epsilon", 4), ("v_prediction", 4), ("epsilon", 3), ("v_prediction", 7)])
-def test_a_phased_student_is_trained_on_the_jumps_its_ddim_sampler_takes(tiny_run, prediction, steps):
+@pytest.mark.parametrize(
+    "prediction,steps,clip",
+    [("epsilon", 4, True), ("v_prediction", 4, True), ("epsilon", 3, True), ("v_prediction", 7, True),
+     ("epsilon", 4, False)],
+)  # fmt: skip
+def test_a_phased_student_is_trained_on_the_jumps_its_ddim_sampler_takes(tiny_run, prediction, steps, clip):
     """The phased consistency function f(x, t -> end) is exactly what the saved DDIMScheduler's step computes from
     the same network output, for every phase (so training and sampling agree), and a teacher step that reaches the
-    phase's end is its own target."""
+    phase's end is its own target. clip False: a latent model's student (no fixed data range, nothing clipped)."""
     from meddiff.data.spec import load_dataset
     from meddiff.training.methods.distill import ConsistencyDistillation
 
     config = _distill_config(tiny_run, "unused", consistency="phased", steps=steps)
     method = ConsistencyDistillation(config, load_dataset(config.data, 32))
     method.prediction = prediction
+    if not clip:
+        method.x0_clip = None  # as for a latent teacher
     method.teacher.scheduler.register_to_config(prediction_type=prediction)
     sampler = method.student_scheduler()
     assert type(sampler).__name__ == "DDIMScheduler" and sampler.config.prediction_type == prediction
+    assert sampler.config.clip_sample == clip
     assert set(method.phase_starts.tolist()) <= set(method.grid.tolist())  # phase starts are training points
     sampler.set_timesteps(steps)
     g = torch.Generator().manual_seed(2)
@@ -233,9 +244,12 @@ def test_a_phased_student_is_trained_on_the_jumps_its_ddim_sampler_takes(tiny_ru
         t_hi = method.grid
         starts = method.phase_starts
         end = method.phase_ends[(starts.view(1, -1) >= t_hi.view(-1, 1)).sum(1) - 1]
-        for t, e in zip(t_hi.tolist(), end.tolist()):
+        lands = method.teacher_step_to(torch.arange(len(t_hi)))
+        for t, e, lo in zip(t_hi.tolist(), end.tolist(), lands.tolist()):
             start = min(s for s in starts.tolist() if s >= t)  # the phase t lies in
             assert e == max(start - 1000 // steps, -1) and e < t
+            # the teacher's step is at most `skip` long and lands where the student is trained (or the clean image)
+            assert 0 < t - lo <= method.skip and (lo in t_hi.tolist() or lo == -1)
     # the loss is finite and trains the student (the guidance input included)
     method.student.zero_grad()
     loss = method.loss(method.student, method.batch(torch.arange(8), "cpu"), torch.Generator().manual_seed(0))

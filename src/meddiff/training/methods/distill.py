@@ -262,6 +262,14 @@ class ConsistencyDistillation(TrainingMethod):
         c_skip, c_out = consistency_scalings(t.clamp(min=0))
         return c_skip.view(-1, 1, 1, 1) * x.float() + c_out.view(-1, 1, 1, 1) * x0
 
+    def teacher_step_to(self, pick: torch.Tensor) -> torch.Tensor:
+        """Where the teacher's step from training point grid[pick] lands: `skip` timesteps down, or the next lower
+        training point where that is nearer (a phase start off the teacher's grid, e.g. 749 between 739 and 759), so
+        that every target is taken at a point the student is also trained at; -1 is the clean image
+        (consistency() reads t < 0 as 0, where f(x) = x). For LCM's uniform grid this is t - skip."""
+        below = torch.cat([torch.tensor([-1]), self.grid[:-1]])  # the grid ascends (arange, or torch.unique)
+        return torch.maximum(self.grid[pick] - self.skip, below[pick])
+
     def abar_at(self, t: torch.Tensor) -> torch.Tensor:
         """Cumulative alpha at timesteps t, 1 at t < 0 (the clean image: DDIM's final step, set_alpha_to_one)."""
         return torch.where(t >= 0, self.abar[t.clamp(min=0)], torch.ones_like(t, dtype=self.abar.dtype)).view(
@@ -276,7 +284,7 @@ class ConsistencyDistillation(TrainingMethod):
         noise = torch.randn(x0.shape, generator=generator).to(device)
         pick = torch.randint(0, len(self.grid), (b,), generator=generator)
         t_hi = self.grid[pick].to(device)
-        t_lo = t_hi - self.skip  # -1: the clean image (consistency() reads t < 0 as 0, where f(x) = x)
+        t_lo = self.teacher_step_to(pick).to(device)
         end = None
         if self.phased:  # the phase t_hi lies in ends at `end`; the teacher's step stops there at the latest
             starts = self.phase_starts.to(device)  # descending: t_hi's phase is the last start at or above it

@@ -17,7 +17,7 @@ Each row draws `--n` images per seed with the condition rows of the real held-ou
 - NFE per image, counted by a hook on the U-Net (rows it saw / images), so guidance's second pass is counted;
 - s/image and img/s (batch 128, this machine's default precision);
 - label fidelity: the real-trained domain classifier's AUC on the generated images, mean over seeds, with a 95 %
-  bootstrap interval over condition rows;
+  bootstrap interval over condition rows, and per finding (`fidelity_per_label`: which findings a row loses);
 - domain FID and KID against the real held-out split (mean and range over seeds) next to the real train-vs-test
   FID at the same count; precision and recall (k-NN manifolds, k = 5);
 - diversity: mean pairwise SSIM between generated images (real held-out images: the reference);

@@ -250,9 +250,29 @@ def test_a_phased_student_is_trained_on_the_jumps_its_ddim_sampler_takes(tiny_ru
             assert e == max(start - 1000 // steps, -1) and e < t
             # the teacher's step is at most `skip` long and lands where the student is trained (or the clean image)
             assert 0 < t - lo <= method.skip and (lo in t_hi.tolist() or lo == -1)
-    # the loss is finite and trains the student (the guidance input included)
-    method.student.zero_grad()
-    loss = method.loss(method.student, method.batch(torch.arange(8), "cpu"), torch.Generator().manual_seed(0))
+    # the loss is finite and trains the student (the guidance input included); its targets are taken at training
+    # points, the clean image or a phase's end (where the teacher's step is the target itself)
+    calls = []
+    evaluate = method.consistency
+
+    def recorded(net, x, t, *args):
+        calls.append((t.clone(), args[-1].clone()))
+        return evaluate(net, x, t, *args)
+
+    method.consistency = recorded
+    uniform = set((torch.arange(1, config.distill.solver_steps + 1) * method.skip - 1).tolist())
+    off_grid = set(method.phase_starts.tolist()) - uniform  # phase starts between the teacher's grid points
+    trained = set(method.grid.tolist()) | {-1}
+    for seed in range(50):  # until a batch has drawn an off-grid start (the case a plain t - skip gets wrong)
+        calls.clear()
+        method.student.zero_grad()
+        loss = method.loss(method.student, method.batch(torch.arange(8), "cpu"), torch.Generator().manual_seed(seed))
+        (t_target, end), (t_prediction, _) = calls
+        assert set(t_prediction.tolist()) <= set(method.grid.tolist()) and (t_target < t_prediction).all()
+        assert all(t in trained or t == e for t, e in zip(t_target.tolist(), end.tolist()))
+        if off_grid & set(t_prediction.tolist()):
+            break
+    assert off_grid & set(t_prediction.tolist())
     loss.backward()
     assert torch.isfinite(loss) and loss > 0
     assert method.student.time_embedding.cond_proj.weight.grad.abs().sum() > 0

@@ -2,8 +2,9 @@
 trained meddiff teacher by latent-consistency distillation (LCM, Luo et al. 2023), guidance included.
 
 Each step draws a training image x0, a solver interval (t_lo, t_hi) of the teacher's `solver_steps`-point DDIM
-grid and a guidance scale w; noises x0 to x_hi; lets the frozen teacher take one guided DDIM step x_hi -> x_lo
-(a conditional and an unconditional pass); and trains the student so that its consistency function
+grid (for a phased student, t_lo is the next lower training point, which includes the phase starts: see
+teacher_step_to) and a guidance scale w; noises x0 to x_hi; lets the frozen teacher take one guided DDIM step
+x_hi -> x_lo (a conditional and an unconditional pass); and trains the student so that its consistency function
 f(x, t, w) = c_skip(t) x + c_out(t) x0_hat(x, t, w) gives the same clean image from x_hi as from x_lo. The target
 f(x_lo) comes by default from the student itself with the gradient stopped (decay-0 target network, as improved
 consistency training recommends), so there is no second copy of the weights to keep; `distill.target_decay` > 0
@@ -268,6 +269,8 @@ class ConsistencyDistillation(TrainingMethod):
         that every target is taken at a point the student is also trained at; -1 is the clean image
         (consistency() reads t < 0 as 0, where f(x) = x). For LCM's uniform grid this is t - skip."""
         below = torch.cat([torch.tensor([-1]), self.grid[:-1]])  # the grid ascends (arange, or torch.unique)
+        # the training points include the uniform grid, so `below` is never more than `skip` down; the maximum only
+        # matters for a grid without it (a test's single point)
         return torch.maximum(self.grid[pick] - self.skip, below[pick])
 
     def abar_at(self, t: torch.Tensor) -> torch.Tensor:

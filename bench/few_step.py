@@ -65,6 +65,7 @@ ROWS = [
     ("distilled 1", "student", "lcm", 1),
     ("distilled 2", "student", "lcm", 2),
     ("distilled 4", "student", "lcm", 4),
+    ("distilled 8", "student", "lcm", 8),  # past issue 22's 2-4 NFE: where the student meets its teacher
     # phased consistency students (--distill.consistency phased), one per step count
     ("phased 2", "phased2", "ddim", 2),
     ("phased 4", "phased4", "ddim", 4),

@@ -81,9 +81,14 @@ def test_latents_are_scaled_by_the_measured_factor(autoencoders, data):
     assert 0.7 < float(z.std()) < 1.3  # unit variance on the training data
 
 
-def test_latents_are_encoded_once_and_match_the_autoencoder(autoencoders, data, monkeypatch):
+def test_latents_are_encoded_once_and_match_the_autoencoder(autoencoders, data, monkeypatch, tmp_path):
     from meddiff.models.autoencoder import encode_moments, load_autoencoder
     from meddiff.training import latent_cache
+
+    # a cache of its own: other tests on this worker may already have stored latents of an identical (seeded,
+    # deterministic) VQ autoencoder under the same key, which made "another autoencoder is another key" pass or fail
+    # with the order the tests ran in
+    monkeypatch.setenv("MEDDIFF_CACHE", str(tmp_path / "cache"))
 
     first = LatentDiffusion(_latent("unused", autoencoders["kl"], "none"), data)
     mean, std = encode_moments(load_autoencoder(autoencoders["kl"]), data.images[:8])

@@ -10,8 +10,9 @@ Models (trained once, reused from --workdir): the teacher (the recipe as is: eps
 model (`model.objective: flow`, everything else equal) trained for the same steps, and a student distilled from
 the teacher (`meddiff distill`), and for the LCM-LoRA rows an adapter student (`meddiff distill --lora-rank 16`,
 sampled at guidance 1, its guidance distilled in), and for the phased rows phased-consistency students
-(`meddiff distill --distill.consistency phased --steps 2|4`, deterministic DDIM on their own grid); training
-minutes are reported per row, a student's including its teacher's.
+(`meddiff distill --distill.consistency phased --steps 2|4`, deterministic DDIM on their own grid), and
+for the adversarial rows an LCM student that also learns against a label-conditioned patch discriminator
+(`--adversarial-weight 0.5`); training minutes are reported per row, a student's including its teacher's.
 
 Each row draws `--n` images per seed with the condition rows of the real held-out split (cycled), and reports:
 - NFE per image, counted by a hook on the U-Net (rows it saw / images), so guidance's second pass is counted;
@@ -69,10 +70,14 @@ ROWS = [
     # phased consistency students (--distill.consistency phased), one per step count
     ("phased 2", "phased2", "ddim", 2),
     ("phased 4", "phased4", "ddim", 4),
+    # LCM with an adversarial loss on its clean estimates (--adversarial-weight): fine texture at 2-4 steps
+    ("adversarial 2", "adversarial", "lcm", 2),
+    ("adversarial 4", "adversarial", "lcm", 4),
     ("LCM-LoRA 2", "lora_student", "lcm", 2),  # `meddiff distill --lora-rank 16`: sampled at guidance 1 (distilled in)
     ("LCM-LoRA 4", "lora_student", "lcm", 4),
 ]
 LORA_RANK = 16
+ADVERSARIAL_WEIGHT = 0.5  # the adversarial gradient at the U-Net's output layer: half the consistency loss's
 
 
 def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
@@ -104,6 +109,7 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
             "lr_schedule": "cosine",
         },
     }
+    variants["adversarial"] = {**variants["student"], "distill.adversarial_weight": ADVERSARIAL_WEIGHT}
     for phases in (2, 4):
         variants[f"phased{phases}"] = {**variants["student"], "distill.consistency": "phased", "distill.steps": phases}
     students = {name for name, sets in variants.items() if sets.get("method") == "distill"}

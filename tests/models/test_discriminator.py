@@ -27,3 +27,21 @@ def test_hinge_losses_match_their_closed_forms():
     assert discriminator_hinge_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 3 + 3.5 / 3))
     assert discriminator_hinge_loss(torch.full((4,), 3.0), torch.full((4,), -3.0)).item() == 0.0  # confident: no loss
     assert generator_adversarial_loss(fake).item() == pytest.approx(0.5 / 3)  # -mean(fake)
+
+
+def test_a_conditional_discriminator_judges_the_image_under_its_condition():
+    from meddiff.models.discriminator import patch_layers
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(in_channels=1, width=8, layers=2, condition_dim=3)
+    torch.nn.init.normal_(disc.embed.weight)
+    x = torch.randn(2, 1, 32, 32)
+    a = disc(x, torch.tensor([[1.0, 0, 0], [1.0, 0, 0]]))
+    b = disc(x, torch.tensor([[0.0, 1, 0], [1.0, 0, 0]]))
+    assert a.shape == (2, 1, 8, 8)
+    assert not torch.allclose(a[0], b[0]) and torch.equal(a[1], b[1])  # only the image whose condition changed
+    # no condition (all zeros) adds nothing: the unconditional patch logits of the same network
+    torch.testing.assert_close(disc(x, torch.zeros(2, 3)), disc.net(x))
+    with pytest.raises(ValueError, match="conditional"):
+        disc(x)
+    assert [patch_layers(s) for s in (8, 16, 32, 64, 256)] == [1, 2, 3, 3, 3]  # grids of 4x4 patches or more

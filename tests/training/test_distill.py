@@ -605,3 +605,62 @@ def test_a_teacher_with_a_text_encoder_adapter_is_one_line():
     with pytest.raises(MeddiffError, match="LoRA adapter on its text encoder"):
         fuse_adapters(pipe)
     fuse_adapters(SimpleNamespace(text_encoder=SimpleNamespace(), unet=SimpleNamespace()))  # nothing to fuse
+
+
+def test_an_adversarial_student_trains_a_conditional_discriminator_and_resumes_exactly(tiny_run, tmp_path):
+    """adversarial_weight > 0: the discriminator (conditioned on the teacher's labels) judges the student's clean
+    estimates, its step follows the student's, the adversarial term is scaled to `adversarial_weight` of the
+    consistency gradient at the last trainable weight, and the discriminator is checkpointed with the run."""
+    from accelerate import Accelerator
+
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.loop import train
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    config = _distill_config(tiny_run, "unused", adversarial_weight=0.5)
+    method = ConsistencyDistillation(config, load_dataset(config.data, 32))
+    method.setup(Accelerator(cpu=True))
+    disc = method.discriminator
+    assert disc.embed is not None and disc.embed.in_features == method.codec.dim  # conditioned by projection
+    batch = {**method.batch(torch.arange(8), "cpu"), "step": 0}
+    loss = method.loss(method.student, batch, torch.Generator().manual_seed(0))
+    m = method.metrics
+    assert set(m) >= {"consistency", "adversarial", "adversarial_scale"}
+    torch.testing.assert_close(loss.detach(), m["consistency"] + m["adversarial_scale"] * m["adversarial"])
+    assert all(p.grad is None for p in method.student.parameters())  # the scale's gradients left .grad alone
+    # the scale: 0.5 x |grad consistency| / |grad adversarial| at the last trainable weight, the output convolution
+    last = method.student.conv_out.weight
+    assert last is [p for p in method.student.parameters() if p.requires_grad and p.dim() > 1][-1]
+    scale = method.adversarial_scale(method.student, 6 * last.sum(), -2 * last.sum())  # gradient norms 6 : 2
+    assert float(scale) == pytest.approx(0.5 * 3) and last.grad is None
+    before = [p.detach().clone() for p in disc.parameters()]
+    method.after_step(method.student, batch, torch.Generator(), 0)
+    assert "discriminator" in method.metrics and not method._last
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))  # it took a step
+
+    data = load_dataset(config.data, 32)
+    whole = _distill_config(tiny_run, tmp_path / "whole", adversarial_weight=0.5)
+    whole.max_steps = 3
+    train(whole, data, progress=False)
+    part = _distill_config(tiny_run, tmp_path / "part", adversarial_weight=0.5)
+    part.max_steps, part.checkpoint_every = 2, 1
+    train(part, data, progress=False)
+    part.max_steps, part.resume = 3, "latest"
+    train(part, data, progress=False)
+    a, b = load_pipeline(tmp_path / "whole").unet, load_pipeline(tmp_path / "part").unet
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, msg=name)  # the discriminator resumed as well: same student at step 3
+    plain = _distill_config(tiny_run, tmp_path / "plain")
+    plain.max_steps = 3
+    train(plain, data, progress=False)
+    c = load_pipeline(tmp_path / "plain").unet
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_an_adversarial_phased_student_is_refused_in_one_line(tiny_run):
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    config = _distill_config(tiny_run, "unused", adversarial_weight=0.5, consistency="phased", steps=2)
+    with pytest.raises(MeddiffError, match="adversarial-weight is for LCM students"):
+        ConsistencyDistillation(config, load_dataset(config.data, 32))

@@ -102,6 +102,18 @@ class DistillConfig(Options):
         "sampler; it samples at guidance 1, one evaluation per step); 0: the full student",
         minimum=0,
     )
+    adversarial_weight: float = option(
+        0.0,
+        "distill, lcm: > 0 adds an adversarial loss on the student's clean-image estimates (a patch discriminator, "
+        "conditioned on the labels where the teacher has them, learns real from student images), scaled so that "
+        "its gradient at the U-Net's output layer is this fraction of the consistency loss's; restores the fine "
+        "texture that few-step students blur; 0: off",
+        minimum=0,
+    )
+    adversarial_start: int = option(
+        0, "distill: step from which the adversarial loss counts (the discriminator trains from step 0)", minimum=0
+    )
+    discriminator_lr: float = option(2e-4, "distill: the discriminator's learning rate (Adam)", above=0)
 
 
 @dataclass

@@ -77,7 +77,7 @@ ROWS = [
     ("LCM-LoRA 4", "lora_student", "lcm", 4),
 ]
 LORA_RANK = 16
-ADVERSARIAL_WEIGHT = 0.5  # the adversarial gradient at the U-Net's output layer: half the consistency loss's
+ADVERSARIAL_WEIGHT = 0.5  # the adversarial gradient at the U-Net's output: half the consistency loss's
 
 
 def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:

@@ -628,15 +628,29 @@ def test_an_adversarial_student_trains_a_conditional_discriminator_and_resumes_e
     assert set(m) >= {"consistency", "adversarial", "adversarial_scale"}
     torch.testing.assert_close(loss.detach(), m["consistency"] + m["adversarial_scale"] * m["adversarial"])
     assert all(p.grad is None for p in method.student.parameters())  # the scale's gradients left .grad alone
-    # the scale: 0.5 x |grad consistency| / |grad adversarial| at the last trainable weight, the output convolution
-    last = method.student.conv_out.weight
-    assert last is [p for p in method.student.parameters() if p.requires_grad and p.dim() > 1][-1]
-    scale = method.adversarial_scale(method.student, 6 * last.sum(), -2 * last.sum())  # gradient norms 6 : 2
-    assert float(scale) == pytest.approx(0.5 * 3) and last.grad is None
+    # the scale: 0.5 x |d consistency / d output| / |d adversarial / d output| (gradient norms 6 : 2 here)
+    output = torch.randn(2, 1, 4, 4, requires_grad=True)
+    assert float(method.adversarial_scale(output, 6 * output.sum(), -2 * output.sum())) == pytest.approx(0.5 * 3)
+    assert output.grad is None
     before = [p.detach().clone() for p in disc.parameters()]
+    method.loss(method.student, batch, torch.Generator().manual_seed(1))  # a second micro-batch of the same step
+    assert len(method._last["fake"]) == 2  # gradient accumulation: the discriminator will see both
     method.after_step(method.student, batch, torch.Generator(), 0)
     assert "discriminator" in method.metrics and not method._last
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))  # it took a step
+    # it learns in the right direction: a few steps on one batch put real logits above the student's
+    real, fake = batch_real_fake(method, batch)
+    for _ in range(5):
+        method.discriminator_step(real, fake, method.codec.encode(batch["labels"], batch["known"]))
+    c = method.codec.encode(batch["labels"], batch["known"])
+    with torch.no_grad():
+        assert float(method.judge(real, c).mean()) > float(method.judge(fake, c).mean())
+    # before adversarial_start only the consistency loss counts (the discriminator still gets its images)
+    late = ConsistencyDistillation(
+        _distill_config(tiny_run, "unused", adversarial_weight=0.5, adversarial_start=5), method.dataset
+    )
+    late.loss(late.student, {**batch, "step": 4}, torch.Generator().manual_seed(0))
+    assert "adversarial" not in late.metrics and len(late._last["fake"]) == 1
 
     data = load_dataset(config.data, 32)
     whole = _distill_config(tiny_run, tmp_path / "whole", adversarial_weight=0.5)
@@ -655,6 +669,29 @@ def test_an_adversarial_student_trains_a_conditional_discriminator_and_resumes_e
     train(plain, data, progress=False)
     c = load_pipeline(tmp_path / "plain").unet
     assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def batch_real_fake(method, batch):
+    """The batch's real images and the student's clean estimates of them (as the loss makes them)."""
+    method._last = {}
+    method.loss(method.student, batch, torch.Generator().manual_seed(2))
+    real, fake = method._last["real"][0], method._last["fake"][0]
+    method._last = {}
+    return real, fake
+
+
+def test_an_adversarial_lora_student_weighs_at_the_output_and_trains_only_adapters(tiny_run):
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    config = _distill_config(tiny_run, "unused", adversarial_weight=0.5, lora_rank=4)
+    method = ConsistencyDistillation(config, load_dataset(config.data, 32))
+    batch = {**method.batch(torch.arange(8), "cpu"), "step": 0}
+    loss = method.loss(method.student, batch, torch.Generator().manual_seed(0))
+    assert float(method.metrics["adversarial_scale"]) > 0
+    loss.backward()
+    trained = {n for n, p in method.student.named_parameters() if p.grad is not None}
+    assert trained and all("lora" in n for n in trained)  # the adversarial term reaches only the adapters
 
 
 def test_an_adversarial_phased_student_is_refused_in_one_line(tiny_run):

@@ -73,7 +73,8 @@ def load_checkpoint(accelerator, ema: EMAModel | None, path: Path) -> dict:
     if saved and prepared and saved != prepared:
         raise MeddiffError(
             f"checkpoint {path} holds {saved} network(s), this run prepares {prepared}; resume with the settings it "
-            "was saved with (e.g. --distill.target-decay, --autoencoder.adversarial-weight)"
+            "was saved with (e.g. --distill.target-decay, --distill.adversarial-weight, "
+            "--autoencoder.adversarial-weight)"
         )
     try:
         accelerator.load_state(str(path))

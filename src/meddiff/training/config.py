@@ -106,7 +106,7 @@ class DistillConfig(Options):
         0.0,
         "distill, lcm: > 0 adds an adversarial loss on the student's clean-image estimates (a patch discriminator, "
         "conditioned on the labels where the teacher has them, learns real from student images), scaled so that "
-        "its gradient at the U-Net's output layer is this fraction of the consistency loss's; restores the fine "
+        "its gradient at the U-Net's output is this fraction of the consistency loss's; aimed at the fine "
         "texture that few-step students blur; 0: off",
         minimum=0,
     )

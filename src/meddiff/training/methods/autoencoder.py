@@ -9,6 +9,7 @@ latent scaling factor is measured on the training images and written into the sa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,9 @@ class AutoencoderTraining(TrainingMethod):
             self.discriminator = accelerator.prepare_model(
                 self.discriminator, evaluation_mode=accelerator.num_processes > 1
             )
-            self.disc_optimizer = accelerator.prepare_optimizer(optimizer)
+            prepared: Any = accelerator.prepare_optimizer(optimizer)
+            prepared.scaler = None  # its loss is never fp16-scaled: its step must not unscale
+            self.disc_optimizer = prepared
 
     def _processes(self) -> int:
         accelerator = getattr(self, "accelerator", None)

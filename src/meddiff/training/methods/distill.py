@@ -33,10 +33,12 @@ al. 2023) a patch discriminator learns real training images (latents, for a late
 clean-image estimates f(x_hi), conditioned on the labels by projection where the teacher has labels, and the student
 also minimises the hinge generator loss. A consistency student sampled in 2-4 steps averages over what the teacher
 could draw and so blurs fine texture (on the phantoms: Consolidation and Pneumothorax lose label fidelity at 4
-steps); the discriminator penalises exactly that. Its weight is adaptive, as in VQGAN: the adversarial loss is
-scaled so that its gradient at the last trainable weight of the U-Net is `adversarial_weight` times the consistency
-loss's, which keeps one setting meaningful across models and losses. The discriminator (and its Adam state) is
-prepared with accelerate, so it is checkpointed and resumes exactly; it is not part of the exported pipeline."""
+steps); the discriminator penalises exactly that. Its weight is adaptive, in the manner of VQGAN's: the adversarial
+loss is scaled so that its gradient at the U-Net's output is `adversarial_weight` times the consistency loss's, which
+keeps one setting meaningful across models, students (full or LoRA) and losses. The discriminator steps once per
+optimizer step on every micro-batch of it, without the run's fp16 loss scaler (its own hinge loss is of order one).
+It and its Adam state are prepared with accelerate, so they are checkpointed and resume exactly; it is not part of the
+exported pipeline."""
 
 from __future__ import annotations
 
@@ -219,7 +221,8 @@ class ConsistencyDistillation(TrainingMethod):
         self.target: torch.nn.Module | None = None  # the EMA target network (target_decay > 0), made in setup()
         self.discriminator: Any = None  # adversarial_weight > 0: judges the student's clean-image estimates
         self.disc_optimizer: Any = None
-        self._last: dict = {}
+        self._last: dict[str, list] = {}  # the step's real images, student images and conditions (adversarial)
+        self._output: torch.Tensor | None = None
         if d.adversarial_weight > 0:
             if self.phased:
                 raise MeddiffError(
@@ -255,6 +258,9 @@ class ConsistencyDistillation(TrainingMethod):
                 self.discriminator, evaluation_mode=accelerator.num_processes > 1
             )
             self.disc_optimizer = accelerator.prepare_optimizer(optimizer)
+            # its loss is never multiplied by the run's fp16 loss scale, so its step must not divide by it (nor
+            # advance the scaler a second time per step)
+            self.disc_optimizer.scaler = None
 
     def after_step(self, model, batch, generator, step) -> None:
         """Move the target network towards the student (target_decay > 0); one discriminator step (adversarial)."""
@@ -265,7 +271,11 @@ class ConsistencyDistillation(TrainingMethod):
                     if s.requires_grad:  # frozen weights (an LCM-LoRA student's base) are the same in both
                         t.lerp_(s.detach().to(t.dtype), weight)
         if self.discriminator is not None and self._last:
-            self.discriminator_step(**self._last)
+            self.discriminator_step(
+                torch.cat(self._last["real"]),
+                torch.cat(self._last["fake"]),
+                None if self._last["condition"][0] is None else torch.cat(self._last["condition"]),
+            )
 
     def judge(self, images: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """The discriminator's patch logits for clean images (or latents) under their condition vectors."""
@@ -290,13 +300,18 @@ class ConsistencyDistillation(TrainingMethod):
         self.metrics["discriminator"] = d_loss.detach()
         self._last = {}
 
-    def adversarial_scale(self, model, consistency: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
-        """adversarial_weight x |grad consistency| / |grad adversarial| at the U-Net's last trainable weight (VQGAN's
-        adaptive weight), without gradient; the two gradients leave the parameters' .grad untouched."""
-        last = [p for p in model.parameters() if p.requires_grad and p.dim() > 1][-1]
-        g_cons = torch.autograd.grad(consistency, last, retain_graph=True)[0]
-        g_adv = torch.autograd.grad(adversarial, last, retain_graph=True)[0]
-        ratio = g_cons.float().norm() / (g_adv.float().norm() + 1e-8)
+    def adversarial_scale(
+        self, output: torch.Tensor, consistency: torch.Tensor, adversarial: torch.Tensor
+    ) -> torch.Tensor:
+        """adversarial_weight x |d consistency / d output| / |d adversarial / d output| at the U-Net's output (an
+        adaptive weight in VQGAN's manner; the same place for full and LoRA students), without gradient; the
+        parameters' .grad is left untouched. Under fp16 both losses are first multiplied by the run's loss scale (the
+        ratio ignores it) so that neither gradient underflows."""
+        scaler = getattr(self.accelerator, "scaler", None) if self.accelerator is not None else None
+        factor = float(scaler.get_scale()) if scaler is not None else 1.0
+        g_cons = torch.autograd.grad(consistency * factor, output, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(adversarial * factor, output, retain_graph=True)[0]
+        ratio = g_cons.float().norm() / (g_adv.float().norm() + 1e-12)
         return (self.config.distill.adversarial_weight * ratio).clamp(max=1e4).detach()
 
     def batch_source(self):
@@ -325,9 +340,11 @@ class ConsistencyDistillation(TrainingMethod):
         self, model, x: torch.Tensor, t: torch.Tensor, cond: dict, w_embedding: torch.Tensor, end=None
     ) -> torch.Tensor:
         """The student's clean-image estimate f(x, t, w) (an LCM-LoRA student has no guidance input: f(x, t)); for a
-        phased student (`end` given) its DDIM jump from x at t to the end of the phase, as its sampler takes it."""
+        phased student (`end` given) its DDIM jump from x at t to the end of the phase, as its sampler takes it. The
+        network's own output is kept in self._output (the adversarial weight is measured there)."""
         extra = {} if self.lora_rank else {"timestep_cond": w_embedding}
         out = model(x, t.clamp(min=0), **extra, **cond).sample.float()
+        self._output = out
         abar = self.abar[t.clamp(min=0)].view(-1, 1, 1, 1)
         x0, eps = x0_and_eps(out, x.float(), abar, self.prediction)
         if self.x0_clip is not None:
@@ -387,6 +404,8 @@ class ConsistencyDistillation(TrainingMethod):
             if end is not None:  # a teacher step that reached the phase's end is the target itself
                 target = torch.where((t_lo == end).view(-1, 1, 1, 1), x_lo, target)
         prediction = self.consistency(model, x_hi, t_hi, cond, w_embedding, end)
+        output = self._output
+        assert output is not None
         if end is not None and d.phase_loss == "clean":  # the phase ends' images compared in clean-image units
             scale = self.abar_at(end).sqrt()
             prediction, target = prediction / scale, target / scale
@@ -400,15 +419,17 @@ class ConsistencyDistillation(TrainingMethod):
             return loss
         # an LCM student's f(x_hi) is its clean-image estimate (c_skip ~ 0 away from t = 0): what it outputs when
         # sampling; the discriminator steps on this batch after the student's optimizer step (after_step)
+        # (every micro-batch of a gradient-accumulation step is kept; after_step empties the list)
         condition = cond["class_labels"]
-        self._last = {"real": x0.detach(), "fake": prediction.detach(), "condition": condition}
+        for key, value in (("real", x0.detach()), ("fake", prediction.detach()), ("condition", condition)):
+            self._last.setdefault(key, []).append(value)
         self.metrics["consistency"] = loss.detach()
         if int(batch.get("step", 0)) < d.adversarial_start:
             return loss
         self.discriminator.requires_grad_(False)
         adversarial = generator_adversarial_loss(self.judge(prediction, condition).float())
         self.discriminator.requires_grad_(True)
-        scale = self.adversarial_scale(model, loss, adversarial)
+        scale = self.adversarial_scale(output, loss, adversarial)
         self.metrics.update(adversarial=adversarial.detach(), adversarial_scale=scale)
         return loss + scale * adversarial
 
@@ -456,6 +477,7 @@ class ConsistencyDistillation(TrainingMethod):
             "consistency": d.consistency,
             "sampler": student_sampler_name(d.consistency),
             "lora_rank": self.lora_rank,
+            "adversarial_weight": d.adversarial_weight,
             "sampling_guidance": 1.0 if self.lora_rank else "any scale in the guidance range, one evaluation per step",
         }
         (folder / DISTILL_FILE).write_text(json.dumps(note, indent=2))

@@ -296,6 +296,7 @@ class VolumeAutoencoderTraining(TrainingMethod):
                 self.discriminator, evaluation_mode=accelerator.num_processes > 1
             )
             self.disc_optimizer = accelerator.prepare_optimizer(optimizer)
+            self.disc_optimizer.scaler = None  # its loss is never fp16-scaled: its step must not unscale
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.discriminator(x)[-1]  # MONAI returns every layer's features; the last are the patch logits

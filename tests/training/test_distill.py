@@ -664,6 +664,8 @@ def test_an_adversarial_student_trains_a_conditional_discriminator_and_resumes_e
     a, b = load_pipeline(tmp_path / "whole").unet, load_pipeline(tmp_path / "part").unet
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, msg=name)  # the discriminator resumed as well: same student at step 3
+    note = json.loads((tmp_path / "whole" / "pipeline" / "meddiff_distill.json").read_text())
+    assert note["adversarial_weight"] == 0.5 and note["method"].endswith("with an adversarial loss (weight 0.5)")
     plain = _distill_config(tiny_run, tmp_path / "plain")
     plain.max_steps = 3
     train(plain, data, progress=False)

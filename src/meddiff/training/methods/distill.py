@@ -110,14 +110,19 @@ def student_sampler_name(consistency: str) -> str:
     return "DDIMScheduler (eta 0, trailing timesteps)" if consistency == "phased" else "LCMScheduler"
 
 
-def distillation_method(consistency: str, steps: int, lora_rank: int) -> str:
-    """What the student is, in words: LCM or phased consistency, whole U-Net or LoRA adapters."""
+def distillation_method(consistency: str, steps: int, lora_rank: int, adversarial_weight: float = 0.0) -> str:
+    """What the student is, in words: LCM or phased consistency, whole U-Net or LoRA adapters, with or without the
+    adversarial loss."""
     phased = consistency == "phased"
     if lora_rank:
-        return f"{'PCM' if phased else 'LCM'}-LoRA (rank {lora_rank})"
-    return (
-        f"phased consistency distillation (PCM, {steps} phases)" if phased else "latent consistency distillation (LCM)"
-    )
+        what = f"{'PCM' if phased else 'LCM'}-LoRA (rank {lora_rank})"
+    else:
+        what = (
+            f"phased consistency distillation (PCM, {steps} phases)"
+            if phased
+            else "latent consistency distillation (LCM)"
+        )
+    return what + (f" with an adversarial loss (weight {adversarial_weight:g})" if adversarial_weight > 0 else "")
 
 
 def phase_grid(sampler: Any, steps: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -473,7 +478,7 @@ class ConsistencyDistillation(TrainingMethod):
             "teacher_prediction": self.prediction,
             "solver_steps": d.solver_steps,
             "guidance_range": [d.guidance_min, d.guidance_max],
-            "method": distillation_method(d.consistency, d.steps, self.lora_rank),
+            "method": distillation_method(d.consistency, d.steps, self.lora_rank, d.adversarial_weight),
             "consistency": d.consistency,
             "sampler": student_sampler_name(d.consistency),
             "lora_rank": self.lora_rank,

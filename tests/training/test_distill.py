@@ -109,7 +109,6 @@ def test_an_ema_target_network_trails_the_student_and_resumes_exactly(tiny_run, 
     from accelerate import Accelerator
 
     from meddiff.data.spec import load_dataset
-    from meddiff.training.loop import train
     from meddiff.training.methods.distill import ConsistencyDistillation
 
     config = _distill_config(tiny_run, "unused", target_decay=0.5)
@@ -125,11 +124,17 @@ def test_an_ema_target_network_trails_the_student_and_resumes_exactly(tiny_run, 
         torch.testing.assert_close(new, 0.5 * old + 0.5 * s)
     assert ConsistencyDistillation(_distill_config(tiny_run, "unused"), method.dataset).target is None  # default
 
-    data = load_dataset(config.data, 32)
-    whole = _distill_config(tiny_run, tmp_path / "whole", target_decay=0.5)
+    assert_resumed_run_matches_whole_run(tiny_run, tmp_path, load_dataset(config.data, 32), target_decay=0.5)
+
+
+def assert_resumed_run_matches_whole_run(tiny_run, tmp_path, data, **distill):
+    """3 distillation steps in one go and as 2 + 1 resumed from the checkpoint give the same student (returned)."""
+    from meddiff.training.loop import train
+
+    whole = _distill_config(tiny_run, tmp_path / "whole", **distill)
     whole.max_steps = 3
     train(whole, data, progress=False)
-    part = _distill_config(tiny_run, tmp_path / "part", target_decay=0.5)
+    part = _distill_config(tiny_run, tmp_path / "part", **distill)
     part.max_steps, part.checkpoint_every = 2, 1
     train(part, data, progress=False)
     part.max_steps, part.resume = 3, "latest"
@@ -137,6 +142,7 @@ def test_an_ema_target_network_trails_the_student_and_resumes_exactly(tiny_run, 
     a, b = load_pipeline(tmp_path / "whole").unet, load_pipeline(tmp_path / "part").unet
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, msg=name)
+    return a
 
 
 def test_resuming_with_another_target_network_setting_is_one_line(tiny_run, tmp_path):
@@ -253,13 +259,13 @@ def test_a_phased_student_is_trained_on_the_jumps_its_ddim_sampler_takes(tiny_ru
     # the loss is finite and trains the student (the guidance input included); its targets are taken at training
     # points, the clean image or a phase's end (where the teacher's step is the target itself)
     calls = []
-    evaluate = method.consistency
+    evaluate = method.consistency_from  # every consistency evaluation, target and prediction, goes through it
 
-    def recorded(net, x, t, *args):
+    def recorded(out, x, t, *args):
         calls.append((t.clone(), args[-1].clone()))
-        return evaluate(net, x, t, *args)
+        return evaluate(out, x, t, *args)
 
-    method.consistency = recorded
+    method.consistency_from = recorded
     uniform = set((torch.arange(1, config.distill.solver_steps + 1) * method.skip - 1).tolist())
     off_grid = set(method.phase_starts.tolist()) - uniform  # phase starts between the teacher's grid points
     trained = set(method.grid.tolist()) | {-1}
@@ -653,17 +659,8 @@ def test_an_adversarial_student_trains_a_conditional_discriminator_and_resumes_e
     assert "adversarial" not in late.metrics and len(late._last["fake"]) == 1
 
     data = load_dataset(config.data, 32)
-    whole = _distill_config(tiny_run, tmp_path / "whole", adversarial_weight=0.5)
-    whole.max_steps = 3
-    train(whole, data, progress=False)
-    part = _distill_config(tiny_run, tmp_path / "part", adversarial_weight=0.5)
-    part.max_steps, part.checkpoint_every = 2, 1
-    train(part, data, progress=False)
-    part.max_steps, part.resume = 3, "latest"
-    train(part, data, progress=False)
-    a, b = load_pipeline(tmp_path / "whole").unet, load_pipeline(tmp_path / "part").unet
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        torch.testing.assert_close(x, y, msg=name)  # the discriminator resumed as well: same student at step 3
+    # the discriminator resumes as well: the same student at step 3
+    a = assert_resumed_run_matches_whole_run(tiny_run, tmp_path, data, adversarial_weight=0.5)
     note = json.loads((tmp_path / "whole" / "pipeline" / "meddiff_distill.json").read_text())
     assert note["adversarial_weight"] == 0.5 and note["method"].endswith("with an adversarial loss (weight 0.5)")
     plain = _distill_config(tiny_run, tmp_path / "plain")

@@ -9,7 +9,6 @@ latent scaling factor is measured on the training images and written into the sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from meddiff.models.autoencoder import (
     vq_round_trip,
 )
 from meddiff.models.discriminator import PatchDiscriminator, discriminator_hinge_loss, generator_adversarial_loss
+from meddiff.training.adversarial import prepare_discriminator, update_discriminator
 from meddiff.training.methods.base import TrainingMethod, register_method
 
 
@@ -103,17 +103,9 @@ class AutoencoderTraining(TrainingMethod):
     def setup(self, accelerator) -> None:
         self.accelerator = accelerator
         if self.discriminator is not None:
-            optimizer = torch.optim.Adam(
-                self.discriminator.parameters(), lr=self.cfg.discriminator_lr, betas=(0.5, 0.9)
+            self.discriminator, self.disc_optimizer = prepare_discriminator(
+                accelerator, self.discriminator, self.cfg.discriminator_lr
             )
-            # prepared (placed, checkpointed) but never DDP-wrapped: with several processes its gradients are
-            # averaged by hand in after_step, since it also runs inside the generator's loss
-            self.discriminator = accelerator.prepare_model(
-                self.discriminator, evaluation_mode=accelerator.num_processes > 1
-            )
-            prepared: Any = accelerator.prepare_optimizer(optimizer)
-            prepared.scaler = None  # its loss is never fp16-scaled: its step must not unscale
-            self.disc_optimizer = prepared
 
     def _processes(self) -> int:
         accelerator = getattr(self, "accelerator", None)
@@ -170,16 +162,9 @@ class AutoencoderTraining(TrainingMethod):
                 weight.data.copy_(broadcast(weight.data.clone(), from_process=0))
         if self.discriminator is not None and step >= self.cfg.adversarial_start:
             assert self.disc_optimizer is not None
-            self.disc_optimizer.zero_grad(set_to_none=True)
             real, fake = batch["image"], self._last["recon"]
             d_loss = discriminator_hinge_loss(self.discriminator(real), self.discriminator(fake))
-            d_loss.backward()
-            if self._processes() > 1:
-                for p in self.discriminator.parameters():
-                    if p.grad is not None:
-                        p.grad = self.accelerator.reduce(p.grad, "mean")
-            self.disc_optimizer.step()
-            self.disc_optimizer.zero_grad(set_to_none=True)
+            update_discriminator(self.discriminator, self.disc_optimizer, d_loss, self.accelerator)
             self.metrics["discriminator"] = d_loss.detach()
 
     def export(self, model, out_dir: Path) -> Path:

@@ -65,6 +65,7 @@ from meddiff.models.factory import is_flow_schedule, make_sampler
 from meddiff.models.pipeline import guidance_embedding
 from meddiff.models.stable_diffusion import to_rgb
 from meddiff.models.storage import PIPELINE_DIR, load_pipeline, save_pipeline
+from meddiff.training.adversarial import discriminator_optimizer, prepare_discriminator, update_discriminator
 from meddiff.training.latent_cache import encoded_latents
 from meddiff.training.methods.base import TrainingMethod, register_method
 from meddiff.training.methods.latent import sample_latents
@@ -227,7 +228,6 @@ class ConsistencyDistillation(TrainingMethod):
         self.discriminator: Any = None  # adversarial_weight > 0: judges the student's clean-image estimates
         self.disc_optimizer: Any = None
         self._last: dict[str, list] = {}  # the step's real images, student images and conditions (adversarial)
-        self._output: torch.Tensor | None = None
         if d.adversarial_weight > 0:
             if self.phased:
                 raise MeddiffError(
@@ -254,18 +254,9 @@ class ConsistencyDistillation(TrainingMethod):
             self.target = accelerator.prepare_model(target, evaluation_mode=True)
         self.accelerator = accelerator
         if self.discriminator is not None:
-            optimizer = torch.optim.Adam(
-                self.discriminator.parameters(), lr=self.config.distill.discriminator_lr, betas=(0.5, 0.9)
+            self.discriminator, self.disc_optimizer = prepare_discriminator(
+                accelerator, self.discriminator, self.config.distill.discriminator_lr
             )
-            # prepared (placed, checkpointed) but never DDP-wrapped: it also runs inside the student's loss, so with
-            # several processes its gradients are averaged by hand in after_step
-            self.discriminator = accelerator.prepare_model(
-                self.discriminator, evaluation_mode=accelerator.num_processes > 1
-            )
-            self.disc_optimizer = accelerator.prepare_optimizer(optimizer)
-            # its loss is never multiplied by the run's fp16 loss scale, so its step must not divide by it (nor
-            # advance the scaler a second time per step)
-            self.disc_optimizer.scaler = None
 
     def after_step(self, model, batch, generator, step) -> None:
         """Move the target network towards the student (target_decay > 0); one discriminator step (adversarial)."""
@@ -289,19 +280,9 @@ class ConsistencyDistillation(TrainingMethod):
     def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, condition: torch.Tensor | None) -> None:
         """One Adam step of the discriminator on the last batch: real images against the student's (detached)."""
         if self.disc_optimizer is None:  # outside the loop (tools, tests): a plain optimizer
-            self.disc_optimizer = torch.optim.Adam(
-                self.discriminator.parameters(), lr=self.config.distill.discriminator_lr, betas=(0.5, 0.9)
-            )
-        self.disc_optimizer.zero_grad(set_to_none=True)
+            self.disc_optimizer = discriminator_optimizer(self.discriminator, self.config.distill.discriminator_lr)
         d_loss = discriminator_hinge_loss(self.judge(real, condition), self.judge(fake, condition))
-        d_loss.backward()
-        accelerator = getattr(self, "accelerator", None)
-        if accelerator is not None and accelerator.num_processes > 1:
-            for p in self.discriminator.parameters():
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, "mean")
-        self.disc_optimizer.step()
-        self.disc_optimizer.zero_grad(set_to_none=True)
+        update_discriminator(self.discriminator, self.disc_optimizer, d_loss, self.accelerator)
         self.metrics["discriminator"] = d_loss.detach()
         self._last = {}
 
@@ -312,7 +293,7 @@ class ConsistencyDistillation(TrainingMethod):
         adaptive weight in VQGAN's manner; the same place for full and LoRA students), without gradient; the
         parameters' .grad is left untouched. Under fp16 both losses are first multiplied by the run's loss scale (the
         ratio ignores it) so that neither gradient underflows."""
-        scaler = getattr(self.accelerator, "scaler", None) if self.accelerator is not None else None
+        scaler = getattr(self.accelerator, "scaler", None)  # None outside the loop and without fp16
         factor = float(scaler.get_scale()) if scaler is not None else 1.0
         g_cons = torch.autograd.grad(consistency * factor, output, retain_graph=True)[0]
         g_adv = torch.autograd.grad(adversarial * factor, output, retain_graph=True)[0]
@@ -345,11 +326,16 @@ class ConsistencyDistillation(TrainingMethod):
         self, model, x: torch.Tensor, t: torch.Tensor, cond: dict, w_embedding: torch.Tensor, end=None
     ) -> torch.Tensor:
         """The student's clean-image estimate f(x, t, w) (an LCM-LoRA student has no guidance input: f(x, t)); for a
-        phased student (`end` given) its DDIM jump from x at t to the end of the phase, as its sampler takes it. The
-        network's own output is kept in self._output (the adversarial weight is measured there)."""
+        phased student (`end` given) its DDIM jump from x at t to the end of the phase, as its sampler takes it."""
+        return self.consistency_from(self.network_output(model, x, t, cond, w_embedding), x, t, end)
+
+    def network_output(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict, w_embedding: torch.Tensor):
+        """The U-Net's own output (epsilon or v) at x, t (t < 0 read as 0), in float32."""
         extra = {} if self.lora_rank else {"timestep_cond": w_embedding}
-        out = model(x, t.clamp(min=0), **extra, **cond).sample.float()
-        self._output = out
+        return model(x, t.clamp(min=0), **extra, **cond).sample.float()
+
+    def consistency_from(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, end=None) -> torch.Tensor:
+        """consistency() from the network's output `out` at x, t."""
         abar = self.abar[t.clamp(min=0)].view(-1, 1, 1, 1)
         x0, eps = x0_and_eps(out, x.float(), abar, self.prediction)
         if self.x0_clip is not None:
@@ -408,9 +394,8 @@ class ConsistencyDistillation(TrainingMethod):
             target = self.consistency(net, x_lo, t_lo, cond, w_embedding, end)
             if end is not None:  # a teacher step that reached the phase's end is the target itself
                 target = torch.where((t_lo == end).view(-1, 1, 1, 1), x_lo, target)
-        prediction = self.consistency(model, x_hi, t_hi, cond, w_embedding, end)
-        output = self._output
-        assert output is not None
+        output = self.network_output(model, x_hi, t_hi, cond, w_embedding)  # the adversarial weight is measured here
+        prediction = self.consistency_from(output, x_hi, t_hi, end)
         if end is not None and d.phase_loss == "clean":  # the phase ends' images compared in clean-image units
             scale = self.abar_at(end).sqrt()
             prediction, target = prediction / scale, target / scale

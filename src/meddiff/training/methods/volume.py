@@ -40,6 +40,7 @@ from meddiff.models.volume_autoencoder import (
 )
 from meddiff.models.volume_pipeline import VolumeGrid, VolumePipeline
 from meddiff.models.volume_unet import VolumeUNet, build_volume_noise_scheduler, build_volume_sampler
+from meddiff.training.adversarial import discriminator_optimizer, prepare_discriminator, update_discriminator
 from meddiff.training.latent_cache import encoded_latents, posterior_draw
 from meddiff.training.methods.base import TrainingMethod, register_method, training_noise
 
@@ -288,15 +289,9 @@ class VolumeAutoencoderTraining(TrainingMethod):
     def setup(self, accelerator) -> None:
         self.accelerator = accelerator
         if self.discriminator is not None:
-            optimizer = torch.optim.Adam(
-                self.discriminator.parameters(), lr=self.cfg.discriminator_lr, betas=(0.5, 0.9)
+            self.discriminator, self.disc_optimizer = prepare_discriminator(
+                accelerator, self.discriminator, self.cfg.discriminator_lr
             )
-            # as in 2D: placed and checkpointed, never DDP-wrapped (gradients averaged by hand in after_step)
-            self.discriminator = accelerator.prepare_model(
-                self.discriminator, evaluation_mode=accelerator.num_processes > 1
-            )
-            self.disc_optimizer = accelerator.prepare_optimizer(optimizer)
-            self.disc_optimizer.scaler = None  # its loss is never fp16-scaled: its step must not unscale
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.discriminator(x)[-1]  # MONAI returns every layer's features; the last are the patch logits
@@ -323,18 +318,9 @@ class VolumeAutoencoderTraining(TrainingMethod):
         if not self._adversarial(step) or self._recon is None or self._real is None:
             return
         if self.disc_optimizer is None:  # outside the loop (tools, tests): a plain optimizer
-            self.disc_optimizer = torch.optim.Adam(
-                self.discriminator.parameters(), lr=self.cfg.discriminator_lr, betas=(0.5, 0.9)
-            )
-        self.disc_optimizer.zero_grad(set_to_none=True)
+            self.disc_optimizer = discriminator_optimizer(self.discriminator, self.cfg.discriminator_lr)
         d_loss = discriminator_hinge_loss(self._logits(self._real), self._logits(self._recon))
-        d_loss.backward()
-        if self.accelerator is not None and self.accelerator.num_processes > 1:
-            for p in self.discriminator.parameters():
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, "mean")
-        self.disc_optimizer.step()
-        self.disc_optimizer.zero_grad(set_to_none=True)
+        update_discriminator(self.discriminator, self.disc_optimizer, d_loss, self.accelerator)
         metrics: dict[str, Any] = dict(self.metrics)
         metrics["discriminator"] = d_loss.detach()
         self.metrics = metrics

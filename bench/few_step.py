@@ -12,7 +12,8 @@ the teacher (`meddiff distill`), and for the LCM-LoRA rows an adapter student (`
 sampled at guidance 1, its guidance distilled in), and for the phased rows phased-consistency students
 (`meddiff distill --distill.consistency phased --steps 2|4`, deterministic DDIM on their own grid), and
 for the adversarial rows an LCM student that also learns against a label-conditioned patch discriminator
-(`--adversarial-weight 0.5`); training minutes are reported per row, a student's including its teacher's.
+(`--adversarial-weight 0.5`), and for the matching rows an LCM student with distribution matching (DMD) against a
+fake-score network (`--distribution-weight 1`); training minutes are reported per row, a student's including its teacher's.
 
 Each row draws `--n` images per seed with the condition rows of the real held-out split (cycled), and reports:
 - NFE per image, counted by a hook on the U-Net (rows it saw / images), so guidance's second pass is counted;
@@ -73,11 +74,15 @@ ROWS = [
     # LCM with an adversarial loss on its clean estimates (--adversarial-weight): fine texture at 2-4 steps
     ("adversarial 2", "adversarial", "lcm", 2),
     ("adversarial 4", "adversarial", "lcm", 4),
+    # LCM with distribution matching (--distribution-weight): the guided teacher's view of its images, via a fake score
+    ("matching 2", "matching", "lcm", 2),
+    ("matching 4", "matching", "lcm", 4),
     ("LCM-LoRA 2", "lora_student", "lcm", 2),  # `meddiff distill --lora-rank 16`: sampled at guidance 1 (distilled in)
     ("LCM-LoRA 4", "lora_student", "lcm", 4),
 ]
 LORA_RANK = 16
 ADVERSARIAL_WEIGHT = 0.5  # the adversarial gradient at the U-Net's output: half the consistency loss's
+DISTRIBUTION_WEIGHT = 1.0  # the distribution-matching gradient at the U-Net's output: the consistency loss's
 
 
 def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
@@ -110,6 +115,7 @@ def train_models(args, spec, train_data, needed: set[str]) -> dict[str, dict]:
         },
     }
     variants["adversarial"] = {**variants["student"], "distill.adversarial_weight": ADVERSARIAL_WEIGHT}
+    variants["matching"] = {**variants["student"], "distill.distribution_weight": DISTRIBUTION_WEIGHT}
     for phases in (2, 4):
         variants[f"phased{phases}"] = {**variants["student"], "distill.consistency": "phased", "distill.steps": phases}
     students = {name for name, sets in variants.items() if sets.get("method") == "distill"}

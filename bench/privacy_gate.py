@@ -14,6 +14,10 @@ is given (defaults below, used when they exist), its own near-copies are measure
 noised to t = 0.1 / 0.3 / 0.5 and denoised by the model with their own labels.
 
 - pneumoniamnist: 28 px; held-out = val + test (1,148 images); model: runs/few_step/teacher (bench/few_step.py);
+  `--pneumonia-holdout N` moves N training images (a fixed random draw) to the held-out side, so that the test half
+  holds over 1,000 negatives: the file it writes (runs/privacy_holdout/pneumoniamnist_holdoutN.npz, its `val` split
+  = val + the N moved images) is the data the model must then be trained on, e.g.
+  `meddiff train --config configs/pneumoniamnist.yaml --data medmnist:THAT.npz --max-steps 1000 --out RUN`;
 - phantoms: 32 px, 2,000 training phantoms, 1,200 new ones held out (`--phantoms TRAIN HELD`); no model;
 - phantoms-demo: the 2D demo's phantoms (runs/demo_run2/phantoms at 32 px: 2,400 training, 600 held out) and its
   2,500-step model (runs/demo_run2/run, from `meddiff demo --out runs/demo_run2`).
@@ -38,7 +42,26 @@ MODELS = {
 }
 
 
-def load(name: str, phantoms: tuple[int, int] = (2000, 1200)):
+def holdout_file(n: int) -> Path:
+    """PneumoniaMNIST with `n` training images (a fixed random draw, seed 0) moved into the val split, written once."""
+    import numpy as np
+
+    out = ROOT / "runs" / "privacy_holdout" / f"pneumoniamnist_holdout{n}.npz"
+    if not out.is_file():
+        with np.load(PNEUMONIA) as z:
+            arrays = {k: z[k] for k in z.files}
+        moved = np.zeros(len(arrays["train_images"]), bool)
+        moved[np.random.default_rng(0).permutation(len(moved))[:n]] = True
+        for part in ("images", "labels"):
+            train = arrays[f"train_{part}"]
+            arrays[f"val_{part}"] = np.concatenate([arrays[f"val_{part}"], train[moved]])
+            arrays[f"train_{part}"] = train[~moved]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out, **arrays)
+    return out
+
+
+def load(name: str, phantoms: tuple[int, int] = (2000, 1200), pneumonia: Path = PNEUMONIA):
     """(training dataset, training images, held-out images, size); images (N, H, W) in [0, 1]. `phantoms`: how many
     training and held-out images the phantoms dataset renders."""
     import numpy as np
@@ -47,7 +70,7 @@ def load(name: str, phantoms: tuple[int, int] = (2000, 1200)):
     from meddiff.evaluation.suite import to01
 
     if name == "pneumoniamnist":
-        spec, size = f"medmnist:{PNEUMONIA}", 28
+        spec, size = f"medmnist:{pneumonia}", 28
         held = np.concatenate([to01(load_dataset(f"{spec}?split={s}", size).images) for s in ("val", "test")])
     elif name == "phantoms-demo":
         spec, size = f"phantom:{ROOT / 'runs' / 'demo_run2' / 'phantoms'}", 32
@@ -72,6 +95,13 @@ def main() -> None:
     ap.add_argument(
         "--phantoms", type=int, nargs=2, default=[2000, 1200], metavar=("TRAIN", "HELD"), help="the phantoms' sizes"
     )
+    ap.add_argument(
+        "--pneumonia-holdout",
+        type=int,
+        default=0,
+        metavar="N",
+        help="move N PneumoniaMNIST training images to the held-out side (writes the file to train the model on)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -90,7 +120,10 @@ def main() -> None:
             print(f"skipped {name}: run `meddiff demo --out runs/demo_run2` first", flush=True)
             continue
         t0 = time.perf_counter()
-        dataset, train, held, size = load(name, tuple(args.phantoms))
+        pneumonia = holdout_file(args.pneumonia_holdout) if args.pneumonia_holdout else PNEUMONIA
+        if name == "pneumoniamnist" and args.pneumonia_holdout:
+            print(f"PneumoniaMNIST with {args.pneumonia_holdout} training images held out: {pneumonia}", flush=True)
+        dataset, train, held, size = load(name, tuple(args.phantoms), pneumonia)
         model = models.get(name)
         model = model if model is not None and (model / "pipeline").is_dir() else None
         audit = audit_detector(
@@ -109,6 +142,8 @@ def main() -> None:
             "dataset": name,
             "size": size,
             "n_train": len(train),
+            "n_heldout": len(held),
+            "training_images_held_out": args.pneumonia_holdout if name == "pneumoniamnist" else 0,
             "heldout_duplicates": audit.heldout_duplicates,
             "n_calibration": audit.calibration.n_calibration,
             "n_test_negatives": report.n_test_negatives,

@@ -240,7 +240,8 @@ def distill_and_report(config: TrainConfig, progress: bool = True) -> RunSummary
     teacher_steps, teacher_guidance = (teacher.sample_steps, teacher.guidance) if teacher else (20, 2.0)
     distillation = DistillationSummary(
         teacher=str(run),
-        method=f"{distillation_method(d.consistency, d.steps, d.lora_rank, d.adversarial_weight)}, "
+        method=distillation_method(d.consistency, d.steps, d.lora_rank, d.adversarial_weight, d.distribution_weight)
+        + ", "
         + ("decay-0 target" if d.target_decay == 0 else f"EMA target (decay {d.target_decay:g})"),
         sampler=student_sampler_name(d.consistency),
         network_evaluations_per_image=d.steps,

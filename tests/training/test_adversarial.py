@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from meddiff.models.discriminator import PatchDiscriminator
-from meddiff.training.adversarial import discriminator_optimizer, prepare_discriminator, update_discriminator
+from meddiff.training.adversarial import discriminator_optimizer, prepare_discriminator, update_side_network
 
 
 def test_the_discriminator_steps_like_plain_adam_despite_the_runs_loss_scaler():
@@ -19,10 +19,10 @@ def test_the_discriminator_steps_like_plain_adam_despite_the_runs_loss_scaler():
     prepared, optimizer = prepare_discriminator(accelerator, disc, lr=1e-3)
     assert optimizer.scaler is None
     x = torch.randn(2, 1, 32, 32)
-    update_discriminator(prepared, optimizer, prepared(x).mean(), accelerator)
+    update_side_network(prepared, optimizer, prepared(x).mean(), accelerator)
     plain = discriminator_optimizer(reference, lr=1e-3)
     assert plain.defaults["betas"] == (0.5, 0.9)
-    update_discriminator(reference, plain, reference(x).mean())
+    update_side_network(reference, plain, reference(x).mean())
     for a, b in zip(prepared.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b)  # not divided by the scale: the same step
         assert a.grad is None

@@ -636,7 +636,7 @@ def test_an_adversarial_student_trains_a_conditional_discriminator_and_resumes_e
     assert all(p.grad is None for p in method.student.parameters())  # the scale's gradients left .grad alone
     # the scale: 0.5 x |d consistency / d output| / |d adversarial / d output| (gradient norms 6 : 2 here)
     output = torch.randn(2, 1, 4, 4, requires_grad=True)
-    assert float(method.adversarial_scale(output, 6 * output.sum(), -2 * output.sum())) == pytest.approx(0.5 * 3)
+    assert float(method.relative_scale(output, 6 * output.sum(), -2 * output.sum(), 0.5)) == pytest.approx(0.5 * 3)
     assert output.grad is None
     before = [p.detach().clone() for p in disc.parameters()]
     method.loss(method.student, batch, torch.Generator().manual_seed(1))  # a second micro-batch of the same step
@@ -699,4 +699,66 @@ def test_an_adversarial_phased_student_is_refused_in_one_line(tiny_run):
 
     config = _distill_config(tiny_run, "unused", adversarial_weight=0.5, consistency="phased", steps=2)
     with pytest.raises(MeddiffError, match="adversarial-weight is for LCM students"):
+        ConsistencyDistillation(config, load_dataset(config.data, 32))
+
+
+def test_a_distribution_matching_student_trains_a_fake_score_and_resumes_exactly(tiny_run, tmp_path):
+    """distribution_weight > 0: a fake-score network starts as the teacher and learns the student's images after each
+    student step; the student's loss adds DMD's term scaled to `distribution_weight` of the consistency gradient at
+    the U-Net's output; the fake score is checkpointed with the run and is not exported."""
+    from accelerate import Accelerator
+
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    config = _distill_config(tiny_run, "unused", distribution_weight=0.5)
+    method = ConsistencyDistillation(config, load_dataset(config.data, 32))
+    method.setup(Accelerator(cpu=True))
+    teacher = {k: v.clone() for k, v in method.teacher.unet.state_dict().items()}
+    for name, value in method.fake_score.state_dict().items():
+        torch.testing.assert_close(value, teacher[name], msg=name)  # it starts as the teacher
+    assert all(p.requires_grad for p in method.fake_score.parameters())
+    batch = {**method.batch(torch.arange(8), "cpu"), "step": 0}
+    loss = method.loss(method.student, batch, torch.Generator().manual_seed(0))
+    m = method.metrics
+    assert set(m) >= {"consistency", "distribution_matching", "distribution_scale"} and "adversarial" not in m
+    assert float(m["distribution_scale"]) > 0 and float(m["distribution_matching"]) > 0
+    torch.testing.assert_close(loss.detach(), m["consistency"] + m["distribution_scale"] * m["distribution_matching"])
+    assert all(p.grad is None for p in method.student.parameters())
+    assert all(p.grad is None for p in method.fake_score.parameters())  # the student's loss does not train it
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())
+    before = [p.detach().clone() for p in method.fake_score.parameters()]
+    method.after_step(method.student, batch, torch.Generator().manual_seed(0), 0)
+    assert "fake_score" in method.metrics and not method._last
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.fake_score.parameters()))  # it took a step
+    for name, value in method.teacher.unet.state_dict().items():
+        torch.testing.assert_close(value, teacher[name], msg=name)  # the teacher stays frozen
+    # before distribution_start only the consistency loss counts (the fake score still gets the student's images)
+    late = ConsistencyDistillation(
+        _distill_config(tiny_run, "unused", distribution_weight=0.5, distribution_start=5), method.dataset
+    )
+    late.loss(late.student, {**batch, "step": 4}, torch.Generator().manual_seed(0))
+    assert "distribution_matching" not in late.metrics and len(late._last["fake"]) == 1
+    # both extra losses at once
+    both = ConsistencyDistillation(
+        _distill_config(tiny_run, "unused", distribution_weight=0.5, adversarial_weight=0.5), method.dataset
+    )
+    both.loss(both.student, batch, torch.Generator().manual_seed(0))
+    assert {"adversarial_scale", "distribution_scale"} <= set(both.metrics)
+
+    data = load_dataset(config.data, 32)
+    assert_resumed_run_matches_whole_run(tiny_run, tmp_path, data, distribution_weight=0.5, fake_score_steps=2)
+    note = json.loads((tmp_path / "whole" / "pipeline" / "meddiff_distill.json").read_text())
+    assert note["distribution_weight"] == 0.5 and "distribution matching (DMD, weight 0.5)" in note["method"]
+    exported = {p.name for p in (tmp_path / "whole" / "pipeline").iterdir()}
+    assert not any("fake" in name for name in exported)
+
+
+def test_a_distribution_matching_phased_student_is_refused_in_one_line(tiny_run):
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.methods.distill import ConsistencyDistillation
+
+    config = _distill_config(tiny_run, "unused", distribution_weight=0.5, consistency="phased", steps=2)
+    with pytest.raises(MeddiffError, match="distribution-weight is for LCM students"):
         ConsistencyDistillation(config, load_dataset(config.data, 32))

@@ -1,10 +1,11 @@
-"""The discriminator's side of the adversarial losses (2D and 3D autoencoders, few-step distillation): its optimizer,
-how the loop's accelerator holds it, and its update after each generator step.
+"""Side networks trained next to the model: the discriminator of the adversarial losses (2D and 3D autoencoders,
+few-step distillation) and the fake-score network of distribution matching (distillation). Their optimizers, how the
+loop's accelerator holds them, and their update after each step of the model.
 
-The discriminator is prepared (placed on the run's device and checkpointed with it) but never DDP-wrapped, since it
-also runs inside the generator's loss: with several processes its gradients are averaged by hand. Its hinge loss is
-never multiplied by the run's fp16 loss scale, so its optimizer steps without the run's GradScaler (which would
-otherwise divide unscaled gradients by the scale and advance itself twice per step)."""
+A side network is prepared (placed on the run's device and checkpointed with it) but never DDP-wrapped, since it
+also runs inside the model's loss: with several processes its gradients are averaged by hand. Its own loss is never
+multiplied by the run's fp16 loss scale, so its optimizer steps without the run's GradScaler (which would otherwise
+divide unscaled gradients by the scale and advance itself twice per step)."""
 
 from __future__ import annotations
 
@@ -20,19 +21,23 @@ def discriminator_optimizer(discriminator: torch.nn.Module, lr: float) -> torch.
 
 def prepare_discriminator(accelerator, discriminator: torch.nn.Module, lr: float) -> tuple[Any, Any]:
     """(discriminator, optimizer) as the run holds them: placed and checkpointed, not DDP-wrapped, no loss scaler."""
-    optimizer = discriminator_optimizer(discriminator, lr)
-    prepared = accelerator.prepare_model(discriminator, evaluation_mode=accelerator.num_processes > 1)
+    return prepare_side_network(accelerator, discriminator, discriminator_optimizer(discriminator, lr))
+
+
+def prepare_side_network(accelerator, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+    """(network, optimizer) as the run holds them: placed and checkpointed, not DDP-wrapped, no loss scaler."""
+    prepared = accelerator.prepare_model(network, evaluation_mode=accelerator.num_processes > 1)
     prepared_optimizer: Any = accelerator.prepare_optimizer(optimizer)
     prepared_optimizer.scaler = None
     return prepared, prepared_optimizer
 
 
-def update_discriminator(discriminator: torch.nn.Module, optimizer, loss: torch.Tensor, accelerator=None) -> None:
-    """One optimizer step of the discriminator on `loss` (gradients averaged over processes where there are several)."""
+def update_side_network(network: torch.nn.Module, optimizer, loss: torch.Tensor, accelerator=None) -> None:
+    """One optimizer step of a side network on `loss` (gradients averaged over processes where there are several)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if accelerator is not None and accelerator.num_processes > 1:
-        for p in discriminator.parameters():
+        for p in network.parameters():
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, "mean")
     optimizer.step()

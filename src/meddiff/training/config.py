@@ -114,6 +114,25 @@ class DistillConfig(Options):
         0, "distill: step from which the adversarial loss counts (the discriminator trains from step 0)", minimum=0
     )
     discriminator_lr: float = option(2e-4, "distill: the discriminator's learning rate (Adam)", above=0)
+    distribution_weight: float = option(
+        0.0,
+        "distill, lcm: > 0 adds a distribution-matching loss (DMD) on the student's clean-image estimates: noised "
+        "again, the guided teacher's denoising of them is compared with a fake-score network's (a copy of the "
+        "teacher that keeps learning the student's images), and the student moves towards the teacher's; scaled so "
+        "that its gradient at the U-Net's output is this fraction of the consistency loss's; 0: off",
+        minimum=0,
+    )
+    distribution_start: int = option(
+        0,
+        "distill: step from which the distribution-matching loss counts (the fake score trains from step 0)",
+        minimum=0,
+    )
+    fake_score_lr: float = option(1e-4, "distill: the fake-score network's learning rate (Adam)", above=0)
+    fake_score_steps: int = option(
+        1,
+        "distill: fake-score updates per student step (DMD2 uses 5; each costs a U-Net forward and backward)",
+        minimum=1,
+    )
 
 
 @dataclass

@@ -23,7 +23,7 @@ from meddiff.models.autoencoder import (
     vq_round_trip,
 )
 from meddiff.models.discriminator import PatchDiscriminator, discriminator_hinge_loss, generator_adversarial_loss
-from meddiff.training.adversarial import prepare_discriminator, update_discriminator
+from meddiff.training.adversarial import prepare_discriminator, update_side_network
 from meddiff.training.methods.base import TrainingMethod, register_method
 
 
@@ -164,7 +164,7 @@ class AutoencoderTraining(TrainingMethod):
             assert self.disc_optimizer is not None
             real, fake = batch["image"], self._last["recon"]
             d_loss = discriminator_hinge_loss(self.discriminator(real), self.discriminator(fake))
-            update_discriminator(self.discriminator, self.disc_optimizer, d_loss, self.accelerator)
+            update_side_network(self.discriminator, self.disc_optimizer, d_loss, self.accelerator)
             self.metrics["discriminator"] = d_loss.detach()
 
     def export(self, model, out_dir: Path) -> Path:

@@ -38,7 +38,16 @@ loss is scaled so that its gradient at the U-Net's output is `adversarial_weight
 keeps one setting meaningful across models, students (full or LoRA) and losses. The discriminator steps once per
 optimizer step on every micro-batch of it, without the run's fp16 loss scaler (its own hinge loss is of order one).
 It and its Adam state are prepared with accelerate, so they are checkpointed and resume exactly; it is not part of the
-exported pipeline."""
+exported pipeline.
+
+With `distill.distribution_weight` > 0 (LCM students; distribution matching, DMD/DMD2, Yin et al. 2024: see
+meddiff.training.distribution_matching) the student's clean-image estimates f(x_hi) are noised again at a random level
+and denoised by the guided teacher (at the student's own guidance scale w) and by a fake-score network, a copy of the
+teacher that learns, one step (`fake_score_steps`) after each student step, to denoise the student's images under
+their conditions; the student moves towards the teacher's denoising and away from the fake score's. Where the
+consistency loss averages over what the teacher could draw from x_hi, this pulls each image to what the guided
+teacher makes of it under its labels. Its weight is adaptive in the same way as the adversarial loss's (and both can
+be on). The fake score is prepared and checkpointed like the discriminator and not exported."""
 
 from __future__ import annotations
 
@@ -65,7 +74,17 @@ from meddiff.models.factory import is_flow_schedule, make_sampler
 from meddiff.models.pipeline import guidance_embedding
 from meddiff.models.stable_diffusion import to_rgb
 from meddiff.models.storage import PIPELINE_DIR, load_pipeline, save_pipeline
-from meddiff.training.adversarial import discriminator_optimizer, prepare_discriminator, update_discriminator
+from meddiff.training.adversarial import (
+    discriminator_optimizer,
+    prepare_discriminator,
+    prepare_side_network,
+    update_side_network,
+)
+from meddiff.training.distribution_matching import (
+    distribution_matching_loss,
+    fake_score_loss,
+    renoising_timesteps,
+)
 from meddiff.training.latent_cache import encoded_latents
 from meddiff.training.methods.base import TrainingMethod, register_method
 from meddiff.training.methods.latent import sample_latents
@@ -111,9 +130,11 @@ def student_sampler_name(consistency: str) -> str:
     return "DDIMScheduler (eta 0, trailing timesteps)" if consistency == "phased" else "LCMScheduler"
 
 
-def distillation_method(consistency: str, steps: int, lora_rank: int, adversarial_weight: float = 0.0) -> str:
+def distillation_method(
+    consistency: str, steps: int, lora_rank: int, adversarial_weight: float = 0.0, distribution_weight: float = 0.0
+) -> str:
     """What the student is, in words: LCM or phased consistency, whole U-Net or LoRA adapters, with or without the
-    adversarial loss."""
+    adversarial and distribution-matching losses."""
     phased = consistency == "phased"
     if lora_rank:
         what = f"{'PCM' if phased else 'LCM'}-LoRA (rank {lora_rank})"
@@ -123,7 +144,10 @@ def distillation_method(consistency: str, steps: int, lora_rank: int, adversaria
             if phased
             else "latent consistency distillation (LCM)"
         )
-    return what + (f" with an adversarial loss (weight {adversarial_weight:g})" if adversarial_weight > 0 else "")
+    extra = [f"an adversarial loss (weight {adversarial_weight:g})"] if adversarial_weight > 0 else []
+    if distribution_weight > 0:
+        extra.append(f"distribution matching (DMD, weight {distribution_weight:g})")
+    return what + (" with " + " and ".join(extra) if extra else "")
 
 
 def phase_grid(sampler: Any, steps: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +264,15 @@ class ConsistencyDistillation(TrainingMethod):
                 layers=patch_layers(int(unet_config.sample_size)),
                 condition_dim=self.codec.dim if self.use_labels else 0,
             )
+        self.fake_score: Any = None  # distribution_weight > 0: the teacher's copy that learns the student's images
+        self.fake_optimizer: Any = None
+        if d.distribution_weight > 0:
+            if self.phased:
+                raise MeddiffError(
+                    "--distribution-weight is for LCM students (a phased student's outputs are noisy phase ends, not "
+                    "images); use --distill.consistency lcm"
+                )
+            self.fake_score = copy.deepcopy(self.teacher.unet).requires_grad_(True).train()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -257,21 +290,44 @@ class ConsistencyDistillation(TrainingMethod):
             self.discriminator, self.disc_optimizer = prepare_discriminator(
                 accelerator, self.discriminator, self.config.distill.discriminator_lr
             )
+        if self.fake_score is not None:
+            self.fake_score, self.fake_optimizer = prepare_side_network(
+                accelerator, self.fake_score, self.fake_score_optimizer()
+            )
+
+    def fake_score_optimizer(self) -> torch.optim.Adam:
+        """Adam for the fake-score network (DMD2's betas: no momentum, it tracks a moving distribution)."""
+        return torch.optim.Adam(self.fake_score.parameters(), lr=self.config.distill.fake_score_lr, betas=(0.0, 0.999))
 
     def after_step(self, model, batch, generator, step) -> None:
-        """Move the target network towards the student (target_decay > 0); one discriminator step (adversarial)."""
+        """Move the target network towards the student (target_decay > 0); one discriminator step (adversarial);
+        fake-score steps on the student's images (distribution matching)."""
         if self.target is not None:
             weight = 1.0 - self.config.distill.target_decay
             with torch.no_grad():
                 for t, s in zip(self.target.parameters(), model.parameters()):
                     if s.requires_grad:  # frozen weights (an LCM-LoRA student's base) are the same in both
                         t.lerp_(s.detach().to(t.dtype), weight)
+        if self._last and self.fake_score is not None:
+            for _ in range(self.config.distill.fake_score_steps):
+                self.fake_score_step(self._last["fake"], self._last["cond"], generator)
         if self.discriminator is not None and self._last:
             self.discriminator_step(
                 torch.cat(self._last["real"]),
                 torch.cat(self._last["fake"]),
                 None if self._last["condition"][0] is None else torch.cat(self._last["condition"]),
             )
+        self._last = {}
+
+    def fake_score_step(self, images: list[torch.Tensor], conds: list[dict], generator: torch.Generator) -> None:
+        """One Adam step of the fake-score network: the teacher's denoising objective on the student's last images
+        (every micro-batch of the step), under their conditions."""
+        if self.fake_optimizer is None:  # outside the loop (tools, tests): a plain optimizer
+            self.fake_optimizer = self.fake_score_optimizer()
+        cond = {k: None if conds[0][k] is None else torch.cat([c[k] for c in conds]) for k in conds[0]}
+        loss = fake_score_loss(self.fake_score, torch.cat(images), self.abar, self.prediction, cond, generator)
+        update_side_network(self.fake_score, self.fake_optimizer, loss, self.accelerator)
+        self.metrics["fake_score"] = loss.detach()
 
     def judge(self, images: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """The discriminator's patch logits for clean images (or latents) under their condition vectors."""
@@ -282,23 +338,22 @@ class ConsistencyDistillation(TrainingMethod):
         if self.disc_optimizer is None:  # outside the loop (tools, tests): a plain optimizer
             self.disc_optimizer = discriminator_optimizer(self.discriminator, self.config.distill.discriminator_lr)
         d_loss = discriminator_hinge_loss(self.judge(real, condition), self.judge(fake, condition))
-        update_discriminator(self.discriminator, self.disc_optimizer, d_loss, self.accelerator)
+        update_side_network(self.discriminator, self.disc_optimizer, d_loss, self.accelerator)
         self.metrics["discriminator"] = d_loss.detach()
-        self._last = {}
 
-    def adversarial_scale(
-        self, output: torch.Tensor, consistency: torch.Tensor, adversarial: torch.Tensor
+    def relative_scale(
+        self, output: torch.Tensor, consistency: torch.Tensor, other: torch.Tensor, weight: float
     ) -> torch.Tensor:
-        """adversarial_weight x |d consistency / d output| / |d adversarial / d output| at the U-Net's output (an
-        adaptive weight in VQGAN's manner; the same place for full and LoRA students), without gradient; the
-        parameters' .grad is left untouched. Under fp16 both losses are first multiplied by the run's loss scale (the
-        ratio ignores it) so that neither gradient underflows."""
+        """weight x |d consistency / d output| / |d other / d output| at the U-Net's output (an adaptive weight in
+        VQGAN's manner; the same place for full and LoRA students), without gradient; the parameters' .grad is left
+        untouched. Under fp16 both losses are first multiplied by the run's loss scale (the ratio ignores it) so that
+        neither gradient underflows."""
         scaler = getattr(self.accelerator, "scaler", None)  # None outside the loop and without fp16
         factor = float(scaler.get_scale()) if scaler is not None else 1.0
         g_cons = torch.autograd.grad(consistency * factor, output, retain_graph=True)[0]
-        g_adv = torch.autograd.grad(adversarial * factor, output, retain_graph=True)[0]
-        ratio = g_cons.float().norm() / (g_adv.float().norm() + 1e-12)
-        return (self.config.distill.adversarial_weight * ratio).clamp(max=1e4).detach()
+        g_other = torch.autograd.grad(other * factor, output, retain_graph=True)[0]
+        ratio = g_cons.float().norm() / (g_other.float().norm() + 1e-12)
+        return (weight * ratio).clamp(max=1e4).detach()
 
     def batch_source(self):
         return self.latents if self.latents is not None else self.dataset
@@ -405,23 +460,53 @@ class ConsistencyDistillation(TrainingMethod):
         else:
             per_pixel = diff
         loss = per_pixel.mean()
-        if self.discriminator is None:
+        if self.discriminator is None and self.fake_score is None:
             return loss
         # an LCM student's f(x_hi) is its clean-image estimate (c_skip ~ 0 away from t = 0): what it outputs when
-        # sampling; the discriminator steps on this batch after the student's optimizer step (after_step)
-        # (every micro-batch of a gradient-accumulation step is kept; after_step empties the list)
+        # sampling; the discriminator and the fake score step on this batch after the student's optimizer step
+        # (after_step; every micro-batch of a gradient-accumulation step is kept, after_step empties the lists)
         condition = cond["class_labels"]
         for key, value in (("real", x0.detach()), ("fake", prediction.detach()), ("condition", condition)):
             self._last.setdefault(key, []).append(value)
+        self._last.setdefault("cond", []).append(cond)
         self.metrics["consistency"] = loss.detach()
-        if int(batch.get("step", 0)) < d.adversarial_start:
-            return loss
-        self.discriminator.requires_grad_(False)
-        adversarial = generator_adversarial_loss(self.judge(prediction, condition).float())
-        self.discriminator.requires_grad_(True)
-        scale = self.adversarial_scale(output, loss, adversarial)
-        self.metrics.update(adversarial=adversarial.detach(), adversarial_scale=scale)
-        return loss + scale * adversarial
+        step = int(batch.get("step", 0))
+        total = loss
+        if self.discriminator is not None and step >= d.adversarial_start:
+            self.discriminator.requires_grad_(False)
+            adversarial = generator_adversarial_loss(self.judge(prediction, condition).float())
+            self.discriminator.requires_grad_(True)
+            scale = self.relative_scale(output, loss, adversarial, d.adversarial_weight)
+            self.metrics.update(adversarial=adversarial.detach(), adversarial_scale=scale)
+            total = total + scale * adversarial
+        if self.fake_score is not None and step >= d.distribution_start:
+            matching = self.distribution_matching(prediction, cond, null, w, generator)
+            scale = self.relative_scale(output, loss, matching, d.distribution_weight)
+            self.metrics.update(distribution_matching=matching.detach(), distribution_scale=scale)
+            total = total + scale * matching
+        return total
+
+    def distribution_matching(
+        self, images: torch.Tensor, cond: dict, null: dict, w: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """DMD's loss on the student's clean images: noised again at a random level, denoised by the teacher guided
+        at the images' own scales w (the real score) and by the fake-score network under their conditions."""
+        device, b = images.device, images.shape[0]
+        t = renoising_timesteps(b, len(self.abar), generator).to(device)
+        noise = torch.randn(images.shape, generator=generator).to(device)
+        abar = self.abar[t].view(-1, 1, 1, 1)
+        with torch.no_grad():
+            noisy = abar.sqrt() * images.detach() + (1 - abar).sqrt() * noise
+            both = {k: (torch.cat([null[k], v]) if v is not None else None) for k, v in cond.items()}
+            out = self.teacher.unet(torch.cat([noisy, noisy]), torch.cat([t, t]), **both).sample.float()
+            x0_u, _ = x0_and_eps(out[:b], noisy, abar, self.prediction)
+            x0_c, _ = x0_and_eps(out[b:], noisy, abar, self.prediction)
+            x0_real = x0_u + w.to(device).view(-1, 1, 1, 1) * (x0_c - x0_u)
+            x0_fake, _ = x0_and_eps(self.fake_score(noisy, t, **cond).sample.float(), noisy, abar, self.prediction)
+            if self.x0_clip is not None:
+                x0_real = x0_real.clamp(-self.x0_clip, self.x0_clip)
+                x0_fake = x0_fake.clamp(-self.x0_clip, self.x0_clip)
+        return distribution_matching_loss(images, x0_real, x0_fake)
 
     def student_scheduler(self) -> LCMScheduler | DDIMScheduler:
         """How the student samples: LCMScheduler, or for a phased student DDIM (eta 0) on a trailing grid, whose
@@ -463,11 +548,14 @@ class ConsistencyDistillation(TrainingMethod):
             "teacher_prediction": self.prediction,
             "solver_steps": d.solver_steps,
             "guidance_range": [d.guidance_min, d.guidance_max],
-            "method": distillation_method(d.consistency, d.steps, self.lora_rank, d.adversarial_weight),
+            "method": distillation_method(
+                d.consistency, d.steps, self.lora_rank, d.adversarial_weight, d.distribution_weight
+            ),
             "consistency": d.consistency,
             "sampler": student_sampler_name(d.consistency),
             "lora_rank": self.lora_rank,
             "adversarial_weight": d.adversarial_weight,
+            "distribution_weight": d.distribution_weight,
             "sampling_guidance": 1.0 if self.lora_rank else "any scale in the guidance range, one evaluation per step",
         }
         (folder / DISTILL_FILE).write_text(json.dumps(note, indent=2))

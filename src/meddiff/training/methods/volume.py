@@ -40,7 +40,7 @@ from meddiff.models.volume_autoencoder import (
 )
 from meddiff.models.volume_pipeline import VolumeGrid, VolumePipeline
 from meddiff.models.volume_unet import VolumeUNet, build_volume_noise_scheduler, build_volume_sampler
-from meddiff.training.adversarial import discriminator_optimizer, prepare_discriminator, update_discriminator
+from meddiff.training.adversarial import discriminator_optimizer, prepare_discriminator, update_side_network
 from meddiff.training.latent_cache import encoded_latents, posterior_draw
 from meddiff.training.methods.base import TrainingMethod, register_method, training_noise
 
@@ -320,7 +320,7 @@ class VolumeAutoencoderTraining(TrainingMethod):
         if self.disc_optimizer is None:  # outside the loop (tools, tests): a plain optimizer
             self.disc_optimizer = discriminator_optimizer(self.discriminator, self.cfg.discriminator_lr)
         d_loss = discriminator_hinge_loss(self._logits(self._real), self._logits(self._recon))
-        update_discriminator(self.discriminator, self.disc_optimizer, d_loss, self.accelerator)
+        update_side_network(self.discriminator, self.disc_optimizer, d_loss, self.accelerator)
         metrics: dict[str, Any] = dict(self.metrics)
         metrics["discriminator"] = d_loss.detach()
         self.metrics = metrics

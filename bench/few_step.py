@@ -12,8 +12,9 @@ the teacher (`meddiff distill`), and for the LCM-LoRA rows an adapter student (`
 sampled at guidance 1, its guidance distilled in), and for the phased rows phased-consistency students
 (`meddiff distill --distill.consistency phased --steps 2|4`, deterministic DDIM on their own grid), and
 for the adversarial rows an LCM student that also learns against a label-conditioned patch discriminator
-(`--adversarial-weight 0.5`), and for the matching rows an LCM student with distribution matching (DMD) against a
-fake-score network (`--distribution-weight 1`); training minutes are reported per row, a student's including its teacher's.
+(`--adversarial-weight 0.5`), and for the matching rows an LCM student with distribution matching (DMD)
+against a fake-score network (`--distribution-weight 1`); training minutes are reported per row, a student's
+including its teacher's.
 
 Each row draws `--n` images per seed with the condition rows of the real held-out split (cycled), and reports:
 - NFE per image, counted by a hook on the U-Net (rows it saw / images), so guidance's second pass is counted;

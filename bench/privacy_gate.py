@@ -17,7 +17,10 @@ noised to t = 0.1 / 0.3 / 0.5 and denoised by the model with their own labels.
   `--pneumonia-holdout N` moves N training images (a fixed random draw) to the held-out side, so that the test half
   holds over 1,000 negatives: the file it writes (runs/privacy_holdout/pneumoniamnist_holdoutN.npz, its `val` split
   = val + the N moved images) is the data the model must then be trained on, e.g.
-  `meddiff train --config configs/pneumoniamnist.yaml --data medmnist:THAT.npz --max-steps 1000 --out RUN`;
+  `meddiff train --config configs/pneumoniamnist.yaml --data medmnist:THAT.npz --max-steps 1000 --out RUN`, passed
+  as `--model pneumoniamnist=RUN` (required with it). MedMNIST keeps no patient ids, so the moved images are only
+  image-disjoint from the remaining training images: a patient with images on both sides makes a held-out image
+  look like a copy, which can only raise the measured false-flag rate;
 - phantoms: 32 px, 2,000 training phantoms, 1,200 new ones held out (`--phantoms TRAIN HELD`); no model;
 - phantoms-demo: the 2D demo's phantoms (runs/demo_run2/phantoms at 32 px: 2,400 training, 600 held out) and its
   2,500-step model (runs/demo_run2/run, from `meddiff demo --out runs/demo_run2`).
@@ -57,7 +60,9 @@ def holdout_file(n: int) -> Path:
             arrays[f"val_{part}"] = np.concatenate([arrays[f"val_{part}"], train[moved]])
             arrays[f"train_{part}"] = train[~moved]
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out, **arrays)
+        partial = out.with_name(out.stem + ".partial.npz")
+        np.savez_compressed(partial, **arrays)
+        partial.replace(out)
     return out
 
 
@@ -111,6 +116,11 @@ def main() -> None:
 
     configure_logging()
     models = {**MODELS, **{k: Path(v) for k, v in (m.split("=", 1) for m in args.model)}}
+    if args.pneumonia_holdout and not any(m.startswith("pneumoniamnist=") for m in args.model):
+        raise SystemExit(
+            "--pneumonia-holdout needs --model pneumoniamnist=RUN, a model trained without the moved images (the "
+            "default model saw them)"
+        )
     rows = []
     for name in args.datasets:
         if name == "pneumoniamnist" and not PNEUMONIA.is_file():
@@ -120,8 +130,9 @@ def main() -> None:
             print(f"skipped {name}: run `meddiff demo --out runs/demo_run2` first", flush=True)
             continue
         t0 = time.perf_counter()
-        pneumonia = holdout_file(args.pneumonia_holdout) if args.pneumonia_holdout else PNEUMONIA
+        pneumonia = PNEUMONIA
         if name == "pneumoniamnist" and args.pneumonia_holdout:
+            pneumonia = holdout_file(args.pneumonia_holdout)
             print(f"PneumoniaMNIST with {args.pneumonia_holdout} training images held out: {pneumonia}", flush=True)
         dataset, train, held, size = load(name, tuple(args.phantoms), pneumonia)
         model = models.get(name)

@@ -128,14 +128,15 @@ def test_an_ema_target_network_trails_the_student_and_resumes_exactly(tiny_run, 
 
 
 def assert_resumed_run_matches_whole_run(tiny_run, tmp_path, data, **distill):
-    """3 distillation steps in one go and as 2 + 1 resumed from the checkpoint give the same student (returned)."""
+    """3 distillation steps in one go and as 1 + 2 resumed from the checkpoint give the same student (returned): side
+    networks' weights and optimizer state must come back for step 3's student to match."""
     from meddiff.training.loop import train
 
     whole = _distill_config(tiny_run, tmp_path / "whole", **distill)
     whole.max_steps = 3
     train(whole, data, progress=False)
     part = _distill_config(tiny_run, tmp_path / "part", **distill)
-    part.max_steps, part.checkpoint_every = 2, 1
+    part.max_steps, part.checkpoint_every = 1, 1
     train(part, data, progress=False)
     part.max_steps, part.resume = 3, "latest"
     train(part, data, progress=False)
@@ -725,12 +726,14 @@ def test_a_distribution_matching_student_trains_a_fake_score_and_resumes_exactly
     assert float(m["distribution_scale"]) > 0 and float(m["distribution_matching"]) > 0
     torch.testing.assert_close(loss.detach(), m["consistency"] + m["distribution_scale"] * m["distribution_matching"])
     assert all(p.grad is None for p in method.student.parameters())
-    assert all(p.grad is None for p in method.fake_score.parameters())  # the student's loss does not train it
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())
+    assert all(p.grad is None for p in method.fake_score.parameters())  # the student's loss does not train it
+    method.loss(method.student, batch, torch.Generator().manual_seed(1))  # a second micro-batch of the same step
+    assert len(method._last["fake"]) == len(method._last["cond"]) == 2  # the fake score will learn from both
     before = [p.detach().clone() for p in method.fake_score.parameters()]
     method.after_step(method.student, batch, torch.Generator().manual_seed(0), 0)
-    assert "fake_score" in method.metrics and not method._last
+    assert torch.isfinite(method.metrics["fake_score"]) and not method._last
     assert any(not torch.equal(a, b) for a, b in zip(before, method.fake_score.parameters()))  # it took a step
     for name, value in method.teacher.unet.state_dict().items():
         torch.testing.assert_close(value, teacher[name], msg=name)  # the teacher stays frozen
@@ -744,15 +747,74 @@ def test_a_distribution_matching_student_trains_a_fake_score_and_resumes_exactly
     both = ConsistencyDistillation(
         _distill_config(tiny_run, "unused", distribution_weight=0.5, adversarial_weight=0.5), method.dataset
     )
-    both.loss(both.student, batch, torch.Generator().manual_seed(0))
-    assert {"adversarial_scale", "distribution_scale"} <= set(both.metrics)
+    total = both.loss(both.student, batch, torch.Generator().manual_seed(0))
+    m = both.metrics
+    torch.testing.assert_close(
+        total.detach(),
+        m["consistency"]
+        + m["adversarial_scale"] * m["adversarial"]
+        + m["distribution_scale"] * m["distribution_matching"],
+    )
 
     data = load_dataset(config.data, 32)
     assert_resumed_run_matches_whole_run(tiny_run, tmp_path, data, distribution_weight=0.5, fake_score_steps=2)
     note = json.loads((tmp_path / "whole" / "pipeline" / "meddiff_distill.json").read_text())
     assert note["distribution_weight"] == 0.5 and "distribution matching (DMD, weight 0.5)" in note["method"]
-    exported = {p.name for p in (tmp_path / "whole" / "pipeline").iterdir()}
-    assert not any("fake" in name for name in exported)
+    from meddiff.training.loop import train
+
+    plain = _distill_config(tiny_run, tmp_path / "plain")
+    plain.max_steps = 1
+    train(plain, data, progress=False)
+    listing = [sorted(str(f.relative_to(d)) for f in d.rglob("*")) for d in (tmp_path / "whole", tmp_path / "plain")]
+    exported = [[f for f in files if f.startswith("pipeline")] for files in listing]
+    assert exported[0] == exported[1]  # the fake score is not exported: the student's pipeline has the same files
+
+
+def test_distribution_matching_moves_images_towards_the_guided_teacher(tiny_run):
+    """The DMD term as the method wires it: the teacher's passes are null then conditional and guided at each image's
+    own w, the fake score sees the conditional labels, and the gradient on the images is (x0_fake - x0_real) / (the
+    per-image mean |images - x0_real|) / numel."""
+    from types import SimpleNamespace
+
+    from meddiff.data.spec import load_dataset
+    from meddiff.training.distribution_matching import renoising_timesteps
+    from meddiff.training.methods.distill import ConsistencyDistillation, x0_and_eps
+
+    config = _distill_config(tiny_run, "unused", distribution_weight=1.0)
+    method = ConsistencyDistillation(config, load_dataset(config.data, 32))
+    batch = method.batch(torch.arange(4), "cpu")
+    cond, null = method.conditions(batch, "cpu")
+    g = torch.Generator().manual_seed(5)
+    a, b, c = (0.3 * torch.randn(4, 1, 32, 32, generator=g) for _ in range(3))  # the networks' fixed outputs
+    seen = {}
+
+    def teacher(x, t, class_labels=None, encoder_hidden_states=None):
+        seen["teacher"] = class_labels
+        return SimpleNamespace(sample=torch.cat([a, b]))  # null half, conditional half
+
+    def fake(x, t, class_labels=None, encoder_hidden_states=None):
+        seen["fake"] = class_labels
+        return SimpleNamespace(sample=c)
+
+    method.teacher.unet = teacher
+    method.fake_score = fake
+    images = (0.5 * torch.randn(4, 1, 32, 32, generator=g)).clamp(-1, 1).requires_grad_(True)
+    w = torch.tensor([1.0, 1.5, 2.0, 3.0])
+    method.distribution_matching(images, cond, null, w, torch.Generator().manual_seed(7)).backward()
+
+    torch.testing.assert_close(seen["teacher"], torch.cat([null["class_labels"], cond["class_labels"]]))
+    torch.testing.assert_close(seen["fake"], cond["class_labels"])
+    assert not torch.equal(null["class_labels"], cond["class_labels"])
+    draw = torch.Generator().manual_seed(7)  # the draws the method makes, in its order
+    t = renoising_timesteps(4, len(method.abar), draw)
+    noise = torch.randn(images.shape, generator=draw)
+    abar = method.abar[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * images.detach() + (1 - abar).sqrt() * noise
+    x0 = {k: x0_and_eps(v, noisy, abar, method.prediction)[0] for k, v in (("u", a), ("c", b), ("f", c))}
+    real = (x0["u"] + w.view(-1, 1, 1, 1) * (x0["c"] - x0["u"])).clamp(-1, 1)
+    fake_x0 = x0["f"].clamp(-1, 1)
+    scale = (images.detach() - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(images.grad, (fake_x0 - real) / scale / images.numel())
 
 
 def test_a_distribution_matching_phased_student_is_refused_in_one_line(tiny_run):

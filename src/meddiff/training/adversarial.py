@@ -36,9 +36,19 @@ def update_side_network(network: torch.nn.Module, optimizer, loss: torch.Tensor,
     """One optimizer step of a side network on `loss` (gradients averaged over processes where there are several)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    step_side_network(network, optimizer, accelerator)
+
+
+def step_side_network(network: torch.nn.Module, optimizer, accelerator=None, scaler=None) -> None:
+    """The optimizer step on the gradients already accumulated in `network` (averaged over processes where there
+    are several; unscaled and skipped when not finite by `scaler`, a GradScaler, where one scaled them)."""
     if accelerator is not None and accelerator.num_processes > 1:
         for p in network.parameters():
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, "mean")
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -74,7 +74,7 @@ def load_checkpoint(accelerator, ema: EMAModel | None, path: Path) -> dict:
         raise MeddiffError(
             f"checkpoint {path} holds {saved} network(s), this run prepares {prepared}; resume with the settings it "
             "was saved with (e.g. --distill.target-decay, --distill.adversarial-weight, "
-            "--autoencoder.adversarial-weight)"
+            "--distill.distribution-weight, --autoencoder.adversarial-weight)"
         )
     try:
         accelerator.load_state(str(path))

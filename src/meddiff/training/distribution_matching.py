@@ -5,7 +5,7 @@ The student's clean images x are noised again to a random level t and denoised t
 (the "real" score: what the data distribution says x_t came from) and by a fake-score network (a copy of the teacher
 that keeps learning to denoise the *student's* images, so it knows the student's distribution). Where the two
 disagree, the student's distribution differs from the teacher's; the student's images are moved along the
-difference x0_real - x0_fake, which is the gradient of the KL divergence between the two noised distributions.
+difference x0_real - x0_fake, the descent direction of the KL divergence between the two noised distributions.
 With the teacher guided, this is mode-seeking: it pulls each image towards what the guided teacher would make of it
 under its labels, where a consistency loss averages over what the teacher could draw.
 

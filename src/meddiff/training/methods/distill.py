@@ -78,6 +78,7 @@ from meddiff.training.adversarial import (
     discriminator_optimizer,
     prepare_discriminator,
     prepare_side_network,
+    step_side_network,
     update_side_network,
 )
 from meddiff.training.distribution_matching import (
@@ -266,6 +267,7 @@ class ConsistencyDistillation(TrainingMethod):
             )
         self.fake_score: Any = None  # distribution_weight > 0: the teacher's copy that learns the student's images
         self.fake_optimizer: Any = None
+        self.fake_scaler: Any = None  # fp16 runs: the fake score's own loss scaler
         if d.distribution_weight > 0:
             if self.phased:
                 raise MeddiffError(
@@ -294,9 +296,14 @@ class ConsistencyDistillation(TrainingMethod):
             self.fake_score, self.fake_optimizer = prepare_side_network(
                 accelerator, self.fake_score, self.fake_score_optimizer()
             )
+            if getattr(accelerator, "scaler", None) is not None:  # fp16: its denoising loss needs scaling as the
+                # teacher's did (an unscaled U-Net gradient underflows); its own scaler, saved with the checkpoints
+                self.fake_scaler = torch.amp.GradScaler(accelerator.device.type)
+                accelerator.register_for_checkpointing(self.fake_scaler)
 
     def fake_score_optimizer(self) -> torch.optim.Adam:
-        """Adam for the fake-score network (DMD2's betas: no momentum, it tracks a moving distribution)."""
+        """Adam for the fake-score network, without momentum (beta1 0: a local choice, as it tracks a moving
+        distribution, the student's; DMD2's code uses AdamW with beta1 0.9)."""
         return torch.optim.Adam(self.fake_score.parameters(), lr=self.config.distill.fake_score_lr, betas=(0.0, 0.999))
 
     def after_step(self, model, batch, generator, step) -> None:
@@ -321,13 +328,22 @@ class ConsistencyDistillation(TrainingMethod):
 
     def fake_score_step(self, images: list[torch.Tensor], conds: list[dict], generator: torch.Generator) -> None:
         """One Adam step of the fake-score network: the teacher's denoising objective on the student's last images
-        (every micro-batch of the step), under their conditions."""
+        under their conditions, accumulated over the step's micro-batches one at a time (the memory of one)."""
         if self.fake_optimizer is None:  # outside the loop (tools, tests): a plain optimizer
             self.fake_optimizer = self.fake_score_optimizer()
-        cond = {k: None if conds[0][k] is None else torch.cat([c[k] for c in conds]) for k in conds[0]}
-        loss = fake_score_loss(self.fake_score, torch.cat(images), self.abar, self.prediction, cond, generator)
-        update_side_network(self.fake_score, self.fake_optimizer, loss, self.accelerator)
-        self.metrics["fake_score"] = loss.detach()
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros(())
+        for part, cond in zip(images, conds):
+            loss = fake_score_loss(self.fake_score, part, self.abar, self.prediction, cond, generator)
+            if not torch.isfinite(loss):
+                raise MeddiffError(
+                    "the fake-score network's loss is not finite; lower --fake-score-lr or --distribution-weight"
+                )
+            share = loss / len(images)
+            (self.fake_scaler.scale(share) if self.fake_scaler is not None else share).backward()
+            total = total + share.detach().cpu()
+        step_side_network(self.fake_score, self.fake_optimizer, self.accelerator, self.fake_scaler)
+        self.metrics["fake_score"] = total
 
     def judge(self, images: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """The discriminator's patch logits for clean images (or latents) under their condition vectors."""
@@ -503,6 +519,10 @@ class ConsistencyDistillation(TrainingMethod):
             x0_c, _ = x0_and_eps(out[b:], noisy, abar, self.prediction)
             x0_real = x0_u + w.to(device).view(-1, 1, 1, 1) * (x0_c - x0_u)
             x0_fake, _ = x0_and_eps(self.fake_score(noisy, t, **cond).sample.float(), noisy, abar, self.prediction)
+            if not torch.isfinite(x0_fake).all():
+                raise MeddiffError(
+                    "the fake-score network's output is not finite; lower --fake-score-lr or --distribution-weight"
+                )
             if self.x0_clip is not None:
                 x0_real = x0_real.clamp(-self.x0_clip, self.x0_clip)
                 x0_fake = x0_fake.clamp(-self.x0_clip, self.x0_clip)

@@ -1,6 +1,6 @@
 """The calibrated near-copy detector (meddiff.evaluation.privacy_gate), measured on known copies (issue 21).
 
-    python bench/privacy_gate.py [--alpha 0.01] [--positives 500] [--descriptor-steps 600]
+    python bench/privacy_gate.py [--alpha 0.01] [--positives 500] [--descriptor-steps 600] [--seeds 0 1 2]
         [--datasets pneumoniamnist phantoms phantoms-demo] [--model pneumoniamnist=RUN ...]
 
 For each dataset: the training split is the reference set, and the copy descriptor is trained on it
@@ -26,7 +26,9 @@ noised to t = 0.1 / 0.3 / 0.5 and denoised by the model with their own labels.
   2,500-step model (runs/demo_run2/run, from `meddiff demo --out runs/demo_run2`).
 Patient-disjoint halves need patient ids (none here: PneumoniaMNIST's held-out splits are patient-disjoint from
 training at the source, the two halves between themselves may share patients).
-Results: bench/results/privacy_gate.json and a table."""
+`--seeds`: a row per seed (the held-out split into halves, the copy descriptor's training, the known copies and
+the model's near-copies all follow it; the data and the model stay). Results: bench/results/privacy_gate.json and a
+table."""
 
 from __future__ import annotations
 
@@ -107,6 +109,7 @@ def main() -> None:
         metavar="N",
         help="move N PneumoniaMNIST training images to the held-out side (writes the file to train the model on)",
     )
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="a row per seed (splits, descriptor, copies)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -122,7 +125,7 @@ def main() -> None:
             "default model saw them)"
         )
     rows = []
-    for name in args.datasets:
+    for name, seed in ((n, s) for n in args.datasets for s in args.seeds):
         if name == "pneumoniamnist" and not PNEUMONIA.is_file():
             print(f"skipped {name}: {PNEUMONIA} not found", flush=True)
             continue
@@ -142,6 +145,7 @@ def main() -> None:
             held,
             alpha=args.alpha,
             positives=args.positives,
+            seed=seed,
             descriptor_steps=args.descriptor_steps,
             model_dir=model,
             conditions=own_labels(dataset, model) if model else None,
@@ -151,6 +155,7 @@ def main() -> None:
         report = audit.report
         row = {
             "dataset": name,
+            "seed": seed,
             "size": size,
             "n_train": len(train),
             "n_heldout": len(held),
@@ -175,7 +180,7 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     kinds = list(dict.fromkeys(k for r in rows for k in r if k.startswith("recall ") and k != "recall_ci"))
-    cols = ["dataset", "heldout_duplicates", "n_test_negatives", "false_flag_rate", *kinds]
+    cols = ["dataset", "seed", "heldout_duplicates", "n_test_negatives", "false_flag_rate", *kinds]
     write_results("privacy_gate", rows, cols, args.out)
 
 

@@ -6,7 +6,6 @@ import torch
 
 from meddiff.training.distribution_matching import (
     LEVELS,
-    denoising_target,
     distribution_matching_loss,
     fake_score_loss,
     renoising_timesteps,
@@ -37,17 +36,36 @@ def test_renoising_levels_stay_inside_dmd_range():
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_denoising_target_is_what_the_parametrisation_outputs(prediction):
-    g = torch.Generator().manual_seed(1)
-    x0, noise = torch.randn(2, 1, 3, 3, generator=g), torch.randn(2, 1, 3, 3, generator=g)
-    abar = torch.tensor([0.9, 0.2]).view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    target = denoising_target(x0, noise, abar, prediction)
+def test_the_fake_scores_target_is_what_the_parametrisation_outputs(prediction):
+    """The fake score learns the teacher's objective through diffusers' scheduler (add_noise, get_velocity); read back
+    by the distillation's x0_and_eps, its target gives the clean image and the noise."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
     from meddiff.training.methods.distill import x0_and_eps
 
-    x0_back, eps_back = x0_and_eps(target, x_t, abar, prediction)
-    torch.testing.assert_close(x0_back, x0)
-    torch.testing.assert_close(eps_back, noise)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 1, 3, 3, generator=g)
+    seen = {}
+
+    def network(noisy, t, class_labels=None):
+        seen.update(noisy=noisy, t=t)
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    loss = fake_score_loss(network, x0, scheduler, {}, torch.Generator().manual_seed(3))
+    draw = torch.Generator().manual_seed(3)  # the loss's draws, in its order
+    t = torch.randint(0, 1000, (2,), generator=draw)
+    noise = torch.randn(x0.shape, generator=draw)
+    torch.testing.assert_close(seen["t"], t)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(seen["noisy"], abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+    target = scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
+    torch.testing.assert_close(loss, target.pow(2).mean())  # a zero output: the loss is the target's mean square
+    x0_back, eps_back = x0_and_eps(target, seen["noisy"], abar, prediction)
+    torch.testing.assert_close(x0_back, x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eps_back, noise, atol=1e-4, rtol=1e-4)
 
 
 def test_the_fake_score_learns_the_students_images():
@@ -69,16 +87,18 @@ def test_the_fake_score_learns_the_students_images():
     net = Denoiser()
     images = torch.zeros(16, 1, 8, 8)
     images[:, :, 2:6, 2:6] = 1.0  # one "student image"
-    abar = torch.linspace(0.999, 0.01, 1000)
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
 
     def measured():
         with torch.no_grad():
-            return float(fake_score_loss(net, images, abar, "epsilon", {}, torch.Generator().manual_seed(99)))
+            return float(fake_score_loss(net, images, scheduler, {}, torch.Generator().manual_seed(99)))
 
     before = measured()
     for i in range(60):
-        loss = fake_score_loss(net, images, abar, "epsilon", {}, torch.Generator().manual_seed(i))
+        loss = fake_score_loss(net, images, scheduler, {}, torch.Generator().manual_seed(i))
         opt.zero_grad()
         loss.backward()
         opt.step()

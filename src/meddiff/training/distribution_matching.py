@@ -36,28 +36,15 @@ def distribution_matching_loss(images: torch.Tensor, x0_real: torch.Tensor, x0_f
     return 0.5 * F.mse_loss(images, moved, reduction="mean")
 
 
-def denoising_target(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, prediction: str) -> torch.Tensor:
-    """What a network of this parametrisation outputs at x_t = sqrt(abar) x0 + sqrt(1 - abar) noise."""
-    if prediction == "v_prediction":
-        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
-    return noise
-
-
 def fake_score_loss(
-    network,
-    images: torch.Tensor,
-    abar_table: torch.Tensor,
-    prediction: str,
-    condition: dict,
-    generator: torch.Generator,
+    network, images: torch.Tensor, scheduler, condition: dict, generator: torch.Generator
 ) -> torch.Tensor:
     """The fake-score network's denoising loss on the student's (detached) images under their conditions: the
-    teacher's own training objective (epsilon or v) at uniform timesteps of its schedule."""
-    device = images.device
-    b = images.shape[0]
-    t = torch.randint(0, len(abar_table), (b,), generator=generator).to(device)
+    teacher's own training objective (epsilon or v, from the teacher's noise `scheduler`) at uniform timesteps."""
+    device, b = images.device, images.shape[0]
+    t = torch.randint(0, int(scheduler.config["num_train_timesteps"]), (b,), generator=generator).to(device)
     noise = torch.randn(images.shape, generator=generator).to(device)
-    abar = abar_table[t].view(-1, *([1] * (images.ndim - 1)))
-    noisy = abar.sqrt() * images + (1 - abar).sqrt() * noise
-    out = network(noisy, t, **condition).sample.float()
-    return F.mse_loss(out, denoising_target(images, noise, abar, prediction))
+    noisy = scheduler.add_noise(images, noise, t)
+    v_prediction = scheduler.config["prediction_type"] == "v_prediction"
+    target = scheduler.get_velocity(images, noise, t) if v_prediction else noise
+    return F.mse_loss(network(noisy, t, **condition).sample.float(), target)

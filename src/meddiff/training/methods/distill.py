@@ -319,10 +319,11 @@ class ConsistencyDistillation(TrainingMethod):
             for _ in range(self.config.distill.fake_score_steps):
                 self.fake_score_step(self._last["fake"], self._last["cond"], generator)
         if self.discriminator is not None and self._last:
+            labels = [c["class_labels"] for c in self._last["cond"]]
             self.discriminator_step(
                 torch.cat(self._last["real"]),
                 torch.cat(self._last["fake"]),
-                None if self._last["condition"][0] is None else torch.cat(self._last["condition"]),
+                None if labels[0] is None else torch.cat(labels),
             )
         self._last = {}
 
@@ -332,18 +333,18 @@ class ConsistencyDistillation(TrainingMethod):
         if self.fake_optimizer is None:  # outside the loop (tools, tests): a plain optimizer
             self.fake_optimizer = self.fake_score_optimizer()
         self.fake_optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(())
+        shares = []
         for part, cond in zip(images, conds):
-            loss = fake_score_loss(self.fake_score, part, self.abar, self.prediction, cond, generator)
+            loss = fake_score_loss(self.fake_score, part, self.train_scheduler, cond, generator)
             if not torch.isfinite(loss):
                 raise MeddiffError(
                     "the fake-score network's loss is not finite; lower --fake-score-lr or --distribution-weight"
                 )
             share = loss / len(images)
             (self.fake_scaler.scale(share) if self.fake_scaler is not None else share).backward()
-            total = total + share.detach().cpu()
+            shares.append(share.detach())
         step_side_network(self.fake_score, self.fake_optimizer, self.accelerator, self.fake_scaler)
-        self.metrics["fake_score"] = total
+        self.metrics["fake_score"] = torch.stack(shares).sum()
 
     def judge(self, images: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """The discriminator's patch logits for clean images (or latents) under their condition vectors."""
@@ -453,12 +454,7 @@ class ConsistencyDistillation(TrainingMethod):
         x_hi = abar_hi.sqrt() * x0 + (1 - abar_hi).sqrt() * noise
         cond, null = self.conditions(batch, device)
         with torch.no_grad():  # one guided DDIM step of the teacher
-            both = {k: (torch.cat([null[k], v]) if v is not None else None) for k, v in cond.items()}
-            out = self.teacher.unet(torch.cat([x_hi, x_hi]), torch.cat([t_hi, t_hi]), **both).sample.float()
-            x0_u, eps_u = x0_and_eps(out[:b], x_hi, abar_hi, self.prediction)
-            x0_c, eps_c = x0_and_eps(out[b:], x_hi, abar_hi, self.prediction)
-            scale = w.to(device).view(-1, 1, 1, 1)
-            x0_g, eps_g = x0_u + scale * (x0_c - x0_u), eps_u + scale * (eps_c - eps_u)
+            x0_g, eps_g = self.guided_teacher(x_hi, t_hi, abar_hi, cond, null, w)
             abar_lo = self.abar_at(t_lo)
             x_lo = abar_lo.sqrt() * x0_g + (1 - abar_lo).sqrt() * eps_g
             net = self.target if self.target is not None else model
@@ -482,9 +478,8 @@ class ConsistencyDistillation(TrainingMethod):
         # sampling; the discriminator and the fake score step on this batch after the student's optimizer step
         # (after_step; every micro-batch of a gradient-accumulation step is kept, after_step empties the lists)
         condition = cond["class_labels"]
-        for key, value in (("real", x0.detach()), ("fake", prediction.detach()), ("condition", condition)):
+        for key, value in (("real", x0.detach()), ("fake", prediction.detach()), ("cond", cond)):
             self._last.setdefault(key, []).append(value)
-        self._last.setdefault("cond", []).append(cond)
         self.metrics["consistency"] = loss.detach()
         step = int(batch.get("step", 0))
         total = loss
@@ -502,6 +497,19 @@ class ConsistencyDistillation(TrainingMethod):
             total = total + scale * matching
         return total
 
+    def guided_teacher(
+        self, x: torch.Tensor, t: torch.Tensor, abar: torch.Tensor, cond: dict, null: dict, w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, noise) estimates of the frozen teacher at x, t, guided at each image's scale w: one batch of its
+        null and conditional passes (call under no_grad)."""
+        b = x.shape[0]
+        both = {k: (torch.cat([null[k], v]) if v is not None else None) for k, v in cond.items()}
+        out = self.teacher.unet(torch.cat([x, x]), torch.cat([t, t]), **both).sample.float()
+        x0_u, eps_u = x0_and_eps(out[:b], x, abar, self.prediction)
+        x0_c, eps_c = x0_and_eps(out[b:], x, abar, self.prediction)
+        scale = w.to(x.device).view(-1, 1, 1, 1)
+        return x0_u + scale * (x0_c - x0_u), eps_u + scale * (eps_c - eps_u)
+
     def distribution_matching(
         self, images: torch.Tensor, cond: dict, null: dict, w: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
@@ -513,11 +521,7 @@ class ConsistencyDistillation(TrainingMethod):
         abar = self.abar[t].view(-1, 1, 1, 1)
         with torch.no_grad():
             noisy = abar.sqrt() * images.detach() + (1 - abar).sqrt() * noise
-            both = {k: (torch.cat([null[k], v]) if v is not None else None) for k, v in cond.items()}
-            out = self.teacher.unet(torch.cat([noisy, noisy]), torch.cat([t, t]), **both).sample.float()
-            x0_u, _ = x0_and_eps(out[:b], noisy, abar, self.prediction)
-            x0_c, _ = x0_and_eps(out[b:], noisy, abar, self.prediction)
-            x0_real = x0_u + w.to(device).view(-1, 1, 1, 1) * (x0_c - x0_u)
+            x0_real, _ = self.guided_teacher(noisy, t, abar, cond, null, w)
             x0_fake, _ = x0_and_eps(self.fake_score(noisy, t, **cond).sample.float(), noisy, abar, self.prediction)
             if not torch.isfinite(x0_fake).all():
                 raise MeddiffError(

@@ -120,9 +120,11 @@ def main() -> None:
     configure_logging()
     models = {**MODELS, **{k: Path(v) for k, v in (m.split("=", 1) for m in args.model)}}
     if args.pneumonia_holdout and not any(m.startswith("pneumoniamnist=") for m in args.model):
+        data = holdout_file(args.pneumonia_holdout)  # written now, so that the model can be trained on it
         raise SystemExit(
             "--pneumonia-holdout needs --model pneumoniamnist=RUN, a model trained without the moved images (the "
-            "default model saw them)"
+            f"default model saw them): meddiff train --config configs/pneumoniamnist.yaml --data medmnist:{data} "
+            "--max-steps 1000 --max-minutes 60 --out RUN"
         )
     rows = []
     for name, seed in ((n, s) for n in args.datasets for s in args.seeds):

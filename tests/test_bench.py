@@ -712,3 +712,39 @@ def test_dp_quality_rows_are_checked_before_anything_trains():
     public, private, how = split_public(Data(), 0.3)
     assert len(public) == 9 and len(private) == 21 and how == "by patient (3 of 10 patients public)"
     assert not {Data.patients[i] for i in public} & {Data.patients[i] for i in private}
+
+
+def test_privacy_gate_holdout_moves_training_images_and_asks_for_a_model_trained_without_them(tmp_path, monkeypatch):
+    """--pneumonia-holdout N: N training images (a fixed draw) move to the val split of a new file, written once;
+    without a model trained on that file the bench stops with the command that trains one."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import privacy_gate
+
+    source = tmp_path / "pneumoniamnist.npz"
+    rng = np.random.default_rng(0)
+    arrays = {
+        f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        for s, n in (("train", 50), ("val", 7), ("test", 9))
+    }
+    arrays.update({f"{s}_labels": rng.integers(0, 2, (n, 1)) for s, n in (("train", 50), ("val", 7), ("test", 9))})
+    np.savez(source, **arrays)
+    monkeypatch.setattr(privacy_gate, "PNEUMONIA", source)
+    monkeypatch.setattr(privacy_gate, "ROOT", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["privacy_gate.py", "--datasets", "pneumoniamnist", "--pneumonia-holdout", "20"])
+    with pytest.raises(SystemExit, match="needs --model pneumoniamnist=RUN.*meddiff train .*holdout20.npz"):
+        privacy_gate.main()
+    out = tmp_path / "runs" / "privacy_holdout" / "pneumoniamnist_holdout20.npz"
+    assert out.is_file()  # written before stopping: the model is trained on it
+    assert privacy_gate.holdout_file(20) == out
+    moved = np.load(out)
+    assert len(moved["train_images"]) == 30 and len(moved["val_images"]) == 27 and len(moved["test_images"]) == 9
+    np.testing.assert_array_equal(moved["val_images"][:7], arrays["val_images"])
+    np.testing.assert_array_equal(moved["test_labels"], arrays["test_labels"])
+    # every original training image is on exactly one side, with its label
+    train_rows = {m.tobytes(): int(y) for m, y in zip(moved["train_images"], moved["train_labels"][:, 0])}
+    held_rows = {m.tobytes(): int(y) for m, y in zip(moved["val_images"][7:], moved["val_labels"][7:, 0])}
+    assert not set(train_rows) & set(held_rows)
+    for image, label in zip(arrays["train_images"], arrays["train_labels"][:, 0]):
+        assert {**train_rows, **held_rows}[image.tobytes()] == int(label)
